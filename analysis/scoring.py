@@ -1,0 +1,308 @@
+"""Importance of every attention sublayer, MLP sublayer and block, in one streaming pass.
+
+For module ``m`` of block ``i`` and sample ``s`` with real (unpadded) tokens ``t``::
+
+    cos_sum[s, i, m] = sum_t cos(X_t, Y_t)        (float32 per token, float64 sums)
+    n_tokens[s]      = number of real tokens of s
+    importance[i, m] = 1 - sum_s cos_sum[s, i, m] / sum_s n_tokens[s]
+
+with ``attn: X = resid_pre, Y = resid_mid``; ``mlp: X = resid_mid, Y = resid_post``;
+``block: X = resid_pre, Y = resid_post`` (read points per family in :mod:`analysis.adapters`).
+The mean is token-weighted over all samples, as in He et al. (2024).  Cosines are reduced
+inside forward hooks, so no hidden state outlives its block.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .adapters import Adapter, adapter_for, decoder_layers
+from .errors import InputError, NonFiniteActivationError
+
+MODULES = ("attn", "mlp", "block")
+READ_POINT_OF_Y = {"attn": "resid_mid", "mlp": "resid_post", "block": "resid_post"}
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def masked_cosine_sum(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, *, y_is_branch: bool = False):
+    """Per row ``b``: ``sum_t mask[b, t] * cos(x[b, t], y[b, t])`` in float32, returned as float64.
+
+    With ``y_is_branch`` the second vector is ``x + y`` (a branch output added to ``x``).
+    Rows are processed in chunks so the float32 temporaries stay small whatever the dtype.
+    """
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, x.shape[1] * x.shape[2]))
+    sums = []
+    for start in range(0, x.shape[0], rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        xf = x[rows].float()
+        yf = y[rows].float()
+        if y_is_branch:
+            yf = yf + xf
+        cos = F.cosine_similarity(xf, yf, dim=-1, eps=1e-8)
+        sums.append(torch.where(mask[rows], cos, torch.zeros_like(cos)).sum(dim=-1, dtype=torch.float64))
+    return torch.cat(sums)
+
+
+def _first_tensor(value) -> torch.Tensor:
+    return value[0] if isinstance(value, (tuple, list)) else value
+
+
+class ResidualCosineRecorder:
+    """Forward hooks reducing each block's ``resid_pre/resid_mid/resid_post`` to cosine sums.
+
+    Use as a context manager; call :meth:`begin_batch` with the attention mask before each
+    forward pass and :meth:`end_batch` after it to get ``cos_sum`` of shape
+    ``(batch, n_layers, 3)`` in the order of :data:`MODULES`.
+    """
+
+    def __init__(self, model: torch.nn.Module, adapter: Adapter | None = None):
+        self.adapter = adapter or adapter_for(model)
+        self.layers = decoder_layers(model)
+        self.parallel = self.adapter.is_parallel(model.config)
+        self._handles: list = []
+        self._mask_by_device: dict = {}
+        self._sums: list[torch.Tensor | None] = []
+        self._resid_pre: dict[int, torch.Tensor] = {}
+        self._resid_mid: dict[int, torch.Tensor] = {}
+
+    def __enter__(self):
+        for i, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
+            self._handles.append(self._register(layer, self.adapter.resid_mid, self._mid_hook(i)))
+            if self.parallel:
+                self._handles.append(self._register(layer, self.adapter.mlp_branch, self._parallel_mlp_hook(i)))
+            self._handles.append(layer.register_forward_hook(self._post_hook(i)))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._resid_pre.clear()
+        self._resid_mid.clear()
+
+    @staticmethod
+    def _register(layer, point, fn):
+        module = layer.get_submodule(point.module)
+        if point.where == "input":
+            return module.register_forward_pre_hook(lambda mod, args: fn(args[0]))
+        return module.register_forward_hook(lambda mod, args, out: fn(_first_tensor(out), branch=True))
+
+    def begin_batch(self, attention_mask: torch.Tensor) -> None:
+        """Set the mask of real tokens (``(batch, seq)``, nonzero = real) for the next forward pass."""
+        self._mask_by_device = {attention_mask.device: attention_mask.bool()}
+        self._sums = [None] * len(self.layers)
+
+    def _mask_on(self, device) -> torch.Tensor:
+        if device not in self._mask_by_device:
+            self._mask_by_device[device] = next(iter(self._mask_by_device.values())).to(device)
+        return self._mask_by_device[device]
+
+    def _accumulate(self, i: int, module: str, x, y, *, y_is_branch: bool = False) -> None:
+        sums = masked_cosine_sum(x, y, self._mask_on(x.device), y_is_branch=y_is_branch)
+        if self._sums[i] is None:
+            self._sums[i] = torch.zeros(len(MODULES), sums.shape[0], dtype=torch.float64, device=x.device)
+        self._sums[i][MODULES.index(module)] = sums
+
+    def _pre_hook(self, i):
+        def hook(module, args, kwargs):
+            self._resid_pre[i] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def _mid_hook(self, i):
+        def hook(tensor, branch=False):
+            pre = self._resid_pre[i]
+            mid = pre + tensor if branch else tensor
+            self._resid_mid[i] = mid
+            self._accumulate(i, "attn", pre, mid)
+
+        return hook
+
+    def _parallel_mlp_hook(self, i):
+        def hook(tensor, branch=True):
+            self._accumulate(i, "mlp", self._resid_pre[i], tensor, y_is_branch=True)
+
+        return hook
+
+    def _post_hook(self, i):
+        def hook(module, args, output):
+            post = _first_tensor(output)
+            pre = self._resid_pre.pop(i)
+            mid = self._resid_mid.pop(i)
+            if not self.parallel:
+                self._accumulate(i, "mlp", mid, post)
+            self._accumulate(i, "block", pre, post)
+
+        return hook
+
+    def end_batch(self) -> np.ndarray:
+        """``cos_sum`` of the last batch, ``(batch, n_layers, 3)`` float64; raises on NaN or inf."""
+        missing = [i for i, sums in enumerate(self._sums) if sums is None]
+        if missing:
+            raise RuntimeError(f"blocks {missing} did not run in the forward pass")
+        sums = torch.stack([s.cpu() for s in self._sums]).numpy().transpose(2, 0, 1)
+        bad = np.argwhere(~np.isfinite(sums))
+        if len(bad):
+            row, layer, module = bad[np.lexsort((bad[:, 2], bad[:, 0], bad[:, 1]))][0]
+            raise NonFiniteActivationError(
+                f"NaN or inf in the residual stream at layer {layer} ({READ_POINT_OF_Y[MODULES[module]]}) "
+                f"for batch row {row}: the activations overflowed or the weights are broken. "
+                "Score in float32 or bfloat16 (dtype=torch.float32) or check the checkpoint."
+            )
+        return sums
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only (``cumsum(mask) - 1``, 0 on padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Device of the token embeddings, where input ids must go."""
+    return model.get_input_embeddings().weight.device
+
+
+def per_sample_frame(cos_sum: np.ndarray, n_tokens: np.ndarray, samples: Sequence) -> pd.DataFrame:
+    """Tidy per-sample rows from ``cos_sum (samples, layers, 3)`` and ``n_tokens (samples,)``."""
+    n_samples, n_layers, n_modules = cos_sum.shape
+    frame = pd.DataFrame(
+        {
+            "sample": np.repeat(np.asarray(samples), n_layers * n_modules),
+            "layer": np.tile(np.repeat(np.arange(n_layers), n_modules), n_samples),
+            "module": np.tile(np.array(MODULES), n_samples * n_layers),
+            "cos_sum": cos_sum.reshape(-1),
+            "n_tokens": np.repeat(np.asarray(n_tokens, dtype=np.int64), n_layers * n_modules),
+        }
+    )
+    frame["importance"] = 1.0 - frame["cos_sum"] / frame["n_tokens"]
+    return frame
+
+
+def aggregate_importance(per_sample: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:
+    """Token-weighted importance per module: ``1 - sum(cos_sum) / sum(n_tokens)`` over samples.
+
+    ``by`` adds grouping columns (for example ``["distribution"]``).
+    """
+    keys = [*by, "layer", "module"]
+    grouped = per_sample.groupby(keys, sort=False, observed=True).agg(
+        cos_sum=("cos_sum", "sum"), n_tokens=("n_tokens", "sum"), n_samples=("sample", "nunique")
+    )
+    grouped["importance"] = 1.0 - grouped["cos_sum"] / grouped["n_tokens"]
+    out = grouped.reset_index()
+    out["module"] = pd.Categorical(out["module"], categories=MODULES)
+    return out.sort_values(keys, kind="stable").reset_index(drop=True).assign(module=lambda f: f["module"].astype(str))
+
+
+def score_token_batches(
+    model: torch.nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    total: int | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Per-sample score rows for token batches (``input_ids``, ``attention_mask``, optional ``sample``).
+
+    One forward pass of the base model (no LM head, no KV cache) per batch; positions are
+    counted over real tokens so left and right padding give the same result.
+    """
+    device = input_device(model)
+    base = model.base_model
+    cos_sums, n_tokens, samples = [], [], []
+    next_sample = 0
+    with ResidualCosineRecorder(model) as recorder, torch.inference_mode():
+        for batch in tqdm(batches, total=total, desc="scoring", unit="batch", disable=not progress):
+            mask = batch["attention_mask"].to(device)
+            ids = batch["input_ids"].to(device)
+            recorder.begin_batch(mask)
+            base(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
+            cos_sums.append(recorder.end_batch())
+            n_tokens.append(mask.sum(-1).cpu().numpy())
+            rows = ids.shape[0]
+            samples.extend(batch.get("sample", range(next_sample, next_sample + rows)))
+            next_sample += rows
+    if not cos_sums:
+        raise InputError("no batches to score: give at least one sample")
+    return per_sample_frame(np.concatenate(cos_sums), np.concatenate(n_tokens), [int(s) for s in samples])
+
+
+def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int, side: str) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` for sequences padded to the longest on ``side``."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        cols = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        ids[row, cols] = torch.tensor(seq, dtype=torch.long)
+        mask[row, cols] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids of each text, ``tokenizer(text, truncation=True, max_length=max_length)``."""
+    if isinstance(texts, str):
+        raise InputError("texts must be a list of strings, not one string: wrap it as [text]")
+    if len(texts) == 0:
+        raise InputError("the list of texts is empty: give at least one text to score")
+    if not isinstance(max_length, int) or max_length < 2:
+        raise InputError(f"max_length must be an integer of at least 2 (got {max_length!r})")
+    encoded = []
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InputError(f"text #{index} is a {type(text).__name__}, not a string")
+        ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+        if len(ids) == 0:
+            raise InputError(f"text #{index} ({text[:40]!r}) tokenizes to zero tokens: remove it or give it content")
+        encoded.append(list(ids))
+    return encoded
+
+
+def length_sorted_batches(
+    sequences: Sequence[Sequence[int]], batch_size: int, pad_id: int, side: str
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Padded batches of sequences grouped by length (longest first), each with its ``sample`` indices."""
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
+        yield {**pad_sequences([sequences[i] for i in chosen], pad_id, side), "sample": chosen}
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id used for padding: the tokenizer's pad token, else EOS, else 0 (padding is masked anyway)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate[0] if isinstance(candidate, list) else candidate)
+    return 0
+
+
+def score_texts(
+    model: torch.nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    max_length: int = 512,
+    batch_size: int = 8,
+    per_sample: bool = False,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Importance ``S = 1 - mean_t cos(X_t, Y_t)`` of every attention, MLP and block of ``model``.
+
+    Each text is one sample, tokenized with ``tokenizer(text, truncation=True,
+    max_length=max_length)``; the mean runs over all real tokens of all texts.  Returns one
+    row per ``(layer, module)`` with ``importance``, ``cos_sum``, ``n_tokens`` and
+    ``n_samples``, or with ``per_sample=True`` one row per ``(sample, layer, module)`` from
+    which :func:`aggregate_importance` recomputes the aggregate exactly.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer (got {batch_size!r})")
+    sequences = tokenize_texts(tokenizer, texts, max_length)
+    batches = length_sorted_batches(sequences, batch_size, pad_token_id(tokenizer), tokenizer.padding_side)
+    rows = score_token_batches(model, batches, total=-(-len(sequences) // batch_size), progress=progress)
+    rows = rows.sort_values(["sample", "layer"], kind="stable").reset_index(drop=True)
+    return rows if per_sample else aggregate_importance(rows)
