@@ -2,16 +2,23 @@
 
 from .adapters import ADAPTERS, Adapter, adapter_for, decoder_layers
 from .errors import CalibdropError
+from .io import read_table, write_table
+from .models import BUILTINS, fetch_builtin, load_model
 from .scoring import MODULES, aggregate_importance, score_texts, score_token_batches
 
 __all__ = [
     "ADAPTERS",
+    "BUILTINS",
     "Adapter",
     "CalibdropError",
     "MODULES",
     "adapter_for",
     "aggregate_importance",
     "decoder_layers",
+    "fetch_builtin",
+    "load_model",
+    "read_table",
+    "write_table",
     "score_texts",
     "score_token_batches",
 ]

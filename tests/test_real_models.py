@@ -1,0 +1,53 @@
+"""The built-in GGUF models, scored against the hook-free reference.
+
+CI fetches the default model; the others run where `calibdrop models fetch NAME` was run.
+"""
+
+import numpy as np
+import pytest
+
+from analysis import adapter_for, load_model, score_texts
+from analysis.models import BUILTINS, is_fetched
+from analysis.scoring import tokenize_texts
+
+from reference import reference_importance
+
+TEXTS = [
+    "The committee met on Tuesday to discuss the budget for the coming year.",
+    "for (int i = 0; i < n; ++i) { total += values[i]; }",
+    "Die Katze schläft auf dem Sofa.",
+    "2 + 2 = 4",
+]
+
+
+def _loaded(name):
+    if not is_fetched(name):
+        pytest.skip(f"built-in {name} is not fetched; run `calibdrop models fetch {name}` to include this test")
+    return load_model(name)
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("name", list(BUILTINS))
+def test_real_model_scores_match_reference(name):
+    model, tokenizer = _loaded(name)
+    adapter = adapter_for(model)
+    assert adapter.family == BUILTINS[name].family
+    assert model.config.num_hidden_layers == BUILTINS[name].n_layers
+    got = score_texts(model, tokenizer, TEXTS, batch_size=3, max_length=64, progress=False)
+    want = reference_importance(
+        model, tokenize_texts(tokenizer, TEXTS, 64), adapter.attn, adapter.mlp, adapter.is_parallel(model.config)
+    )
+    merged = got.merge(want, on=["layer", "module"], suffixes=("", "_ref"))
+    assert len(merged) == 3 * BUILTINS[name].n_layers
+    np.testing.assert_allclose(merged["importance"], merged["importance_ref"], atol=1e-5)
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_default_model_padding_invariance(side):
+    model, tokenizer = _loaded("smollm2-135m")
+    tokenizer.padding_side = side
+    alone = score_texts(model, tokenizer, [TEXTS[3]], progress=False)
+    batch = score_texts(model, tokenizer, TEXTS, per_sample=True, progress=False)
+    padded = batch[batch["sample"] == 3].reset_index(drop=True)
+    np.testing.assert_allclose(padded["importance"], alone["importance"], atol=1e-5)
