@@ -14,12 +14,12 @@ inside forward hooks, so no hidden state outlives its block.
 
 from __future__ import annotations
 
+import os
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .adapters import Adapter, adapter_for, decoder_layers
@@ -27,26 +27,49 @@ from .errors import InputError, NonFiniteActivationError
 
 MODULES = ("attn", "mlp", "block")
 READ_POINT_OF_Y = {"attn": "resid_mid", "mlp": "resid_post", "block": "resid_post"}
-_CHUNK_ELEMENTS = 1 << 24
+_CHUNK_ELEMENTS = 1 << 23
+_COMPILED: dict[str, object] = {}
 
 
-def masked_cosine_sum(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, *, y_is_branch: bool = False):
-    """Per row ``b``: ``sum_t mask[b, t] * cos(x[b, t], y[b, t])`` in float32, returned as float64.
+def _pair_cosine_sums(points, pairs, mask):
+    """``(len(pairs), rows)`` float64: per row, ``sum_t mask_t * a_t.b_t / (|a_t| |b_t|)`` in float32."""
+    vectors = [point.float() for point in points]
+    norms = [torch.linalg.vector_norm(vector, dim=-1) for vector in vectors]
+    cosines = torch.stack(
+        [torch.linalg.vecdot(vectors[a], vectors[b]) / (norms[a] * norms[b]).clamp_min(1e-8) for a, b in pairs]
+    )
+    return torch.where(mask, cosines, torch.zeros_like(cosines)).sum(dim=-1, dtype=torch.float64)
 
-    With ``y_is_branch`` the second vector is ``x + y`` (a branch output added to ``x``).
-    Rows are processed in chunks so the float32 temporaries stay small whatever the dtype.
+
+def _fused_kernel(device: torch.device):
+    """``torch.compile``d :func:`_pair_cosine_sums` on CUDA (one pass over the points), else ``None``.
+
+    Set ``CALIBDROP_COMPILE=0`` to always use the eager, chunked path.
     """
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, x.shape[1] * x.shape[2]))
-    sums = []
-    for start in range(0, x.shape[0], rows_per_chunk):
-        rows = slice(start, start + rows_per_chunk)
-        xf = x[rows].float()
-        yf = y[rows].float()
-        if y_is_branch:
-            yf = yf + xf
-        cos = F.cosine_similarity(xf, yf, dim=-1, eps=1e-8)
-        sums.append(torch.where(mask[rows], cos, torch.zeros_like(cos)).sum(dim=-1, dtype=torch.float64))
-    return torch.cat(sums)
+    if device.type != "cuda" or os.environ.get("CALIBDROP_COMPILE", "1") == "0":
+        return None
+    if "cuda" not in _COMPILED:
+        _COMPILED["cuda"] = torch.compile(_pair_cosine_sums, dynamic=True)
+    return _COMPILED["cuda"]
+
+
+def masked_cosine_sums(points: Sequence[torch.Tensor], pairs, mask: torch.Tensor) -> torch.Tensor:
+    """For each pair ``(a, b)`` of point indices and each batch row: the sum over real tokens of
+    ``cos(points[a]_t, points[b]_t)``, computed in float32 and returned as float64 ``(pairs, rows)``.
+
+    Each point is upcast once per chunk of rows and shared by the pairs that use it, so the
+    float32 temporaries stay small whatever the model's dtype.
+    """
+    fused = _fused_kernel(points[0].device)
+    if fused is not None:
+        return fused(points, tuple(pairs), mask)
+    batch, seq, hidden = points[0].shape
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, seq * hidden))
+    chunks = [
+        _pair_cosine_sums([point[start : start + rows_per_chunk] for point in points], pairs, mask[start : start + rows_per_chunk])
+        for start in range(0, batch, rows_per_chunk)
+    ]
+    return torch.cat(chunks, dim=1)
 
 
 def _first_tensor(value) -> torch.Tensor:
@@ -70,6 +93,8 @@ class ResidualCosineRecorder:
         self._sums: list[torch.Tensor | None] = []
         self._resid_pre: dict[int, torch.Tensor] = {}
         self._resid_mid: dict[int, torch.Tensor] = {}
+        self._mlp_y: dict[int, torch.Tensor] = {}
+        self._pairs = ((0, 1), (0, 3) if self.parallel else (1, 2), (0, 2))
 
     def __enter__(self):
         for i, layer in enumerate(self.layers):
@@ -86,6 +111,7 @@ class ResidualCosineRecorder:
         self._handles.clear()
         self._resid_pre.clear()
         self._resid_mid.clear()
+        self._mlp_y.clear()
 
     @staticmethod
     def _register(layer, point, fn):
@@ -104,12 +130,6 @@ class ResidualCosineRecorder:
             self._mask_by_device[device] = next(iter(self._mask_by_device.values())).to(device)
         return self._mask_by_device[device]
 
-    def _accumulate(self, i: int, module: str, x, y, *, y_is_branch: bool = False) -> None:
-        sums = masked_cosine_sum(x, y, self._mask_on(x.device), y_is_branch=y_is_branch)
-        if self._sums[i] is None:
-            self._sums[i] = torch.zeros(len(MODULES), sums.shape[0], dtype=torch.float64, device=x.device)
-        self._sums[i][MODULES.index(module)] = sums
-
     def _pre_hook(self, i):
         def hook(module, args, kwargs):
             self._resid_pre[i] = args[0] if args else kwargs["hidden_states"]
@@ -118,27 +138,23 @@ class ResidualCosineRecorder:
 
     def _mid_hook(self, i):
         def hook(tensor, branch=False):
-            pre = self._resid_pre[i]
-            mid = pre + tensor if branch else tensor
-            self._resid_mid[i] = mid
-            self._accumulate(i, "attn", pre, mid)
+            self._resid_mid[i] = self._resid_pre[i] + tensor if branch else tensor
 
         return hook
 
     def _parallel_mlp_hook(self, i):
         def hook(tensor, branch=True):
-            self._accumulate(i, "mlp", self._resid_pre[i], tensor, y_is_branch=True)
+            self._mlp_y[i] = self._resid_pre[i] + tensor
 
         return hook
 
     def _post_hook(self, i):
         def hook(module, args, output):
             post = _first_tensor(output)
-            pre = self._resid_pre.pop(i)
-            mid = self._resid_mid.pop(i)
-            if not self.parallel:
-                self._accumulate(i, "mlp", mid, post)
-            self._accumulate(i, "block", pre, post)
+            points = [self._resid_pre.pop(i), self._resid_mid.pop(i), post]
+            if self.parallel:
+                points.append(self._mlp_y.pop(i))
+            self._sums[i] = masked_cosine_sums(points, self._pairs, self._mask_on(post.device))
 
         return hook
 
