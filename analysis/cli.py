@@ -9,11 +9,14 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+from tqdm.auto import tqdm
 
-from . import models
+from . import data, models
 from .errors import CalibdropError, InputError
 from .io import provenance, write_table
-from .scoring import score_texts
+from .scoring import aggregate_importance, score_distributions, score_texts
+
+PRESETS = {"default": {"samples": 128, "seq_len": 512}, "quick": {"samples": 32, "seq_len": 256}, "paper": {"samples": 256, "seq_len": 2048}}
 
 
 def read_jsonl_texts(path: Path) -> list[str]:
@@ -57,21 +60,72 @@ def cmd_models_fetch(args) -> None:
             print(f"{name}: float32 cache ready at {model.calibdrop_info.path}")
 
 
+def expand_distributions(spec: str) -> list[str]:
+    """``"code,math"`` → names; ``"all"`` → every top-level distribution and its sub-distributions."""
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    if names == ["all"]:
+        return [n for top in data.TOP_LEVEL for n in [top, *data.subsets(top)]]
+    return names
+
+
 def cmd_score(args) -> None:
+    if bool(args.texts) == bool(args.distributions):
+        raise InputError("give either --texts FILE.jsonl or --distributions NAMES (for example code,math,chat)")
+    out = Path(args.out)
+    if args.texts:
+        score_jsonl(args, out)
+        return
+    preset = PRESETS[args.preset]
+    n_samples = args.samples or preset["samples"]
+    seq_len = args.seq_len or preset["seq_len"]
+    names = expand_distributions(args.distributions)
+    for name in names:
+        data.load_manifest(name)
+    model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)
+    rows = score_distributions(
+        model, tokenizer, names, n_samples=n_samples, seq_len=seq_len, batch_size=args.batch_size, seed=args.seed
+    )
+    record = provenance(
+        kind="scores",
+        model=models.model_info(model),
+        distributions={name: data.load_manifest(name)["_sha256"] for name in names},
+        settings={"n_samples": n_samples, "seq_len": seq_len, "seed": args.seed, "batch_size": args.batch_size},
+    )
+    per_sample = out.with_suffix(".per_sample.parquet")
+    write_table(rows.assign(model=args.model), per_sample, {**record, "kind": "scores-per-sample"})
+    write_table(aggregate_importance(rows, by=["distribution"]).assign(model=args.model), out, record)
+    print(f"wrote {out} (per distribution) and {per_sample} (per sample), each with a .json provenance sidecar")
+
+
+def score_jsonl(args, out: Path) -> None:
     texts_path = Path(args.texts)
     texts = read_jsonl_texts(texts_path)
     model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)
-    table = score_texts(
-        model, tokenizer, texts, max_length=args.max_length, batch_size=args.batch_size, per_sample=args.per_sample
-    )
+    max_length = args.seq_len or 512
+    table = score_texts(model, tokenizer, texts, max_length=max_length, batch_size=args.batch_size, per_sample=args.per_sample)
     record = provenance(
         kind="scores-per-sample" if args.per_sample else "scores",
         model=models.model_info(model),
         texts={"path": str(texts_path), "sha256": hashlib.sha256(texts_path.read_bytes()).hexdigest(), "n_texts": len(texts)},
-        settings={"max_length": args.max_length, "batch_size": args.batch_size, "per_sample": args.per_sample},
+        settings={"max_length": max_length, "batch_size": args.batch_size, "per_sample": args.per_sample},
     )
-    out = write_table(table.assign(model=args.model), Path(args.out), record)
+    write_table(table.assign(model=args.model), out, record)
     print(f"wrote {out} and {out.with_suffix('.json').name}")
+
+
+def cmd_data_fetch(args) -> None:
+    names = args.names or list(data.TOP_LEVEL)
+    for name in tqdm(names, desc="distributions", unit="dist"):
+        frame = data.fetch_distribution(name)
+        print(f"{name}: {len(frame)} documents, checksums verified")
+
+
+def cmd_data_list(args) -> None:
+    summary = data.distribution_summary()
+    if args.json:
+        print(summary.to_json(orient="records", indent=2))
+    else:
+        _print_table(summary.drop(columns=["description"]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,14 +144,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = commands.add_parser("score", help="importance of every attention, MLP and block for a JSONL of texts")
     score.add_argument("--model", default=models.DEFAULT_MODEL, help="built-in name, checkpoint dir, .gguf file or Hub id")
-    score.add_argument("--texts", required=True, help="JSONL file, one {\"text\": ...} object per line")
+    score.add_argument("--texts", help="JSONL file, one {\"text\": ...} object per line; each text is one sample")
+    score.add_argument("--distributions", help="comma-separated distributions (code,math,code/go ...) or 'all'")
     score.add_argument("--out", default="scores.parquet", help="Parquet file to write (a .json sidecar goes beside it)")
-    score.add_argument("--max-length", type=int, default=512)
+    score.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                       help="samples x tokens per distribution: default 128x512, quick 32x256, paper 256x2048")
+    score.add_argument("--samples", type=int, help="samples per distribution (overrides the preset)")
+    score.add_argument("--seq-len", type=int, help="tokens per sample (overrides the preset; --texts: max length, default 512)")
+    score.add_argument("--seed", type=int, default=0, help="seed of the sample windows")
     score.add_argument("--batch-size", type=int, default=8)
     score.add_argument("--per-sample", action="store_true", help="one row per text and module instead of the aggregate")
     score.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     score.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
     score.set_defaults(func=cmd_score)
+
+    data_parser = commands.add_parser("data", help="fetch or list the calibration distributions")
+    data_commands = data_parser.add_subparsers(dest="data_command", required=True)
+    data_fetch = data_commands.add_parser("fetch", help="download, verify and extract distributions")
+    data_fetch.add_argument("names", nargs="*", help="distributions (default: all top-level ones)")
+    data_fetch.set_defaults(func=cmd_data_fetch)
+    data_list = data_commands.add_parser("list", help="distributions with licenses and sizes per split")
+    data_list.add_argument("--json", action="store_true")
+    data_list.set_defaults(func=cmd_data_list)
     return parser
 
 

@@ -14,7 +14,10 @@ inside forward hooks, so no hidden state outlives its block.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -22,8 +25,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from . import data
 from .adapters import Adapter, adapter_for, decoder_layers
 from .errors import InputError, NonFiniteActivationError
+from .io import provenance, read_table, write_table
+from .models import cache_dir, model_info
 
 MODULES = ("attn", "mlp", "block")
 READ_POINT_OF_Y = {"attn": "resid_mid", "mlp": "resid_post", "block": "resid_post"}
@@ -322,3 +328,72 @@ def score_texts(
     rows = score_token_batches(model, batches, total=-(-len(sequences) // batch_size), progress=progress)
     rows = rows.sort_values(["sample", "layer"], kind="stable").reset_index(drop=True)
     return rows if per_sample else aggregate_importance(rows)
+
+
+SCORING_VERSION = 1
+
+
+def distribution_cache_key(model_record: dict, manifest: dict, name: str, settings: dict) -> str:
+    """sha256 naming one (model weights, dtype, distribution, manifest, settings) score table."""
+    keyed = {
+        "model": [model_record.get("weights_sha256"), model_record.get("dtype")],
+        "distribution": name,
+        "manifest_sha256": manifest["_sha256"],
+        "settings": settings,
+        "scoring_version": SCORING_VERSION,
+    }
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
+
+
+def score_distributions(
+    model: torch.nn.Module,
+    tokenizer,
+    names: Sequence[str],
+    *,
+    n_samples: int = 128,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    seed: int = 0,
+    split: str = "calibration",
+    cache: Path | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Per-sample score rows of ``model`` on each distribution, with a ``distribution`` column.
+
+    Each distribution gives ``n_samples`` windows of ``seq_len`` tokens
+    (:func:`analysis.data.calibration_samples`).  Each distribution's table is saved under
+    ``cache`` (default ``<calibdrop cache>/scores``), keyed by the model's weights checksum
+    and dtype, the manifest's checksum and the settings, so a rerun or an interrupted run
+    recomputes nothing already saved.  Models without a weights checksum are not cached.
+    """
+    settings = {"n_samples": n_samples, "seq_len": seq_len, "seed": seed, "split": split}
+    record = model_info(model)
+    cache = Path(cache) if cache is not None else cache_dir() / "scores"
+    tables = []
+    for name in tqdm(list(names), desc="distributions", unit="dist", disable=not progress):
+        manifest = data.load_manifest(name)
+        key = distribution_cache_key(record, manifest, name, settings)
+        path = cache / f"{name.replace('/', '--')}-{key[:20]}.parquet"
+        if record.get("weights_sha256") and path.exists():
+            tables.append(read_table(path))
+            continue
+        samples = data.calibration_samples(
+            data.load_distribution(name, split), tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed
+        )
+        rows = score_token_batches(
+            model, data.token_batches(samples, batch_size), total=-(-len(samples) // batch_size), progress=progress
+        ).assign(distribution=name)
+        if record.get("weights_sha256"):
+            sources = [{k: s.get(k) for k in ("id", "registry", "package", "version", "sha256")} for s in manifest["sources"]]
+            write_table(
+                rows,
+                path,
+                provenance(
+                    kind="scores-per-sample",
+                    model=record,
+                    distribution={"name": name, "manifest": manifest["_path"], "manifest_sha256": manifest["_sha256"], "sources": sources},
+                    settings={**settings, "batch_size": batch_size},
+                ),
+            )
+        tables.append(rows)
+    return pd.concat(tables, ignore_index=True)
