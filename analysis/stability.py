@@ -1,0 +1,314 @@
+"""How much a module ranking moves between calibration distributions, and how much is noise.
+
+Input: score tables from :func:`analysis.score_distributions` (per-sample rows with
+``distribution, sample, layer, module, cos_sum, n_tokens``) or aggregates (``importance``).
+Candidates of a ranking: the layers of one module kind (``attn``, ``mlp``, ``block``), or for
+``joint`` the 2L attention and MLP sublayers together, labelled ``attn:i`` / ``mlp:i``.
+The size-k drop set under a distribution is its k least important candidates.
+
+Importance of a set of samples ``s`` re-aggregates token-weighted:
+``1 - sum_s cos_sum[s] / sum_s n_tokens[s]``, also inside every bootstrap or permutation.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from .errors import InputError
+
+MODULE_KINDS = ("attn", "mlp", "block", "joint")
+
+
+def check_scores(scores: pd.DataFrame, *, per_sample: bool = False) -> None:
+    """Raise a clear error unless ``scores`` is one model's table over two or more distributions."""
+    need = {"distribution", "layer", "module"} | ({"sample", "cos_sum", "n_tokens"} if per_sample else set())
+    missing = need - set(scores.columns)
+    if missing:
+        kind = "per-sample score rows (score_distributions or `calibdrop score`)" if per_sample else "a score table"
+        raise InputError(f"expected {kind}; missing columns: {', '.join(sorted(missing))}")
+    if "model" in scores.columns and scores["model"].nunique() > 1:
+        raise InputError(f"the table mixes models {sorted(scores['model'].unique())}: compare one model's scores at a time")
+    settings = scores.attrs.get("settings_by_distribution")
+    if settings and len({repr(s) for s in settings.values()}) > 1:
+        raise InputError(f"the distributions were scored with different settings: {settings}")
+    if scores["distribution"].nunique() < 2:
+        raise InputError("stability needs scores of at least two distributions; score more with --distributions")
+
+
+def candidate_labels(frame: pd.DataFrame, module: str) -> pd.Series:
+    """Candidate id of each row: the layer (int) for attn/mlp/block, ``"attn:i"``/``"mlp:i"`` for joint."""
+    if module == "joint":
+        return frame["module"] + ":" + frame["layer"].astype(str)
+    return frame["layer"]
+
+
+def _rows_of(scores: pd.DataFrame, module: str) -> pd.DataFrame:
+    if module not in MODULE_KINDS:
+        raise InputError(f"module must be one of {', '.join(MODULE_KINDS)}, not {module!r}")
+    kinds = ("attn", "mlp") if module == "joint" else (module,)
+    rows = scores[scores["module"].isin(kinds)]
+    return rows.assign(candidate=candidate_labels(rows, module))
+
+
+def _candidate_order(rows: pd.DataFrame) -> list:
+    kind = rows["module"].map({"attn": 0, "mlp": 1, "block": 2})
+    return list(dict.fromkeys(rows.assign(kind=kind).sort_values(["kind", "layer"], kind="stable")["candidate"]))
+
+
+def importance_matrix(scores: pd.DataFrame, module: str = "attn") -> pd.DataFrame:
+    """Candidates × distributions of importance (token-weighted over samples for per-sample rows)."""
+    rows = _rows_of(scores, module)
+    if "cos_sum" in rows.columns and "sample" in rows.columns:
+        sums = rows.groupby(["distribution", "candidate"], sort=False)[["cos_sum", "n_tokens"]].sum()
+        values = (1 - sums["cos_sum"] / sums["n_tokens"]).rename("importance").reset_index()
+    else:
+        values = rows[["distribution", "candidate", "importance"]]
+    matrix = values.pivot(index="candidate", columns="distribution", values="importance")
+    order = _candidate_order(rows)
+    return matrix.loc[order, list(dict.fromkeys(rows["distribution"]))]
+
+
+def drop_set(importance: pd.Series | np.ndarray, k: int, labels: Sequence | None = None) -> list:
+    """The ``k`` least important candidates (ties broken by candidate order)."""
+    values = np.asarray(importance, dtype=float)
+    labels = list(importance.index) if labels is None and isinstance(importance, pd.Series) else labels
+    if not 1 <= k <= len(values):
+        raise InputError(f"k={k} is outside 1..{len(values)}, the number of candidates")
+    chosen = np.argsort(values, kind="stable")[:k]
+    return [labels[i] for i in chosen] if labels is not None else sorted(chosen.tolist())
+
+
+def jaccard(a, b) -> float:
+    """``|A ∩ B| / |A ∪ B|``."""
+    a, b = set(a), set(b)
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def _check_k(k_values: Sequence[int], n: int) -> tuple[int, ...]:
+    k_values = (k_values,) if isinstance(k_values, (int, np.integer)) else tuple(k_values)
+    for k in k_values:
+        if not 1 <= k <= n:
+            raise InputError(f"k={k} is outside 1..{n}, the number of candidates")
+    return k_values
+
+
+def pair_statistics(x: np.ndarray, y: np.ndarray, k_values: Sequence[int]) -> dict:
+    """Spearman ρ, Kendall τ-b, weighted τ (least important weighted most) and Jaccard@k of two rankings."""
+    out = {
+        "spearman": stats.spearmanr(x, y).statistic,
+        "kendall_tau_b": stats.kendalltau(x, y, variant="b").statistic,
+        "weighted_tau": stats.weightedtau(-np.asarray(x), -np.asarray(y)).statistic,
+    }
+    for k in k_values:
+        out[f"jaccard@{k}"] = jaccard(drop_set(x, k), drop_set(y, k))
+    return out
+
+
+def rank_agreement(scores: pd.DataFrame, *, module: str = "attn", k: Sequence[int] = (4, 8)) -> pd.DataFrame:
+    """One row per pair of distributions: Spearman ρ, Kendall τ-b, weighted τ, Jaccard@k of drop sets.
+
+    Weighted τ is ``scipy.stats.weightedtau`` on negated importances, so the least important
+    candidates (the drop candidates) weigh most.
+    """
+    check_scores(scores)
+    matrix = importance_matrix(scores, module)
+    k_values = _check_k(k, len(matrix))
+    rows = [
+        {"module": module, "a": a, "b": b, **pair_statistics(matrix[a].to_numpy(), matrix[b].to_numpy(), k_values)}
+        for a, b in combinations(matrix.columns, 2)
+    ]
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- resampling
+
+
+def sample_arrays(scores: pd.DataFrame, module: str) -> dict[str, tuple[np.ndarray, np.ndarray, list]]:
+    """Per distribution: ``cos_sum (samples, candidates)``, ``n_tokens (samples,)`` and candidate labels."""
+    check_scores(scores, per_sample=True)
+    rows = _rows_of(scores, module)
+    order = _candidate_order(rows)
+    arrays = {}
+    for name, part in rows.groupby("distribution", sort=False):
+        cos = part.pivot(index="sample", columns="candidate", values="cos_sum")[order]
+        tokens = part.groupby("sample")["n_tokens"].first().loc[cos.index]
+        arrays[name] = (cos.to_numpy(), tokens.to_numpy(dtype=float), order)
+    return arrays
+
+
+def weighted_importance(weights: np.ndarray, cos: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """``1 - (W @ cos) / (W @ n_tokens)`` for sample-weight rows ``W (replicates, samples)``."""
+    return 1 - (weights @ cos) / (weights @ tokens)[:, None]
+
+
+def bootstrap_replicates(cos, tokens, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """``(n_boot, candidates)`` importances of samples drawn with replacement, token-weighted."""
+    n = len(tokens)
+    counts = rng.multinomial(n, np.full(n, 1 / n), size=n_boot).astype(float)
+    return weighted_importance(counts, cos, tokens)
+
+
+def rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman ρ between matching rows of ``a`` and ``b`` (Pearson of average ranks)."""
+    ra = stats.rankdata(a, axis=-1)
+    rb = stats.rankdata(b, axis=-1)
+    ra -= ra.mean(axis=-1, keepdims=True)
+    rb -= rb.mean(axis=-1, keepdims=True)
+    return (ra * rb).sum(-1) / np.sqrt((ra**2).sum(-1) * (rb**2).sum(-1))
+
+
+def rowwise_jaccard(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
+    """Jaccard@k of the drop sets of matching rows."""
+    sa = np.argsort(a, axis=-1, kind="stable")[:, :k]
+    sb = np.argsort(b, axis=-1, kind="stable")[:, :k]
+    inter = np.array([len(set(x) & set(y)) for x, y in zip(sa, sb)])
+    return inter / (2 * k - inter)
+
+
+def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
+    tail = (1 - level) / 2 * 100
+    return tuple(np.nanpercentile(values, [tail, 100 - tail]))
+
+
+def bootstrap(
+    scores: pd.DataFrame, *, module: str = "attn", k: Sequence[int] = (4, 8), n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> dict[str, pd.DataFrame]:
+    """Bootstrap over samples (token-weighted re-aggregation), seeded.
+
+    Returns ``importance`` (per distribution and candidate: importance, CI, probability of
+    being in the size-k drop set for each k) and ``pairs`` (per pair of distributions: the
+    point Spearman ρ and Jaccard@k with their bootstrap CIs; each distribution resampled
+    independently).
+    """
+    arrays = sample_arrays(scores, module)
+    k_values = _check_k(k, len(next(iter(arrays.values()))[2]))
+    rng = np.random.default_rng(seed)
+    replicates, point = {}, {}
+    rows = []
+    for name, (cos, tokens, labels) in arrays.items():
+        replicates[name] = bootstrap_replicates(cos, tokens, n_boot, rng)
+        point[name] = weighted_importance(np.ones((1, len(tokens))), cos, tokens)[0]
+        ranks = np.argsort(np.argsort(replicates[name], axis=1, kind="stable"), axis=1)
+        for index, label in enumerate(labels):
+            low, high = _interval(replicates[name][:, index], level)
+            row = {"distribution": name, "candidate": label, "importance": point[name][index], "ci_low": low, "ci_high": high}
+            row.update({f"p_drop@{kk}": float((ranks[:, index] < kk).mean()) for kk in k_values})
+            rows.append(row)
+    pair_rows = []
+    for a, b in combinations(arrays, 2):
+        rho = rowwise_spearman(replicates[a], replicates[b])
+        row = {"module": module, "a": a, "b": b, "spearman": stats.spearmanr(point[a], point[b]).statistic}
+        row["spearman_ci_low"], row["spearman_ci_high"] = _interval(rho, level)
+        for kk in k_values:
+            row[f"jaccard@{kk}"] = jaccard(drop_set(point[a], kk), drop_set(point[b], kk))
+            row[f"jaccard@{kk}_ci_low"], row[f"jaccard@{kk}_ci_high"] = _interval(rowwise_jaccard(replicates[a], replicates[b], kk), level)
+        pair_rows.append(row)
+    return {"importance": pd.DataFrame(rows).assign(module=module), "pairs": pd.DataFrame(pair_rows)}
+
+
+def split_half_reliability(
+    scores: pd.DataFrame, *, module: str = "attn", k: Sequence[int] = (4, 8), n_splits: int = 200, level: float = 0.95, seed: int = 0
+) -> pd.DataFrame:
+    """The noise floor per distribution: Spearman ρ between the rankings of random halves of its
+    samples, Spearman-Brown corrected to full size (``2ρ / (1 + ρ)``), and Jaccard@k of the
+    halves' drop sets (uncorrected, so a conservative floor); means and CIs over ``n_splits``.
+    """
+    arrays = sample_arrays(scores, module)
+    k_values = _check_k(k, len(next(iter(arrays.values()))[2]))
+    rng = np.random.default_rng(seed)
+    rows = []
+    for name, (cos, tokens, _) in arrays.items():
+        n = len(tokens)
+        if n < 4:
+            raise InputError(f"distribution {name!r} has {n} samples; split-half reliability needs at least 4")
+        halves = np.zeros((n_splits, n))
+        for row in halves:
+            row[rng.permutation(n)[: n // 2]] = 1
+        first = weighted_importance(halves, cos, tokens)
+        second = weighted_importance(1 - halves, cos, tokens)
+        rho = rowwise_spearman(first, second)
+        corrected = 2 * rho / (1 + rho)
+        out = {"distribution": name, "module": module, "n_samples": n, "split_half_spearman": float(np.nanmean(rho)),
+               "reliability": float(np.nanmean(corrected))}
+        out["reliability_ci_low"], out["reliability_ci_high"] = _interval(corrected, level)
+        for kk in k_values:
+            out[f"split_half_jaccard@{kk}"] = float(rowwise_jaccard(first, second, kk).mean())
+        rows.append(out)
+    return pd.DataFrame(rows)
+
+
+def permutation_test(
+    scores: pd.DataFrame, *, module: str = "attn", k: Sequence[int] = (4, 8), n_perm: int = 1000, seed: int = 0
+) -> pd.DataFrame:
+    """Is the disagreement of two distributions larger than resampling noise?
+
+    Per pair: the statistic is ``1 - ρ`` (and ``1 - Jaccard@k``) between the two rankings; the
+    null shuffles the sample labels between the two distributions (group sizes kept).
+    ``p = (1 + #{null >= observed}) / (1 + n_perm)``.
+    """
+    arrays = sample_arrays(scores, module)
+    k_values = _check_k(k, len(next(iter(arrays.values()))[2]))
+    rng = np.random.default_rng(seed)
+    rows = []
+    for a, b in combinations(arrays, 2):
+        cos = np.vstack([arrays[a][0], arrays[b][0]])
+        tokens = np.concatenate([arrays[a][1], arrays[b][1]])
+        n_a = len(arrays[a][1])
+        labels = np.zeros((n_perm + 1, len(tokens)))
+        labels[0, :n_a] = 1
+        for row in labels[1:]:
+            row[rng.permutation(len(tokens))[:n_a]] = 1
+        first = weighted_importance(labels, cos, tokens)
+        second = weighted_importance(1 - labels, cos, tokens)
+        disagreement = 1 - rowwise_spearman(first, second)
+        out = {"module": module, "a": a, "b": b, "spearman": 1 - disagreement[0],
+               "p_spearman": float((1 + (disagreement[1:] >= disagreement[0] - 1e-12).sum()) / (1 + n_perm))}
+        for kk in k_values:
+            distance = 1 - rowwise_jaccard(first, second, kk)
+            out[f"p_jaccard@{kk}"] = float((1 + (distance[1:] >= distance[0] - 1e-12).sum()) / (1 + n_perm))
+        rows.append(out)
+    return pd.DataFrame(rows)
+
+
+def convergence(
+    scores: pd.DataFrame,
+    *,
+    module: str = "attn",
+    k: int = 8,
+    repeats: int = 20,
+    target: float = 0.9,
+    seed: int = 0,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rankings from ``n`` random samples (n = 4, 8, 16, ... and all) against the all-sample ranking.
+
+    Returns the curve (per distribution and n: mean and std over ``repeats`` of Spearman ρ and
+    Jaccard@k) and per distribution the smallest n whose mean ρ reaches ``target`` (NaN when
+    even all samples do not, which cannot happen at n = all).
+    """
+    arrays = sample_arrays(scores, module)
+    _check_k((k,), len(next(iter(arrays.values()))[2]))
+    rng = np.random.default_rng(seed)
+    curve, summary = [], []
+    for name, (cos, tokens, _) in arrays.items():
+        n_total = len(tokens)
+        full = weighted_importance(np.ones((1, n_total)), cos, tokens)
+        sizes = [n for n in 2 ** np.arange(2, 20) if n < n_total] + [n_total]
+        reached = np.nan
+        for n in sizes:
+            weights = np.zeros((repeats, n_total))
+            for row in weights:
+                row[rng.choice(n_total, size=n, replace=False)] = 1
+            sub = weighted_importance(weights, cos, tokens)
+            rho = rowwise_spearman(sub, np.repeat(full, repeats, axis=0))
+            jac = rowwise_jaccard(sub, np.repeat(full, repeats, axis=0), k)
+            curve.append({"distribution": name, "module": module, "n": int(n), "spearman_mean": rho.mean(), "spearman_std": rho.std(),
+                          f"jaccard@{k}_mean": jac.mean(), f"jaccard@{k}_std": jac.std()})
+            if np.isnan(reached) and rho.mean() >= target:
+                reached = int(n)
+        summary.append({"distribution": name, "module": module, "n_available": n_total, "target_spearman": target, "n_required": reached})
+    return pd.DataFrame(curve), pd.DataFrame(summary)
