@@ -45,12 +45,18 @@ class ReadPoint:
 
 @dataclass(frozen=True)
 class Adapter:
-    """Residual-stream read points and droppable sublayers of one model family."""
+    """Residual-stream read points and droppable sublayers of one model family.
+
+    ``attn_branch`` / ``mlp_branch_modules``: every submodule whose output reaches the residual
+    stream only through that branch (norms included); dropping the branch replaces them.
+    """
 
     family: str
     attn: str
     mlp: str
     resid_mid: ReadPoint
+    attn_branch: tuple[str, ...] = ("input_layernorm", "self_attn")
+    mlp_branch_modules: tuple[str, ...] = ("post_attention_layernorm", "mlp")
     mlp_branch: ReadPoint | None = None
     parallel_residual: Callable[[object], bool] = staticmethod(lambda config: False)
 
@@ -67,7 +73,12 @@ ADAPTERS: dict[str, Adapter] = {
     "qwen2": Adapter("qwen2", **_LLAMA_LIKE),
     "qwen3": Adapter("qwen3", **_LLAMA_LIKE),
     "gemma3_text": Adapter(
-        "gemma3", attn="self_attn", mlp="mlp", resid_mid=ReadPoint("pre_feedforward_layernorm", "input")
+        "gemma3",
+        attn="self_attn",
+        mlp="mlp",
+        resid_mid=ReadPoint("pre_feedforward_layernorm", "input"),
+        attn_branch=("input_layernorm", "self_attn", "post_attention_layernorm"),
+        mlp_branch_modules=("pre_feedforward_layernorm", "mlp", "post_feedforward_layernorm"),
     ),
     "gpt_neox": Adapter(
         "gpt_neox",
@@ -75,6 +86,8 @@ ADAPTERS: dict[str, Adapter] = {
         mlp="mlp",
         resid_mid=ReadPoint("post_attention_dropout", "output"),
         mlp_branch=ReadPoint("post_mlp_dropout", "output"),
+        attn_branch=("input_layernorm", "attention", "post_attention_dropout"),
+        mlp_branch_modules=("post_attention_layernorm", "mlp", "post_mlp_dropout"),
         parallel_residual=lambda config: getattr(config, "use_parallel_residual", False),
     ),
 }

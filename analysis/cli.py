@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import data, models
+from . import consensus, data, models, plots, stability
 from .errors import CalibdropError, InputError
-from .io import provenance, write_table
+from .io import atomic_write_json, provenance, read_table, write_table
 from .scoring import aggregate_importance, score_distributions, score_texts
 
 PRESETS = {"default": {"samples": 128, "seq_len": 512}, "quick": {"samples": 32, "seq_len": 256}, "paper": {"samples": 256, "seq_len": 2048}}
@@ -128,6 +128,70 @@ def cmd_data_list(args) -> None:
         _print_table(summary.drop(columns=["description"]))
 
 
+def read_per_sample(results: str) -> pd.DataFrame:
+    """Per-sample scores from a results folder, a ``*.per_sample.parquet`` or its aggregate's path."""
+    path = Path(results)
+    candidates = [path / "scores.per_sample.parquet", path.with_suffix(".per_sample.parquet"), path]
+    for candidate in candidates:
+        if candidate.is_file() and candidate.name.endswith(".per_sample.parquet"):
+            return read_table(candidate)
+    raise InputError(f"no per-sample scores at {results}: give the folder or the .per_sample.parquet that `calibdrop score` wrote")
+
+
+def parse_ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def compare_tables(scores: pd.DataFrame, modules, k, n_boot: int, n_perm: int) -> dict[str, pd.DataFrame]:
+    """Stability tables plus leave-one-distribution-out regret per module, at the largest k that fits."""
+    tables = stability.stability_tables(scores, modules=modules, k=k, n_boot=n_boot, n_perm=n_perm)
+    if scores["distribution"].nunique() >= 3:
+        loo = []
+        for module in modules:
+            kk = max(v for v in k if v <= len(stability.importance_matrix(scores, module)))
+            loo.append(consensus.leave_one_out(scores, module=module, k=kk))
+        tables["leave_one_out"] = pd.concat(loo, ignore_index=True).assign(drop_set=lambda f: f["drop_set"].map(lambda d: [str(x) for x in d]))
+    return tables
+
+
+def cmd_compare(args) -> None:
+    scores = read_per_sample(args.results)
+    out = Path(args.out or Path(args.results).with_suffix("") if not Path(args.results).is_dir() else Path(args.results) / "compare")
+    modules = [m.strip() for m in args.modules.split(",")]
+    k = parse_ints(args.k)
+    tables = compare_tables(scores, modules, k, args.n_boot, args.n_perm)
+    source = scores.attrs.get("provenance", {})
+    for name, table in tables.items():
+        record = provenance(kind=name, scores=source, settings={"modules": modules, "k": k, "n_boot": args.n_boot, "n_perm": args.n_perm})
+        write_table(table, out / f"{name}.parquet", record)
+    figures = plots.stability_figures(scores, tables, out / "figures", max(k))
+    attn = tables["agreement"][tables["agreement"]["module"] == "attn"]
+    if len(attn):
+        print(attn.drop(columns="module").round(3).to_string(index=False))
+    print(f"wrote {len(tables)} tables to {out} and {len(figures)} figure files to {out / 'figures'}")
+
+
+def cmd_consensus(args) -> None:
+    scores = read_per_sample(args.results)
+    chosen = consensus.consensus_drop_set(scores, module=args.module, k=args.k, method=args.method)
+    source = scores.attrs.get("provenance", {})
+    record = {
+        "model": source.get("model", {}).get("spec") or scores.get("model", pd.Series([None])).iloc[0],
+        "module": args.module,
+        "k": args.k,
+        "indices": [c if isinstance(c, str) else int(c) for c in chosen],
+        "method": args.method,
+        "distributions": list(dict.fromkeys(scores["distribution"])),
+        "provenance": provenance(kind="drop-set", scores=source),
+    }
+    out = Path(args.out or f"drop_set_{args.module}_k{args.k}_{args.method}.json")
+    atomic_write_json(out, record)
+    print(f"{args.method} {args.module} drop set (k={args.k}): {record['indices']} -> {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="calibdrop", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -157,6 +221,23 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     score.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
     score.set_defaults(func=cmd_score)
+
+    compare = commands.add_parser("compare", help="stability tables and figures from per-sample scores")
+    compare.add_argument("results", help="folder or .per_sample.parquet written by `calibdrop score --distributions`")
+    compare.add_argument("--out", help="output folder (default: beside the results)")
+    compare.add_argument("--modules", default="attn,mlp,block,joint")
+    compare.add_argument("--k", default="4,8", help="drop-set sizes, comma-separated")
+    compare.add_argument("--n-boot", type=int, default=1000)
+    compare.add_argument("--n-perm", type=int, default=1000)
+    compare.set_defaults(func=cmd_compare)
+
+    agree = commands.add_parser("consensus", help="a drop set agreed across distributions, as JSON")
+    agree.add_argument("results", help="folder or .per_sample.parquet written by `calibdrop score --distributions`")
+    agree.add_argument("--module", default="attn", choices=stability.MODULE_KINDS)
+    agree.add_argument("--k", type=int, default=8)
+    agree.add_argument("--method", default="borda", choices=consensus.METHODS)
+    agree.add_argument("--out", help="JSON file to write")
+    agree.set_defaults(func=cmd_consensus)
 
     data_parser = commands.add_parser("data", help="fetch or list the calibration distributions")
     data_commands = data_parser.add_subparsers(dest="data_command", required=True)

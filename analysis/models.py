@@ -24,9 +24,11 @@ from urllib.parse import urlparse
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from .adapters import ADAPTERS, UnsupportedArchitectureError, adapter_for
 from .errors import ChecksumError, FetchError, InputError
+from .pruning import restore_dropped_sublayers
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -295,7 +297,16 @@ def _load_gguf(path: Path, dtype):
 
 
 def _load_directory(path: Path, dtype):
-    model, tokenizer = _from_pretrained(path, dtype=dtype)
+    config_file = path / "config.json"
+    pruned = config_file.is_file() and "calibdrop_pruning" in json.loads(config_file.read_text())
+    verbosity = hf_logging.get_verbosity()
+    if pruned:
+        hf_logging.set_verbosity_error()
+    try:
+        model, tokenizer = _from_pretrained(path, dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    restore_dropped_sublayers(model)
     return model, tokenizer, "directory", path, _weights_sha256(path)
 
 

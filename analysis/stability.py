@@ -312,3 +312,40 @@ def convergence(
                 reached = int(n)
         summary.append({"distribution": name, "module": module, "n_available": n_total, "target_spearman": target, "n_required": reached})
     return pd.DataFrame(curve), pd.DataFrame(summary)
+
+
+def stability_tables(
+    scores: pd.DataFrame,
+    *,
+    modules: Sequence[str] = ("attn", "mlp", "block", "joint"),
+    k: Sequence[int] = (4, 8),
+    n_boot: int = 1000,
+    n_perm: int = 1000,
+    n_splits: int = 200,
+    seed: int = 0,
+) -> dict[str, pd.DataFrame]:
+    """Every stability table for every module kind, concatenated (a ``module`` column tells them apart).
+
+    Keys: ``agreement``, ``bootstrap_importance``, ``bootstrap_pairs``, ``split_half``,
+    ``permutation``, ``convergence``, ``convergence_summary``.
+    """
+    parts: dict[str, list[pd.DataFrame]] = {}
+    for module in modules:
+        n_candidates = len(importance_matrix(scores, module))
+        k_values = tuple(kk for kk in k if kk <= n_candidates)
+        boot = bootstrap(scores, module=module, k=k_values, n_boot=n_boot, seed=seed)
+        curve, summary = convergence(scores, module=module, k=max(k_values), seed=seed)
+        tables = {
+            "agreement": rank_agreement(scores, module=module, k=k_values),
+            "bootstrap_importance": boot["importance"],
+            "bootstrap_pairs": boot["pairs"],
+            "split_half": split_half_reliability(scores, module=module, k=k_values, n_splits=n_splits, seed=seed),
+            "permutation": permutation_test(scores, module=module, k=k_values, n_perm=n_perm, seed=seed),
+            "convergence": curve,
+            "convergence_summary": summary,
+        }
+        for name, table in tables.items():
+            parts.setdefault(name, []).append(table)
+    combined = {name: pd.concat(tables, ignore_index=True) for name, tables in parts.items()}
+    combined["bootstrap_importance"]["candidate"] = combined["bootstrap_importance"]["candidate"].astype(str)
+    return combined

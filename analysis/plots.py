@@ -1,0 +1,174 @@
+"""Figures drawn from calibdrop's tidy tables (matplotlib/seaborn); each saved as PNG and SVG."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+if not os.environ.get("MPLBACKEND"):
+    matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from .stability import importance_matrix
+
+MODULE_NAMES = {"attn": "attention", "mlp": "MLP", "block": "block", "joint": "attention + MLP"}
+
+
+def save_figure(fig, stem: Path) -> list[Path]:
+    """Write ``stem.png`` and ``stem.svg`` (each through a temporary file and a rename)."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for suffix in (".png", ".svg"):
+        target = stem.with_suffix(suffix)
+        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+        os.close(handle)
+        fig.savefig(temporary, dpi=150, bbox_inches="tight")
+        os.replace(temporary, target)
+        written.append(target)
+    plt.close(fig)
+    return written
+
+
+def pair_matrix(pairs: pd.DataFrame, column: str, diagonal: pd.Series) -> pd.DataFrame:
+    """Symmetric distributions × distributions matrix of a pair statistic, ``diagonal`` on the diagonal."""
+    names = list(diagonal.index)
+    matrix = pd.DataFrame(np.nan, index=names, columns=names)
+    for a, b, value in pairs[["a", "b", column]].itertuples(index=False, name=None):
+        matrix.loc[a, b] = matrix.loc[b, a] = value
+    for name in names:
+        matrix.loc[name, name] = diagonal[name]
+    return matrix
+
+
+def similarity_stability_heatmap(agreement: pd.DataFrame, reliability: pd.DataFrame, permutation: pd.DataFrame, *, statistic: str = "spearman"):
+    """Heatmap of a pair statistic (``spearman`` or ``jaccard@k``) between distributions.
+
+    The diagonal is each distribution's split-half noise floor (Spearman-Brown corrected ρ, or
+    Jaccard@k of random halves); ``*`` marks pairs whose disagreement exceeds resampling noise
+    (permutation p < 0.05).
+    """
+    module = agreement["module"].iloc[0]
+    floor_column = "reliability" if statistic == "spearman" else f"split_half_{statistic}"
+    floor = reliability.set_index("distribution")[floor_column]
+    values = pair_matrix(agreement, statistic, floor)
+    p_values = pair_matrix(permutation, f"p_{statistic}", floor * np.nan)
+    labels = values.map(lambda v: f"{v:.2f}") + p_values.map(lambda p: "*" if p < 0.05 else "")
+    fig, ax = plt.subplots(figsize=(1.3 * len(values) + 2.5, 1.1 * len(values) + 1.5))
+    low = -1 if statistic == "spearman" else 0
+    sns.heatmap(values, annot=labels, fmt="", vmin=low, vmax=1, cmap="viridis", square=True, ax=ax,
+                cbar_kws={"label": "Spearman ρ of importance" if statistic == "spearman" else f"{statistic} of drop sets"})
+    title = "Spearman ρ" if statistic == "spearman" else statistic.replace("jaccard@", "Jaccard@")
+    ax.set_title(f"{MODULE_NAMES[module]} ranking agreement between calibration distributions ({title})\n"
+                 "diagonal: split-half noise floor; * disagreement beyond noise (permutation p < 0.05)", fontsize=9)
+    ax.set_xlabel("distribution")
+    ax.set_ylabel("distribution")
+    return fig
+
+
+def importance_profiles(bootstrap_importance: pd.DataFrame):
+    """Importance by layer per distribution, with bootstrap confidence bands."""
+    module = bootstrap_importance["module"].iloc[0]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for name, part in bootstrap_importance.groupby("distribution", sort=False):
+        x = np.arange(len(part)) if module == "joint" else part["candidate"].astype(int).to_numpy()
+        ax.plot(x, part["importance"], marker="o", markersize=3, label=name)
+        ax.fill_between(x, part["ci_low"], part["ci_high"], alpha=0.2)
+    ax.set_xlabel("candidate (attn then MLP sublayers)" if module == "joint" else "layer")
+    ax.set_ylabel("importance  1 − cos(X, Y)")
+    ax.set_title(f"{MODULE_NAMES[module]} importance by layer per distribution (bands: 95% bootstrap CI)")
+    ax.legend(title="distribution", fontsize=8)
+    return fig
+
+
+def importance_heatmap(scores: pd.DataFrame, module: str = "attn"):
+    """Layer × distribution heatmap of importance (the paper's Figures 2–3, one column per distribution)."""
+    matrix = importance_matrix(scores, module)
+    fig, ax = plt.subplots(figsize=(1.0 * matrix.shape[1] + 3, 0.22 * len(matrix) + 1.5))
+    sns.heatmap(matrix, cmap="magma_r", ax=ax, cbar_kws={"label": "importance  1 − cos(X, Y)"})
+    ax.set_xlabel("distribution")
+    ax.set_ylabel("layer" if module != "joint" else "candidate")
+    ax.set_title(f"{MODULE_NAMES[module]} importance (darker = more important)")
+    return fig
+
+
+def membership_heatmap(bootstrap_importance: pd.DataFrame, k: int):
+    """Probability (over bootstrap resamples) that each candidate falls in the size-k drop set."""
+    module = bootstrap_importance["module"].iloc[0]
+    order = list(dict.fromkeys(bootstrap_importance["candidate"]))
+    matrix = bootstrap_importance.pivot(index="candidate", columns="distribution", values=f"p_drop@{k}")
+    matrix = matrix.loc[order, list(dict.fromkeys(bootstrap_importance["distribution"]))]
+    fig, ax = plt.subplots(figsize=(1.0 * matrix.shape[1] + 3, 0.22 * len(matrix) + 1.5))
+    sns.heatmap(matrix, vmin=0, vmax=1, cmap="Blues", ax=ax, cbar_kws={"label": f"P(in drop set of size {k})"})
+    ax.set_xlabel("distribution")
+    ax.set_ylabel("layer" if module != "joint" else "candidate")
+    ax.set_title(f"{MODULE_NAMES[module]}: drop-set membership probability (bootstrap), k = {k}")
+    return fig
+
+
+def convergence_plot(curve: pd.DataFrame, summary: pd.DataFrame):
+    """Spearman ρ of rankings from n samples against the all-sample ranking, mean ± std over repeats."""
+    module = curve["module"].iloc[0]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, part in curve.groupby("distribution", sort=False):
+        ax.plot(part["n"], part["spearman_mean"], marker="o", label=name)
+        ax.fill_between(part["n"], part["spearman_mean"] - part["spearman_std"], part["spearman_mean"] + part["spearman_std"], alpha=0.2)
+    target = summary["target_spearman"].iloc[0]
+    ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target ρ = {target}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("calibration samples n")
+    ax.set_ylabel("Spearman ρ with all-sample ranking")
+    ax.set_title(f"{MODULE_NAMES[module]}: how many samples a stable ranking needs")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def regret_bars(leave_one_out: pd.DataFrame):
+    """Leave-one-distribution-out regret: consensus without d, other distributions' own sets, random."""
+    module, k = leave_one_out["module"].iloc[0], leave_one_out["k"].iloc[0]
+    consensus = leave_one_out.pivot(index="held_out", columns="method", values="consensus_regret")
+    baseline = leave_one_out.groupby("held_out", sort=False)[["single_mean_regret", "random_regret"]].first()
+    table = consensus.join(baseline.rename(columns={"single_mean_regret": "single (mean)", "random_regret": "random (expected)"}))
+    long = table.reset_index().melt(id_vars="held_out", var_name="drop set", value_name="regret")
+    fig, ax = plt.subplots(figsize=(9, 4))
+    sns.barplot(long, x="held_out", y="regret", hue="drop set", ax=ax)
+    ax.set_xlabel("held-out distribution")
+    ax.set_ylabel("regret (importance dropped beyond the best set)")
+    ax.set_title(f"{MODULE_NAMES[module]}, k = {k}: drop sets built without the held-out distribution")
+    return fig
+
+
+def transfer_heatmap(transfer: pd.DataFrame, value: str = "ppl_ratio"):
+    """Drop sets × held-out distributions of perplexity relative to the unpruned model."""
+    matrix = transfer.pivot_table(index="drop_set", columns="distribution", values=value, sort=False)
+    fig, ax = plt.subplots(figsize=(1.2 * matrix.shape[1] + 3, 0.4 * len(matrix) + 1.5))
+    sns.heatmap(matrix, annot=True, fmt=".2f", cmap="rocket_r", ax=ax, cbar_kws={"label": "held-out perplexity / unpruned"})
+    ax.set_xlabel("held-out distribution")
+    ax.set_ylabel("drop set")
+    ax.set_title("Transfer: perplexity of each pruned model on each distribution's held-out text")
+    return fig
+
+
+def stability_figures(scores: pd.DataFrame, tables: dict[str, pd.DataFrame], folder: Path, k: int) -> list[Path]:
+    """Draw every stability figure per module kind into ``folder``; returns the files written."""
+    written = []
+    for module in tables["agreement"]["module"].unique():
+        pick = {name: table[table["module"] == module] for name, table in tables.items() if "module" in table.columns}
+        kk = max(int(c.split("@")[1]) for c in pick["agreement"].columns if c.startswith("jaccard@") and pick["agreement"][c].notna().any())
+        for statistic in ("spearman", f"jaccard@{kk}"):
+            fig = similarity_stability_heatmap(pick["agreement"], pick["split_half"], pick["permutation"], statistic=statistic)
+            written += save_figure(fig, folder / f"similarity_{module}_{statistic.replace('@', '')}")
+        written += save_figure(importance_profiles(pick["bootstrap_importance"]), folder / f"profile_{module}")
+        written += save_figure(importance_heatmap(scores, module), folder / f"importance_{module}")
+        written += save_figure(membership_heatmap(pick["bootstrap_importance"], min(k, kk)), folder / f"membership_{module}")
+        written += save_figure(convergence_plot(pick["convergence"], pick["convergence_summary"]), folder / f"convergence_{module}")
+        if "leave_one_out" in pick and len(pick["leave_one_out"]):
+            written += save_figure(regret_bars(pick["leave_one_out"]), folder / f"regret_{module}")
+    return written

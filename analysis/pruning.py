@@ -1,0 +1,197 @@
+"""Drop attention sublayers, MLP sublayers and whole blocks for real, save and reload the result.
+
+* A dropped attention or MLP sublayer is removed with everything that only feeds its branch
+  (its norms, per the adapter): the branch adds nothing to the residual stream and costs no
+  matrix work.  A dropped attention layer keeps no KV cache: its entry in the config's
+  ``kv_sharing_modes`` is ``"reuse"``, which transformers' caches turn into a ``DummyLayer``
+  that stores nothing and that sequence-length and mask look-ups skip.
+* A dropped block is deleted from the layer list; the kept blocks, their attention
+  ``layer_idx`` (the cache index) and the per-layer config lists (``layer_types`` ...) are
+  re-indexed, so a block-dropped checkpoint loads with plain ``from_pretrained``.
+
+Indices are those of the model as passed in.  What was dropped is recorded in
+``config.calibdrop_pruning``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .adapters import adapter_for, decoder_layers
+from .errors import InputError
+
+PER_LAYER_CONFIG_LISTS = ("layer_types", "kv_sharing_modes")
+
+
+class DroppedBranch(nn.Module):
+    """Stands where a dropped attention or MLP was: adds a zero scalar to the residual stream."""
+
+    def __init__(self, returns_tuple: bool):
+        super().__init__()
+        self.returns_tuple = returns_tuple
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        zero = hidden.new_zeros(())
+        return (zero, None) if self.returns_tuple else zero
+
+
+def _indices(name: str, values: Iterable, n_layers: int) -> list[int]:
+    values = [int(v) for v in values]
+    duplicates = sorted({v for v in values if values.count(v) > 1})
+    if duplicates:
+        raise InputError(f"{name} index {duplicates} is listed twice: each module can be dropped once")
+    bad = [v for v in values if not 0 <= v < n_layers]
+    if bad:
+        raise InputError(f"{name} indices {bad} are out of range: the model has layers 0..{n_layers - 1}")
+    return sorted(values)
+
+
+def joint_to_lists(entries: Iterable[str]) -> tuple[list[int], list[int]]:
+    """``["attn:3", "mlp:5"]`` (a ``joint`` drop set) → attention indices, MLP indices."""
+    attn, mlp = [], []
+    for entry in entries:
+        kind, _, index = str(entry).partition(":")
+        if kind not in ("attn", "mlp") or not index.isdigit():
+            raise InputError(f"joint drop-set entry {entry!r} is not of the form 'attn:i' or 'mlp:i'")
+        (attn if kind == "attn" else mlp).append(int(index))
+    return attn, mlp
+
+
+def pruning_record(model) -> dict:
+    """What has been dropped from ``model`` so far (current indices for sublayers)."""
+    return dict(getattr(model.config, "calibdrop_pruning", None) or {"attn": [], "mlp": [], "blocks_removed": [], "drop_sets": []})
+
+
+def _drop_branch(layer: nn.Module, names: tuple[str, ...], main: str, returns_tuple: bool) -> None:
+    for name in names:
+        setattr(layer, name, DroppedBranch(returns_tuple) if name == main else nn.Identity())
+
+
+def _reindex_config_lists(config, keep: list[int]) -> None:
+    for name in PER_LAYER_CONFIG_LISTS:
+        values = getattr(config, name, None)
+        if isinstance(values, list) and len(values) > max(keep, default=-1):
+            setattr(config, name, [values[i] for i in keep])
+
+
+def drop_modules(model: nn.Module, *, attn=(), mlp=(), blocks=(), joint=(), drop_set: dict | None = None) -> nn.Module:
+    """Remove the given attention sublayers, MLP sublayers and blocks from ``model`` in place.
+
+    ``joint`` takes a joint drop set (``"attn:i"`` / ``"mlp:i"``).  Errors: an index out of
+    range, a module listed twice or already dropped, or nothing left to run.
+    """
+    adapter = adapter_for(model)
+    layers = decoder_layers(model)
+    n_layers = len(layers)
+    extra_attn, extra_mlp = joint_to_lists(joint)
+    attn = _indices("attention", [*attn, *extra_attn], n_layers)
+    mlp = _indices("MLP", [*mlp, *extra_mlp], n_layers)
+    blocks = _indices("block", blocks, n_layers)
+    record = pruning_record(model)
+    for name, chosen, done in (("attention", attn, record["attn"]), ("MLP", mlp, record["mlp"])):
+        again = sorted(set(chosen) & set(done))
+        if again:
+            raise InputError(f"{name} of layers {again} is already dropped")
+        overlap = sorted(set(chosen) & set(blocks))
+        if overlap:
+            raise InputError(f"{name} of layers {overlap} is dropped twice: its whole block is dropped too")
+    if len(blocks) == n_layers:
+        raise InputError("dropping every block leaves nothing to run; drop fewer")
+    keep = [i for i in range(n_layers) if i not in blocks]
+    all_attn, all_mlp = set(attn) | set(record["attn"]), set(mlp) | set(record["mlp"])
+    if all(i in all_attn and i in all_mlp for i in keep):
+        raise InputError("this drops every remaining attention and MLP sublayer; drop fewer")
+
+    for i in attn:
+        _drop_branch(layers[i], adapter.attn_branch, adapter.attn, returns_tuple=True)
+    for i in mlp:
+        _drop_branch(layers[i], adapter.mlp_branch_modules, adapter.mlp, returns_tuple=False)
+    config = model.config
+    n_config_layers = config.num_hidden_layers
+    modes = list(getattr(config, "kv_sharing_modes", None) or [None] * n_config_layers)
+    for i in attn:
+        modes[i] = "reuse"
+    config.kv_sharing_modes = modes
+
+    if blocks:
+        model.base_model.layers = nn.ModuleList([layers[i] for i in keep])
+        for new, layer in enumerate(model.base_model.layers):
+            attention = getattr(layer, adapter.attn)
+            if hasattr(attention, "layer_idx"):
+                attention.layer_idx = new
+        _reindex_config_lists(config, keep)
+        config.num_hidden_layers = len(keep)
+    position = {old: new for new, old in enumerate(keep)}
+    record = {
+        "attn": sorted(position[i] for i in all_attn if i in position),
+        "mlp": sorted(position[i] for i in all_mlp if i in position),
+        "blocks_removed": record["blocks_removed"] + [blocks],
+        "drop_sets": record["drop_sets"] + ([drop_set] if drop_set else []),
+    }
+    if not any(m == "reuse" for m in config.kv_sharing_modes):
+        del config.kv_sharing_modes
+    config.calibdrop_pruning = record
+    return model
+
+
+def drop_set_kwargs(drop_set: dict) -> dict:
+    """``drop_modules`` keyword arguments for a drop-set record (``module`` and ``indices``)."""
+    module, indices = drop_set["module"], drop_set["indices"]
+    if module == "joint":
+        return {"joint": indices}
+    if module not in ("attn", "mlp", "block"):
+        raise InputError(f"drop set module {module!r} is not attn, mlp, block or joint")
+    return {{"attn": "attn", "mlp": "mlp", "block": "blocks"}[module]: indices}
+
+
+def read_drop_set(path: Path) -> dict:
+    """A drop-set JSON written by ``calibdrop consensus``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"drop-set file {path} does not exist")
+    record = json.loads(path.read_text())
+    if not {"module", "indices"} <= set(record):
+        raise InputError(f"{path} is not a drop set: it needs 'module' and 'indices'")
+    return record
+
+
+def save_pruned(model: nn.Module, directory: Path, tokenizer=None) -> Path:
+    """Save a pruned model: safetensors without the dropped weights, config recording what was dropped."""
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def restore_dropped_sublayers(model: nn.Module) -> nn.Module:
+    """Re-apply the sublayer drops recorded in a loaded pruned checkpoint's config."""
+    record = pruning_record(model)
+    adapter = adapter_for(model)
+    layers = decoder_layers(model)
+    for i in record["attn"]:
+        _drop_branch(layers[i], adapter.attn_branch, adapter.attn, returns_tuple=True)
+    for i in record["mlp"]:
+        _drop_branch(layers[i], adapter.mlp_branch_modules, adapter.mlp, returns_tuple=False)
+    return model
+
+
+def kv_cache_bytes(cache) -> int:
+    """Bytes held by the key and value tensors of a transformers cache."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def cached_layers(cache) -> int:
+    """How many cache layers hold keys."""
+    return sum(isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.numel() > 0 for layer in cache.layers)
