@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import consensus, data, models, plots, stability
+from . import consensus, data, evaluation, models, plots, pruning, stability
 from .errors import CalibdropError, InputError
 from .io import atomic_write_json, provenance, read_table, write_table
 from .scoring import aggregate_importance, score_distributions, score_texts
@@ -192,6 +192,59 @@ def cmd_consensus(args) -> None:
     print(f"{args.method} {args.module} drop set (k={args.k}): {record['indices']} -> {out}")
 
 
+def cmd_prune(args) -> None:
+    drop_set = pruning.read_drop_set(Path(args.drop_set))
+    model, tokenizer = models.load_model(args.model, dtype=args.dtype)
+    before = sum(p.numel() for p in model.parameters())
+    pruning.drop_modules(model, **pruning.drop_set_kwargs(drop_set), drop_set={**drop_set, "file": str(args.drop_set)})
+    out = pruning.save_pruned(model, Path(args.out), tokenizer)
+    after = sum(p.numel() for p in model.parameters())
+    print(f"dropped {drop_set['module']} {drop_set['indices']}: {before:,} -> {after:,} parameters; saved to {out}")
+
+
+def evaluation_drop_sets(args) -> dict:
+    """Named drop sets: from JSON files, and/or the standard family built from per-sample scores."""
+    sets: dict = {"none": None}
+    for path in args.drop_sets or []:
+        record = pruning.read_drop_set(Path(path))
+        sets[Path(path).stem] = record
+    if args.from_scores:
+        scores = read_per_sample(args.from_scores)
+        for k in parse_ints(args.k):
+            family = evaluation.drop_sets_for_transfer(scores, module=args.module, k=k, methods=args.methods.split(","))
+            sets.update({f"{args.module}-{k}:{name}": spec for name, spec in family.items() if name != "none"})
+    if len(sets) == 1:
+        raise InputError("nothing to evaluate: give --drop-sets FILES and/or --from-scores RESULTS")
+    return sets
+
+
+def cmd_evaluate(args) -> None:
+    sets = evaluation_drop_sets(args)
+    model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)
+    out = Path(args.out)
+    record = provenance(kind="evaluation", model=models.model_info(model), drop_sets=sets,
+                        settings={"samples": args.samples, "seq_len": args.seq_len, "limit": args.limit})
+    distributions = expand_distributions(args.distributions) if args.distributions else []
+    if distributions:
+        transfer = evaluation.transfer_matrix(model, tokenizer, sets, distributions, n_samples=args.samples, seq_len=args.seq_len)
+        write_table(transfer, out / "transfer.parquet", record)
+        print(transfer.pivot_table(index="drop_set", columns="distribution", values="ppl_ratio", sort=False).round(3).to_string())
+    tasks = [t for t in (args.tasks or "").split(",") if t]
+    if tasks:
+        rows = []
+        for name, spec in tqdm(sets.items(), desc="accuracy", unit="set"):
+            variants = spec if isinstance(spec, list) else [spec]
+            for index, variant in enumerate(variants):
+                pruned = evaluation.pruned_copy(model, variant)
+                table = evaluation.zero_shot_accuracy(pruned, tokenizer, tasks, limit=args.limit)
+                rows.append(table.assign(drop_set=name, variant=index))
+        accuracy = pd.concat(rows, ignore_index=True)
+        write_table(accuracy, out / "accuracy.parquet", record)
+        summary = accuracy[accuracy.metric.eq("acc_norm") | ~accuracy.task.isin(accuracy[accuracy.metric == "acc_norm"].task)]
+        print(summary.pivot_table(index="drop_set", columns="task", values="value", sort=False).round(3).to_string())
+    print(f"wrote results to {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="calibdrop", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -238,6 +291,30 @@ def build_parser() -> argparse.ArgumentParser:
     agree.add_argument("--method", default="borda", choices=consensus.METHODS)
     agree.add_argument("--out", help="JSON file to write")
     agree.set_defaults(func=cmd_consensus)
+
+    prune = commands.add_parser("prune", help="drop the modules of a drop set and save the pruned model")
+    prune.add_argument("--model", default=models.DEFAULT_MODEL)
+    prune.add_argument("--drop-set", required=True, help="drop-set JSON from `calibdrop consensus`")
+    prune.add_argument("--out", required=True, help="folder for the pruned checkpoint")
+    prune.add_argument("--dtype", default=None)
+    prune.set_defaults(func=cmd_prune)
+
+    evaluate = commands.add_parser("evaluate", help="held-out perplexity and zero-shot accuracy of drop sets")
+    evaluate.add_argument("--model", default=models.DEFAULT_MODEL)
+    evaluate.add_argument("--drop-sets", nargs="*", help="drop-set JSON files")
+    evaluate.add_argument("--from-scores", help="per-sample scores: evaluate each distribution's own set, consensus and random sets")
+    evaluate.add_argument("--module", default="attn", choices=stability.MODULE_KINDS)
+    evaluate.add_argument("--k", default="4,8", help="drop-set sizes for --from-scores")
+    evaluate.add_argument("--methods", default="borda,minimax", help="consensus methods for --from-scores")
+    evaluate.add_argument("--distributions", help="held-out perplexity on these distributions (comma-separated, or 'all')")
+    evaluate.add_argument("--tasks", help=f"zero-shot tasks: {','.join(evaluation.PAPER_TASKS)}")
+    evaluate.add_argument("--limit", type=int, help="examples per task (per MMLU subject)")
+    evaluate.add_argument("--samples", type=int, default=32, help="held-out windows per distribution")
+    evaluate.add_argument("--seq-len", type=int, default=512)
+    evaluate.add_argument("--out", default="evaluation")
+    evaluate.add_argument("--dtype", default=None)
+    evaluate.add_argument("--device", default=None)
+    evaluate.set_defaults(func=cmd_evaluate)
 
     data_parser = commands.add_parser("data", help="fetch or list the calibration distributions")
     data_commands = data_parser.add_subparsers(dest="data_command", required=True)
