@@ -245,6 +245,16 @@ def cmd_evaluate(args) -> None:
     print(f"wrote results to {out}")
 
 
+def cmd_run(args) -> None:
+    from .pipeline import run
+
+    summary = run(args.model, Path(args.out), preset=args.preset, dtype=args.dtype, device=args.device)
+    print(f"\ndone in {summary['seconds']} s: report {summary['report'][0]} and {summary['report'][1]}, "
+          f"{summary['figures']} figure files in {Path(args.out) / 'figures'}")
+    print(f"computed: {', '.join(summary['stages_computed']) or 'nothing (all reused)'}")
+    print(f"reused:   {', '.join(summary['stages_reused']) or 'nothing'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="calibdrop", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -274,6 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     score.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
     score.set_defaults(func=cmd_score)
+
+    run = commands.add_parser("run", help="the whole study: score, compare, choose drop sets, prune, evaluate, report")
+    run.add_argument("--model", default=models.DEFAULT_MODEL)
+    run.add_argument("--out", default="results")
+    run.add_argument("--preset", default="default", choices=["default", "quick", "paper"])
+    run.add_argument("--dtype", default=None)
+    run.add_argument("--device", default=None)
+    run.set_defaults(func=cmd_run)
 
     compare = commands.add_parser("compare", help="stability tables and figures from per-sample scores")
     compare.add_argument("results", help="folder or .per_sample.parquet written by `calibdrop score --distributions`")

@@ -172,3 +172,18 @@ def stability_figures(scores: pd.DataFrame, tables: dict[str, pd.DataFrame], fol
         if "leave_one_out" in pick and len(pick["leave_one_out"]):
             written += save_figure(regret_bars(pick["leave_one_out"]), folder / f"regret_{module}")
     return written
+
+
+def regret_overview(regret: pd.DataFrame):
+    """Worst-case regret over distributions of each drop set, per module and budget: consensus vs single."""
+    worst = regret.groupby(["module", "k", "drop_set"], sort=False)["regret"].max().reset_index()
+    worst["kind"] = worst["drop_set"].map(lambda n: "single distribution" if n.startswith("own:") else ("random (expected)" if n == "random" else "consensus"))
+    worst["budget"] = worst["module"] + "-" + worst["k"].astype(str)
+    fig, ax = plt.subplots(figsize=(10, 4))
+    sns.stripplot(worst, x="budget", y="regret", hue="kind", dodge=True, size=7, ax=ax, jitter=False,
+                  hue_order=["consensus", "single distribution", "random (expected)"])
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set_xlabel("module kind and drop-set size")
+    ax.set_ylabel("worst-case regret over distributions")
+    ax.set_title("Consensus drop sets against each distribution's own set: importance dropped beyond the best set")
+    return fig
