@@ -164,7 +164,7 @@ def run(spec: str = models.DEFAULT_MODEL, out: Path = Path("results"), *, preset
 
     def score(names, samples, seq_len):
         return score_distributions(model, tokenizer, names, n_samples=samples, seq_len=seq_len, batch_size=settings.batch_size,
-                                   seed=settings.seed, progress=progress)
+                                   seed=settings.seed, cache=out / "parts" / "scores", progress=progress)
 
     top = timed("score distributions", lambda: stages.table(
         "scores.per_sample", stage_key("scores", base_key, manifests), lambda: score(settings.distributions, settings.samples, settings.seq_len)))

@@ -1,0 +1,24 @@
+"""The notebooks run top to bottom on the real default model (as in CI)."""
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from analysis import data, models
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs(path, tmp_path):
+    if not models.is_fetched("smollm2-135m") or not all(
+        data.extracted_path(s).is_dir() for name in data.TOP_LEVEL for s in data.load_manifest(name)["sources"]
+    ):
+        pytest.skip("the default model or the distributions are not fetched; run setup.sh")
+    notebook = nbformat.read(path, as_version=4)
+    NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    errors = [o for cell in notebook.cells for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors

@@ -1,0 +1,71 @@
+"""The main job on a tiny model: it finishes, and a run killed half-way resumes to the same report."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from analysis import data
+from analysis.pipeline import RunSettings, run
+
+from tiny import byte_tokenizer, tiny_model
+
+SETTINGS = dict(
+    distributions=("code", "math", "general"), subsets=True, samples=8, seq_len=64, subset_samples=4, subset_seq_len=32,
+    n_boot=50, n_perm=50, budgets={"attn": (1, 2), "mlp": (1,), "block": (1,), "joint": (2,)}, transfer_k=(2,),
+    transfer_samples=2, transfer_seq_len=64, random_seeds=(0,), tasks=("arc_easy",), task_limit=3,
+    accuracy_sets=("none", "attn-2:borda"),
+)
+RUN = """
+import json, sys
+from pathlib import Path
+from analysis.pipeline import RunSettings, run
+settings = json.loads(sys.argv[3])
+settings["budgets"] = {k: tuple(v) for k, v in settings["budgets"].items()}
+run(sys.argv[1], Path(sys.argv[2]), preset=RunSettings(**settings), progress=False, log=lambda m: print(m, flush=True))
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    for name in SETTINGS["distributions"]:
+        if not all(data.extracted_path(s).is_dir() for s in data.load_manifest(name)["sources"]):
+            pytest.skip(f"distribution {name} is not fetched; run `calibdrop data fetch`")
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_killed_run_resumes_to_the_same_report(tiny_dir, tmp_path):
+    whole = run(str(tiny_dir), tmp_path / "whole", preset=RunSettings(**SETTINGS), progress=False, log=lambda m: None)
+    assert not whole["stages_reused"] and (tmp_path / "whole" / "report.html").stat().st_size > 10_000
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-c", RUN, str(tiny_dir), str(killed), json.dumps(SETTINGS)],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+    deadline = time.time() + 300
+    while not (killed / "drop_sets.parquet").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved_before = {p.stem for p in killed.glob("*.parquet")}
+    assert {"scores.per_sample", "agreement", "drop_sets"} <= saved_before
+    assert not (killed / "report.md").exists()
+
+    resumed = run(str(tiny_dir), killed, preset=RunSettings(**SETTINGS), progress=False, log=lambda m: None)
+    assert saved_before <= set(resumed["stages_reused"])
+    assert not saved_before & set(resumed["stages_computed"])
+    assert (killed / "report.md").read_text() == (tmp_path / "whole" / "report.md").read_text()
+
+
+def test_every_figure_has_png_and_svg(tiny_dir, tmp_path):
+    run(str(tiny_dir), tmp_path, preset=RunSettings(**SETTINGS), progress=False, log=lambda m: None)
+    pngs = {p.stem for p in (tmp_path / "figures").glob("*.png")}
+    assert pngs == {p.stem for p in (tmp_path / "figures").glob("*.svg")}
+    assert {"similarity_attn_spearman", "profile_attn", "membership_attn", "convergence_attn", "transfer_matrix", "regret_attn"} <= pngs
