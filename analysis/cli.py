@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from . import consensus, data, evaluation, models, plots, pruning, stability
 from .errors import CalibdropError, InputError
 from .io import atomic_write_json, provenance, read_table, write_table
-from .scoring import aggregate_importance, score_distributions, score_texts
+from .scoring import aggregate_importance, is_main_process, score_distributions, score_texts
 
 PRESETS = {"default": {"samples": 128, "seq_len": 512}, "quick": {"samples": 32, "seq_len": 256}, "paper": {"samples": 256, "seq_len": 2048}}
 
@@ -68,7 +68,19 @@ def expand_distributions(spec: str) -> list[str]:
     return names
 
 
+def default_device(device):
+    """The requested device, or under torch.distributed on GPUs this process's ``cuda:LOCAL_RANK``."""
+    import os
+
+    import torch
+
+    if device is None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return device
+
+
 def cmd_score(args) -> None:
+    args.device = default_device(args.device)
     if bool(args.texts) == bool(args.distributions):
         raise InputError("give either --texts FILE.jsonl or --distributions NAMES (for example code,math,chat)")
     out = Path(args.out)
@@ -92,6 +104,8 @@ def cmd_score(args) -> None:
         settings={"n_samples": n_samples, "seq_len": seq_len, "seed": args.seed, "batch_size": args.batch_size},
     )
     per_sample = out.with_suffix(".per_sample.parquet")
+    if not is_main_process():
+        return
     write_table(rows.assign(model=args.model), per_sample, {**record, "kind": "scores-per-sample"})
     write_table(aggregate_importance(rows, by=["distribution"]).assign(model=args.model), out, record)
     print(f"wrote {out} (per distribution) and {per_sample} (per sample), each with a .json provenance sidecar")
@@ -109,6 +123,8 @@ def score_jsonl(args, out: Path) -> None:
         texts={"path": str(texts_path), "sha256": hashlib.sha256(texts_path.read_bytes()).hexdigest(), "n_texts": len(texts)},
         settings={"max_length": max_length, "batch_size": args.batch_size, "per_sample": args.per_sample},
     )
+    if not is_main_process():
+        return
     write_table(table.assign(model=args.model), out, record)
     print(f"wrote {out} and {out.with_suffix('.json').name}")
 
@@ -345,8 +361,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def init_distributed() -> None:
+    """Join the process group that ``torchrun`` / ``accelerate launch`` describe in the environment (NCCL on GPUs, gloo on CPU)."""
+    import os
+
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    init_distributed()
     try:
         args.func(args)
     except CalibdropError as error:

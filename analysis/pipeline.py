@@ -42,7 +42,7 @@ class RunSettings:
     transfer_module: str = "attn"
     transfer_k: tuple[int, ...] = (4, 8)
     transfer_samples: int = 8
-    transfer_seq_len: int = 512
+    transfer_seq_len: int = 256
     random_seeds: tuple[int, ...] = (0, 1)
     tasks: tuple[str, ...] = ("arc_easy", "hellaswag", "piqa", "boolq")
     task_limit: int | None = 50

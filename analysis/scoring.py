@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from . import data
 from .adapters import Adapter, adapter_for, decoder_layers
 from .errors import InputError, NonFiniteActivationError
-from .io import provenance, read_table, write_table
+from .io import provenance, read_table, sidecar_path, write_table
 from .models import cache_dir, model_info
 
 MODULES = ("attn", "mlp", "block")
@@ -160,6 +160,7 @@ class ResidualCosineRecorder:
             points = [self._resid_pre.pop(i), self._resid_mid.pop(i), post]
             if self.parallel:
                 points.append(self._mlp_y.pop(i))
+            points = [point.to(post.device, non_blocking=True) for point in points]
             self._sums[i] = masked_cosine_sums(points, self._pairs, self._mask_on(post.device))
 
         return hook
@@ -222,6 +223,18 @@ def aggregate_importance(per_sample: pd.DataFrame, by: Sequence[str] = ()) -> pd
     return out.sort_values(keys, kind="stable").reset_index(drop=True).assign(module=lambda f: f["module"].astype(str))
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (``(0, 1)`` without torch.distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    """Whether this process writes files (rank 0, or the only process)."""
+    return rank_and_world()[0] == 0
+
+
 def score_token_batches(
     model: torch.nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
@@ -232,26 +245,40 @@ def score_token_batches(
     """Per-sample score rows for token batches (``input_ids``, ``attention_mask``, optional ``sample``).
 
     One forward pass of the base model (no LM head, no KV cache) per batch; positions are
-    counted over real tokens so left and right padding give the same result.
+    counted over real tokens so left and right padding give the same result.  Under
+    torch.distributed (``torchrun``, ``accelerate launch``) process r scores batches
+    r, r + W, r + 2W, ... and every process returns all rows, gathered.
     """
     device = input_device(model)
     base = model.base_model
+    rank, world = rank_and_world()
     cos_sums, n_tokens, samples = [], [], []
     next_sample = 0
     with ResidualCosineRecorder(model) as recorder, torch.inference_mode():
-        for batch in tqdm(batches, total=total, desc="scoring", unit="batch", disable=not progress):
+        for index, batch in enumerate(tqdm(batches, total=total, desc="scoring", unit="batch", disable=not progress or rank > 0)):
+            rows = batch["input_ids"].shape[0]
+            batch_samples = list(batch.get("sample", range(next_sample, next_sample + rows)))
+            next_sample += rows
+            if index % world != rank:
+                continue
             mask = batch["attention_mask"].to(device)
             ids = batch["input_ids"].to(device)
             recorder.begin_batch(mask)
             base(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
             cos_sums.append(recorder.end_batch())
             n_tokens.append(mask.sum(-1).cpu().numpy())
-            rows = ids.shape[0]
-            samples.extend(batch.get("sample", range(next_sample, next_sample + rows)))
-            next_sample += rows
+            samples.extend(int(s) for s in batch_samples)
+    shard = (cos_sums, n_tokens, samples)
+    if world > 1:
+        gathered: list = [None] * world
+        torch.distributed.all_gather_object(gathered, shard)
+        cos_sums = [c for part in gathered for c in part[0]]
+        n_tokens = [n for part in gathered for n in part[1]]
+        samples = [s for part in gathered for s in part[2]]
     if not cos_sums:
         raise InputError("no batches to score: give at least one sample")
-    return per_sample_frame(np.concatenate(cos_sums), np.concatenate(n_tokens), [int(s) for s in samples])
+    frame = per_sample_frame(np.concatenate(cos_sums), np.concatenate(n_tokens), samples)
+    return frame.sort_values(["sample", "layer"], kind="stable").reset_index(drop=True) if world > 1 else frame
 
 
 def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int, side: str) -> dict[str, torch.Tensor]:
@@ -374,7 +401,7 @@ def score_distributions(
         manifest = data.load_manifest(name)
         key = distribution_cache_key(record, manifest, name, settings)
         path = cache / f"{name.replace('/', '--')}-{key[:20]}.parquet"
-        if record.get("weights_sha256") and path.exists():
+        if record.get("weights_sha256") and path.exists() and sidecar_path(path).exists():
             tables.append(read_table(path))
             continue
         samples = data.calibration_samples(
@@ -383,7 +410,7 @@ def score_distributions(
         rows = score_token_batches(
             model, data.token_batches(samples, batch_size), total=-(-len(samples) // batch_size), progress=progress
         ).assign(distribution=name)
-        if record.get("weights_sha256"):
+        if record.get("weights_sha256") and is_main_process():
             sources = [{k: s.get(k) for k in ("id", "registry", "package", "version", "sha256")} for s in manifest["sources"]]
             write_table(
                 rows,

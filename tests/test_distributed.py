@@ -1,0 +1,43 @@
+"""Data-parallel scoring over torch.distributed (gloo on CPU) gives the one-process table."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from analysis import data, read_table
+
+from tiny import byte_tokenizer, tiny_model
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    if not all(data.extracted_path(s).is_dir() for s in data.load_manifest("general")["sources"]):
+        pytest.skip("distribution general is not fetched; run `calibdrop data fetch general`")
+    folder = tmp_path_factory.mktemp("dp")
+    tiny_model("qwen3").save_pretrained(folder / "model")
+    byte_tokenizer().save_pretrained(folder / "model")
+    texts = data.documents("general")["text"].head(21).str.slice(0, 400)
+    (folder / "texts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return folder
+
+
+def _score(inputs, out: Path, processes: int) -> pd.DataFrame:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(29500 + processes)]
+    command = [*(launcher if processes > 1 else [sys.executable]), "-m", "analysis", "score", "--model", str(inputs / "model"),
+               "--texts", str(inputs / "texts.jsonl"), "--per-sample", "--batch-size", "4", "--seq-len", "128", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return read_table(out)
+
+
+def test_two_processes_give_the_one_process_table(inputs, tmp_path):
+    one = _score(inputs, tmp_path / "one.parquet", 1)
+    two = _score(inputs, tmp_path / "two.parquet", 2)
+    assert len(two) == len(one) == 21 * 3 * 3
+    pd.testing.assert_frame_equal(two, one, check_exact=False, atol=1e-9, rtol=0)
