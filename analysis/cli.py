@@ -93,7 +93,7 @@ def cmd_score(args) -> None:
     names = expand_distributions(args.distributions)
     for name in names:
         data.load_manifest(name)
-    model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
     rows = score_distributions(
         model, tokenizer, names, n_samples=n_samples, seq_len=seq_len, batch_size=args.batch_size, seed=args.seed
     )
@@ -299,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--per-sample", action="store_true", help="one row per text and module instead of the aggregate")
     score.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     score.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
+    score.add_argument("--device-map", default=None, help="shard the model over devices with accelerate, e.g. auto")
     score.set_defaults(func=cmd_score)
 
     run = commands.add_parser("run", help="the whole study: score, compare, choose drop sets, prune, evaluate, report")

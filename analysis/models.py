@@ -276,7 +276,7 @@ class ModelInfo:
     path: str
 
 
-def _load_builtin(name: str, dtype):
+def _load_builtin(name: str, **load):
     directory = dequantised_dir(name)
     record_path = directory / "calibdrop_source.json"
     if not record_path.exists():
@@ -287,23 +287,25 @@ def _load_builtin(name: str, dtype):
             f"the cached float32 weights of {name!r} in {directory} do not match the checksum recorded when they "
             f"were written; delete {directory} and load again to rebuild them from the verified GGUF."
         )
-    model, tokenizer = _from_pretrained(directory, dtype=dtype)
+    model, tokenizer = _from_pretrained(directory, **load)
     return model, tokenizer, "builtin", directory, record["gguf_sha256"]
 
 
-def _load_gguf(path: Path, dtype):
+def _load_gguf(path: Path, dtype, device_map=None):
+    if device_map is not None:
+        raise InputError("device_map is not supported for .gguf files: load it once, save_pretrained it, and load that folder")
     model, tokenizer = _from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     return _dequantised(model).to(dtype), tokenizer, "gguf", path, sha256_file(path)
 
 
-def _load_directory(path: Path, dtype):
+def _load_directory(path: Path, **load):
     config_file = path / "config.json"
     pruned = config_file.is_file() and "calibdrop_pruning" in json.loads(config_file.read_text())
     verbosity = hf_logging.get_verbosity()
     if pruned:
         hf_logging.set_verbosity_error()
     try:
-        model, tokenizer = _from_pretrained(path, dtype=dtype)
+        model, tokenizer = _from_pretrained(path, **load)
     finally:
         hf_logging.set_verbosity(verbosity)
     restore_dropped_sublayers(model)
@@ -323,9 +325,9 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def _load_hub(spec: str, dtype):
+def _load_hub(spec: str, **load):
     try:
-        model, tokenizer = _from_pretrained(spec, dtype=dtype, local_files_only=True)
+        model, tokenizer = _from_pretrained(spec, local_files_only=True, **load)
     except OSError:
         if not hub_reachable():
             raise InputError(
@@ -333,38 +335,40 @@ def _load_hub(spec: str, dtype):
                 "or .gguf file, not in the local Hugging Face cache, and the Hub is not reachable from here"
             ) from None
         try:
-            model, tokenizer = _from_pretrained(spec, dtype=dtype)
+            model, tokenizer = _from_pretrained(spec, **load)
         except OSError as error:
             raise InputError(f"the Hugging Face Hub could not provide {spec!r}: {str(error).splitlines()[0]}") from None
     return model, tokenizer, "hub", spec, f"hub-revision:{getattr(model.config, '_commit_hash', None)}"
 
 
-def load_model(spec: str = DEFAULT_MODEL, *, dtype=None, device=None):
+def load_model(spec: str = DEFAULT_MODEL, *, dtype=None, device=None, device_map=None):
     """``(model, tokenizer)`` for a built-in name, a local checkpoint dir, a ``.gguf`` path or a Hub id.
 
-    ``dtype`` defaults to float32.  The model is in eval mode, its family has an adapter,
+    ``dtype`` defaults to float32.  ``device_map`` (for example ``"auto"``) shards a model
+    over several devices with accelerate, GPU+CPU offload included; ``device`` moves a whole one.  The model is in eval mode, its family has an adapter,
     and ``model.calibdrop_info`` (:class:`ModelInfo`) records where it came from.
     """
     dtype = resolve_dtype(dtype) or torch.float32
+    load = {"dtype": dtype, **({"device_map": device_map} if device_map is not None else {})}
     started = time.perf_counter()
     path = Path(str(spec)).expanduser()
     if not str(spec).strip():
         raise InputError(f"unknown model spec {spec!r}: give a built-in name ({', '.join(BUILTINS)}) or a path")
     if spec in BUILTINS:
-        loaded = _load_builtin(spec, dtype)
+        loaded = _load_builtin(spec, **load)
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise InputError(f"GGUF file {path} does not exist")
-        loaded = _load_gguf(path, dtype)
+        loaded = _load_gguf(path, **load)
     elif path.is_dir():
-        loaded = _load_directory(path, dtype)
+        loaded = _load_directory(path, **load)
     elif path.exists() or str(spec).count("/") > 1 or " " in str(spec):
         raise InputError(
             f"unknown model spec {spec!r}: give a built-in name ({', '.join(BUILTINS)}), a checkpoint directory, "
             "a .gguf file or a Hugging Face model id"
         )
     else:
-        loaded = _load_hub(str(spec), dtype)
+        loaded = _load_hub(str(spec), **load)
     model, tokenizer, source, location, checksum = loaded
     adapter = adapter_for(model)
     if device is not None:

@@ -111,3 +111,15 @@ def test_hub_id_offline_fails_fast_with_a_clear_error(monkeypatch):
 def test_unknown_dtype_is_a_clear_error():
     with pytest.raises(InputError, match="unknown dtype 'float8'"):
         models.resolve_dtype("float8")
+
+
+def test_device_map_load_scores_like_a_plain_load(tmp_path):
+    from analysis import score_texts
+
+    tiny_model("mistral").save_pretrained(tmp_path)
+    byte_tokenizer().save_pretrained(tmp_path)
+    plain, tokenizer = models.load_model(str(tmp_path))
+    mapped, _ = models.load_model(str(tmp_path), device_map={"": "cpu"})
+    texts = ["calibration data matters", "or does it?"]
+    np.testing.assert_array_equal(score_texts(mapped, tokenizer, texts, progress=False)["importance"],
+                                  score_texts(plain, tokenizer, texts, progress=False)["importance"])
