@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scoring import CONFIGS, build_model  # noqa: E402
+from scoring import CONFIGS, build_model, emit  # noqa: E402
 
 from analysis.io import package_versions  # noqa: E402
 from analysis.pruning import drop_modules, kv_cache_bytes  # noqa: E402
@@ -117,11 +116,7 @@ def main(argv=None):
         "variants": rows,
         "versions": package_versions(),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

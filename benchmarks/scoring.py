@@ -155,12 +155,17 @@ def main(argv=None):
         "tokens_per_second_score": args.texts * args.seq_len / median["score"],
         "versions": package_versions(),
     }
+    emit(result, args.out)
+    return 0
+
+
+def emit(result: dict, out: str | None) -> None:
+    """Print the result as JSON and, with ``out``, write it there too."""
     text = json.dumps(result, indent=2)
     print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    return 0
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
 
 
 if __name__ == "__main__":
