@@ -12,6 +12,7 @@ if not os.environ.get("MPLBACKEND"):
     matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
+from matplotlib.colors import LogNorm
 import numpy as np
 import pandas as pd
 import seaborn as sns
@@ -82,7 +83,8 @@ def importance_profiles(bootstrap_importance: pd.DataFrame):
         ax.plot(x, part["importance"], marker="o", markersize=3, label=name)
         ax.fill_between(x, part["ci_low"], part["ci_high"], alpha=0.2)
     ax.set_xlabel("candidate (attn then MLP sublayers)" if module == "joint" else "layer")
-    ax.set_ylabel("importance  1 − cos(X, Y)")
+    ax.set_yscale("log")
+    ax.set_ylabel("importance  1 − cos(X, Y)  (log scale)")
     ax.set_title(f"{MODULE_NAMES[module]} importance by layer per distribution (bands: 95% bootstrap CI)")
     ax.legend(title="distribution", fontsize=8)
     return fig
@@ -149,7 +151,8 @@ def transfer_heatmap(transfer: pd.DataFrame, value: str = "ppl_ratio"):
     """Drop sets × held-out distributions of perplexity relative to the unpruned model."""
     matrix = transfer.pivot_table(index="drop_set", columns="distribution", values=value, sort=False)
     fig, ax = plt.subplots(figsize=(1.2 * matrix.shape[1] + 3, 0.4 * len(matrix) + 1.5))
-    sns.heatmap(matrix, annot=True, fmt=".2f", cmap="rocket_r", ax=ax, cbar_kws={"label": "held-out perplexity / unpruned"})
+    norm = LogNorm(vmin=max(matrix.min().min(), 1e-3), vmax=max(matrix.max().max(), 1.01))
+    sns.heatmap(matrix, annot=True, fmt=".2f", cmap="rocket_r", norm=norm, ax=ax, cbar_kws={"label": "held-out perplexity / unpruned (log scale)"})
     ax.set_xlabel("held-out distribution")
     ax.set_ylabel("drop set")
     ax.set_title("Transfer: perplexity of each pruned model on each distribution's held-out text")
@@ -183,6 +186,7 @@ def regret_overview(regret: pd.DataFrame):
     sns.stripplot(worst, x="budget", y="regret", hue="kind", dodge=True, size=7, ax=ax, jitter=False,
                   hue_order=["consensus", "single distribution", "random (expected)"])
     ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("module kind and drop-set size")
     ax.set_ylabel("worst-case regret over distributions")
     ax.set_title("Consensus drop sets against each distribution's own set: importance dropped beyond the best set")

@@ -40,16 +40,18 @@ def headline(tables: dict, module: str, k: int) -> list[str]:
         f"(permutation p < 0.05).",
     ]
     loo = tables["leave_one_out"]
-    loo = loo[loo["module"] == module]
-    for method in ("borda", "minimax"):
-        part = loo[loo["method"] == method]
-        if len(part):
+    for kind, part_kind in loo.groupby("module", sort=False):
+        results = []
+        for method in ("borda", "minimax"):
+            part = part_kind[part_kind["method"] == method]
             wins = int((part["consensus_regret"] < part["single_mean_regret"]).sum())
-            lines.append(
-                f"- **Consensus on an unseen distribution ({method})**: built without the held-out distribution, its regret there was "
-                f"below the mean regret of the other distributions' own sets in {wins} of {len(part)} cases "
-                f"(mean {part['consensus_regret'].mean():.4f} against {part['single_mean_regret'].mean():.4f}; random sets {part['random_regret'].mean():.4f})."
-            )
+            results.append(f"{method} {wins} of {len(part)} (mean regret {part['consensus_regret'].mean():.4f})")
+        lines.append(
+            f"- **Consensus on an unseen distribution ({kind}, k = {part_kind['k'].iloc[0]})**: built without the held-out "
+            f"distribution, its regret there was below the mean regret of the other distributions' own sets in: "
+            f"{'; '.join(results)}; the own sets' mean regret {part_kind['single_mean_regret'].mean():.4f}, a random set's "
+            f"{part_kind['random_regret'].mean():.4f}."
+        )
     return lines
 
 
