@@ -175,7 +175,8 @@ def compare_tables(scores: pd.DataFrame, modules, k, n_boot: int, n_perm: int) -
 
 def cmd_compare(args) -> None:
     scores = read_per_sample(args.results)
-    out = Path(args.out or Path(args.results).with_suffix("") if not Path(args.results).is_dir() else Path(args.results) / "compare")
+    results = Path(args.results)
+    out = Path(args.out) if args.out else (results if results.is_dir() else results.parent) / "compare"
     modules = [m.strip() for m in args.modules.split(",")]
     k = parse_ints(args.k)
     tables = compare_tables(scores, modules, k, args.n_boot, args.n_perm)

@@ -27,6 +27,9 @@ def test_quick_run_writes_report_figures_and_drop_sets(tmp_path):
     summary = json.loads((tmp_path / "run_summary.json").read_text())
     assert summary["figures"] > 40 and "report" in (tmp_path / "report.md").read_text()
     assert "## Pruned models on held-out text" in (tmp_path / "report.md").read_text()
+    compare = calibdrop("compare", str(tmp_path), "--n-boot", "50", "--n-perm", "50", "--out", str(tmp_path / "cmp"))
+    assert compare.returncode == 0, compare.stderr[-2000:]
+    assert (tmp_path / "cmp" / "permutation.parquet").exists() and (tmp_path / "cmp" / "figures" / "similarity_attn_spearman.svg").exists()
     consensus = calibdrop("consensus", str(tmp_path / "scores.per_sample.parquet"), "--module", "attn", "--k", "4",
                           "--method", "minimax", "--out", str(tmp_path / "set.json"))
     assert consensus.returncode == 0, consensus.stderr[-2000:]
