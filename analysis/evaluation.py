@@ -139,9 +139,9 @@ def perplexity(model, samples, *, batch_size: int = 4) -> tuple[float, int]:
     return math.exp(total_nll / total_tokens), total_tokens
 
 
-def random_drop_set(n_candidates_of: pd.DataFrame, module: str, k: int, seed: int) -> dict:
-    """A uniformly random size-k drop set over the candidates of ``module``."""
-    labels = list(n_candidates_of.index)
+def random_drop_set(matrix: pd.DataFrame, module: str, k: int, seed: int) -> dict:
+    """A uniformly random size-k drop set over the candidates (rows) of an importance matrix."""
+    labels = list(matrix.index)
     chosen = np.random.default_rng(seed).choice(len(labels), size=k, replace=False)
     indices = sorted(labels[i] for i in chosen) if module != "joint" else [labels[i] for i in sorted(chosen)]
     return {"module": module, "indices": [i if isinstance(i, str) else int(i) for i in indices], "method": f"random(seed={seed})"}

@@ -141,9 +141,9 @@ def transfer_sets(scores: pd.DataFrame, settings: RunSettings) -> dict:
 def run(spec: str = models.DEFAULT_MODEL, out: Path = Path("results"), *, preset: str | RunSettings = "default",
         dtype=None, device=None, progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Run the whole study for one model into ``out``; returns where everything went."""
-    settings = PRESETS[preset] if isinstance(preset, str) else preset
     if isinstance(preset, str) and preset not in PRESETS:
         raise InputError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    settings = PRESETS[preset] if isinstance(preset, str) else preset
     out = Path(out)
     started = time.perf_counter()
     timings: dict[str, float] = {}
