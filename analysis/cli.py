@@ -165,11 +165,7 @@ def compare_tables(scores: pd.DataFrame, modules, k, n_boot: int, n_perm: int) -
     """Stability tables plus leave-one-distribution-out regret per module, at the largest k that fits."""
     tables = stability.stability_tables(scores, modules=modules, k=k, n_boot=n_boot, n_perm=n_perm)
     if scores["distribution"].nunique() >= 3:
-        loo = []
-        for module in modules:
-            kk = max(v for v in k if v <= len(stability.importance_matrix(scores, module)))
-            loo.append(consensus.leave_one_out(scores, module=module, k=kk))
-        tables["leave_one_out"] = pd.concat(loo, ignore_index=True).assign(drop_set=lambda f: f["drop_set"].map(lambda d: [str(x) for x in d]))
+        tables["leave_one_out"] = consensus.leave_one_out_at_budgets(scores, {module: k for module in modules})
     return tables
 
 

@@ -140,3 +140,17 @@ def leave_one_out(scores: pd.DataFrame, *, module: str = "attn", k: int = 8, met
             chosen = consensus_from_matrix(rest, k, method)
             rows.append({**base, "method": method, "consensus_regret": regret(matrix, chosen, held), "drop_set": chosen})
     return pd.DataFrame(rows)
+
+
+def leave_one_out_at_budgets(scores: pd.DataFrame, budgets: dict) -> pd.DataFrame:
+    """:func:`leave_one_out` for every module kind at its largest budget that fits its candidates.
+
+    ``budgets`` maps a module kind to drop-set sizes; drop sets come back as string labels
+    (``"3"``, ``"attn:3"``) so that the module kinds share one column type.
+    """
+    parts = []
+    for module, ks in budgets.items():
+        k = max(v for v in ks if v <= len(importance_matrix(scores, module)))
+        parts.append(leave_one_out(scores, module=module, k=k))
+    table = pd.concat(parts, ignore_index=True)
+    return table.assign(drop_set=table["drop_set"].map(lambda chosen: [str(c) for c in chosen]))

@@ -162,6 +162,28 @@ def heldout_samples(tokenizer, distributions, *, n_samples: int, seq_len: int, s
     }
 
 
+def unpruned_perplexities(model, samples: dict, *, batch_size: int = 4) -> dict[str, float]:
+    """Perplexity of the unpruned model on each distribution's windows."""
+    return {name: perplexity(model, s, batch_size=batch_size)[0] for name, s in samples.items()}
+
+
+def perplexity_rows(model, set_name: str, spec, samples: dict, base: dict[str, float], *, batch_size: int = 4) -> list[dict]:
+    """Rows of one drop set on every distribution: perplexity (mean and spread over its variants) and
+    its ratio to ``base``, the unpruned model's perplexity (also the value of a ``None`` variant)."""
+    variants = spec if isinstance(spec, list) else [spec]
+    values = {name: [] for name in samples}
+    for variant in variants:
+        pruned = pruned_copy(model, variant)
+        for name, s in samples.items():
+            values[name].append(base[name] if variant is None else perplexity(pruned, s, batch_size=batch_size)[0])
+        del pruned
+    return [
+        {"drop_set": set_name, "distribution": name, "ppl": float(np.mean(ppl)), "ppl_std": float(np.std(ppl)),
+         "n_variants": len(ppl), "ppl_unpruned": base[name], "ppl_ratio": float(np.mean(ppl)) / base[name]}
+        for name, ppl in values.items()
+    ]
+
+
 def transfer_matrix(
     model,
     tokenizer,
@@ -181,19 +203,10 @@ def transfer_matrix(
     Samples come from each distribution's held-out documents, never from calibration ones.
     """
     samples = heldout_samples(tokenizer, distributions, n_samples=n_samples, seq_len=seq_len, seed=seed)
-    base = {name: perplexity(model, s, batch_size=batch_size)[0] for name, s in samples.items()}
+    base = unpruned_perplexities(model, samples, batch_size=batch_size)
     rows = []
     for set_name, spec in tqdm(drop_sets.items(), desc="drop sets", unit="set", disable=not progress):
-        variants = spec if isinstance(spec, list) else [spec]
-        values = {name: [] for name in samples}
-        for variant in variants:
-            pruned = pruned_copy(model, variant)
-            for name, s in samples.items():
-                values[name].append(base[name] if variant is None else perplexity(pruned, s, batch_size=batch_size)[0])
-            del pruned
-        for name, ppl in values.items():
-            rows.append({"drop_set": set_name, "distribution": name, "ppl": float(np.mean(ppl)), "ppl_std": float(np.std(ppl)),
-                         "n_variants": len(ppl), "ppl_unpruned": base[name], "ppl_ratio": float(np.mean(ppl)) / base[name]})
+        rows += perplexity_rows(model, set_name, spec, samples, base, batch_size=batch_size)
     return pd.DataFrame(rows)
 
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from . import consensus, data, evaluation, models, plots, stability
 from .errors import InputError
 from .io import atomic_write_json, provenance, read_table, sidecar_path, write_table
+from .report import write_report
 from .scoring import aggregate_importance, score_distributions
 
 
@@ -195,17 +196,31 @@ def run(spec: str = models.DEFAULT_MODEL, out: Path = Path("results"), *, preset
             lambda: stability.rank_agreement(subsets, module="attn", k=settings.budgets.get("attn", (1,))))
     sets = stages.table("drop_sets", stage_key("drop_sets", base_key, manifests), lambda: consensus_sets(top, settings.budgets))
     tables["regret"] = stages.table("regret", stage_key("regret", base_key, manifests), lambda: regrets(top, sets))
-    tables["leave_one_out"] = stages.table("leave_one_out", stage_key("loo", base_key, manifests), lambda: pd.concat(
-        [consensus.leave_one_out(top, module=m, k=max(k for k in settings.budgets[m] if k <= len(stability.importance_matrix(top, m))))
-         for m in modules], ignore_index=True).assign(drop_set=lambda f: f["drop_set"].map(_as_labels)))
+    tables["leave_one_out"] = stages.table("leave_one_out", stage_key("loo", base_key, manifests),
+                                           lambda: consensus.leave_one_out_at_budgets(top, settings.budgets))
 
     named_sets = transfer_sets(top, settings)
+    heldout: dict = {}
+    base: dict = {}
+
+    def heldout_samples():
+        if not heldout:
+            heldout.update(evaluation.heldout_samples(tokenizer, list(settings.distributions), n_samples=settings.transfer_samples,
+                                                      seq_len=settings.transfer_seq_len, seed=settings.seed))
+        return heldout
+
+    def unpruned():
+        if not base:
+            base.update(evaluation.unpruned_perplexities(model, heldout_samples()))
+        return base
+
     transfer_parts = []
     for name, spec_ in tqdm(named_sets.items(), desc="transfer matrix", unit="set", disable=not progress):
         key = stage_key("transfer", base_key, manifests, name, spec_)
-        part = stages.table(f"parts/transfer-{name.replace(':', '_')}", key, lambda spec_=spec_, name=name: evaluation.transfer_matrix(
-            model, tokenizer, {name: spec_}, list(settings.distributions), n_samples=settings.transfer_samples,
-            seq_len=settings.transfer_seq_len, seed=settings.seed, progress=False))
+        part = stages.table(f"parts/transfer-{name.replace(':', '_')}", key, lambda spec_=spec_, name=name: pd.DataFrame(
+            evaluation.perplexity_rows(model, name, spec_, heldout_samples(), unpruned())))
+        if spec_ is None and not base:
+            base.update(part.set_index("distribution")["ppl"].to_dict())
         transfer_parts.append(part)
     tables["transfer"] = pd.concat(transfer_parts, ignore_index=True)
     base_ppl = tables["transfer"][tables["transfer"]["drop_set"] == "none"].set_index("distribution")["ppl"]
@@ -223,9 +238,7 @@ def run(spec: str = models.DEFAULT_MODEL, out: Path = Path("results"), *, preset
             accuracy_parts.append(part)
     tables["accuracy"] = pd.concat(accuracy_parts, ignore_index=True) if accuracy_parts else pd.DataFrame()
 
-    figures = timed("figures", lambda: draw_figures(top, tables, sets, out / "figures", max(ks)))
-    from .report import write_report
-
+    figures = timed("figures", lambda: draw_figures(top, tables, out / "figures", max(ks)))
     report = write_report(out, record, settings, top, tables, sets, figures)
     summary = {
         "out": str(out),
@@ -240,7 +253,7 @@ def run(spec: str = models.DEFAULT_MODEL, out: Path = Path("results"), *, preset
     return summary
 
 
-def draw_figures(scores, tables, sets, folder: Path, k: int) -> list[Path]:
+def draw_figures(scores, tables, folder: Path, k: int) -> list[Path]:
     """Every figure of the report."""
     written = plots.stability_figures(scores, tables, folder, k)
     if len(tables.get("transfer", [])):
