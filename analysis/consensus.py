@@ -1,6 +1,7 @@
 """Drop sets that hold across calibration distributions, and what each drop set costs where.
 
-``I[m, d]`` is candidate m's importance under distribution d (:func:`analysis.stability.importance_matrix`).
+``I[m, d]`` is candidate m's importance under distribution d for one metric
+(:func:`analysis.stability.importance_matrix`; ``metric=`` chooses it in tables of several).
 
 * ``borda``: the k candidates of smallest mean rank (rank 1 = least important under d);
 * ``median``: smallest median rank;
@@ -20,7 +21,7 @@ import pandas as pd
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from .errors import InputError
-from .stability import check_scores, drop_set, importance_matrix
+from .stability import check_scores, drop_set, importance_matrix, metrics_in
 
 METHODS = ("borda", "median", "mean", "minimax")
 
@@ -68,10 +69,10 @@ def consensus_from_matrix(matrix: pd.DataFrame, k: int, method: str) -> list:
     return minimax_set(matrix, k)
 
 
-def consensus_drop_set(scores: pd.DataFrame, *, module: str = "attn", k: int = 8, method: str = "borda") -> list:
+def consensus_drop_set(scores: pd.DataFrame, *, module: str = "attn", k: int = 8, method: str = "borda", metric: str | None = None) -> list:
     """Module indices (for ``joint``: ``"attn:i"``/``"mlp:i"``) to drop, agreed across distributions."""
     check_scores(scores)
-    return consensus_from_matrix(importance_matrix(scores, module), k, method)
+    return consensus_from_matrix(importance_matrix(scores, module, metric), k, method)
 
 
 def regret(matrix: pd.DataFrame, chosen: list, distribution: str) -> float:
@@ -85,23 +86,23 @@ def single_distribution_sets(matrix: pd.DataFrame, k: int) -> dict[str, list]:
     return {f"own:{d}": drop_set(matrix[d], k) for d in matrix.columns}
 
 
-def standard_drop_sets(scores: pd.DataFrame, *, module: str = "attn", k: int = 8) -> dict[str, list]:
+def standard_drop_sets(scores: pd.DataFrame, *, module: str = "attn", k: int = 8, metric: str | None = None) -> dict[str, list]:
     """Each distribution's own drop set and every consensus method's."""
     check_scores(scores)
-    matrix = importance_matrix(scores, module)
+    matrix = importance_matrix(scores, module, metric)
     sets = single_distribution_sets(matrix, k)
     sets.update({method: consensus_from_matrix(matrix, k, method) for method in METHODS})
     return sets
 
 
-def regret_table(scores: pd.DataFrame, drop_sets: dict[str, list], *, module: str = "attn") -> pd.DataFrame:
+def regret_table(scores: pd.DataFrame, drop_sets: dict[str, list], *, module: str = "attn", metric: str | None = None) -> pd.DataFrame:
     """Every drop set × every distribution: dropped importance, best possible, regret.
 
     A row ``random`` per distribution gives the expected regret of a uniformly random size-k
     set, ``k * mean_m I[m, d] - best_d``.
     """
     check_scores(scores)
-    matrix = importance_matrix(scores, module)
+    matrix = importance_matrix(scores, module, metric)
     rows = []
     sizes = {len(chosen) for chosen in drop_sets.values()}
     for name, chosen in drop_sets.items():
@@ -118,22 +119,22 @@ def regret_table(scores: pd.DataFrame, drop_sets: dict[str, list], *, module: st
             expected = float(k * matrix[d].mean())
             rows.append({"drop_set": "random", "distribution": d, "k": k, "dropped_importance": expected, "best_importance": best,
                          "regret": expected - best})
-    return pd.DataFrame(rows).assign(module=module)
+    return pd.DataFrame(rows).assign(metric=metric or metrics_in(scores)[0], module=module)
 
 
-def leave_one_out(scores: pd.DataFrame, *, module: str = "attn", k: int = 8, methods=METHODS) -> pd.DataFrame:
+def leave_one_out(scores: pd.DataFrame, *, module: str = "attn", k: int = 8, methods=METHODS, metric: str | None = None) -> pd.DataFrame:
     """For each distribution d: consensus built without d, its regret on d, beside the regret on d
     of the other distributions' own sets (mean, best and worst) and of a random set (expected).
     """
     check_scores(scores)
-    matrix = importance_matrix(scores, module)
+    matrix = importance_matrix(scores, module, metric)
     if matrix.shape[1] < 3:
         raise InputError("leave-one-distribution-out needs at least three distributions")
     rows = []
     for held in matrix.columns:
         rest = matrix.drop(columns=held)
         singles = [regret(matrix, drop_set(rest[d], k), held) for d in rest.columns]
-        base = {"held_out": held, "module": module, "k": k, "single_mean_regret": float(np.mean(singles)),
+        base = {"held_out": held, "metric": metric or metrics_in(scores)[0], "module": module, "k": k, "single_mean_regret": float(np.mean(singles)),
                 "single_best_regret": float(np.min(singles)), "single_worst_regret": float(np.max(singles)),
                 "random_regret": float(k * matrix[held].mean() - np.sort(matrix[held].to_numpy())[:k].sum())}
         for method in methods:
@@ -143,14 +144,15 @@ def leave_one_out(scores: pd.DataFrame, *, module: str = "attn", k: int = 8, met
 
 
 def leave_one_out_at_budgets(scores: pd.DataFrame, budgets: dict) -> pd.DataFrame:
-    """:func:`leave_one_out` for every module kind at its largest budget that fits its candidates.
+    """:func:`leave_one_out` for every metric and module kind at its largest budget that fits its candidates.
 
     ``budgets`` maps a module kind to drop-set sizes; drop sets come back as string labels
     (``"3"``, ``"attn:3"``) so that the module kinds share one column type.
     """
     parts = []
-    for module, ks in budgets.items():
-        k = max(v for v in ks if v <= len(importance_matrix(scores, module)))
-        parts.append(leave_one_out(scores, module=module, k=k))
+    for metric in metrics_in(scores):
+        for module, ks in budgets.items():
+            k = max(v for v in ks if v <= len(importance_matrix(scores, module, metric)))
+            parts.append(leave_one_out(scores, module=module, k=k, metric=metric))
     table = pd.concat(parts, ignore_index=True)
     return table.assign(drop_set=table["drop_set"].map(lambda chosen: [str(c) for c in chosen]))

@@ -16,8 +16,9 @@ Indices are those of the model as passed in.  What was dropped is recorded in
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -73,6 +74,49 @@ def _drop_branch(layer: nn.Module, names: tuple[str, ...], main: str, returns_tu
         setattr(layer, name, DroppedBranch(returns_tuple) if name == main else nn.Identity())
 
 
+class SkippedBlock(nn.Module):
+    """Stands where a temporarily dropped block was: returns its input unchanged."""
+
+    def forward(self, *args, **kwargs):
+        return args[0] if args else kwargs["hidden_states"]
+
+
+def _branch(adapter, kind: str) -> tuple[tuple[str, ...], str, bool]:
+    """The submodule names of a branch, its main module and whether that module returns a tuple."""
+    if kind == "attn":
+        return adapter.attn_branch, adapter.attn, True
+    return adapter.mlp_branch_modules, adapter.mlp, False
+
+
+@contextmanager
+def modules_dropped(model: nn.Module, candidates: Iterable[tuple[str, int]]) -> Iterator[nn.Module]:
+    """``model`` with the given ``(kind, layer)`` modules dropped (``kind`` in attn, mlp, block), restored on exit.
+
+    The forward pass equals :func:`drop_modules`'s without a KV cache (a dropped block is an
+    identity instead of being deleted), without copying the model: the ground truth and the
+    held-out evaluation try many drop sets on one set of weights this way.
+    """
+    adapter = adapter_for(model)
+    layers = decoder_layers(model)
+    saved: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for kind, i in candidates:
+            if kind == "block":
+                saved.append((layers, str(i), layers[i]))
+                layers[i] = SkippedBlock()
+                continue
+            names, main, returns_tuple = _branch(adapter, kind)
+            saved.extend((layers[i], name, getattr(layers[i], name)) for name in names)
+            _drop_branch(layers[i], names, main, returns_tuple)
+        yield model
+    finally:
+        for parent, name, module in reversed(saved):
+            if isinstance(parent, nn.ModuleList):
+                parent[int(name)] = module
+            else:
+                setattr(parent, name, module)
+
+
 def _reindex_config_lists(config, keep: list[int]) -> None:
     for name in PER_LAYER_CONFIG_LISTS:
         values = getattr(config, name, None)
@@ -108,10 +152,9 @@ def drop_modules(model: nn.Module, *, attn=(), mlp=(), blocks=(), joint=(), drop
     if all(i in all_attn and i in all_mlp for i in keep):
         raise InputError("this drops every remaining attention and MLP sublayer; drop fewer")
 
-    for i in attn:
-        _drop_branch(layers[i], adapter.attn_branch, adapter.attn, returns_tuple=True)
-    for i in mlp:
-        _drop_branch(layers[i], adapter.mlp_branch_modules, adapter.mlp, returns_tuple=False)
+    for kind, chosen in (("attn", attn), ("mlp", mlp)):
+        for i in chosen:
+            _drop_branch(layers[i], *_branch(adapter, kind))
     config = model.config
     n_config_layers = config.num_hidden_layers
     modes = list(getattr(config, "kv_sharing_modes", None) or [None] * n_config_layers)
@@ -175,10 +218,9 @@ def restore_dropped_sublayers(model: nn.Module) -> nn.Module:
     record = pruning_record(model)
     adapter = adapter_for(model)
     layers = decoder_layers(model)
-    for i in record["attn"]:
-        _drop_branch(layers[i], adapter.attn_branch, adapter.attn, returns_tuple=True)
-    for i in record["mlp"]:
-        _drop_branch(layers[i], adapter.mlp_branch_modules, adapter.mlp, returns_tuple=False)
+    for kind in ("attn", "mlp"):
+        for i in record[kind]:
+            _drop_branch(layers[i], *_branch(adapter, kind))
     return model
 
 

@@ -1,15 +1,18 @@
 """Importance of every attention sublayer, MLP sublayer and block, in one streaming pass.
 
-For module ``m`` of block ``i`` and sample ``s`` with real (unpadded) tokens ``t``::
+For module ``m`` of block ``i``, sample ``s`` with real (unpadded) tokens ``t`` and metric
+``f`` of :mod:`analysis.metrics`::
 
-    cos_sum[s, i, m] = sum_t cos(X_t, Y_t)        (float32 per token, float64 sums)
-    n_tokens[s]      = number of real tokens of s
-    importance[i, m] = 1 - sum_s cos_sum[s, i, m] / sum_s n_tokens[s]
+    stat_sum[s, i, m] = sum_t f(X_t, Y_t)          (float32 per token, float64 sums)
+    n_tokens[s]       = number of real tokens of s
+    importance[i, m]  = g(sum_s stat_sum[s, i, m] / sum_s n_tokens[s])
 
 with ``attn: X = resid_pre, Y = resid_mid``; ``mlp: X = resid_mid, Y = resid_post``;
 ``block: X = resid_pre, Y = resid_post`` (read points per family in :mod:`analysis.adapters`).
-The mean is token-weighted over all samples, as in He et al. (2024).  Cosines are reduced
-inside forward hooks, so no hidden state outlives its block.
+For ``cosine`` (He et al., 2024) ``f = cos`` and ``g(m) = 1 - m``.  The mean is token-weighted
+over all samples.  Every proxy metric is reduced inside the same forward hooks, so no hidden
+state outlives its block; the ``ablation`` ground truth (:mod:`analysis.ablation`) reuses the
+same pass's block inputs.
 """
 
 from __future__ import annotations
@@ -26,71 +29,80 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data
+from .ablation import block_inputs, position_ids_from_mask, single_drop_increase
 from .adapters import Adapter, adapter_for, decoder_layers
 from .errors import InputError, NonFiniteActivationError
 from .io import provenance, read_table, sidecar_path, write_table
+from .metrics import GROUND_TRUTH, TokenPair, check_metrics, get_metric, importance_column, importance_from_sums
 from .models import cache_dir, model_info
 
 MODULES = ("attn", "mlp", "block")
+PROXY_DEFAULT = ("cosine",)
 READ_POINT_OF_Y = {"attn": "resid_mid", "mlp": "resid_post", "block": "resid_post"}
 _CHUNK_ELEMENTS = 1 << 23
-_COMPILED: dict[str, object] = {}
+_COMPILED: dict[tuple, object] = {}
 
 
-def _pair_cosine_sums(points, pairs, mask):
-    """``(len(pairs), rows)`` float64: per row, ``sum_t mask_t * a_t.b_t / (|a_t| |b_t|)`` in float32."""
+def _pair_statistic_sums(points, pairs, mask, metrics):
+    """``(len(metrics), len(pairs), rows)`` float64: per row, ``sum_t mask_t * f(points[a]_t, points[b]_t)``.
+
+    Points are upcast to float32 once and their norms shared by the pairs and metrics that use them.
+    """
     vectors = [point.float() for point in points]
     norms = [torch.linalg.vector_norm(vector, dim=-1) for vector in vectors]
-    cosines = torch.stack(
-        [torch.linalg.vecdot(vectors[a], vectors[b]) / (norms[a] * norms[b]).clamp_min(1e-8) for a, b in pairs]
-    )
-    return torch.where(mask, cosines, torch.zeros_like(cosines)).sum(dim=-1, dtype=torch.float64)
+    pair_views = [TokenPair(vectors[a], vectors[b], norms[a], norms[b]) for a, b in pairs]
+    statistics = torch.stack([torch.stack([metric.token_statistic(pair) for pair in pair_views]) for metric in metrics])
+    return torch.where(mask, statistics, torch.zeros_like(statistics)).sum(dim=-1, dtype=torch.float64)
 
 
-def _fused_kernel(device: torch.device):
-    """``torch.compile``d :func:`_pair_cosine_sums` on CUDA (one pass over the points), else ``None``.
+def _fused_kernel(device: torch.device, metrics: tuple):
+    """``torch.compile``d :func:`_pair_statistic_sums` on CUDA (one pass over the points), else ``None``.
 
     Set ``CALIBDROP_COMPILE=0`` to always use the eager, chunked path.
     """
     if device.type != "cuda" or os.environ.get("CALIBDROP_COMPILE", "1") == "0":
         return None
-    if "cuda" not in _COMPILED:
-        _COMPILED["cuda"] = torch.compile(_pair_cosine_sums, dynamic=True)
-    return _COMPILED["cuda"]
+    key = tuple(metric.name for metric in metrics)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(_pair_statistic_sums, dynamic=True)
+    return _COMPILED[key]
 
 
-def masked_cosine_sums(points: Sequence[torch.Tensor], pairs, mask: torch.Tensor) -> torch.Tensor:
-    """For each pair ``(a, b)`` of point indices and each batch row: the sum over real tokens of
-    ``cos(points[a]_t, points[b]_t)``, computed in float32 and returned as float64 ``(pairs, rows)``.
+def masked_statistic_sums(points: Sequence[torch.Tensor], pairs, mask: torch.Tensor, metrics: Sequence) -> torch.Tensor:
+    """For each metric, each pair ``(a, b)`` of point indices and each batch row: the sum over real
+    tokens of ``f(points[a]_t, points[b]_t)``, computed in float32, float64 ``(metrics, pairs, rows)``.
 
-    Each point is upcast once per chunk of rows and shared by the pairs that use it, so the
-    float32 temporaries stay small whatever the model's dtype.
+    Each point is upcast once per chunk of rows, so the float32 temporaries stay small whatever
+    the model's dtype.
     """
-    fused = _fused_kernel(points[0].device)
+    metrics = tuple(metrics)
+    fused = _fused_kernel(points[0].device, metrics)
     if fused is not None:
-        return fused(points, tuple(pairs), mask)
+        return fused(points, tuple(pairs), mask, metrics)
     batch, seq, hidden = points[0].shape
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, seq * hidden))
     chunks = [
-        _pair_cosine_sums([point[start : start + rows_per_chunk] for point in points], pairs, mask[start : start + rows_per_chunk])
+        _pair_statistic_sums([point[start : start + rows_per_chunk] for point in points], pairs, mask[start : start + rows_per_chunk], metrics)
         for start in range(0, batch, rows_per_chunk)
     ]
-    return torch.cat(chunks, dim=1)
+    return torch.cat(chunks, dim=-1)
 
 
 def _first_tensor(value) -> torch.Tensor:
     return value[0] if isinstance(value, (tuple, list)) else value
 
 
-class ResidualCosineRecorder:
-    """Forward hooks reducing each block's ``resid_pre/resid_mid/resid_post`` to cosine sums.
+class ResidualRecorder:
+    """Forward hooks reducing each block's ``resid_pre/resid_mid/resid_post`` to per-sample metric sums.
 
     Use as a context manager; call :meth:`begin_batch` with the attention mask before each
-    forward pass and :meth:`end_batch` after it to get ``cos_sum`` of shape
-    ``(batch, n_layers, 3)`` in the order of :data:`MODULES`.
+    forward pass and :meth:`end_batch` after it to get ``stat_sum`` of shape
+    ``(batch, n_layers, 3, n_metrics)`` (modules in the order of :data:`MODULES`, metrics in
+    the order given, each a proxy metric of :mod:`analysis.metrics`).
     """
 
-    def __init__(self, model: torch.nn.Module, adapter: Adapter | None = None):
+    def __init__(self, model: torch.nn.Module, metrics: Sequence[str] = PROXY_DEFAULT, adapter: Adapter | None = None):
+        self.metrics = tuple(get_metric(name) for name in metrics)
         self.adapter = adapter or adapter_for(model)
         self.layers = decoder_layers(model)
         self.parallel = self.adapter.is_parallel(model.config)
@@ -101,6 +113,7 @@ class ResidualCosineRecorder:
         self._resid_mid: dict[int, torch.Tensor] = {}
         self._mlp_y: dict[int, torch.Tensor] = {}
         self._pairs = ((0, 1), (0, 3) if self.parallel else (1, 2), (0, 2))
+        self._recorded = 0
 
     def __enter__(self):
         for i, layer in enumerate(self.layers):
@@ -127,9 +140,17 @@ class ResidualCosineRecorder:
         return module.register_forward_hook(lambda mod, args, out: fn(_first_tensor(out), branch=True))
 
     def begin_batch(self, attention_mask: torch.Tensor) -> None:
-        """Set the mask of real tokens (``(batch, seq)``, nonzero = real) for the next forward pass."""
+        """Set the mask of real tokens (``(batch, seq)``, nonzero = real) for the next forward pass.
+
+        Only that pass is recorded: the ground truth's partial re-runs after it are ignored.
+        """
         self._mask_by_device = {attention_mask.device: attention_mask.bool()}
         self._sums = [None] * len(self.layers)
+        self._recorded = 0
+
+    @property
+    def _complete(self) -> bool:
+        return self._recorded == len(self.layers)
 
     def _mask_on(self, device) -> torch.Tensor:
         if device not in self._mask_by_device:
@@ -138,42 +159,52 @@ class ResidualCosineRecorder:
 
     def _pre_hook(self, i):
         def hook(module, args, kwargs):
-            self._resid_pre[i] = args[0] if args else kwargs["hidden_states"]
+            if not self._complete:
+                self._resid_pre[i] = args[0] if args else kwargs["hidden_states"]
 
         return hook
 
     def _mid_hook(self, i):
         def hook(tensor, branch=False):
-            self._resid_mid[i] = self._resid_pre[i] + tensor if branch else tensor
+            if not self._complete:
+                self._resid_mid[i] = self._resid_pre[i] + tensor if branch else tensor
 
         return hook
 
     def _parallel_mlp_hook(self, i):
         def hook(tensor, branch=True):
-            self._mlp_y[i] = self._resid_pre[i] + tensor
+            if not self._complete:
+                self._mlp_y[i] = self._resid_pre[i] + tensor
 
         return hook
 
     def _post_hook(self, i):
         def hook(module, args, output):
+            if self._complete:
+                return
             post = _first_tensor(output)
             points = [self._resid_pre.pop(i), self._resid_mid.pop(i), post]
             if self.parallel:
                 points.append(self._mlp_y.pop(i))
             points = [point.to(post.device, non_blocking=True) for point in points]
-            self._sums[i] = masked_cosine_sums(points, self._pairs, self._mask_on(post.device))
+            mask = self._mask_on(post.device)
+            if self.metrics:
+                self._sums[i] = masked_statistic_sums(points, self._pairs, mask, self.metrics)
+            else:
+                self._sums[i] = torch.zeros((0, len(self._pairs), mask.shape[0]), dtype=torch.float64)
+            self._recorded += 1
 
         return hook
 
     def end_batch(self) -> np.ndarray:
-        """``cos_sum`` of the last batch, ``(batch, n_layers, 3)`` float64; raises on NaN or inf."""
+        """``stat_sum`` of the last batch, ``(batch, n_layers, 3, n_metrics)`` float64; raises on NaN or inf."""
         missing = [i for i, sums in enumerate(self._sums) if sums is None]
         if missing:
             raise RuntimeError(f"blocks {missing} did not run in the forward pass")
-        sums = torch.stack([s.cpu() for s in self._sums]).numpy().transpose(2, 0, 1)
+        sums = torch.stack([s.cpu() for s in self._sums]).numpy().transpose(3, 0, 2, 1)
         bad = np.argwhere(~np.isfinite(sums))
         if len(bad):
-            row, layer, module = bad[np.lexsort((bad[:, 2], bad[:, 0], bad[:, 1]))][0]
+            row, layer, module, _ = bad[np.lexsort((bad[:, 2], bad[:, 0], bad[:, 1]))][0]
             raise NonFiniteActivationError(
                 f"NaN or inf in the residual stream at layer {layer} ({READ_POINT_OF_Y[MODULES[module]]}) "
                 f"for batch row {row}: the activations overflowed or the weights are broken. "
@@ -182,45 +213,42 @@ class ResidualCosineRecorder:
         return sums
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only (``cumsum(mask) - 1``, 0 on padding)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def input_device(model: torch.nn.Module) -> torch.device:
     """Device of the token embeddings, where input ids must go."""
     return model.get_input_embeddings().weight.device
 
 
-def per_sample_frame(cos_sum: np.ndarray, n_tokens: np.ndarray, samples: Sequence) -> pd.DataFrame:
-    """Tidy per-sample rows from ``cos_sum (samples, layers, 3)`` and ``n_tokens (samples,)``."""
-    n_samples, n_layers, n_modules = cos_sum.shape
+def per_sample_frame(stat_sum: np.ndarray, n_tokens: np.ndarray, samples: Sequence, metric: str) -> pd.DataFrame:
+    """Tidy per-sample rows of one metric from ``stat_sum (samples, layers, 3)`` and ``n_tokens (samples,)``."""
+    n_samples, n_layers, n_modules = stat_sum.shape
     frame = pd.DataFrame(
         {
+            "metric": metric,
             "sample": np.repeat(np.asarray(samples), n_layers * n_modules),
             "layer": np.tile(np.repeat(np.arange(n_layers), n_modules), n_samples),
             "module": np.tile(np.array(MODULES), n_samples * n_layers),
-            "cos_sum": cos_sum.reshape(-1),
+            "stat_sum": stat_sum.reshape(-1),
             "n_tokens": np.repeat(np.asarray(n_tokens, dtype=np.int64), n_layers * n_modules),
         }
     )
-    frame["importance"] = 1.0 - frame["cos_sum"] / frame["n_tokens"]
+    frame["importance"] = importance_from_sums(metric, frame["stat_sum"], frame["n_tokens"])
     return frame
 
 
 def aggregate_importance(per_sample: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:
-    """Token-weighted importance per module: ``1 - sum(cos_sum) / sum(n_tokens)`` over samples.
+    """Token-weighted importance per metric and module: ``g(sum(stat_sum) / sum(n_tokens))`` over samples.
 
     ``by`` adds grouping columns (for example ``["distribution"]``).
     """
-    keys = [*by, "layer", "module"]
+    keys = ["metric", *by, "layer", "module"]
     grouped = per_sample.groupby(keys, sort=False, observed=True).agg(
-        cos_sum=("cos_sum", "sum"), n_tokens=("n_tokens", "sum"), n_samples=("sample", "nunique")
-    )
-    grouped["importance"] = 1.0 - grouped["cos_sum"] / grouped["n_tokens"]
-    out = grouped.reset_index()
-    out["module"] = pd.Categorical(out["module"], categories=MODULES)
-    return out.sort_values(keys, kind="stable").reset_index(drop=True).assign(module=lambda f: f["module"].astype(str))
+        stat_sum=("stat_sum", "sum"), n_tokens=("n_tokens", "sum"), n_samples=("sample", "nunique")
+    ).reset_index()
+    grouped["importance"] = importance_column(grouped)
+    order = {name: i for i, name in enumerate(dict.fromkeys(per_sample["metric"]))}
+    out = grouped.assign(_metric=grouped["metric"].map(order), module=pd.Categorical(grouped["module"], categories=MODULES))
+    out = out.sort_values(["_metric", *by, "layer", "module"], kind="stable").drop(columns="_metric").reset_index(drop=True)
+    return out.assign(module=out["module"].astype(str))
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -235,26 +263,46 @@ def is_main_process() -> bool:
     return rank_and_world()[0] == 0
 
 
+def _split_metrics(metrics) -> tuple[tuple[str, ...], bool]:
+    """The proxy metrics among ``metrics`` and whether the ablation ground truth is asked for."""
+    names = check_metrics(metrics)
+    return tuple(n for n in names if get_metric(n).is_proxy), GROUND_TRUTH in names
+
+
+def _score_batch(model, recorder, ids, mask, ground_truth: bool):
+    """One forward pass: proxy sums ``(rows, layers, 3, proxies)`` and, if asked, ablation ΔNLL sums and predicted tokens."""
+    recorder.begin_batch(mask)
+    if not ground_truth:
+        model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
+        return recorder.end_batch(), None
+    increase, n_predicted = single_drop_increase(model, ids, mask)
+    return recorder.end_batch(), (increase, n_predicted)
+
+
 def score_token_batches(
     model: torch.nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
     *,
+    metrics: Sequence[str] | str = PROXY_DEFAULT,
     total: int | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Per-sample score rows for token batches (``input_ids``, ``attention_mask``, optional ``sample``).
+    """Per-sample score rows (``metric, sample, layer, module, stat_sum, n_tokens, importance``) for
+    token batches (``input_ids``, ``attention_mask``, optional ``sample``).
 
-    One forward pass of the base model (no LM head, no KV cache) per batch; positions are
+    One forward pass per batch gives every proxy metric (the base model, no LM head, when no
+    ground truth is asked; no KV cache); ``ablation`` adds the re-runs of
+    :func:`analysis.ablation.single_drop_increase` from that pass's block inputs.  Positions are
     counted over real tokens so left and right padding give the same result.  Under
     torch.distributed (``torchrun``, ``accelerate launch``) process r scores batches
     r, r + W, r + 2W, ... and every process returns all rows, gathered.
     """
+    proxies, ground_truth = _split_metrics(metrics)
     device = input_device(model)
-    base = model.base_model
     rank, world = rank_and_world()
-    cos_sums, n_tokens, samples = [], [], []
+    proxy_sums, truth_sums, n_tokens, n_predicted, samples = [], [], [], [], []
     next_sample = 0
-    with ResidualCosineRecorder(model) as recorder, torch.inference_mode():
+    with ResidualRecorder(model, proxies) as recorder, torch.inference_mode():
         for index, batch in enumerate(tqdm(batches, total=total, desc="scoring", unit="batch", disable=not progress or rank > 0)):
             rows = batch["input_ids"].shape[0]
             batch_samples = list(batch.get("sample", range(next_sample, next_sample + rows)))
@@ -262,23 +310,35 @@ def score_token_batches(
             if index % world != rank:
                 continue
             mask = batch["attention_mask"].to(device)
-            ids = batch["input_ids"].to(device)
-            recorder.begin_batch(mask)
-            base(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
-            cos_sums.append(recorder.end_batch())
+            sums, truth = _score_batch(model, recorder, batch["input_ids"].to(device), mask, ground_truth)
+            proxy_sums.append(sums)
+            if truth is not None:
+                truth_sums.append(truth[0])
+                n_predicted.append(truth[1])
             n_tokens.append(mask.sum(-1).cpu().numpy())
             samples.extend(int(s) for s in batch_samples)
-    shard = (cos_sums, n_tokens, samples)
+    shard = (proxy_sums, truth_sums, n_tokens, n_predicted, samples)
     if world > 1:
         gathered: list = [None] * world
         torch.distributed.all_gather_object(gathered, shard)
-        cos_sums = [c for part in gathered for c in part[0]]
-        n_tokens = [n for part in gathered for n in part[1]]
-        samples = [s for part in gathered for s in part[2]]
-    if not cos_sums:
+        shard = tuple([item for part in gathered for item in part[field]] for field in range(len(shard)))
+    proxy_sums, truth_sums, n_tokens, n_predicted, samples = shard
+    if not n_tokens:
         raise InputError("no batches to score: give at least one sample")
-    frame = per_sample_frame(np.concatenate(cos_sums), np.concatenate(n_tokens), samples)
-    return frame.sort_values(["sample", "layer"], kind="stable").reset_index(drop=True) if world > 1 else frame
+    parts = []
+    if proxies:
+        stacked = np.concatenate(proxy_sums)
+        parts += [per_sample_frame(stacked[..., j], np.concatenate(n_tokens), samples, name) for j, name in enumerate(proxies)]
+    if ground_truth:
+        parts.append(per_sample_frame(np.concatenate(truth_sums), np.concatenate(n_predicted), samples, GROUND_TRUTH))
+    frame = pd.concat(parts, ignore_index=True)
+    return frame.sort_values(["metric", "sample", "layer"], kind="stable", key=_metric_order_key(frame)).reset_index(drop=True)
+
+
+def _metric_order_key(frame: pd.DataFrame):
+    """Sort key keeping metrics in the order they appear (for ``sort_values(key=...)``)."""
+    order = {name: i for i, name in enumerate(dict.fromkeys(frame["metric"]))}
+    return lambda column: column.map(order) if column.name == "metric" else column
 
 
 def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int, side: str) -> dict[str, torch.Tensor]:
@@ -337,27 +397,29 @@ def score_texts(
     *,
     max_length: int = 512,
     batch_size: int = 8,
+    metrics: Sequence[str] | str = PROXY_DEFAULT,
     per_sample: bool = False,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Importance ``S = 1 - mean_t cos(X_t, Y_t)`` of every attention, MLP and block of ``model``.
+    """Importance of every attention, MLP and block of ``model`` under each metric
+    (default ``S = 1 - mean_t cos(X_t, Y_t)``, He et al. 2024; see :mod:`analysis.metrics`).
 
     Each text is one sample, tokenized with ``tokenizer(text, truncation=True,
     max_length=max_length)``; the mean runs over all real tokens of all texts.  Returns one
-    row per ``(layer, module)`` with ``importance``, ``cos_sum``, ``n_tokens`` and
-    ``n_samples``, or with ``per_sample=True`` one row per ``(sample, layer, module)`` from
-    which :func:`aggregate_importance` recomputes the aggregate exactly.
+    row per ``(metric, layer, module)`` with ``importance``, ``stat_sum``, ``n_tokens`` and
+    ``n_samples``, or with ``per_sample=True`` one row per ``(metric, sample, layer, module)``
+    from which :func:`aggregate_importance` recomputes the aggregate exactly.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer (got {batch_size!r})")
     sequences = tokenize_texts(tokenizer, texts, max_length)
     batches = length_sorted_batches(sequences, batch_size, pad_token_id(tokenizer), tokenizer.padding_side)
-    rows = score_token_batches(model, batches, total=-(-len(sequences) // batch_size), progress=progress)
-    rows = rows.sort_values(["sample", "layer"], kind="stable").reset_index(drop=True)
+    rows = score_token_batches(model, batches, metrics=metrics, total=-(-len(sequences) // batch_size), progress=progress)
+    rows = rows.sort_values(["metric", "sample", "layer"], kind="stable", key=_metric_order_key(rows)).reset_index(drop=True)
     return rows if per_sample else aggregate_importance(rows)
 
 
-SCORING_VERSION = 1
+SCORING_VERSION = 2
 
 
 def distribution_cache_key(model_record: dict, manifest: dict, name: str, settings: dict) -> str:
@@ -382,10 +444,11 @@ def score_distributions(
     batch_size: int = 8,
     seed: int = 0,
     split: str = "calibration",
+    metrics: Sequence[str] | str = PROXY_DEFAULT,
     cache: Path | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Per-sample score rows of ``model`` on each distribution, with a ``distribution`` column.
+    """Per-sample score rows of ``model`` on each distribution under each metric, with a ``distribution`` column.
 
     Each distribution gives ``n_samples`` windows of ``seq_len`` tokens
     (:func:`analysis.data.calibration_samples`).  Each distribution's table is saved under
@@ -393,7 +456,7 @@ def score_distributions(
     and dtype, the manifest's checksum and the settings, so a rerun or an interrupted run
     recomputes nothing already saved.  Models without a weights checksum are not cached.
     """
-    settings = {"n_samples": n_samples, "seq_len": seq_len, "seed": seed, "split": split}
+    settings = {"n_samples": n_samples, "seq_len": seq_len, "seed": seed, "split": split, "metrics": list(check_metrics(metrics))}
     record = model_info(model)
     cache = Path(cache) if cache is not None else cache_dir() / "scores"
     tables = []
@@ -408,7 +471,7 @@ def score_distributions(
             data.load_distribution(name, split), tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed
         )
         rows = score_token_batches(
-            model, data.token_batches(samples, batch_size), total=-(-len(samples) // batch_size), progress=progress
+            model, data.token_batches(samples, batch_size), metrics=metrics, total=-(-len(samples) // batch_size), progress=progress
         ).assign(distribution=name)
         if record.get("weights_sha256") and is_main_process():
             sources = [{k: s.get(k) for k in ("id", "registry", "package", "version", "sha256")} for s in manifest["sources"]]

@@ -1,13 +1,16 @@
 """How much a module ranking moves between calibration distributions, and how much is noise.
 
 Input: score tables from :func:`analysis.score_distributions` (per-sample rows with
-``distribution, sample, layer, module, cos_sum, n_tokens``) or aggregates (``importance``).
+``metric, distribution, sample, layer, module, stat_sum, n_tokens``) or aggregates
+(``importance``).  Each function works on one metric (``metric=``; a table of one metric, or
+without a ``metric`` column, needs none; a table without one is read as ``cosine``).
 Candidates of a ranking: the layers of one module kind (``attn``, ``mlp``, ``block``), or for
 ``joint`` the 2L attention and MLP sublayers together, labelled ``attn:i`` / ``mlp:i``.
 The size-k drop set under a distribution is its k least important candidates.
 
-Importance of a set of samples ``s`` re-aggregates token-weighted:
-``1 - sum_s cos_sum[s] / sum_s n_tokens[s]``, also inside every bootstrap or permutation.
+Importance of a set of samples ``s`` re-aggregates token-weighted through the metric's
+``g`` (:mod:`analysis.metrics`): ``g(sum_s stat_sum[s] / sum_s n_tokens[s])``, also inside
+every bootstrap or permutation.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ import pandas as pd
 from scipy import stats
 
 from .errors import InputError
+from .metrics import get_metric, importance_from_sums
 
 MODULE_KINDS = ("attn", "mlp", "block", "joint")
 
 
 def check_scores(scores: pd.DataFrame, *, per_sample: bool = False) -> None:
     """Raise a clear error unless ``scores`` is one model's table over two or more distributions."""
-    need = {"distribution", "layer", "module"} | ({"sample", "cos_sum", "n_tokens"} if per_sample else set())
+    need = {"distribution", "layer", "module"} | ({"sample", "stat_sum", "n_tokens"} if per_sample else set())
     missing = need - set(scores.columns)
     if missing:
         kind = "per-sample score rows (score_distributions or `calibdrop score`)" if per_sample else "a score table"
@@ -38,6 +42,24 @@ def check_scores(scores: pd.DataFrame, *, per_sample: bool = False) -> None:
         raise InputError(f"the distributions were scored with different settings: {settings}")
     if scores["distribution"].nunique() < 2:
         raise InputError("stability needs scores of at least two distributions; score more with --distributions")
+
+
+def metrics_in(scores: pd.DataFrame) -> list[str]:
+    """The metrics of a score table, in order of appearance (``["cosine"]`` for a table without a ``metric`` column)."""
+    return list(dict.fromkeys(scores["metric"])) if "metric" in scores.columns else ["cosine"]
+
+
+def one_metric(scores: pd.DataFrame, metric: str | None = None) -> tuple[pd.DataFrame, str]:
+    """The rows of one metric and its name; ``metric=None`` is allowed when the table holds only one."""
+    present = metrics_in(scores)
+    if metric is None:
+        if len(present) > 1:
+            raise InputError(f"the table holds metrics {', '.join(present)}: choose one with metric=...")
+        metric = present[0]
+    get_metric(metric)
+    if metric not in present:
+        raise InputError(f"the table has no {metric!r} scores; it holds {', '.join(present)}")
+    return (scores[scores["metric"] == metric] if "metric" in scores.columns else scores), metric
 
 
 def candidate_labels(frame: pd.DataFrame, module: str) -> pd.Series:
@@ -60,12 +82,13 @@ def _candidate_order(rows: pd.DataFrame) -> list:
     return list(dict.fromkeys(rows.assign(kind=kind).sort_values(["kind", "layer"], kind="stable")["candidate"]))
 
 
-def importance_matrix(scores: pd.DataFrame, module: str = "attn") -> pd.DataFrame:
-    """Candidates × distributions of importance (token-weighted over samples for per-sample rows)."""
+def importance_matrix(scores: pd.DataFrame, module: str = "attn", metric: str | None = None) -> pd.DataFrame:
+    """Candidates × distributions of one metric's importance (token-weighted over samples for per-sample rows)."""
+    scores, metric = one_metric(scores, metric)
     rows = _rows_of(scores, module)
-    if "cos_sum" in rows.columns and "sample" in rows.columns:
-        sums = rows.groupby(["distribution", "candidate"], sort=False)[["cos_sum", "n_tokens"]].sum()
-        values = (1 - sums["cos_sum"] / sums["n_tokens"]).rename("importance").reset_index()
+    if "stat_sum" in rows.columns and "sample" in rows.columns:
+        sums = rows.groupby(["distribution", "candidate"], sort=False)[["stat_sum", "n_tokens"]].sum()
+        values = pd.Series(importance_from_sums(metric, sums["stat_sum"], sums["n_tokens"]), index=sums.index, name="importance").reset_index()
     else:
         values = rows[["distribution", "candidate", "importance"]]
     matrix = values.pivot(index="candidate", columns="distribution", values="importance")
@@ -109,17 +132,18 @@ def pair_statistics(x: np.ndarray, y: np.ndarray, k_values: Sequence[int]) -> di
     return out
 
 
-def rank_agreement(scores: pd.DataFrame, *, module: str = "attn", k: Sequence[int] = (4, 8)) -> pd.DataFrame:
+def rank_agreement(scores: pd.DataFrame, *, module: str = "attn", k: Sequence[int] = (4, 8), metric: str | None = None) -> pd.DataFrame:
     """One row per pair of distributions: Spearman ρ, Kendall τ-b, weighted τ, Jaccard@k of drop sets.
 
     Weighted τ is ``scipy.stats.weightedtau`` on negated importances, so the least important
     candidates (the drop candidates) weigh most.
     """
     check_scores(scores)
+    scores, metric = one_metric(scores, metric)
     matrix = importance_matrix(scores, module)
     k_values = _check_k(k, len(matrix))
     rows = [
-        {"module": module, "a": a, "b": b, **pair_statistics(matrix[a].to_numpy(), matrix[b].to_numpy(), k_values)}
+        {"metric": metric, "module": module, "a": a, "b": b, **pair_statistics(matrix[a].to_numpy(), matrix[b].to_numpy(), k_values)}
         for a, b in combinations(matrix.columns, 2)
     ]
     return pd.DataFrame(rows)
@@ -128,29 +152,37 @@ def rank_agreement(scores: pd.DataFrame, *, module: str = "attn", k: Sequence[in
 # ---------------------------------------------------------------- resampling
 
 
-def sample_arrays(scores: pd.DataFrame, module: str) -> dict[str, tuple[np.ndarray, np.ndarray, list]]:
-    """Per distribution: ``cos_sum (samples, candidates)``, ``n_tokens (samples,)`` and candidate labels."""
+class SampleArrays(dict):
+    """Per distribution: ``stat_sum (samples, candidates)``, ``n_tokens (samples,)`` and candidate labels; ``.metric`` names the metric."""
+
+    metric: str
+
+
+def sample_arrays(scores: pd.DataFrame, module: str, metric: str | None = None) -> SampleArrays:
+    """Per distribution: ``stat_sum (samples, candidates)``, ``n_tokens (samples,)`` and candidate labels of one metric."""
     check_scores(scores, per_sample=True)
+    scores, metric = one_metric(scores, metric)
     rows = _rows_of(scores, module)
     order = _candidate_order(rows)
-    arrays = {}
+    arrays = SampleArrays()
+    arrays.metric = metric
     for name, part in rows.groupby("distribution", sort=False):
-        cos = part.pivot(index="sample", columns="candidate", values="cos_sum")[order]
-        tokens = part.groupby("sample")["n_tokens"].first().loc[cos.index]
-        arrays[name] = (cos.to_numpy(), tokens.to_numpy(dtype=float), order)
+        sums = part.pivot(index="sample", columns="candidate", values="stat_sum")[order]
+        tokens = part.groupby("sample")["n_tokens"].first().loc[sums.index]
+        arrays[name] = (sums.to_numpy(), tokens.to_numpy(dtype=float), order)
     return arrays
 
 
-def weighted_importance(weights: np.ndarray, cos: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-    """``1 - (W @ cos) / (W @ n_tokens)`` for sample-weight rows ``W (replicates, samples)``."""
-    return 1 - (weights @ cos) / (weights @ tokens)[:, None]
+def weighted_importance(weights: np.ndarray, sums: np.ndarray, tokens: np.ndarray, metric: str) -> np.ndarray:
+    """``g((W @ stat_sum) / (W @ n_tokens))`` for sample-weight rows ``W (replicates, samples)``."""
+    return get_metric(metric).importance((weights @ sums) / (weights @ tokens)[:, None])
 
 
-def bootstrap_replicates(cos, tokens, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+def bootstrap_replicates(sums, tokens, n_boot: int, rng: np.random.Generator, metric: str) -> np.ndarray:
     """``(n_boot, candidates)`` importances of samples drawn with replacement, token-weighted."""
     n = len(tokens)
     counts = rng.multinomial(n, np.full(n, 1 / n), size=n_boot).astype(float)
-    return weighted_importance(counts, cos, tokens)
+    return weighted_importance(counts, sums, tokens, metric)
 
 
 def rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -170,13 +202,19 @@ def rowwise_jaccard(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
     return inter / (2 * k - inter)
 
 
+def _check_count(name: str, value: int) -> None:
+    if not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"{name} must be a positive integer (got {value!r})")
+
+
 def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
     tail = (1 - level) / 2 * 100
     return tuple(np.nanpercentile(values, [tail, 100 - tail]))
 
 
 def bootstrap(
-    scores: pd.DataFrame, *, module: str = "attn", k: Sequence[int] = (4, 8), n_boot: int = 1000, level: float = 0.95, seed: int = 0
+    scores: pd.DataFrame, *, module: str = "attn", k: Sequence[int] = (4, 8), n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+    metric: str | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Bootstrap over samples (token-weighted re-aggregation), seeded.
 
@@ -185,24 +223,25 @@ def bootstrap(
     point Spearman ρ and Jaccard@k with their bootstrap CIs; each distribution resampled
     independently).
     """
-    arrays = sample_arrays(scores, module)
+    arrays = sample_arrays(scores, module, metric)
     k_values = _check_k(k, len(next(iter(arrays.values()))[2]))
+    _check_count("n_boot", n_boot)
     rng = np.random.default_rng(seed)
     replicates, point = {}, {}
     rows = []
-    for name, (cos, tokens, labels) in arrays.items():
-        replicates[name] = bootstrap_replicates(cos, tokens, n_boot, rng)
-        point[name] = weighted_importance(np.ones((1, len(tokens))), cos, tokens)[0]
+    for name, (sums, tokens, labels) in arrays.items():
+        replicates[name] = bootstrap_replicates(sums, tokens, n_boot, rng, arrays.metric)
+        point[name] = weighted_importance(np.ones((1, len(tokens))), sums, tokens, arrays.metric)[0]
         ranks = np.argsort(np.argsort(replicates[name], axis=1, kind="stable"), axis=1)
         for index, label in enumerate(labels):
             low, high = _interval(replicates[name][:, index], level)
-            row = {"distribution": name, "candidate": label, "importance": point[name][index], "ci_low": low, "ci_high": high}
+            row = {"metric": arrays.metric, "distribution": name, "candidate": label, "importance": point[name][index], "ci_low": low, "ci_high": high}
             row.update({f"p_drop@{kk}": float((ranks[:, index] < kk).mean()) for kk in k_values})
             rows.append(row)
     pair_rows = []
     for a, b in combinations(arrays, 2):
         rho = rowwise_spearman(replicates[a], replicates[b])
-        row = {"module": module, "a": a, "b": b, "spearman": stats.spearmanr(point[a], point[b]).statistic}
+        row = {"metric": arrays.metric, "module": module, "a": a, "b": b, "spearman": stats.spearmanr(point[a], point[b]).statistic}
         row["spearman_ci_low"], row["spearman_ci_high"] = _interval(rho, level)
         for kk in k_values:
             row[f"jaccard@{kk}"] = jaccard(drop_set(point[a], kk), drop_set(point[b], kk))
@@ -212,28 +251,29 @@ def bootstrap(
 
 
 def split_half_reliability(
-    scores: pd.DataFrame, *, module: str = "attn", k: Sequence[int] = (4, 8), n_splits: int = 200, level: float = 0.95, seed: int = 0
+    scores: pd.DataFrame, *, module: str = "attn", k: Sequence[int] = (4, 8), n_splits: int = 200, level: float = 0.95, seed: int = 0,
+    metric: str | None = None,
 ) -> pd.DataFrame:
     """The noise floor per distribution: Spearman ρ between the rankings of random halves of its
     samples, Spearman-Brown corrected to full size (``2ρ / (1 + ρ)``), and Jaccard@k of the
     halves' drop sets (uncorrected, so a conservative floor); means and CIs over ``n_splits``.
     """
-    arrays = sample_arrays(scores, module)
+    arrays = sample_arrays(scores, module, metric)
     k_values = _check_k(k, len(next(iter(arrays.values()))[2]))
     rng = np.random.default_rng(seed)
     rows = []
-    for name, (cos, tokens, _) in arrays.items():
+    for name, (sums, tokens, _) in arrays.items():
         n = len(tokens)
         if n < 4:
             raise InputError(f"distribution {name!r} has {n} samples; split-half reliability needs at least 4")
         halves = np.zeros((n_splits, n))
         for row in halves:
             row[rng.permutation(n)[: n // 2]] = 1
-        first = weighted_importance(halves, cos, tokens)
-        second = weighted_importance(1 - halves, cos, tokens)
+        first = weighted_importance(halves, sums, tokens, arrays.metric)
+        second = weighted_importance(1 - halves, sums, tokens, arrays.metric)
         rho = rowwise_spearman(first, second)
         corrected = 2 * rho / (1 + rho)
-        out = {"distribution": name, "module": module, "n_samples": n, "split_half_spearman": float(np.nanmean(rho)),
+        out = {"metric": arrays.metric, "distribution": name, "module": module, "n_samples": n, "split_half_spearman": float(np.nanmean(rho)),
                "reliability": float(np.nanmean(corrected))}
         out["reliability_ci_low"], out["reliability_ci_high"] = _interval(corrected, level)
         for kk in k_values:
@@ -243,7 +283,7 @@ def split_half_reliability(
 
 
 def permutation_test(
-    scores: pd.DataFrame, *, module: str = "attn", k: Sequence[int] = (4, 8), n_perm: int = 1000, seed: int = 0
+    scores: pd.DataFrame, *, module: str = "attn", k: Sequence[int] = (4, 8), n_perm: int = 1000, seed: int = 0, metric: str | None = None
 ) -> pd.DataFrame:
     """Is the disagreement of two distributions larger than resampling noise?
 
@@ -251,22 +291,23 @@ def permutation_test(
     null shuffles the sample labels between the two distributions (group sizes kept).
     ``p = (1 + #{null >= observed}) / (1 + n_perm)``.
     """
-    arrays = sample_arrays(scores, module)
+    arrays = sample_arrays(scores, module, metric)
     k_values = _check_k(k, len(next(iter(arrays.values()))[2]))
+    _check_count("n_perm", n_perm)
     rng = np.random.default_rng(seed)
     rows = []
     for a, b in combinations(arrays, 2):
-        cos = np.vstack([arrays[a][0], arrays[b][0]])
+        sums = np.vstack([arrays[a][0], arrays[b][0]])
         tokens = np.concatenate([arrays[a][1], arrays[b][1]])
         n_a = len(arrays[a][1])
         labels = np.zeros((n_perm + 1, len(tokens)))
         labels[0, :n_a] = 1
         for row in labels[1:]:
             row[rng.permutation(len(tokens))[:n_a]] = 1
-        first = weighted_importance(labels, cos, tokens)
-        second = weighted_importance(1 - labels, cos, tokens)
+        first = weighted_importance(labels, sums, tokens, arrays.metric)
+        second = weighted_importance(1 - labels, sums, tokens, arrays.metric)
         disagreement = 1 - rowwise_spearman(first, second)
-        out = {"module": module, "a": a, "b": b, "spearman": 1 - disagreement[0],
+        out = {"metric": arrays.metric, "module": module, "a": a, "b": b, "spearman": 1 - disagreement[0],
                "p_spearman": float((1 + (disagreement[1:] >= disagreement[0] - 1e-12).sum()) / (1 + n_perm))}
         for kk in k_values:
             distance = 1 - rowwise_jaccard(first, second, kk)
@@ -283,6 +324,7 @@ def convergence(
     repeats: int = 20,
     target: float = 0.9,
     seed: int = 0,
+    metric: str | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Rankings from ``n`` random samples (n = 4, 8, 16, ... and all) against the all-sample ranking.
 
@@ -290,27 +332,27 @@ def convergence(
     Jaccard@k) and per distribution the smallest n whose mean ρ reaches ``target`` (NaN when
     even all samples do not, which cannot happen at n = all).
     """
-    arrays = sample_arrays(scores, module)
+    arrays = sample_arrays(scores, module, metric)
     _check_k((k,), len(next(iter(arrays.values()))[2]))
     rng = np.random.default_rng(seed)
     curve, summary = [], []
-    for name, (cos, tokens, _) in arrays.items():
+    for name, (sums, tokens, _) in arrays.items():
         n_total = len(tokens)
-        full = weighted_importance(np.ones((1, n_total)), cos, tokens)
+        full = weighted_importance(np.ones((1, n_total)), sums, tokens, arrays.metric)
         sizes = [n for n in 2 ** np.arange(2, 20) if n < n_total] + [n_total]
         reached = np.nan
         for n in sizes:
             weights = np.zeros((repeats, n_total))
             for row in weights:
                 row[rng.choice(n_total, size=n, replace=False)] = 1
-            sub = weighted_importance(weights, cos, tokens)
+            sub = weighted_importance(weights, sums, tokens, arrays.metric)
             rho = rowwise_spearman(sub, np.repeat(full, repeats, axis=0))
             jac = rowwise_jaccard(sub, np.repeat(full, repeats, axis=0), k)
-            curve.append({"distribution": name, "module": module, "n": int(n), "spearman_mean": rho.mean(), "spearman_std": rho.std(),
+            curve.append({"metric": arrays.metric, "distribution": name, "module": module, "n": int(n), "spearman_mean": rho.mean(), "spearman_std": rho.std(),
                           f"jaccard@{k}_mean": jac.mean(), f"jaccard@{k}_std": jac.std()})
             if np.isnan(reached) and rho.mean() >= target:
                 reached = int(n)
-        summary.append({"distribution": name, "module": module, "n_available": n_total, "target_spearman": target, "n_required": reached})
+        summary.append({"metric": arrays.metric, "distribution": name, "module": module, "n_available": n_total, "target_spearman": target, "n_required": reached})
     return pd.DataFrame(curve), pd.DataFrame(summary)
 
 
@@ -324,28 +366,30 @@ def stability_tables(
     n_splits: int = 200,
     seed: int = 0,
 ) -> dict[str, pd.DataFrame]:
-    """Every stability table for every module kind, concatenated (a ``module`` column tells them apart).
+    """Every stability table for every metric and module kind, concatenated (``metric`` and ``module`` columns tell them apart).
 
     Keys: ``agreement``, ``bootstrap_importance``, ``bootstrap_pairs``, ``split_half``,
     ``permutation``, ``convergence``, ``convergence_summary``.
     """
     parts: dict[str, list[pd.DataFrame]] = {}
-    for module in modules:
-        n_candidates = len(importance_matrix(scores, module))
-        k_values = tuple(kk for kk in k if kk <= n_candidates)
-        boot = bootstrap(scores, module=module, k=k_values, n_boot=n_boot, seed=seed)
-        curve, summary = convergence(scores, module=module, k=max(k_values), seed=seed)
-        tables = {
-            "agreement": rank_agreement(scores, module=module, k=k_values),
-            "bootstrap_importance": boot["importance"],
-            "bootstrap_pairs": boot["pairs"],
-            "split_half": split_half_reliability(scores, module=module, k=k_values, n_splits=n_splits, seed=seed),
-            "permutation": permutation_test(scores, module=module, k=k_values, n_perm=n_perm, seed=seed),
-            "convergence": curve,
-            "convergence_summary": summary,
-        }
-        for name, table in tables.items():
-            parts.setdefault(name, []).append(table)
+    for metric in metrics_in(scores):
+        for module in modules:
+            n_candidates = len(importance_matrix(scores, module, metric))
+            k_values = tuple(kk for kk in k if kk <= n_candidates)
+            options = dict(module=module, seed=seed, metric=metric)
+            boot = bootstrap(scores, k=k_values, n_boot=n_boot, **options)
+            curve, summary = convergence(scores, k=max(k_values), **options)
+            tables = {
+                "agreement": rank_agreement(scores, module=module, k=k_values, metric=metric),
+                "bootstrap_importance": boot["importance"],
+                "bootstrap_pairs": boot["pairs"],
+                "split_half": split_half_reliability(scores, k=k_values, n_splits=n_splits, **options),
+                "permutation": permutation_test(scores, k=k_values, n_perm=n_perm, **options),
+                "convergence": curve,
+                "convergence_summary": summary,
+            }
+            for name, table in tables.items():
+                parts.setdefault(name, []).append(table)
     combined = {name: pd.concat(tables, ignore_index=True) for name, tables in parts.items()}
     combined["bootstrap_importance"]["candidate"] = combined["bootstrap_importance"]["candidate"].astype(str)
     return combined

@@ -37,7 +37,7 @@ def main():
     batches = [{"input_ids": ids, "attention_mask": mask}]
     a = score_token_batches(whole, batches, progress=False)
     b = score_token_batches(split, batches, progress=False)
-    score_diff = float(np.abs(a["cos_sum"] / a["n_tokens"] - b["cos_sum"] / b["n_tokens"]).max())
+    score_diff = float(np.abs(a["stat_sum"] / a["n_tokens"] - b["stat_sum"] / b["n_tokens"]).max())
     drop_modules(whole, attn=[2, 6], mlp=[5])
     drop_modules(split, attn=[2, 6], mlp=[5])
     with torch.inference_mode():

@@ -9,10 +9,14 @@ i when its attention is replaced instead.
 from __future__ import annotations
 
 import contextlib
+import copy
+import math
 
 import pandas as pd
 import torch
 from torch import nn
+
+from analysis.pruning import drop_modules
 
 
 class ZeroBranch(nn.Module):
@@ -43,13 +47,21 @@ def hidden_states(model, ids) -> tuple[torch.Tensor, ...]:
         return model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
 
 
-def cosine_sum(x, y) -> float:
-    return torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1).sum().item()
+def _cos(x, y):
+    return torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1)
+
+
+TOKEN_STATISTICS = {
+    "cosine": (_cos, lambda mean: 1 - mean),
+    "angular": (lambda x, y: torch.arccos(_cos(x, y).clamp(-1, 1)) / math.pi, lambda mean: mean),
+    "relative_update": (lambda x, y: (y.double() - x.double()).norm(dim=-1) / x.double().norm(dim=-1), lambda mean: mean),
+}
 
 
 @torch.no_grad()
-def reference_importance(model, sequences, attn_name: str, mlp_name: str, parallel: bool) -> pd.DataFrame:
-    """Token-weighted ``1 - mean cos`` per (layer, module), computed without hooks."""
+def reference_importance(model, sequences, attn_name: str, mlp_name: str, parallel: bool, metric: str = "cosine") -> pd.DataFrame:
+    """Token-weighted importance of a proxy metric per (layer, module), computed without hooks in float64."""
+    statistic, importance = TOKEN_STATISTICS[metric]
     layers = model.base_model.layers
     sums: dict[tuple[int, str], float] = {}
     n_tokens = 0
@@ -67,6 +79,49 @@ def reference_importance(model, sequences, attn_name: str, mlp_name: str, parall
             else:
                 mlp_x, mlp_y = mid, post
             for module, (x, y) in {"attn": (pre, mid), "mlp": (mlp_x, mlp_y), "block": (pre, post)}.items():
-                sums[(i, module)] = sums.get((i, module), 0.0) + cosine_sum(x, y)
-    rows = [{"layer": i, "module": m, "importance": 1 - s / n_tokens} for (i, m), s in sums.items()]
+                sums[(i, module)] = sums.get((i, module), 0.0) + statistic(x, y).sum().item()
+    rows = [{"layer": i, "module": m, "importance": importance(s / n_tokens)} for (i, m), s in sums.items()]
     return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def sequence_nll(model, sequences) -> tuple[float, int]:
+    """Summed next-token NLL over sequences, one at a time, and the number of predicted tokens."""
+    total, count = 0.0, 0
+    for seq in sequences:
+        ids = torch.tensor([seq])
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].double()
+        total += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        count += len(seq) - 1
+    return total, count
+
+
+def slow_ablation(model, sequences) -> pd.DataFrame:
+    """Mean ΔNLL per predicted token of each module dropped alone, with ``drop_modules`` on a deep copy."""
+    base, count = sequence_nll(model, sequences)
+    rows = []
+    for i in range(model.config.num_hidden_layers):
+        for module, argument in (("attn", "attn"), ("mlp", "mlp"), ("block", "blocks")):
+            pruned = drop_modules(copy.deepcopy(model), **{argument: [i]})
+            rows.append({"layer": i, "module": module, "importance": (sequence_nll(pruned, sequences)[0] - base) / count})
+    return pd.DataFrame(rows)
+
+
+def slow_greedy(model, sequences_by_distribution, module: str, k: int, objective: str) -> list:
+    """Greedy drop set, every step trying every remaining candidate with ``drop_modules`` on a copy."""
+    names = list(sequences_by_distribution) if objective == "robust" else [objective]
+    base = {d: sequence_nll(model, sequences_by_distribution[d]) for d in names}
+    n_layers = model.config.num_hidden_layers
+    labels = [f"{kind}:{i}" for kind in ("attn", "mlp") for i in range(n_layers)] if module == "joint" else list(range(n_layers))
+    chosen = []
+    for _ in range(k):
+        costs = {}
+        for label in labels:
+            if label in chosen:
+                continue
+            trial = [*chosen, label]
+            kwargs = {"joint": trial} if module == "joint" else {{"block": "blocks"}.get(module, module): trial}
+            pruned = drop_modules(copy.deepcopy(model), **kwargs)
+            costs[label] = max((sequence_nll(pruned, sequences_by_distribution[d])[0] - base[d][0]) / base[d][1] for d in names)
+        chosen.append(min(costs, key=costs.get))
+    return chosen

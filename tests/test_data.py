@@ -181,4 +181,4 @@ def test_scores_per_distribution_are_cached_and_reused(tmp_path, monkeypatch):
 
     monkeypatch.setattr("analysis.scoring.score_token_batches", fail)
     again = score_distributions(model, byte_tokenizer(), ["general", "math"], **kwargs)
-    np.testing.assert_array_equal(again["cos_sum"], first["cos_sum"])
+    np.testing.assert_array_equal(again["stat_sum"], first["stat_sum"])

@@ -55,11 +55,11 @@ def test_per_sample_rows_reaggregate_exactly():
     model, tokenizer = tiny_model("llama"), byte_tokenizer()
     rows = score_texts(model, tokenizer, TEXTS, per_sample=True, progress=False)
     assert set(rows["sample"]) == set(range(len(TEXTS)))
-    assert {"sample", "layer", "module", "cos_sum", "n_tokens", "importance"} <= set(rows.columns)
+    assert {"metric", "sample", "layer", "module", "stat_sum", "n_tokens", "importance"} <= set(rows.columns)
     direct = score_texts(model, tokenizer, TEXTS, progress=False)
     pd.testing.assert_frame_equal(aggregate_importance(rows), direct)
     one = rows[rows["sample"] == 0]
-    np.testing.assert_allclose(one["importance"], 1 - one["cos_sum"] / one["n_tokens"])
+    np.testing.assert_allclose(one["importance"], 1 - one["stat_sum"] / one["n_tokens"])
 
 
 def test_importance_differs_between_modules_and_is_in_range():

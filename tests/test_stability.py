@@ -23,7 +23,7 @@ def per_sample_table(means: dict[str, np.ndarray], n_samples: int, noise: float,
             tokens = int(rng.integers(50, 150))
             per_sample = mu + rng.normal(0, noise, size=len(mu))
             for layer, value in enumerate(per_sample):
-                rows.append({"distribution": d, "sample": s, "layer": layer, "module": "attn", "cos_sum": tokens * (1 - value), "n_tokens": tokens})
+                rows.append({"distribution": d, "sample": s, "layer": layer, "module": "attn", "stat_sum": tokens * (1 - value), "n_tokens": tokens})
     return pd.DataFrame(rows)
 
 
@@ -174,7 +174,7 @@ def test_leave_one_out_reports_consensus_beside_single_sets():
         (lambda t: stability.rank_agreement(t, k=(9,)), "k=9 is outside 1..4"),
         (lambda t: consensus.consensus_drop_set(t, k=2, method="vote"), "unknown consensus method 'vote'"),
         (lambda t: consensus.consensus_drop_set(t, module="heads"), "module must be one of"),
-        (lambda t: stability.bootstrap(t), "missing columns: cos_sum, n_tokens, sample"),
+        (lambda t: stability.bootstrap(t), "missing columns: n_tokens, sample, stat_sum"),
     ],
 )
 def test_wrong_input_is_a_clear_error(call, message):

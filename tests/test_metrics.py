@@ -1,0 +1,94 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from analysis import adapter_for, score_texts
+from analysis.ablation import greedy_drop_path, greedy_set
+from analysis.errors import InputError
+from analysis.metrics import METRICS, get_metric, register_metric
+from analysis.scoring import tokenize_texts
+
+from reference import reference_importance, slow_ablation, slow_greedy
+from tiny import CONFIGS, byte_tokenizer, tiny_model
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "def f(x):\n    return x * 2",
+    "Ein kurzer Satz.",
+    "Numbers: 3.14159, 2.71828 and 1.41421 are famous constants in mathematics.",
+]
+PROXIES = ("cosine", "angular", "relative_update")
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_every_proxy_matches_an_independent_float64_computation(family):
+    model, tokenizer = tiny_model(family), byte_tokenizer()
+    adapter = adapter_for(model)
+    got = score_texts(model, tokenizer, TEXTS, batch_size=3, max_length=64, metrics=PROXIES, progress=False)
+    sequences = tokenize_texts(tokenizer, TEXTS, 64)
+    for metric in PROXIES:
+        want = reference_importance(model, sequences, adapter.attn, adapter.mlp, adapter.is_parallel(model.config), metric=metric)
+        merged = got[got["metric"] == metric].merge(want, on=["layer", "module"], suffixes=("", "_ref"))
+        assert len(merged) == 3 * model.config.num_hidden_layers
+        np.testing.assert_allclose(merged["importance"], merged["importance_ref"], atol=1e-5, err_msg=metric)
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_ablation_equals_drop_modules_on_a_copy(family):
+    model, tokenizer = tiny_model(family), byte_tokenizer()
+    got = score_texts(model, tokenizer, TEXTS, batch_size=3, max_length=64, metrics=("ablation",), progress=False)
+    want = slow_ablation(model, tokenize_texts(tokenizer, TEXTS, 64))
+    merged = got.merge(want, on=["layer", "module"], suffixes=("", "_ref"))
+    assert len(merged) == 3 * model.config.num_hidden_layers
+    np.testing.assert_allclose(merged["importance"], merged["importance_ref"], atol=1e-5)
+    assert (got["n_tokens"] == sum(len(s) - 1 for s in tokenize_texts(tokenizer, TEXTS, 64))).all()
+
+
+def test_ablation_with_padding_matches_each_text_alone():
+    model, tokenizer = tiny_model("llama"), byte_tokenizer(padding_side="left")
+    batch = score_texts(model, tokenizer, TEXTS, batch_size=len(TEXTS), metrics=("ablation",), per_sample=True, progress=False)
+    alone = score_texts(model, tokenizer, TEXTS[2:3], metrics=("ablation",), per_sample=True, progress=False)
+    np.testing.assert_allclose(batch[batch["sample"] == 2]["stat_sum"].to_numpy(), alone["stat_sum"].to_numpy(), atol=1e-4)
+
+
+def test_proxies_and_ablation_in_one_pass_equal_each_alone():
+    model, tokenizer = tiny_model("qwen2"), byte_tokenizer()
+    together = score_texts(model, tokenizer, TEXTS, metrics=("cosine", "ablation", "angular"), progress=False)
+    for metric in ("cosine", "ablation", "angular"):
+        alone = score_texts(model, tokenizer, TEXTS, metrics=(metric,), progress=False)
+        np.testing.assert_allclose(together[together["metric"] == metric]["importance"].to_numpy(), alone["importance"].to_numpy(), atol=1e-9)
+    assert list(dict.fromkeys(together["metric"])) == ["cosine", "angular", "ablation"]
+
+
+def _batches(tokenizer, texts):
+    from analysis.scoring import length_sorted_batches, pad_token_id
+
+    return list(length_sorted_batches(tokenize_texts(tokenizer, texts, 64), 2, pad_token_id(tokenizer), tokenizer.padding_side))
+
+
+@pytest.mark.parametrize("family,module", [("llama", "attn"), ("gemma3", "block"), ("gpt_neox", "joint"), ("qwen3", "mlp")])
+def test_greedy_and_robust_greedy_match_the_slow_reference(family, module):
+    model, tokenizer = tiny_model(family), byte_tokenizer()
+    texts = {"a": TEXTS[:2], "b": TEXTS[2:]}
+    batches = {d: _batches(tokenizer, t) for d, t in texts.items()}
+    sequences = {d: tokenize_texts(tokenizer, t, 64) for d, t in texts.items()}
+    k = 2
+    for objective in ("a", "robust"):
+        path = greedy_drop_path(model, batches, module=module, k=k, objective=objective)
+        want = slow_greedy(model, sequences, module, k, objective)
+        assert greedy_set(path, k) == [str(c) for c in want], objective
+
+
+def test_a_registered_metric_scores_and_unknown_metrics_are_refused():
+    register_metric("update_norm_test", lambda pair: pair.update_norm, replace=True)
+    try:
+        model, tokenizer = tiny_model("llama"), byte_tokenizer()
+        got = score_texts(model, tokenizer, TEXTS, metrics=("update_norm_test",), progress=False)
+        assert set(got["metric"]) == {"update_norm_test"} and (got["importance"] > 0).all()
+        with pytest.raises(InputError, match="unknown metric 'nope'.*cosine"):
+            score_texts(model, tokenizer, TEXTS, metrics=("nope",), progress=False)
+        with pytest.raises(InputError, match="already registered"):
+            register_metric("cosine", lambda pair: pair.cos)
+    finally:
+        METRICS.pop("update_norm_test")
