@@ -2,6 +2,8 @@
 
 Perplexity of a model on windows ``w`` of held-out text:
 ``ppl = exp(sum_w sum_t -log p(x_t | x_<t) / number of predicted tokens)`` (token-weighted).
+Every drop set is evaluated on the same windows, so comparisons between drop sets are paired;
+uncertainty comes from bootstrap replicates over windows.
 
 Zero-shot accuracy runs through lm-evaluation-harness (``lm_eval``): each task is lm-eval's
 own configuration (prompt, choices, ``acc``/``acc_norm`` definitions) with only the dataset
@@ -22,10 +24,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data
+from .ablation import block_inputs, dropped_row_nll, full_row_nll
+from .dropsets import UNPRUNED, DropSet, make_drop_set, parse_label
 from .errors import InputError
 from .pruning import drop_modules, drop_set_kwargs
 from .scoring import input_device
-from .stability import drop_set, importance_matrix
+from .stability import drop_set, importance_matrix, one_metric
 
 
 @dataclass(frozen=True)
@@ -130,28 +134,38 @@ def perplexity(model, samples, *, batch_size: int = 4) -> tuple[float, int]:
     device = input_device(model)
     total_nll, total_tokens = 0.0, 0
     for batch in data.token_batches(samples, batch_size):
-        ids = batch["input_ids"].to(device)
-        mask = batch["attention_mask"].to(device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        total_nll += torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="sum", ignore_index=-100).item()
-        total_tokens += int((targets != -100).sum())
+        nll, n_predicted = full_row_nll(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        total_nll += float(nll.sum())
+        total_tokens += int(n_predicted.sum())
     return math.exp(total_nll / total_tokens), total_tokens
 
 
-def random_drop_set(matrix: pd.DataFrame, module: str, k: int, seed: int) -> dict:
+def random_drop_set(matrix: pd.DataFrame, module: str, k: int, seed: int, metric: str = "cosine") -> DropSet:
     """A uniformly random size-k drop set over the candidates (rows) of an importance matrix."""
     labels = list(matrix.index)
     chosen = np.random.default_rng(seed).choice(len(labels), size=k, replace=False)
-    indices = sorted(labels[i] for i in chosen) if module != "joint" else [labels[i] for i in sorted(chosen)]
-    return {"module": module, "indices": [i if isinstance(i, str) else int(i) for i in indices], "method": f"random(seed={seed})"}
+    return make_drop_set(module, [labels[i] for i in sorted(chosen)], f"random:{seed}", metric)
 
 
-def pruned_copy(model, drop_set: dict | None):
+def _record(drop_set) -> dict:
+    return drop_set.record() if isinstance(drop_set, DropSet) else drop_set
+
+
+def pruned_copy(model, drop_set: DropSet | dict | None):
     """A deep copy of ``model`` with ``drop_set`` removed (the model itself if ``drop_set`` is None)."""
     if drop_set is None:
         return model
-    return drop_modules(copy.deepcopy(model), **drop_set_kwargs(drop_set), drop_set=drop_set)
+    record = _record(drop_set)
+    return drop_modules(copy.deepcopy(model), **drop_set_kwargs(record), drop_set=record)
+
+
+def dropped_candidates(drop_set: DropSet | dict | None) -> list[tuple[str, int]]:
+    """The ``(kind, layer)`` pairs a drop set (or drop-set record) removes; none for ``None``."""
+    if drop_set is None:
+        return []
+    if isinstance(drop_set, DropSet):
+        return drop_set.candidates()
+    return make_drop_set(drop_set["module"], drop_set["indices"], drop_set.get("method", "")).candidates()
 
 
 def heldout_samples(tokenizer, distributions, *, n_samples: int, seq_len: int, seed: int) -> dict:
@@ -162,67 +176,140 @@ def heldout_samples(tokenizer, distributions, *, n_samples: int, seq_len: int, s
     }
 
 
-def unpruned_perplexities(model, samples: dict, *, batch_size: int = 4) -> dict[str, float]:
-    """Perplexity of the unpruned model on each distribution's windows."""
-    return {name: perplexity(model, s, batch_size=batch_size)[0] for name, s in samples.items()}
+@torch.inference_mode()
+def window_nll(model, samples: dict, drop_sets: dict, *, batch_size: int = 4, progress: bool = False) -> pd.DataFrame:
+    """Summed next-token NLL of every held-out window under every drop set (``None``: the unpruned model).
+
+    Each batch runs the unpruned model once, keeping every block's input; each drop set then
+    re-runs only the blocks from its first dropped layer on (:mod:`analysis.ablation`), so the
+    result equals evaluating ``drop_modules(copy)`` at about half the cost.  Identical drop sets
+    are evaluated once.  Columns: ``drop_set, distribution, window, nll_sum, n_tokens``.
+    """
+    device = input_device(model)
+    dropped = {name: tuple(sorted(dropped_candidates(spec))) for name, spec in drop_sets.items()}
+    unique = list(dict.fromkeys(dropped.values()))
+    rows = []
+    for name, windows in tqdm(samples.items(), desc="held-out windows", unit="dist", disable=not progress):
+        for batch in data.token_batches(windows, batch_size):
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            with block_inputs(model) as resid_pre:
+                base, n_predicted = full_row_nll(model, ids, mask)
+            nll = {spec: (base if not spec else dropped_row_nll(model, list(spec), resid_pre, ids, mask)) for spec in unique}
+            for set_name, spec in dropped.items():
+                rows += [{"drop_set": set_name, "distribution": name, "window": int(w), "nll_sum": float(v), "n_tokens": int(n)}
+                         for w, v, n in zip(batch["sample"], nll[spec], n_predicted)]
+    return pd.DataFrame(rows)
 
 
-def perplexity_rows(model, set_name: str, spec, samples: dict, base: dict[str, float], *, batch_size: int = 4) -> list[dict]:
-    """Rows of one drop set on every distribution: perplexity (mean and spread over its variants) and
-    its ratio to ``base``, the unpruned model's perplexity (also the value of a ``None`` variant)."""
-    variants = spec if isinstance(spec, list) else [spec]
-    values = {name: [] for name in samples}
-    for variant in variants:
-        pruned = pruned_copy(model, variant)
-        for name, s in samples.items():
-            values[name].append(base[name] if variant is None else perplexity(pruned, s, batch_size=batch_size)[0])
-        del pruned
-    return [
-        {"drop_set": set_name, "distribution": name, "ppl": float(np.mean(ppl)), "ppl_std": float(np.std(ppl)),
-         "n_variants": len(ppl), "ppl_unpruned": base[name], "ppl_ratio": float(np.mean(ppl)) / base[name]}
-        for name, ppl in values.items()
-    ]
+def _log_ratio_replicates(windows: pd.DataFrame, n_boot: int, seed: int) -> tuple[dict, list, dict]:
+    """Per distribution: ``(n_boot + 1, sets)`` log perplexity ratios to the unpruned model, row 0 the point
+    estimate, rows 1.. bootstrap replicates over windows (the same windows for every set: paired)."""
+    rng = np.random.default_rng(seed)
+    sets = list(dict.fromkeys(windows["drop_set"]))
+    replicates, n_windows = {}, {}
+    for name, part in windows.groupby("distribution", sort=False):
+        nll = part.pivot(index="window", columns="drop_set", values="nll_sum")[sets]
+        tokens = part.groupby("window")["n_tokens"].first().loc[nll.index].to_numpy(dtype=float)
+        n = len(tokens)
+        weights = np.vstack([np.ones(n), rng.multinomial(n, np.full(n, 1 / n), size=n_boot)])
+        delta = nll.to_numpy() - nll[UNPRUNED].to_numpy()[:, None]
+        replicates[name] = (weights @ delta) / (weights @ tokens)[:, None]
+        n_windows[name] = n
+    return replicates, sets, n_windows
+
+
+def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
+    tail = (1 - level) / 2 * 100
+    return tuple(np.percentile(values, [tail, 100 - tail]))
+
+
+def transfer_summary(windows: pd.DataFrame, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """Perplexity ratio of every drop set to the unpruned model on every distribution, with bootstrap CIs over windows.
+
+    ``ppl_ratio = exp((sum_w nll_set[w] - sum_w nll_none[w]) / sum_w n_tokens[w])``; rows with
+    ``distribution`` ``worst`` and ``mean`` give the largest and the mean ratio over
+    distributions, their CIs from the same replicates.  Columns: ``drop_set, distribution,
+    ppl, ppl_unpruned, ppl_ratio, ci_low, ci_high, n_windows`` plus the label's parts
+    (``metric, module, k, method``).
+    """
+    replicates, sets, n_windows = _log_ratio_replicates(windows, n_boot, seed)
+    totals = windows.groupby(["drop_set", "distribution"], sort=False)[["nll_sum", "n_tokens"]].sum()
+    rows = []
+    for name, values in replicates.items():
+        base = math.exp(totals.loc[(UNPRUNED, name), "nll_sum"] / totals.loc[(UNPRUNED, name), "n_tokens"])
+        for j, drop_set in enumerate(sets):
+            low, high = _interval(np.exp(values[1:, j]), level)
+            rows.append({"drop_set": drop_set, "distribution": name, "ppl": base * math.exp(values[0, j]), "ppl_unpruned": base,
+                         "ppl_ratio": math.exp(values[0, j]), "ci_low": low, "ci_high": high, "n_windows": n_windows[name]})
+    stacked = np.exp(np.stack(list(replicates.values())))
+    for summary, reduce in (("worst", np.max), ("mean", np.mean)):
+        combined = reduce(stacked, axis=0)
+        for j, drop_set in enumerate(sets):
+            low, high = _interval(combined[1:, j], level)
+            rows.append({"drop_set": drop_set, "distribution": summary, "ppl": np.nan, "ppl_unpruned": np.nan, "ppl_ratio": combined[0, j],
+                         "ci_low": low, "ci_high": high, "n_windows": sum(n_windows.values())})
+    table = pd.DataFrame(rows)
+    return pd.concat([table, pd.DataFrame([parse_label(label) for label in table["drop_set"]])], axis=1)
+
+
+def paired_comparisons(windows: pd.DataFrame, pairs, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """Drop set ``a`` against ``b`` on the same windows, per distribution and for the worst and mean over distributions.
+
+    ``effect = log ppl_a - log ppl_b`` (negative: ``a`` loses less), reported also as the ratio
+    ``exp(effect)``; its CI and two-sided p-value ``min(1, 2 min(P*(effect <= 0), P*(effect >= 0)))``
+    come from bootstrap replicates over windows (floor ``1 / n_boot``).  ``pairs`` lists
+    ``(comparison, a, b)`` or ``(comparison, a, b, distributions)`` where ``distributions``
+    limits it to some.
+    """
+    replicates, sets, _ = _log_ratio_replicates(windows, n_boot, seed)
+    index = {name: j for j, name in enumerate(sets)}
+    rows = []
+    for comparison, a, b, *only in pairs:
+        names = only[0] if only else list(replicates)
+        per = {d: replicates[d][:, index[a]] - replicates[d][:, index[b]] for d in names}
+        log_a = np.stack([replicates[d][:, index[a]] for d in names])
+        log_b = np.stack([replicates[d][:, index[b]] for d in names])
+        summaries = {"worst": log_a.max(axis=0) - log_b.max(axis=0), "mean": np.log(np.exp(log_a).mean(0)) - np.log(np.exp(log_b).mean(0))}
+        for where, effect in {**per, **(summaries if len(names) > 1 else {})}.items():
+            low, high = _interval(effect[1:], level)
+            p = min(1.0, 2 * min((effect[1:] <= 0).mean(), (effect[1:] >= 0).mean()))
+            rows.append({"comparison": comparison, "a": a, "b": b, "distribution": where, "effect": effect[0], "ratio": math.exp(effect[0]),
+                         "ci_low": math.exp(low), "ci_high": math.exp(high), "p_value": max(p, 1 / n_boot)})
+    return pd.DataFrame(rows)
 
 
 def transfer_matrix(
     model,
     tokenizer,
-    drop_sets: dict[str, dict | None],
+    drop_sets: dict,
     distributions,
     *,
     n_samples: int = 32,
     seq_len: int = 512,
     seed: int = 0,
     batch_size: int = 4,
+    n_boot: int = 1000,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Held-out perplexity of each pruned model on each distribution, and its ratio to the unpruned model.
+    """Held-out perplexity of each drop set on each distribution, its ratio to the unpruned model and a bootstrap CI.
 
-    ``drop_sets`` maps a name to a drop-set record (``module``, ``indices``) or ``None`` for the
-    unpruned model; a list of records (random sets over seeds) is averaged, with its spread.
-    Samples come from each distribution's held-out documents, never from calibration ones.
+    ``drop_sets`` maps a name to a :class:`~analysis.dropsets.DropSet`, a drop-set record
+    (``module``, ``indices``) or ``None``; the unpruned model (``none``) is always included.
+    Windows come from each distribution's held-out documents, never from calibration ones.
     """
     samples = heldout_samples(tokenizer, distributions, n_samples=n_samples, seq_len=seq_len, seed=seed)
-    base = unpruned_perplexities(model, samples, batch_size=batch_size)
-    rows = []
-    for set_name, spec in tqdm(drop_sets.items(), desc="drop sets", unit="set", disable=not progress):
-        rows += perplexity_rows(model, set_name, spec, samples, base, batch_size=batch_size)
-    return pd.DataFrame(rows)
+    windows = window_nll(model, samples, {UNPRUNED: None, **drop_sets}, batch_size=batch_size, progress=progress)
+    return transfer_summary(windows, n_boot=n_boot, seed=seed)
 
 
-def drop_sets_for_transfer(scores: pd.DataFrame, *, module: str, k: int, methods=("borda", "minimax"), random_seeds=(0, 1, 2)) -> dict:
-    """``none``, each distribution's own set, the chosen consensus sets and random sets (over seeds)."""
+def drop_sets_for_transfer(scores: pd.DataFrame, *, module: str, k: int, methods=("borda", "minimax"), random_seeds=(0, 1, 2),
+                           metric: str | None = None) -> dict[str, DropSet]:
+    """Each distribution's own set, the chosen consensus sets and random sets (one per seed), by label."""
     from .consensus import consensus_from_matrix
 
+    scores, metric = one_metric(scores, metric)
     matrix = importance_matrix(scores, module)
-
-    def record(indices, method):
-        return {"module": module, "k": k, "indices": [i if isinstance(i, str) else int(i) for i in indices], "method": method}
-
-    sets: dict = {"none": None}
-    for name in matrix.columns:
-        sets[f"own:{name}"] = record(drop_set(matrix[name], k), f"own:{name}")
-    for method in methods:
-        sets[method] = record(consensus_from_matrix(matrix, k, method), method)
-    sets["random"] = [random_drop_set(matrix, module, k, seed) for seed in random_seeds]
-    return sets
+    sets = [make_drop_set(module, drop_set(matrix[name], k), f"own:{name}", metric) for name in matrix.columns]
+    sets += [make_drop_set(module, consensus_from_matrix(matrix, k, method), method, metric) for method in methods]
+    sets += [random_drop_set(matrix, module, k, seed, metric) for seed in random_seeds]
+    return {s.label: s for s in sets}

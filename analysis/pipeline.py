@@ -18,8 +18,10 @@ from typing import Callable
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import consensus, data, evaluation, models, plots, stability
+from . import ablation, consensus, data, evaluation, models, plots, stability, validity
+from .dropsets import UNPRUNED, DropSet, make_drop_set, parse_label
 from .errors import InputError
+from .metrics import GROUND_TRUTH, check_metrics, get_metric
 from .io import atomic_write_json, provenance, read_table, sidecar_path, write_table
 from .report import write_report
 from .scoring import aggregate_importance, score_distributions
@@ -31,9 +33,14 @@ class RunSettings:
 
     distributions: tuple[str, ...] = data.TOP_LEVEL
     subsets: bool = True
-    samples: int = 64
+    metrics: tuple[str, ...] = ("cosine", "angular", "relative_update", "ablation")
+    samples: int = 32
     seq_len: int = 512
-    subset_samples: int = 32
+    ablation_samples: int = 4
+    ablation_seq_len: int = 256
+    greedy_module: str = "attn"
+    greedy_shortlist: int | None = 8
+    subset_samples: int = 16
     subset_seq_len: int = 256
     batch_size: int = 8
     seed: int = 0
@@ -42,25 +49,26 @@ class RunSettings:
     budgets: dict = field(default_factory=lambda: {"attn": (4, 8), "mlp": (2, 4), "block": (2, 4), "joint": (4, 8)})
     transfer_module: str = "attn"
     transfer_k: tuple[int, ...] = (4, 8)
-    transfer_samples: int = 8
+    transfer_samples: int = 32
     transfer_seq_len: int = 256
     random_seeds: tuple[int, ...] = (0, 1)
-    tasks: tuple[str, ...] = ("arc_easy", "hellaswag", "piqa", "boolq")
-    task_limit: int | None = 50
-    accuracy_sets: tuple[str, ...] = ("none", "attn-8:borda", "attn-8:minimax", "attn-8:random")
+    tasks: tuple[str, ...] = ("arc_easy", "piqa")
+    task_limit: int | None = 100
+    accuracy_sets: tuple[str, ...] = ("none", "cosine/attn-8:borda", "ablation/attn-8:greedy:robust")
 
 
 PRESETS = {
     "default": RunSettings(),
     "quick": RunSettings(
-        subsets=False, samples=16, seq_len=256, n_boot=200, n_perm=200, budgets={"attn": (4, 8), "mlp": (4,), "block": (4,), "joint": (8,)},
-        transfer_k=(8,), transfer_samples=4, transfer_seq_len=256, random_seeds=(0,), tasks=("arc_easy", "piqa"), task_limit=20,
-        accuracy_sets=("none", "attn-8:borda"),
+        subsets=False, samples=16, seq_len=256, ablation_samples=4, ablation_seq_len=64, greedy_shortlist=4, n_boot=200, n_perm=200,
+        budgets={"attn": (4, 8), "mlp": (4,), "block": (4,), "joint": (8,)}, transfer_k=(8,), transfer_samples=8, transfer_seq_len=128,
+        random_seeds=(0,), tasks=("arc_easy", "piqa"), task_limit=20, accuracy_sets=("none", "cosine/attn-8:borda"),
     ),
     "paper": RunSettings(
-        samples=256, seq_len=2048, subset_samples=64, subset_seq_len=2048, transfer_samples=64, transfer_seq_len=2048,
-        random_seeds=(0, 1, 2), tasks=tuple(evaluation.PAPER_TASKS), task_limit=None,
-        accuracy_sets=("none", "attn-4:borda", "attn-4:minimax", "attn-8:borda", "attn-8:minimax", "attn-8:random"),
+        samples=256, seq_len=2048, ablation_samples=32, ablation_seq_len=2048, greedy_shortlist=None, subset_samples=64, subset_seq_len=2048,
+        transfer_samples=64, transfer_seq_len=2048, random_seeds=(0, 1, 2), tasks=tuple(evaluation.PAPER_TASKS), task_limit=None,
+        accuracy_sets=("none", "cosine/attn-4:borda", "cosine/attn-8:borda", "cosine/attn-8:minimax", "ablation/attn-8:greedy:robust",
+                       "cosine/attn-8:random:0"),
     ),
 }
 
@@ -106,37 +114,72 @@ def _as_labels(value) -> list[str]:
 
 
 def consensus_sets(scores: pd.DataFrame, budgets: dict) -> pd.DataFrame:
-    """Per module kind and budget k: each consensus method's drop set and each distribution's own."""
+    """Per metric, module kind and budget k: each consensus method's drop set and each distribution's own."""
     rows = []
-    for module, ks in budgets.items():
-        matrix = stability.importance_matrix(scores, module)
-        for k in ks:
-            if k > len(matrix):
-                continue
-            for method in consensus.METHODS:
-                rows.append({"module": module, "k": k, "drop_set": method, "indices": _as_labels(consensus.consensus_from_matrix(matrix, k, method))})
-            for name, chosen in consensus.single_distribution_sets(matrix, k).items():
-                rows.append({"module": module, "k": k, "drop_set": name, "indices": _as_labels(chosen)})
+    for metric in stability.metrics_in(scores):
+        for module, ks in budgets.items():
+            matrix = stability.importance_matrix(scores, module, metric)
+            for k in ks:
+                if k > len(matrix):
+                    continue
+                named = {method: consensus.consensus_from_matrix(matrix, k, method) for method in consensus.METHODS}
+                named.update(consensus.single_distribution_sets(matrix, k))
+                rows += [{"metric": metric, "module": module, "k": k, "drop_set": name, "indices": _as_labels(chosen)} for name, chosen in named.items()]
     return pd.DataFrame(rows)
 
 
 def regrets(scores: pd.DataFrame, sets: pd.DataFrame) -> pd.DataFrame:
-    """Regret of every drop set of :func:`consensus_sets` on every distribution."""
+    """Regret of every drop set of :func:`consensus_sets` on every distribution, under the metric that chose it."""
     parts = []
-    for (module, k), group in sets.groupby(["module", "k"], sort=False):
-        labels = {str(c): c for c in stability.importance_matrix(scores, module).index}
+    for (metric, module, k), group in sets.groupby(["metric", "module", "k"], sort=False):
+        labels = {str(c): c for c in stability.importance_matrix(scores, module, metric).index}
         named = {row.drop_set: [labels[str(i)] for i in row.indices] for row in group.itertuples()}
-        parts.append(consensus.regret_table(scores, named, module=module).assign(k=k))
+        parts.append(consensus.regret_table(scores, named, module=module, metric=metric).assign(k=k))
     return pd.concat(parts, ignore_index=True)
 
 
-def transfer_sets(scores: pd.DataFrame, settings: RunSettings) -> dict:
-    """The named drop sets of the transfer matrix: none, and per k own/borda/minimax/random."""
-    sets = {"none": None}
-    for k in settings.transfer_k:
-        family = evaluation.drop_sets_for_transfer(scores, module=settings.transfer_module, k=k, random_seeds=settings.random_seeds)
-        sets.update({f"{settings.transfer_module}-{k}:{name}": spec for name, spec in family.items() if name != "none"})
+def greedy_sets(paths: pd.DataFrame, module: str, ks) -> dict[str, DropSet]:
+    """Greedy drop sets of every size in ``ks`` from the greedy paths (``ablation/<module>-k:greedy:<objective>``)."""
+    sets = {}
+    for objective, path in paths.groupby("objective", sort=False):
+        for k in ks:
+            if k <= len(path):
+                chosen = make_drop_set(module, ablation.greedy_set(path, k), f"greedy:{objective}", GROUND_TRUTH)
+                sets[chosen.label] = chosen
     return sets
+
+
+def transfer_sets(scores: pd.DataFrame, paths: pd.DataFrame | None, settings: RunSettings) -> dict[str, DropSet]:
+    """The drop sets evaluated on held-out text, by label, per budget: every metric's consensus (borda,
+    minimax), every distribution's own set by every metric, the greedy sets, random sets."""
+    sets: dict[str, DropSet] = {}
+    module = settings.transfer_module
+    for k in settings.transfer_k:
+        for metric in stability.metrics_in(scores):
+            seeds = settings.random_seeds if metric == "cosine" else ()
+            sets.update(evaluation.drop_sets_for_transfer(scores, module=module, k=k, random_seeds=seeds, metric=metric))
+    if paths is not None:
+        sets.update(greedy_sets(paths, module, settings.transfer_k))
+    return sets
+
+
+def comparison_pairs(sets: dict, distributions, settings: RunSettings) -> list[tuple]:
+    """The paired comparisons of the transfer stage, per budget: consensus cosine against each distribution's own
+    cosine set (on that distribution), robust greedy against consensus cosine, each proxy's consensus against the ablation's."""
+    pairs = []
+    module = settings.transfer_module
+    for k in settings.transfer_k:
+        label = lambda metric, method: f"{metric}/{module}-{k}:{method}"  # noqa: E731
+        borda = label("cosine", "borda")
+        for d in distributions:
+            pairs.append((f"{module}-{k}: cosine borda vs {d}'s own cosine set, on {d}", borda, label("cosine", f"own:{d}"), [d]))
+            pairs.append((f"{module}-{k}: cosine borda vs {d}'s own cosine set", borda, label("cosine", f"own:{d}")))
+        robust = label(GROUND_TRUTH, "greedy:robust")
+        if robust in sets:
+            pairs.append((f"{module}-{k}: robust greedy vs cosine borda", robust, borda))
+        for metric in {parse_label(name)["metric"] for name in sets} - {GROUND_TRUTH, None}:
+            pairs.append((f"{module}-{k}: {metric} borda vs ablation borda", label(metric, "borda"), label(GROUND_TRUTH, "borda")))
+    return [pair for pair in pairs if pair[1] in sets and pair[2] in sets]
 
 
 def run(spec: str = models.DEFAULT_MODEL, out: Path = Path("results"), *, preset: str | RunSettings = "default",
@@ -157,25 +200,32 @@ def run(spec: str = models.DEFAULT_MODEL, out: Path = Path("results"), *, preset
 
     for name in settings.distributions:
         data.load_manifest(name)
+    proxies = tuple(m for m in check_metrics(settings.metrics) if get_metric(m).is_proxy)
+    ground_truth = GROUND_TRUTH in settings.metrics
     model, tokenizer = timed("load model", lambda: models.load_model(spec, dtype=dtype, device=device))
     record = models.model_info(model)
     stages = Stages(out, record, log)
     base_key = [record.get("weights_sha256"), record.get("dtype"), asdict(settings)]
     manifests = {name: data.load_manifest(name)["_sha256"] for name in settings.distributions}
 
-    def score(names, samples, seq_len):
+    def score(names, samples, seq_len, metrics):
         return score_distributions(model, tokenizer, names, n_samples=samples, seq_len=seq_len, batch_size=settings.batch_size,
-                                   seed=settings.seed, cache=out / "parts" / "scores", progress=progress)
+                                   seed=settings.seed, metrics=metrics, cache=out / "parts" / "scores", progress=progress)
 
-    top = timed("score distributions", lambda: stages.table(
-        "scores.per_sample", stage_key("scores", base_key, manifests), lambda: score(settings.distributions, settings.samples, settings.seq_len)))
+    parts = [timed("score proxies", lambda: stages.table("scores.proxies", stage_key("proxies", base_key, manifests),
+                                                         lambda: score(settings.distributions, settings.samples, settings.seq_len, proxies)))]
+    if ground_truth:
+        parts.append(timed("score ablation", lambda: stages.table(
+            "scores.ablation", stage_key("ablation", base_key, manifests),
+            lambda: score(settings.distributions, settings.ablation_samples, settings.ablation_seq_len, (GROUND_TRUTH,)))))
+    top = pd.concat(parts, ignore_index=True)
     stages.table("scores", stage_key("aggregate", base_key, manifests), lambda: aggregate_importance(top, by=["distribution"]))
     subset_names = [s for name in settings.distributions for s in data.subsets(name)] if settings.subsets else []
     subsets = None
     if subset_names:
         subsets = timed("score sub-distributions", lambda: stages.table(
             "subsets.per_sample", stage_key("subsets", base_key, manifests, subset_names),
-            lambda: score(subset_names, settings.subset_samples, settings.subset_seq_len)))
+            lambda: score(subset_names, settings.subset_samples, settings.subset_seq_len, proxies)))
 
     modules = tuple(settings.budgets)
     ks = tuple(sorted({k for values in settings.budgets.values() for k in values}))
@@ -193,49 +243,54 @@ def run(spec: str = models.DEFAULT_MODEL, out: Path = Path("results"), *, preset
     if subsets is not None:
         tables["subset_agreement"] = stages.table(
             "subset_agreement", stage_key("subset_agreement", base_key, manifests, subset_names),
-            lambda: stability.rank_agreement(subsets, module="attn", k=settings.budgets.get("attn", (1,))))
+            lambda: stability.rank_agreement(subsets, module="attn", k=settings.budgets.get("attn", (1,)), metric="cosine"))
+    if ground_truth:
+        tables["validity"] = timed("metric validity", lambda: stages.table(
+            "validity", stage_key("validity", base_key, manifests),
+            lambda: validity.metric_validity(top, modules=modules, n_boot=settings.n_boot, seed=settings.seed)))
+    tables["decomposition"] = stages.table("decomposition", stage_key("decomposition", base_key, manifests),
+                                           lambda: validity.ranking_decomposition(top, modules=modules))
     sets = stages.table("drop_sets", stage_key("drop_sets", base_key, manifests), lambda: consensus_sets(top, settings.budgets))
     tables["regret"] = stages.table("regret", stage_key("regret", base_key, manifests), lambda: regrets(top, sets))
     tables["leave_one_out"] = stages.table("leave_one_out", stage_key("loo", base_key, manifests),
                                            lambda: consensus.leave_one_out_at_budgets(top, settings.budgets))
 
-    named_sets = transfer_sets(top, settings)
+    paths = None
+    if ground_truth and settings.greedy_module:
+        paths = timed("greedy drop sets", lambda: greedy_paths(model, tokenizer, top, settings, stages, base_key, manifests, progress))
+        tables["greedy"] = paths
+
+    named_sets = transfer_sets(top, paths, settings)
     heldout: dict = {}
-    base: dict = {}
 
-    def heldout_samples():
-        if not heldout:
-            heldout.update(evaluation.heldout_samples(tokenizer, list(settings.distributions), n_samples=settings.transfer_samples,
+    def heldout_windows(name):
+        if name not in heldout:
+            heldout.update(evaluation.heldout_samples(tokenizer, [name], n_samples=settings.transfer_samples,
                                                       seq_len=settings.transfer_seq_len, seed=settings.seed))
-        return heldout
+        return {name: heldout[name]}
 
-    def unpruned():
-        if not base:
-            base.update(evaluation.unpruned_perplexities(model, heldout_samples()))
-        return base
-
-    transfer_parts = []
-    for name, spec_ in tqdm(named_sets.items(), desc="transfer matrix", unit="set", disable=not progress):
-        key = stage_key("transfer", base_key, manifests, name, spec_)
-        part = stages.table(f"parts/transfer-{name.replace(':', '_')}", key, lambda spec_=spec_, name=name: pd.DataFrame(
-            evaluation.perplexity_rows(model, name, spec_, heldout_samples(), unpruned())))
-        if spec_ is None and not base:
-            base.update(part.set_index("distribution")["ppl"].to_dict())
-        transfer_parts.append(part)
-    tables["transfer"] = pd.concat(transfer_parts, ignore_index=True)
-    base_ppl = tables["transfer"][tables["transfer"]["drop_set"] == "none"].set_index("distribution")["ppl"]
-    tables["transfer"]["ppl_ratio"] = tables["transfer"]["ppl"] / tables["transfer"]["distribution"].map(base_ppl)
+    evaluated = {UNPRUNED: None, **named_sets}
+    set_key = {name: (s.candidates() if s else None) for name, s in evaluated.items()}
+    windows = timed("held-out windows", lambda: pd.concat([
+        stages.table(f"parts/heldout-{name}", stage_key("heldout", base_key, manifests, name, set_key),
+                     lambda name=name: evaluation.window_nll(model, heldout_windows(name), evaluated, progress=False))
+        for name in tqdm(settings.distributions, desc="held-out evaluation", unit="dist", disable=not progress)
+    ], ignore_index=True))
+    tables["heldout_windows"] = windows
+    tables["transfer"] = stages.table("transfer", stage_key("transfer", base_key, manifests, set_key),
+                                      lambda: evaluation.transfer_summary(windows, n_boot=settings.n_boot, seed=settings.seed))
+    tables["comparisons"] = stages.table("comparisons", stage_key("comparisons", base_key, manifests, set_key), lambda: evaluation.paired_comparisons(
+        windows, comparison_pairs(named_sets, settings.distributions, settings), n_boot=settings.n_boot, seed=settings.seed))
 
     accuracy_parts = []
     for name in tqdm(settings.accuracy_sets, desc="zero-shot accuracy", unit="set", disable=not progress):
-        if name not in named_sets:
+        if name != UNPRUNED and name not in named_sets:
             continue
-        variants = named_sets[name] if isinstance(named_sets[name], list) else [named_sets[name]]
-        for index, variant in enumerate(variants[:1] if name.endswith("random") else variants):
-            key = stage_key("accuracy", base_key, name, variant, settings.tasks, settings.task_limit)
-            part = stages.table(f"parts/accuracy-{name.replace(':', '_')}-{index}", key, lambda variant=variant, name=name: evaluation.zero_shot_accuracy(
-                evaluation.pruned_copy(model, variant), tokenizer, settings.tasks, limit=settings.task_limit).assign(drop_set=name))
-            accuracy_parts.append(part)
+        chosen = named_sets.get(name)
+        key = stage_key("accuracy", base_key, name, set_key.get(name), settings.tasks, settings.task_limit)
+        part = stages.table(f"parts/accuracy-{name.replace(':', '_').replace('/', '_')}", key, lambda chosen=chosen, name=name: evaluation.zero_shot_accuracy(
+            evaluation.pruned_copy(model, chosen), tokenizer, settings.tasks, limit=settings.task_limit).assign(drop_set=name))
+        accuracy_parts.append(part)
     tables["accuracy"] = pd.concat(accuracy_parts, ignore_index=True) if accuracy_parts else pd.DataFrame()
 
     figures = timed("figures", lambda: draw_figures(top, tables, out / "figures", max(ks)))
@@ -253,11 +308,43 @@ def run(spec: str = models.DEFAULT_MODEL, out: Path = Path("results"), *, preset
     return summary
 
 
+def greedy_paths(model, tokenizer, scores, settings: RunSettings, stages: Stages, base_key, manifests, progress) -> pd.DataFrame:
+    """Greedy drop paths by real calibration loss, per distribution and robust, on the ablation's windows.
+
+    With ``settings.greedy_shortlist`` each step tries the candidates of smallest single-drop
+    ablation cost (own distribution's; the largest over distributions for robust).
+    """
+    module, k = settings.greedy_module, max(settings.budgets.get(settings.greedy_module, settings.transfer_k))
+    batches = {name: list(data.token_batches(data.calibration_samples(
+        data.load_distribution(name, "calibration"), tokenizer, n_samples=settings.ablation_samples, seq_len=settings.ablation_seq_len,
+        seed=settings.seed), settings.batch_size)) for name in settings.distributions}
+    prior = stability.importance_matrix(scores, module, GROUND_TRUTH)
+    parts = []
+    for objective in [*settings.distributions, "robust"]:
+        cost = prior.max(axis=1) if objective == "robust" else prior[objective]
+        parts.append(stages.table(f"parts/greedy-{objective}", stage_key("greedy", base_key, manifests, objective), lambda objective=objective, cost=cost:
+                                  ablation.greedy_drop_path(model, batches, module=module, k=k, objective=objective,
+                                                            shortlist=settings.greedy_shortlist, prior=cost.to_dict(), progress=progress)))
+    return pd.concat(parts, ignore_index=True)
+
+
+def cosine_tables(tables: dict) -> dict:
+    """The tables restricted to the paper's metric, for the figures and sections drawn per module kind."""
+    return {name: (table[table["metric"] == "cosine"] if "metric" in table.columns and name != "accuracy" else table) for name, table in tables.items()}
+
+
 def draw_figures(scores, tables, folder: Path, k: int) -> list[Path]:
     """Every figure of the report."""
-    written = plots.stability_figures(scores, tables, folder, k)
+    cosine = scores[scores["metric"] == "cosine"]
+    written = plots.stability_figures(cosine, cosine_tables(tables), folder, k)
     if len(tables.get("transfer", [])):
         written += plots.save_figure(plots.transfer_heatmap(tables["transfer"]), folder / "transfer_matrix")
+        written += plots.save_figure(plots.worst_case_forest(tables["transfer"]), folder / "transfer_worst_case")
     if len(tables.get("regret", [])):
-        written += plots.save_figure(plots.regret_overview(tables["regret"]), folder / "regret_consensus_vs_single")
+        written += plots.save_figure(plots.regret_overview(cosine_tables(tables)["regret"]), folder / "regret_consensus_vs_single")
+    if len(tables.get("validity", [])):
+        written += plots.save_figure(plots.validity_heatmap(tables["validity"]), folder / "metric_validity")
+        written += plots.save_figure(plots.proxy_vs_ablation(scores), folder / "proxy_vs_ablation")
+    if len(tables.get("decomposition", [])):
+        written += plots.save_figure(plots.decomposition_bars(tables["decomposition"]), folder / "ranking_decomposition")
     return written

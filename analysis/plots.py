@@ -148,10 +148,16 @@ def regret_bars(leave_one_out: pd.DataFrame):
 
 
 def transfer_heatmap(transfer: pd.DataFrame, value: str = "ppl_ratio"):
-    """Drop sets × held-out distributions of perplexity relative to the unpruned model."""
-    matrix = transfer.pivot_table(index="drop_set", columns="distribution", values=value, sort=False)
-    fig, ax = plt.subplots(figsize=(1.2 * matrix.shape[1] + 3, 0.4 * len(matrix) + 1.5))
-    norm = LogNorm(vmin=max(matrix.min().min(), 1e-3), vmax=max(matrix.max().max(), 1.01))
+    """Drop sets × held-out distributions (and the worst over them) of perplexity relative to the unpruned model.
+
+    The colour scale spans the non-random sets, so one random outlier does not flatten the rest.
+    """
+    rows = transfer[(transfer["drop_set"] != "none") & (transfer["distribution"] != "mean")]
+    matrix = rows.pivot_table(index="drop_set", columns="distribution", values=value, sort=False)
+    matrix = matrix.loc[matrix["worst"].sort_values().index] if "worst" in matrix.columns else matrix
+    scale = matrix[[not str(name).split(":")[-2:-1] == ["random"] for name in matrix.index]]
+    fig, ax = plt.subplots(figsize=(1.2 * matrix.shape[1] + 4, 0.3 * len(matrix) + 1.5))
+    norm = LogNorm(vmin=max(scale.min().min(), 1e-3), vmax=max(scale.max().max(), 1.01))
     sns.heatmap(matrix, annot=True, fmt=".2f", cmap="rocket_r", norm=norm, ax=ax, cbar_kws={"label": "held-out perplexity / unpruned (log scale)"})
     ax.set_xlabel("held-out distribution")
     ax.set_ylabel("drop set")
@@ -175,6 +181,79 @@ def stability_figures(scores: pd.DataFrame, tables: dict[str, pd.DataFrame], fol
         if "leave_one_out" in pick and len(pick["leave_one_out"]):
             written += save_figure(regret_bars(pick["leave_one_out"]), folder / f"regret_{module}")
     return written
+
+
+def worst_case_forest(transfer: pd.DataFrame):
+    """Worst-case held-out perplexity ratio over distributions of every drop set, with its bootstrap 95% CI, per budget."""
+    worst = transfer[(transfer["distribution"] == "worst") & (transfer["drop_set"] != "none")]
+    worst = worst[~worst["method"].str.startswith("random")]
+    budgets = sorted(worst["k"].unique())
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 0.28 * worst.groupby("k").size().max() + 1.5), squeeze=False)
+    for ax, k in zip(axes[0], budgets):
+        part = worst[worst["k"] == k].sort_values("ppl_ratio", ascending=False)
+        colours = part["metric"].map(dict(zip(sorted(worst["metric"].unique()), sns.color_palette("deep"))))
+        y = np.arange(len(part))
+        ax.errorbar(part["ppl_ratio"], y, xerr=[part["ppl_ratio"] - part["ci_low"], part["ci_high"] - part["ppl_ratio"]], fmt="none", ecolor="grey")
+        ax.scatter(part["ppl_ratio"], y, c=list(colours), zorder=3)
+        ax.set_yticks(y, part["metric"] + " " + part["method"])
+        ax.set_xscale("log")
+        ax.set_xlabel("worst-case held-out perplexity / unpruned (log)")
+        ax.set_title(f"{MODULE_NAMES.get(part['module'].iloc[0], '')} k = {k}: lower is better")
+    fig.tight_layout()
+    return fig
+
+
+def validity_heatmap(validity: pd.DataFrame):
+    """Spearman ρ between each proxy's ranking and the ablation ranking: metric × distribution, one panel per module kind."""
+    modules = list(dict.fromkeys(validity["module"]))
+    fig, axes = plt.subplots(1, len(modules), figsize=(4.2 * len(modules), 3.2), squeeze=False)
+    for ax, module in zip(axes[0], modules):
+        part = validity[validity["module"] == module]
+        matrix = part.pivot_table(index="metric", columns="distribution", values="spearman", sort=False)
+        labels = part.assign(text=part.apply(lambda r: f"{r.spearman:.2f}\n[{r.spearman_ci_low:.2f}, {r.spearman_ci_high:.2f}]", axis=1))
+        text = labels.pivot_table(index="metric", columns="distribution", values="text", aggfunc="first", sort=False).loc[matrix.index, matrix.columns]
+        sns.heatmap(matrix, annot=text, fmt="", cmap="viridis", vmin=min(0, matrix.min().min()), vmax=1, ax=ax, cbar=ax is axes[0][-1],
+                    annot_kws={"size": 7})
+        ax.set_title(f"{MODULE_NAMES[module]}: ρ(proxy, ablation)")
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    return fig
+
+
+def proxy_vs_ablation(scores: pd.DataFrame, metric: str = "cosine"):
+    """Proxy importance against the real loss increase of dropping each module, one panel per module kind."""
+    modules = ("attn", "mlp", "block")
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, module in zip(axes, modules):
+        proxy = importance_matrix(scores, module, metric).stack().rename("proxy")
+        truth = importance_matrix(scores, module, "ablation").stack().rename("ablation")
+        both = pd.concat([proxy, truth], axis=1).reset_index(names=["layer", "distribution"])
+        sns.scatterplot(both, x="proxy", y="ablation", hue="distribution", ax=ax, s=25)
+        ax.set_xscale("log")
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.set_xlabel(f"{metric} importance (log)")
+        ax.set_ylabel("ΔNLL when dropped alone (nats/token)")
+        ax.set_title(MODULE_NAMES[module])
+        if ax is not axes[-1]:
+            ax.get_legend().remove()
+    fig.tight_layout()
+    return fig
+
+
+def decomposition_bars(decomposition: pd.DataFrame):
+    """Mean ρ between rankings that differ only in the distribution (per metric) or only in the metric (per distribution)."""
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    data = decomposition.assign(label=decomposition["axis"].map({"distribution": "across distributions, within ", "metric": "across metrics, within "})
+                                + decomposition["held"])
+    sns.barplot(data, x="module", y="mean_spearman", hue="label", ax=ax)
+    ax.set_ylim(min(0, data["mean_spearman"].min()), 1)
+    ax.set_ylabel("mean Spearman ρ")
+    ax.set_xlabel("module kind")
+    ax.set_title("How much does the ranking move with the data, and how much with the metric?")
+    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    return fig
 
 
 def regret_overview(regret: pd.DataFrame):

@@ -91,9 +91,121 @@ def figure_list(figures: list[Path]) -> list[Path]:
     return sorted(p for p in figures if p.suffix == ".png")
 
 
+def _ci(value: float, low: float, high: float, digits: int = 2) -> str:
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def metric_answer(tables: dict) -> list[str]:
+    """How much of the ranking is the data and how much the metric, and how well each proxy tracks the ground truth."""
+    lines = []
+    decomposition = tables.get("decomposition")
+    if decomposition is not None and len(decomposition):
+        for module, part in decomposition.groupby("module", sort=False):
+            across_data = part[(part["axis"] == "distribution") & (part["held"] == "cosine")]["mean_spearman"]
+            across_metrics = part[part["axis"] == "metric"]["mean_spearman"]
+            if len(across_data) and len(across_metrics):
+                lines.append(f"- **{module}: data vs metric.** Cosine rankings of different distributions agree at mean ρ {across_data.iloc[0]:.2f}; "
+                             f"rankings of different metrics (ground truth included) on one distribution agree at mean ρ {across_metrics.mean():.2f} "
+                             f"(range over distributions {across_metrics.min():.2f} to {across_metrics.max():.2f}): the "
+                             f"{'metric' if across_metrics.mean() < across_data.iloc[0] else 'calibration data'} moves the ranking more.")
+    validity = tables.get("validity")
+    if validity is not None and len(validity):
+        for module, part in validity.groupby("module", sort=False):
+            best = part.groupby("metric")["spearman"].mean().sort_values(ascending=False)
+            cosine = part[part["metric"] == "cosine"]
+            lines.append(f"- **{module}: does the proxy rank like the real loss?** ρ(cosine, ablation) per distribution "
+                         f"{cosine['spearman'].min():.2f} to {cosine['spearman'].max():.2f} (95% CIs from {cosine['spearman_ci_low'].min():.2f} "
+                         f"to {cosine['spearman_ci_high'].max():.2f}); best proxy on average: {best.index[0]} (mean ρ {best.iloc[0]:.2f}).")
+    return lines
+
+
+def best_sets(transfer: pd.DataFrame) -> pd.DataFrame:
+    """Per budget: every drop set by its worst-case held-out perplexity ratio (CI), best first."""
+    worst = transfer[(transfer["distribution"] == "worst") & (transfer["drop_set"] != "none")].copy()
+    mean = transfer[transfer["distribution"] == "mean"].set_index("drop_set")["ppl_ratio"]
+    worst["mean ratio"] = worst["drop_set"].map(mean)
+    worst["worst ratio [95% CI]"] = [_ci(r.ppl_ratio, r.ci_low, r.ci_high) for r in worst.itertuples()]
+    worst = worst.sort_values(["module", "k", "ppl_ratio"])
+    return worst[["module", "k", "metric", "method", "worst ratio [95% CI]", "mean ratio", "ppl_ratio"]]
+
+
+def transfer_answer(tables: dict) -> list[str]:
+    """The lowest worst-case held-out perplexity per budget, and what the proxy loses against the ground truth."""
+    transfer = tables.get("transfer")
+    if transfer is None or not len(transfer):
+        return []
+    lines = []
+    ranked = best_sets(transfer)
+    for (module, k), part in ranked.groupby(["module", "k"], sort=False):
+        top = part.iloc[0]
+        cosine_borda = part[(part["metric"] == "cosine") & (part["method"] == "borda")]
+        lines.append(f"- **{module}-{k}: lowest worst-case held-out perplexity**: {top['metric']} {top['method']}, "
+                     f"{top['worst ratio [95% CI]']}× the unpruned model on its worst distribution"
+                     + (f" (cosine Borda consensus: {cosine_borda['worst ratio [95% CI]'].iloc[0]}×)." if len(cosine_borda) else "."))
+    comparisons = tables.get("comparisons")
+    if comparisons is not None and len(comparisons):
+        for row in comparisons[comparisons["distribution"] == "worst"].itertuples():
+            verdict = "lower" if row.ci_high < 1 else ("higher" if row.ci_low > 1 else "not distinguishable")
+            lines.append(f"- {row.comparison}: worst-case perplexity ratio {_ci(row.ratio, row.ci_low, row.ci_high, 3)} (p = {row.p_value:.3f}; "
+                         f"{verdict}).")
+    return lines
+
+
+def metric_sections(tables: dict) -> list[str]:
+    """Metric validity, the data/metric decomposition, the greedy paths, held-out transfer with CIs and the paired comparisons."""
+    lines = []
+    validity = tables.get("validity")
+    if validity is not None and len(validity):
+        shown = validity.assign(**{"ρ [95% CI]": [_ci(r.spearman, r.spearman_ci_low, r.spearman_ci_high) for r in validity.itertuples()],
+                                   "τ-b [95% CI]": [_ci(r.kendall, r.kendall_ci_low, r.kendall_ci_high) for r in validity.itertuples()]})
+        lines += ["## Does each proxy rank modules like the real loss?", "",
+                  "Spearman ρ and Kendall τ-b between each proxy metric's ranking and the ablation ranking (increase in next-token NLL "
+                  "when the module alone is dropped), per distribution; bootstrap 95% CIs resample both tables' samples.", "",
+                  _table(shown.pivot_table(index=["module", "metric"], columns="distribution", values="ρ [95% CI]", aggfunc="first", sort=False).reset_index()),
+                  ""]
+    decomposition = tables.get("decomposition")
+    if decomposition is not None and len(decomposition):
+        lines += ["## The model, the data or the metric?", "",
+                  "Mean (and lowest) Spearman ρ between rankings that differ only in the calibration distribution (one metric held) or "
+                  "only in the metric (one distribution held; ablation included). Lower ρ along an axis: that axis moves the ranking more.", "",
+                  _table(decomposition), ""]
+    greedy = tables.get("greedy")
+    if greedy is not None and len(greedy):
+        order = greedy.groupby("objective", sort=False)["candidate"].apply(lambda c: ", ".join(c)).reset_index(name="dropped, in order")
+        last = greedy.groupby("objective", sort=False)["objective_increase"].last().reset_index(name="ΔNLL after the last step")
+        lines += ["## Greedy drop sets by real calibration loss", "",
+                  "Each step drops the module whose removal (given those already dropped) raises the calibration loss least: for one "
+                  "distribution, or for `robust` the worst distribution's.", "", _table(order.merge(last), 4), ""]
+    transfer = tables.get("transfer")
+    if transfer is not None and len(transfer):
+        ranked = best_sets(transfer).drop(columns="ppl_ratio")
+        lines += ["## Pruned models on held-out text", "",
+                  "Every drop set ranked by its worst-case held-out perplexity ratio over distributions (bootstrap 95% CI over windows; "
+                  "1.00 = no loss), with the mean over distributions.", "", _table(ranked), ""]
+        per = transfer[~transfer["distribution"].isin(["worst", "mean"])]
+        lines += ["Per distribution (perplexity ratio):", "",
+                  _table(per.pivot_table(index="drop_set", columns="distribution", values="ppl_ratio", sort=False).reset_index()), ""]
+    comparisons = tables.get("comparisons")
+    if comparisons is not None and len(comparisons):
+        shown = comparisons.assign(**{"ratio a/b [95% CI]": [_ci(r.ratio, r.ci_low, r.ci_high, 3) for r in comparisons.itertuples()]})
+        lines += ["## Paired comparisons on the same held-out windows", "",
+                  "Perplexity of drop set a over drop set b (below 1: a loses less), per distribution and for the worst and mean over "
+                  "distributions; paired bootstrap over windows.", "",
+                  _table(shown[["comparison", "a", "b", "distribution", "ratio a/b [95% CI]", "p_value"]]), ""]
+    return lines
+
+
 def write_report(out: Path, model_record: dict, settings, scores: pd.DataFrame, tables: dict, sets: pd.DataFrame, figures: list[Path]) -> list[Path]:
-    """Write ``report.md`` and ``report.html`` (figures embedded) into ``out``."""
+    """Write ``report.md`` and ``report.html`` (figures embedded) into ``out``.
+
+    The stability sections describe the paper's metric (cosine); the metric sections compare
+    every metric with the ablation ground truth.
+    """
     out = Path(out)
+    all_tables = tables
+    scores = scores[scores["metric"] == "cosine"] if "metric" in scores.columns else scores
+    tables = {name: (t[t["metric"] == "cosine"] if "metric" in t.columns and name != "accuracy" else t) for name, t in tables.items()}
+    sets = sets[sets["metric"] == "cosine"] if "metric" in sets.columns else sets
     module, k = "attn", max(settings.budgets.get("attn", (8,)))
     everywhere, unstable = stable_and_unstable(scores, tables, module, k)
     floor = tables["split_half"][tables["split_half"]["module"] == module].set_index("distribution")
@@ -105,14 +217,17 @@ def write_report(out: Path, model_record: dict, settings, scores: pd.DataFrame, 
         "",
         f"Model `{model_record.get('spec')}` ({model_record.get('family')}, {model_record.get('n_layers')} layers, {model_record.get('dtype')}), "
         f"weights sha256 `{model_record.get('weights_sha256')}`. Distributions: {_names(settings.distributions)}; "
-        f"{settings.samples} samples × {settings.seq_len} tokens each (seed {settings.seed}); bootstrap {settings.n_boot} resamples, "
-        f"permutation test {settings.n_perm} shuffles. Importance S = 1 − cos(X, Y) over real tokens (He et al., 2024).",
+        f"proxy metrics on {settings.samples} samples × {settings.seq_len} tokens each, the ablation ground truth on "
+        f"{settings.ablation_samples} × {settings.ablation_seq_len} (seed {settings.seed}); bootstrap {settings.n_boot} resamples, "
+        f"permutation test {settings.n_perm} shuffles. Metrics: {_names(settings.metrics)} (`calibdrop` docs: analysis/metrics.py).",
         "",
         "## The answer",
         "",
+        *metric_answer(all_tables),
+        *transfer_answer(all_tables),
         *headline(tables, module, k),
         "",
-        f"## Modules unimportant on every distribution ({module}, k = {k})",
+        f"## Modules unimportant on every distribution ({module}, k = {k}, cosine)",
         "",
         f"In the size-{k} drop set of every distribution: **{_names(everywhere)}**. These are safe to drop whatever the calibration data.",
         "",
@@ -122,7 +237,8 @@ def write_report(out: Path, model_record: dict, settings, scores: pd.DataFrame, 
         "",
         _table(unstable) if len(unstable) else "None: every distribution picks the same set.",
         "",
-        "## Agreement between distributions and the noise floor",
+        *metric_sections(all_tables),
+        "## Agreement between distributions and the noise floor (cosine)",
         "",
         f"Spearman ρ of {module} importance between distributions; the diagonal is the split-half noise floor (Spearman-Brown corrected).",
         "",
@@ -136,13 +252,14 @@ def write_report(out: Path, model_record: dict, settings, scores: pd.DataFrame, 
         "",
         _table(permutation[["a", "b", "spearman", "p_spearman", f"p_jaccard@{k}"]]),
         "",
-        "## Recommended drop sets",
+        "## Drop sets by proxy regret (cosine)",
         "",
-        "Worst-case regret is the most importance (summed 1 − cos) a set drops beyond the best set of its size, over all distributions.",
+        "Worst-case regret is the most importance (summed 1 − cos) a set drops beyond the best set of its size, over all distributions. "
+        "This ranks sets by the proxy; the held-out section above ranks them by real loss.",
         "",
         _table(recommended(tables, sets), 4),
         "",
-        "## Does consensus generalise to an unseen distribution?",
+        "## Does consensus generalise to an unseen distribution? (cosine)",
         "",
         "Leave one distribution out, build the consensus from the rest, and measure its regret on the one left out, beside the other "
         "distributions' own sets (mean, best, worst) and a random set (expected).",
@@ -150,20 +267,6 @@ def write_report(out: Path, model_record: dict, settings, scores: pd.DataFrame, 
         _table(tables["leave_one_out"].drop(columns=["drop_set"]), 4),
         "",
     ]
-    transfer = tables.get("transfer")
-    if transfer is not None and len(transfer):
-        pivot = transfer.pivot_table(index="drop_set", columns="distribution", values="ppl_ratio", sort=False).reset_index()
-        lines += [
-            "## Pruned models on held-out text",
-            "",
-            f"Perplexity on each distribution's held-out documents ({settings.transfer_samples} windows × {settings.transfer_seq_len} tokens), "
-            "as a ratio to the unpruned model (1.00 = no loss). `random` is the mean over seeds.",
-            "",
-            _table(pivot),
-            "",
-            _transfer_verdict(transfer),
-            "",
-        ]
     accuracy = tables.get("accuracy")
     if accuracy is not None and len(accuracy):
         chosen = accuracy[(accuracy["metric"] == "acc_norm") | ~accuracy["task"].isin(accuracy.loc[accuracy["metric"] == "acc_norm", "task"])]
@@ -190,19 +293,3 @@ def write_report(out: Path, model_record: dict, settings, scores: pd.DataFrame, 
     style = "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}"
     atomic_write_bytes(html_path, f"<!doctype html><html><head><meta charset='utf-8'><title>calibdrop report</title><style>{style}</style></head><body>{html_body}</body></html>".encode())
     return [md_path, html_path]
-
-
-def _transfer_verdict(transfer: pd.DataFrame) -> str:
-    """Whether consensus sets lose less perplexity on held-out distributions than single-distribution sets."""
-    lines = []
-    for prefix in sorted({d.split(":")[0] for d in transfer["drop_set"] if ":" in d}):
-        part = transfer[transfer["drop_set"].str.startswith(prefix + ":")]
-        singles = part[part["drop_set"].str.contains(":own:")]
-        other = singles[singles.apply(lambda r: r["drop_set"].split(":own:")[1] != r["distribution"], axis=1)]
-        for method in ("borda", "minimax"):
-            chosen = part[part["drop_set"] == f"{prefix}:{method}"]
-            if len(chosen) and len(other):
-                lines.append(f"{prefix} {method}: mean perplexity ratio {chosen['ppl_ratio'].mean():.3f}, worst {chosen['ppl_ratio'].max():.3f}; "
-                             f"single-distribution sets on the other distributions: mean {other['ppl_ratio'].mean():.3f}, worst {other['ppl_ratio'].max():.3f}.")
-    return "  \n".join(lines)
-

@@ -17,9 +17,10 @@ from tiny import byte_tokenizer, tiny_model
 
 SETTINGS = dict(
     distributions=("code", "math", "general"), subsets=True, samples=8, seq_len=64, subset_samples=4, subset_seq_len=32,
+    ablation_samples=4, ablation_seq_len=32, greedy_shortlist=2,
     n_boot=50, n_perm=50, budgets={"attn": (1, 2), "mlp": (1,), "block": (1,), "joint": (2,)}, transfer_k=(2,),
     transfer_samples=2, transfer_seq_len=64, random_seeds=(0,), tasks=("arc_easy",), task_limit=3,
-    accuracy_sets=("none", "attn-2:borda"),
+    accuracy_sets=("none", "cosine/attn-2:borda"),
 )
 RUN = """
 import json, sys
@@ -55,7 +56,7 @@ def test_killed_run_resumes_to_the_same_report(tiny_dir, tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     saved_before = {p.stem for p in killed.glob("*.parquet")}
-    assert {"scores.per_sample", "agreement", "drop_sets"} <= saved_before
+    assert {"scores.proxies", "scores.ablation", "agreement", "drop_sets"} <= saved_before
     assert not (killed / "report.md").exists()
 
     resumed = run(str(tiny_dir), killed, preset=RunSettings(**SETTINGS), progress=False, log=lambda m: None)
@@ -68,4 +69,5 @@ def test_every_figure_has_png_and_svg(tiny_dir, tmp_path):
     run(str(tiny_dir), tmp_path, preset=RunSettings(**SETTINGS), progress=False, log=lambda m: None)
     pngs = {p.stem for p in (tmp_path / "figures").glob("*.png")}
     assert pngs == {p.stem for p in (tmp_path / "figures").glob("*.svg")}
-    assert {"similarity_attn_spearman", "profile_attn", "membership_attn", "convergence_attn", "transfer_matrix", "regret_attn"} <= pngs
+    assert {"similarity_attn_spearman", "profile_attn", "membership_attn", "convergence_attn", "transfer_matrix", "regret_attn",
+            "transfer_worst_case", "metric_validity", "proxy_vs_ablation", "ranking_decomposition"} <= pngs
