@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from . import consensus, data, evaluation, models, plots, pruning, stability
 from .errors import CalibdropError, InputError
 from .io import atomic_write_json, provenance, read_table, write_table
+from .metrics import check_metrics, metric_names
 from .scoring import aggregate_importance, is_main_process, score_distributions, score_texts
 
 PRESETS = {"default": {"samples": 128, "seq_len": 512}, "quick": {"samples": 32, "seq_len": 256}, "paper": {"samples": 256, "seq_len": 2048}}
@@ -87,6 +88,7 @@ def cmd_score(args) -> None:
     if args.texts:
         score_jsonl(args, out)
         return
+    metrics = check_metrics(args.metrics)
     preset = PRESETS[args.preset]
     n_samples = args.samples or preset["samples"]
     seq_len = args.seq_len or preset["seq_len"]
@@ -95,13 +97,13 @@ def cmd_score(args) -> None:
         data.load_manifest(name)
     model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
     rows = score_distributions(
-        model, tokenizer, names, n_samples=n_samples, seq_len=seq_len, batch_size=args.batch_size, seed=args.seed
+        model, tokenizer, names, n_samples=n_samples, seq_len=seq_len, batch_size=args.batch_size, seed=args.seed, metrics=metrics
     )
     record = provenance(
         kind="scores",
         model=models.model_info(model),
         distributions={name: data.load_manifest(name)["_sha256"] for name in names},
-        settings={"n_samples": n_samples, "seq_len": seq_len, "seed": args.seed, "batch_size": args.batch_size},
+        settings={"n_samples": n_samples, "seq_len": seq_len, "seed": args.seed, "batch_size": args.batch_size, "metrics": list(metrics)},
     )
     per_sample = out.with_suffix(".per_sample.parquet")
     if not is_main_process():
@@ -116,7 +118,8 @@ def score_jsonl(args, out: Path) -> None:
     texts = read_jsonl_texts(texts_path)
     model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)
     max_length = args.seq_len or 512
-    table = score_texts(model, tokenizer, texts, max_length=max_length, batch_size=args.batch_size, per_sample=args.per_sample)
+    table = score_texts(model, tokenizer, texts, max_length=max_length, batch_size=args.batch_size, per_sample=args.per_sample,
+                        metrics=check_metrics(args.metrics))
     record = provenance(
         kind="scores-per-sample" if args.per_sample else "scores",
         model=models.model_info(model),
@@ -180,7 +183,10 @@ def cmd_compare(args) -> None:
     for name, table in tables.items():
         record = provenance(kind=name, scores=source, settings={"modules": modules, "k": k, "n_boot": args.n_boot, "n_perm": args.n_perm})
         write_table(table, out / f"{name}.parquet", record)
-    figures = plots.stability_figures(scores, tables, out / "figures", max(k))
+    figures = []
+    for metric in stability.metrics_in(scores):
+        chosen = {name: table[table["metric"] == metric] if "metric" in table.columns else table for name, table in tables.items()}
+        figures += plots.stability_figures(stability.one_metric(scores, metric)[0], chosen, out / "figures" / metric, max(k))
     attn = tables["agreement"][tables["agreement"]["module"] == "attn"]
     if len(attn):
         print(attn.drop(columns="module").round(3).to_string(index=False))
@@ -189,9 +195,11 @@ def cmd_compare(args) -> None:
 
 def cmd_consensus(args) -> None:
     scores = read_per_sample(args.results)
-    chosen = consensus.consensus_drop_set(scores, module=args.module, k=args.k, method=args.method)
+    metric = args.metric or ("cosine" if "cosine" in stability.metrics_in(scores) else None)
+    chosen = consensus.consensus_drop_set(scores, module=args.module, k=args.k, method=args.method, metric=metric)
     source = scores.attrs.get("provenance", {})
     record = {
+        "metric": stability.one_metric(scores, metric)[1],
         "model": source.get("model", {}).get("spec") or scores.get("model", pd.Series([None])).iloc[0],
         "module": args.module,
         "k": args.k,
@@ -223,9 +231,9 @@ def evaluation_drop_sets(args) -> dict:
         sets[Path(path).stem] = record
     if args.from_scores:
         scores = read_per_sample(args.from_scores)
+        metric = args.metric or ("cosine" if "cosine" in stability.metrics_in(scores) else None)
         for k in parse_ints(args.k):
-            family = evaluation.drop_sets_for_transfer(scores, module=args.module, k=k, methods=args.methods.split(","))
-            sets.update({f"{args.module}-{k}:{name}": spec for name, spec in family.items() if name != "none"})
+            sets.update(evaluation.drop_sets_for_transfer(scores, module=args.module, k=k, methods=args.methods.split(","), metric=metric))
     if len(sets) == 1:
         raise InputError("nothing to evaluate: give --drop-sets FILES and/or --from-scores RESULTS")
     return sets
@@ -235,7 +243,8 @@ def cmd_evaluate(args) -> None:
     sets = evaluation_drop_sets(args)
     model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)
     out = Path(args.out)
-    record = provenance(kind="evaluation", model=models.model_info(model), drop_sets=sets,
+    records = {name: spec.record() if hasattr(spec, "record") else spec for name, spec in sets.items()}
+    record = provenance(kind="evaluation", model=models.model_info(model), drop_sets=records,
                         settings={"samples": args.samples, "seq_len": args.seq_len, "limit": args.limit})
     distributions = expand_distributions(args.distributions) if args.distributions else []
     if distributions:
@@ -246,11 +255,8 @@ def cmd_evaluate(args) -> None:
     if tasks:
         rows = []
         for name, spec in tqdm(sets.items(), desc="accuracy", unit="set"):
-            variants = spec if isinstance(spec, list) else [spec]
-            for index, variant in enumerate(variants):
-                pruned = evaluation.pruned_copy(model, variant)
-                table = evaluation.zero_shot_accuracy(pruned, tokenizer, tasks, limit=args.limit)
-                rows.append(table.assign(drop_set=name, variant=index))
+            table = evaluation.zero_shot_accuracy(evaluation.pruned_copy(model, spec), tokenizer, tasks, limit=args.limit)
+            rows.append(table.assign(drop_set=name))
         accuracy = pd.concat(rows, ignore_index=True)
         write_table(accuracy, out / "accuracy.parquet", record)
         summary = accuracy[accuracy.metric.eq("acc_norm") | ~accuracy.task.isin(accuracy[accuracy.metric == "acc_norm"].task)]
@@ -294,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--seed", type=int, default=0, help="seed of the sample windows")
     score.add_argument("--batch-size", type=int, default=8)
     score.add_argument("--per-sample", action="store_true", help="one row per text and module instead of the aggregate")
+    score.add_argument("--metrics", default="cosine,angular,relative_update",
+                       help=f"comma-separated importance metrics (registered: {','.join(metric_names())}); the proxies share one "
+                            "forward pass, ablation (the ground truth) re-runs blocks per module (default: %(default)s)")
     score.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     score.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
     score.add_argument("--device-map", default=None, help="shard the model over devices with accelerate, e.g. auto")
@@ -321,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     agree.add_argument("--module", default="attn", choices=stability.MODULE_KINDS)
     agree.add_argument("--k", type=int, default=8)
     agree.add_argument("--method", default="borda", choices=consensus.METHODS)
+    agree.add_argument("--metric", help="importance metric of the ranking (default: cosine, or the table's only metric)")
     agree.add_argument("--out", help="JSON file to write")
     agree.set_defaults(func=cmd_consensus)
 
@@ -338,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--module", default="attn", choices=stability.MODULE_KINDS)
     evaluate.add_argument("--k", default="4,8", help="drop-set sizes for --from-scores")
     evaluate.add_argument("--methods", default="borda,minimax", help="consensus methods for --from-scores")
+    evaluate.add_argument("--metric", help="importance metric for --from-scores (default: cosine, or the table's only metric)")
     evaluate.add_argument("--distributions", help="held-out perplexity on these distributions (comma-separated, or 'all')")
     evaluate.add_argument("--tasks", help=f"zero-shot tasks: {','.join(evaluation.PAPER_TASKS)}")
     evaluate.add_argument("--limit", type=int, help="examples per task (per MMLU subject)")

@@ -218,7 +218,7 @@ def run(spec: str = models.DEFAULT_MODEL, out: Path = Path("results"), *, preset
         parts.append(timed("score ablation", lambda: stages.table(
             "scores.ablation", stage_key("ablation", base_key, manifests),
             lambda: score(settings.distributions, settings.ablation_samples, settings.ablation_seq_len, (GROUND_TRUTH,)))))
-    top = pd.concat(parts, ignore_index=True)
+    top = stages.table("scores.per_sample", stage_key("per_sample", base_key, manifests), lambda: pd.concat(parts, ignore_index=True))
     stages.table("scores", stage_key("aggregate", base_key, manifests), lambda: aggregate_importance(top, by=["distribution"]))
     subset_names = [s for name in settings.distributions for s in data.subsets(name)] if settings.subsets else []
     subsets = None
