@@ -166,10 +166,9 @@ def substitute_path(source: dict) -> Path:
 def source_in_use(source: dict) -> dict:
     """The source as fetched: the manifest's pin, or (a vanished Debian pin) the newer revision recorded at download,
     with ``pinned_version`` added."""
-    record = substitute_path(source)
-    if source.get("registry") != "debian" or "pinned_version" in source or not record.exists():
+    if source["registry"] != "debian" or "pinned_version" in source or not substitute_path(source).exists():
         return source
-    return {**source, **json.loads(record.read_text())}
+    return {**source, **json.loads(substitute_path(source).read_text())}
 
 
 def sources_used(manifest: dict) -> list[dict]:
