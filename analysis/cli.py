@@ -227,11 +227,11 @@ def compare_tables(scores: pd.DataFrame, modules, k, n_boot: int, n_perm: int) -
 
 
 def cmd_compare(args) -> None:
+    k = parse_ints(args.k)
     scores = read_per_sample(args.results)
     results = Path(args.results)
     out = writable_output(Path(args.out) if args.out else (results if results.is_dir() else results.parent) / "compare", folder=True)
     modules = [m.strip() for m in args.modules.split(",")]
-    k = parse_ints(args.k)
     tables = compare_tables(scores, modules, k, args.n_boot, args.n_perm)
     source = scores.attrs.get("provenance", {})
     for name, table in tables.items():
