@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up calibdrop in ./.venv: install it with its pinned dependencies, then fetch and
-# verify the default model and the calibration distributions (Debian packages need apt's
-# package lists: run as root once, or `sudo apt-get update` first). Safe to rerun.
+# verify the default model and the calibration distributions. Debian packages come from
+# apt: when apt's lists lack a pinned version, `calibdrop data fetch` refreshes them once
+# (as root; otherwise it prints the command to run). Safe to rerun.
 #   CALIBDROP_TORCH  pip requirement for torch (default torch==2.13.0, the CPU build;
 #                    set it to "" to keep a torch you installed yourself, e.g. a CUDA build)
 #   PYTHON           interpreter used to create the venv (default python3)
@@ -14,7 +15,4 @@ TORCH=${CALIBDROP_TORCH-torch==2.13.0}
 .venv/bin/python -m pip install -q $TORCH -e '.[dev]' 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -c "import analysis, torch, transformers" || { echo "setup.sh: installing calibdrop failed (see pip's output above)" >&2; exit 1; }
 .venv/bin/calibdrop models fetch --dequantise
-if ! apt-cache show golang-1.19-src >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  apt-get update -qq
-fi
 .venv/bin/calibdrop data fetch

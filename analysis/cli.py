@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import pandas as pd
 from tqdm.auto import tqdm
 
 from . import consensus, data, evaluation, models, plots, pruning, stability
-from .errors import CalibdropError, InputError
-from .io import atomic_write_json, provenance, read_table, write_table
+from .errors import CalibdropError, CalibdropWarning, InputError
+from .io import atomic_write_json, provenance, read_table, temp_file, write_table
 from .metrics import check_metrics, metric_names
 from .scoring import aggregate_importance, is_main_process, score_distributions, score_texts
 
@@ -26,7 +28,8 @@ def read_jsonl_texts(path: Path) -> list[str]:
     if not path.is_file():
         raise InputError(f"texts file {path} does not exist")
     texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        line = decode_line(path, number, raw)
         if not line.strip():
             continue
         try:
@@ -37,6 +40,48 @@ def read_jsonl_texts(path: Path) -> list[str]:
             raise InputError(f"{path}:{number} has no string field 'text'; each line must look like {{\"text\": \"...\"}}")
         texts.append(record["text"])
     return texts
+
+
+def decode_line(path: Path, number: int, raw: bytes) -> str:
+    """Line ``number`` of ``path`` as text; not UTF-8 is an :class:`InputError` naming the file, line and byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}:{number} is not UTF-8 text (byte {error.start + 1} of the line): save the file as UTF-8") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (0 is refused, never replaced by a default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {value}")
+    return value
+
+
+def writable_output(path: Path, *, folder: bool) -> Path:
+    """Check before any work that ``path`` (a file, or with ``folder`` a folder) can be written: its folder
+    is created and a temporary file is written and removed there; else an :class:`InputError`."""
+    path = Path(path)
+    target = path if folder else path.parent
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        handle, probe = temp_file(target, ".calibdrop-write-check-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise InputError(f"cannot write the output {path}: {error.strerror} ({error.filename}); choose a writable --out") from None
+    return path
+
+
+def warn_beyond_positions(model, seq_len: int) -> None:
+    """Warn when ``seq_len`` exceeds the model's ``max_position_embeddings``."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        warnings.warn(f"--seq-len {seq_len} exceeds the {limit} positions the model was trained for: its scores "
+                      "there are extrapolation", CalibdropWarning)
 
 
 def _print_table(frame: pd.DataFrame) -> None:
@@ -71,8 +116,6 @@ def expand_distributions(spec: str) -> list[str]:
 
 def default_device(device):
     """The requested device, or under torch.distributed on GPUs this process's ``cuda:LOCAL_RANK``."""
-    import os
-
     import torch
 
     if device is None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():
@@ -84,18 +127,19 @@ def cmd_score(args) -> None:
     args.device = default_device(args.device)
     if bool(args.texts) == bool(args.distributions):
         raise InputError("give either --texts FILE.jsonl or --distributions NAMES (for example code,math,chat)")
-    out = Path(args.out)
+    out = writable_output(Path(args.out), folder=False)
     if args.texts:
         score_jsonl(args, out)
         return
     metrics = check_metrics(args.metrics)
     preset = PRESETS[args.preset]
-    n_samples = args.samples or preset["samples"]
-    seq_len = args.seq_len or preset["seq_len"]
+    n_samples = preset["samples"] if args.samples is None else args.samples
+    seq_len = preset["seq_len"] if args.seq_len is None else args.seq_len
     names = expand_distributions(args.distributions)
     for name in names:
         data.load_manifest(name)
     model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
+    warn_beyond_positions(model, seq_len)
     rows = score_distributions(
         model, tokenizer, names, n_samples=n_samples, seq_len=seq_len, batch_size=args.batch_size, seed=args.seed, metrics=metrics
     )
@@ -117,7 +161,8 @@ def score_jsonl(args, out: Path) -> None:
     texts_path = Path(args.texts)
     texts = read_jsonl_texts(texts_path)
     model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)
-    max_length = args.seq_len or 512
+    max_length = 512 if args.seq_len is None else args.seq_len
+    warn_beyond_positions(model, max_length)
     table = score_texts(model, tokenizer, texts, max_length=max_length, batch_size=args.batch_size, per_sample=args.per_sample,
                         metrics=check_metrics(args.metrics))
     record = provenance(
@@ -139,12 +184,20 @@ def cmd_data_fetch(args) -> None:
         print(f"{name}: {len(frame)} documents, checksums verified")
 
 
+def describe_sources(sources: list[dict]) -> str:
+    """``package=version`` of each fetched source, with the pin where a newer Debian revision replaced it."""
+    return ", ".join(
+        f"{s['package']}={s['version']}" + (f" (pinned {s['pinned_version']}, sha256 {s['sha256']})" if s.get("pinned_version") else "")
+        for s in sources if s.get("package")
+    )
+
+
 def cmd_data_list(args) -> None:
     summary = data.distribution_summary()
     if args.json:
         print(summary.to_json(orient="records", indent=2))
     else:
-        _print_table(summary.drop(columns=["description"]))
+        _print_table(summary.drop(columns=["description"]).assign(sources=summary["sources"].map(describe_sources)))
 
 
 def read_per_sample(results: str) -> pd.DataFrame:
@@ -158,10 +211,14 @@ def read_per_sample(results: str) -> pd.DataFrame:
 
 
 def parse_ints(text: str) -> tuple[int, ...]:
+    """``"4,8"`` → ``(4, 8)``: comma-separated positive integers."""
     try:
-        return tuple(int(v) for v in text.split(","))
+        values = tuple(int(v) for v in text.split(","))
     except ValueError:
         raise InputError(f"expected comma-separated integers, got {text!r}") from None
+    if min(values) < 1:
+        raise InputError(f"expected positive drop-set sizes, got {text!r}")
+    return values
 
 
 def compare_tables(scores: pd.DataFrame, modules, k, n_boot: int, n_perm: int) -> dict[str, pd.DataFrame]:
@@ -173,11 +230,11 @@ def compare_tables(scores: pd.DataFrame, modules, k, n_boot: int, n_perm: int) -
 
 
 def cmd_compare(args) -> None:
+    k = parse_ints(args.k)
     scores = read_per_sample(args.results)
     results = Path(args.results)
-    out = Path(args.out) if args.out else (results if results.is_dir() else results.parent) / "compare"
+    out = writable_output(Path(args.out) if args.out else (results if results.is_dir() else results.parent) / "compare", folder=True)
     modules = [m.strip() for m in args.modules.split(",")]
-    k = parse_ints(args.k)
     tables = compare_tables(scores, modules, k, args.n_boot, args.n_perm)
     source = scores.attrs.get("provenance", {})
     for name, table in tables.items():
@@ -194,6 +251,7 @@ def cmd_compare(args) -> None:
 
 
 def cmd_consensus(args) -> None:
+    out = writable_output(Path(args.out or f"drop_set_{args.module}_k{args.k}_{args.method}.json"), folder=False)
     scores = read_per_sample(args.results)
     metric = args.metric or ("cosine" if "cosine" in stability.metrics_in(scores) else None)
     chosen = consensus.consensus_drop_set(scores, module=args.module, k=args.k, method=args.method, metric=metric)
@@ -201,6 +259,7 @@ def cmd_consensus(args) -> None:
     record = {
         "metric": stability.one_metric(scores, metric)[1],
         "model": source.get("model", {}).get("spec") or scores.get("model", pd.Series([None])).iloc[0],
+        "model_sha256": source.get("model", {}).get("weights_sha256"),
         "module": args.module,
         "k": args.k,
         "indices": [c if isinstance(c, str) else int(c) for c in chosen],
@@ -208,17 +267,18 @@ def cmd_consensus(args) -> None:
         "distributions": list(dict.fromkeys(scores["distribution"])),
         "provenance": provenance(kind="drop-set", scores=source),
     }
-    out = Path(args.out or f"drop_set_{args.module}_k{args.k}_{args.method}.json")
     atomic_write_json(out, record)
     print(f"{args.method} {args.module} drop set (k={args.k}): {record['indices']} -> {out}")
 
 
 def cmd_prune(args) -> None:
     drop_set = pruning.read_drop_set(Path(args.drop_set))
+    out = writable_output(Path(args.out), folder=True)
     model, tokenizer = models.load_model(args.model, dtype=args.dtype)
+    pruning.check_drop_set(drop_set, model, force=args.force)
     before = sum(p.numel() for p in model.parameters())
     pruning.drop_modules(model, **pruning.drop_set_kwargs(drop_set), drop_set={**drop_set, "file": str(args.drop_set)})
-    out = pruning.save_pruned(model, Path(args.out), tokenizer)
+    out = pruning.save_pruned(model, out, tokenizer)
     after = sum(p.numel() for p in model.parameters())
     print(f"dropped {drop_set['module']} {drop_set['indices']}: {before:,} -> {after:,} parameters; saved to {out}")
 
@@ -227,22 +287,25 @@ def evaluation_drop_sets(args) -> dict:
     """Named drop sets: from JSON files, and/or the standard family built from per-sample scores."""
     sets: dict = {"none": None}
     for path in args.drop_sets or []:
-        record = pruning.read_drop_set(Path(path))
-        sets[Path(path).stem] = record
+        sets[Path(path).stem] = {**pruning.read_drop_set(Path(path)), "file": str(path)}
     if args.from_scores:
         scores = read_per_sample(args.from_scores)
         metric = args.metric or ("cosine" if "cosine" in stability.metrics_in(scores) else None)
         for k in parse_ints(args.k):
             sets.update(evaluation.drop_sets_for_transfer(scores, module=args.module, k=k, methods=args.methods.split(","), metric=metric))
-    if len(sets) == 1:
-        raise InputError("nothing to evaluate: give --drop-sets FILES and/or --from-scores RESULTS")
+    if len(sets) == 1 and not pruning.is_pruned_checkpoint(Path(args.model)):
+        raise InputError("nothing to evaluate: give --drop-sets FILES and/or --from-scores RESULTS, or --model a pruned checkpoint")
     return sets
 
 
 def cmd_evaluate(args) -> None:
     sets = evaluation_drop_sets(args)
+    out = writable_output(Path(args.out), folder=True)
     model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)
-    out = Path(args.out)
+    for record in sets.values():
+        if isinstance(record, dict) and "file" in record:
+            pruning.check_drop_set(record, model, force=args.force)
+    warn_beyond_positions(model, args.seq_len)
     records = {name: spec.record() if hasattr(spec, "record") else spec for name, spec in sets.items()}
     record = provenance(kind="evaluation", model=models.model_info(model), drop_sets=records,
                         settings={"samples": args.samples, "seq_len": args.seq_len, "limit": args.limit})
@@ -267,6 +330,7 @@ def cmd_evaluate(args) -> None:
 def cmd_run(args) -> None:
     from .pipeline import run
 
+    writable_output(Path(args.out), folder=True)
     summary = run(args.model, Path(args.out), preset=args.preset, dtype=args.dtype, device=args.device)
     print(f"\ndone in {summary['seconds']} s: report {summary['report'][0]} and {summary['report'][1]}, "
           f"{summary['figures']} figure files in {Path(args.out) / 'figures'}")
@@ -295,10 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--out", default="scores.parquet", help="Parquet file to write (a .json sidecar goes beside it)")
     score.add_argument("--preset", choices=sorted(PRESETS), default="default",
                        help="samples x tokens per distribution: default 128x512, quick 32x256, paper 256x2048")
-    score.add_argument("--samples", type=int, help="samples per distribution (overrides the preset)")
-    score.add_argument("--seq-len", type=int, help="tokens per sample (overrides the preset; --texts: max length, default 512)")
+    score.add_argument("--samples", type=positive_int, help="samples per distribution (overrides the preset)")
+    score.add_argument("--seq-len", type=positive_int, help="tokens per sample (overrides the preset; --texts: max length, default 512)")
     score.add_argument("--seed", type=int, default=0, help="seed of the sample windows")
-    score.add_argument("--batch-size", type=int, default=8)
+    score.add_argument("--batch-size", type=positive_int, default=8)
     score.add_argument("--per-sample", action="store_true", help="one row per text and module instead of the aggregate")
     score.add_argument("--metrics", default="cosine,angular,relative_update",
                        help=f"comma-separated importance metrics (registered: {','.join(metric_names())}); the proxies share one "
@@ -321,14 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", help="output folder (default: beside the results)")
     compare.add_argument("--modules", default="attn,mlp,block,joint")
     compare.add_argument("--k", default="4,8", help="drop-set sizes, comma-separated")
-    compare.add_argument("--n-boot", type=int, default=1000)
-    compare.add_argument("--n-perm", type=int, default=1000)
+    compare.add_argument("--n-boot", type=positive_int, default=1000)
+    compare.add_argument("--n-perm", type=positive_int, default=1000)
     compare.set_defaults(func=cmd_compare)
 
     agree = commands.add_parser("consensus", help="a drop set agreed across distributions, as JSON")
     agree.add_argument("results", help="folder or .per_sample.parquet written by `calibdrop score --distributions`")
     agree.add_argument("--module", default="attn", choices=stability.MODULE_KINDS)
-    agree.add_argument("--k", type=int, default=8)
+    agree.add_argument("--k", type=positive_int, default=8)
     agree.add_argument("--method", default="borda", choices=consensus.METHODS)
     agree.add_argument("--metric", help="importance metric of the ranking (default: cosine, or the table's only metric)")
     agree.add_argument("--out", help="JSON file to write")
@@ -339,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--drop-set", required=True, help="drop-set JSON from `calibdrop consensus`")
     prune.add_argument("--out", required=True, help="folder for the pruned checkpoint")
     prune.add_argument("--dtype", default=None)
+    prune.add_argument("--force", action="store_true", help="apply a drop set made for a model with another checksum")
     prune.set_defaults(func=cmd_prune)
 
     evaluate = commands.add_parser("evaluate", help="held-out perplexity and zero-shot accuracy of drop sets")
@@ -351,12 +416,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--metric", help="importance metric for --from-scores (default: cosine, or the table's only metric)")
     evaluate.add_argument("--distributions", help="held-out perplexity on these distributions (comma-separated, or 'all')")
     evaluate.add_argument("--tasks", help=f"zero-shot tasks: {','.join(evaluation.PAPER_TASKS)}")
-    evaluate.add_argument("--limit", type=int, help="examples per task (per MMLU subject)")
-    evaluate.add_argument("--samples", type=int, default=32, help="held-out windows per distribution")
-    evaluate.add_argument("--seq-len", type=int, default=512)
+    evaluate.add_argument("--limit", type=positive_int, help="examples per task (per MMLU subject)")
+    evaluate.add_argument("--samples", type=positive_int, default=32, help="held-out windows per distribution")
+    evaluate.add_argument("--seq-len", type=positive_int, default=512)
     evaluate.add_argument("--out", default="evaluation")
     evaluate.add_argument("--dtype", default=None)
     evaluate.add_argument("--device", default=None)
+    evaluate.add_argument("--force", action="store_true", help="apply drop sets made for a model with another checksum")
     evaluate.set_defaults(func=cmd_evaluate)
 
     data_parser = commands.add_parser("data", help="fetch or list the calibration distributions")
@@ -372,8 +438,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def init_distributed() -> None:
     """Join the process group that ``torchrun`` / ``accelerate launch`` describe in the environment (NCCL on GPUs, gloo on CPU)."""
-    import os
-
     import torch
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
@@ -383,12 +447,29 @@ def init_distributed() -> None:
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    if issubclass(category, CalibdropWarning):
+        return f"calibdrop: warning: {message}\n"
+    return _default_warning_format(message, category, filename, lineno, line)
+
+
+_default_warning_format = warnings.formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. The error boundary: calibdrop's own errors and failures of the user's files or
+    environment (OSError) print one line and exit 2; anything else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     init_distributed()
+    warnings.formatwarning = _warning_line
     try:
         args.func(args)
     except CalibdropError as error:
         print(f"calibdrop: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        where = f" {error.filename}" if error.filename else ""
+        reason = error.strerror or str(error).splitlines()[0]
+        print(f"calibdrop: error:{where}: {reason}; check that the path exists and that you may read or write it", file=sys.stderr)
         return 2
     return 0

@@ -19,3 +19,8 @@ class ChecksumError(CalibdropError):
 
 class FetchError(CalibdropError):
     """A built-in model or data source could not be fetched from its registry."""
+
+
+class CalibdropWarning(UserWarning):
+    """calibdrop recovered from something the user should know about: a discarded cache entry, a substituted
+    Debian revision, a text cut to ``max_length``."""

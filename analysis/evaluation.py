@@ -237,16 +237,16 @@ def transfer_summary(windows: pd.DataFrame, *, n_boot: int = 1000, level: float 
     rows = []
     for name, values in replicates.items():
         base = math.exp(totals.loc[(UNPRUNED, name), "nll_sum"] / totals.loc[(UNPRUNED, name), "n_tokens"])
-        for j, drop_set in enumerate(sets):
+        for j, label in enumerate(sets):
             low, high = _interval(np.exp(values[1:, j]), level)
-            rows.append({"drop_set": drop_set, "distribution": name, "ppl": base * math.exp(values[0, j]), "ppl_unpruned": base,
+            rows.append({"drop_set": label, "distribution": name, "ppl": base * math.exp(values[0, j]), "ppl_unpruned": base,
                          "ppl_ratio": math.exp(values[0, j]), "ci_low": low, "ci_high": high, "n_windows": n_windows[name]})
     stacked = np.exp(np.stack(list(replicates.values())))
     for summary, reduce in (("worst", np.max), ("mean", np.mean)):
         combined = reduce(stacked, axis=0)
-        for j, drop_set in enumerate(sets):
+        for j, label in enumerate(sets):
             low, high = _interval(combined[1:, j], level)
-            rows.append({"drop_set": drop_set, "distribution": summary, "ppl": np.nan, "ppl_unpruned": np.nan, "ppl_ratio": combined[0, j],
+            rows.append({"drop_set": label, "distribution": summary, "ppl": np.nan, "ppl_unpruned": np.nan, "ppl_ratio": combined[0, j],
                          "ci_low": low, "ci_high": high, "n_windows": sum(n_windows.values())})
     table = pd.DataFrame(rows)
     return pd.concat([table, pd.DataFrame([parse_label(label) for label in table["drop_set"]])], axis=1)

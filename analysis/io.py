@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import platform
 import tempfile
+import warnings
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 
-from .errors import InputError
+from .errors import CalibdropError, CalibdropWarning, ChecksumError, InputError
 
 _PACKAGES = ("calibdrop", "torch", "transformers", "accelerate", "datasets", "gguf", "numpy", "pandas", "scipy")
 
@@ -33,11 +37,31 @@ def provenance(**fields) -> dict:
     return {**fields, "versions": package_versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_file(folder: Path, prefix: str, suffix: str = "") -> tuple[int, str]:
+    """``tempfile.mkstemp`` in ``folder``, made readable as the user's umask allows (mkstemp makes it 0600)."""
+    handle, path = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    os.chmod(path, 0o666 & ~_umask())
+    return handle, path
+
+
+def temp_dir(folder: Path, prefix: str) -> Path:
+    """``tempfile.mkdtemp`` in ``folder``, made readable as the user's umask allows (mkdtemp makes it 0700)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=folder))
+    os.chmod(path, 0o777 & ~_umask())
+    return path
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    handle, temporary = temp_file(path.parent, f".{path.name}.")
     try:
         with os.fdopen(handle, "wb") as out:
             out.write(data)
@@ -56,18 +80,58 @@ def sidecar_path(path: Path) -> Path:
 
 
 def write_table(frame: pd.DataFrame, path: Path, record: dict) -> Path:
-    """Save ``frame`` as Parquet and ``record`` as its JSON sidecar; the sidecar is written last."""
+    """Save ``frame`` as Parquet and ``record`` as its JSON sidecar, with the Parquet's ``content_sha256``; the sidecar is written last."""
     path = Path(path)
-    atomic_write_bytes(path, frame.to_parquet(index=False))
-    atomic_write_json(sidecar_path(path), record)
+    data = frame.to_parquet(index=False)
+    atomic_write_bytes(path, data)
+    atomic_write_json(sidecar_path(path), {**record, "content_sha256": hashlib.sha256(data).hexdigest()})
     return path
 
 
 def read_table(path: Path) -> pd.DataFrame:
-    """A table written by :func:`write_table`, with its provenance in ``frame.attrs["provenance"]``."""
+    """A table written by :func:`write_table`, with its provenance in ``frame.attrs["provenance"]``.
+
+    Checks that the Parquet has the sidecar's ``content_sha256`` (tables written before calibdrop
+    recorded it are read unchecked) and that it parses: otherwise :class:`ChecksumError`.
+    """
     path = Path(path)
     if not path.exists() or not sidecar_path(path).exists():
         raise InputError(f"{path} is not a calibdrop result: it or its provenance sidecar {sidecar_path(path).name} is missing")
-    frame = pd.read_parquet(path)
-    frame.attrs["provenance"] = json.loads(sidecar_path(path).read_text())
+    try:
+        record = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ChecksumError(f"the provenance sidecar {sidecar_path(path)} is damaged ({error}): delete {path} and its sidecar, and compute it again") from None
+    data = path.read_bytes()
+    expected = record.get("content_sha256") if isinstance(record, dict) else None
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise ChecksumError(f"{path} does not have the sha256 its sidecar records: it was damaged or replaced; delete it and compute it again")
+    try:
+        frame = pd.read_parquet(io.BytesIO(data))
+    except (pa.ArrowException, OSError, ValueError) as error:
+        raise ChecksumError(f"{path} is not a readable Parquet table ({str(error).splitlines()[0]}); delete it and compute it again") from None
+    frame.attrs["provenance"] = record
+    return frame
+
+
+def read_cached_table(path: Path, expect: dict) -> pd.DataFrame | None:
+    """A cache entry, or ``None`` when there is none or it does not prove itself.
+
+    An entry proves itself when its sidecar records a ``content_sha256`` that the Parquet has and
+    every ``expect`` field (the cache key, the distribution) with the expected value.  A damaged or
+    mismatched entry is reported with a :class:`CalibdropWarning` and deleted, so the caller recomputes it.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        frame = read_table(path)
+        record = frame.attrs["provenance"]
+        wrong = [k for k, v in expect.items() if record.get(k) != v] + ([] if "content_sha256" in record else ["content_sha256"])
+        if wrong:
+            raise ChecksumError(f"{path} was saved for other settings or without a checksum (its {', '.join(wrong)} differ)")
+    except CalibdropError as error:
+        warnings.warn(f"discarding cache entry {path.name}: {error}; computing it again", CalibdropWarning)
+        path.unlink(missing_ok=True)
+        sidecar_path(path).unlink(missing_ok=True)
+        return None
     return frame

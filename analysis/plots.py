@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +16,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from .io import temp_file
 from .stability import importance_matrix
 
 MODULE_NAMES = {"attn": "attention", "mlp": "MLP", "block": "block", "joint": "attention + MLP"}
@@ -29,7 +29,7 @@ def save_figure(fig, stem: Path) -> list[Path]:
     written = []
     for suffix in (".png", ".svg"):
         target = stem.with_suffix(suffix)
-        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+        handle, temporary = temp_file(target.parent, f".{target.name}.", suffix)
         os.close(handle)
         fig.savefig(temporary, dpi=150, bbox_inches="tight")
         os.replace(temporary, target)

@@ -16,6 +16,9 @@ Indices are those of the model as passed in.  What was dropped is recorded in
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -25,6 +28,7 @@ from torch import nn
 
 from .adapters import adapter_for, decoder_layers
 from .errors import InputError
+from .io import temp_dir
 
 PER_LAYER_CONFIG_LISTS = ("layer_types", "kv_sharing_modes")
 
@@ -193,23 +197,90 @@ def drop_set_kwargs(drop_set: dict) -> dict:
     return {{"attn": "attn", "mlp": "mlp", "block": "blocks"}[module]: indices}
 
 
+def _drop_set_indices(path: Path, module, indices) -> None:
+    """Raise :class:`InputError` unless ``indices`` is a list of distinct candidates of ``module``: integers
+    (``attn``, ``mlp``, ``block``) or ``"attn:i"``/``"mlp:i"`` strings (``joint``)."""
+    if module not in ("attn", "mlp", "block", "joint"):
+        raise InputError(f"{path}: 'module' is {module!r}; it must be attn, mlp, block or joint")
+    if not isinstance(indices, list) or not indices:
+        raise InputError(f"{path}: 'indices' must be a non-empty JSON list, not {json.dumps(indices)}")
+    if module == "joint":
+        bad = [v for v in indices if not isinstance(v, str) or not re.fullmatch(r"(attn|mlp):[0-9]+", v)]
+        kind = "'attn:i' or 'mlp:i' strings"
+    else:
+        bad = [v for v in indices if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+        kind = "non-negative integers"
+    if bad:
+        raise InputError(f"{path}: 'indices' of a {module} drop set must be {kind}; these are not: {json.dumps(bad)}")
+    if len(set(indices)) != len(indices):
+        raise InputError(f"{path}: 'indices' lists a module twice: {json.dumps(indices)}")
+
+
 def read_drop_set(path: Path) -> dict:
-    """A drop-set JSON written by ``calibdrop consensus``."""
+    """A drop-set JSON written by ``calibdrop consensus``, checked strictly: an object with ``module`` and
+    ``indices`` (a list of distinct candidates, see :func:`_drop_set_indices`); ranges are checked against
+    the model by :func:`check_drop_set`."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"drop-set file {path} does not exist")
-    record = json.loads(path.read_text())
-    if not {"module", "indices"} <= set(record):
+    try:
+        record = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise InputError(f"drop-set file {path} is not UTF-8 text (byte {error.start + 1})") from None
+    except json.JSONDecodeError as error:
+        raise InputError(f"drop-set file {path} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
+    if not isinstance(record, dict) or not {"module", "indices"} <= set(record):
         raise InputError(f"{path} is not a drop set: it needs 'module' and 'indices'")
+    _drop_set_indices(path, record["module"], record["indices"])
     return record
 
 
+def check_drop_set(drop_set: dict, model, *, force: bool = False) -> None:
+    """Raise :class:`InputError` when a drop set's indices are out of the model's range, or (unless ``force``)
+    it records a model checksum other than the loaded model's."""
+    where = drop_set.get("file", "the drop set")
+    n_layers = len(decoder_layers(model))
+    numbers = [int(str(v).partition(":")[2]) if isinstance(v, str) else v for v in drop_set["indices"]]
+    bad = [v for v in numbers if v >= n_layers]
+    if bad:
+        raise InputError(f"{where}: indices {bad} are out of range: the model has layers 0..{n_layers - 1}")
+    recorded = drop_set.get("model_sha256")
+    loaded = getattr(getattr(model, "calibdrop_info", None), "weights_sha256", None)
+    if recorded and recorded != loaded and not force:
+        raise InputError(
+            f"{where} was made for model {drop_set.get('model')!r} with checksum {recorded[:12]}..., not the loaded model "
+            f"({loaded and loaded[:12]}...): pass --model that model, or --force to apply it anyway"
+        )
+
+
+def is_pruned_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint folder saved by :func:`save_pruned` (its config records the drops)."""
+    config = Path(path) / "config.json"
+    try:
+        return config.is_file() and "calibdrop_pruning" in json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
 def save_pruned(model: nn.Module, directory: Path, tokenizer=None) -> Path:
-    """Save a pruned model: safetensors without the dropped weights, config recording what was dropped."""
+    """Save a pruned model atomically: safetensors without the dropped weights and the config recording what
+    was dropped go to a temporary folder beside ``directory``, which then replaces it (``directory`` must be
+    new, empty, or a pruned checkpoint saved before)."""
     directory = Path(directory)
-    model.save_pretrained(directory)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+    if directory.exists() and not (directory.is_dir() and (is_pruned_checkpoint(directory) or not any(directory.iterdir()))):
+        raise InputError(f"{directory} exists and is not a pruned checkpoint: choose a new or empty folder, so nothing of yours is replaced")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = temp_dir(directory.parent, f".{directory.name}.")
+    try:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return directory
 
 

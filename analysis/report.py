@@ -17,6 +17,14 @@ from .plots import pair_matrix
 from .stability import drop_set, importance_matrix
 
 
+def markdown_to_html(text: str) -> str:
+    """HTML of the report's Markdown, with any raw HTML in it (a model spec, a distribution name) escaped as text."""
+    converter = markdown.Markdown(extensions=["tables"])
+    converter.preprocessors.deregister("html_block")
+    converter.inlinePatterns.deregister("html")
+    return converter.convert(text)
+
+
 def _table(frame: pd.DataFrame, digits: int = 3) -> str:
     return frame.round(digits).to_markdown(index=False)
 
@@ -287,7 +295,7 @@ def write_report(out: Path, model_record: dict, settings, scores: pd.DataFrame, 
     text = "\n".join(lines) + "\n"
     md_path, html_path = out / "report.md", out / "report.html"
     atomic_write_bytes(md_path, text.encode())
-    html_body = markdown.markdown(text, extensions=["tables"])
+    html_body = markdown_to_html(text)
     for p in pngs:
         html_body = html_body.replace(f'src="figures/{p.name}"', f'src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"')
     style = "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -29,10 +30,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data
-from .ablation import block_inputs, position_ids_from_mask, single_drop_increase
+from .ablation import position_ids_from_mask, single_drop_increase
 from .adapters import Adapter, adapter_for, decoder_layers
-from .errors import InputError, NonFiniteActivationError
-from .io import provenance, read_table, sidecar_path, write_table
+from .errors import CalibdropWarning, InputError, NonFiniteActivationError
+from .io import provenance, read_cached_table, write_table
 from .metrics import GROUND_TRUTH, TokenPair, check_metrics, get_metric, importance_column, importance_from_sums
 from .models import cache_dir, model_info
 
@@ -354,21 +355,27 @@ def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int, side: str) ->
 
 
 def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids of each text, ``tokenizer(text, truncation=True, max_length=max_length)``."""
+    """Token ids of each text, ``tokenizer(text, truncation=True, max_length=max_length)``; warns when a text is cut."""
     if isinstance(texts, str):
         raise InputError("texts must be a list of strings, not one string: wrap it as [text]")
     if len(texts) == 0:
         raise InputError("the list of texts is empty: give at least one text to score")
     if not isinstance(max_length, int) or max_length < 2:
         raise InputError(f"max_length must be an integer of at least 2 (got {max_length!r})")
-    encoded = []
+    encoded, cut = [], []
     for index, text in enumerate(texts):
         if not isinstance(text, str):
             raise InputError(f"text #{index} is a {type(text).__name__}, not a string")
-        ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+        ids = tokenizer(text)["input_ids"]
+        if len(ids) > max_length:
+            cut.append(f"#{index} ({len(ids)} tokens)")
+            ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
         if len(ids) == 0:
             raise InputError(f"text #{index} ({text[:40]!r}) tokenizes to zero tokens: remove it or give it content")
         encoded.append(list(ids))
+    if cut:
+        warnings.warn(f"{len(cut)} of {len(texts)} texts are longer than max_length={max_length} tokens and were cut to it "
+                      f"({', '.join(cut[:3])}{' ...' if len(cut) > 3 else ''}): raise the length or split them", CalibdropWarning)
     return encoded
 
 
@@ -423,11 +430,11 @@ SCORING_VERSION = 2
 
 
 def distribution_cache_key(model_record: dict, manifest: dict, name: str, settings: dict) -> str:
-    """sha256 naming one (model weights, dtype, distribution, manifest, settings) score table."""
+    """sha256 naming one (model checksum, dtype, distribution, its documents' key, settings incl. batch size) score table."""
     keyed = {
         "model": [model_record.get("weights_sha256"), model_record.get("dtype")],
         "distribution": name,
-        "manifest_sha256": manifest["_sha256"],
+        "documents_key": data.documents_key(manifest),
         "settings": settings,
         "scoring_version": SCORING_VERSION,
     }
@@ -452,11 +459,13 @@ def score_distributions(
 
     Each distribution gives ``n_samples`` windows of ``seq_len`` tokens
     (:func:`analysis.data.calibration_samples`).  Each distribution's table is saved under
-    ``cache`` (default ``<calibdrop cache>/scores``), keyed by the model's weights checksum
-    and dtype, the manifest's checksum and the settings, so a rerun or an interrupted run
-    recomputes nothing already saved.  Models without a weights checksum are not cached.
+    ``cache`` (default ``<calibdrop cache>/scores``), keyed by the model's checksum and dtype,
+    the distribution's documents key and the settings (batch size included), so a rerun or an
+    interrupted run recomputes nothing already saved; an entry that is damaged or saved under
+    another key is reported and recomputed.  Models without a checksum are not cached.
     """
-    settings = {"n_samples": n_samples, "seq_len": seq_len, "seed": seed, "split": split, "metrics": list(check_metrics(metrics))}
+    settings = {"n_samples": n_samples, "seq_len": seq_len, "seed": seed, "split": split, "batch_size": batch_size,
+                "metrics": list(check_metrics(metrics))}
     record = model_info(model)
     cache = Path(cache) if cache is not None else cache_dir() / "scores"
     tables = []
@@ -464,8 +473,9 @@ def score_distributions(
         manifest = data.load_manifest(name)
         key = distribution_cache_key(record, manifest, name, settings)
         path = cache / f"{name.replace('/', '--')}-{key[:20]}.parquet"
-        if record.get("weights_sha256") and path.exists() and sidecar_path(path).exists():
-            tables.append(read_table(path))
+        cached = read_cached_table(path, {"cache_key": key}) if record.get("weights_sha256") else None
+        if cached is not None:
+            tables.append(cached)
             continue
         samples = data.calibration_samples(
             data.load_distribution(name, split), tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed
@@ -474,15 +484,16 @@ def score_distributions(
             model, data.token_batches(samples, batch_size), metrics=metrics, total=-(-len(samples) // batch_size), progress=progress
         ).assign(distribution=name)
         if record.get("weights_sha256") and is_main_process():
-            sources = [{k: s.get(k) for k in ("id", "registry", "package", "version", "sha256")} for s in manifest["sources"]]
+            sources = data.sources_used(manifest)
             write_table(
                 rows,
                 path,
                 provenance(
                     kind="scores-per-sample",
+                    cache_key=key,
                     model=record,
                     distribution={"name": name, "manifest": manifest["_path"], "manifest_sha256": manifest["_sha256"], "sources": sources},
-                    settings={**settings, "batch_size": batch_size},
+                    settings=settings,
                 ),
             )
         tables.append(rows)

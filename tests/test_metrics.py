@@ -1,12 +1,10 @@
 import numpy as np
-import pandas as pd
 import pytest
-import torch
 
 from analysis import adapter_for, score_texts
 from analysis.ablation import greedy_drop_path, greedy_set
 from analysis.errors import InputError
-from analysis.metrics import METRICS, get_metric, register_metric
+from analysis.metrics import METRICS, register_metric
 from analysis.scoring import tokenize_texts
 
 from reference import reference_importance, slow_ablation, slow_greedy

@@ -35,14 +35,6 @@ def test_tampered_gguf_fails_its_checksum(empty_cache):
         models.fetch_builtin("smollm2-135m")
 
 
-def test_tampered_dequantised_cache_is_refused(empty_cache):
-    directory = models.dequantised_dir("smollm2-135m")
-    tiny_model("llama").save_pretrained(directory)
-    (directory / "calibdrop_source.json").write_text('{"gguf_sha256": "x", "weights_sha256": "not-this"}')
-    with pytest.raises(ChecksumError, match="do not match the checksum"):
-        models.load_model("smollm2-135m")
-
-
 def test_unfetchable_builtin_says_why_and_what_to_run(empty_cache, monkeypatch):
     broken = models.BuiltinModel(
         "broken", "a package that is not on PyPI", "llama", 1, ("calibdrop-no-such-package==0.0.1",),
