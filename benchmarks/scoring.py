@@ -3,7 +3,8 @@
 Variants, interleaved over repeats (median time reported):
   forward          model(input_ids, attention_mask)   the plain causal-LM forward, no hooks
   decoder_forward  model.base_model(...)               the decoder stack alone, no hooks
-  score            analysis.score_token_batches(...)   decoder stack + calibdrop's hooks
+  score            analysis.score_token_batches(...)   decoder stack + calibdrop's hooks, all three proxy
+                                                       metrics (cosine, angular, relative_update) in one pass
 
 Peak memory: CUDA ``max_memory_allocated``; CPU the process's peak RSS sampled every 0.5 ms
 during the call.  Token ids are random (content does not change the cost); every token is real.
@@ -92,7 +93,7 @@ def run_variant(name, model, data, device):
     elif name == "decoder_forward":
         plain(model.base_model)
     else:
-        score_token_batches(model, data, progress=False)
+        score_token_batches(model, data, metrics=("cosine", "angular", "relative_update"), progress=False)
 
 
 def measure(name, model, data, device):
