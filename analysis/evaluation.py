@@ -303,13 +303,13 @@ def transfer_matrix(
 
 
 def drop_sets_for_transfer(scores: pd.DataFrame, *, module: str, k: int, methods=("borda", "minimax"), random_seeds=(0, 1, 2),
-                           metric: str | None = None) -> dict[str, DropSet]:
-    """Each distribution's own set, the chosen consensus sets and random sets (one per seed), by label."""
+                           metric: str | None = None, own: bool = True) -> dict[str, DropSet]:
+    """Each distribution's own set (with ``own``), the chosen consensus sets and random sets (one per seed), by label."""
     from .consensus import consensus_from_matrix
 
     scores, metric = one_metric(scores, metric)
     matrix = importance_matrix(scores, module)
-    sets = [make_drop_set(module, drop_set(matrix[name], k), f"own:{name}", metric) for name in matrix.columns]
+    sets = [make_drop_set(module, drop_set(matrix[name], k), f"own:{name}", metric) for name in matrix.columns] if own else []
     sets += [make_drop_set(module, consensus_from_matrix(matrix, k, method), method, metric) for method in methods]
     sets += [random_drop_set(matrix, module, k, seed, metric) for seed in random_seeds]
     return {s.label: s for s in sets}

@@ -37,9 +37,9 @@ class RunSettings:
     samples: int = 32
     seq_len: int = 512
     ablation_samples: int = 4
-    ablation_seq_len: int = 256
+    ablation_seq_len: int = 128
     greedy_module: str = "attn"
-    greedy_shortlist: int | None = 8
+    greedy_shortlist: int | None = 4
     subset_samples: int = 16
     subset_seq_len: int = 256
     batch_size: int = 8
@@ -48,9 +48,10 @@ class RunSettings:
     n_perm: int = 1000
     budgets: dict = field(default_factory=lambda: {"attn": (4, 8), "mlp": (2, 4), "block": (2, 4), "joint": (4, 8)})
     transfer_module: str = "attn"
-    transfer_k: tuple[int, ...] = (4, 8)
+    transfer_k: tuple[int, ...] = (8,)
+    own_set_metrics: tuple[str, ...] = ("cosine",)
     transfer_samples: int = 32
-    transfer_seq_len: int = 256
+    transfer_seq_len: int = 128
     random_seeds: tuple[int, ...] = (0, 1)
     tasks: tuple[str, ...] = ("arc_easy", "piqa")
     task_limit: int | None = 100
@@ -66,7 +67,7 @@ PRESETS = {
     ),
     "paper": RunSettings(
         samples=256, seq_len=2048, ablation_samples=32, ablation_seq_len=2048, greedy_shortlist=None, subset_samples=64, subset_seq_len=2048,
-        transfer_samples=64, transfer_seq_len=2048, random_seeds=(0, 1, 2), tasks=tuple(evaluation.PAPER_TASKS), task_limit=None,
+        transfer_k=(4, 8), transfer_samples=64, transfer_seq_len=2048, random_seeds=(0, 1, 2), tasks=tuple(evaluation.PAPER_TASKS), task_limit=None,
         accuracy_sets=("none", "cosine/attn-4:borda", "cosine/attn-8:borda", "cosine/attn-8:minimax", "ablation/attn-8:greedy:robust",
                        "cosine/attn-8:random:0"),
     ),
@@ -148,13 +149,15 @@ def greedy_sets(paths: pd.DataFrame, module: str, ks) -> dict[str, DropSet]:
 
 def transfer_sets(scores: pd.DataFrame, paths: pd.DataFrame | None, settings: RunSettings) -> dict[str, DropSet]:
     """The drop sets evaluated on held-out text, by label, per budget: every metric's consensus (borda,
-    minimax), every distribution's own set by every metric, the greedy sets, random sets."""
+    minimax), each distribution's own set by the metrics of ``settings.own_set_metrics``, the greedy
+    sets and random sets."""
     sets: dict[str, DropSet] = {}
     module = settings.transfer_module
     for k in settings.transfer_k:
         for metric in stability.metrics_in(scores):
             seeds = settings.random_seeds if metric == "cosine" else ()
-            sets.update(evaluation.drop_sets_for_transfer(scores, module=module, k=k, random_seeds=seeds, metric=metric))
+            sets.update(evaluation.drop_sets_for_transfer(scores, module=module, k=k, random_seeds=seeds, metric=metric,
+                                                          own=metric in settings.own_set_metrics))
     if paths is not None:
         sets.update(greedy_sets(paths, module, settings.transfer_k))
     return sets

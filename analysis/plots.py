@@ -206,19 +206,19 @@ def worst_case_forest(transfer: pd.DataFrame):
 def validity_heatmap(validity: pd.DataFrame):
     """Spearman ρ between each proxy's ranking and the ablation ranking: metric × distribution, one panel per module kind."""
     modules = list(dict.fromkeys(validity["module"]))
-    fig, axes = plt.subplots(1, len(modules), figsize=(4.2 * len(modules), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(modules), figsize=(4.8 * len(modules) + 1, 3.4), squeeze=False, layout="constrained")
     for ax, module in zip(axes[0], modules):
         part = validity[validity["module"] == module]
         matrix = part.pivot_table(index="metric", columns="distribution", values="spearman", sort=False)
         labels = part.assign(text=part.apply(lambda r: f"{r.spearman:.2f}\n[{r.spearman_ci_low:.2f}, {r.spearman_ci_high:.2f}]", axis=1))
         text = labels.pivot_table(index="metric", columns="distribution", values="text", aggfunc="first", sort=False).loc[matrix.index, matrix.columns]
-        sns.heatmap(matrix, annot=text, fmt="", cmap="viridis", vmin=min(0, matrix.min().min()), vmax=1, ax=ax, cbar=ax is axes[0][-1],
+        sns.heatmap(matrix, annot=text, fmt="", cmap="viridis", vmin=min(0, validity["spearman"].min()), vmax=1, ax=ax, cbar=False,
                     annot_kws={"size": 7})
         ax.set_title(f"{MODULE_NAMES[module]}: ρ(proxy, ablation)")
         ax.set_xlabel("")
         ax.set_ylabel("")
         ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
+    fig.colorbar(axes[0][0].collections[0], ax=axes[0].tolist(), label="Spearman ρ with the ablation ranking")
     return fig
 
 

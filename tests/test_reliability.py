@@ -149,7 +149,7 @@ def test_caches_prove_themselves_and_are_keyed_by_everything_that_changes_the_re
     with pytest.warns(CalibdropWarning, match=f"discarding cache entry {alpha_path.name}.*cache_key differ"):
         again = score_distributions(model, byte_tokenizer(), ["alpha"], batch_size=2, **kwargs)
     assert set(again["distribution"]) == {"alpha"}
-    assert again["cos_sum"].tolist() == first[first.distribution == "alpha"]["cos_sum"].tolist()
+    assert again["stat_sum"].tolist() == first[first.distribution == "alpha"]["stat_sum"].tolist()
 
     flipped = bytearray(alpha_path.read_bytes())
     flipped[len(flipped) // 2] ^= 1
