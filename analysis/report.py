@@ -152,7 +152,14 @@ def transfer_answer(tables: dict) -> list[str]:
                      + (f" (cosine Borda consensus: {cosine_borda['worst ratio [95% CI]'].iloc[0]}×)." if len(cosine_borda) else "."))
     comparisons = tables.get("comparisons")
     if comparisons is not None and len(comparisons):
-        for row in comparisons[comparisons["distribution"] == "worst"].itertuples():
+        worst = comparisons[comparisons["distribution"] == "worst"]
+        own = worst[worst["comparison"].str.contains("own cosine set")]
+        for prefix, part in own.groupby(own["comparison"].str.split(":").str[0], sort=False):
+            lower, higher = int((part["ci_high"] < 1).sum()), int((part["ci_low"] > 1).sum())
+            lines.append(f"- **{prefix}: cosine Borda consensus against each distribution's own cosine set**, worst distribution: lower in "
+                         f"{lower} of {len(part)}, higher in {higher}, not distinguishable in {len(part) - lower - higher} "
+                         f"(ratios {part['ratio'].min():.2f} to {part['ratio'].max():.2f}; paired bootstrap over windows).")
+        for row in worst[~worst.index.isin(own.index)].itertuples():
             verdict = "lower" if row.ci_high < 1 else ("higher" if row.ci_low > 1 else "not distinguishable")
             lines.append(f"- {row.comparison}: worst-case perplexity ratio {_ci(row.ratio, row.ci_low, row.ci_high, 3)} (p = {row.p_value:.3f}; "
                          f"{verdict}).")
