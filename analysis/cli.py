@@ -242,7 +242,7 @@ def cmd_compare(args) -> None:
         write_table(table, out / f"{name}.parquet", record)
     figures = []
     for metric in stability.metrics_in(scores):
-        chosen = {name: table[table["metric"] == metric] if "metric" in table.columns else table for name, table in tables.items()}
+        chosen = stability.tables_of_metric(tables, metric)
         figures += plots.stability_figures(stability.one_metric(scores, metric)[0], chosen, out / "figures" / metric, max(k))
     attn = tables["agreement"][tables["agreement"]["module"] == "attn"]
     if len(attn):

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import InputError
+from .pruning import joint_to_lists
 
 UNPRUNED = "none"
 
@@ -38,7 +39,8 @@ class DropSet:
     def candidates(self) -> list[tuple[str, int]]:
         """The ``(kind, layer)`` pairs dropped (kind in attn, mlp, block)."""
         if self.module == "joint":
-            return [(str(entry).split(":")[0], int(str(entry).split(":")[1])) for entry in self.indices]
+            attn, mlp = joint_to_lists(self.indices)
+            return [("attn", i) for i in attn] + [("mlp", i) for i in mlp]
         return [(self.module, int(i)) for i in self.indices]
 
     def record(self) -> dict:

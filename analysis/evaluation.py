@@ -29,7 +29,7 @@ from .dropsets import UNPRUNED, DropSet, make_drop_set, parse_label
 from .errors import InputError
 from .pruning import drop_modules, drop_set_kwargs
 from .scoring import input_device
-from .stability import drop_set, importance_matrix, one_metric
+from .stability import drop_set, importance_matrix, one_metric, percentile_interval
 
 
 @dataclass(frozen=True)
@@ -218,10 +218,6 @@ def _log_ratio_replicates(windows: pd.DataFrame, n_boot: int, seed: int) -> tupl
     return replicates, sets, n_windows
 
 
-def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
-    tail = (1 - level) / 2 * 100
-    return tuple(np.percentile(values, [tail, 100 - tail]))
-
 
 def transfer_summary(windows: pd.DataFrame, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
     """Perplexity ratio of every drop set to the unpruned model on every distribution, with bootstrap CIs over windows.
@@ -238,14 +234,14 @@ def transfer_summary(windows: pd.DataFrame, *, n_boot: int = 1000, level: float 
     for name, values in replicates.items():
         base = math.exp(totals.loc[(UNPRUNED, name), "nll_sum"] / totals.loc[(UNPRUNED, name), "n_tokens"])
         for j, label in enumerate(sets):
-            low, high = _interval(np.exp(values[1:, j]), level)
+            low, high = percentile_interval(np.exp(values[1:, j]), level)
             rows.append({"drop_set": label, "distribution": name, "ppl": base * math.exp(values[0, j]), "ppl_unpruned": base,
                          "ppl_ratio": math.exp(values[0, j]), "ci_low": low, "ci_high": high, "n_windows": n_windows[name]})
     stacked = np.exp(np.stack(list(replicates.values())))
     for summary, reduce in (("worst", np.max), ("mean", np.mean)):
         combined = reduce(stacked, axis=0)
         for j, label in enumerate(sets):
-            low, high = _interval(combined[1:, j], level)
+            low, high = percentile_interval(combined[1:, j], level)
             rows.append({"drop_set": label, "distribution": summary, "ppl": np.nan, "ppl_unpruned": np.nan, "ppl_ratio": combined[0, j],
                          "ci_low": low, "ci_high": high, "n_windows": sum(n_windows.values())})
     table = pd.DataFrame(rows)
@@ -271,7 +267,7 @@ def paired_comparisons(windows: pd.DataFrame, pairs, *, n_boot: int = 1000, leve
         log_b = np.stack([replicates[d][:, index[b]] for d in names])
         summaries = {"worst": log_a.max(axis=0) - log_b.max(axis=0), "mean": np.log(np.exp(log_a).mean(0)) - np.log(np.exp(log_b).mean(0))}
         for where, effect in {**per, **(summaries if len(names) > 1 else {})}.items():
-            low, high = _interval(effect[1:], level)
+            low, high = percentile_interval(effect[1:], level)
             p = min(1.0, 2 * min((effect[1:] <= 0).mean(), (effect[1:] >= 0).mean()))
             rows.append({"comparison": comparison, "a": a, "b": b, "distribution": where, "effect": effect[0], "ratio": math.exp(effect[0]),
                          "ci_low": math.exp(low), "ci_high": math.exp(high), "p_value": max(p, 1 / n_boot)})

@@ -328,20 +328,15 @@ def greedy_paths(model, tokenizer, scores, settings: RunSettings, stages: Stages
     return pd.concat(parts, ignore_index=True)
 
 
-def cosine_tables(tables: dict) -> dict:
-    """The tables restricted to the paper's metric, for the figures and sections drawn per module kind."""
-    return {name: (table[table["metric"] == "cosine"] if "metric" in table.columns and name != "accuracy" else table) for name, table in tables.items()}
-
-
 def draw_figures(scores, tables, folder: Path, k: int) -> list[Path]:
     """Every figure of the report."""
-    cosine = scores[scores["metric"] == "cosine"]
-    written = plots.stability_figures(cosine, cosine_tables(tables), folder, k)
+    cosine, cosine_tables = stability.one_metric(scores, "cosine")[0], stability.tables_of_metric(tables, "cosine")
+    written = plots.stability_figures(cosine, cosine_tables, folder, k)
     if len(tables.get("transfer", [])):
         written += plots.save_figure(plots.transfer_heatmap(tables["transfer"]), folder / "transfer_matrix")
         written += plots.save_figure(plots.worst_case_forest(tables["transfer"]), folder / "transfer_worst_case")
     if len(tables.get("regret", [])):
-        written += plots.save_figure(plots.regret_overview(cosine_tables(tables)["regret"]), folder / "regret_consensus_vs_single")
+        written += plots.save_figure(plots.regret_overview(cosine_tables["regret"]), folder / "regret_consensus_vs_single")
     if len(tables.get("validity", [])):
         written += plots.save_figure(plots.validity_heatmap(tables["validity"]), folder / "metric_validity")
         written += plots.save_figure(plots.proxy_vs_ablation(scores), folder / "proxy_vs_ablation")

@@ -14,7 +14,7 @@ import pandas as pd
 
 from .io import atomic_write_bytes
 from .plots import pair_matrix
-from .stability import drop_set, importance_matrix
+from .stability import drop_set, importance_matrix, one_metric, tables_of_metric
 
 
 def markdown_to_html(text: str) -> str:
@@ -218,9 +218,9 @@ def write_report(out: Path, model_record: dict, settings, scores: pd.DataFrame, 
     """
     out = Path(out)
     all_tables = tables
-    scores = scores[scores["metric"] == "cosine"] if "metric" in scores.columns else scores
-    tables = {name: (t[t["metric"] == "cosine"] if "metric" in t.columns and name != "accuracy" else t) for name, t in tables.items()}
-    sets = sets[sets["metric"] == "cosine"] if "metric" in sets.columns else sets
+    scores = one_metric(scores, "cosine")[0]
+    tables = tables_of_metric(tables, "cosine")
+    sets = tables_of_metric({"drop_sets": sets}, "cosine")["drop_sets"]
     module, k = "attn", max(settings.budgets.get("attn", (8,)))
     everywhere, unstable = stable_and_unstable(scores, tables, module, k)
     floor = tables["split_half"][tables["split_half"]["module"] == module].set_index("distribution")

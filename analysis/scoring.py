@@ -422,7 +422,6 @@ def score_texts(
     sequences = tokenize_texts(tokenizer, texts, max_length)
     batches = length_sorted_batches(sequences, batch_size, pad_token_id(tokenizer), tokenizer.padding_side)
     rows = score_token_batches(model, batches, metrics=metrics, total=-(-len(sequences) // batch_size), progress=progress)
-    rows = rows.sort_values(["metric", "sample", "layer"], kind="stable", key=_metric_order_key(rows)).reset_index(drop=True)
     return rows if per_sample else aggregate_importance(rows)
 
 

@@ -62,6 +62,13 @@ def one_metric(scores: pd.DataFrame, metric: str | None = None) -> tuple[pd.Data
     return (scores[scores["metric"] == metric] if "metric" in scores.columns else scores), metric
 
 
+def tables_of_metric(tables: dict[str, pd.DataFrame], metric: str) -> dict[str, pd.DataFrame]:
+    """Each table restricted to one importance metric (tables without a ``metric`` column, and the
+    accuracy table, whose ``metric`` is acc/acc_norm, are kept whole)."""
+    return {name: (table[table["metric"] == metric] if "metric" in table.columns and name != "accuracy" else table)
+            for name, table in tables.items()}
+
+
 def candidate_labels(frame: pd.DataFrame, module: str) -> pd.Series:
     """Candidate id of each row: the layer (int) for attn/mlp/block, ``"attn:i"``/``"mlp:i"`` for joint."""
     if module == "joint":
@@ -207,7 +214,8 @@ def _check_count(name: str, value: int) -> None:
         raise InputError(f"{name} must be a positive integer (got {value!r})")
 
 
-def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
+def percentile_interval(values: np.ndarray, level: float) -> tuple[float, float]:
+    """The central ``level`` percentile interval of bootstrap replicates (NaNs ignored)."""
     tail = (1 - level) / 2 * 100
     return tuple(np.nanpercentile(values, [tail, 100 - tail]))
 
@@ -234,7 +242,7 @@ def bootstrap(
         point[name] = weighted_importance(np.ones((1, len(tokens))), sums, tokens, arrays.metric)[0]
         ranks = np.argsort(np.argsort(replicates[name], axis=1, kind="stable"), axis=1)
         for index, label in enumerate(labels):
-            low, high = _interval(replicates[name][:, index], level)
+            low, high = percentile_interval(replicates[name][:, index], level)
             row = {"metric": arrays.metric, "distribution": name, "candidate": label, "importance": point[name][index], "ci_low": low, "ci_high": high}
             row.update({f"p_drop@{kk}": float((ranks[:, index] < kk).mean()) for kk in k_values})
             rows.append(row)
@@ -242,10 +250,10 @@ def bootstrap(
     for a, b in combinations(arrays, 2):
         rho = rowwise_spearman(replicates[a], replicates[b])
         row = {"metric": arrays.metric, "module": module, "a": a, "b": b, "spearman": stats.spearmanr(point[a], point[b]).statistic}
-        row["spearman_ci_low"], row["spearman_ci_high"] = _interval(rho, level)
+        row["spearman_ci_low"], row["spearman_ci_high"] = percentile_interval(rho, level)
         for kk in k_values:
             row[f"jaccard@{kk}"] = jaccard(drop_set(point[a], kk), drop_set(point[b], kk))
-            row[f"jaccard@{kk}_ci_low"], row[f"jaccard@{kk}_ci_high"] = _interval(rowwise_jaccard(replicates[a], replicates[b], kk), level)
+            row[f"jaccard@{kk}_ci_low"], row[f"jaccard@{kk}_ci_high"] = percentile_interval(rowwise_jaccard(replicates[a], replicates[b], kk), level)
         pair_rows.append(row)
     return {"importance": pd.DataFrame(rows).assign(module=module), "pairs": pd.DataFrame(pair_rows)}
 
@@ -275,7 +283,7 @@ def split_half_reliability(
         corrected = 2 * rho / (1 + rho)
         out = {"metric": arrays.metric, "distribution": name, "module": module, "n_samples": n, "split_half_spearman": float(np.nanmean(rho)),
                "reliability": float(np.nanmean(corrected))}
-        out["reliability_ci_low"], out["reliability_ci_high"] = _interval(corrected, level)
+        out["reliability_ci_low"], out["reliability_ci_high"] = percentile_interval(corrected, level)
         for kk in k_values:
             out[f"split_half_jaccard@{kk}"] = float(rowwise_jaccard(first, second, kk).mean())
         rows.append(out)

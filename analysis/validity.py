@@ -18,16 +18,12 @@ import pandas as pd
 from scipy import stats
 
 from .metrics import GROUND_TRUTH, get_metric
-from .stability import bootstrap_replicates, importance_matrix, metrics_in, rowwise_spearman, sample_arrays
+from .stability import bootstrap_replicates, importance_matrix, metrics_in, percentile_interval, rowwise_spearman, sample_arrays
 
 
 def _rowwise_kendall(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.array([stats.kendalltau(x, y, variant="b").statistic for x, y in zip(a, b)])
 
-
-def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
-    tail = (1 - level) / 2 * 100
-    return tuple(np.nanpercentile(values, [tail, 100 - tail]))
 
 
 def proxies_in(scores: pd.DataFrame) -> list[str]:
@@ -58,8 +54,8 @@ def metric_validity(scores: pd.DataFrame, *, modules: Sequence[str] = ("attn", "
                 row = {"distribution": d, "module": module, "metric": metric,
                        "spearman": stats.spearmanr(point[d], truth_point[d]).statistic,
                        "kendall": stats.kendalltau(point[d], truth_point[d], variant="b").statistic}
-                row["spearman_ci_low"], row["spearman_ci_high"] = _interval(rho, level)
-                row["kendall_ci_low"], row["kendall_ci_high"] = _interval(tau, level)
+                row["spearman_ci_low"], row["spearman_ci_high"] = percentile_interval(rho, level)
+                row["kendall_ci_low"], row["kendall_ci_high"] = percentile_interval(tau, level)
                 rows.append(row)
     return pd.DataFrame(rows)
 

@@ -15,7 +15,6 @@ Both ablation variants give the same ΔNLL (checked here, max difference reporte
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ from analysis.ablation import KINDS, full_row_nll, single_drop_increase
 from analysis.adapters import decoder_layers
 from analysis.io import package_versions
 from analysis.pruning import modules_dropped
-from scoring import batches, build_model, emit
+from scoring import batch_benchmark_parser, batch_setting, batches, build_model, emit, rotated
 
 
 @torch.inference_mode()
@@ -69,17 +68,7 @@ def timed(name, model, data, device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--config", help="build a random model of this shape instead (llama-7b, llama-13b)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--texts", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", help="JSON file for the results")
-    args = parser.parse_args(argv)
+    args = batch_benchmark_parser(__doc__, texts=4, seq_len=256, batch_size=4).parse_args(argv)
 
     model, label = build_model(args)
     data = batches(args, model.config.vocab_size)
@@ -88,20 +77,14 @@ def main(argv=None):
     times = {name: [] for name in variants}
     outputs = {}
     for repeat in range(args.repeats):
-        for name in variants[repeat % 3 :] + variants[: repeat % 3]:
+        for name in rotated(variants, repeat):
             seconds, outputs[name] = timed(name, model, data, args.device)
             times[name].append(seconds)
     median = {name: statistics.median(values) for name, values in times.items()}
     difference = max(float(np.abs(a - b).max()) for a, b in zip(outputs["naive"], outputs["ablation"]))
     result = {
-        "model": label,
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-        "dtype": args.dtype,
-        "texts": args.texts,
-        "seq_len": args.seq_len,
-        "batch_size": args.batch_size,
+        **batch_setting(args, label),
         "modules": 3 * len(decoder_layers(model)),
-        "repeats": args.repeats,
         "seconds_median": median,
         "seconds_all": times,
         "time_ratio_ablation_vs_naive": median["ablation"] / median["naive"],

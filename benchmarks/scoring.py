@@ -111,18 +111,42 @@ def measure(name, model, data, device):
     return seconds, peak
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def batch_benchmark_parser(description: str, *, texts: int, seq_len: int, batch_size: int) -> argparse.ArgumentParser:
+    """Options shared by the benchmarks that time variants on the same random token batches."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--config", choices=sorted(CONFIGS), help="build a random model of this shape instead")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--texts", type=int, default=64)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--texts", type=int, default=texts)
+    parser.add_argument("--seq-len", type=int, default=seq_len)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", help="JSON file for the results")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def rotated(variants: list[str], repeat: int) -> list[str]:
+    """The variants in the order of one repeat: each repeat starts one later, so none always runs first."""
+    shift = repeat % len(variants)
+    return variants[shift:] + variants[:shift]
+
+
+def batch_setting(args, label: str) -> dict:
+    """What a batch benchmark ran: model, device, dtype and batch shape."""
+    return {
+        "model": label,
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "dtype": args.dtype,
+        "texts": args.texts,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+    }
+
+
+def main(argv=None):
+    args = batch_benchmark_parser(__doc__, texts=64, seq_len=512, batch_size=8).parse_args(argv)
 
     model, label = build_model(args)
     data = batches(args, model.config.vocab_size)
@@ -132,19 +156,13 @@ def main(argv=None):
     times = {name: [] for name in variants}
     peaks = {name: 0 for name in variants}
     for repeat in range(args.repeats):
-        for name in variants[repeat % 3 :] + variants[: repeat % 3]:
+        for name in rotated(variants, repeat):
             seconds, peak = measure(name, model, data, args.device)
             times[name].append(seconds)
             peaks[name] = max(peaks[name], peak)
     median = {name: statistics.median(values) for name, values in times.items()}
     result = {
-        "model": label,
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-        "dtype": args.dtype,
-        "texts": args.texts,
-        "seq_len": args.seq_len,
-        "batch_size": args.batch_size,
-        "repeats": args.repeats,
+        **batch_setting(args, label),
         "seconds_median": median,
         "seconds_all": times,
         "peak_memory_bytes": peaks,
