@@ -13,8 +13,8 @@ from analysis import data, models
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def calibdrop(*args, timeout=None):
-    return subprocess.run([sys.executable, "-m", "analysis", *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+def calibdrop(*args):
+    return subprocess.run([sys.executable, "-m", "analysis", *args], capture_output=True, text=True, cwd=ROOT)
 
 
 @pytest.mark.real_model
@@ -55,7 +55,7 @@ def test_quick_run_writes_report_figures_and_drop_sets(tmp_path):
     ],
 )
 def test_bad_input_is_one_clear_line(args, message):
-    result = calibdrop(*args, timeout=300)
+    result = calibdrop(*args)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
 

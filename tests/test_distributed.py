@@ -31,7 +31,7 @@ def _score(inputs, out: Path, processes: int) -> pd.DataFrame:
     command = [*(launcher if processes > 1 else [sys.executable]), "-m", "analysis", "score", "--model", str(inputs / "model"),
                "--texts", str(inputs / "texts.jsonl"), "--per-sample", "--batch-size", "4", "--seq-len", "128", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     return read_table(out)
 
