@@ -1,46 +1,36 @@
-"""calibdrop: is a layer-importance ranking a property of the model, or of its calibration data?"""
+"""calibdrop: is a layer-importance ranking a property of the model, or of its calibration data?
 
-from .adapters import ADAPTERS, Adapter, adapter_for, decoder_layers
-from .consensus import consensus_drop_set, leave_one_out, regret_table, standard_drop_sets
-from .data import calibration_samples, load_distribution
-from .errors import CalibdropError
-from .evaluation import transfer_matrix, zero_shot_accuracy
-from .io import read_table, write_table
-from .models import BUILTINS, fetch_builtin, load_model
-from .pruning import drop_modules, save_pruned
-from .scoring import MODULES, aggregate_importance, score_distributions, score_texts, score_token_batches
-from .stability import bootstrap, convergence, importance_matrix, permutation_test, rank_agreement, split_half_reliability
+The public names below are imported on first use (``analysis.score_texts`` loads torch then),
+so ``import analysis`` and the command line's ``--help`` start at once.
+"""
 
-__all__ = [
-    "ADAPTERS",
-    "BUILTINS",
-    "Adapter",
-    "CalibdropError",
-    "MODULES",
-    "adapter_for",
-    "aggregate_importance",
-    "bootstrap",
-    "calibration_samples",
-    "consensus_drop_set",
-    "convergence",
-    "decoder_layers",
-    "drop_modules",
-    "fetch_builtin",
-    "importance_matrix",
-    "leave_one_out",
-    "load_distribution",
-    "load_model",
-    "permutation_test",
-    "rank_agreement",
-    "read_table",
-    "regret_table",
-    "save_pruned",
-    "score_distributions",
-    "score_texts",
-    "score_token_batches",
-    "split_half_reliability",
-    "standard_drop_sets",
-    "transfer_matrix",
-    "write_table",
-    "zero_shot_accuracy",
-]
+from importlib import import_module
+
+_HOMES = {
+    "adapters": ("ADAPTERS", "Adapter", "adapter_for", "decoder_layers"),
+    "consensus": ("consensus_drop_set", "leave_one_out", "regret_table"),
+    "data": ("calibration_samples", "load_distribution"),
+    "dropsets": ("DropSet", "drop_set_family", "read_drop_set"),
+    "errors": ("CalibdropError",),
+    "evaluation": ("transfer_matrix", "zero_shot_accuracy"),
+    "io": ("read_table", "write_table"),
+    "models": ("BUILTINS", "fetch_builtin", "load_model"),
+    "pipeline": ("run",),
+    "presets": ("PRESETS", "RunSettings"),
+    "pruning": ("drop_modules", "save_pruned"),
+    "scoring": ("MODULES", "aggregate_importance", "score_distributions", "score_texts", "score_token_batches"),
+    "stability": ("bootstrap", "convergence", "importance_matrix", "permutation_test", "rank_agreement", "split_half_reliability"),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+__all__ = sorted(_HOME_OF)
+
+
+def __getattr__(name: str):
+    """Import a public name's module on first use."""
+    if name not in _HOME_OF:
+        raise AttributeError(f"module 'analysis' has no attribute {name!r}")
+    return getattr(import_module(f".{_HOME_OF[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,53 +1,21 @@
-"""The ``calibdrop`` command line (also ``python -m analysis``)."""
+"""The ``calibdrop`` command line (also ``python -m analysis``).
+
+Only the argument parser is built at start-up (it reads :mod:`analysis.presets`, which imports
+nothing heavy); each command imports torch, transformers and the study's modules when it runs,
+so ``--help`` answers at once.  Outputs without ``--out`` go under ``./results`` and every
+command prints where it wrote, in full.
+"""
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import os
 import sys
 import warnings
-from pathlib import Path
 
-import pandas as pd
-from tqdm.auto import tqdm
-
-from . import consensus, data, evaluation, models, plots, pruning, stability
-from .errors import CalibdropError, CalibdropWarning, InputError
-from .io import atomic_write_json, provenance, read_table, temp_file, write_table
-from .metrics import check_metrics, metric_names
-from .scoring import aggregate_importance, is_main_process, score_distributions, score_texts
-
-PRESETS = {"default": {"samples": 128, "seq_len": 512}, "quick": {"samples": 32, "seq_len": 256}, "paper": {"samples": 256, "seq_len": 2048}}
-
-
-def read_jsonl_texts(path: Path) -> list[str]:
-    """The ``text`` field of every line of a JSONL file."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"texts file {path} does not exist")
-    texts = []
-    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        line = decode_line(path, number, raw)
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise InputError(f"{path}:{number} is not valid JSON ({error.msg}); write one JSON object per line") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise InputError(f"{path}:{number} has no string field 'text'; each line must look like {{\"text\": \"...\"}}")
-        texts.append(record["text"])
-    return texts
-
-
-def decode_line(path: Path, number: int, raw: bytes) -> str:
-    """Line ``number`` of ``path`` as text; not UTF-8 is an :class:`InputError` naming the file, line and byte."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise InputError(f"{path}:{number} is not UTF-8 text (byte {error.start + 1} of the line): save the file as UTF-8") from None
+from .commands import (cmd_compare, cmd_consensus, cmd_data_fetch, cmd_data_list, cmd_evaluate, cmd_models_fetch, cmd_models_list, cmd_prune,
+                       cmd_run, cmd_score)
+from .errors import CalibdropError, CalibdropWarning
+from .presets import CONSENSUS_METHODS, DEFAULT_MODEL, GROUND_TRUTH, MODULE_KINDS, PAPER_TASKS, PRESETS, PROXY_METRICS, RESULTS_DIR
 
 
 def positive_int(text: str) -> int:
@@ -61,390 +29,126 @@ def positive_int(text: str) -> int:
     return value
 
 
-def writable_output(path: Path, *, folder: bool) -> Path:
-    """Check before any work that ``path`` (a file, or with ``folder`` a folder) can be written: its folder
-    is created and a temporary file is written and removed there; else an :class:`InputError`."""
-    path = Path(path)
-    target = path if folder else path.parent
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-        handle, probe = temp_file(target, ".calibdrop-write-check-")
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as error:
-        raise InputError(f"cannot write the output {path}: {error.strerror} ({error.filename}); choose a writable --out") from None
-    return path
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default, except where it is ``None`` or a flag's ``False``."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
-def warn_beyond_positions(model, seq_len: int) -> None:
-    """Warn when ``seq_len`` exceeds the model's ``max_position_embeddings``."""
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and seq_len > limit:
-        warnings.warn(f"--seq-len {seq_len} exceeds the {limit} positions the model was trained for: its scores "
-                      "there are extrapolation", CalibdropWarning)
+def _presets_help() -> str:
+    return "; ".join(f"{name}: {s.samples} x {s.seq_len} tokens per distribution" for name, s in PRESETS.items())
 
 
-def _print_table(frame: pd.DataFrame) -> None:
-    print(frame.to_string(index=False))
-
-
-def cmd_models_list(args) -> None:
-    status = pd.DataFrame(models.builtin_status())
-    if args.json:
-        print(status.to_json(orient="records", indent=2))
-    else:
-        _print_table(status[["name", "family", "layers", "fetched", "requirements", "license"]])
-        print(f"\ncache: {models.cache_dir() / 'models'}")
-
-
-def cmd_models_fetch(args) -> None:
-    for name in args.names or [models.DEFAULT_MODEL]:
-        path = models.fetch_builtin(name)
-        print(f"{name}: {path} (sha256 verified)")
-        if args.dequantise:
-            model, _ = models.load_model(name)
-            print(f"{name}: float32 cache ready at {model.calibdrop_info.path}")
-
-
-def expand_distributions(spec: str) -> list[str]:
-    """``"code,math"`` → names; ``"all"`` → every top-level distribution and its sub-distributions."""
-    names = [name.strip() for name in spec.split(",") if name.strip()]
-    if names == ["all"]:
-        return [n for top in data.TOP_LEVEL for n in [top, *data.subsets(top)]]
-    return names
-
-
-def default_device(device):
-    """The requested device, or under torch.distributed on GPUs this process's ``cuda:LOCAL_RANK``."""
-    import torch
-
-    if device is None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():
-        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    return device
-
-
-def cmd_score(args) -> None:
-    args.device = default_device(args.device)
-    if bool(args.texts) == bool(args.distributions):
-        raise InputError("give either --texts FILE.jsonl or --distributions NAMES (for example code,math,chat)")
-    out = writable_output(Path(args.out), folder=False)
-    if args.texts:
-        score_jsonl(args, out)
-        return
-    metrics = check_metrics(args.metrics)
-    preset = PRESETS[args.preset]
-    n_samples = preset["samples"] if args.samples is None else args.samples
-    seq_len = preset["seq_len"] if args.seq_len is None else args.seq_len
-    names = expand_distributions(args.distributions)
-    for name in names:
-        data.load_manifest(name)
-    model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
-    warn_beyond_positions(model, seq_len)
-    rows = score_distributions(
-        model, tokenizer, names, n_samples=n_samples, seq_len=seq_len, batch_size=args.batch_size, seed=args.seed, metrics=metrics
-    )
-    record = provenance(
-        kind="scores",
-        model=models.model_info(model),
-        distributions={name: data.load_manifest(name)["_sha256"] for name in names},
-        settings={"n_samples": n_samples, "seq_len": seq_len, "seed": args.seed, "batch_size": args.batch_size, "metrics": list(metrics)},
-    )
-    per_sample = out.with_suffix(".per_sample.parquet")
-    if not is_main_process():
-        return
-    write_table(rows.assign(model=args.model), per_sample, {**record, "kind": "scores-per-sample"})
-    write_table(aggregate_importance(rows, by=["distribution"]).assign(model=args.model), out, record)
-    print(f"wrote {out} (per distribution) and {per_sample} (per sample), each with a .json provenance sidecar")
-
-
-def score_jsonl(args, out: Path) -> None:
-    texts_path = Path(args.texts)
-    texts = read_jsonl_texts(texts_path)
-    model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)
-    max_length = 512 if args.seq_len is None else args.seq_len
-    warn_beyond_positions(model, max_length)
-    table = score_texts(model, tokenizer, texts, max_length=max_length, batch_size=args.batch_size, per_sample=args.per_sample,
-                        metrics=check_metrics(args.metrics))
-    record = provenance(
-        kind="scores-per-sample" if args.per_sample else "scores",
-        model=models.model_info(model),
-        texts={"path": str(texts_path), "sha256": hashlib.sha256(texts_path.read_bytes()).hexdigest(), "n_texts": len(texts)},
-        settings={"max_length": max_length, "batch_size": args.batch_size, "per_sample": args.per_sample},
-    )
-    if not is_main_process():
-        return
-    write_table(table.assign(model=args.model), out, record)
-    print(f"wrote {out} and {out.with_suffix('.json').name}")
-
-
-def cmd_data_fetch(args) -> None:
-    names = args.names or list(data.TOP_LEVEL)
-    for name in tqdm(names, desc="distributions", unit="dist"):
-        frame = data.fetch_distribution(name)
-        print(f"{name}: {len(frame)} documents, checksums verified")
-
-
-def describe_sources(sources: list[dict]) -> str:
-    """``package=version`` of each fetched source, with the pin where a newer Debian revision replaced it."""
-    return ", ".join(
-        f"{s['package']}={s['version']}" + (f" (pinned {s['pinned_version']}, sha256 {s['sha256']})" if s.get("pinned_version") else "")
-        for s in sources if s.get("package")
-    )
-
-
-def cmd_data_list(args) -> None:
-    summary = data.distribution_summary()
-    if args.json:
-        print(summary.to_json(orient="records", indent=2))
-    else:
-        _print_table(summary.drop(columns=["description"]).assign(sources=summary["sources"].map(describe_sources)))
-
-
-def read_per_sample(results: str) -> pd.DataFrame:
-    """Per-sample scores from a results folder, a ``*.per_sample.parquet`` or its aggregate's path."""
-    path = Path(results)
-    candidates = [path / "scores.per_sample.parquet", path.with_suffix(".per_sample.parquet"), path]
-    for candidate in candidates:
-        if candidate.is_file() and candidate.name.endswith(".per_sample.parquet"):
-            return read_table(candidate)
-    raise InputError(f"no per-sample scores at {results}: give the folder or the .per_sample.parquet that `calibdrop score` wrote")
-
-
-def parse_ints(text: str) -> tuple[int, ...]:
-    """``"4,8"`` → ``(4, 8)``: comma-separated positive integers."""
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise InputError(f"expected comma-separated integers, got {text!r}") from None
-    if min(values) < 1:
-        raise InputError(f"expected positive drop-set sizes, got {text!r}")
-    return values
-
-
-def compare_tables(scores: pd.DataFrame, modules, k, n_boot: int, n_perm: int) -> dict[str, pd.DataFrame]:
-    """Stability tables plus leave-one-distribution-out regret per module, at the largest k that fits."""
-    tables = stability.stability_tables(scores, modules=modules, k=k, n_boot=n_boot, n_perm=n_perm)
-    if scores["distribution"].nunique() >= 3:
-        tables["leave_one_out"] = consensus.leave_one_out_at_budgets(scores, {module: k for module in modules})
-    return tables
-
-
-def cmd_compare(args) -> None:
-    k = parse_ints(args.k)
-    scores = read_per_sample(args.results)
-    results = Path(args.results)
-    out = writable_output(Path(args.out) if args.out else (results if results.is_dir() else results.parent) / "compare", folder=True)
-    modules = [m.strip() for m in args.modules.split(",")]
-    tables = compare_tables(scores, modules, k, args.n_boot, args.n_perm)
-    source = scores.attrs.get("provenance", {})
-    for name, table in tables.items():
-        record = provenance(kind=name, scores=source, settings={"modules": modules, "k": k, "n_boot": args.n_boot, "n_perm": args.n_perm})
-        write_table(table, out / f"{name}.parquet", record)
-    figures = []
-    for metric in stability.metrics_in(scores):
-        chosen = stability.tables_of_metric(tables, metric)
-        figures += plots.stability_figures(stability.one_metric(scores, metric)[0], chosen, out / "figures" / metric, max(k))
-    attn = tables["agreement"][tables["agreement"]["module"] == "attn"]
-    if len(attn):
-        print(attn.drop(columns="module").round(3).to_string(index=False))
-    print(f"wrote {len(tables)} tables to {out} and {len(figures)} figure files to {out / 'figures'}")
-
-
-def cmd_consensus(args) -> None:
-    out = writable_output(Path(args.out or f"drop_set_{args.module}_k{args.k}_{args.method}.json"), folder=False)
-    scores = read_per_sample(args.results)
-    metric = args.metric or ("cosine" if "cosine" in stability.metrics_in(scores) else None)
-    chosen = consensus.consensus_drop_set(scores, module=args.module, k=args.k, method=args.method, metric=metric)
-    source = scores.attrs.get("provenance", {})
-    record = {
-        "metric": stability.one_metric(scores, metric)[1],
-        "model": source.get("model", {}).get("spec") or scores.get("model", pd.Series([None])).iloc[0],
-        "model_sha256": source.get("model", {}).get("weights_sha256"),
-        "module": args.module,
-        "k": args.k,
-        "indices": [c if isinstance(c, str) else int(c) for c in chosen],
-        "method": args.method,
-        "distributions": list(dict.fromkeys(scores["distribution"])),
-        "provenance": provenance(kind="drop-set", scores=source),
-    }
-    atomic_write_json(out, record)
-    print(f"{args.method} {args.module} drop set (k={args.k}): {record['indices']} -> {out}")
-
-
-def cmd_prune(args) -> None:
-    drop_set = pruning.read_drop_set(Path(args.drop_set))
-    out = writable_output(Path(args.out), folder=True)
-    model, tokenizer = models.load_model(args.model, dtype=args.dtype)
-    pruning.check_drop_set(drop_set, model, force=args.force)
-    before = sum(p.numel() for p in model.parameters())
-    pruning.drop_modules(model, **pruning.drop_set_kwargs(drop_set), drop_set={**drop_set, "file": str(args.drop_set)})
-    out = pruning.save_pruned(model, out, tokenizer)
-    after = sum(p.numel() for p in model.parameters())
-    print(f"dropped {drop_set['module']} {drop_set['indices']}: {before:,} -> {after:,} parameters; saved to {out}")
-
-
-def evaluation_drop_sets(args) -> dict:
-    """Named drop sets: from JSON files, and/or the standard family built from per-sample scores."""
-    sets: dict = {"none": None}
-    for path in args.drop_sets or []:
-        sets[Path(path).stem] = {**pruning.read_drop_set(Path(path)), "file": str(path)}
-    if args.from_scores:
-        scores = read_per_sample(args.from_scores)
-        metric = args.metric or ("cosine" if "cosine" in stability.metrics_in(scores) else None)
-        for k in parse_ints(args.k):
-            sets.update(evaluation.drop_sets_for_transfer(scores, module=args.module, k=k, methods=args.methods.split(","), metric=metric))
-    if len(sets) == 1 and not pruning.is_pruned_checkpoint(Path(args.model)):
-        raise InputError("nothing to evaluate: give --drop-sets FILES and/or --from-scores RESULTS, or --model a pruned checkpoint")
-    return sets
-
-
-def cmd_evaluate(args) -> None:
-    sets = evaluation_drop_sets(args)
-    out = writable_output(Path(args.out), folder=True)
-    model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)
-    for record in sets.values():
-        if isinstance(record, dict) and "file" in record:
-            pruning.check_drop_set(record, model, force=args.force)
-    warn_beyond_positions(model, args.seq_len)
-    records = {name: spec.record() if hasattr(spec, "record") else spec for name, spec in sets.items()}
-    record = provenance(kind="evaluation", model=models.model_info(model), drop_sets=records,
-                        settings={"samples": args.samples, "seq_len": args.seq_len, "limit": args.limit})
-    distributions = expand_distributions(args.distributions) if args.distributions else []
-    if distributions:
-        transfer = evaluation.transfer_matrix(model, tokenizer, sets, distributions, n_samples=args.samples, seq_len=args.seq_len)
-        write_table(transfer, out / "transfer.parquet", record)
-        print(transfer.pivot_table(index="drop_set", columns="distribution", values="ppl_ratio", sort=False).round(3).to_string())
-    tasks = [t for t in (args.tasks or "").split(",") if t]
-    if tasks:
-        rows = []
-        for name, spec in tqdm(sets.items(), desc="accuracy", unit="set"):
-            table = evaluation.zero_shot_accuracy(evaluation.pruned_copy(model, spec), tokenizer, tasks, limit=args.limit)
-            rows.append(table.assign(drop_set=name))
-        accuracy = pd.concat(rows, ignore_index=True)
-        write_table(accuracy, out / "accuracy.parquet", record)
-        summary = accuracy[accuracy.metric.eq("acc_norm") | ~accuracy.task.isin(accuracy[accuracy.metric == "acc_norm"].task)]
-        print(summary.pivot_table(index="drop_set", columns="task", values="value", sort=False).round(3).to_string())
-    print(f"wrote results to {out}")
-
-
-def cmd_run(args) -> None:
-    from .pipeline import run
-
-    writable_output(Path(args.out), folder=True)
-    summary = run(args.model, Path(args.out), preset=args.preset, dtype=args.dtype, device=args.device)
-    print(f"\ndone in {summary['seconds']} s: report {summary['report'][0]} and {summary['report'][1]}, "
-          f"{summary['figures']} figure files in {Path(args.out) / 'figures'}")
-    print(f"computed: {', '.join(summary['stages_computed']) or 'nothing (all reused)'}")
-    print(f"reused:   {', '.join(summary['stages_reused']) or 'nothing'}")
+def _add_model_options(parser, *, device: bool = True) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="built-in name (see `calibdrop models`), checkpoint folder, .gguf file or Hub id")
+    parser.add_argument("--dtype", help="weights' dtype: float32 (the default on CPU), bfloat16 or float16")
+    if device:
+        parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu, or cuda:LOCAL_RANK under torchrun)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="calibdrop", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="calibdrop", formatter_class=HelpFormatter,
+                                     description="Is a layer-importance ranking a property of the model or of its calibration data? "
+                                                 "(also: python -m analysis)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    models_parser = commands.add_parser("models", help="list or fetch the built-in models")
+    def command(name: str, help: str):
+        return commands.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+
+    models_parser = command("models", "list or fetch the built-in models")
     models_parser.add_argument("--json", action="store_true", help="print the list as JSON")
+    models_parser.add_argument("--wide", action="store_true", help="every column, not cut to 100 characters")
     models_parser.set_defaults(func=cmd_models_list)
-    models_commands = models_parser.add_subparsers(dest="models_command")
-    models_commands.add_parser("list", help="built-ins and whether each is fetched").set_defaults(func=cmd_models_list, json=False)
-    fetch = models_commands.add_parser("fetch", help="download, join and verify built-in GGUF models")
-    fetch.add_argument("names", nargs="*", help=f"built-in names (default {models.DEFAULT_MODEL})")
+    models_commands = models_parser.add_subparsers(dest="models_command", metavar="SUBCOMMAND")
+    listing = models_commands.add_parser("list", help="built-ins and whether each is fetched", formatter_class=HelpFormatter)
+    listing.add_argument("--json", action="store_true", help="print the list as JSON")
+    listing.add_argument("--wide", action="store_true", help="every column, not cut to 100 characters")
+    listing.set_defaults(func=cmd_models_list)
+    fetch = models_commands.add_parser("fetch", help="download, join and verify built-in GGUF models", formatter_class=HelpFormatter)
+    fetch.add_argument("names", nargs="*", help=f"built-in names (default: {DEFAULT_MODEL})")
     fetch.add_argument("--dequantise", action="store_true", help="also build the float32 safetensors cache")
     fetch.set_defaults(func=cmd_models_fetch)
 
-    score = commands.add_parser("score", help="importance of every attention, MLP and block for a JSONL of texts")
-    score.add_argument("--model", default=models.DEFAULT_MODEL, help="built-in name, checkpoint dir, .gguf file or Hub id")
+    score = command("score", "importance of every attention, MLP and block for a JSONL of texts or for distributions")
+    _add_model_options(score)
     score.add_argument("--texts", help="JSONL file, one {\"text\": ...} object per line; each text is one sample")
-    score.add_argument("--distributions", help="comma-separated distributions (code,math,code/go ...) or 'all'")
-    score.add_argument("--out", default="scores.parquet", help="Parquet file to write (a .json sidecar goes beside it)")
-    score.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                       help="samples x tokens per distribution: default 128x512, quick 32x256, paper 256x2048")
-    score.add_argument("--samples", type=positive_int, help="samples per distribution (overrides the preset)")
-    score.add_argument("--seq-len", type=positive_int, help="tokens per sample (overrides the preset; --texts: max length, default 512)")
+    score.add_argument("--distributions", help="comma-separated distributions (code,math,code/go ...) or 'all' (see `calibdrop data list`)")
+    score.add_argument("--out", default=f"{RESULTS_DIR}/scores.parquet", help="Parquet file to write (a .json provenance sidecar goes beside it)")
+    score.add_argument("--preset", choices=sorted(PRESETS), default="default", help=f"samples x tokens per distribution ({_presets_help()})")
+    score.add_argument("--samples", type=positive_int, help="samples per distribution (default: the preset's)")
+    score.add_argument("--seq-len", type=positive_int, help="tokens per sample (default: the preset's; with --texts the longest kept)")
     score.add_argument("--seed", type=int, default=0, help="seed of the sample windows")
-    score.add_argument("--batch-size", type=positive_int, default=8)
-    score.add_argument("--per-sample", action="store_true", help="one row per text and module instead of the aggregate")
-    score.add_argument("--metrics", default="cosine,angular,relative_update",
-                       help=f"comma-separated importance metrics (registered: {','.join(metric_names())}); the proxies share one "
-                            "forward pass, ablation (the ground truth) re-runs blocks per module (default: %(default)s)")
-    score.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
-    score.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
-    score.add_argument("--device-map", default=None, help="shard the model over devices with accelerate, e.g. auto")
+    score.add_argument("--batch-size", type=positive_int, default=8, help="samples per forward pass")
+    score.add_argument("--per-sample", action="store_true", help="with --texts: one row per text and module instead of the aggregate")
+    score.add_argument("--metrics", default=",".join(PROXY_METRICS),
+                       help=f"comma-separated importance metrics; the proxies share one forward pass, {GROUND_TRUTH} (the ground truth: "
+                            "the real NLL increase of dropping each module) re-runs blocks per module")
+    score.add_argument("--device-map", help="shard the model over devices with accelerate, e.g. auto")
     score.set_defaults(func=cmd_score)
 
-    run = commands.add_parser("run", help="the whole study: score, compare, choose drop sets, prune, evaluate, report")
-    run.add_argument("--model", default=models.DEFAULT_MODEL)
-    run.add_argument("--out", default="results")
-    run.add_argument("--preset", default="default", choices=["default", "quick", "paper"])
-    run.add_argument("--dtype", default=None)
-    run.add_argument("--device", default=None)
+    run = command("run", "the whole study: score, compare, choose drop sets, prune, evaluate, report")
+    _add_model_options(run)
+    run.add_argument("--out", default=RESULTS_DIR, help="folder for the tables, figures and report (reused stage by stage on a rerun)")
+    run.add_argument("--preset", default="default", choices=list(PRESETS), help=f"how much to compute ({_presets_help()}; "
+                     "see analysis/presets.py for every setting)")
     run.set_defaults(func=cmd_run)
 
-    compare = commands.add_parser("compare", help="stability tables and figures from per-sample scores")
+    compare = command("compare", "stability tables and figures from per-sample scores")
     compare.add_argument("results", help="folder or .per_sample.parquet written by `calibdrop score --distributions`")
-    compare.add_argument("--out", help="output folder (default: beside the results)")
-    compare.add_argument("--modules", default="attn,mlp,block,joint")
+    compare.add_argument("--out", help="output folder (default: a 'compare' folder beside the results)")
+    compare.add_argument("--modules", default=",".join(MODULE_KINDS), help="module kinds to compare, comma-separated")
     compare.add_argument("--k", default="4,8", help="drop-set sizes, comma-separated")
-    compare.add_argument("--n-boot", type=positive_int, default=1000)
-    compare.add_argument("--n-perm", type=positive_int, default=1000)
+    compare.add_argument("--n-boot", type=positive_int, default=PRESETS["default"].n_boot, help="bootstrap resamples of samples")
+    compare.add_argument("--n-perm", type=positive_int, default=PRESETS["default"].n_perm, help="permutation-test shuffles of sample labels")
     compare.set_defaults(func=cmd_compare)
 
-    agree = commands.add_parser("consensus", help="a drop set agreed across distributions, as JSON")
+    agree = command("consensus", "a drop set agreed across distributions, as JSON")
     agree.add_argument("results", help="folder or .per_sample.parquet written by `calibdrop score --distributions`")
-    agree.add_argument("--module", default="attn", choices=stability.MODULE_KINDS)
-    agree.add_argument("--k", type=positive_int, default=8)
-    agree.add_argument("--method", default="borda", choices=consensus.METHODS)
+    agree.add_argument("--module", default="attn", choices=MODULE_KINDS, help="what to drop")
+    agree.add_argument("--k", type=positive_int, default=8, help="how many modules to drop")
+    agree.add_argument("--method", default="borda", choices=CONSENSUS_METHODS,
+                       help="borda: mean rank; median: median rank; mean: mean min-max-scaled importance; minimax: least worst-case regret")
     agree.add_argument("--metric", help="importance metric of the ranking (default: cosine, or the table's only metric)")
-    agree.add_argument("--out", help="JSON file to write")
+    agree.add_argument("--out", help=f"JSON file to write (default: {RESULTS_DIR}/drop_sets/<metric>-<module>-<k>-<method>.json)")
     agree.set_defaults(func=cmd_consensus)
 
-    prune = commands.add_parser("prune", help="drop the modules of a drop set and save the pruned model")
-    prune.add_argument("--model", default=models.DEFAULT_MODEL)
+    prune = command("prune", "drop the modules of a drop set and save the pruned model")
+    _add_model_options(prune, device=False)
     prune.add_argument("--drop-set", required=True, help="drop-set JSON from `calibdrop consensus`")
     prune.add_argument("--out", required=True, help="folder for the pruned checkpoint")
-    prune.add_argument("--dtype", default=None)
     prune.add_argument("--force", action="store_true", help="apply a drop set made for a model with another checksum")
     prune.set_defaults(func=cmd_prune)
 
-    evaluate = commands.add_parser("evaluate", help="held-out perplexity and zero-shot accuracy of drop sets")
-    evaluate.add_argument("--model", default=models.DEFAULT_MODEL)
+    evaluate = command("evaluate", "held-out perplexity and zero-shot accuracy of drop sets")
+    _add_model_options(evaluate)
     evaluate.add_argument("--drop-sets", nargs="*", help="drop-set JSON files")
-    evaluate.add_argument("--from-scores", help="per-sample scores: evaluate each distribution's own set, consensus and random sets")
-    evaluate.add_argument("--module", default="attn", choices=stability.MODULE_KINDS)
-    evaluate.add_argument("--k", default="4,8", help="drop-set sizes for --from-scores")
-    evaluate.add_argument("--methods", default="borda,minimax", help="consensus methods for --from-scores")
+    evaluate.add_argument("--from-scores", help="per-sample scores: evaluate each distribution's own set, the consensus sets and random sets")
+    evaluate.add_argument("--module", default="attn", choices=MODULE_KINDS, help="module kind of the --from-scores sets")
+    evaluate.add_argument("--k", default="4,8", help="drop-set sizes for --from-scores, comma-separated")
+    evaluate.add_argument("--methods", default="borda,minimax", help=f"consensus methods for --from-scores ({', '.join(CONSENSUS_METHODS)})")
     evaluate.add_argument("--metric", help="importance metric for --from-scores (default: cosine, or the table's only metric)")
     evaluate.add_argument("--distributions", help="held-out perplexity on these distributions (comma-separated, or 'all')")
-    evaluate.add_argument("--tasks", help=f"zero-shot tasks: {','.join(evaluation.PAPER_TASKS)}")
-    evaluate.add_argument("--limit", type=positive_int, help="examples per task (per MMLU subject)")
+    evaluate.add_argument("--tasks", help=f"zero-shot tasks, comma-separated, from: {','.join(PAPER_TASKS)}")
+    evaluate.add_argument("--limit", type=positive_int, help="examples per task (per MMLU subject); default: all")
     evaluate.add_argument("--samples", type=positive_int, default=32, help="held-out windows per distribution")
-    evaluate.add_argument("--seq-len", type=positive_int, default=512)
-    evaluate.add_argument("--out", default="evaluation")
-    evaluate.add_argument("--dtype", default=None)
-    evaluate.add_argument("--device", default=None)
+    evaluate.add_argument("--seq-len", type=positive_int, default=512, help="tokens per held-out window")
+    evaluate.add_argument("--out", default=f"{RESULTS_DIR}/evaluation", help="folder for transfer.parquet and accuracy.parquet")
     evaluate.add_argument("--force", action="store_true", help="apply drop sets made for a model with another checksum")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    data_parser = commands.add_parser("data", help="fetch or list the calibration distributions")
-    data_commands = data_parser.add_subparsers(dest="data_command", required=True)
-    data_fetch = data_commands.add_parser("fetch", help="download, verify and extract distributions")
-    data_fetch.add_argument("names", nargs="*", help="distributions (default: all top-level ones)")
+    data_parser = command("data", "fetch or list the calibration distributions")
+    data_commands = data_parser.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    data_fetch = data_commands.add_parser("fetch", help="download, verify and extract distributions", formatter_class=HelpFormatter)
+    data_fetch.add_argument("names", nargs="*", help="distributions (default: every top-level one)")
     data_fetch.set_defaults(func=cmd_data_fetch)
-    data_list = data_commands.add_parser("list", help="distributions with licenses and sizes per split")
-    data_list.add_argument("--json", action="store_true")
+    data_list = data_commands.add_parser("list", help="distributions with licenses and sizes per split", formatter_class=HelpFormatter)
+    data_list.add_argument("--json", action="store_true", help="print the list as JSON")
+    data_list.add_argument("--wide", action="store_true", help="every column: characters, sources and pinned versions")
     data_list.set_defaults(func=cmd_data_list)
     return parser
-
-
-def init_distributed() -> None:
-    """Join the process group that ``torchrun`` / ``accelerate launch`` describe in the environment (NCCL on GPUs, gloo on CPU)."""
-    import torch
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
 
 
 def _warning_line(message, category, filename, lineno, line=None) -> str:
@@ -460,9 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run a command. The error boundary: calibdrop's own errors and failures of the user's files or
     environment (OSError) print one line and exit 2; anything else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
-    init_distributed()
     warnings.formatwarning = _warning_line
     try:
+        from .distributed import init_distributed
+
+        init_distributed()
         args.func(args)
     except CalibdropError as error:
         print(f"calibdrop: error: {error}", file=sys.stderr)

@@ -21,9 +21,10 @@ import pandas as pd
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from .errors import InputError
+from .presets import CONSENSUS_METHODS
 from .stability import check_scores, drop_set, importance_matrix, metrics_in
 
-METHODS = ("borda", "median", "mean", "minimax")
+METHODS = CONSENSUS_METHODS
 
 
 def _ranks(matrix: pd.DataFrame) -> pd.DataFrame:
@@ -84,15 +85,6 @@ def regret(matrix: pd.DataFrame, chosen: list, distribution: str) -> float:
 def single_distribution_sets(matrix: pd.DataFrame, k: int) -> dict[str, list]:
     """Each distribution's own drop set, named ``own:<distribution>``."""
     return {f"own:{d}": drop_set(matrix[d], k) for d in matrix.columns}
-
-
-def standard_drop_sets(scores: pd.DataFrame, *, module: str = "attn", k: int = 8, metric: str | None = None) -> dict[str, list]:
-    """Each distribution's own drop set and every consensus method's."""
-    check_scores(scores)
-    matrix = importance_matrix(scores, module, metric)
-    sets = single_distribution_sets(matrix, k)
-    sets.update({method: consensus_from_matrix(matrix, k, method) for method in METHODS})
-    return sets
 
 
 def regret_table(scores: pd.DataFrame, drop_sets: dict[str, list], *, module: str = "attn", metric: str | None = None) -> pd.DataFrame:

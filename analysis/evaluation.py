@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 
 from . import data
 from .ablation import block_inputs, dropped_row_nll, full_row_nll
-from .dropsets import UNPRUNED, DropSet, make_drop_set, parse_label
+from .dropsets import UNPRUNED, DropSet, as_drop_set, parse_label
 from .errors import InputError
-from .pruning import drop_modules, drop_set_kwargs
+from .pruning import drop_modules
 from .scoring import input_device
-from .stability import drop_set, importance_matrix, one_metric, percentile_interval
+from .stability import percentile_interval
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,11 @@ def zero_shot_accuracy(model, tokenizer, tasks=tuple(PAPER_TASKS), *, limit: int
     return table
 
 
+def accuracy_of_set(model, tokenizer, name: str, drop_set, tasks, *, limit: int | None = None) -> pd.DataFrame:
+    """:func:`zero_shot_accuracy` of ``model`` with ``drop_set`` removed (a pruned copy; ``None``: the model itself), with a ``drop_set`` column ``name``."""
+    return zero_shot_accuracy(pruned_copy(model, drop_set), tokenizer, tasks, limit=limit).assign(drop_set=name)
+
+
 @torch.inference_mode()
 def perplexity(model, samples, *, batch_size: int = 4) -> tuple[float, int]:
     """Token-weighted perplexity of ``model`` on token windows, and the number of predicted tokens."""
@@ -140,32 +145,18 @@ def perplexity(model, samples, *, batch_size: int = 4) -> tuple[float, int]:
     return math.exp(total_nll / total_tokens), total_tokens
 
 
-def random_drop_set(matrix: pd.DataFrame, module: str, k: int, seed: int, metric: str = "cosine") -> DropSet:
-    """A uniformly random size-k drop set over the candidates (rows) of an importance matrix."""
-    labels = list(matrix.index)
-    chosen = np.random.default_rng(seed).choice(len(labels), size=k, replace=False)
-    return make_drop_set(module, [labels[i] for i in sorted(chosen)], f"random:{seed}", metric)
-
-
-def _record(drop_set) -> dict:
-    return drop_set.record() if isinstance(drop_set, DropSet) else drop_set
-
-
 def pruned_copy(model, drop_set: DropSet | dict | None):
     """A deep copy of ``model`` with ``drop_set`` removed (the model itself if ``drop_set`` is None)."""
-    if drop_set is None:
+    chosen = as_drop_set(drop_set)
+    if chosen is None:
         return model
-    record = _record(drop_set)
-    return drop_modules(copy.deepcopy(model), **drop_set_kwargs(record), drop_set=record)
+    return drop_modules(copy.deepcopy(model), **chosen.drop_kwargs(), drop_set=chosen.record())
 
 
 def dropped_candidates(drop_set: DropSet | dict | None) -> list[tuple[str, int]]:
     """The ``(kind, layer)`` pairs a drop set (or drop-set record) removes; none for ``None``."""
-    if drop_set is None:
-        return []
-    if isinstance(drop_set, DropSet):
-        return drop_set.candidates()
-    return make_drop_set(drop_set["module"], drop_set["indices"], drop_set.get("method", "")).candidates()
+    chosen = as_drop_set(drop_set)
+    return [] if chosen is None else chosen.candidates()
 
 
 def heldout_samples(tokenizer, distributions, *, n_samples: int, seq_len: int, seed: int) -> dict:
@@ -296,16 +287,3 @@ def transfer_matrix(
     samples = heldout_samples(tokenizer, distributions, n_samples=n_samples, seq_len=seq_len, seed=seed)
     windows = window_nll(model, samples, {UNPRUNED: None, **drop_sets}, batch_size=batch_size, progress=progress)
     return transfer_summary(windows, n_boot=n_boot, seed=seed)
-
-
-def drop_sets_for_transfer(scores: pd.DataFrame, *, module: str, k: int, methods=("borda", "minimax"), random_seeds=(0, 1, 2),
-                           metric: str | None = None, own: bool = True) -> dict[str, DropSet]:
-    """Each distribution's own set (with ``own``), the chosen consensus sets and random sets (one per seed), by label."""
-    from .consensus import consensus_from_matrix
-
-    scores, metric = one_metric(scores, metric)
-    matrix = importance_matrix(scores, module)
-    sets = [make_drop_set(module, drop_set(matrix[name], k), f"own:{name}", metric) for name in matrix.columns] if own else []
-    sets += [make_drop_set(module, consensus_from_matrix(matrix, k, method), method, metric) for method in methods]
-    sets += [random_drop_set(matrix, module, k, seed, metric) for seed in random_seeds]
-    return {s.label: s for s in sets}

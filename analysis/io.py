@@ -135,3 +135,31 @@ def read_cached_table(path: Path, expect: dict) -> pd.DataFrame | None:
         sidecar_path(path).unlink(missing_ok=True)
         return None
     return frame
+
+
+def read_jsonl_texts(path: Path) -> list[str]:
+    """The ``text`` field of every line of a JSONL file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"texts file {path} does not exist")
+    texts = []
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        line = decode_line(path, number, raw)
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise InputError(f"{path}:{number} is not valid JSON ({error.msg}); write one JSON object per line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise InputError(f"{path}:{number} has no string field 'text'; each line must look like {{\"text\": \"...\"}}")
+        texts.append(record["text"])
+    return texts
+
+
+def decode_line(path: Path, number: int, raw: bytes) -> str:
+    """Line ``number`` of ``path`` as text; not UTF-8 is an :class:`InputError` naming the file, line and byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}:{number} is not UTF-8 text (byte {error.start + 1} of the line): save the file as UTF-8") from None

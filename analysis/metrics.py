@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .presets import GROUND_TRUTH
 
-GROUND_TRUTH = "ablation"
 
 
 class TokenPair:

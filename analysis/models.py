@@ -29,10 +29,10 @@ from transformers.utils import logging as hf_logging
 
 from .adapters import ADAPTERS, UnsupportedArchitectureError, adapter_for
 from .errors import CalibdropWarning, ChecksumError, FetchError, InputError
+from .presets import DEFAULT_MODEL
 from .io import temp_dir
 from .pruning import restore_dropped_sublayers
 
-DEFAULT_MODEL = "smollm2-135m"
 
 
 @dataclass(frozen=True)

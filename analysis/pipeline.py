@@ -1,17 +1,17 @@
-"""The main job: score every distribution, measure stability, choose drop sets, prune, evaluate, report.
+"""The main job as a list of named stages: score, measure stability, choose drop sets, prune, evaluate, report.
 
-Every stage writes its result atomically under the output folder with a sidecar holding a
-key (the sha256 of the model's weights checksum, the preset and the stage's inputs).  A
-rerun skips every stage whose saved key matches, so a run killed at any point and started
-again recomputes nothing already saved; the report is rebuilt from the saved tables.
+Each :class:`Stage` declares the earlier stages it reads and the settings it depends on; its key
+is the sha256 of those (with the model's checksum and dtype and the manifests' checksums, see
+:func:`analysis.stages.stage_key`), and its tables are saved atomically in the
+:class:`~analysis.stages.StageStore` of the output folder.  A rerun skips every stage whose saved
+key matches, so a run killed at any point and started again recomputes nothing already saved;
+figures and the report are rebuilt from the saved tables.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -19,91 +19,22 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import ablation, consensus, data, evaluation, models, plots, stability, validity
-from .dropsets import UNPRUNED, DropSet, make_drop_set, parse_label
+from .dropsets import UNPRUNED, DropSet, drop_set_family, make_drop_set, parse_label
 from .errors import InputError
-from .io import atomic_write_json, provenance, read_cached_table, write_table
+from .io import atomic_write_json, provenance
 from .metrics import GROUND_TRUTH, check_metrics, get_metric
-from .report import write_report
+from .presets import PRESETS, RunSettings, preset
+from .pruning import modules_dropped
+from .report import Results, write_report
 from .scoring import aggregate_importance, score_distributions
+from .stages import StageStore, stage_key
+
+STABILITY_TABLES = ("agreement", "bootstrap_importance", "bootstrap_pairs", "bootstrap_pair_mean", "split_half", "permutation", "convergence", "convergence_summary")
 
 
-@dataclass(frozen=True)
-class RunSettings:
-    """What ``calibdrop run`` computes; the presets fix these."""
-
-    distributions: tuple[str, ...] = data.TOP_LEVEL
-    subsets: bool = True
-    metrics: tuple[str, ...] = ("cosine", "angular", "relative_update", "ablation")
-    samples: int = 32
-    seq_len: int = 512
-    ablation_samples: int = 4
-    ablation_seq_len: int = 128
-    greedy_module: str = "attn"
-    greedy_shortlist: int | None = 4
-    subset_samples: int = 16
-    subset_seq_len: int = 256
-    batch_size: int = 8
-    seed: int = 0
-    n_boot: int = 1000
-    n_perm: int = 1000
-    budgets: dict = field(default_factory=lambda: {"attn": (4, 8), "mlp": (2, 4), "block": (2, 4), "joint": (4, 8)})
-    transfer_module: str = "attn"
-    transfer_k: tuple[int, ...] = (8,)
-    own_set_metrics: tuple[str, ...] = ("cosine",)
-    transfer_samples: int = 32
-    transfer_seq_len: int = 128
-    random_seeds: tuple[int, ...] = (0, 1)
-    tasks: tuple[str, ...] = ("arc_easy", "piqa")
-    task_limit: int | None = 100
-    accuracy_sets: tuple[str, ...] = ("none", "cosine/attn-8:borda", "ablation/attn-8:greedy:robust")
-
-
-PRESETS = {
-    "default": RunSettings(),
-    "quick": RunSettings(
-        subsets=False, samples=16, seq_len=256, ablation_samples=4, ablation_seq_len=64, greedy_shortlist=4, n_boot=200, n_perm=200,
-        budgets={"attn": (4, 8), "mlp": (4,), "block": (4,), "joint": (8,)}, transfer_k=(8,), transfer_samples=8, transfer_seq_len=128,
-        random_seeds=(0,), tasks=("arc_easy", "piqa"), task_limit=20, accuracy_sets=("none", "cosine/attn-8:borda"),
-    ),
-    "paper": RunSettings(
-        samples=256, seq_len=2048, ablation_samples=32, ablation_seq_len=2048, greedy_shortlist=None, subset_samples=64, subset_seq_len=2048,
-        transfer_k=(4, 8), transfer_samples=64, transfer_seq_len=2048, random_seeds=(0, 1, 2), tasks=tuple(evaluation.PAPER_TASKS), task_limit=None,
-        accuracy_sets=("none", "cosine/attn-4:borda", "cosine/attn-8:borda", "cosine/attn-8:minimax", "ablation/attn-8:greedy:robust",
-                       "cosine/attn-8:random:0"),
-    ),
-}
-
-
-STABILITY_TABLES = ("agreement", "bootstrap_importance", "bootstrap_pairs", "split_half", "permutation", "convergence", "convergence_summary")
-
-
-def stage_key(*parts) -> str:
-    """sha256 of the JSON of everything a stage's result depends on."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-class Stages:
-    """Saved stage results under ``folder``, each reused while its key matches."""
-
-    def __init__(self, folder: Path, model_record: dict, log: Callable[[str], None]):
-        self.folder = Path(folder)
-        self.model_record = model_record
-        self.log = log
-        self.reused: list[str] = []
-        self.computed: list[str] = []
-
-    def table(self, name: str, key: str, compute: Callable[[], pd.DataFrame], **record) -> pd.DataFrame:
-        """The table ``name``: read if saved intact with ``key``, else computed and saved."""
-        path = self.folder / f"{name}.parquet"
-        saved = read_cached_table(path, {"stage_key": key})
-        if saved is not None:
-            self.reused.append(name)
-            return saved
-        self.log(f"computing {name}")
-        frame = compute()
-        write_table(frame, path, provenance(kind=name, stage_key=key, model=self.model_record, **record))
-        self.computed.append(name)
-        return frame
+def top_level_distributions(settings: RunSettings) -> tuple[str, ...]:
+    """The distributions a run scores: the settings' own, or every top-level distribution of the manifests."""
+    return settings.distributions or tuple(data.TOP_LEVEL)
 
 
 def _as_labels(value) -> list[str]:
@@ -112,17 +43,14 @@ def _as_labels(value) -> list[str]:
 
 
 def consensus_sets(scores: pd.DataFrame, budgets: dict) -> pd.DataFrame:
-    """Per metric, module kind and budget k: each consensus method's drop set and each distribution's own."""
+    """Per metric, module kind and budget k: each consensus method's drop set and each distribution's own (:func:`drop_set_family`)."""
     rows = []
     for metric in stability.metrics_in(scores):
         for module, ks in budgets.items():
-            matrix = stability.importance_matrix(scores, module, metric)
-            for k in ks:
-                if k > len(matrix):
-                    continue
-                named = {method: consensus.consensus_from_matrix(matrix, k, method) for method in consensus.METHODS}
-                named.update(consensus.single_distribution_sets(matrix, k))
-                rows += [{"metric": metric, "module": module, "k": k, "drop_set": name, "indices": _as_labels(chosen)} for name, chosen in named.items()]
+            n_candidates = len(stability.importance_matrix(scores, module, metric))
+            for k in (k for k in ks if k <= n_candidates):
+                family = drop_set_family(scores, module=module, k=k, metric=metric)
+                rows += [{"metric": metric, "module": module, "k": k, "drop_set": s.method, "indices": _as_labels(s.indices)} for s in family.values()]
     return pd.DataFrame(rows)
 
 
@@ -147,185 +75,333 @@ def greedy_sets(paths: pd.DataFrame, module: str, ks) -> dict[str, DropSet]:
     return sets
 
 
-def transfer_sets(scores: pd.DataFrame, paths: pd.DataFrame | None, settings: RunSettings) -> dict[str, DropSet]:
-    """The drop sets evaluated on held-out text, by label, per budget: every metric's consensus (borda,
-    minimax), each distribution's own set by the metrics of ``settings.own_set_metrics``, the greedy
-    sets and random sets."""
+def evaluated_sets(scores: pd.DataFrame, paths: pd.DataFrame | None, settings: RunSettings) -> dict[str, DropSet]:
+    """The drop sets evaluated on held-out text, by label.  Attention, per budget: every metric's borda
+    and minimax sets, each distribution's own set by the metrics of ``settings.own_set_metrics``,
+    random sets (cosine's candidates) and the greedy sets.  Every other module kind of
+    ``settings.transfer_modules`` at its largest budget: every metric's borda set and one random set."""
     sets: dict[str, DropSet] = {}
-    module = settings.transfer_module
-    for k in settings.transfer_k:
-        for metric in stability.metrics_in(scores):
-            seeds = settings.random_seeds if metric == "cosine" else ()
-            sets.update(evaluation.drop_sets_for_transfer(scores, module=module, k=k, random_seeds=seeds, metric=metric,
-                                                          own=metric in settings.own_set_metrics))
+    for module in settings.transfer_modules:
+        attention = module == "attn"
+        for k in settings.budget(module):
+            for metric in stability.metrics_in(scores):
+                seeds = (settings.random_seeds if attention else settings.random_seeds[:1]) if metric == "cosine" else ()
+                sets.update(drop_set_family(scores, module=module, k=k, metric=metric, methods=("borda", "minimax") if attention else ("borda",),
+                                            own=attention and metric in settings.own_set_metrics, random_seeds=seeds))
     if paths is not None:
-        sets.update(greedy_sets(paths, module, settings.transfer_k))
+        sets.update(greedy_sets(paths, settings.greedy_module, settings.budget(settings.greedy_module)))
     return sets
 
 
 def comparison_pairs(sets: dict, distributions, settings: RunSettings) -> list[tuple]:
-    """The paired comparisons of the transfer stage, per budget: consensus cosine against each distribution's own
-    cosine set (on that distribution), robust greedy against consensus cosine, each proxy's consensus against the ablation's."""
+    """The paired comparisons of the transfer stage, per module kind and budget: consensus cosine against each
+    distribution's own cosine set (on that distribution and overall), robust greedy against consensus cosine,
+    each proxy's consensus against the ablation's, and consensus cosine against a random set."""
     pairs = []
-    module = settings.transfer_module
-    for k in settings.transfer_k:
-        label = lambda metric, method: f"{metric}/{module}-{k}:{method}"  # noqa: E731
-        borda = label("cosine", "borda")
-        for d in distributions:
-            pairs.append((f"{module}-{k}: cosine borda vs {d}'s own cosine set, on {d}", borda, label("cosine", f"own:{d}"), [d]))
-            pairs.append((f"{module}-{k}: cosine borda vs {d}'s own cosine set", borda, label("cosine", f"own:{d}")))
-        robust = label(GROUND_TRUTH, "greedy:robust")
-        if robust in sets:
-            pairs.append((f"{module}-{k}: robust greedy vs cosine borda", robust, borda))
-        for metric in {parse_label(name)["metric"] for name in sets} - {GROUND_TRUTH, None}:
-            pairs.append((f"{module}-{k}: {metric} borda vs ablation borda", label(metric, "borda"), label(GROUND_TRUTH, "borda")))
+    for module in settings.transfer_modules:
+        for k in settings.budget(module):
+            def label(metric, method):
+                return f"{metric}/{module}-{k}:{method}"
+
+            borda = label("cosine", "borda")
+            for d in distributions:
+                pairs.append((f"{module}-{k}: cosine borda vs {d}'s own cosine set, on {d}", borda, label("cosine", f"own:{d}"), [d]))
+                pairs.append((f"{module}-{k}: cosine borda vs {d}'s own cosine set", borda, label("cosine", f"own:{d}")))
+            pairs.append((f"{module}-{k}: robust greedy vs cosine borda", label(GROUND_TRUTH, "greedy:robust"), borda))
+            for metric in sorted({parse_label(name)["metric"] for name in sets} - {GROUND_TRUTH, None}):
+                pairs.append((f"{module}-{k}: {metric} borda vs ablation borda", label(metric, "borda"), label(GROUND_TRUTH, "borda")))
+            if module != "attn":
+                pairs.append((f"{module}-{k}: cosine borda vs random", borda, label("cosine", f"random:{settings.random_seeds[0]}")))
     return [pair for pair in pairs if pair[1] in sets and pair[2] in sets]
 
 
-def run(spec: str = models.DEFAULT_MODEL, out: Path = Path("results"), *, preset: str | RunSettings = "default",
-        dtype=None, device=None, progress: bool = True, log: Callable[[str], None] = print) -> dict:
-    """Run the whole study for one model into ``out``; returns where everything went."""
-    if isinstance(preset, str) and preset not in PRESETS:
-        raise InputError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
-    settings = PRESETS[preset] if isinstance(preset, str) else preset
-    out = Path(out)
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    def timed(name, fn):
-        begin = time.perf_counter()
-        value = fn()
-        timings[name] = round(time.perf_counter() - begin, 1)
-        return value
-
-    for name in settings.distributions:
-        data.load_manifest(name)
-    proxies = tuple(m for m in check_metrics(settings.metrics) if get_metric(m).is_proxy)
-    ground_truth = GROUND_TRUTH in settings.metrics
-    model, tokenizer = timed("load model", lambda: models.load_model(spec, dtype=dtype, device=device))
-    record = models.model_info(model)
-    stages = Stages(out, record, log)
-    base_key = [record.get("weights_sha256"), record.get("dtype"), asdict(settings)]
-    manifests = {name: data.load_manifest(name)["_sha256"] for name in settings.distributions}
-
-    def score(names, samples, seq_len, metrics):
-        return score_distributions(model, tokenizer, names, n_samples=samples, seq_len=seq_len, batch_size=settings.batch_size,
-                                   seed=settings.seed, metrics=metrics, cache=out / "parts" / "scores", progress=progress)
-
-    parts = [timed("score proxies", lambda: stages.table("scores.proxies", stage_key("proxies", base_key, manifests),
-                                                         lambda: score(settings.distributions, settings.samples, settings.seq_len, proxies)))]
-    if ground_truth:
-        parts.append(timed("score ablation", lambda: stages.table(
-            "scores.ablation", stage_key("ablation", base_key, manifests),
-            lambda: score(settings.distributions, settings.ablation_samples, settings.ablation_seq_len, (GROUND_TRUTH,)))))
-    top = stages.table("scores.per_sample", stage_key("per_sample", base_key, manifests), lambda: pd.concat(parts, ignore_index=True))
-    stages.table("scores", stage_key("aggregate", base_key, manifests), lambda: aggregate_importance(top, by=["distribution"]))
-    subset_names = [s for name in settings.distributions for s in data.subsets(name)] if settings.subsets else []
-    subsets = None
-    if subset_names:
-        subsets = timed("score sub-distributions", lambda: stages.table(
-            "subsets.per_sample", stage_key("subsets", base_key, manifests, subset_names),
-            lambda: score(subset_names, settings.subset_samples, settings.subset_seq_len, proxies)))
-
-    modules = tuple(settings.budgets)
-    ks = tuple(sorted({k for values in settings.budgets.values() for k in values}))
-    bundle_cache: dict = {}
-
-    def stability_bundle():
-        if not bundle_cache:
-            bundle_cache.update(stability.stability_tables(top, modules=modules, k=ks, n_boot=settings.n_boot, n_perm=settings.n_perm, seed=settings.seed))
-        return bundle_cache
-
-    tables = timed("stability", lambda: {
-        name: stages.table(name, stage_key(name, base_key, manifests), lambda name=name: stability_bundle()[name])
-        for name in STABILITY_TABLES
-    })
-    if subsets is not None:
-        tables["subset_agreement"] = stages.table(
-            "subset_agreement", stage_key("subset_agreement", base_key, manifests, subset_names),
-            lambda: stability.rank_agreement(subsets, module="attn", k=settings.budgets.get("attn", (1,)), metric="cosine"))
-    if ground_truth:
-        tables["validity"] = timed("metric validity", lambda: stages.table(
-            "validity", stage_key("validity", base_key, manifests),
-            lambda: validity.metric_validity(top, modules=modules, n_boot=settings.n_boot, seed=settings.seed)))
-    tables["decomposition"] = stages.table("decomposition", stage_key("decomposition", base_key, manifests),
-                                           lambda: validity.ranking_decomposition(top, modules=modules))
-    sets = stages.table("drop_sets", stage_key("drop_sets", base_key, manifests), lambda: consensus_sets(top, settings.budgets))
-    tables["regret"] = stages.table("regret", stage_key("regret", base_key, manifests), lambda: regrets(top, sets))
-    tables["leave_one_out"] = stages.table("leave_one_out", stage_key("loo", base_key, manifests),
-                                           lambda: consensus.leave_one_out_at_budgets(top, settings.budgets))
-
-    paths = None
-    if ground_truth and settings.greedy_module:
-        paths = timed("greedy drop sets", lambda: greedy_paths(model, tokenizer, top, settings, stages, base_key, manifests, progress))
-        tables["greedy"] = paths
-
-    named_sets = transfer_sets(top, paths, settings)
-    heldout: dict = {}
-
-    def heldout_windows(name):
-        if name not in heldout:
-            heldout.update(evaluation.heldout_samples(tokenizer, [name], n_samples=settings.transfer_samples,
-                                                      seq_len=settings.transfer_seq_len, seed=settings.seed))
-        return {name: heldout[name]}
-
-    evaluated = {UNPRUNED: None, **named_sets}
-    set_key = {name: (s.candidates() if s else None) for name, s in evaluated.items()}
-    windows = timed("held-out windows", lambda: pd.concat([
-        stages.table(f"parts/heldout-{name}", stage_key("heldout", base_key, manifests, name, set_key),
-                     lambda name=name: evaluation.window_nll(model, heldout_windows(name), evaluated, progress=False))
-        for name in tqdm(settings.distributions, desc="held-out evaluation", unit="dist", disable=not progress)
-    ], ignore_index=True))
-    tables["heldout_windows"] = windows
-    tables["transfer"] = stages.table("transfer", stage_key("transfer", base_key, manifests, set_key),
-                                      lambda: evaluation.transfer_summary(windows, n_boot=settings.n_boot, seed=settings.seed))
-    tables["comparisons"] = stages.table("comparisons", stage_key("comparisons", base_key, manifests, set_key), lambda: evaluation.paired_comparisons(
-        windows, comparison_pairs(named_sets, settings.distributions, settings), n_boot=settings.n_boot, seed=settings.seed))
-
-    accuracy_parts = []
-    for name in tqdm(settings.accuracy_sets, desc="zero-shot accuracy", unit="set", disable=not progress):
-        if name != UNPRUNED and name not in named_sets:
-            continue
-        chosen = named_sets.get(name)
-        key = stage_key("accuracy", base_key, name, set_key.get(name), settings.tasks, settings.task_limit)
-        part = stages.table(f"parts/accuracy-{name.replace(':', '_').replace('/', '_')}", key, lambda chosen=chosen, name=name: evaluation.zero_shot_accuracy(
-            evaluation.pruned_copy(model, chosen), tokenizer, settings.tasks, limit=settings.task_limit).assign(drop_set=name))
-        accuracy_parts.append(part)
-    tables["accuracy"] = pd.concat(accuracy_parts, ignore_index=True) if accuracy_parts else pd.DataFrame()
-
-    figures = timed("figures", lambda: draw_figures(top, tables, out / "figures", max(ks)))
-    report = write_report(out, record, settings, top, tables, sets, figures)
-    summary = {
-        "out": str(out),
-        "report": [str(p) for p in report],
-        "figures": len(figures),
-        "stages_computed": stages.computed,
-        "stages_reused": stages.reused,
-        "seconds": round(time.perf_counter() - started, 1),
-        "timings": timings,
-    }
-    atomic_write_json(out / "run_summary.json", {**summary, "provenance": provenance(kind="run", model=record, settings=asdict(settings))})
-    return summary
+def pruned_size(model, sets: dict[str, DropSet]) -> pd.DataFrame:
+    """Per drop set: what it removes and the parameters left, measured on the model with its modules skipped."""
+    total = sum(p.numel() for p in model.parameters())
+    rows = [{"drop_set": UNPRUNED, "module": None, "k": 0, "method": UNPRUNED, "metric": None, "indices": [], "sources": [],
+             "parameters": total, "parameters_removed": 0.0}]
+    for label, chosen in sets.items():
+        with modules_dropped(model, chosen.candidates()) as pruned:
+            left = sum(p.numel() for p in pruned.parameters())
+        rows.append({"drop_set": label, "module": chosen.module, "k": chosen.k, "method": chosen.method, "metric": chosen.metric,
+                     "indices": _as_labels(chosen.indices), "sources": list(chosen.sources), "parameters": left,
+                     "parameters_removed": 1 - left / total})
+    return pd.DataFrame(rows)
 
 
-def greedy_paths(model, tokenizer, scores, settings: RunSettings, stages: Stages, base_key, manifests, progress) -> pd.DataFrame:
+def sets_from_table(table: pd.DataFrame) -> dict[str, DropSet | None]:
+    """The drop sets of the ``pruned`` stage's table, by label (``none``: the unpruned model)."""
+    return {row.drop_set: None if row.drop_set == UNPRUNED else make_drop_set(row.module, row.indices, row.method, row.metric, row.sources)
+            for row in table.itertuples()}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One named step: the earlier stages it reads, the settings it depends on, and how it computes its table(s)."""
+
+    name: str
+    reads: tuple[str, ...]
+    settings: tuple[str, ...]
+    compute: Callable[["Study"], pd.DataFrame | dict]
+    tables: tuple[str, ...] = ()
+    when: Callable[[RunSettings], bool] = lambda settings: True
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The tables it saves: ``tables``, or one named like the stage."""
+        return self.tables or (self.name,)
+
+
+class Study:
+    """One run's model, settings, store and results; stages read earlier results from :attr:`results`."""
+
+    def __init__(self, model, tokenizer, settings: RunSettings, store: StageStore, progress: bool):
+        self.model, self.tokenizer, self.settings, self.store, self.progress = model, tokenizer, settings, store, progress
+        self.distributions = top_level_distributions(settings)
+        self.manifests = {name: data.load_manifest(name)["_sha256"] for name in self.distributions}
+        record = store.model_record
+        self.base = [record.get("weights_sha256"), record.get("dtype")]
+        self.results: dict[str, object] = {}
+        self.keys: dict[str, str] = {}
+
+    def key(self, stage: Stage) -> str:
+        """sha256 of the stage name, the model, the settings it reads, the manifests and the keys of the stages it reads."""
+        fields = {name: getattr(self.settings, name) for name in stage.settings}
+        return stage_key(stage.name, self.base, fields, self.manifests, {name: self.keys.get(name) for name in stage.reads})
+
+    def part(self, stage: str, name: str, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
+        """A saved part of ``stage`` (one distribution, one objective, one drop set), keyed by the stage's key and ``name``."""
+        return self.store.table(f"parts/{stage}-{name}", stage_key(self.keys[stage], name), compute)
+
+    def score(self, names, samples: int, seq_len: int, metrics) -> pd.DataFrame:
+        """Per-sample scores of ``names``, each distribution a saved part under ``parts/scores``."""
+        parts = StageStore(self.store.folder / "parts" / "scores", self.store.model_record, self.store.log)
+        return score_distributions(self.model, self.tokenizer, names, n_samples=samples, seq_len=seq_len, batch_size=self.settings.batch_size,
+                                   seed=self.settings.seed, metrics=metrics, store=parts, progress=self.progress)
+
+    def proxies(self) -> tuple[str, ...]:
+        return tuple(m for m in check_metrics(self.settings.metrics) if get_metric(m).is_proxy)
+
+    def run_stage(self, stage: Stage) -> None:
+        """Reuse the stage's saved tables when every one matches its key, else compute and save them."""
+        key = self.keys[stage.name] = self.key(stage)
+        computed: dict = {}
+
+        def table(name):
+            def compute():
+                if not computed:
+                    value = stage.compute(self)
+                    computed.update(value if isinstance(value, dict) else {stage.name: value})
+                return computed[name]
+            return self.store.table(name, key, compute)
+
+        tables = {name: table(name) for name in stage.outputs}
+        self.results.update(tables)
+
+
+def stage_scores_proxies(study: Study) -> pd.DataFrame:
+    return study.score(study.distributions, study.settings.samples, study.settings.seq_len, study.proxies())
+
+
+def stage_scores_ablation(study: Study) -> pd.DataFrame:
+    return study.score(study.distributions, study.settings.ablation_samples, study.settings.ablation_seq_len, (GROUND_TRUTH,))
+
+
+def stage_per_sample(study: Study) -> pd.DataFrame:
+    return pd.concat([study.results[name] for name in ("scores.proxies", "scores.ablation") if name in study.results], ignore_index=True)
+
+
+def stage_aggregate(study: Study) -> pd.DataFrame:
+    return aggregate_importance(study.results["scores.per_sample"], by=["distribution"])
+
+
+def subset_names(study: Study) -> list[str]:
+    return [s for name in study.distributions for s in data.subsets(name)]
+
+
+def stage_subsets(study: Study) -> pd.DataFrame:
+    return study.score(subset_names(study), study.settings.subset_samples, study.settings.subset_seq_len, study.proxies())
+
+
+def stage_subset_agreement(study: Study) -> pd.DataFrame:
+    return stability.rank_agreement(study.results["subsets.per_sample"], module="attn", k=study.settings.budgets.get("attn", (1,)), metric="cosine")
+
+
+def budgets_union(settings: RunSettings) -> tuple[int, ...]:
+    return tuple(sorted({k for values in settings.budgets.values() for k in values}))
+
+
+def stage_stability(study: Study) -> dict[str, pd.DataFrame]:
+    s = study.settings
+    return stability.stability_tables(study.results["scores.per_sample"], modules=tuple(s.budgets), k=budgets_union(s), n_boot=s.n_boot,
+                                      n_perm=s.n_perm, seed=s.seed)
+
+
+def stage_validity(study: Study) -> pd.DataFrame:
+    s = study.settings
+    return validity.metric_validity(study.results["scores.per_sample"], modules=tuple(s.budgets), n_boot=s.n_boot, seed=s.seed)
+
+
+def stage_decomposition(study: Study) -> pd.DataFrame:
+    return validity.ranking_decomposition(study.results["scores.per_sample"], modules=tuple(study.settings.budgets))
+
+
+def stage_drop_sets(study: Study) -> pd.DataFrame:
+    return consensus_sets(study.results["scores.per_sample"], study.settings.budgets)
+
+
+def stage_regret(study: Study) -> pd.DataFrame:
+    return regrets(study.results["scores.per_sample"], study.results["drop_sets"])
+
+
+def stage_leave_one_out(study: Study) -> pd.DataFrame:
+    return consensus.leave_one_out_at_budgets(study.results["scores.per_sample"], study.settings.budgets)
+
+
+def stage_greedy(study: Study) -> pd.DataFrame:
     """Greedy drop paths by real calibration loss, per distribution and robust, on the ablation's windows.
 
     With ``settings.greedy_shortlist`` each step tries the candidates of smallest single-drop
     ablation cost (own distribution's; the largest over distributions for robust).
     """
-    module, k = settings.greedy_module, max(settings.budgets.get(settings.greedy_module, settings.transfer_k))
+    s = study.settings
+    module, k = s.greedy_module, max(s.budgets.get(s.greedy_module, s.transfer_k))
     batches = {name: list(data.token_batches(data.calibration_samples(
-        data.load_distribution(name, "calibration"), tokenizer, n_samples=settings.ablation_samples, seq_len=settings.ablation_seq_len,
-        seed=settings.seed), settings.batch_size)) for name in settings.distributions}
-    prior = stability.importance_matrix(scores, module, GROUND_TRUTH)
+        data.load_distribution(name, "calibration"), study.tokenizer, n_samples=s.ablation_samples, seq_len=s.ablation_seq_len,
+        seed=s.seed), s.batch_size)) for name in study.distributions}
+    prior = stability.importance_matrix(study.results["scores.per_sample"], module, GROUND_TRUTH)
     parts = []
-    for objective in [*settings.distributions, "robust"]:
+    for objective in [*study.distributions, "robust"]:
         cost = prior.max(axis=1) if objective == "robust" else prior[objective]
-        parts.append(stages.table(f"parts/greedy-{objective}", stage_key("greedy", base_key, manifests, objective), lambda objective=objective, cost=cost:
-                                  ablation.greedy_drop_path(model, batches, module=module, k=k, objective=objective,
-                                                            shortlist=settings.greedy_shortlist, prior=cost.to_dict(), progress=progress)))
+        parts.append(study.part("greedy", objective, lambda objective=objective, cost=cost: ablation.greedy_drop_path(
+            study.model, batches, module=module, k=k, objective=objective, shortlist=s.greedy_shortlist, prior=cost.to_dict(),
+            progress=study.progress)))
     return pd.concat(parts, ignore_index=True)
+
+
+def stage_pruned(study: Study) -> pd.DataFrame:
+    return pruned_size(study.model, evaluated_sets(study.results["scores.per_sample"], study.results.get("greedy"), study.settings))
+
+
+def stage_heldout(study: Study) -> pd.DataFrame:
+    """Summed NLL of every held-out window of every distribution under every pruned model (one part per distribution)."""
+    s = study.settings
+    sets = sets_from_table(study.results["pruned"])
+
+    def windows(name):
+        samples = evaluation.heldout_samples(study.tokenizer, [name], n_samples=s.transfer_samples, seq_len=s.transfer_seq_len, seed=s.seed)
+        return evaluation.window_nll(study.model, samples, sets, progress=False)
+
+    return pd.concat([study.part("heldout", name, lambda name=name: windows(name))
+                      for name in tqdm(study.distributions, desc="held-out evaluation", unit="dist", disable=not study.progress)],
+                     ignore_index=True)
+
+
+def stage_transfer(study: Study) -> pd.DataFrame:
+    return evaluation.transfer_summary(study.results["heldout_windows"], n_boot=study.settings.n_boot, seed=study.settings.seed)
+
+
+def stage_comparisons(study: Study) -> pd.DataFrame:
+    s = study.settings
+    sets = {label: chosen for label, chosen in sets_from_table(study.results["pruned"]).items() if chosen is not None}
+    return evaluation.paired_comparisons(study.results["heldout_windows"], comparison_pairs(sets, study.distributions, s), n_boot=s.n_boot,
+                                         seed=s.seed)
+
+
+def stage_accuracy(study: Study) -> pd.DataFrame:
+    """Zero-shot accuracy of the unpruned model and of each of ``settings.accuracy_sets`` that was evaluated (one part per set)."""
+    s = study.settings
+    sets = sets_from_table(study.results["pruned"])
+    parts = [study.part("accuracy", name.replace(":", "_").replace("/", "_"), lambda name=name: evaluation.accuracy_of_set(
+                 study.model, study.tokenizer, name, sets[name], s.tasks, limit=s.task_limit))
+             for name in tqdm(s.accuracy_sets, desc="zero-shot accuracy", unit="set", disable=not study.progress) if name in sets]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def _ground_truth(settings: RunSettings) -> bool:
+    return GROUND_TRUTH in settings.metrics
+
+
+SCORING = ("distributions", "metrics", "batch_size", "seed")
+STAGES = (
+    Stage("scores.proxies", (), (*SCORING, "samples", "seq_len"), stage_scores_proxies),
+    Stage("scores.ablation", (), (*SCORING, "ablation_samples", "ablation_seq_len"), stage_scores_ablation, when=_ground_truth),
+    Stage("scores.per_sample", ("scores.proxies", "scores.ablation"), (), stage_per_sample),
+    Stage("scores", ("scores.per_sample",), (), stage_aggregate),
+    Stage("subsets.per_sample", (), (*SCORING, "subset_samples", "subset_seq_len"), stage_subsets, when=lambda s: s.subsets),
+    Stage("stability", ("scores.per_sample",), ("budgets", "n_boot", "n_perm", "seed"), stage_stability, tables=STABILITY_TABLES),
+    Stage("subset_agreement", ("subsets.per_sample",), ("budgets",), stage_subset_agreement, when=lambda s: s.subsets),
+    Stage("validity", ("scores.per_sample",), ("budgets", "n_boot", "seed"), stage_validity, when=_ground_truth),
+    Stage("decomposition", ("scores.per_sample",), ("budgets",), stage_decomposition),
+    Stage("drop_sets", ("scores.per_sample",), ("budgets",), stage_drop_sets),
+    Stage("regret", ("scores.per_sample", "drop_sets"), (), stage_regret),
+    Stage("leave_one_out", ("scores.per_sample",), ("budgets",), stage_leave_one_out),
+    Stage("greedy", ("scores.per_sample",), ("greedy_module", "greedy_shortlist", "budgets", "transfer_k", "ablation_samples",
+                                              "ablation_seq_len", "batch_size"), stage_greedy, when=lambda s: _ground_truth(s) and bool(s.greedy_module)),
+    Stage("pruned", ("scores.per_sample", "greedy"), ("transfer_modules", "transfer_k", "budgets", "own_set_metrics", "random_seeds"), stage_pruned),
+    Stage("heldout_windows", ("pruned",), ("transfer_samples", "transfer_seq_len", "seed"), stage_heldout),
+    Stage("transfer", ("heldout_windows",), ("n_boot", "seed"), stage_transfer),
+    Stage("comparisons", ("heldout_windows", "pruned"), ("n_boot", "seed"), stage_comparisons),
+    Stage("accuracy", ("pruned",), ("tasks", "task_limit", "accuracy_sets"), stage_accuracy, when=lambda s: bool(s.tasks and s.accuracy_sets)),
+)
+
+
+def compare_tables(scores: pd.DataFrame, modules, k, n_boot: int, n_perm: int) -> dict[str, pd.DataFrame]:
+    """Stability tables plus leave-one-distribution-out regret per module (with three or more distributions), at the largest k that fits."""
+    tables = stability.stability_tables(scores, modules=modules, k=k, n_boot=n_boot, n_perm=n_perm)
+    if scores["distribution"].nunique() >= 3:
+        tables["leave_one_out"] = consensus.leave_one_out_at_budgets(scores, {module: k for module in modules})
+    return tables
+
+
+def settings_of(choice: str | RunSettings) -> RunSettings:
+    """A preset's settings by name, or the given settings."""
+    if isinstance(choice, RunSettings):
+        return choice
+    try:
+        return preset(choice)
+    except ValueError as error:
+        raise InputError(str(error)) from None
+
+
+def run(spec: str = models.DEFAULT_MODEL, out: Path = Path("results"), *, preset: str | RunSettings = "default",
+        dtype=None, device=None, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Run the whole study for one model into ``out``: every stage of :data:`STAGES` in order, then figures and the report."""
+    settings = settings_of(preset)
+    for name in top_level_distributions(settings):
+        data.load_manifest(name)
+    check_metrics(settings.metrics)
+    out = Path(out)
+    started = time.perf_counter()
+    model, tokenizer = models.load_model(spec, dtype=dtype, device=device)
+    record = models.model_info(model)
+    study = Study(model, tokenizer, settings, StageStore(out, record, log), progress)
+    timings = {"load model": round(time.perf_counter() - started, 1)}
+    stages = [stage for stage in STAGES if stage.when(settings)]
+    for number, stage in enumerate(stages, start=1):
+        elapsed = time.perf_counter() - started
+        log(f"stage {number} of {len(stages)}: {stage.name} ({elapsed / 60:.1f} min elapsed)")
+        begin = time.perf_counter()
+        study.run_stage(stage)
+        timings[stage.name] = round(time.perf_counter() - begin, 1)
+    tables = {name: study.results[name] for stage in stages for name in stage.outputs if name not in ("scores", "scores.proxies", "scores.ablation")}
+    tables.setdefault("accuracy", pd.DataFrame())
+    top = tables.pop("scores.per_sample")
+    begin = time.perf_counter()
+    figures = draw_figures(top, tables, out / "figures", max(budgets_union(settings)))
+    timings["figures"] = round(time.perf_counter() - begin, 1)
+    report = write_report(out, Results(record, settings, top, tables, figures))
+    summary = {
+        "out": str(out.resolve()),
+        "report": [str(p) for p in report],
+        "figures": len(figures),
+        "stages_computed": study.store.computed,
+        "stages_reused": study.store.reused,
+        "seconds": round(time.perf_counter() - started, 1),
+        "timings": timings,
+    }
+    atomic_write_json(out / "run_summary.json", {**summary, "provenance": provenance(kind="run", model=record, settings=asdict(settings))})
+    return summary
 
 
 def draw_figures(scores, tables, folder: Path, k: int) -> list[Path]:
@@ -343,3 +419,6 @@ def draw_figures(scores, tables, folder: Path, k: int) -> list[Path]:
     if len(tables.get("decomposition", [])):
         written += plots.save_figure(plots.decomposition_bars(tables["decomposition"]), folder / "ranking_decomposition")
     return written
+
+
+__all__ = ["PRESETS", "STAGES", "RunSettings", "Stage", "Study", "run"]

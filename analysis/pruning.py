@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from .adapters import adapter_for, decoder_layers
+from .dropsets import joint_to_lists
 from .errors import InputError
 from .io import temp_dir
 
@@ -55,17 +55,6 @@ def _indices(name: str, values: Iterable, n_layers: int) -> list[int]:
     if bad:
         raise InputError(f"{name} indices {bad} are out of range: the model has layers 0..{n_layers - 1}")
     return sorted(values)
-
-
-def joint_to_lists(entries: Iterable[str]) -> tuple[list[int], list[int]]:
-    """``["attn:3", "mlp:5"]`` (a ``joint`` drop set) → attention indices, MLP indices."""
-    attn, mlp = [], []
-    for entry in entries:
-        kind, _, index = str(entry).partition(":")
-        if kind not in ("attn", "mlp") or not index.isdigit():
-            raise InputError(f"joint drop-set entry {entry!r} is not of the form 'attn:i' or 'mlp:i'")
-        (attn if kind == "attn" else mlp).append(int(index))
-    return attn, mlp
 
 
 def pruning_record(model) -> dict:
@@ -185,54 +174,6 @@ def drop_modules(model: nn.Module, *, attn=(), mlp=(), blocks=(), joint=(), drop
         del config.kv_sharing_modes
     config.calibdrop_pruning = record
     return model
-
-
-def drop_set_kwargs(drop_set: dict) -> dict:
-    """``drop_modules`` keyword arguments for a drop-set record (``module`` and ``indices``)."""
-    module, indices = drop_set["module"], drop_set["indices"]
-    if module == "joint":
-        return {"joint": indices}
-    if module not in ("attn", "mlp", "block"):
-        raise InputError(f"drop set module {module!r} is not attn, mlp, block or joint")
-    return {{"attn": "attn", "mlp": "mlp", "block": "blocks"}[module]: indices}
-
-
-def _drop_set_indices(path: Path, module, indices) -> None:
-    """Raise :class:`InputError` unless ``indices`` is a list of distinct candidates of ``module``: integers
-    (``attn``, ``mlp``, ``block``) or ``"attn:i"``/``"mlp:i"`` strings (``joint``)."""
-    if module not in ("attn", "mlp", "block", "joint"):
-        raise InputError(f"{path}: 'module' is {module!r}; it must be attn, mlp, block or joint")
-    if not isinstance(indices, list) or not indices:
-        raise InputError(f"{path}: 'indices' must be a non-empty JSON list, not {json.dumps(indices)}")
-    if module == "joint":
-        bad = [v for v in indices if not isinstance(v, str) or not re.fullmatch(r"(attn|mlp):[0-9]+", v)]
-        kind = "'attn:i' or 'mlp:i' strings"
-    else:
-        bad = [v for v in indices if isinstance(v, bool) or not isinstance(v, int) or v < 0]
-        kind = "non-negative integers"
-    if bad:
-        raise InputError(f"{path}: 'indices' of a {module} drop set must be {kind}; these are not: {json.dumps(bad)}")
-    if len(set(indices)) != len(indices):
-        raise InputError(f"{path}: 'indices' lists a module twice: {json.dumps(indices)}")
-
-
-def read_drop_set(path: Path) -> dict:
-    """A drop-set JSON written by ``calibdrop consensus``, checked strictly: an object with ``module`` and
-    ``indices`` (a list of distinct candidates, see :func:`_drop_set_indices`); ranges are checked against
-    the model by :func:`check_drop_set`."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"drop-set file {path} does not exist")
-    try:
-        record = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as error:
-        raise InputError(f"drop-set file {path} is not UTF-8 text (byte {error.start + 1})") from None
-    except json.JSONDecodeError as error:
-        raise InputError(f"drop-set file {path} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
-    if not isinstance(record, dict) or not {"module", "indices"} <= set(record):
-        raise InputError(f"{path} is not a drop set: it needs 'module' and 'indices'")
-    _drop_set_indices(path, record["module"], record["indices"])
-    return record
 
 
 def check_drop_set(drop_set: dict, model, *, force: bool = False) -> None:

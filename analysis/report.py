@@ -1,25 +1,57 @@
 """The report of ``calibdrop run``: ``report.md`` and a self-contained ``report.html``.
 
-Everything in it is computed from the saved tables (no timestamps, no timings), so a rerun
-over the same saved results writes the same report.
+The report is a list of section functions (:data:`SECTIONS`); each takes the run's
+:class:`Results` and returns Markdown lines (none when its tables are absent), and covers every
+module kind and every method present in the tables.  Everything is computed from the saved
+tables (no timestamps, no timings), so a rerun over the same saved results writes the same report.
 """
 
 from __future__ import annotations
 
 import base64
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import markdown
+import numpy as np
 import pandas as pd
 
+from .dropsets import UNPRUNED, method_family
 from .io import atomic_write_bytes
-from .plots import pair_matrix
+from .plots import CAPTIONS, pair_matrix
 from .stability import drop_set, importance_matrix, one_metric, tables_of_metric
 
 
+@dataclass
+class Results:
+    """What the report reads: the model record, the settings, the per-sample scores, the tables and the figure files."""
+
+    model: dict
+    settings: object
+    scores: pd.DataFrame
+    tables: dict
+    figures: list[Path]
+
+    def table(self, name: str, metric: str | None = None) -> pd.DataFrame:
+        """Table ``name`` (empty when absent), restricted to ``metric`` when given and the table has that column."""
+        frame = self.tables.get(name)
+        if frame is None or not len(frame):
+            return pd.DataFrame()
+        return tables_of_metric({name: frame}, metric)[name] if metric else frame
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.settings.budgets)
+
+    def k(self, module: str) -> int:
+        return max(self.settings.budgets[module])
+
+
 def markdown_to_html(text: str) -> str:
-    """HTML of the report's Markdown, with any raw HTML in it (a model spec, a distribution name) escaped as text."""
-    converter = markdown.Markdown(extensions=["tables"])
+    """HTML of the report's Markdown (tables, a table of contents at ``[TOC]``, section anchors), with any raw HTML
+    in it (a model spec, a distribution name) escaped as text."""
+    converter = markdown.Markdown(extensions=["tables", "toc"], extension_configs={"toc": {"toc_depth": "2-3"}})
     converter.preprocessors.deregister("html_block")
     converter.inlinePatterns.deregister("html")
     return converter.convert(text)
@@ -33,278 +65,327 @@ def _names(values) -> str:
     return ", ".join(str(v) for v in values) if len(values) else "none"
 
 
-def headline(tables: dict, module: str, k: int) -> list[str]:
-    """The answer in a few sentences, from the agreement, noise-floor, permutation and LOO tables."""
-    agreement = tables["agreement"][tables["agreement"]["module"] == module]
-    floor = tables["split_half"][tables["split_half"]["module"] == module]
-    permutation = tables["permutation"][tables["permutation"]["module"] == module]
-    beyond = int((permutation["p_spearman"] < 0.05).sum())
-    lines = [
-        f"- **Ranking agreement ({module})**: Spearman ρ between distributions averages {agreement['spearman'].mean():.3f} "
-        f"(range {agreement['spearman'].min():.3f} to {agreement['spearman'].max():.3f}); the drop sets of size {k} overlap by "
-        f"Jaccard {agreement[f'jaccard@{k}'].mean():.2f} on average (range {agreement[f'jaccard@{k}'].min():.2f} to {agreement[f'jaccard@{k}'].max():.2f}).",
-        f"- **Noise floor**: within one distribution, two independent halves of the samples agree with Spearman-Brown corrected ρ ≥ "
-        f"{floor['reliability'].min():.3f}; {beyond} of {len(permutation)} pairs of distributions disagree beyond resampling noise "
-        f"(permutation p < 0.05).",
-    ]
-    loo = tables["leave_one_out"]
-    for kind, part_kind in loo.groupby("module", sort=False):
-        results = []
-        for method in ("borda", "minimax"):
-            part = part_kind[part_kind["method"] == method]
-            wins = int((part["consensus_regret"] < part["single_mean_regret"]).sum())
-            results.append(f"{method} {wins} of {len(part)} (mean regret {part['consensus_regret'].mean():.4f})")
-        lines.append(
-            f"- **Consensus on an unseen distribution ({kind}, k = {part_kind['k'].iloc[0]})**: built without the held-out "
-            f"distribution, its regret there was below the mean regret of the other distributions' own sets in: "
-            f"{'; '.join(results)}; the own sets' mean regret {part_kind['single_mean_regret'].mean():.4f}, a random set's "
-            f"{part_kind['random_regret'].mean():.4f}."
-        )
-    return lines
-
-
-def stable_and_unstable(scores: pd.DataFrame, tables: dict, module: str, k: int) -> tuple[list[str], pd.DataFrame]:
-    """Candidates in every distribution's size-k drop set, and those in some but not all of them."""
-    matrix = importance_matrix(scores, module)
-    own = {d: set(drop_set(matrix[d], k)) for d in matrix.columns}
-    everywhere = sorted(set.intersection(*own.values()), key=str)
-    somewhere = sorted(set.union(*own.values()) - set(everywhere), key=str)
-    boot = tables["bootstrap_importance"]
-    boot = boot[boot["module"] == module]
-    rows = []
-    for candidate in somewhere:
-        probabilities = boot[boot["candidate"] == str(candidate)].set_index("distribution")[f"p_drop@{k}"]
-        rows.append({"candidate": candidate, "in the drop set of": _names([d for d in matrix.columns if candidate in own[d]]),
-                     "not of": _names([d for d in matrix.columns if candidate not in own[d]]),
-                     "P(drop) range over distributions": f"{probabilities.min():.2f} to {probabilities.max():.2f}"})
-    return everywhere, pd.DataFrame(rows)
-
-
-def recommended(tables: dict, sets: pd.DataFrame) -> pd.DataFrame:
-    """Per module and budget: minimax and borda sets with their worst-case regret, beside the single sets'."""
-    regret = tables["regret"]
-    worst = regret.groupby(["module", "k", "drop_set"], sort=False)["regret"].max()
-    rows = []
-    for (module, k), group in sets.groupby(["module", "k"], sort=False):
-        singles = worst.loc[module, k][[n for n in worst.loc[module, k].index if n.startswith("own:")]]
-        for method in ("minimax", "borda"):
-            chosen = group[group["drop_set"] == method]["indices"].iloc[0]
-            rows.append({"module": module, "k": k, "method": method, "drop set": _names(list(chosen)),
-                         "worst-case regret": worst.loc[module, k, method], "best single set's worst regret": singles.min(),
-                         "mean single set's worst regret": singles.mean(), "random (expected) worst regret": worst.loc[module, k, "random"]})
-    return pd.DataFrame(rows)
-
-
-def figure_list(figures: list[Path]) -> list[Path]:
-    return sorted(p for p in figures if p.suffix == ".png")
-
-
 def _ci(value: float, low: float, high: float, digits: int = 2) -> str:
     return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
-def metric_answer(tables: dict) -> list[str]:
-    """How much of the ranking is the data and how much the metric, and how well each proxy tracks the ground truth."""
-    lines = []
-    decomposition = tables.get("decomposition")
-    if decomposition is not None and len(decomposition):
-        for module, part in decomposition.groupby("module", sort=False):
-            across_data = part[(part["axis"] == "distribution") & (part["held"] == "cosine")]["mean_spearman"]
-            across_metrics = part[part["axis"] == "metric"]["mean_spearman"]
-            if len(across_data) and len(across_metrics):
-                lines.append(f"- **{module}: data vs metric.** Cosine rankings of different distributions agree at mean ρ {across_data.iloc[0]:.2f}; "
-                             f"rankings of different metrics (ground truth included) on one distribution agree at mean ρ {across_metrics.mean():.2f} "
-                             f"(range over distributions {across_metrics.min():.2f} to {across_metrics.max():.2f}): the "
-                             f"{'metric' if across_metrics.mean() < across_data.iloc[0] else 'calibration data'} moves the ranking more.")
-    validity = tables.get("validity")
-    if validity is not None and len(validity):
-        for module, part in validity.groupby("module", sort=False):
-            best = part.groupby("metric")["spearman"].mean().sort_values(ascending=False)
-            cosine = part[part["metric"] == "cosine"]
-            lines.append(f"- **{module}: does the proxy rank like the real loss?** ρ(cosine, ablation) per distribution "
-                         f"{cosine['spearman'].min():.2f} to {cosine['spearman'].max():.2f} (95% CIs from {cosine['spearman_ci_low'].min():.2f} "
-                         f"to {cosine['spearman_ci_high'].max():.2f}); best proxy on average: {best.index[0]} (mean ρ {best.iloc[0]:.2f}).")
-    return lines
+def _numeric_order(values) -> list:
+    """Candidates in numeric order (``2, 10, attn:3, mlp:3``), never as text (``10`` before ``2``)."""
+    def key(value):
+        kind, _, index = str(value).rpartition(":")
+        return (kind, int(index)) if index.isdigit() else (kind, 10**9)
+    return sorted(values, key=key)
 
 
-def best_sets(transfer: pd.DataFrame) -> pd.DataFrame:
-    """Per budget: every drop set by its worst-case held-out perplexity ratio (CI), best first."""
-    worst = transfer[(transfer["distribution"] == "worst") & (transfer["drop_set"] != "none")].copy()
+def agreement(results: Results, metric: str = "cosine") -> pd.DataFrame:
+    """Per module kind: mean ρ between distributions with its CI (the mean over pairs within each bootstrap replicate),
+    the lowest pair, mean Jaccard@k with its CI, the split-half noise floor (lowest distribution) and the pairs that
+    differ beyond resampling noise (permutation p < 0.05)."""
+    means, floor, permutation = (results.table(name, metric) for name in ("bootstrap_pair_mean", "split_half", "permutation"))
+    rows = []
+    for module in results.modules:
+        k = results.k(module)
+        mean, fl, perm = (t[t["module"] == module] for t in (means, floor, permutation))
+        if not len(mean):
+            continue
+        m = mean.iloc[0]
+        rows.append({"module": module, "k": k, "rho": m["spearman"], "rho_low": m["spearman_ci_low"], "rho_high": m["spearman_ci_high"],
+                     "rho_min": m["spearman_min"], "floor": fl["reliability"].min(), "jaccard": m[f"jaccard@{k}"],
+                     "jaccard_low": m[f"jaccard@{k}_ci_low"], "jaccard_high": m[f"jaccard@{k}_ci_high"],
+                     "floor_jaccard": fl[f"split_half_jaccard@{k}"].min(), "beyond": int((perm["p_spearman"] < 0.05).sum()), "pairs": len(perm)})
+    return pd.DataFrame(rows)
+
+
+def agreement_display(summary: pd.DataFrame) -> pd.DataFrame:
+    """:func:`agreement` as people read it: values with their CIs in one cell."""
+    return pd.DataFrame({
+        "module": summary["module"], "k": summary["k"],
+        "ρ mean [95% CI]": [_ci(r.rho, r.rho_low, r.rho_high) for r in summary.itertuples()], "ρ lowest pair": summary["rho_min"],
+        "noise floor ρ": summary["floor"], "Jaccard@k mean [95% CI]": [_ci(r.jaccard, r.jaccard_low, r.jaccard_high) for r in summary.itertuples()],
+        "noise floor Jaccard@k": summary["floor_jaccard"], "pairs beyond noise": [f"{r.beyond} of {r.pairs}" for r in summary.itertuples()],
+    })
+
+
+def ranked_sets(results: Results) -> pd.DataFrame:
+    """Every evaluated drop set by worst-case held-out perplexity ratio (best first, per module and budget), with
+    its median and mean over distributions (the median is robust where one distribution dominates)."""
+    transfer = results.table("transfer")
+    if not len(transfer):
+        return pd.DataFrame()
+    per = transfer[~transfer["distribution"].isin(["worst", "mean"])]
+    median = per.groupby("drop_set")["ppl_ratio"].median()
     mean = transfer[transfer["distribution"] == "mean"].set_index("drop_set")["ppl_ratio"]
-    worst["mean ratio"] = worst["drop_set"].map(mean)
+    worst = transfer[(transfer["distribution"] == "worst") & (transfer["drop_set"] != UNPRUNED)].copy()
+    worst["family"] = worst["method"].map(method_family)
     worst["worst ratio [95% CI]"] = [_ci(r.ppl_ratio, r.ci_low, r.ci_high) for r in worst.itertuples()]
-    worst = worst.sort_values(["module", "k", "ppl_ratio"])
-    return worst[["module", "k", "metric", "method", "worst ratio [95% CI]", "mean ratio", "ppl_ratio"]]
+    worst["median ratio"] = worst["drop_set"].map(median)
+    worst["mean ratio"] = worst["drop_set"].map(mean)
+    return worst.sort_values(["module", "k", "ppl_ratio"])
 
 
-def transfer_answer(tables: dict) -> list[str]:
-    """The lowest worst-case held-out perplexity per budget, and what the proxy loses against the ground truth."""
-    transfer = tables.get("transfer")
-    if transfer is None or not len(transfer):
+def recommendations(results: Results) -> pd.DataFrame:
+    """Per module and budget, the drop set to use: the lowest worst-case held-out perplexity ratio among non-random
+    sets, with the runner-up and whether their CIs separate them."""
+    ranked = ranked_sets(results)
+    if not len(ranked):
+        return pd.DataFrame()
+    pruned = results.table("pruned").set_index("drop_set") if len(results.table("pruned")) else None
+    rows = []
+    for (module, k), part in ranked[ranked["family"] != "random"].groupby(["module", "k"], sort=False):
+        best, second = part.iloc[0], part.iloc[1] if len(part) > 1 else None
+        members = _numeric_order(pruned.loc[best["drop_set"], "indices"]) if pruned is not None else []
+        separated = second is not None and best["ci_high"] < second["ci_low"]
+        reason = ("no other set was evaluated" if second is None else
+                  f"lowest worst-case ratio; {'clearly' if separated else 'not clearly (CIs overlap)'} below the next best, "
+                  f"{second['metric']} {second['method']} {second['worst ratio [95% CI]']}")
+        rows.append({"module": module, "k": k, "use": f"{best['metric']} {best['method']}", "drop": _names(members),
+                     "worst ratio [95% CI]": best["worst ratio [95% CI]"], "median ratio": best["median ratio"], "why": reason})
+    return pd.DataFrame(rows)
+
+
+def section_header(results: Results) -> list[str]:
+    m, s = results.model, results.settings
+    distributions = sorted(results.scores["distribution"].unique(), key=list(results.scores["distribution"].unique()).index)
+    return [f"# calibdrop report: {m.get('spec')}", "",
+            f"Model `{m.get('spec')}` ({m.get('family')}, {m.get('n_layers')} layers, {m.get('dtype')}), weights sha256 "
+            f"`{m.get('weights_sha256')}`. Distributions: {_names(distributions)}; proxy metrics on {s.samples} samples × {s.seq_len} "
+            f"tokens each, the ablation ground truth on {s.ablation_samples} × {s.ablation_seq_len} (seed {s.seed}); bootstrap "
+            f"{s.n_boot} resamples, permutation test {s.n_perm} shuffles. Metrics: {_names(s.metrics)} (see analysis/metrics.py). "
+            "Every number in brackets is a 95% bootstrap CI.", "", "[TOC]", ""]
+
+
+def section_verdict(results: Results) -> list[str]:
+    """The answer in two or three sentences with CIs: does the data move the ranking, and which set loses least."""
+    lines = ["## Verdict", ""]
+    for row in agreement(results).itertuples():
+        moved = "the calibration data changes the ranking" if row.rho_high < row.floor else "the ranking is as stable as resampling allows"
+        lines.append(f"- **{row.module}**: rankings agree at ρ {_ci(row.rho, row.rho_low, row.rho_high)} between distributions, against a "
+                     f"split-half noise floor of {row.floor:.2f}, so {moved}; size-{row.k} drop sets share "
+                     f"{_ci(row.jaccard, row.jaccard_low, row.jaccard_high)} of their members (Jaccard).")
+    ranked = ranked_sets(results)
+    for (module, k), part in ranked.groupby(["module", "k"], sort=False) if len(ranked) else []:
+        best = part[part["family"] != "random"].iloc[0]
+        own = part[part["family"] == "own"]
+        versus = (f" against {own['ppl_ratio'].mean():.2f}× on average for single-distribution sets (best {own['ppl_ratio'].min():.2f}×)"
+                  if len(own) else "")
+        lines.append(f"- **{module}-{k} on held-out text**: the {best['metric']} {best['method']} set loses least, "
+                     f"{best['worst ratio [95% CI]']}× the unpruned perplexity on its worst distribution{versus}.")
+    validity = results.table("validity")
+    for module, part in validity.groupby("module", sort=False) if len(validity) else []:
+        cosine = part[part["metric"] == "cosine"]
+        lines.append(f"- **{module}: is cosine the right metric?** it ranks like the real loss at ρ {cosine['spearman'].mean():.2f} "
+                     f"(per distribution {cosine['spearman'].min():.2f} to {cosine['spearman'].max():.2f}, CIs "
+                     f"{cosine['spearman_ci_low'].min():.2f} to {cosine['spearman_ci_high'].max():.2f}).")
+    return lines + [""]
+
+
+def section_recommendations(results: Results) -> list[str]:
+    table = recommendations(results)
+    if not len(table):
         return []
+    return ["## Recommended drop sets", "", "Per module kind and budget, the set with the lowest worst-case held-out perplexity ratio "
+            "(real loss on held-out text of every distribution, not proxy regret); random sets excluded. Ratio 1.00 = no loss.", "",
+            _table(table), ""]
+
+
+def section_data_or_metric(results: Results) -> list[str]:
+    decomposition, validity = results.table("decomposition"), results.table("validity")
     lines = []
-    ranked = best_sets(transfer)
-    for (module, k), part in ranked.groupby(["module", "k"], sort=False):
-        top = part.iloc[0]
-        cosine_borda = part[(part["metric"] == "cosine") & (part["method"] == "borda")]
-        lines.append(f"- **{module}-{k}: lowest worst-case held-out perplexity**: {top['metric']} {top['method']}, "
-                     f"{top['worst ratio [95% CI]']}× the unpruned model on its worst distribution"
-                     + (f" (cosine Borda consensus: {cosine_borda['worst ratio [95% CI]'].iloc[0]}×)." if len(cosine_borda) else "."))
-    comparisons = tables.get("comparisons")
-    if comparisons is not None and len(comparisons):
-        worst = comparisons[comparisons["distribution"] == "worst"]
-        own = worst[worst["comparison"].str.contains("own cosine set")]
-        for prefix, part in own.groupby(own["comparison"].str.split(":").str[0], sort=False):
-            lower, higher = int((part["ci_high"] < 1).sum()), int((part["ci_low"] > 1).sum())
-            lines.append(f"- **{prefix}: cosine Borda consensus against each distribution's own cosine set**, worst distribution: lower in "
-                         f"{lower} of {len(part)}, higher in {higher}, not distinguishable in {len(part) - lower - higher} "
-                         f"(ratios {part['ratio'].min():.2f} to {part['ratio'].max():.2f}; paired bootstrap over windows).")
-        for row in worst[~worst.index.isin(own.index)].itertuples():
-            verdict = "lower" if row.ci_high < 1 else ("higher" if row.ci_low > 1 else "not distinguishable")
-            lines.append(f"- {row.comparison}: worst-case perplexity ratio {_ci(row.ratio, row.ci_low, row.ci_high, 3)} (p = {row.p_value:.3f}; "
-                         f"{verdict}).")
+    if len(decomposition):
+        across = decomposition.pivot_table(index="module", columns="axis", values="mean_spearman", aggfunc="mean", sort=False).reset_index()
+        across = across.rename(columns={"distribution": "mean ρ across distributions (metric held)", "metric": "mean ρ across metrics (distribution held)"})
+        lines += ["## The model, the data or the metric?", "", "Mean Spearman ρ between rankings that differ only in the calibration "
+                  "distribution or only in the metric (ground truth included). Lower ρ along an axis: that axis moves the ranking more.", "",
+                  _table(across), ""]
+    if len(validity):
+        shown = validity.assign(**{"ρ [95% CI]": [_ci(r.spearman, r.spearman_ci_low, r.spearman_ci_high) for r in validity.itertuples()]})
+        lines += ["### Does each proxy rank modules like the real loss?", "", "Spearman ρ between each proxy's ranking and the ablation "
+                  "ranking (NLL increase when the module alone is dropped), per distribution.", "",
+                  _table(shown.pivot_table(index=["module", "metric"], columns="distribution", values="ρ [95% CI]", aggfunc="first", sort=False).reset_index()), ""]
     return lines
 
 
-def metric_sections(tables: dict) -> list[str]:
-    """Metric validity, the data/metric decomposition, the greedy paths, held-out transfer with CIs and the paired comparisons."""
-    lines = []
-    validity = tables.get("validity")
-    if validity is not None and len(validity):
-        shown = validity.assign(**{"ρ [95% CI]": [_ci(r.spearman, r.spearman_ci_low, r.spearman_ci_high) for r in validity.itertuples()],
-                                   "τ-b [95% CI]": [_ci(r.kendall, r.kendall_ci_low, r.kendall_ci_high) for r in validity.itertuples()]})
-        lines += ["## Does each proxy rank modules like the real loss?", "",
-                  "Spearman ρ and Kendall τ-b between each proxy metric's ranking and the ablation ranking (increase in next-token NLL "
-                  "when the module alone is dropped), per distribution; bootstrap 95% CIs resample both tables' samples.", "",
-                  _table(shown.pivot_table(index=["module", "metric"], columns="distribution", values="ρ [95% CI]", aggfunc="first", sort=False).reset_index()),
-                  ""]
-    decomposition = tables.get("decomposition")
-    if decomposition is not None and len(decomposition):
-        lines += ["## The model, the data or the metric?", "",
-                  "Mean (and lowest) Spearman ρ between rankings that differ only in the calibration distribution (one metric held) or "
-                  "only in the metric (one distribution held; ablation included). Lower ρ along an axis: that axis moves the ranking more.", "",
-                  _table(decomposition), ""]
-    greedy = tables.get("greedy")
-    if greedy is not None and len(greedy):
-        order = greedy.groupby("objective", sort=False)["candidate"].apply(lambda c: ", ".join(c)).reset_index(name="dropped, in order")
-        last = greedy.groupby("objective", sort=False)["objective_increase"].last().reset_index(name="ΔNLL after the last step")
-        lines += ["## Greedy drop sets by real calibration loss", "",
-                  "Each step drops the module whose removal (given those already dropped) raises the calibration loss least: for one "
-                  "distribution, or for `robust` the worst distribution's.", "", _table(order.merge(last), 4), ""]
-    transfer = tables.get("transfer")
-    if transfer is not None and len(transfer):
-        ranked = best_sets(transfer).drop(columns="ppl_ratio")
-        lines += ["## Pruned models on held-out text", "",
-                  "Every drop set ranked by its worst-case held-out perplexity ratio over distributions (bootstrap 95% CI over windows; "
-                  "1.00 = no loss), with the mean over distributions.", "", _table(ranked), ""]
-        per = transfer[~transfer["distribution"].isin(["worst", "mean"])]
-        lines += ["Per distribution (perplexity ratio):", "",
-                  _table(per.pivot_table(index="drop_set", columns="distribution", values="ppl_ratio", sort=False).reset_index()), ""]
-    comparisons = tables.get("comparisons")
-    if comparisons is not None and len(comparisons):
-        shown = comparisons.assign(**{"ratio a/b [95% CI]": [_ci(r.ratio, r.ci_low, r.ci_high, 3) for r in comparisons.itertuples()]})
-        lines += ["## Paired comparisons on the same held-out windows", "",
-                  "Perplexity of drop set a over drop set b (below 1: a loses less), per distribution and for the worst and mean over "
-                  "distributions; paired bootstrap over windows.", "",
-                  _table(shown[["comparison", "a", "b", "distribution", "ratio a/b [95% CI]", "p_value"]]), ""]
+def section_agreement(results: Results) -> list[str]:
+    summary = agreement(results)
+    if not len(summary):
+        return []
+    lines = ["## Agreement between distributions and the noise floor (cosine)", "",
+             "ρ and Jaccard@k between every pair of distributions' rankings (higher: more alike), beside the split-half noise floor "
+             "(two halves of one distribution's samples, Spearman-Brown corrected) and the pairs whose disagreement a permutation "
+             "test of sample labels puts beyond resampling noise (p < 0.05).", "", _table(agreement_display(summary)), ""]
+    pairs, floor = results.table("agreement", "cosine"), results.table("split_half", "cosine")
+    for module in summary["module"]:
+        part, fl = pairs[pairs["module"] == module], floor[floor["module"] == module].set_index("distribution")
+        lines += [f"### {module}: ρ between distributions (diagonal: noise floor)", "",
+                  _table(pair_matrix(part, "spearman", fl["reliability"]).reset_index(names="distribution")), ""]
     return lines
 
 
-def write_report(out: Path, model_record: dict, settings, scores: pd.DataFrame, tables: dict, sets: pd.DataFrame, figures: list[Path]) -> list[Path]:
-    """Write ``report.md`` and ``report.html`` (figures embedded) into ``out``.
+def unstable_candidates(results: Results, module: str, k: int) -> tuple[list, pd.DataFrame]:
+    """Candidates in every distribution's size-k cosine drop set, and those in some but not all of them (numeric order)."""
+    matrix = importance_matrix(one_metric(results.scores, "cosine")[0], module)
+    own = {d: set(drop_set(matrix[d], k)) for d in matrix.columns}
+    everywhere = _numeric_order(set.intersection(*own.values()))
+    somewhere = _numeric_order(set.union(*own.values()) - set(everywhere))
+    boot = results.table("bootstrap_importance", "cosine")
+    boot = boot[boot["module"] == module]
+    rows = []
+    for candidate in somewhere:
+        p = boot[boot["candidate"] == str(candidate)].set_index("distribution")[f"p_drop@{k}"]
+        rows.append({"candidate": candidate, "in the drop set of": _names([d for d in matrix.columns if candidate in own[d]]),
+                     "not of": _names([d for d in matrix.columns if candidate not in own[d]]),
+                     "P(in drop set), lowest to highest": f"{p.min():.2f} to {p.max():.2f}"})
+    return everywhere, pd.DataFrame(rows)
 
-    The stability sections describe the paper's metric (cosine); the metric sections compare
-    every metric with the ablation ground truth.
-    """
+
+def section_membership(results: Results) -> list[str]:
+    lines = ["## Which modules are unimportant everywhere, and which depend on the data (cosine)", ""]
+    n_layers = results.model.get("n_layers") or 1
+    for module in results.modules:
+        k = results.k(module)
+        everywhere, unstable = unstable_candidates(results, module, k)
+        depth = _names([f"{c} ({int(str(c).rpartition(':')[2]) / n_layers:.0%})" for c in everywhere])
+        lines += [f"### {module}, k = {k}", "", f"In every distribution's drop set (relative depth): **{depth}**.", ""]
+        lines += ([_table(unstable), ""] if len(unstable) else ["Every distribution picks the same set.", ""])
+    return lines
+
+
+def section_regret(results: Results) -> list[str]:
+    regret, sets = results.table("regret", "cosine"), results.table("drop_sets", "cosine")
+    if not len(regret):
+        return []
+    worst = regret.groupby(["module", "k", "drop_set"], sort=False)["regret"].max().rename("worst-case regret").reset_index()
+    worst["family"] = worst["drop_set"].map(method_family)
+    rows = []
+    for (module, k), part in worst.groupby(["module", "k"], sort=False):
+        own = part[part["family"] == "own"]["worst-case regret"]
+        for row in part[~part["family"].isin(["own", "random"])].sort_values("worst-case regret").itertuples():
+            members = sets[(sets["module"] == module) & (sets["k"] == k) & (sets["drop_set"] == row.drop_set)]["indices"]
+            rows.append({"module": module, "k": k, "method": row.drop_set, "drop set": _names(_numeric_order(members.iloc[0])) if len(members) else "",
+                         "worst-case regret": row._4, "own sets' worst (best / median)": f"{own.min():.4f} / {own.median():.4f}",
+                         "random (expected)": part[part["family"] == "random"]["worst-case regret"].max()})
+    return ["## Drop sets by proxy regret (cosine)", "", "Regret: the importance (summed 1 − cos) a set drops on a distribution beyond "
+            "the best set of its size there; worst case over distributions, lower is better. This ranks sets by the proxy; "
+            "the recommended sets above are ranked by real loss.", "", _table(pd.DataFrame(rows), 4), ""]
+
+
+def section_leave_one_out(results: Results) -> list[str]:
+    loo = results.table("leave_one_out", "cosine")
+    if not len(loo):
+        return []
+    loo = loo.assign(beats=loo["consensus_regret"] < loo["single_mean_regret"])
+    summary = loo.groupby(["module", "k", "method"], sort=False).agg(
+        consensus=("consensus_regret", "mean"), wins=("beats", "sum"), n=("beats", "size"), own=("single_mean_regret", "mean"),
+        random=("random_regret", "mean")).reset_index()
+    summary["beats the own sets' mean on"] = [f"{int(w)} of {n}" for w, n in zip(summary.pop("wins"), summary.pop("n"))]
+    summary = summary.rename(columns={"consensus": "consensus regret on the left-out (mean)", "own": "own sets' regret (mean)",
+                                      "random": "random (expected)"})
+    return ["## Does a consensus generalise to an unseen distribution? (cosine)", "", "Leave one distribution out, build the "
+            "consensus from the rest, and measure its regret on the one left out (lower is better), beside the other distributions' "
+            "own sets and a random set; averaged over the distributions left out.", "", _table(summary, 4), ""]
+
+
+def section_greedy(results: Results) -> list[str]:
+    greedy = results.table("greedy")
+    if not len(greedy):
+        return []
+    order = greedy.groupby("objective", sort=False)["candidate"].apply(lambda c: ", ".join(map(str, c))).reset_index(name="dropped, in order")
+    last = greedy.groupby("objective", sort=False)["objective_increase"].last().reset_index(name="ΔNLL per token after the last step")
+    return ["## Greedy drop sets by real calibration loss", "", "Each step drops the module whose removal (given those already "
+            "dropped) raises the calibration loss least: for one distribution, or for `robust` the worst distribution's.", "",
+            _table(order.merge(last), 4), ""]
+
+
+def section_heldout(results: Results) -> list[str]:
+    ranked = ranked_sets(results)
+    if not len(ranked):
+        return []
+    shown = ranked[["module", "k", "metric", "method", "worst ratio [95% CI]", "median ratio", "mean ratio"]]
+    per = results.table("transfer")
+    per = per[~per["distribution"].isin(["worst", "mean"])]
+    pivot = per.pivot_table(index="drop_set", columns="distribution", values="ppl_ratio", sort=False)
+    pivot = pivot.loc[[UNPRUNED, *ranked["drop_set"]]].reset_index()
+    return ["## Pruned models on held-out text", "", "Held-out perplexity / unpruned perplexity (lower is better; 1.00 = no loss) "
+            "on each distribution's held-out documents. Sets ranked by their worst distribution; the median over distributions "
+            "is robust where one distribution's ratio dominates the mean (random sets).", "", _table(shown), "",
+            "### Per distribution", "", _table(pivot), ""]
+
+
+def section_comparisons(results: Results) -> list[str]:
+    comparisons = results.table("comparisons")
+    if not len(comparisons):
+        return []
+    worst = comparisons[comparisons["distribution"] == "worst"].copy()
+    worst["verdict"] = np.where(worst["ci_high"] < 1, "a loses less", np.where(worst["ci_low"] > 1, "b loses less", "not distinguishable"))
+    worst["ratio a/b [95% CI]"] = [_ci(r.ratio, r.ci_low, r.ci_high, 3) for r in worst.itertuples()]
+    return ["## Paired comparisons on the same held-out windows", "", "Worst-case perplexity of drop set a over drop set b (below 1: "
+            "a loses less); paired bootstrap over windows. Per-distribution rows are in comparisons.parquet.", "",
+            _table(worst[["comparison", "ratio a/b [95% CI]", "p_value", "verdict"]]), ""]
+
+
+def section_accuracy(results: Results) -> list[str]:
+    accuracy = results.table("accuracy")
+    if not len(accuracy):
+        return []
+    chosen = accuracy[(accuracy["metric"] == "acc_norm") | ~accuracy["task"].isin(accuracy.loc[accuracy["metric"] == "acc_norm", "task"])]
+    pivot = chosen.pivot_table(index="drop_set", columns="task", values="value", sort=False).reset_index()
+    base = chosen[chosen["drop_set"] == UNPRUNED]
+    weak = base[base["value"] - 2 * base["stderr"] <= base["chance"]]
+    limit = f"first {results.settings.task_limit} examples per task" if results.settings.task_limit else "all examples"
+    lines = ["## Zero-shot accuracy", "", f"lm-evaluation-harness, 0-shot, {limit} (acc_norm where the task defines it, else acc; higher "
+             f"is better); standard error about ±{chosen['stderr'].max():.2f}.", "", _table(pivot), ""]
+    for row in weak.itertuples():
+        lines.append(f"- **Flag**: the unpruned model scores {row.value:.2f} on {row.task}, not clearly above the {row.chance:.2f} chance "
+                     "level: differences between drop sets on this task say nothing.")
+    return lines + ([""] if len(weak) else [])
+
+
+def section_sample_size(results: Results) -> list[str]:
+    summary = results.table("convergence_summary", "cosine")
+    if not len(summary) or "n_required_label" not in summary:
+        return []
+    pivot = summary.pivot_table(index="distribution", columns="module", values="n_required_label", aggfunc="first", sort=False).reset_index()
+    target = summary["target_spearman"].iloc[0]
+    return ["## How many samples does a stable ranking need?", "", f"Samples needed for the ranking to agree at ρ ≥ {target} with the "
+            "ranking of an independent half of the samples (\"≤ 4\": the fewest tried already do; \"> n\": none do).", "", _table(pivot), ""]
+
+
+def section_figures(results: Results) -> list[str]:
+    lines = ["## Figures", ""]
+    for path in sorted(p for p in results.figures if p.suffix == ".png"):
+        lines += [f"### {path.stem}", "", f"![{path.stem}](figures/{path.name})", "", CAPTIONS.get(path.stem, ""), ""]
+    return lines
+
+
+SECTIONS = (section_header, section_verdict, section_recommendations, section_data_or_metric, section_agreement, section_membership,
+            section_regret, section_leave_one_out, section_greedy, section_heldout, section_comparisons, section_accuracy,
+            section_sample_size, section_figures)
+
+
+def report_markdown(results: Results) -> str:
+    """The report's Markdown: every section of :data:`SECTIONS` in order."""
+    return "\n".join(line for section in SECTIONS for line in section(results)) + "\n"
+
+
+def embedded_html(text: str, folder: Path) -> str:
+    """The report's HTML with every figure embedded (base64 PNG)."""
+    body = markdown_to_html(text)
+
+    def embed(match):
+        path = folder / match.group(1)
+        return f'src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}"' if path.is_file() else match.group(0)
+
+    body = re.sub(r'src="(figures/[^"]+\.png)"', embed, body)
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}table{border-collapse:collapse;font-size:13px}"
+             "td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}.toc{background:#f6f6f6;padding:.5em 1em}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>calibdrop report</title><style>{style}</style></head><body>{body}</body></html>"
+
+
+def write_report(out: Path, results: Results) -> list[Path]:
+    """Write ``report.md`` and ``report.html`` (figures embedded, table of contents) into ``out``."""
     out = Path(out)
-    all_tables = tables
-    scores = one_metric(scores, "cosine")[0]
-    tables = tables_of_metric(tables, "cosine")
-    sets = tables_of_metric({"drop_sets": sets}, "cosine")["drop_sets"]
-    module, k = "attn", max(settings.budgets.get("attn", (8,)))
-    everywhere, unstable = stable_and_unstable(scores, tables, module, k)
-    floor = tables["split_half"][tables["split_half"]["module"] == module].set_index("distribution")
-    agreement = tables["agreement"][tables["agreement"]["module"] == module]
-    permutation = tables["permutation"][tables["permutation"]["module"] == module]
-    convergence = tables["convergence_summary"]
-    lines = [
-        f"# calibdrop report: {model_record.get('spec')}",
-        "",
-        f"Model `{model_record.get('spec')}` ({model_record.get('family')}, {model_record.get('n_layers')} layers, {model_record.get('dtype')}), "
-        f"weights sha256 `{model_record.get('weights_sha256')}`. Distributions: {_names(settings.distributions)}; "
-        f"proxy metrics on {settings.samples} samples × {settings.seq_len} tokens each, the ablation ground truth on "
-        f"{settings.ablation_samples} × {settings.ablation_seq_len} (seed {settings.seed}); bootstrap {settings.n_boot} resamples, "
-        f"permutation test {settings.n_perm} shuffles. Metrics: {_names(settings.metrics)} (`calibdrop` docs: analysis/metrics.py).",
-        "",
-        "## The answer",
-        "",
-        *metric_answer(all_tables),
-        *transfer_answer(all_tables),
-        *headline(tables, module, k),
-        "",
-        f"## Modules unimportant on every distribution ({module}, k = {k}, cosine)",
-        "",
-        f"In the size-{k} drop set of every distribution: **{_names(everywhere)}**. These are safe to drop whatever the calibration data.",
-        "",
-        "## Modules whose importance depends on the distribution",
-        "",
-        "In some distributions' drop sets but not all (bootstrap probability of being in the drop set, lowest to highest over distributions):",
-        "",
-        _table(unstable) if len(unstable) else "None: every distribution picks the same set.",
-        "",
-        *metric_sections(all_tables),
-        "## Agreement between distributions and the noise floor (cosine)",
-        "",
-        f"Spearman ρ of {module} importance between distributions; the diagonal is the split-half noise floor (Spearman-Brown corrected).",
-        "",
-        _table(pair_matrix(agreement, "spearman", floor["reliability"]).reset_index(names="distribution")),
-        "",
-        f"Jaccard@{k} of drop sets; the diagonal is the Jaccard@{k} of two random halves of one distribution's samples.",
-        "",
-        _table(pair_matrix(agreement, f"jaccard@{k}", floor[f"split_half_jaccard@{k}"]).reset_index(names="distribution")),
-        "",
-        "Pairs whose disagreement is beyond resampling noise (permutation test on sample labels):",
-        "",
-        _table(permutation[["a", "b", "spearman", "p_spearman", f"p_jaccard@{k}"]]),
-        "",
-        "## Drop sets by proxy regret (cosine)",
-        "",
-        "Worst-case regret is the most importance (summed 1 − cos) a set drops beyond the best set of its size, over all distributions. "
-        "This ranks sets by the proxy; the held-out section above ranks them by real loss.",
-        "",
-        _table(recommended(tables, sets), 4),
-        "",
-        "## Does consensus generalise to an unseen distribution? (cosine)",
-        "",
-        "Leave one distribution out, build the consensus from the rest, and measure its regret on the one left out, beside the other "
-        "distributions' own sets (mean, best, worst) and a random set (expected).",
-        "",
-        _table(tables["leave_one_out"].drop(columns=["drop_set"]), 4),
-        "",
-    ]
-    accuracy = tables.get("accuracy")
-    if accuracy is not None and len(accuracy):
-        chosen = accuracy[(accuracy["metric"] == "acc_norm") | ~accuracy["task"].isin(accuracy.loc[accuracy["metric"] == "acc_norm", "task"])]
-        pivot = chosen.pivot_table(index="drop_set", columns="task", values="value", sort=False).reset_index()
-        limit = f"first {settings.task_limit} examples per task" if settings.task_limit else "all examples"
-        lines += ["## Zero-shot accuracy", "", f"lm-evaluation-harness, 0-shot, {limit} (acc_norm where the task defines it, else acc); "
-                  f"standard error about ±{chosen['stderr'].max():.2f}.", "", _table(pivot), ""]
-    lines += [
-        "## How many samples does a stable ranking need?",
-        "",
-        _table(convergence[["distribution", "module", "n_available", "target_spearman", "n_required"]]),
-        "",
-        "## Figures",
-        "",
-    ]
-    pngs = figure_list(figures)
-    lines += [f"![{p.stem}](figures/{p.name})" for p in pngs]
-    text = "\n".join(lines) + "\n"
+    text = report_markdown(results)
     md_path, html_path = out / "report.md", out / "report.html"
     atomic_write_bytes(md_path, text.encode())
-    html_body = markdown_to_html(text)
-    for p in pngs:
-        html_body = html_body.replace(f'src="figures/{p.name}"', f'src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"')
-    style = "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}"
-    atomic_write_bytes(html_path, f"<!doctype html><html><head><meta charset='utf-8'><title>calibdrop report</title><style>{style}</style></head><body>{html_body}</body></html>".encode())
+    atomic_write_bytes(html_path, embedded_html(text, out).encode())
     return [md_path, html_path]

@@ -17,11 +17,8 @@ same pass's block inputs.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import warnings
-from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -32,10 +29,11 @@ from tqdm.auto import tqdm
 from . import data
 from .ablation import position_ids_from_mask, single_drop_increase
 from .adapters import Adapter, adapter_for, decoder_layers
+from .distributed import gather_shards, rank_and_world
 from .errors import CalibdropWarning, InputError, NonFiniteActivationError
-from .io import provenance, read_cached_table, write_table
 from .metrics import GROUND_TRUTH, TokenPair, check_metrics, get_metric, importance_column, importance_from_sums
-from .models import cache_dir, model_info
+from .models import model_info
+from .stages import StageStore, stage_key
 
 MODULES = ("attn", "mlp", "block")
 PROXY_DEFAULT = ("cosine",)
@@ -252,18 +250,6 @@ def aggregate_importance(per_sample: pd.DataFrame, by: Sequence[str] = ()) -> pd
     return out.assign(module=out["module"].astype(str))
 
 
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the number of processes (``(0, 1)`` without torch.distributed)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def is_main_process() -> bool:
-    """Whether this process writes files (rank 0, or the only process)."""
-    return rank_and_world()[0] == 0
-
-
 def _split_metrics(metrics) -> tuple[tuple[str, ...], bool]:
     """The proxy metrics among ``metrics`` and whether the ablation ground truth is asked for."""
     names = check_metrics(metrics)
@@ -318,12 +304,7 @@ def score_token_batches(
                 n_predicted.append(truth[1])
             n_tokens.append(mask.sum(-1).cpu().numpy())
             samples.extend(int(s) for s in batch_samples)
-    shard = (proxy_sums, truth_sums, n_tokens, n_predicted, samples)
-    if world > 1:
-        gathered: list = [None] * world
-        torch.distributed.all_gather_object(gathered, shard)
-        shard = tuple([item for part in gathered for item in part[field]] for field in range(len(shard)))
-    proxy_sums, truth_sums, n_tokens, n_predicted, samples = shard
+    proxy_sums, truth_sums, n_tokens, n_predicted, samples = gather_shards((proxy_sums, truth_sums, n_tokens, n_predicted, samples))
     if not n_tokens:
         raise InputError("no batches to score: give at least one sample")
     parts = []
@@ -428,16 +409,20 @@ def score_texts(
 SCORING_VERSION = 2
 
 
-def distribution_cache_key(model_record: dict, manifest: dict, name: str, settings: dict) -> str:
-    """sha256 naming one (model checksum, dtype, distribution, its documents' key, settings incl. batch size) score table."""
-    keyed = {
-        "model": [model_record.get("weights_sha256"), model_record.get("dtype")],
-        "distribution": name,
-        "documents_key": data.documents_key(manifest),
-        "settings": settings,
-        "scoring_version": SCORING_VERSION,
-    }
-    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
+def distribution_key(model_record: dict, manifest: dict, name: str, settings: dict) -> str:
+    """The stage key of one (model checksum, dtype, distribution, its documents' key, settings incl. batch size) score table."""
+    return stage_key("scores", [model_record.get("weights_sha256"), model_record.get("dtype")], name, data.documents_key(manifest), settings,
+                     SCORING_VERSION)
+
+
+def score_distribution(model: torch.nn.Module, tokenizer, name: str, *, n_samples: int, seq_len: int, batch_size: int, seed: int,
+                       split: str = "calibration", metrics: Sequence[str] | str = PROXY_DEFAULT, progress: bool = True) -> pd.DataFrame:
+    """Per-sample score rows of ``model`` on ``n_samples`` windows of ``seq_len`` tokens of one distribution
+    (:func:`analysis.data.calibration_samples`), with a ``distribution`` column."""
+    samples = data.calibration_samples(data.load_distribution(name, split), tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed)
+    return score_token_batches(
+        model, data.token_batches(samples, batch_size), metrics=metrics, total=-(-len(samples) // batch_size), progress=progress
+    ).assign(distribution=name)
 
 
 def score_distributions(
@@ -451,49 +436,29 @@ def score_distributions(
     seed: int = 0,
     split: str = "calibration",
     metrics: Sequence[str] | str = PROXY_DEFAULT,
-    cache: Path | None = None,
+    store: StageStore | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Per-sample score rows of ``model`` on each distribution under each metric, with a ``distribution`` column.
 
-    Each distribution gives ``n_samples`` windows of ``seq_len`` tokens
-    (:func:`analysis.data.calibration_samples`).  Each distribution's table is saved under
-    ``cache`` (default ``<calibdrop cache>/scores``), keyed by the model's checksum and dtype,
-    the distribution's documents key and the settings (batch size included), so a rerun or an
-    interrupted run recomputes nothing already saved; an entry that is damaged or saved under
-    another key is reported and recomputed.  Models without a checksum are not cached.
+    With a ``store`` (:class:`analysis.stages.StageStore`) each distribution's table is a stage
+    keyed by the model's checksum and dtype, the distribution's documents key and the settings
+    (batch size included), so a rerun or an interrupted run recomputes nothing already saved.
+    Models without a checksum are not stored.
     """
     settings = {"n_samples": n_samples, "seq_len": seq_len, "seed": seed, "split": split, "batch_size": batch_size,
                 "metrics": list(check_metrics(metrics))}
     record = model_info(model)
-    cache = Path(cache) if cache is not None else cache_dir() / "scores"
     tables = []
     for name in tqdm(list(names), desc="distributions", unit="dist", disable=not progress):
-        manifest = data.load_manifest(name)
-        key = distribution_cache_key(record, manifest, name, settings)
-        path = cache / f"{name.replace('/', '--')}-{key[:20]}.parquet"
-        cached = read_cached_table(path, {"cache_key": key}) if record.get("weights_sha256") else None
-        if cached is not None:
-            tables.append(cached)
+        def compute(name=name):
+            return score_distribution(model, tokenizer, name, **settings, progress=progress)
+
+        if store is None or not record.get("weights_sha256"):
+            tables.append(compute())
             continue
-        samples = data.calibration_samples(
-            data.load_distribution(name, split), tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed
-        )
-        rows = score_token_batches(
-            model, data.token_batches(samples, batch_size), metrics=metrics, total=-(-len(samples) // batch_size), progress=progress
-        ).assign(distribution=name)
-        if record.get("weights_sha256") and is_main_process():
-            sources = data.sources_used(manifest)
-            write_table(
-                rows,
-                path,
-                provenance(
-                    kind="scores-per-sample",
-                    cache_key=key,
-                    model=record,
-                    distribution={"name": name, "manifest": manifest["_path"], "manifest_sha256": manifest["_sha256"], "sources": sources},
-                    settings=settings,
-                ),
-            )
-        tables.append(rows)
+        manifest = data.load_manifest(name)
+        where = {"name": name, "manifest": manifest["_path"], "manifest_sha256": manifest["_sha256"], "sources": data.sources_used(manifest)}
+        key = distribution_key(record, manifest, name, settings)
+        tables.append(store.table(f"{name.replace('/', '--')}-{key[:20]}", key, compute, distribution=where, settings=settings))
     return pd.concat(tables, ignore_index=True)

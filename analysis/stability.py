@@ -24,8 +24,8 @@ from scipy import stats
 
 from .errors import InputError
 from .metrics import get_metric, importance_from_sums
+from .presets import MODULE_KINDS
 
-MODULE_KINDS = ("attn", "mlp", "block", "joint")
 
 
 def check_scores(scores: pd.DataFrame, *, per_sample: bool = False) -> None:
@@ -229,7 +229,8 @@ def bootstrap(
     Returns ``importance`` (per distribution and candidate: importance, CI, probability of
     being in the size-k drop set for each k) and ``pairs`` (per pair of distributions: the
     point Spearman ρ and Jaccard@k with their bootstrap CIs; each distribution resampled
-    independently).
+    independently) and ``pair_mean`` (their means over pairs, with the CI of the mean over pairs
+    taken within each bootstrap replicate).
     """
     arrays = sample_arrays(scores, module, metric)
     k_values = _check_k(k, len(next(iter(arrays.values()))[2]))
@@ -246,16 +247,25 @@ def bootstrap(
             row = {"metric": arrays.metric, "distribution": name, "candidate": label, "importance": point[name][index], "ci_low": low, "ci_high": high}
             row.update({f"p_drop@{kk}": float((ranks[:, index] < kk).mean()) for kk in k_values})
             rows.append(row)
-    pair_rows = []
+    pair_rows, pair_rhos, pair_jaccards = [], [], {kk: [] for kk in k_values}
     for a, b in combinations(arrays, 2):
         rho = rowwise_spearman(replicates[a], replicates[b])
+        pair_rhos.append(rho)
         row = {"metric": arrays.metric, "module": module, "a": a, "b": b, "spearman": stats.spearmanr(point[a], point[b]).statistic}
         row["spearman_ci_low"], row["spearman_ci_high"] = percentile_interval(rho, level)
         for kk in k_values:
             row[f"jaccard@{kk}"] = jaccard(drop_set(point[a], kk), drop_set(point[b], kk))
-            row[f"jaccard@{kk}_ci_low"], row[f"jaccard@{kk}_ci_high"] = percentile_interval(rowwise_jaccard(replicates[a], replicates[b], kk), level)
+            pair_jaccards[kk].append(rowwise_jaccard(replicates[a], replicates[b], kk))
+            row[f"jaccard@{kk}_ci_low"], row[f"jaccard@{kk}_ci_high"] = percentile_interval(pair_jaccards[kk][-1], level)
         pair_rows.append(row)
-    return {"importance": pd.DataFrame(rows).assign(module=module), "pairs": pd.DataFrame(pair_rows)}
+    pairs = pd.DataFrame(pair_rows)
+    mean_row = {"metric": arrays.metric, "module": module, "n_pairs": len(pair_rows), "spearman": pairs["spearman"].mean(),
+                "spearman_min": pairs["spearman"].min()}
+    mean_row["spearman_ci_low"], mean_row["spearman_ci_high"] = percentile_interval(np.mean(pair_rhos, axis=0), level)
+    for kk in k_values:
+        mean_row[f"jaccard@{kk}"] = pairs[f"jaccard@{kk}"].mean()
+        mean_row[f"jaccard@{kk}_ci_low"], mean_row[f"jaccard@{kk}_ci_high"] = percentile_interval(np.mean(pair_jaccards[kk], axis=0), level)
+    return {"importance": pd.DataFrame(rows).assign(module=module), "pairs": pairs, "pair_mean": pd.DataFrame([mean_row])}
 
 
 def split_half_reliability(
@@ -334,11 +344,15 @@ def convergence(
     seed: int = 0,
     metric: str | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Rankings from ``n`` random samples (n = 4, 8, 16, ... and all) against the all-sample ranking.
+    """Rankings from ``n`` samples against an independent reference: the paper's Figure 10 question.
 
-    Returns the curve (per distribution and n: mean and std over ``repeats`` of Spearman ρ and
-    Jaccard@k) and per distribution the smallest n whose mean ρ reaches ``target`` (NaN when
-    even all samples do not, which cannot happen at n = all).
+    Each repeat splits the samples at random into halves A and B; the ranking from ``n`` samples of
+    A (n = 4, 8, 16, ... and all of A) is compared with the ranking from all of B, which shares no
+    sample with it, so agreement cannot reach 1 by construction.  Returns the curve (per
+    distribution and n: mean and std over ``repeats`` of Spearman ρ and Jaccard@k against B) and
+    per distribution ``n_required``, the smallest n whose mean ρ reaches ``target`` (NaN when even
+    all of A does not), with ``n_required_label``: ``"≤ 4"`` when the smallest n tried already
+    reaches it, ``"> |A|"`` when none does.
     """
     arrays = sample_arrays(scores, module, metric)
     _check_k((k,), len(next(iter(arrays.values()))[2]))
@@ -346,21 +360,29 @@ def convergence(
     curve, summary = [], []
     for name, (sums, tokens, _) in arrays.items():
         n_total = len(tokens)
-        full = weighted_importance(np.ones((1, n_total)), sums, tokens, arrays.metric)
-        sizes = [n for n in 2 ** np.arange(2, 20) if n < n_total] + [n_total]
+        half = n_total // 2
+        if half < 2:
+            raise InputError(f"convergence needs at least 4 samples of {name}, it has {n_total}")
+        orders = np.stack([rng.permutation(n_total) for _ in range(repeats)])
+        rows = np.arange(repeats)[:, None]
+        reference_weights = np.zeros((repeats, n_total))
+        reference_weights[rows, orders[:, half:]] = 1
+        reference = weighted_importance(reference_weights, sums, tokens, arrays.metric)
+        sizes = [n for n in 2 ** np.arange(2, 20) if n < half] + [half]
         reached = np.nan
         for n in sizes:
             weights = np.zeros((repeats, n_total))
-            for row in weights:
-                row[rng.choice(n_total, size=n, replace=False)] = 1
+            weights[rows, orders[:, :n]] = 1
             sub = weighted_importance(weights, sums, tokens, arrays.metric)
-            rho = rowwise_spearman(sub, np.repeat(full, repeats, axis=0))
-            jac = rowwise_jaccard(sub, np.repeat(full, repeats, axis=0), k)
-            curve.append({"metric": arrays.metric, "distribution": name, "module": module, "n": int(n), "spearman_mean": rho.mean(), "spearman_std": rho.std(),
-                          f"jaccard@{k}_mean": jac.mean(), f"jaccard@{k}_std": jac.std()})
+            rho = rowwise_spearman(sub, reference)
+            jac = rowwise_jaccard(sub, reference, k)
+            curve.append({"metric": arrays.metric, "distribution": name, "module": module, "n": int(n), "reference_n": n_total - half,
+                          "spearman_mean": rho.mean(), "spearman_std": rho.std(), f"jaccard@{k}_mean": jac.mean(), f"jaccard@{k}_std": jac.std()})
             if np.isnan(reached) and rho.mean() >= target:
                 reached = int(n)
-        summary.append({"metric": arrays.metric, "distribution": name, "module": module, "n_available": n_total, "target_spearman": target, "n_required": reached})
+        label = f"> {half}" if np.isnan(reached) else (f"≤ {sizes[0]}" if reached == sizes[0] else str(reached))
+        summary.append({"metric": arrays.metric, "distribution": name, "module": module, "n_available": n_total, "target_spearman": target,
+                        "n_required": reached, "n_required_label": label})
     return pd.DataFrame(curve), pd.DataFrame(summary)
 
 
@@ -376,7 +398,7 @@ def stability_tables(
 ) -> dict[str, pd.DataFrame]:
     """Every stability table for every metric and module kind, concatenated (``metric`` and ``module`` columns tell them apart).
 
-    Keys: ``agreement``, ``bootstrap_importance``, ``bootstrap_pairs``, ``split_half``,
+    Keys: ``agreement``, ``bootstrap_importance``, ``bootstrap_pairs``, ``bootstrap_pair_mean``, ``split_half``,
     ``permutation``, ``convergence``, ``convergence_summary``.
     """
     parts: dict[str, list[pd.DataFrame]] = {}
@@ -391,6 +413,7 @@ def stability_tables(
                 "agreement": rank_agreement(scores, module=module, k=k_values, metric=metric),
                 "bootstrap_importance": boot["importance"],
                 "bootstrap_pairs": boot["pairs"],
+                "bootstrap_pair_mean": boot["pair_mean"],
                 "split_half": split_half_reliability(scores, k=k_values, n_splits=n_splits, **options),
                 "permutation": permutation_test(scores, k=k_values, n_perm=n_perm, **options),
                 "convergence": curve,
@@ -401,3 +424,14 @@ def stability_tables(
     combined = {name: pd.concat(tables, ignore_index=True) for name, tables in parts.items()}
     combined["bootstrap_importance"]["candidate"] = combined["bootstrap_importance"]["candidate"].astype(str)
     return combined
+
+
+def least_and_most_important(aggregate: pd.DataFrame, n: int = 3) -> pd.DataFrame:
+    """Per metric and module kind of an aggregate table (one importance per module, or per distribution and
+    module averaged over distributions): the ``n`` least and the ``n`` most important candidates, in order."""
+    rows = []
+    for (metric, module), group in aggregate.groupby(["metric", "module"], sort=False):
+        ranked = group.groupby("layer", sort=False)["importance"].mean().sort_values(kind="stable")
+        rows.append({"metric": metric, "module": module, "least important": ", ".join(map(str, ranked.index[:n])),
+                     "most important": ", ".join(map(str, ranked.index[::-1][:n]))})
+    return pd.DataFrame(rows)

@@ -9,6 +9,7 @@ from analysis import data, models
 from analysis.errors import ChecksumError, InputError
 from analysis.models import ModelInfo
 from analysis.scoring import score_distributions
+from analysis.stages import StageStore
 
 from tiny import byte_tokenizer, tiny_model
 
@@ -175,7 +176,7 @@ def test_user_manifest_over_local_jsonl(tmp_path, monkeypatch):
 def test_scores_per_distribution_are_cached_and_reused(tmp_path, monkeypatch):
     model = tiny_model("llama")
     model.calibdrop_info = ModelInfo("tiny", "test", "llama", "llama", 3, "f" * 64, "float32", "-")
-    kwargs = dict(n_samples=4, seq_len=32, batch_size=2, cache=tmp_path, progress=False)
+    kwargs = dict(n_samples=4, seq_len=32, batch_size=2, store=StageStore(tmp_path), progress=False)
     first = score_distributions(model, byte_tokenizer(), [_fetched("general"), "math"], **kwargs)
     assert set(first["distribution"]) == {"general", "math"} and len(list(tmp_path.glob("*.parquet"))) == 2
 

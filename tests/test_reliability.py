@@ -15,12 +15,13 @@ import pytest
 import torch
 import yaml
 
-from analysis import cli, data, models, pruning
+from analysis import commands, data, dropsets, models, pruning
 from analysis.errors import CalibdropWarning, InputError
 from analysis.io import atomic_write_bytes, read_cached_table, sidecar_path, write_table
 from analysis.models import ModelInfo
 from analysis.report import markdown_to_html
 from analysis.scoring import score_distributions, tokenize_texts
+from analysis.stages import StageStore
 
 from fakeapt import PACKAGE, debian_manifest, fake_apt, make_deb, write_manifest
 from tiny import byte_tokenizer, tiny_model
@@ -95,7 +96,7 @@ def test_drop_set_files_are_checked_strictly(tmp_path, indices, message):
     path = tmp_path / "set.json"
     path.write_text(json.dumps({"module": "attn", "indices": indices}))
     with pytest.raises(InputError, match=re.escape(message)):
-        pruning.read_drop_set(path)
+        dropsets.read_drop_set(path)
 
 
 def test_drop_set_must_fit_the_loaded_model_unless_forced(tmp_path, tiny_dir):
@@ -114,7 +115,7 @@ def test_cut_texts_and_positions_beyond_the_model_warn():
         sequences = tokenize_texts(byte_tokenizer(), ["short", "a much longer text than eight"], max_length=8)
     assert [len(s) for s in sequences] == [5, 8]
     with pytest.warns(CalibdropWarning, match="--seq-len 512 exceeds the 256 positions"):
-        cli.warn_beyond_positions(tiny_model("llama"), 512)
+        commands.warn_beyond_positions(tiny_model("llama"), 512)
 
 
 def _local_distribution(folder: Path, name: str, texts: list[str]) -> Path:
@@ -137,7 +138,7 @@ def test_caches_prove_themselves_and_are_keyed_by_everything_that_changes_the_re
     model = tiny_model("llama")
     model.calibdrop_info = ModelInfo("tiny", "test", "llama", "llama", 3, "f" * 64, "float32", "-")
     cache = tmp_path / "scores"
-    kwargs = dict(n_samples=4, seq_len=32, cache=cache, progress=False)
+    kwargs = dict(n_samples=4, seq_len=32, store=StageStore(cache), progress=False)
     first = score_distributions(model, byte_tokenizer(), ["alpha", "beta"], batch_size=2, **kwargs)
     score_distributions(model, byte_tokenizer(), ["alpha"], batch_size=4, **kwargs)
     assert len(list(cache.glob("alpha-*.parquet"))) == 2
@@ -146,7 +147,7 @@ def test_caches_prove_themselves_and_are_keyed_by_everything_that_changes_the_re
     [beta_path] = cache.glob("beta-*.parquet")
     for suffix in (".parquet", ".json"):
         alpha_path.with_suffix(suffix).write_bytes(beta_path.with_suffix(suffix).read_bytes())
-    with pytest.warns(CalibdropWarning, match=f"discarding cache entry {alpha_path.name}.*cache_key differ"):
+    with pytest.warns(CalibdropWarning, match=f"discarding cache entry {alpha_path.name}.*stage_key differ"):
         again = score_distributions(model, byte_tokenizer(), ["alpha"], batch_size=2, **kwargs)
     assert set(again["distribution"]) == {"alpha"}
     assert again["stat_sum"].tolist() == first[first.distribution == "alpha"]["stat_sum"].tolist()
@@ -241,9 +242,9 @@ def test_outputs_are_atomic_readable_and_escaped(tmp_path, tiny_dir):
         pruning.save_pruned(model, tiny_dir)
 
     args = argparse.Namespace(drop_sets=None, from_scores=None, model=str(out))
-    assert cli.evaluation_drop_sets(args) == {"none": None}
+    assert commands.evaluation_drop_sets(args) == {"none": None}
     with pytest.raises(InputError, match="nothing to evaluate"):
-        cli.evaluation_drop_sets(argparse.Namespace(drop_sets=None, from_scores=None, model=str(tiny_dir)))
+        commands.evaluation_drop_sets(argparse.Namespace(drop_sets=None, from_scores=None, model=str(tiny_dir)))
 
     html = markdown_to_html("Model `<b>spec</b>` and <script>alert(1)</script>\n\n| a |\n|---|\n| <img src=x onerror=y> |")
     assert "<script>" not in html and "<img src=x" not in html and "&lt;script&gt;" in html and "<table>" in html

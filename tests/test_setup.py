@@ -13,6 +13,7 @@ from analysis import data, models
 from analysis.errors import FetchError
 from analysis.models import ModelInfo
 from analysis.scoring import score_distributions
+from analysis.stages import StageStore
 
 from fakeapt import PACKAGE, debian_manifest, fake_apt, make_deb, write_manifest
 from tiny import byte_tokenizer, tiny_model
@@ -74,7 +75,7 @@ def test_vanished_pin_takes_the_newer_revision_loudly_and_records_it(tmp_path, d
         monkeypatch.setenv(name, env[name])
     model = tiny_model("llama")
     model.calibdrop_info = ModelInfo("tiny", "test", "llama", "llama", 3, "f" * 64, "float32", "-")
-    score_distributions(model, byte_tokenizer(), ["fakedocs"], n_samples=2, seq_len=32, batch_size=2, cache=tmp_path / "scores", progress=False)
+    score_distributions(model, byte_tokenizer(), ["fakedocs"], n_samples=2, seq_len=32, batch_size=2, store=StageStore(tmp_path / "scores"), progress=False)
     [sidecar] = (tmp_path / "scores").glob("*.json")
     [source] = json.loads(sidecar.read_text())["distribution"]["sources"]
     assert (source["version"], source["sha256"], source["pinned_version"]) == (NEWER, newer_sha, PINNED)

@@ -151,12 +151,22 @@ def test_split_half_reliability_is_high_for_clean_and_low_for_noisy_data():
     assert noisy["reliability"].max() < clean["reliability"].min()
 
 
-def test_convergence_reaches_the_target_and_reports_n():
+def test_convergence_is_measured_against_an_independent_half():
     mu = np.linspace(0.1, 0.5, 12)
     curve, summary = stability.convergence(per_sample_table({"a": mu, "b": mu}, 64, noise=0.2), k=3, repeats=10)
-    assert set(curve["n"]) == {4, 8, 16, 32, 64}
-    assert curve.groupby("distribution")["spearman_mean"].last().eq(1).all()
-    assert summary["n_required"].between(4, 64).all()
+    assert set(curve["n"]) == {4, 8, 16, 32} and curve["reference_n"].eq(32).all()
+    last = curve.groupby("distribution")["spearman_mean"].last()
+    assert (last < 1).all() and (last > 0.9).all()
+    assert curve.groupby("distribution")["spearman_mean"].is_monotonic_increasing.all()
+    assert summary["n_required"].between(4, 32).all()
+
+
+def test_convergence_says_at_most_the_smallest_n_and_more_than_all():
+    table = per_sample_table({"clean": np.linspace(0.1, 0.5, 12), "noise only": np.full(12, 0.3)}, 16, noise=0.001)
+    noisy = per_sample_table({"noise only": np.full(12, 0.3)}, 16, noise=0.2)
+    table = pd.concat([table[table["distribution"] == "clean"], noisy], ignore_index=True)
+    labels = stability.convergence(table, k=3, repeats=5)[1].set_index("distribution")["n_required_label"]
+    assert labels.to_dict() == {"clean": "≤ 4", "noise only": "> 8"}
 
 
 def test_leave_one_out_reports_consensus_beside_single_sets():

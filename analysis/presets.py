@@ -1,0 +1,91 @@
+"""What a run computes unless told otherwise: the one table of presets and the names a user types.
+
+This module imports nothing heavy (no torch, pandas or scipy), so the command line can build its
+``--help`` from it at once; the pipeline, the scoring command and the tests read the same table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_MODEL = "smollm2-135m"
+MODULE_KINDS = ("attn", "mlp", "block", "joint")
+CONSENSUS_METHODS = ("borda", "median", "mean", "minimax")
+PROXY_METRICS = ("cosine", "angular", "relative_update")
+GROUND_TRUTH = "ablation"
+RESULTS_DIR = "results"
+PAPER_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "mmlu", "openbookqa", "piqa", "rte", "winogrande")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What ``calibdrop run`` computes; the presets fix these.
+
+    ``distributions`` empty means every top-level distribution of the manifests.
+    """
+
+    distributions: tuple[str, ...] = ()
+    subsets: bool = True
+    metrics: tuple[str, ...] = (*PROXY_METRICS, GROUND_TRUTH)
+    samples: int = 32
+    seq_len: int = 512
+    ablation_samples: int = 4
+    ablation_seq_len: int = 128
+    greedy_module: str = "attn"
+    greedy_shortlist: int | None = 4
+    subset_samples: int = 16
+    subset_seq_len: int = 256
+    batch_size: int = 8
+    seed: int = 0
+    n_boot: int = 1000
+    n_perm: int = 1000
+    budgets: dict = field(default_factory=lambda: {"attn": (4, 8), "mlp": (2, 4), "block": (2, 4), "joint": (4, 8)})
+    transfer_modules: tuple[str, ...] = ("attn", "mlp", "block", "joint")
+    transfer_k: tuple[int, ...] = (8,)
+    own_set_metrics: tuple[str, ...] = ("cosine",)
+    transfer_samples: int = 32
+    transfer_seq_len: int = 128
+    random_seeds: tuple[int, ...] = (0, 1)
+    tasks: tuple[str, ...] = ("arc_easy", "piqa")
+    task_limit: int | None = 100
+    accuracy_sets: tuple[str, ...] = ("none", "cosine/attn-8:borda", "ablation/attn-8:greedy:robust")
+
+    def budget(self, module: str) -> tuple[int, ...]:
+        """The drop-set sizes evaluated on held-out text for ``module``: ``transfer_k`` for attention, else the largest budget of ``module``."""
+        if module == "attn":
+            return self.transfer_k
+        sizes = self.budgets.get(module, ())
+        return (max(sizes),) if sizes else ()
+
+
+PRESETS: dict[str, RunSettings] = {
+    "default": RunSettings(),
+    "quick": RunSettings(
+        subsets=False, samples=16, seq_len=256, ablation_samples=4, ablation_seq_len=64, greedy_shortlist=4, n_boot=200, n_perm=200,
+        budgets={"attn": (4, 8), "mlp": (4,), "block": (4,), "joint": (8,)}, transfer_modules=("attn",), transfer_k=(8,),
+        transfer_samples=8, transfer_seq_len=128, random_seeds=(0,), tasks=("arc_easy", "piqa"), task_limit=20,
+        accuracy_sets=("none", "cosine/attn-8:borda"),
+    ),
+    "paper": RunSettings(
+        samples=256, seq_len=2048, ablation_samples=32, ablation_seq_len=2048, greedy_shortlist=None, subset_samples=64, subset_seq_len=2048,
+        transfer_k=(4, 8), transfer_samples=64, transfer_seq_len=2048, random_seeds=(0, 1, 2), tasks=PAPER_TASKS, task_limit=None,
+        accuracy_sets=("none", "cosine/attn-4:borda", "cosine/attn-8:borda", "cosine/attn-8:minimax", "ablation/attn-8:greedy:robust",
+                       "cosine/attn-8:random:0"),
+    ),
+}
+
+
+def preset(name: str) -> RunSettings:
+    """The settings of preset ``name``; an unknown name is a ``ValueError`` listing the presets."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def describe(settings: RunSettings) -> str:
+    """``"32 x 512 tokens per distribution"``: the scoring size of a preset, as help texts print it."""
+    return f"{settings.samples} x {settings.seq_len} tokens per distribution"
+
+
+__all__ = ["CONSENSUS_METHODS", "DEFAULT_MODEL", "GROUND_TRUTH", "MODULE_KINDS", "PAPER_TASKS", "PRESETS", "PROXY_METRICS",
+           "RESULTS_DIR", "RunSettings", "describe", "preset"]
