@@ -19,12 +19,11 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import ablation, consensus, data, evaluation, models, plots, stability, validity
-from .dropsets import UNPRUNED, DropSet, drop_set_family, make_drop_set, parse_label
+from .selection import comparison_pairs, consensus_sets, evaluated_sets, pruned_size, regrets, sets_from_table
 from .errors import InputError
 from .io import atomic_write_json, provenance
 from .metrics import GROUND_TRUTH, check_metrics, get_metric
 from .presets import PRESETS, RunSettings, preset
-from .pruning import modules_dropped
 from .report import Results, write_report
 from .scoring import aggregate_importance, score_distributions
 from .stages import StageStore, stage_key
@@ -37,104 +36,6 @@ def top_level_distributions(settings: RunSettings) -> tuple[str, ...]:
     return settings.distributions or tuple(data.TOP_LEVEL)
 
 
-def _as_labels(value) -> list[str]:
-    """Drop-set members as strings (``"3"``, ``"attn:3"``), so tables of several module kinds share one column type."""
-    return [str(v) for v in value]
-
-
-def consensus_sets(scores: pd.DataFrame, budgets: dict) -> pd.DataFrame:
-    """Per metric, module kind and budget k: each consensus method's drop set and each distribution's own (:func:`drop_set_family`)."""
-    rows = []
-    for metric in stability.metrics_in(scores):
-        for module, ks in budgets.items():
-            n_candidates = len(stability.importance_matrix(scores, module, metric))
-            for k in (k for k in ks if k <= n_candidates):
-                family = drop_set_family(scores, module=module, k=k, metric=metric)
-                rows += [{"metric": metric, "module": module, "k": k, "drop_set": s.method, "indices": _as_labels(s.indices)} for s in family.values()]
-    return pd.DataFrame(rows)
-
-
-def regrets(scores: pd.DataFrame, sets: pd.DataFrame) -> pd.DataFrame:
-    """Regret of every drop set of :func:`consensus_sets` on every distribution, under the metric that chose it."""
-    parts = []
-    for (metric, module, k), group in sets.groupby(["metric", "module", "k"], sort=False):
-        labels = {str(c): c for c in stability.importance_matrix(scores, module, metric).index}
-        named = {row.drop_set: [labels[str(i)] for i in row.indices] for row in group.itertuples()}
-        parts.append(consensus.regret_table(scores, named, module=module, metric=metric).assign(k=k))
-    return pd.concat(parts, ignore_index=True)
-
-
-def greedy_sets(paths: pd.DataFrame, module: str, ks) -> dict[str, DropSet]:
-    """Greedy drop sets of every size in ``ks`` from the greedy paths (``ablation/<module>-k:greedy:<objective>``)."""
-    sets = {}
-    for objective, path in paths.groupby("objective", sort=False):
-        for k in ks:
-            if k <= len(path):
-                chosen = make_drop_set(module, ablation.greedy_set(path, k), f"greedy:{objective}", GROUND_TRUTH)
-                sets[chosen.label] = chosen
-    return sets
-
-
-def evaluated_sets(scores: pd.DataFrame, paths: pd.DataFrame | None, settings: RunSettings) -> dict[str, DropSet]:
-    """The drop sets evaluated on held-out text, by label.  Attention, per budget: every metric's borda
-    and minimax sets, each distribution's own set by the metrics of ``settings.own_set_metrics``,
-    random sets (cosine's candidates) and the greedy sets.  Every other module kind of
-    ``settings.transfer_modules`` at its largest budget: every metric's borda set and one random set."""
-    sets: dict[str, DropSet] = {}
-    for module in settings.transfer_modules:
-        attention = module == "attn"
-        for k in settings.budget(module):
-            for metric in stability.metrics_in(scores):
-                seeds = (settings.random_seeds if attention else settings.random_seeds[:1]) if metric == "cosine" else ()
-                sets.update(drop_set_family(scores, module=module, k=k, metric=metric, methods=("borda", "minimax") if attention else ("borda",),
-                                            own=attention and metric in settings.own_set_metrics, random_seeds=seeds))
-    if paths is not None:
-        sets.update(greedy_sets(paths, settings.greedy_module, settings.budget(settings.greedy_module)))
-    return sets
-
-
-def comparison_pairs(sets: dict, distributions, settings: RunSettings) -> list[tuple]:
-    """The paired comparisons of the transfer stage, per module kind and budget: consensus cosine against each
-    distribution's own cosine set (on that distribution and overall), robust greedy against consensus cosine,
-    each proxy's consensus against the ablation's, and consensus cosine against a random set."""
-    pairs = []
-    for module in settings.transfer_modules:
-        for k in settings.budget(module):
-            def label(metric, method):
-                return f"{metric}/{module}-{k}:{method}"
-
-            borda = label("cosine", "borda")
-            for d in distributions:
-                pairs.append((f"{module}-{k}: cosine borda vs {d}'s own cosine set, on {d}", borda, label("cosine", f"own:{d}"), [d]))
-                pairs.append((f"{module}-{k}: cosine borda vs {d}'s own cosine set", borda, label("cosine", f"own:{d}")))
-            pairs.append((f"{module}-{k}: robust greedy vs cosine borda", label(GROUND_TRUTH, "greedy:robust"), borda))
-            for metric in sorted({parse_label(name)["metric"] for name in sets} - {GROUND_TRUTH, None}):
-                pairs.append((f"{module}-{k}: {metric} borda vs ablation borda", label(metric, "borda"), label(GROUND_TRUTH, "borda")))
-            if module != "attn":
-                pairs.append((f"{module}-{k}: cosine borda vs random", borda, label("cosine", f"random:{settings.random_seeds[0]}")))
-    return [pair for pair in pairs if pair[1] in sets and pair[2] in sets]
-
-
-def pruned_size(model, sets: dict[str, DropSet]) -> pd.DataFrame:
-    """Per drop set: what it removes and the parameters left, measured on the model with its modules skipped."""
-    total = sum(p.numel() for p in model.parameters())
-    rows = [{"drop_set": UNPRUNED, "module": None, "k": 0, "method": UNPRUNED, "metric": None, "indices": [], "sources": [],
-             "parameters": total, "parameters_removed": 0.0}]
-    for label, chosen in sets.items():
-        with modules_dropped(model, chosen.candidates()) as pruned:
-            left = sum(p.numel() for p in pruned.parameters())
-        rows.append({"drop_set": label, "module": chosen.module, "k": chosen.k, "method": chosen.method, "metric": chosen.metric,
-                     "indices": _as_labels(chosen.indices), "sources": list(chosen.sources), "parameters": left,
-                     "parameters_removed": 1 - left / total})
-    return pd.DataFrame(rows)
-
-
-def sets_from_table(table: pd.DataFrame) -> dict[str, DropSet | None]:
-    """The drop sets of the ``pruned`` stage's table, by label (``none``: the unpruned model)."""
-    return {row.drop_set: None if row.drop_set == UNPRUNED else make_drop_set(row.module, row.indices, row.method, row.metric, row.sources)
-            for row in table.itertuples()}
-
-
 @dataclass(frozen=True)
 class Stage:
     """One named step: the earlier stages it reads, the settings it depends on, and how it computes its table(s)."""
@@ -145,6 +46,7 @@ class Stage:
     compute: Callable[["Study"], pd.DataFrame | dict]
     tables: tuple[str, ...] = ()
     when: Callable[[RunSettings], bool] = lambda settings: True
+    work: Callable[["Study"], float] = lambda study: 0.0
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -322,13 +224,37 @@ def _ground_truth(settings: RunSettings) -> bool:
     return GROUND_TRUTH in settings.metrics
 
 
+def _tokens(study: Study, names, samples: int, seq_len: int) -> float:
+    return len(names) * samples * seq_len
+
+
+def work_of(kind: str) -> Callable[[Study], float]:
+    """A rough estimate of a stage's work in tokens through the whole model, for the run's ETA: proxies one pass, the
+    ablation about half the model per candidate (3 per layer), greedy that per step and shortlisted candidate, held-out
+    windows one pass plus about half per evaluated set, accuracy about 400 tokens per item and set."""
+    def estimate(study: Study) -> float:
+        s, distributions = study.settings, study.distributions
+        candidates = 3 * study.store.model_record.get("n_layers", 12)
+        ablation = _tokens(study, distributions, s.ablation_samples, s.ablation_seq_len)
+        n_sets = len(study.results["pruned"]) if "pruned" in study.results else 20
+        return {
+            "proxies": _tokens(study, distributions, s.samples, s.seq_len),
+            "ablation": ablation * (1 + candidates / 2),
+            "subsets": _tokens(study, subset_names(study), s.subset_samples, s.subset_seq_len) if s.subsets else 0,
+            "greedy": ablation * (len(distributions) + 1) * max(s.transfer_k) * (s.greedy_shortlist or candidates) / 2,
+            "heldout": _tokens(study, distributions, s.transfer_samples, s.transfer_seq_len) * (1 + n_sets / 2),
+            "accuracy": len(s.accuracy_sets) * len(s.tasks) * (s.task_limit or 1000) * 400,
+        }[kind]
+    return estimate
+
+
 SCORING = ("distributions", "metrics", "batch_size", "seed")
 STAGES = (
-    Stage("scores.proxies", (), (*SCORING, "samples", "seq_len"), stage_scores_proxies),
-    Stage("scores.ablation", (), (*SCORING, "ablation_samples", "ablation_seq_len"), stage_scores_ablation, when=_ground_truth),
+    Stage("scores.proxies", (), (*SCORING, "samples", "seq_len"), stage_scores_proxies, work=work_of("proxies")),
+    Stage("scores.ablation", (), (*SCORING, "ablation_samples", "ablation_seq_len"), stage_scores_ablation, when=_ground_truth, work=work_of("ablation")),
     Stage("scores.per_sample", ("scores.proxies", "scores.ablation"), (), stage_per_sample),
     Stage("scores", ("scores.per_sample",), (), stage_aggregate),
-    Stage("subsets.per_sample", (), (*SCORING, "subset_samples", "subset_seq_len"), stage_subsets, when=lambda s: s.subsets),
+    Stage("subsets.per_sample", (), (*SCORING, "subset_samples", "subset_seq_len"), stage_subsets, when=lambda s: s.subsets, work=work_of("subsets")),
     Stage("stability", ("scores.per_sample",), ("budgets", "n_boot", "n_perm", "seed"), stage_stability, tables=STABILITY_TABLES),
     Stage("subset_agreement", ("subsets.per_sample",), ("budgets",), stage_subset_agreement, when=lambda s: s.subsets),
     Stage("validity", ("scores.per_sample",), ("budgets", "n_boot", "seed"), stage_validity, when=_ground_truth),
@@ -337,12 +263,14 @@ STAGES = (
     Stage("regret", ("scores.per_sample", "drop_sets"), (), stage_regret),
     Stage("leave_one_out", ("scores.per_sample",), ("budgets",), stage_leave_one_out),
     Stage("greedy", ("scores.per_sample",), ("greedy_module", "greedy_shortlist", "budgets", "transfer_k", "ablation_samples",
-                                              "ablation_seq_len", "batch_size"), stage_greedy, when=lambda s: _ground_truth(s) and bool(s.greedy_module)),
+                                              "ablation_seq_len", "batch_size"), stage_greedy, when=lambda s: _ground_truth(s) and bool(s.greedy_module),
+          work=work_of("greedy")),
     Stage("pruned", ("scores.per_sample", "greedy"), ("transfer_modules", "transfer_k", "budgets", "own_set_metrics", "random_seeds"), stage_pruned),
-    Stage("heldout_windows", ("pruned",), ("transfer_samples", "transfer_seq_len", "seed"), stage_heldout),
+    Stage("heldout_windows", ("pruned",), ("transfer_samples", "transfer_seq_len", "seed"), stage_heldout, work=work_of("heldout")),
     Stage("transfer", ("heldout_windows",), ("n_boot", "seed"), stage_transfer),
     Stage("comparisons", ("heldout_windows", "pruned"), ("n_boot", "seed"), stage_comparisons),
-    Stage("accuracy", ("pruned",), ("tasks", "task_limit", "accuracy_sets"), stage_accuracy, when=lambda s: bool(s.tasks and s.accuracy_sets)),
+    Stage("accuracy", ("pruned",), ("tasks", "task_limit", "accuracy_sets"), stage_accuracy, when=lambda s: bool(s.tasks and s.accuracy_sets),
+          work=work_of("accuracy")),
 )
 
 
@@ -352,6 +280,23 @@ def compare_tables(scores: pd.DataFrame, modules, k, n_boot: int, n_perm: int) -
     if scores["distribution"].nunique() >= 3:
         tables["leave_one_out"] = consensus.leave_one_out_at_budgets(scores, {module: k for module in modules})
     return tables
+
+
+class ProgressRate:
+    """Seconds per unit of estimated work, measured on the stages computed so far (reused ones take no time)."""
+
+    def __init__(self):
+        self.work, self.seconds = 0.0, 0.0
+
+    def add(self, work: float, seconds: float) -> None:
+        self.work += work
+        self.seconds += seconds
+
+    def eta(self, remaining: float) -> str:
+        """``", about N min left"`` once some work has been timed, else nothing."""
+        if self.work <= 0:
+            return ""
+        return f", about {remaining * self.seconds / self.work / 60:.0f} min left"
 
 
 def settings_of(choice: str | RunSettings) -> RunSettings:
@@ -378,12 +323,16 @@ def run(spec: str = models.DEFAULT_MODEL, out: Path = Path("results"), *, preset
     study = Study(model, tokenizer, settings, StageStore(out, record, log), progress)
     timings = {"load model": round(time.perf_counter() - started, 1)}
     stages = [stage for stage in STAGES if stage.when(settings)]
+    rate = ProgressRate()
     for number, stage in enumerate(stages, start=1):
-        elapsed = time.perf_counter() - started
-        log(f"stage {number} of {len(stages)}: {stage.name} ({elapsed / 60:.1f} min elapsed)")
+        remaining = sum(later.work(study) for later in stages[number - 1:])
+        log(f"stage {number} of {len(stages)}: {stage.name} ({(time.perf_counter() - started) / 60:.1f} min elapsed{rate.eta(remaining)})")
         begin = time.perf_counter()
+        computed = len(study.store.computed)
         study.run_stage(stage)
         timings[stage.name] = round(time.perf_counter() - begin, 1)
+        if len(study.store.computed) > computed:
+            rate.add(stage.work(study), timings[stage.name])
     tables = {name: study.results[name] for stage in stages for name in stage.outputs if name not in ("scores", "scores.proxies", "scores.ablation")}
     tables.setdefault("accuracy", pd.DataFrame())
     top = tables.pop("scores.per_sample")
