@@ -254,15 +254,21 @@ def regret_bars(leave_one_out: pd.DataFrame):
 
 
 def regret_threshold(values: pd.Series) -> float:
-    """Linear range of a symlog regret axis: the power of ten at or below the smallest positive regret (1e-3 when none)."""
+    """Linear range of a symlog regret axis: the power of ten at or below the smallest positive regret, but within 3 decades of the largest (1e-3 when none)."""
     positive = values[values > 0]
-    return 10.0 ** math.floor(math.log10(positive.min())) if len(positive) else 1e-3
+    return 10.0 ** math.floor(math.log10(max(positive.min(), positive.max() / 1e3))) if len(positive) else 1e-3
+
+
+RATIO_STEPS = ((4, (1, 1.1, 1.25, 1.5, 1.75, 2, 2.5, 3, 4, 5, 7.5)), (1000, (1, 2, 5)), (math.inf, (1,)))
 
 
 def ratio_ticks(low: float, high: float) -> list[float]:
-    """Readable ticks for a log scale of ratios between ``low`` and ``high`` (1, 1.1, 1.25, 1.5, 1.75, 2, 2.5, 3, 4, 5, 7.5 times powers of ten)."""
-    steps = [step * 10.0 ** power for power in range(-3, 5) for step in (1, 1.1, 1.25, 1.5, 1.75, 2, 2.5, 3, 4, 5, 7.5)]
-    return [round(tick, 6) for tick in steps if low <= tick <= high]
+    """Readable ticks for a log scale of ratios between ``low`` and ``high``: steps times powers of ten.
+
+    Fine steps (1, 1.1, 1.25, ... 7.5) when ``high / low`` < 4, 1-2-5 below 1000, powers of ten beyond.
+    """
+    steps = next(steps for span, steps in RATIO_STEPS if high / low < span)
+    return [round(step * 10.0 ** power, 6) for power in range(-3, 7) for step in steps if low <= step * 10.0 ** power <= high]
 
 
 def transfer_heatmap(transfer: pd.DataFrame, value: str = "ppl_ratio"):
@@ -381,10 +387,14 @@ def proxy_vs_ablation(scores: pd.DataFrame, metric: str = "cosine"):
         both = pd.concat([proxy, truth], axis=1).reset_index(names=["layer", "distribution"])
         sns.scatterplot(both, x="proxy", y="ablation", hue="distribution", ax=ax, s=25, legend=ax is axes[-1])
         ax.set_xscale("log")
-        ax.set_yscale("symlog", linthresh=1e-3)
-        ax.axhline(0, color="grey", linewidth=0.8)
+        if (both["ablation"] > 0).all():
+            ax.set_yscale("log")
+            ax.set_ylabel("ΔNLL when dropped alone (nats/token, log)")
+        else:
+            ax.set_yscale("symlog", linthresh=1e-3)
+            ax.axhline(0, color="grey", linewidth=0.8)
+            ax.set_ylabel("ΔNLL when dropped alone (nats/token, symlog)")
         ax.set_xlabel(f"{metric} importance (log)")
-        ax.set_ylabel("ΔNLL when dropped alone (nats/token, symlog)")
         ax.set_title(MODULE_NAMES[module])
     axes[-1].legend(title="distribution", fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.suptitle("Does the proxy rank modules like the real loss of dropping them? (one point per layer and distribution)", fontsize=10)

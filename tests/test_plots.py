@@ -1,5 +1,6 @@
 """Figures: every plot function draws from small synthetic tables; scales fit the data; every point is labelled."""
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,6 +11,12 @@ from analysis import consensus, plots, stability, validity
 
 DISTRIBUTIONS = ("code", "math", "chat")
 LAYERS = 6
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +93,9 @@ def test_relative_importance_is_log2_ratio_to_the_row_geometric_mean():
 
 def test_ratio_ticks_lie_in_the_range():
     assert plots.ratio_ticks(1.02, 3.2) == [1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0]
-    assert plots.ratio_ticks(20, 800) == [20.0, 25.0, 30.0, 40.0, 50.0, 75.0, 100.0, 110.0, 125.0, 150.0, 175.0, 200.0, 250.0, 300.0, 400.0, 500.0, 750.0]
+    assert plots.ratio_ticks(20, 800) == [20.0, 50.0, 100.0, 200.0, 500.0]
+    assert plots.ratio_ticks(1.5, 800) == [2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0]
+    assert plots.ratio_ticks(5, 1e5) == [10.0, 100.0, 1000.0, 10000.0, 100000.0]
 
 
 def test_similarity_heatmap_scale_fits_the_data_and_marks_the_noise_floor(tables):
@@ -209,3 +218,17 @@ def test_every_figure_function_returns_a_figure_and_has_a_caption(per_sample, ta
     assert all(isinstance(fig, Figure) for fig in figures.values())
     for stem in stems | set(figures):
         assert len(plots.CAPTIONS[stem]) > 80, stem
+
+
+def test_regret_threshold_known_answers():
+    assert plots.regret_threshold(pd.Series([0.0, 0.0042, 0.2])) == pytest.approx(1e-3)
+    assert plots.regret_threshold(pd.Series([0.0, 1e-7, 0.5])) == pytest.approx(1e-4)
+    assert plots.regret_threshold(pd.Series([0.0, 0.0])) == pytest.approx(1e-3)
+
+
+def test_proxy_vs_ablation_uses_log_unless_a_drop_lowers_the_loss(per_sample):
+    assert [ax.get_yscale() for ax in plots.proxy_vs_ablation(per_sample).axes] == ["log"] * 3
+    lowered = per_sample.copy()
+    mask = (lowered["metric"] == "ablation") & (lowered["module"] == "mlp") & (lowered["layer"] == 4)
+    lowered.loc[mask, "stat_sum"] = -lowered.loc[mask, "n_tokens"] * 0.01
+    assert [ax.get_yscale() for ax in plots.proxy_vs_ablation(lowered).axes] == ["log", "symlog", "log"]
