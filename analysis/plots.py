@@ -176,8 +176,12 @@ def importance_heatmap(scores: pd.DataFrame, module: str = "attn"):
     spread = max(float(np.nanmax(np.abs(relative.to_numpy()))), 1e-6)
     height = 0.2 * len(matrix) + 2
     fig, (raw_ax, rel_ax) = plt.subplots(1, 2, figsize=(2 * (0.8 * matrix.shape[1] + 2.5), height), sharey=True, layout="constrained")
-    sns.heatmap(matrix, cmap="magma_r", norm=positive_norm(matrix.to_numpy()), ax=raw_ax, yticklabels=True,
+    norm = positive_norm(matrix.to_numpy())
+    sns.heatmap(matrix, cmap="magma_r", norm=norm, ax=raw_ax, yticklabels=True,
                 cbar_kws={"label": "importance  1 − cos(X, Y)  (log scale)", "format": PLAIN})
+    if isinstance(norm, LogNorm):
+        raw_ax.collections[0].colorbar.set_ticks(ratio_ticks(norm.vmin, norm.vmax))
+        raw_ax.collections[0].colorbar.ax.yaxis.set_minor_formatter(NullFormatter())
     sns.heatmap(relative, cmap="RdBu_r", norm=TwoSlopeNorm(0, -spread, spread), ax=rel_ax, yticklabels=True,
                 cbar_kws={"label": "log2(importance / layer's geometric mean over distributions)"})
     raw_ax.set_title("importance (darker = more important)", fontsize=10)
@@ -241,6 +245,9 @@ def regret_bars(leave_one_out: pd.DataFrame):
     long = table.reset_index().melt(id_vars="held_out", var_name="drop set", value_name="regret")
     fig, ax = plt.subplots(figsize=(10, 4))
     sns.barplot(long, x="held_out", y="regret", hue="drop set", ax=ax)
+    for bar in ax.patches:
+        if bar.get_height() == 0 and bar.get_width() > 0:
+            ax.text(bar.get_x() + bar.get_width() / 2, 0, "0", ha="center", va="bottom", fontsize=7)
     threshold = regret_threshold(long["regret"])
     ax.set_yscale("symlog", linthresh=threshold)
     ax.yaxis.set_major_formatter(PLAIN)
@@ -268,7 +275,7 @@ def ratio_ticks(low: float, high: float) -> list[float]:
     Fine steps (1, 1.1, 1.25, ... 7.5) when ``high / low`` < 4, 1-2-5 below 1000, powers of ten beyond.
     """
     steps = next(steps for span, steps in RATIO_STEPS if high / low < span)
-    return [round(step * 10.0 ** power, 6) for power in range(-3, 7) for step in steps if low <= step * 10.0 ** power <= high]
+    return [float(f"{step * 10.0 ** power:.6g}") for power in range(-8, 9) for step in steps if low <= step * 10.0 ** power <= high]
 
 
 def transfer_heatmap(transfer: pd.DataFrame, value: str = "ppl_ratio"):

@@ -232,3 +232,10 @@ def test_proxy_vs_ablation_uses_log_unless_a_drop_lowers_the_loss(per_sample):
     mask = (lowered["metric"] == "ablation") & (lowered["module"] == "mlp") & (lowered["layer"] == 4)
     lowered.loc[mask, "stat_sum"] = -lowered.loc[mask, "n_tokens"] * 0.01
     assert [ax.get_yscale() for ax in plots.proxy_vs_ablation(lowered).axes] == ["log", "symlog", "log"]
+
+
+def test_regret_bars_mark_zero_regret(tables):
+    loo = tables["leave_one_out"].copy()
+    loo.loc[loo.index[0], "consensus_regret"] = 0.0
+    ax = plots.regret_bars(loo[loo["module"] == loo["module"].iloc[0]]).axes[0]
+    assert [t.get_text() for t in ax.texts].count("0") == (loo[loo["module"] == loo["module"].iloc[0]]["consensus_regret"] == 0).sum()
