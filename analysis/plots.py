@@ -24,6 +24,7 @@ import pandas as pd
 import seaborn as sns
 
 from .io import temp_file
+from .metrics import get_metric
 from .stability import importance_matrix
 
 MODULE_NAMES = {"attn": "attention", "mlp": "MLP", "block": "block", "joint": "attention + MLP"}
@@ -76,6 +77,12 @@ def positive_norm(values, vmin: float | None = None, vmax: float | None = None):
     vmin = finite.min() if vmin is None else vmin
     vmax = finite.max() if vmax is None else vmax
     return LogNorm(vmin=vmin, vmax=vmax) if vmin > 0 else Normalize(vmin=vmin, vmax=vmax)
+
+
+def importance_label(frame: pd.DataFrame) -> str:
+    """``importance  <formula>`` of the table's metric (its ``metric`` column; cosine's when it has none)."""
+    metrics = frame["metric"].unique() if "metric" in frame.columns else ["cosine"]
+    return "importance  " + (get_metric(metrics[0]).label if len(metrics) == 1 else "")
 
 
 def legible_layer_ticks(ax, axis: str = "y") -> None:
@@ -147,9 +154,14 @@ def importance_profiles(bootstrap_importance: pd.DataFrame):
         ax.plot(x, part["importance"], marker="o", markersize=3, label=name)
         ax.fill_between(x, part["ci_low"], part["ci_high"], alpha=0.2)
     candidate_axis(ax, candidates, module)
-    ax.set_yscale("log")
+    if (bootstrap_importance["ci_low"] > 0).all():
+        ax.set_yscale("log")
+        ax.set_ylabel(f"{importance_label(bootstrap_importance)}  (log scale)")
+    else:
+        ax.set_yscale("symlog", linthresh=linear_threshold(bootstrap_importance["importance"]))
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set_ylabel(f"{importance_label(bootstrap_importance)}  (symlog)")
     ax.yaxis.set_major_formatter(PLAIN)
-    ax.set_ylabel("importance  1 − cos(X, Y)  (log scale)")
     ax.set_title(f"{MODULE_NAMES[module]} importance by layer per distribution (bands: 95% bootstrap CI)")
     ax.legend(title="distribution", fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
     return fig
@@ -177,15 +189,17 @@ def importance_heatmap(scores: pd.DataFrame, module: str = "attn"):
     height = 0.2 * len(matrix) + 2
     fig, (raw_ax, rel_ax) = plt.subplots(1, 2, figsize=(2 * (0.8 * matrix.shape[1] + 2.5), height), sharey=True, layout="constrained")
     norm = positive_norm(matrix.to_numpy())
+    scale = "log scale" if isinstance(norm, LogNorm) else "linear: some values ≤ 0"
     sns.heatmap(matrix, cmap="magma_r", norm=norm, ax=raw_ax, yticklabels=True,
-                cbar_kws={"label": "importance  1 − cos(X, Y)  (log scale)", "format": PLAIN})
+                cbar_kws={"label": f"{importance_label(scores)}  ({scale})", "format": PLAIN})
     if isinstance(norm, LogNorm):
         raw_ax.collections[0].colorbar.set_ticks(ratio_ticks(norm.vmin, norm.vmax))
         raw_ax.collections[0].colorbar.ax.yaxis.set_minor_formatter(NullFormatter())
     sns.heatmap(relative, cmap="RdBu_r", norm=TwoSlopeNorm(0, -spread, spread), ax=rel_ax, yticklabels=True,
                 cbar_kws={"label": "log2(importance / layer's geometric mean over distributions)"})
     raw_ax.set_title("importance (darker = more important)", fontsize=10)
-    rel_ax.set_title("between distributions, per layer\n(red = more important here than elsewhere)", fontsize=10)
+    blank = "; blank: importance ≤ 0" if relative.isna().to_numpy().any() else ""
+    rel_ax.set_title(f"between distributions, per layer\n(red = more important here than elsewhere{blank})", fontsize=10)
     for ax in (raw_ax, rel_ax):
         ax.set_xlabel("distribution")
         ax.tick_params(axis="x", rotation=30)
@@ -248,7 +262,7 @@ def regret_bars(leave_one_out: pd.DataFrame):
     for bar in ax.patches:
         if bar.get_height() == 0 and bar.get_width() > 0:
             ax.text(bar.get_x() + bar.get_width() / 2, 0, "0", ha="center", va="bottom", fontsize=7)
-    threshold = regret_threshold(long["regret"])
+    threshold = linear_threshold(long["regret"])
     ax.set_yscale("symlog", linthresh=threshold)
     ax.yaxis.set_major_formatter(PLAIN)
     ax.set_ylim(bottom=0)
@@ -260,9 +274,9 @@ def regret_bars(leave_one_out: pd.DataFrame):
     return fig
 
 
-def regret_threshold(values: pd.Series) -> float:
-    """Linear range of a symlog regret axis: the power of ten at or below the smallest positive regret, but within 3 decades of the largest (1e-3 when none)."""
-    positive = values[values > 0]
+def linear_threshold(values: pd.Series) -> float:
+    """Linear range of a symlog axis: the power of ten at or below the smallest nonzero magnitude, but within 3 decades of the largest (1e-3 when none)."""
+    positive = values.abs()[values != 0]
     return 10.0 ** math.floor(math.log10(max(positive.min(), positive.max() / 1e3))) if len(positive) else 1e-3
 
 
@@ -463,7 +477,7 @@ def regret_overview(regret: pd.DataFrame):
     first = axes[0][0]
     first.set_yticks(range(len(order)), order)
     first.set_ylim(len(order) - 0.5, -0.5)
-    first.set_xscale("symlog", linthresh=regret_threshold(worst["regret"]))
+    first.set_xscale("symlog", linthresh=linear_threshold(worst["regret"]))
     first.set_xlim(0, worst["regret"].max() * 2)
     for ax in axes.flat:
         ax.tick_params(labelsize=8)

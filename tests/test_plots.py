@@ -220,10 +220,11 @@ def test_every_figure_function_returns_a_figure_and_has_a_caption(per_sample, ta
         assert len(plots.CAPTIONS[stem]) > 80, stem
 
 
-def test_regret_threshold_known_answers():
-    assert plots.regret_threshold(pd.Series([0.0, 0.0042, 0.2])) == pytest.approx(1e-3)
-    assert plots.regret_threshold(pd.Series([0.0, 1e-7, 0.5])) == pytest.approx(1e-4)
-    assert plots.regret_threshold(pd.Series([0.0, 0.0])) == pytest.approx(1e-3)
+def test_linear_threshold_known_answers():
+    assert plots.linear_threshold(pd.Series([0.0, 0.0042, 0.2])) == pytest.approx(1e-3)
+    assert plots.linear_threshold(pd.Series([0.0, 1e-7, 0.5])) == pytest.approx(1e-4)
+    assert plots.linear_threshold(pd.Series([0.0, 0.0])) == pytest.approx(1e-3)
+    assert plots.linear_threshold(pd.Series([-0.02, 0.5])) == pytest.approx(1e-2)
 
 
 def test_proxy_vs_ablation_uses_log_unless_a_drop_lowers_the_loss(per_sample):
@@ -239,3 +240,17 @@ def test_regret_bars_mark_zero_regret(tables):
     loo.loc[loo.index[0], "consensus_regret"] = 0.0
     ax = plots.regret_bars(loo[loo["module"] == loo["module"].iloc[0]]).axes[0]
     assert [t.get_text() for t in ax.texts].count("0") == (loo[loo["module"] == loo["module"].iloc[0]]["consensus_regret"] == 0).sum()
+
+
+def test_non_cosine_metric_is_labelled_and_drawn_where_values_can_be_negative(per_sample):
+    ablation = stability.one_metric(per_sample, "ablation")[0].copy()
+    mask = (ablation["layer"] == 4) & (ablation["distribution"] == "chat")
+    ablation.loc[mask, "stat_sum"] = -ablation.loc[mask, "n_tokens"] * 0.01
+    fig = plots.importance_heatmap(ablation, "attn")
+    raw_ax, rel_ax = [ax for ax in fig.axes if ax.get_title()]
+    label = raw_ax.collections[0].colorbar.ax.get_ylabel()
+    assert "ΔNLL" in label and "linear" in label
+    assert "blank" in rel_ax.get_title()
+    boot = stability.stability_tables(ablation, modules=("attn",), k=(2,), n_boot=20, n_perm=20, n_splits=5)["bootstrap_importance"]
+    ax = plots.importance_profiles(boot).axes[0]
+    assert ax.get_yscale() == "symlog" and "ΔNLL" in ax.get_ylabel()
