@@ -499,11 +499,13 @@ def _module_captions(module: str) -> dict[str, str]:
             "Look for off-diagonal cells well below the floor: there the data, not sampling noise, changes the ranking "
             "(* = beyond noise, permutation p < 0.05). The colour scale spans the observed values only."),
         f"profile_{module}": (
-            f"{name.capitalize()} importance of every layer under each distribution (log scale, bands = 95% bootstrap CI). "
+            f"{name.capitalize()} importance of every layer under each distribution (log scale, symlog when a metric can be negative; "
+            "bands = 95% bootstrap CI). "
             "Look where the lines separate by more than their bands, especially among the low-importance layers "
             "that decide the drop set."),
         f"importance_{module}": (
-            f"Left: {name} importance per layer and distribution on a log colour scale. Right: the same values relative to "
+            f"Left: {name} importance per layer and distribution on a log colour scale (linear when a metric has values ≤ 0). "
+            "Right: the same values relative to "
             "each layer's geometric mean over distributions (log2 ratio; red = this distribution finds the layer more "
             "important than the others do). Look at the right panel for the layers whose importance depends on the data."),
         f"membership_{module}": (
