@@ -156,6 +156,8 @@ def importance_profiles(bootstrap_importance: pd.DataFrame):
     candidate_axis(ax, candidates, module)
     if (bootstrap_importance["ci_low"] > 0).all():
         ax.set_yscale("log")
+        ax.set_yticks(ratio_ticks(bootstrap_importance["ci_low"].min(), bootstrap_importance["ci_high"].max()))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_ylabel(f"{importance_label(bootstrap_importance)}  (log scale)")
     else:
         ax.set_yscale("symlog", linthresh=linear_threshold(bootstrap_importance["importance"]))
@@ -375,12 +377,10 @@ def worst_case_forest(transfer: pd.DataFrame):
 
 
 def validity_heatmap(validity: pd.DataFrame):
-    """Spearman ρ between each proxy's ranking and the ablation ranking: metric × distribution, one panel per module kind (2 per row)."""
+    """Spearman ρ between each proxy's ranking and the ablation ranking: metric × distribution, one panel per module kind (stacked, to stay legible at page width)."""
     modules = list(dict.fromkeys(validity["module"]))
-    columns = min(2, len(modules))
-    rows = math.ceil(len(modules) / columns)
     low, high = fitted_limits(validity["spearman"], step=0.1)
-    fig, axes = plt.subplots(rows, columns, figsize=(6.2 * columns + 1.5, 3.2 * rows + 0.5), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(len(modules), 1, figsize=(7.5, 2.6 * len(modules) + 0.5), squeeze=False, layout="constrained")
     for ax, module in zip(axes.flat, modules):
         part = validity[validity["module"] == module]
         matrix = part.pivot_table(index="metric", columns="distribution", values="spearman", sort=False)
@@ -399,9 +399,10 @@ def validity_heatmap(validity: pd.DataFrame):
 
 
 def proxy_vs_ablation(scores: pd.DataFrame, metric: str = "cosine"):
-    """Proxy importance against the real loss increase of dropping each module, one panel per module kind."""
+    """Proxy importance against the real loss increase of dropping each module, one panel per module kind (2 × 2, legend in the fourth)."""
     modules = ("attn", "mlp", "block")
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
+    fig, grid = plt.subplots(2, 2, figsize=(10, 7.5), layout="constrained")
+    axes, legend_ax = grid.flat[:3], grid.flat[3]
     for ax, module in zip(axes, modules):
         proxy = importance_matrix(scores, module, metric).stack().rename("proxy")
         truth = importance_matrix(scores, module, "ablation").stack().rename("ablation")
@@ -417,8 +418,11 @@ def proxy_vs_ablation(scores: pd.DataFrame, metric: str = "cosine"):
             ax.set_ylabel("ΔNLL when dropped alone (nats/token, symlog)")
         ax.set_xlabel(f"{metric} importance (log)")
         ax.set_title(MODULE_NAMES[module])
-    axes[-1].legend(title="distribution", fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
-    fig.suptitle("Does the proxy rank modules like the real loss of dropping them? (one point per layer and distribution)", fontsize=10)
+    handles, labels = axes[-1].get_legend_handles_labels()
+    axes[-1].get_legend().remove()
+    legend_ax.axis("off")
+    legend_ax.legend(handles, labels, title="distribution", loc="center")
+    fig.suptitle("Does the proxy rank modules like the real loss of dropping them?\n(one point per layer and distribution)", fontsize=10)
     return fig
 
 
@@ -499,7 +503,7 @@ def _module_captions(module: str) -> dict[str, str]:
             "Look for off-diagonal cells well below the floor: there the data, not sampling noise, changes the ranking "
             "(* = beyond noise, permutation p < 0.05). The colour scale spans the observed values only."),
         f"profile_{module}": (
-            f"{name.capitalize()} importance of every layer under each distribution (log scale, symlog when a metric can be negative; "
+            f"{name[0].upper()}{name[1:]} importance of every layer under each distribution (log scale, symlog when a metric can be negative; "
             "bands = 95% bootstrap CI). "
             "Look where the lines separate by more than their bands, especially among the low-importance layers "
             "that decide the drop set."),

@@ -228,11 +228,11 @@ def test_linear_threshold_known_answers():
 
 
 def test_proxy_vs_ablation_uses_log_unless_a_drop_lowers_the_loss(per_sample):
-    assert [ax.get_yscale() for ax in plots.proxy_vs_ablation(per_sample).axes] == ["log"] * 3
+    assert [ax.get_yscale() for ax in plots.proxy_vs_ablation(per_sample).axes[:3]] == ["log"] * 3
     lowered = per_sample.copy()
     mask = (lowered["metric"] == "ablation") & (lowered["module"] == "mlp") & (lowered["layer"] == 4)
     lowered.loc[mask, "stat_sum"] = -lowered.loc[mask, "n_tokens"] * 0.01
-    assert [ax.get_yscale() for ax in plots.proxy_vs_ablation(lowered).axes] == ["log", "symlog", "log"]
+    assert [ax.get_yscale() for ax in plots.proxy_vs_ablation(lowered).axes[:3]] == ["log", "symlog", "log"]
 
 
 def test_regret_bars_mark_zero_regret(tables):
