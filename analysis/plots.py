@@ -119,9 +119,8 @@ def similarity_stability_heatmap(agreement: pd.DataFrame, reliability: pd.DataFr
     lowest = floor.min()
     colorbar = ax.collections[0].colorbar
     colorbar.ax.axhline(lowest, color="red", linewidth=2)
-    colorbar.set_label(f"{colorbar.ax.get_ylabel()}  (red line: lowest noise floor, {lowest:.2f})")
     ax.set_title(f"{MODULE_NAMES[module]} ranking agreement between calibration distributions ({name})\n"
-                 f"outlined diagonal: split-half noise floor (lowest {lowest:.2f}, red line on the scale); "
+                 f"outlined diagonal: split-half noise floor (lowest {lowest:.2f}, red line on the scale)\n"
                  "* disagreement beyond noise (permutation p < 0.05)", fontsize=9)
     ax.set_xlabel("distribution")
     ax.set_ylabel("distribution")
