@@ -1,7 +1,12 @@
-"""Figures drawn from calibdrop's tidy tables (matplotlib/seaborn); each saved as PNG and SVG."""
+"""Figures drawn from calibdrop's tidy tables (matplotlib/seaborn); each saved as PNG and SVG.
+
+Every figure has a caption in :data:`CAPTIONS`, keyed by the file stem it is saved under (the
+per-metric figures of ``compare`` live under ``figures/<metric>/`` with the same stems).
+"""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -11,15 +16,19 @@ if not os.environ.get("MPLBACKEND"):
     matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
-from matplotlib.colors import LogNorm
+from matplotlib.colors import LogNorm, Normalize, TwoSlopeNorm
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import FuncFormatter, NullFormatter
 import numpy as np
 import pandas as pd
 import seaborn as sns
 
 from .io import temp_file
+from .metrics import get_metric
 from .stability import importance_matrix
 
 MODULE_NAMES = {"attn": "attention", "mlp": "MLP", "block": "block", "joint": "attention + MLP"}
+PLAIN = FuncFormatter(lambda value, _: f"{value:g}")
 
 
 def save_figure(fig, stem: Path) -> list[Path]:
@@ -49,12 +58,51 @@ def pair_matrix(pairs: pd.DataFrame, column: str, diagonal: pd.Series) -> pd.Dat
     return matrix
 
 
+def fitted_limits(values, step: float = 0.05, top: float = 1.0) -> tuple[float, float]:
+    """Colour limits fitted to the data: (min rounded down to ``step``, max rounded up, at most ``top``).
+
+    A constant matrix gets one ``step`` of room below, so the scale never collapses.
+    """
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    low = math.floor(finite.min() / step + 1e-9) * step
+    high = min(top, math.ceil(finite.max() / step - 1e-9) * step)
+    return (low - step, high) if high <= low else (low, high)
+
+
+def positive_norm(values, vmin: float | None = None, vmax: float | None = None):
+    """``LogNorm`` over the values when all are positive, else a linear ``Normalize`` (log needs > 0)."""
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    vmin = finite.min() if vmin is None else vmin
+    vmax = finite.max() if vmax is None else vmax
+    return LogNorm(vmin=vmin, vmax=vmax) if vmin > 0 else Normalize(vmin=vmin, vmax=vmax)
+
+
+def importance_label(frame: pd.DataFrame) -> str:
+    """``importance  <formula>`` of the table's metric (its ``metric`` column; cosine's when it has none)."""
+    metrics = frame["metric"].unique() if "metric" in frame.columns else ["cosine"]
+    return "importance  " + (get_metric(metrics[0]).label if len(metrics) == 1 else "")
+
+
+def legible_layer_ticks(ax, axis: str = "y") -> None:
+    """Every candidate labelled, horizontal, small enough not to collide with the axis label."""
+    ax.tick_params(axis=axis, rotation=0, labelsize=7)
+
+
+def mark_diagonal(ax, n: int) -> None:
+    """Outline the diagonal cells of an ``n`` × ``n`` heatmap."""
+    for i in range(n):
+        ax.add_patch(Rectangle((i, i), 1, 1, fill=False, edgecolor="white", linewidth=2))
+
+
 def similarity_stability_heatmap(agreement: pd.DataFrame, reliability: pd.DataFrame, permutation: pd.DataFrame, *, statistic: str = "spearman"):
     """Heatmap of a pair statistic (``spearman`` or ``jaccard@k``) between distributions.
 
-    The diagonal is each distribution's split-half noise floor (Spearman-Brown corrected ρ, or
-    Jaccard@k of random halves); ``*`` marks pairs whose disagreement exceeds resampling noise
-    (permutation p < 0.05).
+    The diagonal (outlined) is each distribution's split-half noise floor (Spearman-Brown corrected
+    ρ, or Jaccard@k of random halves), also drawn as a line on the colour bar at its lowest value;
+    ``*`` marks pairs whose disagreement exceeds resampling noise (permutation p < 0.05). The colour
+    scale spans the data (see :func:`fitted_limits`), not −1..1, so 0.6 and 0.9 look different.
     """
     module = agreement["module"].iloc[0]
     floor_column = "reliability" if statistic == "spearman" else f"split_half_{statistic}"
@@ -62,42 +110,107 @@ def similarity_stability_heatmap(agreement: pd.DataFrame, reliability: pd.DataFr
     values = pair_matrix(agreement, statistic, floor)
     p_values = pair_matrix(permutation, f"p_{statistic}", floor * np.nan)
     labels = values.map(lambda v: f"{v:.2f}") + p_values.map(lambda p: "*" if p < 0.05 else "")
+    low, high = fitted_limits(values.to_numpy())
     fig, ax = plt.subplots(figsize=(1.3 * len(values) + 2.5, 1.1 * len(values) + 1.5))
-    low = -1 if statistic == "spearman" else 0
-    sns.heatmap(values, annot=labels, fmt="", vmin=low, vmax=1, cmap="viridis", square=True, ax=ax,
-                cbar_kws={"label": "Spearman ρ of importance" if statistic == "spearman" else f"{statistic} of drop sets"})
-    title = "Spearman ρ" if statistic == "spearman" else statistic.replace("jaccard@", "Jaccard@")
-    ax.set_title(f"{MODULE_NAMES[module]} ranking agreement between calibration distributions ({title})\n"
-                 "diagonal: split-half noise floor; * disagreement beyond noise (permutation p < 0.05)", fontsize=9)
+    name = "Spearman ρ" if statistic == "spearman" else statistic.replace("jaccard@", "Jaccard@")
+    sns.heatmap(values, annot=labels, fmt="", vmin=low, vmax=high, cmap="viridis", square=True, ax=ax,
+                cbar_kws={"label": f"{name} of importance rankings" if statistic == "spearman" else f"{name} of drop sets"})
+    mark_diagonal(ax, len(values))
+    lowest = floor.min()
+    colorbar = ax.collections[0].colorbar
+    colorbar.ax.axhline(lowest, color="red", linewidth=2)
+    ax.set_title(f"{MODULE_NAMES[module]} ranking agreement between calibration distributions ({name})\n"
+                 f"outlined diagonal: split-half noise floor (lowest {lowest:.2f}, red line on the scale)\n"
+                 "* disagreement beyond noise (permutation p < 0.05)", fontsize=9)
     ax.set_xlabel("distribution")
     ax.set_ylabel("distribution")
+    ax.tick_params(axis="y", rotation=0)
     return fig
 
 
+def candidate_axis(ax, candidates: list, module: str) -> None:
+    """x ticks of a per-candidate line plot: layers, or for ``joint`` ``attn:i``/``mlp:i`` labels and a line between the kinds."""
+    if module != "joint":
+        ax.set_xlabel("layer")
+        return
+    x = np.arange(len(candidates))
+    step = max(1, len(candidates) // 12)
+    ax.set_xticks(x[::step], [str(c) for c in candidates[::step]], rotation=45, ha="right", fontsize=7)
+    kinds = [str(c).split(":")[0] for c in candidates]
+    for i in range(1, len(kinds)):
+        if kinds[i] != kinds[i - 1]:
+            ax.axvline(i - 0.5, color="grey", linewidth=1, linestyle=":")
+    ax.set_xlabel("candidate (attention sublayers, then MLP sublayers)")
+
+
 def importance_profiles(bootstrap_importance: pd.DataFrame):
-    """Importance by layer per distribution, with bootstrap confidence bands."""
+    """Importance by layer per distribution, with bootstrap confidence bands (log scale)."""
     module = bootstrap_importance["module"].iloc[0]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    candidates = list(dict.fromkeys(bootstrap_importance["candidate"]))
     for name, part in bootstrap_importance.groupby("distribution", sort=False):
         x = np.arange(len(part)) if module == "joint" else part["candidate"].astype(int).to_numpy()
         ax.plot(x, part["importance"], marker="o", markersize=3, label=name)
         ax.fill_between(x, part["ci_low"], part["ci_high"], alpha=0.2)
-    ax.set_xlabel("candidate (attn then MLP sublayers)" if module == "joint" else "layer")
-    ax.set_yscale("log")
-    ax.set_ylabel("importance  1 − cos(X, Y)  (log scale)")
+    candidate_axis(ax, candidates, module)
+    if (bootstrap_importance["ci_low"] > 0).all():
+        ax.set_yscale("log")
+        ax.set_yticks(ratio_ticks(bootstrap_importance["ci_low"].min(), bootstrap_importance["ci_high"].max()))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylabel(f"{importance_label(bootstrap_importance)}  (log scale)")
+    else:
+        ax.set_yscale("symlog", linthresh=linear_threshold(bootstrap_importance["importance"]))
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set_ylabel(f"{importance_label(bootstrap_importance)}  (symlog)")
+    ax.yaxis.set_major_formatter(PLAIN)
     ax.set_title(f"{MODULE_NAMES[module]} importance by layer per distribution (bands: 95% bootstrap CI)")
-    ax.legend(title="distribution", fontsize=8)
+    ax.legend(title="distribution", fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
     return fig
 
 
+def relative_importance(matrix: pd.DataFrame) -> pd.DataFrame:
+    """Per candidate, log2 of each distribution's importance over the candidate's geometric mean across distributions.
+
+    ``r[l, d] = log2 S[l, d] − mean_d' log2 S[l, d']``: +1 means distribution d finds layer l twice
+    as important as the distributions' typical value, whatever the layer's overall size.
+    """
+    logs = np.log2(matrix.where(matrix > 0))
+    return logs.sub(logs.mean(axis=1), axis=0)
+
+
 def importance_heatmap(scores: pd.DataFrame, module: str = "attn"):
-    """Layer × distribution heatmap of importance (the paper's Figures 2–3, one column per distribution)."""
+    """Candidates × distributions of importance (log colour scale) beside each candidate's between-distribution differences.
+
+    Left: raw importance (the paper's Figures 2–3) on a log colour scale, so layers 0/1 do not
+    saturate it. Right: :func:`relative_importance`, on a diverging scale centred at 0.
+    """
     matrix = importance_matrix(scores, module)
-    fig, ax = plt.subplots(figsize=(1.0 * matrix.shape[1] + 3, 0.22 * len(matrix) + 1.5))
-    sns.heatmap(matrix, cmap="magma_r", ax=ax, cbar_kws={"label": "importance  1 − cos(X, Y)"})
-    ax.set_xlabel("distribution")
-    ax.set_ylabel("layer" if module != "joint" else "candidate")
-    ax.set_title(f"{MODULE_NAMES[module]} importance (darker = more important)")
+    relative = relative_importance(matrix)
+    spread = max(float(np.nanmax(np.abs(relative.to_numpy()))), 1e-6)
+    height = 0.2 * len(matrix) + 2
+    fig, (raw_ax, rel_ax) = plt.subplots(1, 2, figsize=(2 * (0.8 * matrix.shape[1] + 2.5), height), sharey=True, layout="constrained")
+    norm = positive_norm(matrix.to_numpy())
+    scale = "log scale" if isinstance(norm, LogNorm) else "linear: some values ≤ 0"
+    sns.heatmap(matrix, cmap="magma_r", norm=norm, ax=raw_ax, yticklabels=True,
+                cbar_kws={"label": f"{importance_label(scores)}  ({scale})", "format": PLAIN})
+    if isinstance(norm, LogNorm):
+        raw_ax.collections[0].colorbar.set_ticks(ratio_ticks(norm.vmin, norm.vmax))
+        raw_ax.collections[0].colorbar.ax.yaxis.set_minor_formatter(NullFormatter())
+    sns.heatmap(relative, cmap="RdBu_r", norm=TwoSlopeNorm(0, -spread, spread), ax=rel_ax, yticklabels=True,
+                cbar_kws={"label": "log2(importance / layer's geometric mean over distributions)"})
+    raw_ax.set_title("importance (darker = more important)", fontsize=10)
+    blank = "; blank: importance ≤ 0" if relative.isna().to_numpy().any() else ""
+    rel_ax.set_title(f"between distributions, per layer\n(red = more important here than elsewhere{blank})", fontsize=10)
+    for ax in (raw_ax, rel_ax):
+        ax.set_xlabel("distribution")
+        ax.tick_params(axis="x", rotation=30)
+    raw_ax.set_ylabel("layer" if module != "joint" else "candidate")
+    rel_ax.set_ylabel("")
+    rel_ax.tick_params(labelleft=True)
+    for ax in (raw_ax, rel_ax):
+        legible_layer_ticks(ax)
+    fig.get_layout_engine().set(wspace=0.06)
+    fig.suptitle(f"{MODULE_NAMES[module]} importance per calibration distribution")
     return fig
 
 
@@ -107,61 +220,108 @@ def membership_heatmap(bootstrap_importance: pd.DataFrame, k: int):
     order = list(dict.fromkeys(bootstrap_importance["candidate"]))
     matrix = bootstrap_importance.pivot(index="candidate", columns="distribution", values=f"p_drop@{k}")
     matrix = matrix.loc[order, list(dict.fromkeys(bootstrap_importance["distribution"]))]
-    fig, ax = plt.subplots(figsize=(1.0 * matrix.shape[1] + 3, 0.22 * len(matrix) + 1.5))
-    sns.heatmap(matrix, vmin=0, vmax=1, cmap="Blues", ax=ax, cbar_kws={"label": f"P(in drop set of size {k})"})
+    fig, ax = plt.subplots(figsize=(0.9 * matrix.shape[1] + 3, 0.2 * len(matrix) + 1.8))
+    sns.heatmap(matrix, vmin=0, vmax=1, cmap="Blues", ax=ax, yticklabels=True, linewidths=0.3, linecolor="#eeeeee",
+                cbar_kws={"label": f"P(in drop set of size {k})"})
     ax.set_xlabel("distribution")
     ax.set_ylabel("layer" if module != "joint" else "candidate")
-    ax.set_title(f"{MODULE_NAMES[module]}: drop-set membership probability (bootstrap), k = {k}")
+    ax.tick_params(axis="x", rotation=30)
+    legible_layer_ticks(ax)
+    ax.set_title(f"{MODULE_NAMES[module]}: drop-set membership probability (bootstrap), k = {k}", fontsize=10)
     return fig
 
 
 def convergence_plot(curve: pd.DataFrame, summary: pd.DataFrame):
     """Spearman ρ of rankings from n samples against the all-sample ranking, mean ± std over repeats."""
     module = curve["module"].iloc[0]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     for name, part in curve.groupby("distribution", sort=False):
         ax.plot(part["n"], part["spearman_mean"], marker="o", label=name)
         ax.fill_between(part["n"], part["spearman_mean"] - part["spearman_std"], part["spearman_mean"] + part["spearman_std"], alpha=0.2)
     target = summary["target_spearman"].iloc[0]
     ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target ρ = {target}")
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(PLAIN)
+    ax.set_xticks(sorted(curve["n"].unique()))
     ax.set_xlabel("calibration samples n")
     ax.set_ylabel("Spearman ρ with all-sample ranking")
-    ax.set_title(f"{MODULE_NAMES[module]}: how many samples a stable ranking needs")
-    ax.legend(fontsize=8)
+    ax.set_title(f"{MODULE_NAMES[module]}: how many samples a stable ranking needs\n"
+                 f"(reference: the ranking from all {curve['n'].max()} samples, which include the subsamples)", fontsize=10)
+    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
     return fig
 
 
 def regret_bars(leave_one_out: pd.DataFrame):
-    """Leave-one-distribution-out regret: consensus without d, other distributions' own sets, random."""
+    """Leave-one-distribution-out regret: consensus without d, other distributions' own sets, random (symlog axis)."""
     module, k = leave_one_out["module"].iloc[0], leave_one_out["k"].iloc[0]
     consensus = leave_one_out.pivot(index="held_out", columns="method", values="consensus_regret")
     baseline = leave_one_out.groupby("held_out", sort=False)[["single_mean_regret", "random_regret"]].first()
     table = consensus.join(baseline.rename(columns={"single_mean_regret": "single (mean)", "random_regret": "random (expected)"}))
     long = table.reset_index().melt(id_vars="held_out", var_name="drop set", value_name="regret")
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(10, 4))
     sns.barplot(long, x="held_out", y="regret", hue="drop set", ax=ax)
+    for bar in ax.patches:
+        if bar.get_height() == 0 and bar.get_width() > 0:
+            ax.text(bar.get_x() + bar.get_width() / 2, 0, "0", ha="center", va="bottom", fontsize=7)
+    threshold = linear_threshold(long["regret"])
+    ax.set_yscale("symlog", linthresh=threshold)
+    ax.yaxis.set_major_formatter(PLAIN)
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("held-out distribution")
-    ax.set_ylabel("regret (importance dropped beyond the best set)")
-    ax.set_title(f"{MODULE_NAMES[module]}, k = {k}: drop sets built without the held-out distribution")
+    ax.set_ylabel(f"regret (symlog; linear below {threshold:g})")
+    ax.set_title(f"{MODULE_NAMES[module]}, k = {k}: importance dropped beyond the held-out distribution's best set\n"
+                 "by drop sets built without it (lower is better)", fontsize=10)
+    ax.legend(title="drop set", fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
     return fig
+
+
+def linear_threshold(values: pd.Series) -> float:
+    """Linear range of a symlog axis: the power of ten at or below the smallest nonzero magnitude, but within 3 decades of the largest (1e-3 when none)."""
+    positive = values.abs()[values != 0]
+    return 10.0 ** math.floor(math.log10(max(positive.min(), positive.max() / 1e3))) if len(positive) else 1e-3
+
+
+RATIO_STEPS = ((4, (1, 1.1, 1.25, 1.5, 1.75, 2, 2.5, 3, 4, 5, 7.5)), (1000, (1, 2, 5)), (math.inf, (1,)))
+
+
+def ratio_ticks(low: float, high: float) -> list[float]:
+    """Readable ticks for a log scale of ratios between ``low`` and ``high``: steps times powers of ten.
+
+    Fine steps (1, 1.1, 1.25, ... 7.5) when ``high / low`` < 4, 1-2-5 below 1000, powers of ten beyond.
+    """
+    steps = next(steps for span, steps in RATIO_STEPS if high / low < span)
+    return [float(f"{step * 10.0 ** power:.6g}") for power in range(-8, 9) for step in steps if low <= step * 10.0 ** power <= high]
 
 
 def transfer_heatmap(transfer: pd.DataFrame, value: str = "ppl_ratio"):
     """Drop sets × held-out distributions (and the worst over them) of perplexity relative to the unpruned model.
 
-    The colour scale spans the non-random sets, so one random outlier does not flatten the rest.
+    The log colour scale spans the non-random sets, so the random sets (bottom rows, below a line,
+    values printed) run off its end instead of flattening the rest.
     """
     rows = transfer[(transfer["drop_set"] != "none") & (transfer["distribution"] != "mean")]
     matrix = rows.pivot_table(index="drop_set", columns="distribution", values=value, sort=False)
-    matrix = matrix.loc[matrix["worst"].sort_values().index] if "worst" in matrix.columns else matrix
-    scale = matrix[[not str(name).split(":")[-2:-1] == ["random"] for name in matrix.index]]
-    fig, ax = plt.subplots(figsize=(1.2 * matrix.shape[1] + 4, 0.3 * len(matrix) + 1.5))
-    norm = LogNorm(vmin=max(scale.min().min(), 1e-3), vmax=max(scale.max().max(), 1.01))
-    sns.heatmap(matrix, annot=True, fmt=".2f", cmap="rocket_r", norm=norm, ax=ax, cbar_kws={"label": "held-out perplexity / unpruned (log scale)"})
+    random_sets = set(rows.loc[rows["method"].astype(str).str.startswith("random"), "drop_set"])
+    matrix["_random"] = [name in random_sets for name in matrix.index]
+    order = matrix.sort_values(["_random", "worst" if "worst" in matrix.columns else matrix.columns[0]]).index
+    is_random = matrix.loc[order, "_random"].to_numpy()
+    matrix = matrix.drop(columns="_random").loc[order]
+    scale = matrix[~is_random] if (~is_random).any() else matrix
+    norm = positive_norm(scale.to_numpy(), vmin=max(np.nanmin(scale.to_numpy()), 1e-3), vmax=max(np.nanmax(scale.to_numpy()), 1.01))
+    fig, ax = plt.subplots(figsize=(1.2 * matrix.shape[1] + 4, 0.3 * len(matrix) + 1.8))
+    sns.heatmap(matrix, annot=True, fmt=".2f", cmap="rocket_r", norm=norm, ax=ax,
+                cbar_kws={"label": "held-out perplexity / unpruned (log scale)", "extend": "max", "format": PLAIN})
+    colorbar = ax.collections[0].colorbar
+    colorbar.set_ticks(ratio_ticks(norm.vmin, norm.vmax))
+    colorbar.ax.yaxis.set_minor_formatter(NullFormatter())
+    if is_random.any() and (~is_random).any():
+        ax.axhline(int((~is_random).sum()), color="white", linewidth=3)
+    if "worst" in matrix.columns:
+        ax.axvline(list(matrix.columns).index("worst"), color="white", linewidth=3)
     ax.set_xlabel("held-out distribution")
     ax.set_ylabel("drop set")
-    ax.set_title("Transfer: perplexity of each pruned model on each distribution's held-out text")
+    ax.set_title("Transfer: perplexity of each pruned model on each distribution's held-out text (lower is better)\n"
+                 "sorted by the worst column; random sets (below the line) are off the colour scale", fontsize=10)
     return fig
 
 
@@ -183,90 +343,219 @@ def stability_figures(scores: pd.DataFrame, tables: dict[str, pd.DataFrame], fol
     return written
 
 
+def metric_colours(metrics) -> dict:
+    """One colour per metric name, stable across figures (sorted names on seaborn's ``deep`` palette)."""
+    names = sorted(set(metrics))
+    return dict(zip(names, sns.color_palette("deep", len(names))))
+
+
 def worst_case_forest(transfer: pd.DataFrame):
     """Worst-case held-out perplexity ratio over distributions of every drop set, with its bootstrap 95% CI, per budget."""
     worst = transfer[(transfer["distribution"] == "worst") & (transfer["drop_set"] != "none")]
     worst = worst[~worst["method"].str.startswith("random")]
     budgets = sorted(worst["k"].unique())
-    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 0.28 * worst.groupby("k").size().max() + 1.5), squeeze=False)
+    colours = metric_colours(worst["metric"])
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 0.28 * worst.groupby("k").size().max() + 2), squeeze=False)
     for ax, k in zip(axes[0], budgets):
         part = worst[worst["k"] == k].sort_values("ppl_ratio", ascending=False)
-        colours = part["metric"].map(dict(zip(sorted(worst["metric"].unique()), sns.color_palette("deep"))))
         y = np.arange(len(part))
         ax.errorbar(part["ppl_ratio"], y, xerr=[part["ppl_ratio"] - part["ci_low"], part["ci_high"] - part["ppl_ratio"]], fmt="none", ecolor="grey")
-        ax.scatter(part["ppl_ratio"], y, c=list(colours), zorder=3)
+        ax.scatter(part["ppl_ratio"], y, c=list(part["metric"].map(colours)), zorder=3)
         ax.set_yticks(y, part["metric"] + " " + part["method"])
         ax.set_xscale("log")
+        ax.set_xticks(ratio_ticks(0.95 * part["ci_low"].min(), 1.05 * part["ci_high"].max()))
+        ax.xaxis.set_major_formatter(PLAIN)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.grid(axis="x", alpha=0.3)
         ax.set_xlabel("worst-case held-out perplexity / unpruned (log)")
         ax.set_title(f"{MODULE_NAMES.get(part['module'].iloc[0], '')} k = {k}: lower is better")
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=colour, label=name) for name, colour in colours.items()]
+    fig.legend(handles=handles, title="ranking from", loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8)
     fig.tight_layout()
     return fig
 
 
 def validity_heatmap(validity: pd.DataFrame):
-    """Spearman ρ between each proxy's ranking and the ablation ranking: metric × distribution, one panel per module kind."""
+    """Spearman ρ between each proxy's ranking and the ablation ranking: metric × distribution, one panel per module kind (stacked, to stay legible at page width)."""
     modules = list(dict.fromkeys(validity["module"]))
-    fig, axes = plt.subplots(1, len(modules), figsize=(4.8 * len(modules) + 1, 3.4), squeeze=False, layout="constrained")
-    for ax, module in zip(axes[0], modules):
+    low, high = fitted_limits(validity["spearman"], step=0.1)
+    fig, axes = plt.subplots(len(modules), 1, figsize=(7.5, 2.6 * len(modules) + 0.5), squeeze=False, layout="constrained")
+    for ax, module in zip(axes.flat, modules):
         part = validity[validity["module"] == module]
         matrix = part.pivot_table(index="metric", columns="distribution", values="spearman", sort=False)
         labels = part.assign(text=part.apply(lambda r: f"{r.spearman:.2f}\n[{r.spearman_ci_low:.2f}, {r.spearman_ci_high:.2f}]", axis=1))
         text = labels.pivot_table(index="metric", columns="distribution", values="text", aggfunc="first", sort=False).loc[matrix.index, matrix.columns]
-        sns.heatmap(matrix, annot=text, fmt="", cmap="viridis", vmin=min(0, validity["spearman"].min()), vmax=1, ax=ax, cbar=False,
-                    annot_kws={"size": 7})
-        ax.set_title(f"{MODULE_NAMES[module]}: ρ(proxy, ablation)")
+        sns.heatmap(matrix, annot=text, fmt="", cmap="viridis", vmin=low, vmax=high, ax=ax, cbar=False, annot_kws={"size": 8})
+        ax.set_title(f"{MODULE_NAMES[module]}: ρ(proxy, ablation)", fontsize=10)
         ax.set_xlabel("")
         ax.set_ylabel("")
         ax.tick_params(axis="x", rotation=30)
-    fig.colorbar(axes[0][0].collections[0], ax=axes[0].tolist(), label="Spearman ρ with the ablation ranking")
+        ax.tick_params(axis="y", rotation=0)
+    for ax in list(axes.flat)[len(modules):]:
+        ax.set_visible(False)
+    fig.colorbar(axes.flat[0].collections[0], ax=axes.ravel().tolist(), label="Spearman ρ with the ablation ranking (95% CI)")
     return fig
 
 
 def proxy_vs_ablation(scores: pd.DataFrame, metric: str = "cosine"):
-    """Proxy importance against the real loss increase of dropping each module, one panel per module kind."""
+    """Proxy importance against the real loss increase of dropping each module, one panel per module kind (2 × 2, legend in the fourth)."""
     modules = ("attn", "mlp", "block")
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, grid = plt.subplots(2, 2, figsize=(10, 7.5), layout="constrained")
+    axes, legend_ax = grid.flat[:3], grid.flat[3]
     for ax, module in zip(axes, modules):
         proxy = importance_matrix(scores, module, metric).stack().rename("proxy")
         truth = importance_matrix(scores, module, "ablation").stack().rename("ablation")
         both = pd.concat([proxy, truth], axis=1).reset_index(names=["layer", "distribution"])
-        sns.scatterplot(both, x="proxy", y="ablation", hue="distribution", ax=ax, s=25)
+        sns.scatterplot(both, x="proxy", y="ablation", hue="distribution", ax=ax, s=25, legend=ax is axes[-1])
         ax.set_xscale("log")
-        ax.set_yscale("symlog", linthresh=1e-3)
+        if (both["ablation"] > 0).all():
+            ax.set_yscale("log")
+            ax.set_ylabel("ΔNLL when dropped alone (nats/token, log)")
+        else:
+            ax.set_yscale("symlog", linthresh=1e-3)
+            ax.axhline(0, color="grey", linewidth=0.8)
+            ax.set_ylabel("ΔNLL when dropped alone (nats/token, symlog)")
         ax.set_xlabel(f"{metric} importance (log)")
-        ax.set_ylabel("ΔNLL when dropped alone (nats/token)")
         ax.set_title(MODULE_NAMES[module])
-        if ax is not axes[-1]:
-            ax.get_legend().remove()
-    fig.tight_layout()
+    handles, labels = axes[-1].get_legend_handles_labels()
+    axes[-1].get_legend().remove()
+    legend_ax.axis("off")
+    legend_ax.legend(handles, labels, title="distribution", loc="center")
+    fig.suptitle("Does the proxy rank modules like the real loss of dropping them?\n(one point per layer and distribution)", fontsize=10)
     return fig
 
 
 def decomposition_bars(decomposition: pd.DataFrame):
     """Mean ρ between rankings that differ only in the distribution (per metric) or only in the metric (per distribution)."""
-    fig, ax = plt.subplots(figsize=(9, 3.8))
+    fig, ax = plt.subplots(figsize=(10, 4))
     data = decomposition.assign(label=decomposition["axis"].map({"distribution": "across distributions, within ", "metric": "across metrics, within "})
-                                + decomposition["held"])
-    sns.barplot(data, x="module", y="mean_spearman", hue="label", ax=ax)
+                                + decomposition["held"], module=decomposition["module"].map(MODULE_NAMES).fillna(decomposition["module"]))
+    across_data = list(dict.fromkeys(data.loc[data["axis"] == "distribution", "label"]))
+    across_metric = list(dict.fromkeys(data.loc[data["axis"] == "metric", "label"]))
+    palette = {**dict(zip(across_data, sns.color_palette("Blues_d", len(across_data)))),
+               **dict(zip(across_metric, sns.color_palette("Oranges_d", len(across_metric))))}
+    sns.barplot(data, x="module", y="mean_spearman", hue="label", hue_order=across_data + across_metric, palette=palette, ax=ax)
     ax.set_ylim(min(0, data["mean_spearman"].min()), 1)
-    ax.set_ylabel("mean Spearman ρ")
+    ax.set_ylabel("mean Spearman ρ between rankings")
     ax.set_xlabel("module kind")
-    ax.set_title("How much does the ranking move with the data, and how much with the metric?")
+    ax.set_title("How much does the ranking move with the data (blue), and how much with the metric (orange)?\n"
+                 "lower bars = the ranking moves more", fontsize=10)
     ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     return fig
 
 
+DROP_SET_KINDS = {"consensus": "consensus", "own": "single distribution", "random": "random (expected)"}
+
+
+def drop_set_kind(name: str) -> str:
+    """``consensus``, ``single distribution`` (``own:<d>``) or ``random (expected)`` for a regret table's drop-set name."""
+    return DROP_SET_KINDS.get(name.split(":")[0], DROP_SET_KINDS["consensus"])
+
+
 def regret_overview(regret: pd.DataFrame):
-    """Worst-case regret over distributions of each drop set, per module and budget: consensus vs single."""
+    """Worst-case regret over distributions of each drop set, one panel per module kind and budget, one labelled row per drop set.
+
+    Rows: the consensus methods, each distribution's own set (``own:<d>``), the random expectation;
+    symlog x axis (regret can be 0).
+    """
     worst = regret.groupby(["module", "k", "drop_set"], sort=False)["regret"].max().reset_index()
-    worst["kind"] = worst["drop_set"].map(lambda n: "single distribution" if n.startswith("own:") else ("random (expected)" if n == "random" else "consensus"))
-    worst["budget"] = worst["module"] + "-" + worst["k"].astype(str)
-    fig, ax = plt.subplots(figsize=(10, 4))
-    sns.stripplot(worst, x="budget", y="regret", hue="kind", dodge=True, size=7, ax=ax, jitter=False,
-                  hue_order=["consensus", "single distribution", "random (expected)"])
-    ax.set_yscale("symlog", linthresh=1e-3)
-    ax.set_ylim(bottom=0)
-    ax.set_xlabel("module kind and drop-set size")
-    ax.set_ylabel("worst-case regret over distributions")
-    ax.set_title("Consensus drop sets against each distribution's own set: importance dropped beyond the best set")
+    worst["kind"] = worst["drop_set"].map(drop_set_kind)
+    names = list(dict.fromkeys(worst["drop_set"]))
+    order = sorted(names, key=lambda n: list(DROP_SET_KINDS.values()).index(drop_set_kind(n)))
+    position = {name: i for i, name in enumerate(order)}
+    modules = list(dict.fromkeys(worst["module"]))
+    columns = max(worst.groupby("module")["k"].nunique())
+    palette = dict(zip(DROP_SET_KINDS.values(), sns.color_palette("deep")))
+    fig, axes = plt.subplots(len(modules), columns, figsize=(5 * columns + 2, 0.25 * len(order) * len(modules) + 1.5),
+                             sharex=True, sharey=True, squeeze=False, layout="constrained")
+    for row, module in zip(axes, modules):
+        budgets = sorted(worst.loc[worst["module"] == module, "k"].unique())
+        for ax, k in zip(row, budgets):
+            part = worst[(worst["module"] == module) & (worst["k"] == k)]
+            ax.scatter(part["regret"], part["drop_set"].map(position), c=list(part["kind"].map(palette)), s=30, zorder=3)
+            ax.set_title(f"{MODULE_NAMES[module]}, k = {k}", fontsize=9)
+            ax.grid(axis="both", alpha=0.3)
+        for ax in row[len(budgets):]:
+            ax.set_visible(False)
+    first = axes[0][0]
+    first.set_yticks(range(len(order)), order)
+    first.set_ylim(len(order) - 0.5, -0.5)
+    first.set_xscale("symlog", linthresh=linear_threshold(worst["regret"]))
+    first.set_xlim(0, worst["regret"].max() * 2)
+    for ax in axes.flat:
+        ax.tick_params(labelsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("worst-case regret over distributions (symlog)")
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=colour, label=kind) for kind, colour in palette.items()]
+    fig.legend(handles=handles, loc="outside upper right", fontsize=8)
+    fig.suptitle("Importance dropped beyond each distribution's best set, worst over distributions (lower is better)", fontsize=10)
     return fig
+
+
+def _module_captions(module: str) -> dict[str, str]:
+    """Captions of the per-module figures of :func:`stability_figures` for one module kind."""
+    name = MODULE_NAMES[module]
+    captions = {
+        f"similarity_{module}_spearman": (
+            f"Spearman ρ between the {name} importance rankings of every pair of calibration distributions; the outlined "
+            "diagonal is each distribution's split-half noise floor (the red line on the colour bar marks the lowest). "
+            "Look for off-diagonal cells well below the floor: there the data, not sampling noise, changes the ranking "
+            "(* = beyond noise, permutation p < 0.05). The colour scale spans the observed values only."),
+        f"profile_{module}": (
+            f"{name[0].upper()}{name[1:]} importance of every layer under each distribution (log scale, symlog when a metric can be negative; "
+            "bands = 95% bootstrap CI). "
+            "Look where the lines separate by more than their bands, especially among the low-importance layers "
+            "that decide the drop set."),
+        f"importance_{module}": (
+            f"Left: {name} importance per layer and distribution on a log colour scale (linear when a metric has values ≤ 0). "
+            "Right: the same values relative to "
+            "each layer's geometric mean over distributions (log2 ratio; red = this distribution finds the layer more "
+            "important than the others do). Look at the right panel for the layers whose importance depends on the data."),
+        f"membership_{module}": (
+            f"Probability over bootstrap resamples that each {name} candidate is in the distribution's drop set. "
+            "Dark rows across all columns are dropped whatever the data; rows dark in some columns only are "
+            "where the calibration data decides; pale cells (0.2–0.8) are uncertain even within one distribution."),
+        f"convergence_{module}": (
+            f"Spearman ρ between the {name} ranking from n calibration samples and the ranking from all samples "
+            "(mean ± std over repeats). Look where each line crosses the dashed target. The reference contains the "
+            "subsamples, so the last point is 1 by construction and the curve is optimistic."),
+        f"regret_{module}": (
+            f"Leave-one-distribution-out: for each held-out distribution, the importance a {name} drop set built without "
+            "it removes beyond that distribution's own best set (symlog axis). Compare the consensus methods with "
+            "'single (mean)' (a typical other distribution's set) and the random expectation; lower is better."),
+    }
+    for k in range(1, 129):
+        captions[f"similarity_{module}_jaccard{k}"] = (
+            f"Jaccard overlap of the size-{k} {name} drop sets chosen on each pair of distributions (1 = same set); the "
+            "outlined diagonal is the overlap of two random halves of one distribution (the noise floor, lowest marked "
+            "red on the colour bar). Look for pairs well below the floor: their drop sets differ because of the data.")
+    return captions
+
+
+CAPTIONS: dict[str, str] = {
+    **{stem: text for module in MODULE_NAMES for stem, text in _module_captions(module).items()},
+    "transfer_matrix": (
+        "Held-out perplexity of each pruned model relative to the unpruned one, per distribution and the worst over them "
+        "(rows sorted by the worst column; log colour scale fitted to the non-random sets; random sets below the line "
+        "are off the scale, their values printed). Look at the top rows (best worst case) and at columns where a "
+        "set built on one distribution does badly on another."),
+    "transfer_worst_case": (
+        "Worst held-out perplexity ratio over distributions of every drop set with its 95% bootstrap CI, colour = the "
+        "ranking it came from. Lower is better; sets whose intervals overlap are not distinguishable."),
+    "regret_consensus_vs_single": (
+        "Worst-case regret over distributions (importance dropped beyond each distribution's best set) of every drop "
+        "set, one panel per module kind and budget, one labelled row per consensus method, single-distribution set "
+        "(own:<distribution>) and the random expectation. Look whether the consensus rows sit left of the own: rows."),
+    "metric_validity": (
+        "Spearman ρ (95% bootstrap CI) between each proxy metric's ranking and the ablation ranking (the real loss "
+        "increase when one module is dropped), per module kind and distribution; colour scale fitted to the data. "
+        "Higher means the cheap proxy ranks modules like the real loss does."),
+    "proxy_vs_ablation": (
+        "Cosine proxy importance against the measured loss increase when the module is dropped alone, one point per "
+        "layer and distribution (symlog y: points below 0 are modules whose removal lowered the loss). A monotone "
+        "cloud means the proxy ranks well; look at the low-proxy corner, which decides the drop set."),
+    "ranking_decomposition": (
+        "Mean Spearman ρ between rankings that differ only in the calibration distribution (blue, one bar per metric) "
+        "or only in the importance metric (orange, one bar per distribution). Lower bars move more: compare blue with "
+        "orange to see whether the data or the metric changes the ranking more."),
+}
