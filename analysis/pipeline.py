@@ -65,15 +65,17 @@ class Study:
         self.base = [record.get("weights_sha256"), record.get("dtype")]
         self.results: dict[str, object] = {}
         self.keys: dict[str, str] = {}
+        self.running = ""
 
     def key(self, stage: Stage) -> str:
         """sha256 of the stage name, the model, the settings it reads, the manifests and the keys of the stages it reads."""
         fields = {name: getattr(self.settings, name) for name in stage.settings}
         return stage_key(stage.name, self.base, fields, self.manifests, {name: self.keys.get(name) for name in stage.reads})
 
-    def part(self, stage: str, name: str, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
-        """A saved part of ``stage`` (one distribution, one objective, one drop set), keyed by the stage's key and ``name``."""
-        return self.store.table(f"parts/{stage}-{name}", stage_key(self.keys[stage], name), compute)
+    def part(self, kind: str, name: str, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
+        """A saved part (``parts/<kind>-<name>``: one distribution, one objective, one drop set) of the running stage,
+        keyed by that stage's key and ``name``."""
+        return self.store.table(f"parts/{kind}-{name}", stage_key(self.keys[self.running], name), compute)
 
     def score(self, names, samples: int, seq_len: int, metrics) -> pd.DataFrame:
         """Per-sample scores of ``names``, each distribution a saved part under ``parts/scores``."""
@@ -87,6 +89,7 @@ class Study:
     def run_stage(self, stage: Stage) -> None:
         """Reuse the stage's saved tables when every one matches its key, else compute and save them."""
         key = self.keys[stage.name] = self.key(stage)
+        self.running = stage.name
         computed: dict = {}
 
         def table(name):
