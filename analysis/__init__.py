@@ -2,12 +2,13 @@
 
 from .adapters import ADAPTERS, Adapter, adapter_for, decoder_layers
 from .consensus import consensus_drop_set, leave_one_out, regret_table, standard_drop_sets
-from .data import calibration_samples, load_distribution
+from .documents import load_distribution
 from .errors import CalibdropError
 from .evaluation import transfer_matrix, zero_shot_accuracy
 from .io import read_table, write_table
 from .models import BUILTINS, fetch_builtin, load_model
 from .pruning import drop_modules, save_pruned
+from .samples import calibration_samples
 from .scoring import MODULES, aggregate_importance, score_distributions, score_texts, score_token_batches
 from .stability import bootstrap, convergence, importance_matrix, permutation_test, rank_agreement, split_half_reliability
 

@@ -13,9 +13,11 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import consensus, data, evaluation, models, plots, pruning, stability
+from . import consensus, evaluation, models, plots, pruning, stability
+from .documents import distribution_summary, fetch_distribution, subsets
 from .errors import CalibdropError, CalibdropWarning, InputError
 from .io import atomic_write_json, provenance, read_table, temp_file, write_table
+from .manifests import load_manifest, top_level
 from .metrics import check_metrics, metric_names
 from .scoring import aggregate_importance, is_main_process, score_distributions, score_texts
 
@@ -110,7 +112,7 @@ def expand_distributions(spec: str) -> list[str]:
     """``"code,math"`` → names; ``"all"`` → every top-level distribution and its sub-distributions."""
     names = [name.strip() for name in spec.split(",") if name.strip()]
     if names == ["all"]:
-        return [n for top in data.TOP_LEVEL for n in [top, *data.subsets(top)]]
+        return [n for top in top_level() for n in [top, *subsets(top)]]
     return names
 
 
@@ -137,7 +139,7 @@ def cmd_score(args) -> None:
     seq_len = preset["seq_len"] if args.seq_len is None else args.seq_len
     names = expand_distributions(args.distributions)
     for name in names:
-        data.load_manifest(name)
+        load_manifest(name)
     model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
     warn_beyond_positions(model, seq_len)
     rows = score_distributions(
@@ -146,7 +148,7 @@ def cmd_score(args) -> None:
     record = provenance(
         kind="scores",
         model=models.model_info(model),
-        distributions={name: data.load_manifest(name)["_sha256"] for name in names},
+        distributions={name: load_manifest(name)["_sha256"] for name in names},
         settings={"n_samples": n_samples, "seq_len": seq_len, "seed": args.seed, "batch_size": args.batch_size, "metrics": list(metrics)},
     )
     per_sample = out.with_suffix(".per_sample.parquet")
@@ -178,9 +180,9 @@ def score_jsonl(args, out: Path) -> None:
 
 
 def cmd_data_fetch(args) -> None:
-    names = args.names or list(data.TOP_LEVEL)
+    names = args.names or list(top_level())
     for name in tqdm(names, desc="distributions", unit="dist"):
-        frame = data.fetch_distribution(name)
+        frame = fetch_distribution(name)
         print(f"{name}: {len(frame)} documents, checksums verified")
 
 
@@ -193,7 +195,7 @@ def describe_sources(sources: list[dict]) -> str:
 
 
 def cmd_data_list(args) -> None:
-    summary = data.distribution_summary()
+    summary = distribution_summary()
     if args.json:
         print(summary.to_json(orient="records", indent=2))
     else:

@@ -18,12 +18,14 @@ from typing import Callable
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import ablation, consensus, data, evaluation, models, plots, stability, validity
+from . import ablation, consensus, documents, evaluation, models, plots, stability, validity
 from .dropsets import UNPRUNED, DropSet, make_drop_set, parse_label
 from .errors import InputError
 from .io import atomic_write_json, provenance, read_cached_table, write_table
+from .manifests import load_manifest, top_level
 from .metrics import GROUND_TRUTH, check_metrics, get_metric
 from .report import write_report
+from .samples import calibration_samples, token_batches
 from .scoring import aggregate_importance, score_distributions
 
 
@@ -31,7 +33,7 @@ from .scoring import aggregate_importance, score_distributions
 class RunSettings:
     """What ``calibdrop run`` computes; the presets fix these."""
 
-    distributions: tuple[str, ...] = data.TOP_LEVEL
+    distributions: tuple[str, ...] = field(default_factory=top_level)
     subsets: bool = True
     metrics: tuple[str, ...] = ("cosine", "angular", "relative_update", "ablation")
     samples: int = 32
@@ -199,14 +201,14 @@ def run(spec: str = models.DEFAULT_MODEL, out: Path = Path("results"), *, preset
         return value
 
     for name in settings.distributions:
-        data.load_manifest(name)
+        load_manifest(name)
     proxies = tuple(m for m in check_metrics(settings.metrics) if get_metric(m).is_proxy)
     ground_truth = GROUND_TRUTH in settings.metrics
     model, tokenizer = timed("load model", lambda: models.load_model(spec, dtype=dtype, device=device))
     record = models.model_info(model)
     stages = Stages(out, record, log)
     base_key = [record.get("weights_sha256"), record.get("dtype"), asdict(settings)]
-    manifests = {name: data.load_manifest(name)["_sha256"] for name in settings.distributions}
+    manifests = {name: load_manifest(name)["_sha256"] for name in settings.distributions}
 
     def score(names, samples, seq_len, metrics):
         return score_distributions(model, tokenizer, names, n_samples=samples, seq_len=seq_len, batch_size=settings.batch_size,
@@ -220,7 +222,7 @@ def run(spec: str = models.DEFAULT_MODEL, out: Path = Path("results"), *, preset
             lambda: score(settings.distributions, settings.ablation_samples, settings.ablation_seq_len, (GROUND_TRUTH,)))))
     top = stages.table("scores.per_sample", stage_key("per_sample", base_key, manifests), lambda: pd.concat(parts, ignore_index=True))
     stages.table("scores", stage_key("aggregate", base_key, manifests), lambda: aggregate_importance(top, by=["distribution"]))
-    subset_names = [s for name in settings.distributions for s in data.subsets(name)] if settings.subsets else []
+    subset_names = [s for name in settings.distributions for s in documents.subsets(name)] if settings.subsets else []
     subsets = None
     if subset_names:
         subsets = timed("score sub-distributions", lambda: stages.table(
@@ -315,8 +317,8 @@ def greedy_paths(model, tokenizer, scores, settings: RunSettings, stages: Stages
     ablation cost (own distribution's; the largest over distributions for robust).
     """
     module, k = settings.greedy_module, max(settings.budgets.get(settings.greedy_module, settings.transfer_k))
-    batches = {name: list(data.token_batches(data.calibration_samples(
-        data.load_distribution(name, "calibration"), tokenizer, n_samples=settings.ablation_samples, seq_len=settings.ablation_seq_len,
+    batches = {name: list(token_batches(calibration_samples(
+        documents.load_distribution(name, "calibration"), tokenizer, n_samples=settings.ablation_samples, seq_len=settings.ablation_seq_len,
         seed=settings.seed), settings.batch_size)) for name in settings.distributions}
     prior = stability.importance_matrix(scores, module, GROUND_TRUTH)
     parts = []

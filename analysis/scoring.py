@@ -20,22 +20,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import data
 from .ablation import position_ids_from_mask, single_drop_increase
 from .adapters import Adapter, adapter_for, decoder_layers
-from .errors import CalibdropWarning, InputError, NonFiniteActivationError
-from .io import provenance, read_cached_table, write_table
+from .documents import documents_key, load_distribution
+from .errors import InputError, NonFiniteActivationError
+from .fetching import sources_used
+from .io import cache_dir, provenance, read_cached_table, write_table
+from .manifests import load_manifest
 from .metrics import GROUND_TRUTH, TokenPair, check_metrics, get_metric, importance_column, importance_from_sums
-from .models import cache_dir, model_info
+from .models import model_info
+from .samples import calibration_samples, length_sorted_batches, pad_token_id, token_batches, tokenize_texts
 
 MODULES = ("attn", "mlp", "block")
 PROXY_DEFAULT = ("cosine",)
@@ -342,61 +344,6 @@ def _metric_order_key(frame: pd.DataFrame):
     return lambda column: column.map(order) if column.name == "metric" else column
 
 
-def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int, side: str) -> dict[str, torch.Tensor]:
-    """``input_ids`` and ``attention_mask`` for sequences padded to the longest on ``side``."""
-    width = max(len(seq) for seq in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        cols = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
-        ids[row, cols] = torch.tensor(seq, dtype=torch.long)
-        mask[row, cols] = 1
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids of each text, ``tokenizer(text, truncation=True, max_length=max_length)``; warns when a text is cut."""
-    if isinstance(texts, str):
-        raise InputError("texts must be a list of strings, not one string: wrap it as [text]")
-    if len(texts) == 0:
-        raise InputError("the list of texts is empty: give at least one text to score")
-    if not isinstance(max_length, int) or max_length < 2:
-        raise InputError(f"max_length must be an integer of at least 2 (got {max_length!r})")
-    encoded, cut = [], []
-    for index, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise InputError(f"text #{index} is a {type(text).__name__}, not a string")
-        ids = tokenizer(text)["input_ids"]
-        if len(ids) > max_length:
-            cut.append(f"#{index} ({len(ids)} tokens)")
-            ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
-        if len(ids) == 0:
-            raise InputError(f"text #{index} ({text[:40]!r}) tokenizes to zero tokens: remove it or give it content")
-        encoded.append(list(ids))
-    if cut:
-        warnings.warn(f"{len(cut)} of {len(texts)} texts are longer than max_length={max_length} tokens and were cut to it "
-                      f"({', '.join(cut[:3])}{' ...' if len(cut) > 3 else ''}): raise the length or split them", CalibdropWarning)
-    return encoded
-
-
-def length_sorted_batches(
-    sequences: Sequence[Sequence[int]], batch_size: int, pad_id: int, side: str
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Padded batches of sequences grouped by length (longest first), each with its ``sample`` indices."""
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-    for start in range(0, len(order), batch_size):
-        chosen = order[start : start + batch_size]
-        yield {**pad_sequences([sequences[i] for i in chosen], pad_id, side), "sample": chosen}
-
-
-def pad_token_id(tokenizer) -> int:
-    """The id used for padding: the tokenizer's pad token, else EOS, else 0 (padding is masked anyway)."""
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate[0] if isinstance(candidate, list) else candidate)
-    return 0
-
-
 def score_texts(
     model: torch.nn.Module,
     tokenizer,
@@ -433,7 +380,7 @@ def distribution_cache_key(model_record: dict, manifest: dict, name: str, settin
     keyed = {
         "model": [model_record.get("weights_sha256"), model_record.get("dtype")],
         "distribution": name,
-        "documents_key": data.documents_key(manifest),
+        "documents_key": documents_key(manifest),
         "settings": settings,
         "scoring_version": SCORING_VERSION,
     }
@@ -457,7 +404,7 @@ def score_distributions(
     """Per-sample score rows of ``model`` on each distribution under each metric, with a ``distribution`` column.
 
     Each distribution gives ``n_samples`` windows of ``seq_len`` tokens
-    (:func:`analysis.data.calibration_samples`).  Each distribution's table is saved under
+    (:func:`analysis.samples.calibration_samples`).  Each distribution's table is saved under
     ``cache`` (default ``<calibdrop cache>/scores``), keyed by the model's checksum and dtype,
     the distribution's documents key and the settings (batch size included), so a rerun or an
     interrupted run recomputes nothing already saved; an entry that is damaged or saved under
@@ -469,21 +416,21 @@ def score_distributions(
     cache = Path(cache) if cache is not None else cache_dir() / "scores"
     tables = []
     for name in tqdm(list(names), desc="distributions", unit="dist", disable=not progress):
-        manifest = data.load_manifest(name)
+        manifest = load_manifest(name)
         key = distribution_cache_key(record, manifest, name, settings)
         path = cache / f"{name.replace('/', '--')}-{key[:20]}.parquet"
         cached = read_cached_table(path, {"cache_key": key}) if record.get("weights_sha256") else None
         if cached is not None:
             tables.append(cached)
             continue
-        samples = data.calibration_samples(
-            data.load_distribution(name, split), tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed
+        samples = calibration_samples(
+            load_distribution(name, split), tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed
         )
         rows = score_token_batches(
-            model, data.token_batches(samples, batch_size), metrics=metrics, total=-(-len(samples) // batch_size), progress=progress
+            model, token_batches(samples, batch_size), metrics=metrics, total=-(-len(samples) // batch_size), progress=progress
         ).assign(distribution=name)
         if record.get("weights_sha256") and is_main_process():
-            sources = data.sources_used(manifest)
+            sources = sources_used(manifest)
             write_table(
                 rows,
                 path,

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from analysis import data
+from analysis.fetching import is_fetched
+from analysis.manifests import load_manifest
 from analysis.pipeline import RunSettings, run
 
 from tiny import byte_tokenizer, tiny_model
@@ -35,7 +36,7 @@ run(sys.argv[1], Path(sys.argv[2]), preset=RunSettings(**settings), progress=Fal
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     for name in SETTINGS["distributions"]:
-        if not all(data.extracted_path(s).is_dir() for s in data.load_manifest(name)["sources"]):
+        if not is_fetched(load_manifest(name)):
             pytest.skip(f"distribution {name} is not fetched; run `calibdrop data fetch`")
     folder = tmp_path_factory.mktemp("tiny-llama")
     tiny_model("llama").save_pretrained(folder)
