@@ -93,9 +93,9 @@ SHRINK_QUICK = """
 import dataclasses, sys
 from analysis import cli, pipeline
 pipeline.PRESETS["quick"] = dataclasses.replace(
-    pipeline.PRESETS["quick"], samples=4, seq_len=64, ablation_samples=2, ablation_seq_len=32, greedy_shortlist=2, n_boot=20, n_perm=20,
-    budgets={"attn": (1,), "mlp": (1,), "block": (1,), "joint": (2,)}, transfer_k=(1,), transfer_samples=2, transfer_seq_len=32,
-    tasks=("arc_easy",), task_limit=2, accuracy_sets=("none",))
+    pipeline.PRESETS["quick"], samples=8, seq_len=64, ablation_samples=4, ablation_seq_len=32, greedy_shortlist=2, n_boot=50, n_perm=50,
+    budgets={"attn": (1, 2), "mlp": (1,), "block": (1,), "joint": (2,)}, transfer_k=(2,), transfer_samples=2, transfer_seq_len=64,
+    random_seeds=(0,), tasks=("arc_easy",), task_limit=3, accuracy_sets=("none", "cosine/attn-2:borda"))
 sys.exit(cli.main(sys.argv[1:]))
 """
 
