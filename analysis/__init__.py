@@ -9,7 +9,7 @@ from importlib import import_module
 _HOMES = {
     "adapters": ("ADAPTERS", "Adapter", "adapter_for", "decoder_layers"),
     "consensus": ("consensus_drop_set", "leave_one_out", "regret_table"),
-    "data": ("calibration_samples", "load_distribution"),
+    "documents": ("load_distribution",),
     "dropsets": ("DropSet", "drop_set_family", "read_drop_set"),
     "errors": ("CalibdropError",),
     "evaluation": ("transfer_matrix", "zero_shot_accuracy"),
@@ -18,6 +18,7 @@ _HOMES = {
     "pipeline": ("run",),
     "presets": ("PRESETS", "RunSettings"),
     "pruning": ("drop_modules", "save_pruned"),
+    "samples": ("calibration_samples",),
     "scoring": ("MODULES", "aggregate_importance", "score_distributions", "score_texts", "score_token_batches"),
     "stability": ("bootstrap", "convergence", "importance_matrix", "permutation_test", "rank_agreement", "split_half_reliability"),
 }

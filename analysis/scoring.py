@@ -18,21 +18,23 @@ same pass's block inputs.
 from __future__ import annotations
 
 import os
-import warnings
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import data
 from .ablation import position_ids_from_mask, single_drop_increase
 from .adapters import Adapter, adapter_for, decoder_layers
 from .distributed import gather_shards, rank_and_world
-from .errors import CalibdropWarning, InputError, NonFiniteActivationError
+from .documents import documents_key, load_distribution
+from .errors import InputError, NonFiniteActivationError
+from .fetching import sources_used
+from .manifests import load_manifest
 from .metrics import GROUND_TRUTH, TokenPair, check_metrics, get_metric, importance_column, importance_from_sums
 from .models import model_info
+from .samples import calibration_samples, length_sorted_batches, pad_token_id, token_batches, tokenize_texts
 from .stages import StageStore, stage_key
 
 MODULES = ("attn", "mlp", "block")
@@ -323,61 +325,6 @@ def _metric_order_key(frame: pd.DataFrame):
     return lambda column: column.map(order) if column.name == "metric" else column
 
 
-def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int, side: str) -> dict[str, torch.Tensor]:
-    """``input_ids`` and ``attention_mask`` for sequences padded to the longest on ``side``."""
-    width = max(len(seq) for seq in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        cols = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
-        ids[row, cols] = torch.tensor(seq, dtype=torch.long)
-        mask[row, cols] = 1
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids of each text, ``tokenizer(text, truncation=True, max_length=max_length)``; warns when a text is cut."""
-    if isinstance(texts, str):
-        raise InputError("texts must be a list of strings, not one string: wrap it as [text]")
-    if len(texts) == 0:
-        raise InputError("the list of texts is empty: give at least one text to score")
-    if not isinstance(max_length, int) or max_length < 2:
-        raise InputError(f"max_length must be an integer of at least 2 (got {max_length!r})")
-    encoded, cut = [], []
-    for index, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise InputError(f"text #{index} is a {type(text).__name__}, not a string")
-        ids = tokenizer(text)["input_ids"]
-        if len(ids) > max_length:
-            cut.append(f"#{index} ({len(ids)} tokens)")
-            ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
-        if len(ids) == 0:
-            raise InputError(f"text #{index} ({text[:40]!r}) tokenizes to zero tokens: remove it or give it content")
-        encoded.append(list(ids))
-    if cut:
-        warnings.warn(f"{len(cut)} of {len(texts)} texts are longer than max_length={max_length} tokens and were cut to it "
-                      f"({', '.join(cut[:3])}{' ...' if len(cut) > 3 else ''}): raise the length or split them", CalibdropWarning)
-    return encoded
-
-
-def length_sorted_batches(
-    sequences: Sequence[Sequence[int]], batch_size: int, pad_id: int, side: str
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Padded batches of sequences grouped by length (longest first), each with its ``sample`` indices."""
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-    for start in range(0, len(order), batch_size):
-        chosen = order[start : start + batch_size]
-        yield {**pad_sequences([sequences[i] for i in chosen], pad_id, side), "sample": chosen}
-
-
-def pad_token_id(tokenizer) -> int:
-    """The id used for padding: the tokenizer's pad token, else EOS, else 0 (padding is masked anyway)."""
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate[0] if isinstance(candidate, list) else candidate)
-    return 0
-
-
 def score_texts(
     model: torch.nn.Module,
     tokenizer,
@@ -411,17 +358,17 @@ SCORING_VERSION = 2
 
 def distribution_key(model_record: dict, manifest: dict, name: str, settings: dict) -> str:
     """The stage key of one (model checksum, dtype, distribution, its documents' key, settings incl. batch size) score table."""
-    return stage_key("scores", [model_record.get("weights_sha256"), model_record.get("dtype")], name, data.documents_key(manifest), settings,
+    return stage_key("scores", [model_record.get("weights_sha256"), model_record.get("dtype")], name, documents_key(manifest), settings,
                      SCORING_VERSION)
 
 
 def score_distribution(model: torch.nn.Module, tokenizer, name: str, *, n_samples: int, seq_len: int, batch_size: int, seed: int,
                        split: str = "calibration", metrics: Sequence[str] | str = PROXY_DEFAULT, progress: bool = True) -> pd.DataFrame:
     """Per-sample score rows of ``model`` on ``n_samples`` windows of ``seq_len`` tokens of one distribution
-    (:func:`analysis.data.calibration_samples`), with a ``distribution`` column."""
-    samples = data.calibration_samples(data.load_distribution(name, split), tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed)
+    (:func:`analysis.samples.calibration_samples`), with a ``distribution`` column."""
+    samples = calibration_samples(load_distribution(name, split), tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed)
     return score_token_batches(
-        model, data.token_batches(samples, batch_size), metrics=metrics, total=-(-len(samples) // batch_size), progress=progress
+        model, token_batches(samples, batch_size), metrics=metrics, total=-(-len(samples) // batch_size), progress=progress
     ).assign(distribution=name)
 
 
@@ -457,8 +404,8 @@ def score_distributions(
         if store is None or not record.get("weights_sha256"):
             tables.append(compute())
             continue
-        manifest = data.load_manifest(name)
-        where = {"name": name, "manifest": manifest["_path"], "manifest_sha256": manifest["_sha256"], "sources": data.sources_used(manifest)}
+        manifest = load_manifest(name)
+        where = {"name": name, "manifest": manifest["_path"], "manifest_sha256": manifest["_sha256"], "sources": sources_used(manifest)}
         key = distribution_key(record, manifest, name, settings)
         tables.append(store.table(f"{name.replace('/', '--')}-{key[:20]}", key, compute, distribution=where, settings=settings))
     return pd.concat(tables, ignore_index=True)

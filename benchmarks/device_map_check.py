@@ -18,6 +18,7 @@ from accelerate import dispatch_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from analysis import drop_modules, score_token_batches
+from analysis.samples import padded_batches
 
 CONFIG = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4, vocab_size=32000)
 
@@ -31,10 +32,10 @@ def main():
     device_map.update({f"model.layers.{i}": 0 if i < half else "cpu" for i in range(CONFIG["num_hidden_layers"])})
     split = dispatch_model(split, device_map=device_map)
     whole = model.to("cuda")
-    ids = torch.randint(0, CONFIG["vocab_size"], (4, 256), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    mask[1, :100] = 0
-    batches = [{"input_ids": ids, "attention_mask": mask}]
+    sequences = torch.randint(0, CONFIG["vocab_size"], (4, 256), generator=torch.Generator().manual_seed(1)).tolist()
+    sequences[1] = sequences[1][100:]
+    batches = list(padded_batches(sequences, len(sequences), side="left"))
+    ids, mask = batches[0]["input_ids"], batches[0]["attention_mask"]
     a = score_token_batches(whole, batches, progress=False)
     b = score_token_batches(split, batches, progress=False)
     score_diff = float(np.abs(a["stat_sum"] / a["n_tokens"] - b["stat_sum"] / b["n_tokens"]).max())

@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from analysis import load_model, score_token_batches
 from analysis.io import package_versions
+from analysis.samples import padded_batches
 
 CONFIGS = {
     "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -76,10 +77,7 @@ def build_model(args):
 def batches(args, vocab_size):
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab_size, (args.texts, args.seq_len), generator=generator)
-    return [
-        {"input_ids": ids[i : i + args.batch_size], "attention_mask": torch.ones_like(ids[i : i + args.batch_size])}
-        for i in range(0, args.texts, args.batch_size)
-    ]
+    return list(padded_batches(ids.tolist(), args.batch_size))
 
 
 def run_variant(name, model, data, device):

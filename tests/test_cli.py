@@ -8,7 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis import data, models
+from analysis import models
+from analysis.fetching import is_fetched
+from analysis.manifests import load_manifest, top_level
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,9 +21,7 @@ def calibdrop(*args):
 
 @pytest.mark.real_model
 def test_quick_run_writes_report_figures_and_drop_sets(tmp_path):
-    if not models.is_fetched("smollm2-135m") or not all(
-        data.extracted_path(s).is_dir() for name in data.TOP_LEVEL for s in data.load_manifest(name)["sources"]
-    ):
+    if not models.is_fetched("smollm2-135m") or not all(is_fetched(load_manifest(name)) for name in top_level()):
         pytest.skip("the default model or the distributions are not fetched; run setup.sh")
     result = calibdrop("run", "--preset", "quick", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]

@@ -9,19 +9,22 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis import data, read_table
+from analysis import read_table
+from analysis.documents import documents
+from analysis.fetching import is_fetched
+from analysis.manifests import load_manifest
 
 from tiny import byte_tokenizer, tiny_model
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    if not all(data.extracted_path(s).is_dir() for s in data.load_manifest("general")["sources"]):
+    if not is_fetched(load_manifest("general")):
         pytest.skip("distribution general is not fetched; run `calibdrop data fetch general`")
     folder = tmp_path_factory.mktemp("dp")
     tiny_model("qwen3").save_pretrained(folder / "model")
     byte_tokenizer().save_pretrained(folder / "model")
-    texts = data.documents("general")["text"].head(21).str.slice(0, 400)
+    texts = documents("general")["text"].head(21).str.slice(0, 400)
     (folder / "texts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     return folder
 

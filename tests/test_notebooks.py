@@ -6,7 +6,9 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from analysis import data, models
+from analysis import models
+from analysis.fetching import is_fetched
+from analysis.manifests import load_manifest, top_level
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
@@ -14,9 +16,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 @pytest.mark.real_model
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, tmp_path):
-    if not models.is_fetched("smollm2-135m") or not all(
-        data.extracted_path(s).is_dir() for name in data.TOP_LEVEL for s in data.load_manifest(name)["sources"]
-    ):
+    if not models.is_fetched("smollm2-135m") or not all(is_fetched(load_manifest(name)) for name in top_level()):
         pytest.skip("the default model or the distributions are not fetched; run setup.sh")
     notebook = nbformat.read(path, as_version=4)
     NotebookClient(notebook, timeout=None, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()

@@ -8,15 +8,12 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
-from analysis import data
 from analysis.pipeline import RunSettings, run
 
-from tiny import byte_tokenizer, tiny_model
+from conftest import PIPELINE_DISTRIBUTIONS
 
 SETTINGS = dict(
-    distributions=("code", "math", "general"), subsets=True, samples=8, seq_len=64, subset_samples=4, subset_seq_len=32,
+    distributions=PIPELINE_DISTRIBUTIONS, subsets=True, samples=8, seq_len=64, subset_samples=4, subset_seq_len=32,
     ablation_samples=4, ablation_seq_len=32, greedy_shortlist=2,
     n_boot=50, n_perm=50, budgets={"attn": (1, 2), "mlp": (1,), "block": (1,), "joint": (2,)}, transfer_k=(2,),
     transfer_samples=2, transfer_seq_len=64, random_seeds=(0,), tasks=("arc_easy",), task_limit=3,
@@ -30,17 +27,6 @@ settings = json.loads(sys.argv[3])
 settings["budgets"] = {k: tuple(v) for k, v in settings["budgets"].items()}
 run(sys.argv[1], Path(sys.argv[2]), preset=RunSettings(**settings), progress=False, log=lambda m: print(m, flush=True))
 """
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    for name in SETTINGS["distributions"]:
-        if not all(data.extracted_path(s).is_dir() for s in data.load_manifest(name)["sources"]):
-            pytest.skip(f"distribution {name} is not fetched; run `calibdrop data fetch`")
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(folder)
-    byte_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def test_killed_run_resumes_to_the_same_report(tiny_dir, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 from analysis import adapter_for, load_model, score_texts
 from analysis.models import BUILTINS, is_fetched
-from analysis.scoring import tokenize_texts
+from analysis.samples import tokenize_texts
 
 from reference import reference_importance
 

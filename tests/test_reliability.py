@@ -15,12 +15,15 @@ import pytest
 import torch
 import yaml
 
-from analysis import commands, data, dropsets, models, pruning
+from analysis import commands, dropsets, fetching, models, pruning
+from analysis.documents import documents
 from analysis.errors import CalibdropWarning, InputError
-from analysis.io import atomic_write_bytes, read_cached_table, sidecar_path, write_table
+from analysis.io import atomic_write_bytes, read_cached_table, sha256_file, sidecar_path, write_table
+from analysis.manifests import load_manifest
 from analysis.models import ModelInfo
 from analysis.report import markdown_to_html
-from analysis.scoring import score_distributions, tokenize_texts
+from analysis.samples import tokenize_texts
+from analysis.scoring import score_distributions
 from analysis.stages import StageStore
 
 from fakeapt import PACKAGE, debian_manifest, fake_apt, make_deb, write_manifest
@@ -159,9 +162,9 @@ def test_caches_prove_themselves_and_are_keyed_by_everything_that_changes_the_re
         assert read_cached_table(alpha_path, {}) is None
     assert not alpha_path.exists()
 
-    before = data.documents("alpha")
+    before = documents("alpha")
     alpha.write_text("".join(json.dumps({"text": f"edited {i} " * 20}) + "\n" for i in range(8)))
-    assert len(data.documents("alpha")) == 8 != len(before)
+    assert len(documents("alpha")) == 8 != len(before)
 
 
 def test_tampered_artifacts_and_extracted_files_are_redone(tmp_path, monkeypatch):
@@ -174,20 +177,20 @@ def test_tampered_artifacts_and_extracted_files_are_redone(tmp_path, monkeypatch
     monkeypatch.setenv("CALIBDROP_CACHE", str(tmp_path / "cache"))
     write_manifest(tmp_path / "manifests", debian_manifest("fakedocs", deb, "1.0-1"))
     monkeypatch.setenv("CALIBDROP_MANIFESTS", str(tmp_path / "manifests"))
-    source = data.load_manifest("fakedocs")["sources"][0]
-    target = data.fetch_source(source)
+    source = load_manifest("fakedocs")["sources"][0]
+    target = fetching.fetch_source(source)
     document = target / "usr" / "share" / "doc" / PACKAGE / "doc03.txt"
     original = document.read_text()
     document.write_text("tampered")
-    monkeypatch.setattr(data, "_VERIFIED", set())
+    monkeypatch.setattr(fetching, "_VERIFIED", set())
     with pytest.warns(CalibdropWarning, match=r"differs from its verified archive .*1 files, e.g. usr/share/doc/.*/doc03.txt"):
-        data.fetch_source(source)
+        fetching.fetch_source(source)
     assert document.read_text() == original
-    data.artifact_path(source).write_bytes(b"damaged")
-    monkeypatch.setattr(data, "_VERIFIED", set())
+    fetching.artifact_path(source).write_bytes(b"damaged")
+    monkeypatch.setattr(fetching, "_VERIFIED", set())
     with pytest.warns(CalibdropWarning, match="does not have its pinned sha256.*downloading it again"):
-        data.fetch_source(source)
-    assert data.sha256_file(data.artifact_path(source)) == source["sha256"]
+        fetching.fetch_source(source)
+    assert sha256_file(fetching.artifact_path(source)) == source["sha256"]
 
 
 def test_model_checksum_covers_config_and_tokenizer_and_a_mismatched_cache_is_rebuilt(tiny_dir, tmp_path, monkeypatch):
@@ -256,4 +259,4 @@ def test_manifest_fields_that_reach_a_command_line_cannot_be_options(tmp_path):
     manifest["sources"][0]["package"] = "--allow-unauthenticated"
     (tmp_path / "dashed.yaml").write_text(yaml.safe_dump(manifest))
     with pytest.raises(InputError, match="invalid at sources/0/package: '--allow-unauthenticated' does not match"):
-        data.load_manifest(tmp_path / "dashed.yaml")
+        load_manifest(tmp_path / "dashed.yaml")

@@ -6,11 +6,11 @@ import pytest
 from analysis import report
 from analysis.io import read_table
 from analysis.pipeline import RunSettings, run
-from test_pipeline import SETTINGS, tiny_dir  # noqa: F401  (the fixture)
+from test_pipeline import SETTINGS
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_dir, tmp_path_factory):  # noqa: F811
+def tiny_run(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("report-run")
     run(str(tiny_dir), out, preset=RunSettings(**SETTINGS), progress=False, log=lambda m: None)
     return out

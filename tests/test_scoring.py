@@ -7,7 +7,12 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from analysis import adapter_for, aggregate_importance, score_texts, score_token_batches
 from analysis.adapters import UnsupportedArchitectureError
 from analysis.errors import InputError, NonFiniteActivationError
-from analysis.scoring import tokenize_texts
+from analysis.fetching import is_fetched
+from analysis.manifests import load_manifest
+from analysis.models import ModelInfo
+from analysis.samples import tokenize_texts
+from analysis.scoring import score_distributions
+from analysis.stages import StageStore
 
 from reference import reference_importance
 from tiny import CONFIGS, byte_tokenizer, tiny_model
@@ -122,3 +127,20 @@ def test_unsupported_family_lists_the_supported_ones():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300))
     with pytest.raises(UnsupportedArchitectureError, match="'gpt2' is not supported.*llama.*qwen3"):
         score_texts(model, byte_tokenizer(), ["hello"], progress=False)
+
+
+def test_scores_per_distribution_are_cached_and_reused(tmp_path, monkeypatch):
+    if not all(is_fetched(load_manifest(name)) for name in ("general", "math")):
+        pytest.skip("distributions general and math are not fetched; run `calibdrop data fetch general math`")
+    model = tiny_model("llama")
+    model.calibdrop_info = ModelInfo("tiny", "test", "llama", "llama", 3, "f" * 64, "float32", "-")
+    kwargs = dict(n_samples=4, seq_len=32, batch_size=2, store=StageStore(tmp_path), progress=False)
+    first = score_distributions(model, byte_tokenizer(), ["general", "math"], **kwargs)
+    assert set(first["distribution"]) == {"general", "math"} and len(list(tmp_path.glob("*.parquet"))) == 2
+
+    def fail(*args, **kwargs):
+        raise AssertionError("recomputed a cached distribution")
+
+    monkeypatch.setattr("analysis.scoring.score_token_batches", fail)
+    again = score_distributions(model, byte_tokenizer(), ["general", "math"], **kwargs)
+    np.testing.assert_array_equal(again["stat_sum"], first["stat_sum"])

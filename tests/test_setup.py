@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from analysis import data, models
+from analysis import fetching, models
+from analysis.documents import fetch_distribution
 from analysis.errors import FetchError
+from analysis.io import sha256_file
 from analysis.models import ModelInfo
 from analysis.scoring import score_distributions
 from analysis.stages import StageStore
@@ -65,7 +67,7 @@ def test_vanished_pin_takes_the_newer_revision_loudly_and_records_it(tmp_path, d
     result = calibdrop(env, "data", "fetch", "fakedocs")
     assert result.returncode == 0, result.stderr
     assert f"Debian no longer has {PACKAGE} {PINNED}" in result.stderr and f"newer revision {NEWER}" in result.stderr
-    newer_sha = data.sha256_file(debs[NEWER])
+    newer_sha = sha256_file(debs[NEWER])
     listed = json.loads(calibdrop(env, "data", "list", "--json").stdout)
     [row] = [r for r in listed if r["name"] == "fakedocs"]
     assert row["fetched"] and row["sources"][0] | {} == {**row["sources"][0], "version": NEWER, "pinned_version": PINNED, "sha256": newer_sha}
@@ -93,9 +95,9 @@ def test_without_root_stale_lists_name_the_command_to_run(tmp_path, debs, monkey
     for name in ("FAKE_APT", "PATH", "CALIBDROP_CACHE", "CALIBDROP_MANIFESTS"):
         monkeypatch.setenv(name, env[name])
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    data.refresh_apt_lists.cache_clear()
+    fetching.refresh_apt_lists.cache_clear()
     with pytest.raises(FetchError, match=r"run `sudo apt-get update` once"):
-        data.fetch_distribution("fakedocs")
+        fetch_distribution("fakedocs")
     assert "update -qq" not in _apt_log(env)
 
 
