@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -461,39 +462,53 @@ def score_distributions(
     ``cache`` (default ``<calibdrop cache>/scores``), keyed by the model's checksum and dtype,
     the distribution's documents key and the settings (batch size included), so a rerun or an
     interrupted run recomputes nothing already saved; an entry that is damaged or saved under
-    another key is reported and recomputed.  Models without a checksum are not cached.
+    another key is reported and recomputed.  Models without a checksum are not cached.  The
+    windows are cut in a background thread, each distribution's while the one before it is
+    scored, so tokenisation (repeated in every process under torch.distributed) overlaps the GPU
+    work instead of adding to it.
     """
     settings = {"n_samples": n_samples, "seq_len": seq_len, "seed": seed, "split": split, "batch_size": batch_size,
                 "metrics": list(check_metrics(metrics))}
     record = model_info(model)
     cache = Path(cache) if cache is not None else cache_dir() / "scores"
-    tables = []
-    for name in tqdm(list(names), desc="distributions", unit="dist", disable=not progress):
+    tables, todo = {}, {}
+    for name in names:
         manifest = data.load_manifest(name)
         key = distribution_cache_key(record, manifest, name, settings)
         path = cache / f"{name.replace('/', '--')}-{key[:20]}.parquet"
         cached = read_cached_table(path, {"cache_key": key}) if record.get("weights_sha256") else None
         if cached is not None:
-            tables.append(cached)
-            continue
-        samples = data.calibration_samples(
-            data.load_distribution(name, split), tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed
-        )
-        rows = score_token_batches(
-            model, data.token_batches(samples, batch_size), metrics=metrics, total=-(-len(samples) // batch_size), progress=progress
-        ).assign(distribution=name)
-        if record.get("weights_sha256") and is_main_process():
-            sources = data.sources_used(manifest)
-            write_table(
-                rows,
-                path,
-                provenance(
-                    kind="scores-per-sample",
-                    cache_key=key,
-                    model=record,
-                    distribution={"name": name, "manifest": manifest["_path"], "manifest_sha256": manifest["_sha256"], "sources": sources},
-                    settings=settings,
-                ),
-            )
-        tables.append(rows)
-    return pd.concat(tables, ignore_index=True)
+            tables[name] = cached
+        else:
+            todo[name] = (manifest, key, path)
+    pool = ThreadPoolExecutor(max_workers=1)
+    windows = {name: pool.submit(_calibration_windows, name, tokenizer, n_samples, seq_len, seed, split) for name in todo}
+    try:
+        for name in tqdm(list(todo), desc="distributions", unit="dist", disable=not progress):
+            manifest, key, path = todo[name]
+            samples = windows[name].result()
+            rows = score_token_batches(
+                model, data.token_batches(samples, batch_size), metrics=metrics, total=-(-len(samples) // batch_size), progress=progress
+            ).assign(distribution=name)
+            if record.get("weights_sha256") and is_main_process():
+                sources = data.sources_used(manifest)
+                write_table(
+                    rows,
+                    path,
+                    provenance(
+                        kind="scores-per-sample",
+                        cache_key=key,
+                        model=record,
+                        distribution={"name": name, "manifest": manifest["_path"], "manifest_sha256": manifest["_sha256"], "sources": sources},
+                        settings=settings,
+                    ),
+                )
+            tables[name] = rows
+    finally:
+        pool.shutdown(cancel_futures=True)
+    return pd.concat([tables[name] for name in names], ignore_index=True)
+
+
+def _calibration_windows(name: str, tokenizer, n_samples: int, seq_len: int, seed: int, split: str):
+    """The calibration windows of one distribution (:func:`analysis.data.calibration_samples`)."""
+    return data.calibration_samples(data.load_distribution(name, split), tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed)
