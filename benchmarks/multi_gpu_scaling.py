@@ -2,12 +2,16 @@
 
 Run once per GPU count, then compare::
 
-  python benchmarks/multi_gpu_scaling.py run --config llama-7b --out R/gpu1
-  torchrun --nproc_per_node 2 benchmarks/multi_gpu_scaling.py run --config llama-7b --out R/gpu2
+  A="--config llama-7b --distributions general,math --tokenizer TOKENIZER_DIR"
+  CUDA_VISIBLE_DEVICES=0 python benchmarks/multi_gpu_scaling.py run $A --out R/gpu1
+  torchrun --nproc_per_node 2 benchmarks/multi_gpu_scaling.py run $A --out R/gpu2
   python benchmarks/multi_gpu_scaling.py compare R/gpu1 R/gpu2 --out R/scaling.json
 
+(On the device the documents travel as ``$CALIBDROP_CACHE/data/documents/<name>-<key>.parquet``
+with its JSON sidecar, copied from the local cache; the results name the machine.)
+
 Each process builds the same seeded random model of a config shape on ``cuda:LOCAL_RANK``
-(bf16) and scores the same batches with :func:`analysis.score_token_batches`, which under
+(bf16; CPU and gloo without CUDA, for a smoke run with ``--config llama-tiny``) and scores the same batches with :func:`analysis.score_token_batches`, which under
 torch.distributed gives process r the batches r, r + W, ... and all-gathers the rows.  The
 batches are the paper preset's calibration windows of real text (``--distributions`` with
 ``--tokenizer``: :func:`analysis.data.calibration_samples`, run in every process) or seeded
