@@ -138,9 +138,10 @@ def _batch_nll(model, batches, dropped, trials) -> tuple[float, dict, int]:
     """Summed NLL with ``dropped`` removed, and for each trial candidate with it removed too."""
     current, tokens = 0.0, 0
     tried = {label: 0.0 for label in trials}
+    device = model.get_input_embeddings().weight.device
     with modules_dropped(model, dropped):
         for batch in batches:
-            ids, mask = batch["input_ids"], batch["attention_mask"]
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             with block_inputs(model) as resid_pre:
                 nll, n_predicted = full_row_nll(model, ids, mask)
             current += float(nll.sum())

@@ -18,6 +18,7 @@ same pass's block inputs.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -362,11 +363,14 @@ def distribution_key(model_record: dict, manifest: dict, name: str, settings: di
                      SCORING_VERSION)
 
 
-def score_distribution(model: torch.nn.Module, tokenizer, name: str, *, n_samples: int, seq_len: int, batch_size: int, seed: int,
-                       split: str = "calibration", metrics: Sequence[str] | str = PROXY_DEFAULT, progress: bool = True) -> pd.DataFrame:
-    """Per-sample score rows of ``model`` on ``n_samples`` windows of ``seq_len`` tokens of one distribution
-    (:func:`analysis.samples.calibration_samples`), with a ``distribution`` column."""
-    samples = calibration_samples(load_distribution(name, split), tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed)
+def calibration_windows(name: str, tokenizer, *, n_samples: int, seq_len: int, seed: int, split: str = "calibration"):
+    """``n_samples`` windows of ``seq_len`` tokens of one distribution's ``split`` (:func:`analysis.samples.calibration_samples`)."""
+    return calibration_samples(load_distribution(name, split), tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed)
+
+
+def score_windows(model: torch.nn.Module, samples, name: str, *, batch_size: int, metrics: Sequence[str] | str = PROXY_DEFAULT,
+                  progress: bool = True) -> pd.DataFrame:
+    """Per-sample score rows of ``model`` on one distribution's token windows, with a ``distribution`` column ``name``."""
     return score_token_batches(
         model, token_batches(samples, batch_size), metrics=metrics, total=-(-len(samples) // batch_size), progress=progress
     ).assign(distribution=name)
@@ -391,21 +395,39 @@ def score_distributions(
     With a ``store`` (:class:`analysis.stages.StageStore`) each distribution's table is a stage
     keyed by the model's checksum and dtype, the distribution's documents key and the settings
     (batch size included), so a rerun or an interrupted run recomputes nothing already saved.
-    Models without a checksum are not stored.
+    Models without a checksum are not stored.  The windows of the distributions still to score
+    are cut in a background thread, each while the one before it is scored, so tokenisation
+    (repeated in every process under torch.distributed) overlaps the model's work.
     """
     settings = {"n_samples": n_samples, "seq_len": seq_len, "seed": seed, "split": split, "batch_size": batch_size,
                 "metrics": list(check_metrics(metrics))}
     record = model_info(model)
     tables = []
-    for name in tqdm(list(names), desc="distributions", unit="dist", disable=not progress):
-        def compute(name=name):
-            return score_distribution(model, tokenizer, name, **settings, progress=progress)
+    keys = {}
+    for name in names:
+        if store is not None and record.get("weights_sha256"):
+            manifest = load_manifest(name)
+            keys[name] = (manifest, distribution_key(record, manifest, name, settings))
+    pending = [name for name in names if name not in keys or not store.saved(_entry(name, keys[name][1]), keys[name][1])]
+    pool = ThreadPoolExecutor(max_workers=1)
+    windows = {name: pool.submit(calibration_windows, name, tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed, split=split)
+               for name in pending}
+    try:
+        for name in tqdm(list(names), desc="distributions", unit="dist", disable=not progress):
+            def compute(name=name):
+                return score_windows(model, windows[name].result(), name, batch_size=batch_size, metrics=metrics, progress=progress)
 
-        if store is None or not record.get("weights_sha256"):
-            tables.append(compute())
-            continue
-        manifest = load_manifest(name)
-        where = {"name": name, "manifest": manifest["_path"], "manifest_sha256": manifest["_sha256"], "sources": sources_used(manifest)}
-        key = distribution_key(record, manifest, name, settings)
-        tables.append(store.table(f"{name.replace('/', '--')}-{key[:20]}", key, compute, distribution=where, settings=settings))
+            if name not in keys:
+                tables.append(compute())
+                continue
+            manifest, key = keys[name]
+            where = {"name": name, "manifest": manifest["_path"], "manifest_sha256": manifest["_sha256"], "sources": sources_used(manifest)}
+            tables.append(store.table(_entry(name, key), key, compute, distribution=where, settings=settings))
+    finally:
+        pool.shutdown(cancel_futures=True)
     return pd.concat(tables, ignore_index=True)
+
+
+def _entry(name: str, key: str) -> str:
+    """A distribution's score table's name in a store: the name (``/`` as ``--``) and the key's first 20 digits."""
+    return f"{name.replace('/', '--')}-{key[:20]}"

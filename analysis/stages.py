@@ -38,6 +38,10 @@ class StageStore:
         """Where table ``name`` is saved (``a/b`` names a sub-folder)."""
         return self.folder / f"{name}.parquet"
 
+    def saved(self, name: str, key: str) -> bool:
+        """Whether table ``name`` is saved intact with ``key`` (a damaged or mismatched entry is discarded, see :func:`read_cached_table`)."""
+        return read_cached_table(self.path(name), {"stage_key": key}) is not None
+
     def table(self, name: str, key: str, compute: Callable[[], pd.DataFrame], **record) -> pd.DataFrame:
         """The table ``name``: read if saved intact with ``key``, else computed and (when writable) saved."""
         saved = read_cached_table(self.path(name), {"stage_key": key})

@@ -8,6 +8,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from analysis import consensus, plots, stability, validity
+from analysis.dropsets import drop_set_family
 
 DISTRIBUTIONS = ("code", "math", "chat")
 LAYERS = 6
@@ -49,7 +50,7 @@ def tables(per_sample) -> dict:
     cosine = stability.one_metric(per_sample, "cosine")[0]
     result = stability.stability_tables(cosine, modules=("attn", "mlp", "joint"), k=(2, 3), n_boot=30, n_perm=30, n_splits=10)
     result["leave_one_out"] = consensus.leave_one_out_at_budgets(cosine, {"attn": (2,), "joint": (3,)})
-    result["regret"] = pd.concat([consensus.regret_table(cosine, consensus.standard_drop_sets(cosine, module=m, k=k), module=m).assign(k=k)
+    result["regret"] = pd.concat([consensus.regret_table(cosine, {s.method: list(s.indices) for s in drop_set_family(cosine, module=m, k=k).values()}, module=m).assign(k=k)
                                   for m, k in (("attn", 2), ("attn", 3), ("mlp", 2))], ignore_index=True)
     result["validity"] = validity.metric_validity(per_sample, modules=("attn", "mlp", "block"), n_boot=30)
     result["decomposition"] = validity.ranking_decomposition(per_sample, modules=("attn", "mlp"))
