@@ -142,7 +142,7 @@ def budgets_union(settings: RunSettings) -> tuple[int, ...]:
 def stage_stability(study: Study) -> dict[str, pd.DataFrame]:
     s = study.settings
     return stability.stability_tables(study.results["scores.per_sample"], modules=tuple(s.budgets), k=budgets_union(s), n_boot=s.n_boot,
-                                      n_perm=s.n_perm, seed=s.seed)
+                                      n_perm=s.n_perm, seed=s.seed, progress=study.progress)
 
 
 def stage_validity(study: Study) -> pd.DataFrame:

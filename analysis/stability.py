@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 from scipy import stats
+from tqdm.auto import tqdm
 
 from .errors import InputError
 from .metrics import get_metric, importance_from_sums
@@ -395,32 +396,36 @@ def stability_tables(
     n_perm: int = 1000,
     n_splits: int = 200,
     seed: int = 0,
+    progress: bool = False,
 ) -> dict[str, pd.DataFrame]:
-    """Every stability table for every metric and module kind, concatenated (``metric`` and ``module`` columns tell them apart).
+    """Every stability table for every metric and module kind (a progress bar over them with ``progress``), concatenated (``metric`` and ``module`` columns tell them apart).
 
     Keys: ``agreement``, ``bootstrap_importance``, ``bootstrap_pairs``, ``bootstrap_pair_mean``, ``split_half``,
     ``permutation``, ``convergence``, ``convergence_summary``.
     """
     parts: dict[str, list[pd.DataFrame]] = {}
-    for metric in metrics_in(scores):
-        for module in modules:
-            n_candidates = len(importance_matrix(scores, module, metric))
-            k_values = tuple(kk for kk in k if kk <= n_candidates)
-            options = dict(module=module, seed=seed, metric=metric)
-            boot = bootstrap(scores, k=k_values, n_boot=n_boot, **options)
-            curve, summary = convergence(scores, k=max(k_values), **options)
-            tables = {
-                "agreement": rank_agreement(scores, module=module, k=k_values, metric=metric),
-                "bootstrap_importance": boot["importance"],
-                "bootstrap_pairs": boot["pairs"],
-                "bootstrap_pair_mean": boot["pair_mean"],
-                "split_half": split_half_reliability(scores, k=k_values, n_splits=n_splits, **options),
-                "permutation": permutation_test(scores, k=k_values, n_perm=n_perm, **options),
-                "convergence": curve,
-                "convergence_summary": summary,
-            }
-            for name, table in tables.items():
-                parts.setdefault(name, []).append(table)
+    combos = [(metric, module) for metric in metrics_in(scores) for module in modules]
+    for metric, module in tqdm(combos, desc="bootstrap, split-half, permutation", unit="table", disable=not progress):
+        n_candidates = len(importance_matrix(scores, module, metric))
+        k_values = tuple(kk for kk in k if kk <= n_candidates)
+        if not k_values:
+            raise InputError(f"{module} has {n_candidates} candidates, fewer than every drop-set size asked ({', '.join(map(str, k))}): "
+                             "choose smaller budgets for this model")
+        options = dict(module=module, seed=seed, metric=metric)
+        boot = bootstrap(scores, k=k_values, n_boot=n_boot, **options)
+        curve, summary = convergence(scores, k=max(k_values), **options)
+        tables = {
+            "agreement": rank_agreement(scores, module=module, k=k_values, metric=metric),
+            "bootstrap_importance": boot["importance"],
+            "bootstrap_pairs": boot["pairs"],
+            "bootstrap_pair_mean": boot["pair_mean"],
+            "split_half": split_half_reliability(scores, k=k_values, n_splits=n_splits, **options),
+            "permutation": permutation_test(scores, k=k_values, n_perm=n_perm, **options),
+            "convergence": curve,
+            "convergence_summary": summary,
+        }
+        for name, table in tables.items():
+            parts.setdefault(name, []).append(table)
     combined = {name: pd.concat(tables, ignore_index=True) for name, tables in parts.items()}
     combined["bootstrap_importance"]["candidate"] = combined["bootstrap_importance"]["candidate"].astype(str)
     return combined
