@@ -1,0 +1,67 @@
+"""The study on several built-in models, one after another, each with settings that fit about an hour on 2 CPU cores.
+
+Every run is the default preset without sub-distributions and zero-shot accuracy (as
+``second_model_run.py``), with per-model sample counts chosen by the model's cost: a decoder
+pass of qwen2.5-coder-0.5b costs about twice one of gemma3-270m (whose run took 42 minutes at
+32 x 512 proxy tokens, 4 x 128 ablation tokens and 16 held-out windows per distribution), and
+qwen2.5-coder-1.5b about three times more again. ``--paper`` gives every model the paper
+preset instead (for a GPU). Runs are resumable: run the same command again after a kill.
+
+  nice -n 19 python benchmarks/cross_model_runs.py --models qwen2.5-coder-0.5b qwen2.5-coder-1.5b --out /work/runs
+  calibdrop summary results/run-default results/run-gemma3-270m /work/runs/qwen2.5-coder-0.5b /work/runs/qwen2.5-coder-1.5b --out results/summary
+"""
+
+import argparse
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from analysis.pipeline import PRESETS, RunSettings
+
+LEAN = replace(PRESETS["default"], subsets=False, tasks=(), accuracy_sets=())
+
+SETTINGS: dict[str, RunSettings] = {
+    # The lean preset of second_model_run.py: README's smollm2 run used the full default preset.
+    "smollm2-135m": replace(LEAN, transfer_samples=32),
+    "gemma3-270m": replace(LEAN, transfer_samples=16),
+    # About 2x gemma3-270m per token: half the proxy samples, half the ablation window length,
+    # greedy steps try 3 candidates instead of 4.
+    "qwen2.5-coder-0.5b": replace(LEAN, samples=16, ablation_samples=4, ablation_seq_len=64, greedy_shortlist=3, transfer_samples=16),
+    # About 6x gemma3-270m per token: a quarter of the proxy samples, 4 x 48 ablation tokens,
+    # greedy steps try 2 candidates, 8 held-out windows of 96 tokens, one random set.
+    "qwen2.5-coder-1.5b": replace(LEAN, samples=8, ablation_samples=4, ablation_seq_len=48, greedy_shortlist=2, transfer_samples=8,
+                                  transfer_seq_len=96, random_seeds=(0,)),
+}
+
+
+def settings_for(model: str, paper: bool) -> RunSettings:
+    """The settings of ``model``'s run: the paper preset with ``paper``, else the per-model lean settings."""
+    if paper:
+        return PRESETS["paper"]
+    if model not in SETTINGS:
+        raise SystemExit(f"no lean settings for {model!r}; models with settings: {', '.join(SETTINGS)} (or pass --paper)")
+    return SETTINGS[model]
+
+
+def main() -> None:
+    from analysis.pipeline import run
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"], help="built-in models, run in this order")
+    parser.add_argument("--out", type=Path, default=Path("/work/runs"), help="parent folder; each model's run goes to OUT/<model>")
+    parser.add_argument("--paper", action="store_true", help="the paper preset for every model (for a GPU) instead of the lean settings")
+    args = parser.parse_args()
+    for model in args.models:
+        settings = settings_for(model, args.paper)
+        started = time.time()
+        summary = run(model, args.out / model, preset=settings)
+        record = {"model": model, "wall_seconds": round(time.time() - started, 1), "run_seconds": summary["seconds"],
+                  "timings": summary["timings"], "settings": asdict(settings)}
+        print(json.dumps(record, default=str), flush=True)
+        with open(args.out / "wall_times.jsonl", "a") as handle:
+            handle.write(json.dumps(record, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
