@@ -338,6 +338,16 @@ def cmd_run(args) -> None:
     print(f"reused:   {', '.join(summary['stages_reused']) or 'nothing'}")
 
 
+def cmd_summary(args) -> None:
+    from .summary import write_summary
+
+    writable_output(Path(args.out), folder=True)
+    written = write_summary(args.results, Path(args.out))
+    print(f"{len(written['tables'])} tables and {len(written['figures'])} figure files in {args.out}")
+    for path in written["tables"]:
+        print(f"  {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="calibdrop", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -424,6 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument("--force", action="store_true", help="apply drop sets made for a model with another checksum")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    summary = commands.add_parser("summary", help="one set of tables and figures across the results folders of several models")
+    summary.add_argument("results", nargs="+", help="output folders of `calibdrop run`, one per model (a run that stopped part-way adds what it has)")
+    summary.add_argument("--out", default="results/summary", help="folder for the summary_*.parquet tables and figures/ (default: %(default)s)")
+    summary.set_defaults(func=cmd_summary)
 
     data_parser = commands.add_parser("data", help="fetch or list the calibration distributions")
     data_commands = data_parser.add_subparsers(dest="data_command", required=True)
