@@ -26,8 +26,9 @@ SETTINGS: dict[str, RunSettings] = {
     "smollm2-135m": replace(LEAN, transfer_samples=32),
     "gemma3-270m": replace(LEAN, transfer_samples=16),
     # About 2x gemma3-270m per token: half the proxy samples, half the ablation window length,
-    # greedy steps try 3 candidates instead of 4.
-    "qwen2.5-coder-0.5b": replace(LEAN, samples=16, ablation_samples=4, ablation_seq_len=64, greedy_shortlist=3, transfer_samples=16),
+    # greedy steps try 2 candidates instead of 4, 8 held-out windows, one random set.
+    "qwen2.5-coder-0.5b": replace(LEAN, samples=16, ablation_samples=4, ablation_seq_len=64, greedy_shortlist=2, transfer_samples=8,
+                                  random_seeds=(0,)),
     # About 6x gemma3-270m per token: a quarter of the proxy samples, 4 x 48 ablation tokens,
     # greedy steps try 2 candidates, 8 held-out windows of 96 tokens, one random set.
     "qwen2.5-coder-1.5b": replace(LEAN, samples=8, ablation_samples=4, ablation_seq_len=48, greedy_shortlist=2, transfer_samples=8,
