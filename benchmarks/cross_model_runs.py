@@ -25,13 +25,13 @@ SETTINGS: dict[str, RunSettings] = {
     # The lean preset of second_model_run.py: README's smollm2 run used the full default preset.
     "smollm2-135m": replace(LEAN, transfer_samples=32),
     "gemma3-270m": replace(LEAN, transfer_samples=16),
-    # About 2x gemma3-270m per token: half the proxy samples, half the ablation window length,
-    # greedy steps try 2 candidates instead of 4, 8 held-out windows, one random set.
-    "qwen2.5-coder-0.5b": replace(LEAN, samples=16, ablation_samples=4, ablation_seq_len=64, greedy_shortlist=2, transfer_samples=8,
-                                  random_seeds=(0,)),
-    # About 6x gemma3-270m per token: a quarter of the proxy samples, 4 x 48 ablation tokens,
-    # greedy steps try 2 candidates, 8 held-out windows of 96 tokens, one random set.
-    "qwen2.5-coder-1.5b": replace(LEAN, samples=8, ablation_samples=4, ablation_seq_len=48, greedy_shortlist=2, transfer_samples=8,
+    # About 2x gemma3-270m per token, on a machine shared with other jobs: half the proxy samples,
+    # 4 x 32 ablation tokens, no greedy paths, 8 held-out windows of 96 tokens, one random set.
+    "qwen2.5-coder-0.5b": replace(LEAN, samples=16, ablation_samples=4, ablation_seq_len=32, greedy_module=None, transfer_samples=8,
+                                  transfer_seq_len=96, random_seeds=(0,)),
+    # About 6x gemma3-270m per token: a quarter of the proxy samples, 4 x 32 ablation tokens,
+    # no greedy paths, 8 held-out windows of 96 tokens, one random set.
+    "qwen2.5-coder-1.5b": replace(LEAN, samples=8, ablation_samples=4, ablation_seq_len=32, greedy_module=None, transfer_samples=8,
                                   transfer_seq_len=96, random_seeds=(0,)),
 }
 
