@@ -13,7 +13,7 @@ import sys
 import warnings
 
 from .commands import (cmd_compare, cmd_consensus, cmd_data_fetch, cmd_data_list, cmd_evaluate, cmd_models_fetch, cmd_models_list, cmd_prune,
-                       cmd_run, cmd_score)
+                       cmd_run, cmd_score, cmd_summary)
 from .errors import CalibdropError, CalibdropWarning
 from .presets import CONSENSUS_METHODS, DEFAULT_MODEL, GROUND_TRUTH, MODULE_KINDS, PAPER_TASKS, PRESETS, PROXY_METRICS, RESULTS_DIR
 
@@ -138,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default=f"{RESULTS_DIR}/evaluation", help="folder for transfer.parquet and accuracy.parquet")
     evaluate.add_argument("--force", action="store_true", help="apply drop sets made for a model with another checksum")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    summary = command("summary", "one set of tables and figures across the results folders of several models")
+    summary.add_argument("results", nargs="+", help="output folders of `calibdrop run`, one per model (a run that stopped part-way adds what it has)")
+    summary.add_argument("--out", default=f"{RESULTS_DIR}/summary", help="folder for the summary_*.parquet tables and figures/")
+    summary.set_defaults(func=cmd_summary)
 
     data_parser = command("data", "fetch or list the calibration distributions")
     data_commands = data_parser.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")

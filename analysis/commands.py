@@ -354,3 +354,13 @@ def cmd_run(args) -> None:
           f"{summary['figures']} figure files in {out / 'figures'}")
     print(f"computed: {', '.join(summary['stages_computed']) or 'nothing (all reused)'}")
     print(f"reused:   {', '.join(summary['stages_reused']) or 'nothing'}")
+
+
+def cmd_summary(args) -> None:
+    from .summary import write_summary
+
+    out = writable_output(Path(args.out), folder=True)
+    written = write_summary(args.results, out)
+    print(f"{len(written['tables'])} tables and {len(written['figures'])} figure files in {out}")
+    for path in written["tables"]:
+        print(f"  {path}")

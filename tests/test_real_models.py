@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from analysis import adapter_for, load_model, score_texts
+from analysis import models
 from analysis.models import BUILTINS, is_fetched
 from analysis.samples import tokenize_texts
 
@@ -51,3 +52,24 @@ def test_default_model_padding_invariance(side):
     batch = score_texts(model, tokenizer, TEXTS, per_sample=True, progress=False)
     padded = batch[batch["sample"] == 3].reset_index(drop=True)
     np.testing.assert_allclose(padded["importance"], alone["importance"], atol=1e-5)
+
+
+@pytest.mark.real_model
+def test_qwen_coder_1_5b_loads_offline_with_checksums(monkeypatch):
+    """The fourth built-in: its joined GGUF has the pinned sha256, and it loads with no download and no Hub."""
+    name = "qwen2.5-coder-1.5b"
+    if not is_fetched(name):
+        pytest.skip(f"built-in {name} is not fetched; run `calibdrop models fetch {name}` to include this test")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError(f"{name} tried to run {args[0]!r} after it was fetched")
+
+    monkeypatch.setattr(models.subprocess, "run", no_download)
+    if models.gguf_path(name).exists():
+        assert models.fetch_builtin(name) == models.gguf_path(name)
+        assert models.sha256_file(models.gguf_path(name)) == BUILTINS[name].sha256
+    model, _ = load_model(name)
+    info = model.calibdrop_info
+    assert (info.source, info.family, info.n_layers, model.config.hidden_size) == ("builtin", "qwen2", 28, 1536)
+    assert info.weights_sha256 == models.checkpoint_sha256(models.dequantised_dir(name))
