@@ -40,7 +40,7 @@ import pandas as pd
 from .consensus import consensus_from_matrix, regret_table
 from .dropsets import UNPRUNED, make_drop_set
 from .errors import InputError
-from .evaluation import transfer_summary, window_nll
+from .evaluation import paired_comparisons, transfer_summary, window_nll
 from .io import read_table
 from .scoring import pad_token_id, score_texts, tokenize_texts
 from .stability import drop_set, importance_matrix, one_metric, permutation_test, rank_agreement, split_half_reliability
@@ -122,11 +122,12 @@ class CheckResult:
     regret: pd.DataFrame
     loss: pd.DataFrame | None = None
     recalibrated: list = field(default_factory=list)
+    paired: pd.DataFrame | None = None
 
     def tables(self) -> dict[str, pd.DataFrame]:
-        """Every table by name (``loss`` only when measured)."""
+        """Every table by name (``loss`` and ``paired`` only when the loss was measured)."""
         out = {"check_summary": self.summary, "check_regret": self.regret}
-        return out | ({"check_loss": self.loss} if self.loss is not None else {})
+        return out | ({"check_loss": self.loss, "check_paired": self.paired} if self.loss is not None else {})
 
 
 def _text_windows(tokenizer, texts, n: int, max_length: int, seed: int) -> datasets.Dataset:
@@ -142,20 +143,16 @@ def _text_windows(tokenizer, texts, n: int, max_length: int, seed: int) -> datas
     })
 
 
-def measured_loss(model, tokenizer, texts, sets: dict, *, n: int, max_length: int, batch_size: int, n_boot: int, seed: int) -> pd.DataFrame:
-    """Perplexity ratio to the unpruned model of each drop set (label → record) on ``n`` of the texts, with bootstrap CIs."""
-    windows = window_nll(model, {YOURS: _text_windows(tokenizer, texts, n, max_length, seed)}, {UNPRUNED: None, **sets}, batch_size=batch_size)
-    summary = transfer_summary(windows, n_boot=n_boot, seed=seed)
-    return summary[summary["distribution"] == YOURS].reset_index(drop=True)
-
-
-def _verdict(drift: bool, fraction: dict, cost: dict, tolerance: float, has_consensus: bool) -> str:
-    """keep / consensus / recalibrate from the drift flag, regret fractions and the costs used to choose."""
-    if not drift or fraction["drop_set"] <= tolerance:
+def _verdict(drift: bool, acceptable: dict, has_consensus: bool) -> str:
+    """keep / consensus / recalibrate from the drift flag and whether the drop set and the consensus set are acceptable."""
+    if not drift or acceptable["drop_set"]:
         return "keep"
-    if has_consensus and cost["consensus"] <= cost["recalibrated"]:
-        return "consensus"
-    return "recalibrate"
+    return "consensus" if has_consensus and acceptable["consensus"] else "recalibrate"
+
+
+def _loss_pairs(labels: dict) -> list:
+    """Paired comparisons on your texts: the drop set and the consensus set against the recalibrated set."""
+    return [(f"{role} vs recalibrated", labels[role], labels["recalibrated"]) for role in ("drop_set", "consensus")]
 
 
 def check(model, tokenizer, drop_set_record_: dict, texts, *, source_scores: pd.DataFrame | Path | None = None, metric: str | None = None,
@@ -173,6 +170,9 @@ def check(model, tokenizer, drop_set_record_: dict, texts, *, source_scores: pd.
     unknown = set(names) - set(source["distribution"])
     if unknown:
         raise InputError(f"the source scores lack the drop set's distributions {sorted(unknown)}")
+    if loss_samples and not 1 <= loss_samples <= len(texts) // 2:
+        raise InputError(f"loss_samples={loss_samples}: give at most half of your {len(texts)} texts, so that the recalibrated set "
+                         "compared on them is chosen on the other half")
     yours = your_scores if your_scores is not None else score_texts(
         model, tokenizer, texts, max_length=max_length, batch_size=batch_size, metrics=[metric], per_sample=True, progress=progress)
     yours = one_metric(yours, metric)[0].assign(distribution=YOURS)
@@ -190,48 +190,61 @@ def check(model, tokenizer, drop_set_record_: dict, texts, *, source_scores: pd.
     sets = {"drop_set": indices, "consensus": consensus, "recalibrated": recalibrated}
     regret = regret_table(everything, sets, module=module, metric=metric)
     regret = regret[regret["distribution"] == YOURS].reset_index(drop=True)
-    random_regret = float(regret.loc[regret["drop_set"] == "random", "regret"].iloc[0])
-    regret["fraction_of_random"] = regret["regret"] / random_regret if random_regret > 0 else np.nan
-    fraction = dict(zip(regret["drop_set"], regret["fraction_of_random"]))
+    regret["excess"] = regret["regret"] / regret["best_importance"].where(regret["best_importance"] > 0)
+    excess = dict(zip(regret["drop_set"], regret["excess"]))
     has_consensus = sorted(map(str, consensus)) != sorted(map(str, indices))
-    cost = {"consensus": fraction["consensus"], "recalibrated": regret_tolerance}
+    acceptable = {role: bool(excess[role] <= regret_tolerance) for role in ("drop_set", "consensus")}
 
-    loss = None
+    loss = paired = None
     if loss_samples:
-        methods = {"drop_set": "checked", "consensus": consensus_method, "recalibrated": "recalibrated"}
-        chosen_sets = {role: make_drop_set(module, sets[role], method, metric) for role, method in methods.items()}
-        labels = {role: spec.label for role, spec in chosen_sets.items()}
-        records = {spec.label: spec.record() for spec in chosen_sets.values()}
-        loss = measured_loss(model, tokenizer, texts, records, n=loss_samples, max_length=max_length, batch_size=batch_size, n_boot=n_boot, seed=seed)
-        loss["role"] = loss["drop_set"].map({label: role for role, label in labels.items()}).fillna(UNPRUNED)
-        ratio = dict(zip(loss["role"], loss["ppl_ratio"]))
-        cost = {"consensus": ratio["consensus"], "recalibrated": ratio["recalibrated"]}
+        loss, paired, labels = _measure(model, tokenizer, texts, yours, sets, module=module, k=k, metric=metric, consensus_method=consensus_method,
+                                        n=loss_samples, max_length=max_length, batch_size=batch_size, n_boot=n_boot, seed=seed)
+        worse = dict(zip(paired["a"], (paired["ratio"] > 1) & (paired["p_value"] < alpha)))
+        acceptable = {role: not worse[labels[role]] for role in ("drop_set", "consensus")}
 
     drift = p_value < alpha
-    verdict = _verdict(drift, fraction, cost, regret_tolerance, has_consensus)
+    verdict = _verdict(drift, acceptable, has_consensus)
     summary = pd.DataFrame([{
         "metric": metric, "module": module, "k": k, "drop_set": str(indices), "sources": ",".join(names), "n_texts": int(yours["sample"].nunique()),
         "spearman": float(agreement["spearman"]), f"jaccard@{k}": float(agreement[f"jaccard@{k}"]),
         "noise_floor": float(floor.loc[YOURS, "reliability"]), "noise_floor_ci_low": float(floor.loc[YOURS, "reliability_ci_low"]),
         "noise_floor_ci_high": float(floor.loc[YOURS, "reliability_ci_high"]), "calibration_noise_floor": float(floor.loc[CALIBRATION, "reliability"]),
-        "p_permutation": p_value, "drift": drift, "regret": float(fraction["drop_set"] * random_regret) if random_regret > 0 else np.nan,
-        "regret_fraction_of_random": fraction["drop_set"], "consensus_regret_fraction": fraction["consensus"], "verdict": verdict,
+        "p_permutation": p_value, "drift": drift, "regret": float(regret.loc[0, "regret"]), "excess": excess["drop_set"],
+        "consensus_excess": excess["consensus"], "verdict": verdict,
     }])
-    line = recommendation_line(summary.iloc[0], fraction, consensus, recalibrated, consensus_method, loss)
-    return CheckResult(verdict, line, drift, summary, regret, loss, recalibrated)
+    line = recommendation_line(summary.iloc[0], excess, consensus, recalibrated, consensus_method, loss, paired)
+    return CheckResult(verdict, line, drift, summary, regret, loss, recalibrated, paired)
 
 
-def recommendation_line(row: pd.Series, fraction: dict, consensus: list, recalibrated: list, consensus_method: str,
-                        loss: pd.DataFrame | None) -> str:
+def _measure(model, tokenizer, texts, yours, sets, *, module, k, metric, consensus_method, n, max_length, batch_size, n_boot, seed):
+    """The real loss of the drop set, the consensus set and a recalibrated set on ``n`` of the texts; the recalibrated set
+    is chosen on the other texts, so it is judged out of sample.  Returns the loss table, the paired comparisons and the labels."""
+    windows = _text_windows(tokenizer, texts, n, max_length, seed)
+    others = yours[~yours["sample"].isin(windows["sample"])]
+    recalibrated = drop_set(importance_matrix(others, module, metric)[YOURS], k)
+    methods = {"drop_set": "checked", "consensus": consensus_method, "recalibrated": "recalibrated"}
+    chosen = {role: make_drop_set(module, {**sets, "recalibrated": recalibrated}[role], method, metric) for role, method in methods.items()}
+    labels = {role: spec.label for role, spec in chosen.items()}
+    nll = window_nll(model, {YOURS: windows}, {UNPRUNED: None, **{spec.label: spec.record() for spec in chosen.values()}}, batch_size=batch_size)
+    loss = transfer_summary(nll, n_boot=n_boot, seed=seed)
+    loss = loss[loss["distribution"] == YOURS].reset_index(drop=True)
+    loss["role"] = loss["drop_set"].map({label: role for role, label in labels.items()}).fillna(UNPRUNED)
+    paired = paired_comparisons(nll, _loss_pairs(labels), n_boot=n_boot, seed=seed)
+    return loss, paired[paired["distribution"] == YOURS].reset_index(drop=True), labels
+
+
+def recommendation_line(row: pd.Series, excess: dict, consensus: list, recalibrated: list, consensus_method: str,
+                        loss: pd.DataFrame | None, paired: pd.DataFrame | None) -> str:
     """The one-line recommendation with the numbers behind it."""
     words = (f"{VERDICTS[row['verdict']]}: on your {row['n_texts']} texts the {row['metric']} ranking agrees with the drop set's "
              f"calibration ranking at rho = {row['spearman']:.3f} against your split-half noise floor {row['noise_floor']:.3f} "
              f"[{row['noise_floor_ci_low']:.3f}, {row['noise_floor_ci_high']:.3f}] (permutation p = {row['p_permutation']:.3g}, "
-             f"{'drift' if row['drift'] else 'no drift'}); proxy regret of the drop set {fraction['drop_set']:.0%} of a random set's, "
-             f"{consensus_method} consensus {sorted(consensus, key=str)} {fraction['consensus']:.0%}")
+             f"{'drift' if row['drift'] else 'no drift'}); the drop set drops {excess['drop_set']:.0%} more {row['metric']} importance "
+             f"than your own best {row['k']}, the {consensus_method} consensus {sorted(consensus, key=str)} {excess['consensus']:.0%}")
     if loss is not None:
-        ratio = dict(zip(loss["role"], zip(loss["ppl_ratio"], loss["ci_low"], loss["ci_high"])))
-        words += "; perplexity ratio on your texts: " + ", ".join(
+        ratio = {role: (value, low, high) for role, value, low, high in zip(loss["role"], loss["ppl_ratio"], loss["ci_low"], loss["ci_high"])}
+        words += f"; perplexity ratio to the unpruned model on {loss['n_windows'].iloc[0]} of your texts: " + ", ".join(
             f"{role} {value:.3f} [{low:.3f}, {high:.3f}]" for role, (value, low, high) in ratio.items() if role != UNPRUNED)
+        words += " (recalibrated on the other texts; paired " + ", ".join(
+            f"{c.split(' vs ')[0]}/recalibrated {r:.3f}, p = {p:.3g}" for c, r, p in zip(paired["comparison"], paired["ratio"], paired["p_value"])) + ")"
     return words + f"; your own {len(recalibrated)} least important: {sorted(recalibrated, key=str)}"
-
