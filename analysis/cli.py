@@ -14,6 +14,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import consensus, data, evaluation, models, plots, pruning, stability
+from .check import source_pointer
 from .errors import CalibdropError, CalibdropWarning, InputError
 from .io import atomic_write_json, provenance, read_table, temp_file, write_table
 from .metrics import check_metrics, metric_names
@@ -202,11 +203,16 @@ def cmd_data_list(args) -> None:
 
 def read_per_sample(results: str) -> pd.DataFrame:
     """Per-sample scores from a results folder, a ``*.per_sample.parquet`` or its aggregate's path."""
+    return read_table(per_sample_file(results))
+
+
+def per_sample_file(results: str) -> Path:
+    """The ``*.per_sample.parquet`` of a results folder, of an aggregate's path, or the path itself."""
     path = Path(results)
     candidates = [path / "scores.per_sample.parquet", path.with_suffix(".per_sample.parquet"), path]
     for candidate in candidates:
         if candidate.is_file() and candidate.name.endswith(".per_sample.parquet"):
-            return read_table(candidate)
+            return candidate
     raise InputError(f"no per-sample scores at {results}: give the folder or the .per_sample.parquet that `calibdrop score` wrote")
 
 
@@ -265,6 +271,7 @@ def cmd_consensus(args) -> None:
         "indices": [c if isinstance(c, str) else int(c) for c in chosen],
         "method": args.method,
         "distributions": list(dict.fromkeys(scores["distribution"])),
+        "scores": source_pointer(per_sample_file(args.results)),
         "provenance": provenance(kind="drop-set", scores=source),
     }
     atomic_write_json(out, record)
@@ -325,6 +332,32 @@ def cmd_evaluate(args) -> None:
         summary = accuracy[accuracy.metric.eq("acc_norm") | ~accuracy.task.isin(accuracy[accuracy.metric == "acc_norm"].task)]
         print(summary.pivot_table(index="drop_set", columns="task", values="value", sort=False).round(3).to_string())
     print(f"wrote results to {out}")
+
+
+def cmd_check(args) -> None:
+    """`calibdrop check`: does a drop set still hold on the user's texts (analysis.check.check)."""
+    from .check import check
+
+    drop_set = {**pruning.read_drop_set(Path(args.drop_set)), "file": str(args.drop_set)}
+    texts = read_jsonl_texts(Path(args.texts))
+    out = writable_output(Path(args.out), folder=True)
+    source = read_per_sample(args.scores) if args.scores else None
+    model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)
+    pruning.check_drop_set(drop_set, model, force=args.force)
+    warn_beyond_positions(model, args.max_length)
+    result = check(model, tokenizer, drop_set, texts, source_scores=source, metric=args.metric, consensus_method=args.consensus_method,
+                   max_length=args.max_length, batch_size=args.batch_size, loss_samples=args.loss_samples, alpha=args.alpha,
+                   regret_tolerance=args.tolerance, n_perm=args.n_perm, seed=args.seed, progress=True)
+    record = provenance(kind="check", model=models.model_info(model), drop_set=drop_set,
+                        texts={"path": str(args.texts), "sha256": hashlib.sha256(Path(args.texts).read_bytes()).hexdigest(), "n_texts": len(texts)},
+                        settings={key: getattr(args, key) for key in ("metric", "consensus_method", "max_length", "loss_samples", "alpha",
+                                                                       "tolerance", "n_perm", "seed")})
+    if not is_main_process():
+        return
+    for name, table in result.tables().items():
+        write_table(table, out / f"{name}.parquet", record)
+    _print_table(result.summary.drop(columns=["drop_set", "sources"]).T.reset_index().set_axis(["", "value"], axis=1))
+    print(f"\n{result.recommendation}\nwrote {len(result.tables())} tables to {out}")
 
 
 def cmd_run(args) -> None:
@@ -424,6 +457,30 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument("--force", action="store_true", help="apply drop sets made for a model with another checksum")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    checker = commands.add_parser("check", help="does a drop set still hold on your texts? drift, regret and a recommendation")
+    checker.add_argument("--model", default=models.DEFAULT_MODEL, help="built-in name, checkpoint dir, .gguf file or Hub id (default: %(default)s)")
+    checker.add_argument("--drop-set", required=True, help="drop-set JSON from `calibdrop consensus` (it names its source scores)")
+    checker.add_argument("--texts", required=True, help="your JSONL file, one {\"text\": ...} object per line; each text is one sample")
+    checker.add_argument("--scores", help="per-sample scores the drop set was built from, for drop sets that do not name them "
+                                          "(default: the drop set's 'scores' entry)")
+    checker.add_argument("--metric", help=f"importance metric ({','.join(metric_names())}; default: the drop set's)")
+    checker.add_argument("--consensus-method", default="borda", choices=consensus.METHODS,
+                         help="consensus set offered as the alternative (default: %(default)s)")
+    checker.add_argument("--loss-samples", type=int, default=0,
+                         help="measure the real perplexity of the sets on this many of your texts, at most half (default: %(default)s, off)")
+    checker.add_argument("--max-length", type=positive_int, default=512, help="tokens per text, longer ones are cut (default: %(default)s)")
+    checker.add_argument("--batch-size", type=positive_int, default=8, help="texts per forward pass (default: %(default)s)")
+    checker.add_argument("--alpha", type=float, default=0.05, help="significance level of the drift and loss tests (default: %(default)s)")
+    checker.add_argument("--tolerance", type=float, default=0.1,
+                         help="largest acceptable excess importance over your best set, as a fraction (default: %(default)s)")
+    checker.add_argument("--n-perm", type=positive_int, default=1000, help="permutations of the drift test (default: %(default)s)")
+    checker.add_argument("--seed", type=int, default=0, help="seed of the resampling and the loss subsample (default: %(default)s)")
+    checker.add_argument("--out", default="check", help="folder for the tables (default: %(default)s)")
+    checker.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    checker.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the model's)")
+    checker.add_argument("--force", action="store_true", help="apply a drop set made for a model with another checksum")
+    checker.set_defaults(func=cmd_check)
 
     data_parser = commands.add_parser("data", help="fetch or list the calibration distributions")
     data_commands = data_parser.add_subparsers(dest="data_command", required=True)

@@ -126,3 +126,28 @@ def test_drop_set_points_to_its_scores_and_notices_changes(setting, tmp_path):
         load_source_scores({"module": "attn", "indices": [1]})
     with pytest.raises(InputError, match="no distribution 'code'"):
         drop_set_record(rows, method="own:code")
+
+
+def test_cli_check_reads_the_consensus_json_and_writes_tables(setting, tmp_path, capsys):
+    from analysis.cli import main
+
+    model, tokenizer, rows, _, fresh = setting
+    checkpoint = tmp_path / "model"
+    model.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    write_table(rows, tmp_path / "cal.per_sample.parquet", {"kind": "scores-per-sample"})
+    assert main(["consensus", str(tmp_path / "cal.per_sample.parquet"), "--k", "3", "--out", str(tmp_path / "set.json")]) == 0
+    record = json.loads((tmp_path / "set.json").read_text())
+    assert record["scores"]["path"] == str((tmp_path / "cal.per_sample.parquet").resolve())
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in fresh["prose"]))
+    args = ["check", "--model", str(checkpoint), "--drop-set", str(tmp_path / "set.json"), "--texts", str(tmp_path / "texts.jsonl"),
+            "--n-perm", "50", "--max-length", "200", "--out", str(tmp_path / "check")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    want = check(model, tokenizer, record, fresh["prose"], n_perm=50, max_length=200)
+    assert want.recommendation in out
+    assert pd.read_parquet(tmp_path / "check" / "check_summary.parquet").loc[0, "verdict"] == want.verdict
+    del record["scores"]
+    (tmp_path / "old.json").write_text(json.dumps(record))
+    assert main([*args[:3], "--drop-set", str(tmp_path / "old.json"), *args[5:]]) == 2
+    assert "does not name its source scores" in capsys.readouterr().err
