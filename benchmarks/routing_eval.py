@@ -1,12 +1,12 @@
 """Routed vs static drop sets on a held-out mix of every distribution, and two real `calibdrop check` examples.
 
-On the default model (smollm2-135m), CPU, about 10 minutes:
+On the default model (smollm2-135m), CPU, about 15 minutes on 2 free cores:
 
   nice -n 10 python benchmarks/routing_eval.py --out results/routing
 
 1. scores the five distributions (cosine, ``--samples`` × ``--seq-len`` calibration windows; cached);
 2. :func:`analysis.routing.evaluate_routing` at ``--module``-``--k``: each distribution's own set, the
-   borda and minimax consensus sets, the router (trained on the same calibration windows) and the
+   ``--consensus`` sets, the router (trained on the same calibration windows) and the
    oracle, on ``--heldout-samples`` × ``--heldout-seq-len`` held-out windows per distribution;
 3. writes the own-general drop set as JSON (pointing to the per-sample scores) and held-out texts of
    ``code`` and ``general`` as JSONL, and checks the drop set against each with
@@ -34,11 +34,12 @@ parser.add_argument("--module", default="attn", help="module kind of the drop se
 parser.add_argument("--k", type=int, default=8, help="drop-set size (default: %(default)s)")
 parser.add_argument("--samples", type=int, default=32, help="calibration windows per distribution (default: %(default)s)")
 parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default: %(default)s)")
-parser.add_argument("--heldout-samples", type=int, default=24, help="held-out windows per distribution (default: %(default)s)")
+parser.add_argument("--consensus", default="borda", help="consensus methods, comma-separated (default: %(default)s)")
+parser.add_argument("--heldout-samples", type=int, default=16, help="held-out windows per distribution (default: %(default)s)")
 parser.add_argument("--heldout-seq-len", type=int, default=256, help="tokens per held-out window (default: %(default)s)")
 parser.add_argument("--classifier", default="centroid", help="router classifier: centroid or logistic (default: %(default)s)")
-parser.add_argument("--check-texts", type=int, default=32, help="held-out texts per check example (default: %(default)s)")
-parser.add_argument("--loss-samples", type=int, default=16, help="texts of each check example whose real loss is measured (default: %(default)s)")
+parser.add_argument("--check-texts", type=int, default=24, help="held-out texts per check example (default: %(default)s)")
+parser.add_argument("--loss-samples", type=int, default=8, help="texts of each check example whose real loss is measured (default: %(default)s)")
 args = parser.parse_args()
 
 out = Path(args.out)
@@ -50,6 +51,7 @@ record = provenance(kind="routing-evaluation", model=models.model_info(model), s
 write_table(scores.assign(model=args.model), out / "scores.per_sample.parquet", {**record, "kind": "scores-per-sample"})
 
 tables = evaluate_routing(model, tokenizer, scores, module=args.module, k=args.k, classifier=args.classifier,
+                          consensus_methods=tuple(args.consensus.split(",")),
                           calibration_samples=args.samples, calibration_seq_len=args.seq_len, heldout_samples=args.heldout_samples,
                           heldout_seq_len=args.heldout_seq_len, progress=True)
 for name, table in tables.items():
