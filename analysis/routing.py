@@ -290,8 +290,8 @@ def evaluate_routing(model, tokenizer, scores: pd.DataFrame, *, module: str = "a
     chosen["static_nll"] = lookup.loc[list(zip(chosen["chosen"], chosen["distribution"], chosen["window"]))].to_numpy()
     oracle = static[static["drop_set"] == static["distribution"].map(own)].assign(drop_set=prefix_label + "oracle")
     windows = pd.concat([static, routes.assign(drop_set=prefix_label + "routed")[static.columns], oracle], ignore_index=True)
-    summary = pd.concat([transfer_summary(windows, n_boot=n_boot, seed=seed), transfer_summary(pooled_mix(windows), n_boot=n_boot, seed=seed)],
-                        ignore_index=True)
+    mix = transfer_summary(pooled_mix(windows), n_boot=n_boot, seed=seed)
+    summary = pd.concat([transfer_summary(windows, n_boot=n_boot, seed=seed), mix[mix["distribution"] == "mix"]], ignore_index=True)
     routed_label = prefix_label + "routed"
     pairs = [(f"routed vs {label.removeprefix(prefix_label)}", routed_label, label) for label in [*sets, prefix_label + "oracle"]]
     paired = pd.concat([paired_comparisons(windows, pairs, n_boot=n_boot, seed=seed),
