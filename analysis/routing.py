@@ -15,7 +15,6 @@ of ``drop_modules`` on a copy of the model.
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -250,11 +249,6 @@ def pooled_mix(windows: pd.DataFrame) -> pd.DataFrame:
     """Window rows of several distributions relabelled as one distribution ``mix`` (window ids made unique)."""
     codes = pd.factorize(windows["distribution"].astype(str) + "/" + windows["window"].astype(str))[0]
     return windows.assign(distribution="mix", window=codes)
-
-
-def perplexity_of(windows: pd.DataFrame) -> float:
-    """``exp(sum nll / sum tokens)`` of window rows."""
-    return math.exp(windows["nll_sum"].sum() / windows["n_tokens"].sum())
 
 
 def evaluate_routing(model, tokenizer, scores: pd.DataFrame, *, module: str = "attn", k: int = 8, metric: str = "cosine",
