@@ -8,8 +8,9 @@ On the default model (smollm2-135m), CPU, about 15 minutes on 2 free cores:
 2. :func:`analysis.routing.evaluate_routing` at ``--module``-``--k``: each distribution's own set, the
    ``--consensus`` sets, the router (trained on the same calibration windows) and the
    oracle, on ``--heldout-samples`` × ``--heldout-seq-len`` held-out windows per distribution;
-3. writes the own-general drop set as JSON (pointing to the per-sample scores) and held-out texts of
-   ``code`` and ``general`` as JSONL, and checks the drop set against each with
+3. writes the own-general drop set as JSON (pointing to the per-sample scores) and, as JSONL, the first
+   tokens of held-out ``code`` and ``general`` documents and ``--seq-len``-token windows of held-out
+   ``general`` documents (decoded), and checks the drop set against each with
    :func:`analysis.check.check` (``calibdrop check`` gives the same answer on those files).
 
 Tables go to ``--out`` (Parquet + JSON sidecars); ``summary.json`` holds the printed numbers.
@@ -23,6 +24,7 @@ import pandas as pd
 
 from analysis import data, models
 from analysis.check import check, drop_set_record
+from analysis.evaluation import heldout_samples
 from analysis.io import atomic_write_json, provenance, write_table
 from analysis.routing import evaluate_routing
 from analysis.scoring import score_distributions
@@ -69,11 +71,14 @@ print(tables["cost"].round(4).to_string(index=False))
 drop_set = {**drop_set_record(scores, module=args.module, k=args.k, method="own:general", metric="cosine",
                               per_sample_path=out / "scores.per_sample.parquet"), "model": args.model}
 atomic_write_json(out / "drop_set_own_general.json", drop_set)
+windows = heldout_samples(tokenizer, ["general"], n_samples=args.check_texts, seq_len=args.seq_len, seed=0)["general"]
+examples = {name: ([t for t in data.load_distribution(name, "heldout")["text"] if t.strip()][: args.check_texts], args.heldout_seq_len)
+            for name in ("code", "general")}
+examples["general_windows512"] = ([tokenizer.decode(ids) for ids in windows["input_ids"]], args.seq_len)
 checks = {}
-for name in ("code", "general"):
-    texts = [t for t in data.load_distribution(name, "heldout")["text"] if t.strip()][: args.check_texts]
+for name, (texts, max_length) in examples.items():
     (out / f"texts_{name}_heldout.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
-    result = check(model, tokenizer, drop_set, texts, max_length=args.heldout_seq_len, loss_samples=args.loss_samples)
+    result = check(model, tokenizer, drop_set, texts, max_length=max_length, loss_samples=args.loss_samples)
     for table_name, table in result.tables().items():
         write_table(table, out / f"{table_name}_{name}.parquet", record)
     checks[name] = {"verdict": result.verdict, "drift": result.drift, "recommendation": result.recommendation}
