@@ -12,7 +12,7 @@ import argparse
 import sys
 import warnings
 
-from .commands import (cmd_compare, cmd_consensus, cmd_data_fetch, cmd_data_list, cmd_evaluate, cmd_models_fetch, cmd_models_list, cmd_prune,
+from .commands import (cmd_check, cmd_compare, cmd_consensus, cmd_data_fetch, cmd_data_list, cmd_evaluate, cmd_models_fetch, cmd_models_list, cmd_prune,
                        cmd_run, cmd_score, cmd_summary)
 from .errors import CalibdropError, CalibdropWarning
 from .presets import CONSENSUS_METHODS, DEFAULT_MODEL, GROUND_TRUTH, MODULE_KINDS, PAPER_TASKS, PRESETS, PROXY_METRICS, RESULTS_DIR
@@ -138,6 +138,26 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default=f"{RESULTS_DIR}/evaluation", help="folder for transfer.parquet and accuracy.parquet")
     evaluate.add_argument("--force", action="store_true", help="apply drop sets made for a model with another checksum")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    checker = command("check", "does a drop set still hold on your texts? drift, regret and a recommendation")
+    _add_model_options(checker)
+    checker.add_argument("--drop-set", required=True, help="drop-set JSON from `calibdrop consensus` (it names its source scores)")
+    checker.add_argument("--texts", required=True, help="your JSONL file, one {\"text\": ...} object per line; each text is one sample")
+    checker.add_argument("--scores", help="per-sample scores the drop set was built from, for drop sets that do not name them "
+                                          "(default: the drop set's 'scores' entry)")
+    checker.add_argument("--metric", help="importance metric (default: the drop set's)")
+    checker.add_argument("--consensus-method", default="borda", choices=CONSENSUS_METHODS, help="consensus set offered as the alternative")
+    checker.add_argument("--loss-samples", type=int, default=0,
+                         help="measure the real perplexity of the sets on this many of your texts, at most half (0: off)")
+    checker.add_argument("--max-length", type=positive_int, default=512, help="tokens per text, longer ones are cut")
+    checker.add_argument("--batch-size", type=positive_int, default=8, help="texts per forward pass")
+    checker.add_argument("--alpha", type=float, default=0.05, help="significance level of the drift and loss tests")
+    checker.add_argument("--tolerance", type=float, default=0.1, help="largest acceptable excess importance over your best set, as a fraction")
+    checker.add_argument("--n-perm", type=positive_int, default=1000, help="permutations of the drift test")
+    checker.add_argument("--seed", type=int, default=0, help="seed of the resampling and the loss subsample")
+    checker.add_argument("--out", default=f"{RESULTS_DIR}/check", help="folder for the tables")
+    checker.add_argument("--force", action="store_true", help="apply a drop set made for a model with another checksum")
+    checker.set_defaults(func=cmd_check)
 
     summary = command("summary", "one set of tables and figures across the results folders of several models")
     summary.add_argument("results", nargs="+", help="output folders of `calibdrop run`, one per model (a run that stopped part-way adds what it has)")

@@ -63,15 +63,20 @@ def print_json(frame) -> None:
     print(json.dumps(frame.to_dict(orient="records"), ensure_ascii=False, indent=2, default=str))
 
 
+def per_sample_file(results: str) -> Path:
+    """The ``*.per_sample.parquet`` of a results folder, of an aggregate's path, or the path itself."""
+    path = Path(results)
+    for candidate in (path / "scores.per_sample.parquet", path.with_suffix(".per_sample.parquet"), path):
+        if candidate.is_file() and candidate.name.endswith(".per_sample.parquet"):
+            return candidate
+    raise InputError(f"no per-sample scores at {results}: give the folder or the .per_sample.parquet that `calibdrop score` wrote")
+
+
 def read_per_sample(results: str):
     """Per-sample scores from a results folder, a ``*.per_sample.parquet`` or its aggregate's path."""
     from .io import read_table
 
-    path = Path(results)
-    for candidate in (path / "scores.per_sample.parquet", path.with_suffix(".per_sample.parquet"), path):
-        if candidate.is_file() and candidate.name.endswith(".per_sample.parquet"):
-            return read_table(candidate)
-    raise InputError(f"no per-sample scores at {results}: give the folder or the .per_sample.parquet that `calibdrop score` wrote")
+    return read_table(per_sample_file(results))
 
 
 def metric_of(scores, requested: str | None) -> str:
@@ -257,6 +262,7 @@ def cmd_compare(args) -> None:
 def cmd_consensus(args) -> None:
     import pandas as pd
 
+    from .check import source_pointer
     from .dropsets import drop_set_family
     from .io import atomic_write_json, provenance
 
@@ -269,6 +275,7 @@ def cmd_consensus(args) -> None:
         **chosen.record(),
         "model": source.get("model", {}).get("spec") or scores.get("model", pd.Series([None])).iloc[0],
         "model_sha256": source.get("model", {}).get("weights_sha256"),
+        "scores": source_pointer(per_sample_file(args.results)),
         "provenance": provenance(kind="drop-set", scores=source),
     }
     atomic_write_json(out, record)
@@ -364,3 +371,35 @@ def cmd_summary(args) -> None:
     print(f"{len(written['tables'])} tables and {len(written['figures'])} figure files in {out}")
     for path in written["tables"]:
         print(f"  {path}")
+
+
+def cmd_check(args) -> None:
+    """``calibdrop check``: does a drop set still hold on the user's texts (:func:`analysis.check.check`)."""
+    import hashlib
+
+    from . import models, pruning
+    from .check import check
+    from .distributed import is_main_process
+    from .dropsets import read_drop_set
+    from .io import provenance, read_jsonl_texts, write_table
+
+    drop_set = read_drop_set(Path(args.drop_set))
+    texts = read_jsonl_texts(Path(args.texts))
+    out = writable_output(Path(args.out), folder=True)
+    source = read_per_sample(args.scores) if args.scores else None
+    model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)
+    pruning.check_drop_set(drop_set, model, force=args.force)
+    warn_beyond_positions(model, args.max_length)
+    result = check(model, tokenizer, drop_set, texts, source_scores=source, metric=args.metric, consensus_method=args.consensus_method,
+                   max_length=args.max_length, batch_size=args.batch_size, loss_samples=args.loss_samples, alpha=args.alpha,
+                   regret_tolerance=args.tolerance, n_perm=args.n_perm, seed=args.seed, progress=sys.stderr.isatty())
+    record = provenance(kind="check", model=models.model_info(model), drop_set=drop_set,
+                        texts={"path": str(args.texts), "sha256": hashlib.sha256(Path(args.texts).read_bytes()).hexdigest(), "n_texts": len(texts)},
+                        settings={key: getattr(args, key) for key in ("metric", "consensus_method", "max_length", "loss_samples", "alpha",
+                                                                       "tolerance", "n_perm", "seed")})
+    if not is_main_process():
+        return
+    for name, table in result.tables().items():
+        write_table(table, out / f"{name}.parquet", record)
+    print_table(result.summary.drop(columns=["drop_set", "sources"]).T.reset_index().set_axis(["", "value"], axis=1))
+    print(f"\n{result.recommendation}\nwrote {len(result.tables())} tables to {out}")
