@@ -155,7 +155,11 @@ def length_sorted_batches(sequences: Sequence[Sequence[int]], batch_size: int, p
 
 
 def token_batches(samples: datasets.Dataset, batch_size: int) -> Iterator[dict]:
-    """:func:`padded_batches` of calibration windows (all one length, so nothing is padded), ``sample`` their numbers."""
+    """:func:`padded_batches` of token windows, ``sample`` their numbers.  Calibration windows are all one length, so
+    nothing is padded; windows that carry an ``attention_mask`` keep only their real tokens (then padded on the right)."""
     numbers = samples["sample"]
-    for batch in padded_batches(samples["input_ids"], batch_size):
+    sequences = samples["input_ids"]
+    if "attention_mask" in samples.column_names:
+        sequences = [[token for token, real in zip(ids, mask) if real] for ids, mask in zip(sequences, samples["attention_mask"])]
+    for batch in padded_batches(sequences, batch_size):
         yield {**batch, "sample": [numbers[i] for i in batch["sample"]]}
