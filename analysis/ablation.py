@@ -51,24 +51,30 @@ def row_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch
 
 
 @contextmanager
-def stack_from(model: torch.nn.Module, start: int) -> Iterator[torch.nn.Module]:
-    """``model`` whose decoder runs only blocks ``start, start+1, ...`` (per-layer config lists sliced alike)."""
+def layer_slice(model: torch.nn.Module, start: int = 0, stop: int | None = None) -> Iterator[torch.nn.Module]:
+    """``model`` whose decoder runs only blocks ``start .. stop - 1`` (per-layer config lists sliced alike)."""
     base = model.base_model
     config = model.config
     layers = base.layers
     saved = {name: getattr(config, name) for name in PER_LAYER_CONFIG_LISTS if isinstance(getattr(config, name, None), list)}
     n_layers = config.num_hidden_layers
+    kept = slice(start, stop)
     try:
-        base.layers = torch.nn.ModuleList(list(layers)[start:])
+        base.layers = torch.nn.ModuleList(list(layers)[kept])
         for name, values in saved.items():
-            setattr(config, name, values[start:])
-        config.num_hidden_layers = n_layers - start
+            setattr(config, name, values[kept])
+        config.num_hidden_layers = len(base.layers)
         yield model
     finally:
         base.layers = layers
         for name, values in saved.items():
             setattr(config, name, values)
         config.num_hidden_layers = n_layers
+
+
+def stack_from(model: torch.nn.Module, start: int):
+    """``model`` whose decoder runs only blocks ``start, start+1, ...`` (:func:`layer_slice`)."""
+    return layer_slice(model, start)
 
 
 @contextmanager

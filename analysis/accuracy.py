@@ -77,14 +77,9 @@ def paired_accuracy(items: pd.DataFrame, a: str, b: str, *, n_boot: int = 1000, 
 def item_correctness(model, tokenizer, tasks, *, limit: int | None = None, batch_size: int = 8, metric: str = "acc") -> pd.DataFrame:
     """Per item of each task, whether the model answers it correctly (lm-eval's ``metric``, zero-shot, the tasks'
     local copies as in :func:`analysis.evaluation.zero_shot_accuracy`): columns ``task, subtask, item, correct``."""
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+    from .evaluation import lm_eval_results
 
-    from .evaluation import task_configs
-    from .scoring import input_device
-
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(input_device(model)))
-    results = simple_evaluate(model=lm, tasks=task_configs(tasks), num_fewshot=0, limit=limit, log_samples=True, verbosity="ERROR")
+    results = lm_eval_results(model, tokenizer, tasks, limit=limit, batch_size=batch_size, log_samples=True)
     rows = []
     for key, samples in results["samples"].items():
         subtask = key.removeprefix("calibdrop_")

@@ -104,16 +104,22 @@ def task_configs(names) -> list[dict]:
     return configs
 
 
+def lm_eval_results(model, tokenizer, tasks, *, limit: int | None = None, batch_size: int = 8, log_samples: bool = False) -> dict:
+    """lm-eval's results dict for ``tasks`` run zero-shot on their local copies (:func:`task_configs`), with per-item
+    records under ``samples`` when ``log_samples``."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(input_device(model)))
+    return simple_evaluate(model=lm, tasks=task_configs(tasks), num_fewshot=0, limit=limit, log_samples=log_samples, verbosity="ERROR")
+
+
 def zero_shot_accuracy(model, tokenizer, tasks=tuple(PAPER_TASKS), *, limit: int | None = None, batch_size: int = 8) -> pd.DataFrame:
     """Zero-shot ``acc`` and ``acc_norm`` per task through lm-eval (MMLU: size-weighted over its 57 subjects).
 
     ``limit`` caps the examples per task (per subject for MMLU) for CPU runs.
     """
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(input_device(model)))
-    results = simple_evaluate(model=lm, tasks=task_configs(tasks), num_fewshot=0, limit=limit, log_samples=False, verbosity="ERROR")
+    results = lm_eval_results(model, tokenizer, tasks, limit=limit, batch_size=batch_size)
     rows = []
     for key, metrics in results["results"].items():
         task = key.removeprefix("calibdrop_")

@@ -16,9 +16,8 @@ of ``drop_modules`` on a copy of the model.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -29,13 +28,13 @@ from sklearn.neighbors import NearestCentroid
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from .ablation import full_row_nll, position_ids_from_mask, row_nll, stack_from
+from .ablation import full_row_nll, layer_slice, position_ids_from_mask, row_nll, stack_from
 from .adapters import decoder_layers
 from .documents import load_distribution
 from .dropsets import drop_set_family
 from .errors import InputError
 from .evaluation import dropped_candidates
-from .pruning import PER_LAYER_CONFIG_LISTS, modules_dropped
+from .pruning import modules_dropped
 from .samples import calibration_samples, token_batches
 from .scoring import input_device
 
@@ -66,26 +65,6 @@ def check_routing_layer(layer: int, drop_sets: Mapping[str, object]) -> None:
         raise InputError(f"routing layer {layer} does not precede every dropped module: use a layer in 0..{allowed}")
 
 
-@contextmanager
-def stack_until(model: torch.nn.Module, stop: int) -> Iterator[torch.nn.Module]:
-    """``model`` whose decoder runs only blocks ``0 .. stop - 1`` (per-layer config lists sliced alike)."""
-    base, config = model.base_model, model.config
-    layers = base.layers
-    saved = {name: getattr(config, name) for name in PER_LAYER_CONFIG_LISTS if isinstance(getattr(config, name, None), list)}
-    n_layers = config.num_hidden_layers
-    try:
-        base.layers = torch.nn.ModuleList(list(layers)[:stop])
-        for name, values in saved.items():
-            setattr(config, name, values[:stop])
-        config.num_hidden_layers = stop
-        yield model
-    finally:
-        base.layers = layers
-        for name, values in saved.items():
-            setattr(config, name, values)
-        config.num_hidden_layers = n_layers
-
-
 @torch.inference_mode()
 def prefix(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> tuple[torch.Tensor, np.ndarray]:
     """``resid_post`` of block ``layer`` (running blocks ``0..layer`` only) and the routing feature of each row:
@@ -94,7 +73,7 @@ def prefix(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: 
     block = decoder_layers(model)[layer]
     handle = block.register_forward_hook(lambda module, args, output: captured.setdefault("h", output[0] if isinstance(output, (tuple, list)) else output))
     try:
-        with stack_until(model, layer + 1):
+        with layer_slice(model, 0, layer + 1):
             model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     finally:
         handle.remove()
