@@ -48,7 +48,8 @@ class RunSettings:
     random_seeds: tuple[int, ...] = (0, 1)
     tasks: tuple[str, ...] = ("arc_easy", "piqa")
     task_limit: int | None = 100
-    accuracy_sets: tuple[str, ...] = ("none", "cosine/attn-8:borda", "ablation/attn-8:greedy:robust")
+    accuracy_sets: tuple[str, ...] = ("none", "cosine/attn-8:borda", "ablation/attn-8:greedy:robust", "cosine/mlp-4:borda", "cosine/block-4:borda",
+                                      "cosine/joint-8:borda")
 
     def budget(self, module: str) -> tuple[int, ...]:
         """The drop-set sizes evaluated on held-out text for ``module``: ``transfer_k`` for attention, else the largest budget of ``module``."""
