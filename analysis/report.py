@@ -352,9 +352,19 @@ def section_sample_size(results: Results) -> list[str]:
 
 def section_figures(results: Results) -> list[str]:
     lines = ["## Figures", ""]
-    for path in sorted(p for p in results.figures if p.suffix == ".png"):
-        lines += [f"### {path.stem}", "", f"![{path.stem}](figures/{path.name})", "", CAPTIONS.get(path.stem, ""), ""]
+    for path in sorted((p for p in results.figures if p.suffix == ".png"), key=figure_order):
+        lines += [f"#### {path.stem}", "", f"![{path.stem}](figures/{path.name})", "", CAPTIONS.get(path.stem, ""), ""]
     return lines
+
+
+FIGURE_ORDER = ("transfer_worst_case", "transfer_matrix", "metric_validity", "proxy_vs_ablation", "ranking_decomposition", "similarity",
+                "importance", "profile", "membership", "regret", "convergence")
+
+
+def figure_order(path: Path) -> tuple[int, str]:
+    """Figures in the order of the report's sections (held-out loss first, convergence last), then by name."""
+    rank = next((i for i, prefix in enumerate(FIGURE_ORDER) if path.stem.startswith(prefix)), len(FIGURE_ORDER))
+    return rank, path.stem
 
 
 SECTIONS = (section_header, section_verdict, section_recommendations, section_data_or_metric, section_agreement, section_membership,
