@@ -71,7 +71,7 @@ def test_vanished_pin_takes_the_newer_revision_loudly_and_records_it(tmp_path, d
     listed = json.loads(calibdrop(env, "data", "list", "--json").stdout)
     [row] = [r for r in listed if r["name"] == "fakedocs"]
     assert row["fetched"] and row["sources"][0] | {} == {**row["sources"][0], "version": NEWER, "pinned_version": PINNED, "sha256": newer_sha}
-    assert f"{PACKAGE}={NEWER} (pinned {PINNED}, sha256 {newer_sha})" in calibdrop(env, "data", "list").stdout
+    assert f"{PACKAGE}={NEWER} (pinned {PINNED}, sha256 {newer_sha})" in calibdrop(env, "data", "list", "--wide").stdout
 
     for name in ("CALIBDROP_CACHE", "CALIBDROP_MANIFESTS"):
         monkeypatch.setenv(name, env[name])
