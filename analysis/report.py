@@ -19,7 +19,8 @@ import pandas as pd
 
 from .dropsets import UNPRUNED, method_family
 from .io import atomic_write_bytes
-from .plots import CAPTIONS, pair_matrix
+from .captions import CAPTIONS
+from .plots import pair_matrix
 from .stability import drop_set, importance_matrix, one_metric, tables_of_metric
 
 

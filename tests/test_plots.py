@@ -9,6 +9,7 @@ from matplotlib.figure import Figure
 
 from analysis import consensus, plots, stability, validity
 from analysis.dropsets import drop_set_family
+from analysis.captions import CAPTIONS
 
 DISTRIBUTIONS = ("code", "math", "chat")
 LAYERS = 6
@@ -218,7 +219,7 @@ def test_every_figure_function_returns_a_figure_and_has_a_caption(per_sample, ta
     }
     assert all(isinstance(fig, Figure) for fig in figures.values())
     for stem in stems | set(figures):
-        assert len(plots.CAPTIONS[stem]) > 80, stem
+        assert len(CAPTIONS[stem]) > 80, stem
 
 
 def test_linear_threshold_known_answers():
