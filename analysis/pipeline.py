@@ -18,7 +18,7 @@ from typing import Callable
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import ablation, consensus, evaluation, models, plots, stability, validity
+from . import ablation, consensus, evaluation, models, plots, stability, study_plots, validity
 from .documents import load_distribution, subsets
 from .manifests import load_manifest, top_level
 from .samples import calibration_samples, token_batches
@@ -364,15 +364,15 @@ def draw_figures(scores, tables, folder: Path, k: int) -> list[Path]:
     cosine, cosine_tables = stability.one_metric(scores, "cosine")[0], stability.tables_of_metric(tables, "cosine")
     written = plots.stability_figures(cosine, cosine_tables, folder, k)
     if len(tables.get("transfer", [])):
-        written += plots.save_figure(plots.transfer_heatmap(tables["transfer"]), folder / "transfer_matrix")
-        written += plots.save_figure(plots.worst_case_forest(tables["transfer"]), folder / "transfer_worst_case")
+        written += plots.save_figure(study_plots.transfer_heatmap(tables["transfer"]), folder / "transfer_matrix")
+        written += plots.save_figure(study_plots.worst_case_forest(tables["transfer"]), folder / "transfer_worst_case")
     if len(tables.get("regret", [])):
-        written += plots.save_figure(plots.regret_overview(cosine_tables["regret"]), folder / "regret_consensus_vs_single")
+        written += plots.save_figure(study_plots.regret_overview(cosine_tables["regret"]), folder / "regret_consensus_vs_single")
     if len(tables.get("validity", [])):
-        written += plots.save_figure(plots.validity_heatmap(tables["validity"]), folder / "metric_validity")
-        written += plots.save_figure(plots.proxy_vs_ablation(scores), folder / "proxy_vs_ablation")
+        written += plots.save_figure(study_plots.validity_heatmap(tables["validity"]), folder / "metric_validity")
+        written += plots.save_figure(study_plots.proxy_vs_ablation(scores), folder / "proxy_vs_ablation")
     if len(tables.get("decomposition", [])):
-        written += plots.save_figure(plots.decomposition_bars(tables["decomposition"]), folder / "ranking_decomposition")
+        written += plots.save_figure(study_plots.decomposition_bars(tables["decomposition"]), folder / "ranking_decomposition")
     return written
 
 

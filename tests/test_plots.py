@@ -7,7 +7,7 @@ import pytest
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from analysis import consensus, plots, stability, validity
+from analysis import consensus, plots, stability, study_plots, validity
 from analysis.dropsets import drop_set_family
 from analysis.captions import CAPTIONS
 
@@ -153,7 +153,7 @@ def test_membership_ticks_are_every_candidate_and_horizontal(module, candidates)
 
 def test_regret_overview_labels_every_point(tables):
     regret = tables["regret"]
-    fig = plots.regret_overview(regret)
+    fig = study_plots.regret_overview(regret)
     worst = regret.groupby(["module", "k", "drop_set"])["regret"].max()
     panels = [ax for ax in fig.axes if ax.get_visible() and ax.collections]
     assert len(panels) == worst.reset_index()[["module", "k"]].drop_duplicates().shape[0]
@@ -181,7 +181,7 @@ def test_regret_bars_legend_outside_and_log_axis(tables):
 
 
 def test_transfer_scale_is_robust_to_the_random_sets(transfer):
-    ax = plots.transfer_heatmap(transfer).axes[0]
+    ax = study_plots.transfer_heatmap(transfer).axes[0]
     low, high = colour_limits(ax)
     assert high == pytest.approx(1.9) and low == pytest.approx(1.1)
     rows = [t.get_text() for t in ax.get_yticklabels()]
@@ -190,13 +190,13 @@ def test_transfer_scale_is_robust_to_the_random_sets(transfer):
 
 
 def test_worst_case_forest_has_a_legend_of_metrics(transfer):
-    fig = plots.worst_case_forest(transfer)
+    fig = study_plots.worst_case_forest(transfer)
     assert sorted(t.get_text() for t in fig.legends[0].get_texts()) == ["ablation", "cosine"]
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["cosine own:code", "cosine borda", "ablation minimax"]
 
 
 def test_validity_scale_fits_the_data(tables):
-    fig = plots.validity_heatmap(tables["validity"])
+    fig = study_plots.validity_heatmap(tables["validity"])
     low, high = colour_limits(fig.axes[0])
     assert (low, high) == pytest.approx(plots.fitted_limits(tables["validity"]["spearman"], step=0.1))
 
@@ -207,12 +207,12 @@ def test_every_figure_function_returns_a_figure_and_has_a_caption(per_sample, ta
     stems = {path.stem for path in written}
     assert {"similarity_attn_spearman", "similarity_attn_jaccard3", "importance_joint", "membership_mlp", "regret_attn", "regret_joint"} <= stems
     figures = {
-        "transfer_matrix": plots.transfer_heatmap(transfer),
-        "transfer_worst_case": plots.worst_case_forest(transfer),
-        "regret_consensus_vs_single": plots.regret_overview(tables["regret"]),
-        "metric_validity": plots.validity_heatmap(tables["validity"]),
-        "proxy_vs_ablation": plots.proxy_vs_ablation(per_sample),
-        "ranking_decomposition": plots.decomposition_bars(tables["decomposition"]),
+        "transfer_matrix": study_plots.transfer_heatmap(transfer),
+        "transfer_worst_case": study_plots.worst_case_forest(transfer),
+        "regret_consensus_vs_single": study_plots.regret_overview(tables["regret"]),
+        "metric_validity": study_plots.validity_heatmap(tables["validity"]),
+        "proxy_vs_ablation": study_plots.proxy_vs_ablation(per_sample),
+        "ranking_decomposition": study_plots.decomposition_bars(tables["decomposition"]),
         "profile_joint": plots.importance_profiles(tables["bootstrap_importance"][tables["bootstrap_importance"]["module"] == "joint"]),
         "convergence_attn": plots.convergence_plot(tables["convergence"][tables["convergence"]["module"] == "attn"],
                                                    tables["convergence_summary"]),
@@ -230,11 +230,11 @@ def test_linear_threshold_known_answers():
 
 
 def test_proxy_vs_ablation_uses_log_unless_a_drop_lowers_the_loss(per_sample):
-    assert [ax.get_yscale() for ax in plots.proxy_vs_ablation(per_sample).axes[:3]] == ["log"] * 3
+    assert [ax.get_yscale() for ax in study_plots.proxy_vs_ablation(per_sample).axes[:3]] == ["log"] * 3
     lowered = per_sample.copy()
     mask = (lowered["metric"] == "ablation") & (lowered["module"] == "mlp") & (lowered["layer"] == 4)
     lowered.loc[mask, "stat_sum"] = -lowered.loc[mask, "n_tokens"] * 0.01
-    assert [ax.get_yscale() for ax in plots.proxy_vs_ablation(lowered).axes[:3]] == ["log", "symlog", "log"]
+    assert [ax.get_yscale() for ax in study_plots.proxy_vs_ablation(lowered).axes[:3]] == ["log", "symlog", "log"]
 
 
 def test_regret_bars_mark_zero_regret(tables):
