@@ -87,10 +87,11 @@ class DropSet:
 
 
 def make_drop_set(module: str, indices, method: str, metric: str = "cosine", sources=()) -> DropSet:
-    """A :class:`DropSet` with indices normalised (ints for layers, ``"attn:i"`` strings for joint; sorted unless joint)."""
+    """A :class:`DropSet` with indices normalised (ints for layers, ``"attn:i"`` strings for joint), kept in the order
+    given (a ranking's order: least important first); :meth:`DropSet.sorted_indices` gives layer order."""
     if module == "joint":
         return DropSet(module, tuple(str(i) for i in indices), method, metric, tuple(sources))
-    return DropSet(module, tuple(sorted(int(i) for i in indices)), method, metric, tuple(sources))
+    return DropSet(module, tuple(int(i) for i in indices), method, metric, tuple(sources))
 
 
 def as_drop_set(value) -> DropSet | None:
