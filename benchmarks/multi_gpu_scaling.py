@@ -14,7 +14,7 @@ Each process builds the same seeded random model of a config shape on ``cuda:LOC
 (bf16; CPU and gloo without CUDA, for a smoke run with ``--config llama-tiny``) and scores the same batches with :func:`analysis.score_token_batches`, which under
 torch.distributed gives process r the batches r, r + W, ... and all-gathers the rows.  The
 batches are the paper preset's calibration windows of real text (``--distributions`` with
-``--tokenizer``: :func:`analysis.data.calibration_samples`, run in every process) or seeded
+``--tokenizer``: :func:`analysis.samples.calibration_samples`, run in every process) or seeded
 random token ids.  Times, each the slowest process's, after one warm-up pass (CUDA kernels,
 the compiled metric kernel):
 
@@ -49,7 +49,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from scoring import CONFIGS, emit  # noqa: E402
 
-from analysis import data, read_table, score_distributions, score_token_batches  # noqa: E402
+from analysis import read_table, score_distributions, score_token_batches  # noqa: E402
+from analysis.documents import load_distribution  # noqa: E402
+from analysis.samples import calibration_samples, token_batches  # noqa: E402
 from analysis.io import package_versions, provenance, write_table  # noqa: E402
 
 
@@ -112,8 +114,8 @@ def random_batches(n: int, seq_len: int, batch_size: int, vocab_size: int, seed:
 
 def real_batches(name: str, tokenizer, n: int, seq_len: int, batch_size: int) -> list[dict]:
     """The distribution's calibration windows, cut exactly as ``score_distributions`` cuts them."""
-    samples = data.calibration_samples(data.load_distribution(name), tokenizer, n_samples=n, seq_len=seq_len, seed=0)
-    return list(data.token_batches(samples, batch_size))
+    samples = calibration_samples(load_distribution(name), tokenizer, n_samples=n, seq_len=seq_len, seed=0)
+    return list(token_batches(samples, batch_size))
 
 
 def synced() -> float:

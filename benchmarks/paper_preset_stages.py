@@ -3,7 +3,7 @@
 A full paper-preset run on a 7B model does not fit one 10-minute device call, so this script
 times one unit of each GPU stage on one distribution's real text (the same library calls the
 run makes, :mod:`analysis.pipeline`), with a config-built random model (bf16, one GPU), and
-scales each unit to the preset's sizes (:data:`analysis.pipeline.PRESETS` ``["paper"]``):
+scales each unit to the preset's sizes (:data:`analysis.presets.PRESETS` ``["paper"]``):
 
   score proxies          256 x 2048 windows, three proxies, one pass        x distributions
   score ablation         ``--ablation-samples`` x 2048 windows               x (32 / measured) x distributions
@@ -41,9 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from multi_gpu_scaling import PROXIES, build  # noqa: E402
 from scoring import CONFIGS, emit  # noqa: E402
 
-from analysis import ablation, data, evaluation, score_token_batches  # noqa: E402
+from analysis import ablation, evaluation, score_token_batches  # noqa: E402
+from analysis.documents import load_distribution  # noqa: E402
+from analysis.manifests import top_level  # noqa: E402
+from analysis.samples import calibration_samples, token_batches  # noqa: E402
 from analysis.io import package_versions  # noqa: E402
-from analysis.pipeline import PRESETS  # noqa: E402
+from analysis.presets import PRESETS  # noqa: E402
 
 
 def timed(fn) -> tuple[object, float, int | None]:
@@ -60,7 +63,7 @@ def timed(fn) -> tuple[object, float, int | None]:
 
 
 def windows(name: str, tokenizer, n: int, seq_len: int, split: str = "calibration"):
-    return data.calibration_samples(data.load_distribution(name, split), tokenizer, n_samples=n, seq_len=seq_len, seed=0)
+    return calibration_samples(load_distribution(name, split), tokenizer, n_samples=n, seq_len=seq_len, seed=0)
 
 
 def greedy_trials(n_candidates: int, k: int, n_distributions: int) -> int:
@@ -78,32 +81,32 @@ def main(argv=None) -> None:
     parser.add_argument("--ablation-samples", type=int, default=8)
     parser.add_argument("--heldout-samples", type=int, default=16)
     parser.add_argument("--subsets", type=int, default=16,
-                        help="sub-distributions in the paper preset (16: analysis.data.subsets of the five distributions, counted where all are fetched)")
+                        help="sub-distributions in the paper preset (16: analysis.documents.subsets of the five distributions, counted where all are fetched)")
     parser.add_argument("--samples", type=int, help="proxy windows to time (default: the preset's 256)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     paper = PRESETS["paper"]
     name, seq_len = args.distribution, paper.seq_len
-    n_dist, n_subsets = len(paper.distributions), args.subsets
+    n_dist, n_subsets = len(paper.distributions or top_level()), args.subsets
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
     model, build_seconds, _ = timed(lambda: build(args.config, len(tokenizer), device))
     n_layers = model.config.num_hidden_layers
-    score_token_batches(model, data.token_batches(windows(name, tokenizer, paper.batch_size, seq_len), paper.batch_size), metrics=PROXIES, progress=False)
+    score_token_batches(model, token_batches(windows(name, tokenizer, paper.batch_size, seq_len), paper.batch_size), metrics=PROXIES, progress=False)
 
     stages = {}
     samples = args.samples or paper.samples
     calibration, seconds, _ = timed(lambda: windows(name, tokenizer, samples, seq_len))
     stages["tokenise (calibration windows)"] = dict(measured=f"{samples} x {seq_len}", seconds=seconds, peak_memory_bytes=None,
                                                    extrapolated_seconds=seconds * paper.samples / samples * n_dist)
-    _, seconds, peak = timed(lambda: score_token_batches(model, data.token_batches(calibration, paper.batch_size), metrics=PROXIES, progress=False))
+    _, seconds, peak = timed(lambda: score_token_batches(model, token_batches(calibration, paper.batch_size), metrics=PROXIES, progress=False))
     per_window = seconds / samples
     stages["score proxies"] = dict(measured=f"{samples} x {seq_len}", seconds=seconds, peak_memory_bytes=peak,
                                    extrapolated_seconds=per_window * paper.samples * n_dist)
     stages["score sub-distributions"] = dict(measured="none (proxy time per window)", seconds=None, peak_memory_bytes=None,
                                              extrapolated_seconds=per_window * paper.subset_samples * n_subsets)
     truth_windows = windows(name, tokenizer, args.ablation_samples, seq_len)
-    truth_batches = list(data.token_batches(truth_windows, paper.batch_size))
+    truth_batches = list(token_batches(truth_windows, paper.batch_size))
     _, seconds, peak = timed(lambda: score_token_batches(model, truth_batches, metrics=("ablation",), progress=False))
     stages["score ablation"] = dict(measured=f"{args.ablation_samples} x {seq_len}", seconds=seconds, peak_memory_bytes=peak,
                                     extrapolated_seconds=seconds * paper.ablation_samples / args.ablation_samples * n_dist)
