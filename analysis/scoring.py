@@ -402,13 +402,13 @@ def score_distributions(
     settings = {"n_samples": n_samples, "seq_len": seq_len, "seed": seed, "split": split, "batch_size": batch_size,
                 "metrics": list(check_metrics(metrics))}
     record = model_info(model)
-    tables = []
-    keys = {}
+    tables, keys, saved = [], {}, {}
     for name in names:
         if store is not None and record.get("weights_sha256"):
             manifest = load_manifest(name)
             keys[name] = (manifest, distribution_key(record, manifest, name, settings))
-    pending = [name for name in names if name not in keys or not store.saved(_entry(name, keys[name][1]), keys[name][1])]
+            saved[name] = store.cached(_entry(name, keys[name][1]), keys[name][1])
+    pending = [name for name in names if saved.get(name) is None]
     pool = ThreadPoolExecutor(max_workers=1)
     windows = {name: pool.submit(calibration_windows, name, tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed, split=split)
                for name in pending}
@@ -417,6 +417,9 @@ def score_distributions(
             def compute(name=name):
                 return score_windows(model, windows[name].result(), name, batch_size=batch_size, metrics=metrics, progress=progress)
 
+            if saved.get(name) is not None:
+                tables.append(saved[name])
+                continue
             if name not in keys:
                 tables.append(compute())
                 continue

@@ -38,15 +38,18 @@ class StageStore:
         """Where table ``name`` is saved (``a/b`` names a sub-folder)."""
         return self.folder / f"{name}.parquet"
 
-    def saved(self, name: str, key: str) -> bool:
-        """Whether table ``name`` is saved intact with ``key`` (a damaged or mismatched entry is discarded, see :func:`read_cached_table`)."""
-        return read_cached_table(self.path(name), {"stage_key": key}) is not None
-
-    def table(self, name: str, key: str, compute: Callable[[], pd.DataFrame], **record) -> pd.DataFrame:
-        """The table ``name``: read if saved intact with ``key``, else computed and (when writable) saved."""
+    def cached(self, name: str, key: str) -> pd.DataFrame | None:
+        """Table ``name`` if it is saved intact with ``key`` (counted as reused), else ``None`` (a damaged or
+        mismatched entry is discarded, see :func:`read_cached_table`)."""
         saved = read_cached_table(self.path(name), {"stage_key": key})
         if saved is not None:
             self.reused.append(name)
+        return saved
+
+    def table(self, name: str, key: str, compute: Callable[[], pd.DataFrame], **record) -> pd.DataFrame:
+        """The table ``name``: read if saved intact with ``key``, else computed and (when writable) saved."""
+        saved = self.cached(name, key)
+        if saved is not None:
             return saved
         self.log(f"computing {name}")
         frame = compute()
