@@ -146,7 +146,7 @@ def recommendations(results: Results) -> pd.DataFrame:
 
 def section_header(results: Results) -> list[str]:
     m, s = results.model, results.settings
-    distributions = sorted(results.scores["distribution"].unique(), key=list(results.scores["distribution"].unique()).index)
+    distributions = list(results.scores["distribution"].unique())
     return [f"# calibdrop report: {m.get('spec')}", "",
             f"Model `{m.get('spec')}` ({m.get('family')}, {m.get('n_layers')} layers, {m.get('dtype')}), weights sha256 "
             f"`{m.get('weights_sha256')}`. Distributions: {_names(distributions)}; proxy metrics on {s.samples} samples × {s.seq_len} "
@@ -255,16 +255,16 @@ def section_regret(results: Results) -> list[str]:
     regret, sets = results.table("regret", "cosine"), results.table("drop_sets", "cosine")
     if not len(regret):
         return []
-    worst = regret.groupby(["module", "k", "drop_set"], sort=False)["regret"].max().rename("worst-case regret").reset_index()
+    worst = regret.groupby(["module", "k", "drop_set"], sort=False)["regret"].max().rename("worst").reset_index()
     worst["family"] = worst["drop_set"].map(method_family)
     rows = []
     for (module, k), part in worst.groupby(["module", "k"], sort=False):
-        own = part[part["family"] == "own"]["worst-case regret"]
-        for row in part[~part["family"].isin(["own", "random"])].sort_values("worst-case regret").itertuples():
+        own = part[part["family"] == "own"]["worst"]
+        for row in part[~part["family"].isin(["own", "random"])].sort_values("worst").itertuples():
             members = sets[(sets["module"] == module) & (sets["k"] == k) & (sets["drop_set"] == row.drop_set)]["indices"]
             rows.append({"module": module, "k": k, "method": row.drop_set, "drop set": _names(_numeric_order(members.iloc[0])) if len(members) else "",
-                         "worst-case regret": row._4, "own sets' worst (best / median)": f"{own.min():.4f} / {own.median():.4f}",
-                         "random (expected)": part[part["family"] == "random"]["worst-case regret"].max()})
+                         "worst-case regret": row.worst, "own sets' worst (best / median)": f"{own.min():.4f} / {own.median():.4f}",
+                         "random (expected)": part[part["family"] == "random"]["worst"].max()})
     return ["## Drop sets by proxy regret (cosine)", "", "Regret: the importance (summed 1 − cos) a set drops on a distribution beyond "
             "the best set of its size there; worst case over distributions, lower is better. This ranks sets by the proxy; "
             "the recommended sets above are ranked by real loss.", "", _table(pd.DataFrame(rows), 4), ""]
