@@ -32,13 +32,13 @@ SETTINGS: dict[str, RunSettings] = {
     "smollm2-135m": replace(LEAN, transfer_samples=32),
     "gemma3-270m": replace(LEAN, transfer_samples=16),
     # About 2x gemma3-270m per token, on a machine shared with other jobs: half the proxy samples,
-    # 4 x 32 ablation tokens, no greedy paths, 8 held-out windows of 96 tokens, one random set.
+    # 4 x 32 ablation tokens, no greedy paths, 8 held-out windows of 96 tokens for attention and block sets, one random set.
     "qwen2.5-coder-0.5b": replace(LEAN, samples=16, ablation_samples=4, ablation_seq_len=32, greedy_module=None, transfer_samples=8,
-                                  transfer_seq_len=96, random_seeds=(0,)),
+                                  transfer_seq_len=96, random_seeds=(0,), transfer_modules=("attn", "block")),
     # About 6x gemma3-270m per token: a quarter of the proxy samples, 4 x 32 ablation tokens,
     # no greedy paths, 8 held-out windows of 96 tokens, one random set.
     "qwen2.5-coder-1.5b": replace(LEAN, samples=8, ablation_samples=4, ablation_seq_len=32, greedy_module=None, transfer_samples=8,
-                                  transfer_seq_len=96, random_seeds=(0,)),
+                                  transfer_seq_len=96, random_seeds=(0,), transfer_modules=("attn", "block")),
 }
 
 
