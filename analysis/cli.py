@@ -12,7 +12,7 @@ import argparse
 import sys
 import warnings
 
-from .commands import (cmd_check, cmd_compare, cmd_consensus, cmd_data_fetch, cmd_data_list, cmd_evaluate, cmd_models_fetch, cmd_models_list, cmd_prune,
+from .commands import (cmd_check, cmd_compare, cmd_consensus, cmd_data_fetch, cmd_data_list, cmd_evaluate, cmd_models_fetch, cmd_models_list, cmd_prune, cmd_route,
                        cmd_run, cmd_score, cmd_summary)
 from .errors import CalibdropError, CalibdropWarning
 from .presets import CONSENSUS_METHODS, DEFAULT_MODEL, GROUND_TRUTH, MODULE_KINDS, PAPER_TASKS, PRESETS, PROXY_METRICS, RESULTS_DIR
@@ -158,6 +158,25 @@ def build_parser() -> argparse.ArgumentParser:
     checker.add_argument("--out", default=f"{RESULTS_DIR}/check", help="folder for the tables")
     checker.add_argument("--force", action="store_true", help="apply a drop set made for a model with another checksum")
     checker.set_defaults(func=cmd_check)
+
+    route = command("route", "one model, several drop sets: route each input to a distribution's own set, against the static sets")
+    _add_model_options(route)
+    route.add_argument("results", help="output folder of `calibdrop run` or `calibdrop score` (its per-sample scores give the drop sets)")
+    route.add_argument("--module", default="attn", choices=MODULE_KINDS[:3], help="module kind of the drop sets")
+    route.add_argument("--k", type=positive_int, default=8, help="drop-set size")
+    route.add_argument("--metric", help="importance metric of the drop sets (default: cosine, or the table's only metric)")
+    route.add_argument("--methods", default="borda,minimax", help=f"consensus methods compared as static sets ({', '.join(CONSENSUS_METHODS)})")
+    route.add_argument("--classifier", default="centroid", choices=("centroid", "logistic"), help="the router's classifier")
+    route.add_argument("--calibration-samples", type=positive_int, default=PRESETS["default"].samples,
+                       help="calibration windows per distribution the router is trained on")
+    route.add_argument("--calibration-seq-len", type=positive_int, default=PRESETS["default"].seq_len, help="tokens per calibration window")
+    route.add_argument("--samples", type=positive_int, default=24, help="held-out windows per distribution in the mix")
+    route.add_argument("--seq-len", type=positive_int, default=256, help="tokens per held-out window")
+    route.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass")
+    route.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap replicates of the CIs")
+    route.add_argument("--seed", type=int, default=0, help="seed of the windows and the resampling")
+    route.add_argument("--out", help="folder for the tables (default: RESULTS/routing)")
+    route.set_defaults(func=cmd_route)
 
     summary = command("summary", "one set of tables and figures across the results folders of several models")
     summary.add_argument("results", nargs="+", help="output folders of `calibdrop run`, one per model (a run that stopped part-way adds what it has)")

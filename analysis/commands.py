@@ -403,3 +403,32 @@ def cmd_check(args) -> None:
         write_table(table, out / f"{name}.parquet", record)
     print_table(result.summary.drop(columns=["drop_set", "sources"]).T.reset_index().set_axis(["", "value"], axis=1))
     print(f"\n{result.recommendation}\nwrote {len(result.tables())} tables to {out}")
+
+
+def cmd_route(args) -> None:
+    """``calibdrop route``: routed vs static drop sets on a held-out mix (:func:`analysis.routing.evaluate_routing`)."""
+    from . import models, report
+    from .io import provenance, write_table
+    from .presets import RunSettings
+    from .routing import evaluate_routing
+
+    scores = read_per_sample(args.results)
+    results = Path(args.results)
+    out = writable_output(Path(args.out) if args.out else (results if results.is_dir() else results.parent) / "routing", folder=True)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)
+    warn_beyond_positions(model, max(args.seq_len, args.calibration_seq_len))
+    tables = evaluate_routing(model, tokenizer, scores, module=args.module, k=args.k, metric=metric_of(scores, args.metric),
+                              consensus_methods=methods, classifier=args.classifier, calibration_samples=args.calibration_samples,
+                              calibration_seq_len=args.calibration_seq_len, heldout_samples=args.samples, heldout_seq_len=args.seq_len,
+                              batch_size=args.batch_size, n_boot=args.n_boot, seed=args.seed, progress=sys.stderr.isatty())
+    record = provenance(kind="routing", model=models.model_info(model), scores=scores.attrs.get("provenance", {}),
+                        settings={key: getattr(args, key) for key in ("module", "k", "metric", "methods", "classifier", "calibration_samples",
+                                                                       "calibration_seq_len", "samples", "seq_len", "n_boot", "seed")})
+    for name, table in tables.items():
+        write_table(table, out / f"routing_{name}.parquet", record)
+    shown = report.Results({}, RunSettings(), scores, {"routing": tables["summary"], "routing_paired": tables["paired"],
+                                                        "routing_accuracy": tables["accuracy"]}, [])
+    print("\n".join(report.section_routing(shown)[2:]))
+    print(f"routing cost: the router's prefix is {tables['cost']['prefix_ratio'].iloc[0]:.1%} of a forward pass (reused by the "
+          f"continuation), its classifier {tables['cost']['classifier_ratio'].iloc[0]:.3%}\nwrote {len(tables)} tables to {out}")

@@ -19,7 +19,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import ablation, consensus, evaluation, models, plots, stability, study_plots, validity
+from .adapters import decoder_layers
 from .documents import load_distribution, subsets
+from .dropsets import UNPRUNED, drop_set_family
 from .manifests import load_manifest, top_level
 from .samples import calibration_samples, token_batches
 from .selection import comparison_pairs, consensus_sets, evaluated_sets, pruned_size, regrets, sets_from_table
@@ -28,7 +30,7 @@ from .io import atomic_write_json, provenance
 from .metrics import GROUND_TRUTH, check_metrics, get_metric
 from .presets import PRESETS, RunSettings, preset
 from .report import Results, write_report
-from .scoring import aggregate_importance, score_distributions
+from .scoring import aggregate_importance, score_distributions, score_windows
 from .stages import StageStore, stage_key
 
 STABILITY_TABLES = ("agreement", "bootstrap_importance", "bootstrap_pairs", "bootstrap_pair_mean", "split_half", "permutation", "convergence", "convergence_summary")
@@ -226,6 +228,69 @@ def stage_accuracy(study: Study) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
+def stage_check(study: Study) -> pd.DataFrame:
+    """Each distribution's held-out windows checked as a user's own texts (:func:`analysis.check.check`, cosine, at
+    ``check_module``'s largest evaluated budget) against its own drop set, and against the borda consensus built without
+    it (as a user whose data no calibration distribution covers); one row per distribution and checked set."""
+    from .check import check, drop_set_record
+
+    s = study.settings
+    module, k = s.check_module, max(s.budget(s.check_module))
+    scores = stability.one_metric(study.results["scores.per_sample"], "cosine")[0]
+    rows = []
+    for name in study.distributions:
+        windows = evaluation.heldout_samples(study.tokenizer, [name], n_samples=s.transfer_samples, seq_len=s.transfer_seq_len, seed=s.seed)[name]
+        yours = study.part("check", name, lambda windows=windows, name=name: score_windows(
+            study.model, windows, name, batch_size=s.batch_size, metrics=("cosine",), progress=False))
+        others = scores[scores["distribution"] != name]
+        sources = {"own set": scores, "consensus without it": others}
+        for role, source in sources.items():
+            method = f"own:{name}" if role == "own set" else "borda"
+            if source.empty:
+                continue
+            record = drop_set_record(source, module=module, k=k, method=method, metric="cosine")
+            result = check(study.model, study.tokenizer, record, None, source_scores=source, your_scores=yours, n_perm=s.n_perm,
+                           n_boot=s.n_boot, seed=s.seed)
+            rows.append(result.summary.assign(distribution=name, checked=role, recommendation=result.recommendation))
+    return pd.concat(rows, ignore_index=True)
+
+
+def stage_routing(study: Study) -> dict[str, pd.DataFrame]:
+    """Routed vs static drop sets on the held-out windows (:mod:`analysis.routing`): each distribution's own cosine set and
+    the borda consensus at ``route_module``'s largest evaluated budget, a nearest-centroid router trained on the calibration
+    windows the scores came from; the static sets' NLL is read from ``heldout_windows``, the routed model really runs."""
+    from . import routing
+
+    s = study.settings
+    module, k = s.route_module, max(s.budget(s.route_module))
+    sets = drop_set_family(study.results["scores.per_sample"], module=module, k=k, metric="cosine", methods=("borda",))
+    try:
+        layer = routing.routing_layer(sets)
+    except InputError as error:
+        return {"routing": pd.DataFrame([{"module": module, "k": k, "note": str(error)}]), "routing_paired": pd.DataFrame(),
+                "routing_accuracy": pd.DataFrame()}
+    own = routing.own_sets(sets, study.distributions)
+    router = routing.fit_router(study.model, routing.calibration_batches(study.tokenizer, study.distributions, n_samples=s.samples,
+                                                                         seq_len=s.seq_len, seed=s.seed, batch_size=s.batch_size), layer)
+    samples = evaluation.heldout_samples(study.tokenizer, study.distributions, n_samples=s.transfer_samples, seq_len=s.transfer_seq_len, seed=s.seed)
+    routes = routing.routed_window_nll(routing.RoutedModel(study.model, sets, router, own), samples, batch_size=s.batch_size, seed=s.seed)
+    static = study.results["heldout_windows"]
+    static = static[static["drop_set"].isin([UNPRUNED, *sets])]
+    tables = routing.routing_tables(static, routes, own, module=module, k=k, metric="cosine", layer=layer,
+                                    n_layers=len(decoder_layers(study.model)), n_boot=s.n_boot, seed=s.seed)
+    return {"routing": tables["summary"], "routing_paired": tables["paired"], "routing_accuracy": tables["accuracy"]}
+
+
+def _checkable(settings: RunSettings) -> bool:
+    """A check needs the cosine metric and at least 4 held-out windows per distribution (for its split-half noise floor)."""
+    return bool(settings.check_module and "cosine" in settings.metrics and settings.transfer_samples >= 4)
+
+
+def _routable(settings: RunSettings) -> bool:
+    return bool(settings.route_module and settings.route_module in settings.transfer_modules and "cosine" in settings.own_set_metrics
+                and "cosine" in settings.metrics)
+
+
 def _ground_truth(settings: RunSettings) -> bool:
     return GROUND_TRUTH in settings.metrics
 
@@ -237,7 +302,8 @@ def _tokens(study: Study, names, samples: int, seq_len: int) -> float:
 def work_of(kind: str) -> Callable[[Study], float]:
     """A rough estimate of a stage's work in tokens through the whole model, for the run's ETA: proxies one pass, the
     ablation about half the model per candidate (3 per layer), greedy that per step and shortlisted candidate, held-out
-    windows one pass plus about half per evaluated set, accuracy about 400 tokens per item and set."""
+    windows one pass plus about half per evaluated set, accuracy about 400 tokens per item and set, check one pass over the
+    held-out windows, routing one pass over them plus the router's prefix (about a tenth of the model) over the calibration windows."""
     def estimate(study: Study) -> float:
         s, distributions = study.settings, study.distributions
         candidates = 3 * study.store.model_record.get("n_layers", 12)
@@ -250,6 +316,8 @@ def work_of(kind: str) -> Callable[[Study], float]:
             "greedy": ablation * (len(distributions) + 1) * max(s.transfer_k) * (s.greedy_shortlist or candidates) / 2,
             "heldout": _tokens(study, distributions, s.transfer_samples, s.transfer_seq_len) * (1 + n_sets / 2),
             "accuracy": len(s.accuracy_sets) * len(s.tasks) * (s.task_limit or 1000) * 400,
+            "check": _tokens(study, distributions, s.transfer_samples, s.transfer_seq_len),
+            "routing": _tokens(study, distributions, s.transfer_samples, s.transfer_seq_len) + _tokens(study, distributions, s.samples, s.seq_len) / 10,
         }[kind]
     return estimate
 
@@ -277,6 +345,12 @@ STAGES = (
     Stage("comparisons", ("heldout_windows", "pruned"), ("n_boot", "seed"), stage_comparisons),
     Stage("accuracy", ("pruned",), ("tasks", "task_limit", "accuracy_sets"), stage_accuracy, when=lambda s: bool(s.tasks and s.accuracy_sets),
           work=work_of("accuracy")),
+    Stage("check", ("scores.per_sample",), ("check_module", "budgets", "transfer_k", "transfer_samples", "transfer_seq_len", "batch_size", "n_perm",
+                                            "n_boot", "seed"), stage_check, when=_checkable,
+          work=work_of("check")),
+    Stage("routing", ("scores.per_sample", "heldout_windows"), ("route_module", "budgets", "transfer_k", "samples", "seq_len", "batch_size",
+                                                               "n_boot", "seed"), stage_routing, tables=("routing", "routing_paired", "routing_accuracy"),
+          when=_routable, work=work_of("routing")),
 )
 
 

@@ -21,7 +21,9 @@ PAPER_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "mmlu", "openb
 class RunSettings:
     """What ``calibdrop run`` computes; the presets fix these.
 
-    ``distributions`` empty means every top-level distribution of the manifests.
+    ``distributions`` empty means every top-level distribution of the manifests.  ``check_module``
+    and ``route_module`` (``None``: skip) name the module kind whose cosine drop sets at its largest
+    evaluated budget the run checks on each distribution's held-out windows and routes between.
     """
 
     distributions: tuple[str, ...] = ()
@@ -50,6 +52,8 @@ class RunSettings:
     task_limit: int | None = 100
     accuracy_sets: tuple[str, ...] = ("none", "cosine/attn-8:borda", "ablation/attn-8:greedy:robust", "cosine/mlp-4:borda", "cosine/block-4:borda",
                                       "cosine/joint-8:borda")
+    check_module: str | None = "attn"
+    route_module: str | None = "attn"
 
     def budget(self, module: str) -> tuple[int, ...]:
         """The drop-set sizes evaluated on held-out text for ``module``: ``transfer_k`` for attention, else the largest budget of ``module``."""

@@ -341,6 +341,85 @@ def section_accuracy(results: Results) -> list[str]:
     return lines + ([""] if len(weak) else [])
 
 
+def section_check(results: Results) -> list[str]:
+    checked = results.table("check")
+    if not len(checked):
+        return []
+    shown = checked.assign(**{
+        "ρ to the set's ranking": checked["spearman"],
+        "your noise floor [95% CI]": [_ci(r.noise_floor, r.noise_floor_ci_low, r.noise_floor_ci_high, 3) for r in checked.itertuples()],
+        "permutation p": checked["p_permutation"], "excess": checked["excess"]})
+    first = checked.iloc[0]
+    lines = ["## Does a drop set hold on new data? (`calibdrop check`)", "",
+             f"Each distribution's held-out windows ({first['n_texts']} per distribution), checked as a user's own texts would be by "
+             f"`calibdrop check` ({first['metric']}, {first['module']}-{first['k']}): against the distribution's **own set** (from its "
+             "calibration windows) and against the **borda consensus built without it**, as for a user whose data no calibration "
+             "distribution covers. ρ: Spearman between the set's calibration ranking and the ranking on the held-out windows, beside "
+             "those windows' split-half noise floor; drift: permutation p < 0.05; excess: how much more importance the set drops than "
+             "the windows' own best set of the same size. The verdict keeps a set that drifts when its excess is at most 10%.", "",
+             _table(shown[["distribution", "checked", "ρ to the set's ranking", "your noise floor [95% CI]", "permutation p", "drift", "excess",
+                           "verdict"]]), ""]
+    for role, part in checked.groupby("checked", sort=False):
+        kept = part.loc[part["verdict"] == "keep", "distribution"].tolist()
+        others = part.loc[part["verdict"] != "keep", ["distribution", "verdict"]]
+        lines.append(f"- **{role}**: kept on {len(kept)} of {len(part)} distributions" + (
+            "; " + ", ".join(f"{row.distribution}: {row.verdict}" for row in others.itertuples()) if len(others) else "") + ".")
+    lines += ["", "The windows are calibration-shaped (held-out documents, the run's window length) and no document gives "
+              "windows to both sides, but windows of one document are not independent, which makes the permutation test's "
+              "drift call sensitive; the verdict therefore rests on the excess, not on drift alone.", ""]
+    return lines
+
+
+def routing_display(results: Results) -> pd.DataFrame:
+    """Per drop set of the routing stage: perplexity ratio on the pooled mix, the mean and the worst distribution (with CIs),
+    and routed / this set on the mix, paired over windows."""
+    summary, paired = results.table("routing"), results.table("routing_paired")
+    prefix = f"cosine/{summary['module'].iloc[0]}-{int(summary['k'].iloc[0])}:"
+    summary = summary[summary["drop_set"] != UNPRUNED]
+    wide = {where: summary[summary["distribution"] == where].set_index("drop_set") for where in ("mix", "mean", "worst")}
+    mix_pairs = paired[paired["distribution"] == "mix"].set_index("b")
+    rows = []
+    for label in wide["mix"].index:
+        row = {"drop set": label.removeprefix(prefix)}
+        for where, name in (("mix", "pooled mix"), ("mean", "mean over distributions"), ("worst", "worst distribution")):
+            r = wide[where].loc[label]
+            row[name] = _ci(r["ppl_ratio"], r["ci_low"], r["ci_high"], 3)
+        if label in mix_pairs.index:
+            pair = mix_pairs.loc[label]
+            row["routed / this set, pooled mix"] = f"{_ci(pair['ratio'], pair['ci_low'], pair['ci_high'], 3)}, p = {pair['p_value']:.3g}"
+        rows.append(row)
+    return pd.DataFrame(rows).fillna("")
+
+
+def section_routing(results: Results) -> list[str]:
+    summary = results.table("routing")
+    if not len(summary):
+        return []
+    module, k = summary["module"].iloc[0], int(summary["k"].iloc[0])
+    title = "## One model, several drop sets: a router per input"
+    if "note" in summary and summary["note"].notna().any():
+        return [title, "", f"No router at {module}-{k}: {summary['note'].iloc[0]}.", ""]
+    paired, accuracy = results.table("routing_paired"), results.table("routing_accuracy").set_index("distribution")
+    versus = paired[(paired["distribution"] == "mix") & paired["comparison"].str.endswith(" vs borda")].iloc[0]
+    beats = versus["ci_high"] < 1
+    loses = versus["ci_low"] > 1
+    verdict = ("**Routing beats the consensus set**" if beats else "**Routing loses to the consensus set**" if loses
+               else "**Routing does not beat the consensus set**")
+    first = summary.iloc[0]
+    worst_source = accuracy.drop(index="all")["accuracy"].idxmin()
+    return [title, "", f"Each distribution's own cosine {module}-{k} set and the borda consensus, one copy of the weights; a "
+            f"nearest-centroid router on the mean `resid_post` of block {int(first['layer'])} (blocks 0..{int(first['layer'])} run before "
+            f"routing: {first['layer_ratio']:.0%} of the {int(first['n_layers'])} blocks, reused by the pruned continuation), trained on the "
+            "calibration windows, picks a set per held-out window; windows of all distributions mixed. Perplexity ratio to the unpruned "
+            "model with 95% bootstrap CIs; routed / this set paired over the same windows (below 1: routing loses less); *oracle* "
+            "sends every window to its true source's own set.", "", _table(routing_display(results)), "",
+            f"{verdict}: routed / borda on the pooled mix {_ci(versus['ratio'], versus['ci_low'], versus['ci_high'], 3)} "
+            f"(p = {versus['p_value']:.3g}). Router accuracy {accuracy.loc['all', 'accuracy']:.0%} "
+            f"[{accuracy.loc['all', 'ci_low']:.0%}, {accuracy.loc['all', 'ci_high']:.0%}] over {int(accuracy.loc['all', 'n_windows'])} "
+            f"windows (lowest: {worst_source}, {accuracy.loc[worst_source, 'accuracy']:.0%}). Routed inference reproduced the chosen "
+            f"set's static NLL on every window (largest difference {first['max_abs_static_difference']:.2g} nats).", ""]
+
+
 def section_sample_size(results: Results) -> list[str]:
     summary = results.table("convergence_summary", "cosine")
     if not len(summary) or "n_required_label" not in summary:
@@ -370,7 +449,7 @@ def figure_order(path: Path) -> tuple[int, str]:
 
 SECTIONS = (section_header, section_verdict, section_recommendations, section_data_or_metric, section_agreement, section_membership,
             section_regret, section_leave_one_out, section_greedy, section_heldout, section_comparisons, section_accuracy,
-            section_sample_size, section_figures)
+            section_check, section_routing, section_sample_size, section_figures)
 
 
 def report_markdown(results: Results) -> str:

@@ -246,32 +246,64 @@ def evaluate_routing(model, tokenizer, scores: pd.DataFrame, *, module: str = "a
     ``paired`` (routed against every static set and the oracle, paired over windows), ``accuracy``
     and ``cost``.
     """
-    from .evaluation import heldout_samples as heldout, paired_comparisons, transfer_summary, window_nll
+    from .evaluation import heldout_samples as heldout, window_nll
     from .dropsets import UNPRUNED
 
     sets = drop_set_family(scores, module=module, k=k, metric=metric, methods=tuple(consensus_methods))
     distributions = list(dict.fromkeys(scores["distribution"]))
-    own = {d: next(label for label, spec in sets.items() if spec.method == f"own:{d}") for d in distributions}
-    layer = routing_layer(sets)
+    own = own_sets(sets, distributions)
     router = fit_router(model, calibration_batches(tokenizer, distributions, n_samples=calibration_samples, seq_len=calibration_seq_len,
-                                                   seed=seed, batch_size=batch_size), layer, classifier=classifier)
-    routed = RoutedModel(model, sets, router, own)
+                                                   seed=seed, batch_size=batch_size), routing_layer(sets), classifier=classifier)
     samples = heldout(tokenizer, distributions, n_samples=heldout_samples, seq_len=heldout_seq_len, seed=seed)
     static = window_nll(model, samples, {UNPRUNED: None, **sets}, batch_size=batch_size, progress=progress)
-    routes = routed_window_nll(routed, samples, batch_size=batch_size, seed=seed)
+    routes = routed_window_nll(RoutedModel(model, sets, router, own), samples, batch_size=batch_size, seed=seed)
+    tables = routing_tables(static, routes, own, module=module, k=k, metric=metric, layer=router.layer,
+                            n_layers=len(decoder_layers(model)), n_boot=n_boot, seed=seed)
+    first = next(token_batches(samples[distributions[0]], batch_size))
+    tables["cost"] = pd.DataFrame([routing_cost(model, router, first)]).assign(
+        max_abs_nll_difference_routed_vs_static=tables["routes"]["static_difference"].abs().max())
+    return tables
+
+
+def own_sets(sets: Mapping[str, object], distributions) -> dict[str, str]:
+    """``{distribution: label of its own set}`` among ``sets`` (labels as :func:`analysis.dropsets.drop_set_family` makes them)."""
+    method = {label: (spec.method if hasattr(spec, "method") else spec["method"]) for label, spec in sets.items()}
+    own = {d: next((label for label, m in method.items() if m == f"own:{d}"), None) for d in distributions}
+    missing = [d for d, label in own.items() if label is None]
+    if missing:
+        raise InputError(f"no own drop set for {', '.join(missing)}: routing needs one per distribution")
+    return own
+
+
+def routing_tables(static: pd.DataFrame, routes: pd.DataFrame, own: Mapping[str, str], *, module: str, k: int, metric: str, layer: int,
+                   n_layers: int, n_boot: int = 1000, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """Routed vs static drop sets from the static sets' window NLL (:func:`analysis.evaluation.window_nll`) and the routed rows
+    (:func:`routed_window_nll`) on the same windows.
+
+    The ``oracle`` rows are each window's own-set rows; ``routes`` gains the chosen set, its static NLL on the window and
+    ``static_difference`` (routed minus static, 0 when routed inference equals the pruned model).  Returns ``windows``,
+    ``routes``, ``summary`` (perplexity ratio per distribution, worst, mean and on the pooled ``mix``, with bootstrap CIs),
+    ``paired`` (routed / each static set and / the oracle, paired over windows, per distribution and on the mix) and
+    ``accuracy`` (router accuracy, :func:`router_accuracy`).  The summary also names the budget (``module``, ``k``), the
+    routing block ``layer`` with ``layer_ratio = (layer + 1) / n_layers`` and ``max_abs_static_difference``.
+    """
+    from .evaluation import paired_comparisons, transfer_summary
+
     prefix_label = f"{metric}/{module}-{k}:"
     chosen = routes.assign(chosen=routes["route"].map(own))
     lookup = static.set_index(["drop_set", "distribution", "window"])["nll_sum"]
     chosen["static_nll"] = lookup.loc[list(zip(chosen["chosen"], chosen["distribution"], chosen["window"]))].to_numpy()
-    oracle = static[static["drop_set"] == static["distribution"].map(own)].assign(drop_set=prefix_label + "oracle")
-    windows = pd.concat([static, routes.assign(drop_set=prefix_label + "routed")[static.columns], oracle], ignore_index=True)
+    chosen["static_difference"] = chosen["nll_sum"] - chosen["static_nll"]
+    routed_label, oracle_label = prefix_label + "routed", prefix_label + "oracle"
+    oracle = static[static["drop_set"] == static["distribution"].map(own)].assign(drop_set=oracle_label)
+    windows = pd.concat([static, routes.assign(drop_set=routed_label)[static.columns], oracle], ignore_index=True)
     mix = transfer_summary(pooled_mix(windows), n_boot=n_boot, seed=seed)
     summary = pd.concat([transfer_summary(windows, n_boot=n_boot, seed=seed), mix[mix["distribution"] == "mix"]], ignore_index=True)
-    routed_label = prefix_label + "routed"
-    pairs = [(f"routed vs {label.removeprefix(prefix_label)}", routed_label, label) for label in [*sets, prefix_label + "oracle"]]
-    paired = pd.concat([paired_comparisons(windows, pairs, n_boot=n_boot, seed=seed),
-                        paired_comparisons(pooled_mix(windows), pairs, n_boot=n_boot, seed=seed)], ignore_index=True)
-    first = next(token_batches(samples[distributions[0]], batch_size))
-    cost = pd.DataFrame([routing_cost(model, router, first)])
-    cost["max_abs_nll_difference_routed_vs_static"] = float((chosen["nll_sum"] - chosen["static_nll"]).abs().max())
-    return {"windows": windows, "routes": chosen, "summary": summary, "paired": paired, "accuracy": router_accuracy(routes), "cost": cost}
+    summary = summary.assign(module=module, k=k, layer=layer, n_layers=n_layers, layer_ratio=(layer + 1) / n_layers,
+                             max_abs_static_difference=float(chosen["static_difference"].abs().max()))
+    static_sets = [label for label in dict.fromkeys(static["drop_set"]) if label.startswith(prefix_label)]
+    pairs = [(f"routed vs {label.removeprefix(prefix_label)}", routed_label, label) for label in [*static_sets, oracle_label]]
+    mix_paired = paired_comparisons(pooled_mix(windows), pairs, n_boot=n_boot, seed=seed)
+    paired = pd.concat([paired_comparisons(windows, pairs, n_boot=n_boot, seed=seed), mix_paired[mix_paired["distribution"] == "mix"]],
+                       ignore_index=True)
+    return {"windows": windows, "routes": chosen, "summary": summary, "paired": paired, "accuracy": router_accuracy(routes)}

@@ -54,3 +54,41 @@ def test_a_baseline_not_clearly_above_chance_is_flagged():
     results = report.Results({}, RunSettings(task_limit=200), pd.DataFrame(), {"accuracy": accuracy}, [])
     flags = [line for line in report.section_accuracy(results) if line.startswith("- **Flag**")]
     assert len(flags) == 1 and "boolq" in flags[0]
+
+
+def routing_results(ci_low: float, ci_high: float) -> report.Results:
+    """A routing stage's tables with routed / borda on the mix at ratio 0.97 and the given CI."""
+    summary = pd.DataFrame([
+        {"drop_set": label, "distribution": where, "ppl_ratio": 1.2, "ci_low": 1.1, "ci_high": 1.3, "module": "attn", "k": 8, "layer": 2,
+         "n_layers": 30, "layer_ratio": 0.1, "max_abs_static_difference": 0.0}
+        for label in ("none", "cosine/attn-8:borda", "cosine/attn-8:own:code", "cosine/attn-8:routed", "cosine/attn-8:oracle")
+        for where in ("code", "worst", "mean", "mix")])
+    paired = pd.DataFrame([{"comparison": f"routed vs {b}", "a": "cosine/attn-8:routed", "b": f"cosine/attn-8:{b}", "distribution": "mix",
+                            "effect": -0.03, "ratio": 0.97, "ci_low": ci_low, "ci_high": ci_high, "p_value": 0.01} for b in ("borda", "own:code")])
+    accuracy = pd.DataFrame([{"distribution": "all", "n_windows": 20, "correct": 15, "accuracy": 0.75, "ci_low": 0.51, "ci_high": 0.91},
+                             {"distribution": "code", "n_windows": 20, "correct": 15, "accuracy": 0.75, "ci_low": 0.51, "ci_high": 0.91}])
+    return report.Results({}, RunSettings(), pd.DataFrame(), {"routing": summary, "routing_paired": paired, "routing_accuracy": accuracy}, [])
+
+
+@pytest.mark.parametrize("ci, verdict", [((0.95, 0.99), "beats"), ((0.94, 1.01), "does not beat"), ((1.01, 1.02), "loses to")])
+def test_routing_verdict_follows_the_paired_ci_against_the_consensus(ci, verdict):
+    text = "\n".join(report.section_routing(routing_results(*ci)))
+    assert f"**Routing {verdict} the consensus set**: routed / borda on the pooled mix 0.970 [{ci[0]:.3f}, {ci[1]:.3f}]" in text
+    assert "| own:code " in text and "| oracle " in text and "Router accuracy 75% [51%, 91%] over 20 windows" in text
+
+
+def test_a_drop_set_touching_block_0_gives_no_router_and_says_why():
+    summary = pd.DataFrame([{"module": "attn", "k": 8, "note": "drop set 'x' drops a module of block 0"}])
+    results = report.Results({}, RunSettings(), pd.DataFrame(), {"routing": summary}, [])
+    assert "No router at attn-8: drop set 'x' drops a module of block 0." in report.section_routing(results)
+
+
+def test_check_section_counts_the_kept_sets_per_role():
+    rows = [{"distribution": d, "checked": role, "metric": "cosine", "module": "attn", "k": 8, "n_texts": 32, "spearman": 0.9, "noise_floor": 0.95,
+             "noise_floor_ci_low": 0.9, "noise_floor_ci_high": 0.98, "p_permutation": 0.2, "drift": False, "excess": 0.05, "verdict": verdict}
+            for d, role, verdict in [("code", "own set", "keep"), ("math", "own set", "keep"), ("code", "consensus without it", "recalibrate"),
+                                     ("math", "consensus without it", "keep")]]
+    results = report.Results({}, RunSettings(), pd.DataFrame(), {"check": pd.DataFrame(rows)}, [])
+    lines = report.section_check(results)
+    assert "- **own set**: kept on 2 of 2 distributions." in lines
+    assert "- **consensus without it**: kept on 1 of 2 distributions; code: recalibrate." in lines

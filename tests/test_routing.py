@@ -111,3 +111,63 @@ def test_router_learns_separable_sources_and_reports_accuracy():
     assert overall["accuracy"] == 1.0 and overall["n_windows"] == 18 and overall["ci_low"] < 1.0
     with pytest.raises(InputError, match="unknown router classifier"):
         fit_router(model, train, 2, classifier="tree")
+
+
+ROUTED_RUN = dict(distributions=("code", "math", "general"), subsets=False, metrics=("cosine",), samples=8, seq_len=64, greedy_module=None,
+                  n_boot=50, n_perm=50, budgets={"attn": (2,)}, transfer_modules=("attn",), transfer_k=(2,), transfer_samples=4,
+                  transfer_seq_len=64, random_seeds=(), tasks=())
+
+
+@pytest.fixture(scope="module")
+def routed_run(tmp_path_factory):
+    from analysis.pipeline import RunSettings, run
+    from conftest import PIPELINE_DISTRIBUTIONS
+    from analysis.manifests import load_manifest
+    from analysis.fetching import is_fetched
+    from tiny import byte_tokenizer
+
+    if not all(is_fetched(load_manifest(name)) for name in PIPELINE_DISTRIBUTIONS):
+        pytest.skip("the pipeline distributions are not fetched; run `calibdrop data fetch`")
+    folder = tmp_path_factory.mktemp("routed-run")
+    deep_llama().save_pretrained(folder / "model")
+    byte_tokenizer().save_pretrained(folder / "model")
+    run(str(folder / "model"), folder / "out", preset=RunSettings(**ROUTED_RUN), progress=False, log=lambda m: None)
+    return folder
+
+
+def test_the_runs_routed_model_gives_the_chosen_sets_nll_and_the_oracle_each_own_set(routed_run):
+    from analysis.io import read_table
+
+    out = routed_run / "out"
+    summary, accuracy = read_table(out / "routing.parquet"), read_table(out / "routing_accuracy.parquet")
+    assert summary["max_abs_static_difference"].max() <= 1e-4
+    per = summary.set_index(["drop_set", "distribution"])["ppl"]
+    for name in ROUTED_RUN["distributions"]:
+        assert per[("cosine/attn-2:oracle", name)] == pytest.approx(per[(f"cosine/attn-2:own:{name}", name)], rel=1e-9)
+    assert accuracy.set_index("distribution").loc["all", "n_windows"] == 3 * ROUTED_RUN["transfer_samples"]
+    assert 0 < summary["layer"].iloc[0] < 12
+    text = (out / "report.md").read_text()
+    section = text.split("## One model, several drop sets: a router per input")[1].split("\n## ")[0]
+    paired = read_table(out / "routing_paired.parquet")
+    versus = paired[(paired["distribution"] == "mix") & (paired["comparison"] == "routed vs borda")].iloc[0]
+    verdict = "beats" if versus["ci_high"] < 1 else "loses to" if versus["ci_low"] > 1 else "does not beat"
+    assert f"**Routing {verdict} the consensus set**" in section and f"{versus['ratio']:.3f} [" in section
+    check = read_table(out / "check.parquet")
+    assert set(check["checked"]) == {"own set", "consensus without it"} and len(check) == 6
+    assert "## Does a drop set hold on new data?" in text
+
+
+def test_cli_route_writes_the_routing_tables_and_prints_the_verdict(routed_run, capsys):
+    from analysis.cli import main
+    from analysis.io import read_table
+
+    args = ["route", str(routed_run / "out"), "--model", str(routed_run / "model"), "--k", "2", "--samples", "4", "--seq-len", "48",
+            "--calibration-samples", "8", "--calibration-seq-len", "64", "--n-boot", "50", "--out", str(routed_run / "route")]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    summary = read_table(routed_run / "route" / "routing_summary.parquet")
+    assert "the consensus set**" in printed and "routing cost" in printed
+    assert summary["max_abs_static_difference"].max() <= 1e-4
+    assert {"routed", "oracle", "borda", "minimax"} <= {label.split(":", 1)[1] for label in summary["drop_set"] if label != "none"}
+    assert main(["route", str(routed_run / "model"), "--model", str(routed_run / "model")]) == 2
+    assert "calibdrop: error:" in capsys.readouterr().err
