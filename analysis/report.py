@@ -325,6 +325,11 @@ def section_comparisons(results: Results) -> list[str]:
             _table(worst[["comparison", "ratio a/b [95% CI]", "p_value", "verdict"]]), ""]
 
 
+def _span(low: float, high: float, fmt: str = "{:,.0f}") -> str:
+    """``"low–high"``, or one number when they are equal."""
+    return fmt.format(low) if fmt.format(low) == fmt.format(high) else f"{fmt.format(low)}–{fmt.format(high)}"
+
+
 def accuracy_screen_lines(tasks: pd.DataFrame, limit: int | None) -> list[str]:
     """One line per task: excluded (not clearly above chance), or the items a ``delta`` difference needs against those evaluated."""
     lines = []
@@ -342,8 +347,8 @@ def accuracy_screen_lines(tasks: pd.DataFrame, limit: int | None) -> list[str]:
                                                               "does not suffice, nor does the whole task")
             lines.append(f"- {row.task} ({row.measure}, unpruned {row.accuracy:.3f}, {test}): to resolve a {100 * row.delta:g}-point "
                          f"difference (McNemar, α = {row.alpha:g}, power {row.power:g}) at the observed discordance "
-                         f"({100 * row.discordant_min:.0f}–{100 * row.discordant_max:.0f}% of items) takes {row.items_needed_min:,.0f}–"
-                         f"{row.items_needed_max:,.0f} items; the run evaluated {row.n_items} ({evaluated}) of the task's "
+                         f"({_span(100 * row.discordant_min, 100 * row.discordant_max)}% of items) takes "
+                         f"{_span(row.items_needed_min, row.items_needed_max)} items; the run evaluated {row.n_items} ({evaluated}) of the task's "
                          f"{row.n_available}: that {verdict}.")
     return lines
 

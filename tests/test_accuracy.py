@@ -1,6 +1,7 @@
 """Paired accuracy comparisons: exact McNemar, items needed, against hand computations and simulation."""
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -168,3 +169,21 @@ def test_item_correctness_averages_to_lm_evals_accuracy():
     theirs = zero_shot_accuracy(model, tokenizer, ["arc_easy", "piqa"], limit=6).set_index(["task", "metric"])
     assert ours["value"].to_dict() == pytest.approx(theirs["value"].loc[ours.index].to_dict())
     assert len(ours) == len(theirs)
+
+
+def test_report_section_shows_pairs_exclusions_and_items_needed():
+    from types import SimpleNamespace
+
+    from analysis.report import Results, section_accuracy
+
+    base, pruned = [1] * 60 + [0] * 40, [1] * 50 + [0] * 10 + [1] * 2 + [0] * 38
+    items = fake_items({"arc_easy": {"none": base, "pruned": pruned}, "boolq": {"none": [1] * 52 + [0] * 48, "pruned": base}},
+                       sizes={"arc_easy": 570, "boolq": 3270})
+    paired, tasks = accuracy_analysis(items, [("pruned vs unpruned", "pruned", "none")], task_limit=100, n_boot=200)
+    tables = {"accuracy": accuracy_table(items), "accuracy_paired": paired, "accuracy_tasks": tasks}
+    text = "\n".join(section_accuracy(Results({}, SimpleNamespace(task_limit=100), pd.DataFrame(), tables, [])))
+    assert "### Paired on the same items" in text
+    assert re.search(r"\| pruned vs unpruned +\| arc_easy +\| acc_norm +\| +100 \| -8.0 \[-1\d.\d, -\d.\d\] +\| 2 / 10 ", text)
+    assert "**Excluded**: boolq (acc): the unpruned model scores 0.520 on 100 items" in text
+    needed = items_needed(0.12, 0.03)
+    assert f"(12% of items) takes {needed:,} items; the run evaluated 100 (task_limit 100) of the task's 570: that does not suffice, nor does the whole task" in text
