@@ -124,7 +124,9 @@ def accuracy_analysis(items: pd.DataFrame, pairs, *, task_limit: int | None, bas
     """The paired table and the per-task table of a run's items.
 
     ``pairs`` lists ``(comparison, a, b)``.  Paired table: :func:`paired_accuracy` of every pair on every measure
-    (``acc``, ``acc_norm``) of every task where :func:`screen_tasks` includes it, with ``comparison`` and ``measure``.
+    (``acc``, ``acc_norm``) of every task where :func:`screen_tasks` includes it, with ``comparison``, ``measure`` and
+    ``q_bh``, the McNemar p-values adjusted over the table's rows of that measure (Benjamini-Hochberg,
+    ``scipy.stats.false_discovery_control``).
     Task table: :func:`screen_tasks` with, over that task's pairs, the range of the discordant rate and of the items
     needed to resolve ``delta`` (``items_needed_min``/``_max``), and whether ``task_limit`` (None: the whole task) and
     the whole task (``n_available``) reach the largest of them (``limit_suffices``, ``task_suffices``); ``delta`` and
@@ -138,19 +140,25 @@ def accuracy_analysis(items: pd.DataFrame, pairs, *, task_limit: int | None, bas
         for comparison, a, b in pairs if len(chosen) else ():
             parts.append(paired_accuracy(chosen, a, b, column=column, n_boot=n_boot, level=level, seed=seed, delta=delta, alpha=alpha,
                                          power=power).assign(comparison=comparison, measure=measure))
-    paired = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["comparison", "measure", "task", "a", "b"])
+    if not parts:
+        spread = pd.DataFrame(columns=["task", "measure", "discordant_min", "discordant_max", "items_needed_min", "items_needed_max"])
+        return pd.DataFrame(columns=["comparison", "measure", "task", "a", "b"]), _sufficiency(screen.merge(spread, how="left"), task_limit, delta, power)
+    paired = pd.concat(parts, ignore_index=True)
+    paired["q_bh"] = paired.groupby("measure")["p_mcnemar"].transform(stats.false_discovery_control)
     paired = paired[["comparison", "measure", *[c for c in paired.columns if c not in ("comparison", "measure")]]]
     spread = paired.groupby(["task", "measure"]).agg(discordant_min=("discordant", "min"), discordant_max=("discordant", "max"),
                                                       items_needed_min=("items_for_delta", "min"), items_needed_max=("items_for_delta", "max"))
-    tasks = screen.merge(spread.reset_index(), on=["task", "measure"], how="left") if len(spread) else screen.assign(
-        discordant_min=np.nan, discordant_max=np.nan, items_needed_min=np.nan, items_needed_max=np.nan)
+    return paired, _sufficiency(screen.merge(spread.reset_index(), on=["task", "measure"], how="left"), task_limit, delta, power)
+
+
+def _sufficiency(tasks: pd.DataFrame, task_limit: int | None, delta: float, power: float) -> pd.DataFrame:
+    """``limit_suffices``: the items ``task_limit`` evaluates (None: the whole task) reach ``items_needed_max``;
+    ``task_suffices``: the whole task does; with the ``delta`` and ``power`` they were sized for."""
+    tasks = tasks.astype({column: float for column in ("discordant_min", "discordant_max", "items_needed_min", "items_needed_max")})
     limit = tasks["n_available"] if task_limit is None else np.minimum(task_limit, tasks["n_available"])
     tasks["limit_suffices"] = tasks["items_needed_max"].notna() & (limit >= tasks["items_needed_max"])
     tasks["task_suffices"] = tasks["items_needed_max"].notna() & (tasks["n_available"] >= tasks["items_needed_max"])
-    return paired.reset_index(drop=True), tasks.assign(delta=delta, power=power)
-
-
-ITEM_COLUMNS = {"acc": "correct", "acc_norm": "correct_norm"}
+    return tasks.assign(delta=delta, power=power)
 
 
 def item_correctness(model, tokenizer, tasks, *, limit: int | None = None, batch_size: int = 8) -> pd.DataFrame:

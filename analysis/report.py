@@ -370,8 +370,9 @@ def section_accuracy(results: Results) -> list[str]:
         shown["only a / only b right"] = [f"{r.a_only} / {r.b_only}" for r in shown.itertuples()]
         lines += ["### Paired on the same items", "", "Each pair on the same items of each task where the unpruned model is clearly "
                   "above chance: accuracy difference with a paired bootstrap CI over items, the discordant items and the exact McNemar "
-                  "p-value (binomial test on the discordant items). Both measures are in accuracy_paired.parquet.", "",
-                  _table(shown[["comparison", "task", "measure", "n", "a − b, points [95% CI]", "only a / only b right", "p_mcnemar"]]), ""]
+                  "p-value (binomial test on the discordant items) with its Benjamini-Hochberg adjustment over the table (q). Both "
+                  "measures are in accuracy_paired.parquet.", "",
+                  _table(shown[["comparison", "task", "measure", "n", "a − b, points [95% CI]", "only a / only b right", "p_mcnemar", "q_bh"]]), ""]
     if len(tasks):
         lines += accuracy_screen_lines(tasks, limit) + [""]
     return lines

@@ -95,6 +95,7 @@ def test_analysis_screens_tasks_and_pairs_on_the_rest():
     assert row["p_mcnemar"] == pytest.approx(stats.binomtest(2, 12, 0.5).pvalue)
     assert row["ci_low"] < -0.08 < row["ci_high"] < 0
     assert row["items_for_delta"] == items_needed(0.12, 0.03)
+    assert row["q_bh"] == pytest.approx(row["p_mcnemar"])  # one comparison per measure: nothing to adjust
 
     screen = tasks.set_index(["task", "measure"])
     assert screen.loc[("boolq", "acc"), "p_above_chance"] == pytest.approx(stats.binom.sf(51, 100, 0.5))
@@ -187,3 +188,20 @@ def test_report_section_shows_pairs_exclusions_and_items_needed():
     assert "**Excluded**: boolq (acc): the unpruned model scores 0.520 on 100 items" in text
     needed = items_needed(0.12, 0.03)
     assert f"(12% of items) takes {needed:,} items; the run evaluated 100 (task_limit 100) of the task's 570: that does not suffice, nor does the whole task" in text
+
+
+def test_benjamini_hochberg_over_the_pairs_of_a_measure():
+    # two pairs on arc_easy: p1 from 2 vs 10 discordant, p2 = 1 (identical); BH: q1 = min(p1 * 2 / 1, q2), q2 = p2 = 1
+    base, pruned = [1] * 60 + [0] * 40, [1] * 50 + [0] * 10 + [1] * 2 + [0] * 38
+    items = fake_items({"arc_easy": {"none": base, "pruned": pruned, "same": base}})
+    paired, _ = accuracy_analysis(items, [("p", "pruned", "none"), ("s", "same", "none")], task_limit=None, n_boot=100)
+    acc = paired[paired["measure"] == "acc"].set_index("comparison")
+    p1 = stats.binomtest(2, 12, 0.5).pvalue
+    assert acc.loc["p", "q_bh"] == pytest.approx(min(1.0, 2 * p1)) and acc.loc["s", "q_bh"] == pytest.approx(1.0)
+
+
+def test_no_task_above_chance_gives_an_empty_paired_table():
+    weak = [1] * 26 + [0] * 74
+    items = fake_items({"arc_easy": {"none": weak, "pruned": weak[::-1]}})
+    paired, tasks = accuracy_analysis(items, [("p", "pruned", "none")], task_limit=100, n_boot=100)
+    assert paired.empty and not tasks["included"].any() and tasks["items_needed_max"].isna().all() and not tasks["limit_suffices"].any()
