@@ -18,7 +18,7 @@ from typing import Callable
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import ablation, consensus, evaluation, models, plots, stability, study_plots, validity
+from . import ablation, accuracy, consensus, evaluation, models, plots, stability, study_plots, validity
 from .adapters import decoder_layers
 from .documents import load_distribution, subsets
 from .dropsets import UNPRUNED, drop_set_family
@@ -218,14 +218,39 @@ def stage_comparisons(study: Study) -> pd.DataFrame:
                                          seed=s.seed)
 
 
-def stage_accuracy(study: Study) -> pd.DataFrame:
-    """Zero-shot accuracy of the unpruned model and of each of ``settings.accuracy_sets`` that was evaluated (one part per set)."""
+def stage_accuracy(study: Study) -> dict[str, pd.DataFrame]:
+    """Item-level zero-shot correctness of the unpruned model and of each of ``settings.accuracy_sets`` that was evaluated
+    (one saved part per set), and the per-set accuracy table computed from it."""
     s = study.settings
     sets = sets_from_table(study.results["pruned"])
-    parts = [study.part("accuracy", name.replace(":", "_").replace("/", "_"), lambda name=name: evaluation.accuracy_of_set(
+    parts = [study.part("accuracy_items", name.replace(":", "_").replace("/", "_"), lambda name=name: accuracy.items_of_set(
                  study.model, study.tokenizer, name, sets[name], s.tasks, limit=s.task_limit))
              for name in tqdm(s.accuracy_sets, desc="zero-shot accuracy", unit="set", disable=not study.progress) if name in sets]
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    if not parts:
+        return {"accuracy_items": pd.DataFrame(), "accuracy": pd.DataFrame()}
+    items = pd.concat(parts, ignore_index=True).assign(model=study.store.model_record.get("spec"))
+    return {"accuracy_items": items, "accuracy": accuracy.accuracy_table(items)}
+
+
+def accuracy_pairs(study: Study, evaluated) -> list[tuple[str, str, str]]:
+    """Every set evaluated for accuracy against the unpruned model, then the held-out stage's overall comparisons
+    (:func:`comparison_pairs`) whose two sets were both evaluated for accuracy."""
+    sets = {label: chosen for label, chosen in sets_from_table(study.results["pruned"]).items() if chosen is not None}
+    versus = [(f"{name} vs unpruned", name, UNPRUNED) for name in evaluated if name != UNPRUNED]
+    held = [(comparison, a, b) for comparison, a, b, *only in comparison_pairs(sets, study.distributions, study.settings)
+            if not only and a in evaluated and b in evaluated]
+    return versus + list(dict.fromkeys(held))
+
+
+def stage_accuracy_paired(study: Study) -> dict[str, pd.DataFrame]:
+    """Paired item-level comparisons on the tasks where the unpruned model is clearly above chance, and per task the
+    screen and the items a 3-point difference needs (:func:`analysis.accuracy.accuracy_analysis`)."""
+    s, items = study.settings, study.results["accuracy_items"]
+    if not len(items) or UNPRUNED not in set(items["drop_set"]):
+        return {"accuracy_paired": pd.DataFrame(), "accuracy_tasks": pd.DataFrame()}
+    paired, tasks = accuracy.accuracy_analysis(items, accuracy_pairs(study, list(dict.fromkeys(items["drop_set"]))), task_limit=s.task_limit,
+                                               n_boot=s.n_boot, seed=s.seed)
+    return {"accuracy_paired": paired, "accuracy_tasks": tasks}
 
 
 def stage_check(study: Study) -> pd.DataFrame:
@@ -343,8 +368,10 @@ STAGES = (
     Stage("heldout_windows", ("pruned",), ("transfer_samples", "transfer_seq_len", "seed"), stage_heldout, work=work_of("heldout")),
     Stage("transfer", ("heldout_windows",), ("n_boot", "seed"), stage_transfer),
     Stage("comparisons", ("heldout_windows", "pruned"), ("n_boot", "seed"), stage_comparisons),
-    Stage("accuracy", ("pruned",), ("tasks", "task_limit", "accuracy_sets"), stage_accuracy, when=lambda s: bool(s.tasks and s.accuracy_sets),
-          work=work_of("accuracy")),
+    Stage("accuracy", ("pruned",), ("tasks", "task_limit", "accuracy_sets"), stage_accuracy, tables=("accuracy_items", "accuracy"),
+          when=lambda s: bool(s.tasks and s.accuracy_sets), work=work_of("accuracy")),
+    Stage("accuracy_paired", ("accuracy", "pruned"), ("task_limit", "n_boot", "seed"), stage_accuracy_paired,
+          tables=("accuracy_paired", "accuracy_tasks"), when=lambda s: bool(s.tasks and s.accuracy_sets)),
     Stage("check", ("scores.per_sample",), ("check_module", "budgets", "transfer_k", "transfer_samples", "transfer_seq_len", "batch_size", "n_perm",
                                             "n_boot", "seed"), stage_check, when=_checkable,
           work=work_of("check")),

@@ -17,6 +17,7 @@ import markdown
 import numpy as np
 import pandas as pd
 
+from .accuracy import headline_rows
 from .dropsets import UNPRUNED, method_family
 from .io import atomic_write_bytes
 from .captions import CAPTIONS
@@ -324,21 +325,57 @@ def section_comparisons(results: Results) -> list[str]:
             _table(worst[["comparison", "ratio a/b [95% CI]", "p_value", "verdict"]]), ""]
 
 
+def _span(low: float, high: float, fmt: str = "{:,.0f}") -> str:
+    """``"low–high"``, or one number when they are equal."""
+    return fmt.format(low) if fmt.format(low) == fmt.format(high) else f"{fmt.format(low)}–{fmt.format(high)}"
+
+
+def accuracy_screen_lines(tasks: pd.DataFrame, limit: int | None) -> list[str]:
+    """One line per task: excluded (not clearly above chance), or the items a ``delta`` difference needs against those evaluated."""
+    lines = []
+    for row in headline_rows(tasks).itertuples():
+        test = f"one-sided binomial p = {row.p_above_chance:.2g} against chance {row.chance:.2f}, α = {row.alpha:g}"
+        if not row.included:
+            lines.append(f"- **Excluded**: {row.task} ({row.measure}): the unpruned model scores {row.accuracy:.3f} on {row.n_items} items, "
+                         f"not clearly above chance ({test}); differences between drop sets on it say nothing.")
+        elif np.isnan(row.items_needed_max):
+            lines.append(f"- {row.task} ({row.measure}, unpruned {row.accuracy:.3f}, {test}): too few discordant items to size a "
+                         f"{100 * row.delta:g}-point test.")
+        else:
+            evaluated = f"task_limit {limit}" if limit else "every item"
+            verdict = "suffices" if row.limit_suffices else ("does not suffice; the whole task does" if row.task_suffices else
+                                                              "does not suffice, nor does the whole task")
+            lines.append(f"- {row.task} ({row.measure}, unpruned {row.accuracy:.3f}, {test}): to resolve a {100 * row.delta:g}-point "
+                         f"difference (McNemar, α = {row.alpha:g}, power {row.power:g}) at the observed discordance "
+                         f"({_span(100 * row.discordant_min, 100 * row.discordant_max)}% of items) takes "
+                         f"{_span(row.items_needed_min, row.items_needed_max)} items; the run evaluated {row.n_items} ({evaluated}) of the task's "
+                         f"{row.n_available}: that {verdict}.")
+    return lines
+
+
 def section_accuracy(results: Results) -> list[str]:
     accuracy = results.table("accuracy")
     if not len(accuracy):
         return []
-    chosen = accuracy[(accuracy["metric"] == "acc_norm") | ~accuracy["task"].isin(accuracy.loc[accuracy["metric"] == "acc_norm", "task"])]
+    chosen = headline_rows(accuracy.rename(columns={"metric": "measure"}))
     pivot = chosen.pivot_table(index="drop_set", columns="task", values="value", sort=False).reset_index()
-    base = chosen[chosen["drop_set"] == UNPRUNED]
-    weak = base[base["value"] - 2 * base["stderr"] <= base["chance"]]
-    limit = f"first {results.settings.task_limit} examples per task" if results.settings.task_limit else "all examples"
-    lines = ["## Zero-shot accuracy", "", f"lm-evaluation-harness, 0-shot, {limit} (acc_norm where the task defines it, else acc; higher "
-             f"is better); standard error about ±{chosen['stderr'].max():.2f}.", "", _table(pivot), ""]
-    for row in weak.itertuples():
-        lines.append(f"- **Flag**: the unpruned model scores {row.value:.2f} on {row.task}, not clearly above the {row.chance:.2f} chance "
-                     "level: differences between drop sets on this task say nothing.")
-    return lines + ([""] if len(weak) else [])
+    limit = results.settings.task_limit
+    lines = ["## Zero-shot accuracy", "", f"lm-evaluation-harness, 0-shot, {f'first {limit} examples per task' if limit else 'all examples'} "
+             f"(acc_norm where the task defines it, else acc; higher is better); standard error about ±{chosen['stderr'].max():.2f}.", "",
+             _table(pivot), ""]
+    tasks, paired = results.table("accuracy_tasks"), results.table("accuracy_paired")
+    if len(paired):
+        shown = headline_rows(paired).copy()
+        shown["a − b, points [95% CI]"] = [_ci(100 * r.difference, 100 * r.ci_low, 100 * r.ci_high, 1) for r in shown.itertuples()]
+        shown["only a / only b right"] = [f"{r.a_only} / {r.b_only}" for r in shown.itertuples()]
+        lines += ["### Paired on the same items", "", "Each pair on the same items of each task where the unpruned model is clearly "
+                  "above chance: accuracy difference with a paired bootstrap CI over items, the discordant items and the exact McNemar "
+                  "p-value (binomial test on the discordant items) with its Benjamini-Hochberg adjustment over the table (q). Both "
+                  "measures are in accuracy_paired.parquet.", "",
+                  _table(shown[["comparison", "task", "measure", "n", "a − b, points [95% CI]", "only a / only b right", "p_mcnemar", "q_bh"]]), ""]
+    if len(tasks):
+        lines += accuracy_screen_lines(tasks, limit) + [""]
+    return lines
 
 
 def section_check(results: Results) -> list[str]:

@@ -1,12 +1,14 @@
 """Paired accuracy comparisons: exact McNemar, items needed, against hand computations and simulation."""
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
-from analysis.accuracy import above_chance, items_needed, mcnemar_exact, paired_accuracy
+from analysis.accuracy import accuracy_analysis, accuracy_table, above_chance, items_needed, mcnemar_exact, paired_accuracy
 from analysis.errors import InputError
 
 
@@ -55,3 +57,151 @@ def test_paired_accuracy_known_counts():
         paired_accuracy(items, "A", "C")
     with pytest.raises(InputError, match="same items"):
         paired_accuracy(items[~((items["drop_set"] == "B") & (items["item"] == 9))], "A", "B")
+
+
+def fake_items(tasks: dict, sizes: dict | None = None) -> pd.DataFrame:
+    """Items from ``{task: {drop_set: [0/1, ...]}}``; ``correct_norm`` equals ``correct`` for arc_easy, NaN elsewhere."""
+    rows = []
+    for task, sets in tasks.items():
+        for name, correct in sets.items():
+            rows += [{"drop_set": name, "task": task, "subtask": task, "item": f"{task}:{i}", "correct": float(c),
+                      "correct_norm": float(c) if task == "arc_easy" else np.nan, "subtask_items": (sizes or {}).get(task, len(correct))}
+                     for i, c in enumerate(correct)]
+    return pd.DataFrame(rows)
+
+
+def test_identical_set_differs_by_nothing():
+    base = [1] * 60 + [0] * 40
+    items = fake_items({"arc_easy": {"none": base, "same": base}})
+    row = paired_accuracy(items, "same", "none", n_boot=200).iloc[0]
+    assert (row["difference"], row["a_only"], row["b_only"], row["p_mcnemar"]) == (0, 0, 0, 1.0)
+    assert row["ci_low"] == row["ci_high"] == 0
+    assert np.isnan(row["items_for_delta"])
+
+
+def test_analysis_screens_tasks_and_pairs_on_the_rest():
+    # arc_easy (chance 0.25): unpruned right on 60 of 100; "pruned" loses 10 items and gains 2 -> 52 of 100
+    base = [1] * 60 + [0] * 40
+    pruned = [1] * 50 + [0] * 10 + [1] * 2 + [0] * 38
+    # boolq (chance 0.5): unpruned right on 52 of 100, one-sided p = P(X >= 52) > 0.05: excluded
+    weak = [1] * 52 + [0] * 48
+    items = fake_items({"arc_easy": {"none": base, "pruned": pruned}, "boolq": {"none": weak, "pruned": weak}}, sizes={"arc_easy": 570})
+    paired, tasks = accuracy_analysis(items, [("pruned vs unpruned", "pruned", "none")], task_limit=100, n_boot=500)
+
+    assert set(paired["task"]) == {"arc_easy"} and set(paired["measure"]) == {"acc", "acc_norm"}
+    row = paired[paired["measure"] == "acc"].iloc[0]
+    assert (row["n"], row["a_only"], row["b_only"]) == (100, 2, 10)
+    assert row["difference"] == pytest.approx(-0.08)
+    assert row["p_mcnemar"] == pytest.approx(stats.binomtest(2, 12, 0.5).pvalue)
+    assert row["ci_low"] < -0.08 < row["ci_high"] < 0
+    assert row["items_for_delta"] == items_needed(0.12, 0.03)
+    assert row["q_bh"] == pytest.approx(row["p_mcnemar"])  # one comparison per measure: nothing to adjust
+
+    screen = tasks.set_index(["task", "measure"])
+    assert screen.loc[("boolq", "acc"), "p_above_chance"] == pytest.approx(stats.binom.sf(51, 100, 0.5))
+    assert not screen.loc[("boolq", "acc"), "included"] and screen.loc[("arc_easy", "acc"), "included"]
+    assert ("boolq", "acc_norm") not in screen.index
+    arc = screen.loc[("arc_easy", "acc")]
+    assert (arc["n_items"], arc["n_available"], arc["accuracy"], arc["chance"]) == (100, 570, 0.6, 0.25)
+    assert arc["items_needed_max"] == items_needed(0.12, 0.03) > 570
+    assert not arc["limit_suffices"] and not arc["task_suffices"]
+    assert np.isnan(screen.loc[("boolq", "acc"), "items_needed_max"]) and not screen.loc[("boolq", "acc"), "limit_suffices"]
+
+
+def test_items_needed_against_the_limit_and_the_task():
+    # 30 of 400 items discordant (7.5%): about 630 items for 3 points; the limit 400 does not reach it, the task's 1000 do
+    base = [1] * 300 + [0] * 100
+    pruned = [1] * 280 + [0] * 20 + [1] * 10 + [0] * 90
+    items = fake_items({"arc_easy": {"none": base, "pruned": pruned}}, sizes={"arc_easy": 1000})
+    _, tasks = accuracy_analysis(items, [("p", "pruned", "none")], task_limit=400, n_boot=100)
+    arc = tasks.set_index("measure").loc["acc"]
+    assert arc["items_needed_max"] == items_needed(30 / 400, 0.03)
+    assert 400 < arc["items_needed_max"] <= 1000 and not arc["limit_suffices"] and arc["task_suffices"]
+    _, whole = accuracy_analysis(items, [("p", "pruned", "none")], task_limit=None, n_boot=100)
+    assert whole.set_index("measure").loc["acc", "limit_suffices"]  # no limit: the whole task, which suffices
+
+
+def test_accuracy_table_is_the_item_mean():
+    items = fake_items({"arc_easy": {"none": [1, 1, 0, 0, 1]}, "boolq": {"none": [1, 0]}})
+    table = accuracy_table(items).set_index(["task", "metric"])
+    assert set(table.index) == {("arc_easy", "acc"), ("arc_easy", "acc_norm"), ("boolq", "acc")}
+    assert table.loc[("arc_easy", "acc"), "value"] == pytest.approx(0.6)
+    assert table.loc[("arc_easy", "acc"), "stderr"] == pytest.approx(math.sqrt(0.6 * 0.4 / 5))
+    assert (table.loc[("boolq", "acc"), "n"], table.loc[("boolq", "acc"), "chance"]) == (2, 0.5)
+
+
+def test_paired_stage_pairs_every_set_with_unpruned_and_the_held_out_comparisons():
+    from types import SimpleNamespace
+
+    from analysis.pipeline import stage_accuracy_paired
+    from analysis.presets import RunSettings
+
+    def row(label, module, method, metric, indices):
+        return {"drop_set": label, "module": module, "k": len(indices), "method": method, "metric": metric, "indices": indices, "sources": []}
+
+    pruned = pd.DataFrame([row("none", None, "none", None, []), row("cosine/attn-2:borda", "attn", "borda", "cosine", ["1", "2"]),
+                           row("cosine/attn-2:own:code", "attn", "own:code", "cosine", ["1", "3"]),
+                           row("ablation/attn-2:greedy:robust", "attn", "greedy:robust", "ablation", ["2", "3"])])
+    base = [1] * 70 + [0] * 30
+    items = fake_items({"arc_easy": {"none": base, "cosine/attn-2:borda": base[::-1], "ablation/attn-2:greedy:robust": base}})
+    settings = RunSettings(distributions=("code",), transfer_modules=("attn",), transfer_k=(2,), task_limit=100, n_boot=100)
+    study = SimpleNamespace(settings=settings, distributions=("code",), results={"accuracy_items": items, "pruned": pruned})
+    tables = stage_accuracy_paired(study)
+    assert list(dict.fromkeys(tables["accuracy_paired"]["comparison"])) == [
+        "cosine/attn-2:borda vs unpruned", "ablation/attn-2:greedy:robust vs unpruned", "attn-2: robust greedy vs cosine borda"]
+    assert tables["accuracy_tasks"].set_index("measure").loc["acc", "included"]
+
+
+def test_item_correctness_averages_to_lm_evals_accuracy():
+    from tiny import byte_tokenizer, tiny_model
+
+    from analysis.accuracy import item_correctness
+    from analysis.evaluation import zero_shot_accuracy
+    from analysis.fetching import is_fetched
+    from analysis.manifests import load_manifest
+
+    if not is_fetched(load_manifest("math")):
+        pytest.skip("the benchmark copies (math manifest) are not fetched; run `calibdrop data fetch`")
+    model, tokenizer = tiny_model("llama"), byte_tokenizer()
+    items = item_correctness(model, tokenizer, ["arc_easy", "piqa"], limit=6)
+    assert len(items) == 12 and set(items["correct"]) <= {0, 1} and items["correct_norm"].notna().all()
+    assert items.groupby("task")["subtask_items"].first().to_dict() == {"arc_easy": 570, "piqa": 1838}
+    ours = accuracy_table(items.assign(drop_set="none")).set_index(["task", "metric"])
+    theirs = zero_shot_accuracy(model, tokenizer, ["arc_easy", "piqa"], limit=6).set_index(["task", "metric"])
+    assert ours["value"].to_dict() == pytest.approx(theirs["value"].loc[ours.index].to_dict())
+    assert len(ours) == len(theirs)
+
+
+def test_report_section_shows_pairs_exclusions_and_items_needed():
+    from types import SimpleNamespace
+
+    from analysis.report import Results, section_accuracy
+
+    base, pruned = [1] * 60 + [0] * 40, [1] * 50 + [0] * 10 + [1] * 2 + [0] * 38
+    items = fake_items({"arc_easy": {"none": base, "pruned": pruned}, "boolq": {"none": [1] * 52 + [0] * 48, "pruned": base}},
+                       sizes={"arc_easy": 570, "boolq": 3270})
+    paired, tasks = accuracy_analysis(items, [("pruned vs unpruned", "pruned", "none")], task_limit=100, n_boot=200)
+    tables = {"accuracy": accuracy_table(items), "accuracy_paired": paired, "accuracy_tasks": tasks}
+    text = "\n".join(section_accuracy(Results({}, SimpleNamespace(task_limit=100), pd.DataFrame(), tables, [])))
+    assert "### Paired on the same items" in text
+    assert re.search(r"\| pruned vs unpruned +\| arc_easy +\| acc_norm +\| +100 \| -8.0 \[-1\d.\d, -\d.\d\] +\| 2 / 10 ", text)
+    assert "**Excluded**: boolq (acc): the unpruned model scores 0.520 on 100 items" in text
+    needed = items_needed(0.12, 0.03)
+    assert f"(12% of items) takes {needed:,} items; the run evaluated 100 (task_limit 100) of the task's 570: that does not suffice, nor does the whole task" in text
+
+
+def test_benjamini_hochberg_over_the_pairs_of_a_measure():
+    # two pairs on arc_easy: p1 from 2 vs 10 discordant, p2 = 1 (identical); BH: q1 = min(p1 * 2 / 1, q2), q2 = p2 = 1
+    base, pruned = [1] * 60 + [0] * 40, [1] * 50 + [0] * 10 + [1] * 2 + [0] * 38
+    items = fake_items({"arc_easy": {"none": base, "pruned": pruned, "same": base}})
+    paired, _ = accuracy_analysis(items, [("p", "pruned", "none"), ("s", "same", "none")], task_limit=None, n_boot=100)
+    acc = paired[paired["measure"] == "acc"].set_index("comparison")
+    p1 = stats.binomtest(2, 12, 0.5).pvalue
+    assert acc.loc["p", "q_bh"] == pytest.approx(min(1.0, 2 * p1)) and acc.loc["s", "q_bh"] == pytest.approx(1.0)
+
+
+def test_no_task_above_chance_gives_an_empty_paired_table():
+    weak = [1] * 26 + [0] * 74
+    items = fake_items({"arc_easy": {"none": weak, "pruned": weak[::-1]}})
+    paired, tasks = accuracy_analysis(items, [("p", "pruned", "none")], task_limit=100, n_boot=100)
+    assert paired.empty and not tasks["included"].any() and tasks["items_needed_max"].isna().all() and not tasks["limit_suffices"].any()

@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 
 from analysis import report
+from analysis.accuracy import accuracy_analysis, accuracy_table
 from analysis.io import read_table
 from analysis.pipeline import RunSettings, run
 from test_pipeline import SETTINGS
@@ -46,16 +47,6 @@ def test_candidates_are_ordered_as_numbers():
     assert report._numeric_order(["10", "2", "attn:10", "attn:3", "mlp:1"]) == ["2", "10", "attn:3", "attn:10", "mlp:1"]
 
 
-def test_a_baseline_not_clearly_above_chance_is_flagged():
-    accuracy = pd.DataFrame([
-        {"task": "boolq", "metric": "acc", "value": 0.24, "n": 200, "stderr": 0.03, "chance": 0.5, "drop_set": "none"},
-        {"task": "arc_easy", "metric": "acc", "value": 0.60, "n": 200, "stderr": 0.035, "chance": 0.25, "drop_set": "none"},
-    ])
-    results = report.Results({}, RunSettings(task_limit=200), pd.DataFrame(), {"accuracy": accuracy}, [])
-    flags = [line for line in report.section_accuracy(results) if line.startswith("- **Flag**")]
-    assert len(flags) == 1 and "boolq" in flags[0]
-
-
 def routing_results(ci_low: float, ci_high: float) -> report.Results:
     """A routing stage's tables with routed / borda on the mix at ratio 0.97 and the given CI."""
     summary = pd.DataFrame([
@@ -92,3 +83,15 @@ def test_check_section_counts_the_kept_sets_per_role():
     lines = report.section_check(results)
     assert "- **own set**: kept on 2 of 2 distributions." in lines
     assert "- **consensus without it**: kept on 1 of 2 distributions; code: recalibrate." in lines
+
+
+def test_a_baseline_not_clearly_above_chance_is_excluded():
+    # boolq: 96 of 200 against chance 0.5 (excluded); arc_easy: 120 of 200 against 0.25 (kept)
+    items = pd.DataFrame([{"drop_set": "none", "task": task, "subtask": task, "item": f"{task}:{i}", "correct": float(i < right),
+                           "correct_norm": float("nan"), "subtask_items": 200} for task, right in (("boolq", 96), ("arc_easy", 120))
+                          for i in range(200)])
+    paired, tasks = accuracy_analysis(items, [], task_limit=200)
+    tables = {"accuracy": accuracy_table(items), "accuracy_paired": paired, "accuracy_tasks": tasks}
+    results = report.Results({}, RunSettings(task_limit=200), pd.DataFrame(), tables, [])
+    excluded = [line for line in report.section_accuracy(results) if line.startswith("- **Excluded**")]
+    assert len(excluded) == 1 and "boolq" in excluded[0] and "0.480 on 200 items" in excluded[0]
