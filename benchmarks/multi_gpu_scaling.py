@@ -1,33 +1,37 @@
 """Data-parallel scoring throughput, 1 -> N GPUs, and the per-sample tables it gives.
 
-Run once per GPU count, then compare::
+Run once per GPU count, then compare (``benchmarks/device_scaling.sh`` does 1, 2 and 4 GPUs for
+the 7B and 13B shapes in one device call)::
 
   A="--config llama-7b --distributions general,math --tokenizer TOKENIZER_DIR"
   CUDA_VISIBLE_DEVICES=0 python benchmarks/multi_gpu_scaling.py run $A --out R/gpu1
   torchrun --nproc_per_node 2 benchmarks/multi_gpu_scaling.py run $A --out R/gpu2
-  python benchmarks/multi_gpu_scaling.py compare R/gpu1 R/gpu2 --out R/scaling.json
+  torchrun --nproc_per_node 4 benchmarks/multi_gpu_scaling.py run $A --out R/gpu4
+  python benchmarks/multi_gpu_scaling.py compare R/gpu1 R/gpu2 R/gpu4 --out R/scaling.json
 
 (On the device the documents travel as ``$CALIBDROP_CACHE/data/documents/<name>-<key>.parquet``
 with its JSON sidecar, copied from the local cache; the results name the machine.)
 
 Each process builds the same seeded random model of a config shape on ``cuda:LOCAL_RANK``
-(bf16; CPU and gloo without CUDA, for a smoke run with ``--config llama-tiny``) and scores the same batches with :func:`analysis.score_token_batches`, which under
-torch.distributed gives process r the batches r, r + W, ... and all-gathers the rows.  The
-batches are the paper preset's calibration windows of real text (``--distributions`` with
-``--tokenizer``: :func:`analysis.samples.calibration_samples`, run in every process) or seeded
-random token ids.  Times, each the slowest process's, after one warm-up pass (CUDA kernels,
-the compiled metric kernel):
+(bf16; CPU and gloo without CUDA, for a smoke run with ``--config llama-tiny``) and scores the
+same batches with :func:`analysis.score_token_batches`, which under torch.distributed gives
+process r the batches r, r + W, ... and all-gathers the rows.  The batches are the paper
+preset's calibration windows of real text (``--distributions`` with ``--tokenizer``:
+:func:`analysis.samples.calibration_samples`, run in every process) or seeded random token ids.
+Times, each the slowest process's, after one warm-up pass (CUDA kernels, the compiled metric kernel):
 
-  tokenise   cutting the windows from the documents, one distribution after another
-  compute    from the start of scoring until this process enters the (last) gather
+  tokenise   cutting the first distribution's windows
+  compute    from the start of scoring them until this process enters the gather
   gather     ``all_gather_object`` of the per-sample sums (includes waiting for the slowest process)
-  score      the ``score_token_batches`` calls (compute + gather + building the table)
-  library    with real text: :func:`analysis.score_distributions` on the same distributions, end to
-             end (it cuts the next distribution's windows while the current one is scored)
+  score      the ``score_token_batches`` call (compute + gather + building the table)
+  library    end to end: :func:`analysis.score_distributions` on every distribution (it cuts the
+             next distribution's windows while the current one is scored); ``library_gather`` its gathers
 
-``throughput = distributions x samples x seq_len / seconds`` (``tokenise + score`` serially, and
-``library``); scaling is the ratio to one GPU.  A small ground-truth (ablation) pass on the
-first distribution is scored the same way for the table comparison.
+``throughput = samples x seq_len / (tokenise + score)`` for the first distribution, and
+``distributions x samples x seq_len / library``; scaling is the ratio to one GPU.  The ground
+truth (ablation, ``--ablation-samples`` x ``--ablation-seq-len`` of the first distribution) is
+scored and timed the same way.  The saved per-sample table (library rows + ablation rows) is what
+``compare`` checks against one GPU.
 """
 
 from __future__ import annotations
@@ -146,10 +150,10 @@ def timed_score(model, makers: dict, metrics) -> tuple[pd.DataFrame, dict]:
 
 
 def timed_library(model, tokenizer, names, args, metrics) -> tuple[pd.DataFrame, float]:
-    """Rows of :func:`analysis.score_distributions` (nothing cached: the model has no checksum) and its seconds."""
+    """Rows of :func:`analysis.score_distributions` (no stage store: nothing is read from or written to disk) and its seconds."""
     start = synced()
     rows = score_distributions(model, tokenizer, names, n_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
-                               metrics=metrics, cache=Path(args.out) / "unused-cache", progress=False)
+                               metrics=metrics, progress=False)
     return rows, synced() - start
 
 
@@ -170,17 +174,21 @@ def cmd_run(args) -> None:
 
     names = args.distributions.split(",") if args.distributions else ["random"]
 
-    def makers(n, seq_len, seed, chosen=names):
+    def makers(n, seq_len, seed, batch_size=args.batch_size, chosen=names[:1]):
         if args.distributions:
-            return {name: (lambda name=name: real_batches(name, tokenizer, n, seq_len, args.batch_size)) for name in chosen}
-        return {"random": lambda: random_batches(n, seq_len, args.batch_size, vocab, seed)}
+            return {name: (lambda name=name: real_batches(name, tokenizer, n, seq_len, batch_size)) for name in chosen}
+        return {"random": lambda: random_batches(n, seq_len, batch_size, vocab, seed)}
 
-    timed_score(model, makers(world * args.batch_size, args.seq_len, 1, names[:1]), PROXIES)
+    timed_score(model, makers(world * args.batch_size, args.seq_len, 1), PROXIES)
     proxies, proxy_times = timed_score(model, makers(args.samples, args.seq_len, 0), PROXIES)
-    truth, truth_times = timed_score(model, makers(args.ablation_samples, args.ablation_seq_len, 2, names[:1]), ("ablation",))
+    truth, truth_times = timed_score(model, makers(args.ablation_samples, args.ablation_seq_len, 2, args.ablation_batch_size), ("ablation",))
     if args.distributions:
-        library, proxy_times["library"] = timed_library(model, tokenizer, names, args, PROXIES)
-        same_as_library = library.equals(proxies)
+        with GatherClock() as clock:
+            library, library_seconds = timed_library(model, tokenizer, names, args, PROXIES)
+        proxy_times.update(library=library_seconds, library_gather=clock.seconds)
+        same_as_library = library[library["distribution"] == names[0]].reset_index(drop=True).equals(proxies)
+        proxies = library
+    peak = torch.cuda.max_memory_allocated() if device != "cpu" else None
     proxy_times, truth_times = slowest(proxy_times), slowest(truth_times)
     if rank != 0:
         dist.destroy_process_group()
@@ -190,15 +198,15 @@ def cmd_run(args) -> None:
     setting = {"config": args.config, "processes": world, "device": torch.cuda.get_device_name() if device != "cpu" else "cpu", "dtype": "bfloat16",
                "text": f"{args.distributions} (real, calibration_samples)" if args.distributions else "random token ids",
                "samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size,
-               "ablation_samples": args.ablation_samples, "ablation_seq_len": args.ablation_seq_len}
+               "ablation_samples": args.ablation_samples, "ablation_seq_len": args.ablation_seq_len, "ablation_batch_size": args.ablation_batch_size}
     write_table(pd.concat([proxies, truth], ignore_index=True), out / "per_sample.parquet", provenance(kind="scaling-per-sample", settings=setting))
-    tokens = len(names) * args.samples * args.seq_len
+    tokens = args.samples * args.seq_len
     result = {**setting, "seconds": proxy_times, "ablation_seconds": truth_times,
               "tokens_per_second": tokens / (proxy_times["tokenise"] + proxy_times["score"]),
               "tokens_per_second_scoring_only": tokens / proxy_times["score"],
-              "tokens_per_second_library": tokens / proxy_times["library"] if args.distributions else None,
+              "tokens_per_second_library": len(names) * tokens / proxy_times["library"] if args.distributions else None,
               "library_table_equals_serial": same_as_library if args.distributions else None,
-              "peak_memory_bytes_rank0": torch.cuda.max_memory_allocated() if device != "cpu" else None, "versions": package_versions()}
+              "peak_memory_bytes_rank0": peak, "versions": package_versions()}
     emit(result, str(out / "timing.json"))
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -242,6 +250,7 @@ def main(argv=None) -> None:
     run.add_argument("--batch-size", type=int, default=8)
     run.add_argument("--ablation-samples", type=int, default=16)
     run.add_argument("--ablation-seq-len", type=int, default=512)
+    run.add_argument("--ablation-batch-size", type=int, default=4, help="4: 16 ablation windows make one batch per process on 4 GPUs")
     run.add_argument("--distributions", help="comma-separated: score their real calibration text (needs --tokenizer)")
     run.add_argument("--tokenizer", help="tokenizer folder; the model's vocabulary is sized to it")
     run.add_argument("--out", required=True)

@@ -6,18 +6,20 @@ run makes, :mod:`analysis.pipeline`), with a config-built random model (bf16, on
 scales each unit to the preset's sizes (:data:`analysis.presets.PRESETS` ``["paper"]``):
 
   score proxies          256 x 2048 windows, three proxies, one pass        x distributions
-  score ablation         ``--ablation-samples`` x 2048 windows               x (32 / measured) x distributions
+  score ablation         ``--ablation-samples`` x 2048 windows               x (preset / measured) x distributions
   score sub-distributions  (no own measurement) proxy time per window      x subsets x 64 windows
-  greedy drop sets       one exact greedy step (every attention candidate    per candidate trial on one distribution's
-                         tried once) on ``--ablation-samples`` windows        windows x (32 / measured) x all trials
-  held-out evaluation    ``window_nll`` of the unpruned model and 4 random    per (set, window) x sets x 64 windows
+  greedy drop sets       one exact greedy step (every attention candidate    per candidate trial (shortlisted ones) on one distribution's
+                         tried once) on ``--ablation-samples`` windows        windows x (preset / measured) x all trials
+  held-out evaluation    ``window_nll`` of the unpruned model and 4 random    per (set, window) x sets x preset windows
                          attn-8 sets on ``--heldout-samples`` windows         x distributions
 
 Extrapolation is linear in windows and trials: ``extrapolated_seconds`` are estimates, not
 measurements.  Greedy trials are counted as the run makes them: per distribution's objective
-``sum_{j=1..k} (n - j + 1)`` trials on its own windows, and the robust objective the same number
+``sum_{j=1..k} min(shortlist, n - j + 1)`` trials on its own windows, and the robust objective the same number
 on every distribution's windows; each trial is costed at step 1's mean (later steps re-run from
-the earliest dropped layer, so they can cost more or less).  Not measured here: zero-shot accuracy
+the earliest dropped layer, so they can cost more or less).  Held-out sets are counted for attention
+only (the run also evaluates MLP, block and joint sets: 60 in all in the measured paper run,
+``paper_preset_run.py``, which times every stage for real).  Not measured here: zero-shot accuracy
 (lm-evaluation-harness needs its task data, not on the device), the CPU stages (stability with
 1000 bootstrap and permutation draws, figures, report).  Peak memory: CUDA
 ``max_memory_allocated`` during each measured unit.
@@ -66,10 +68,11 @@ def windows(name: str, tokenizer, n: int, seq_len: int, split: str = "calibratio
     return calibration_samples(load_distribution(name, split), tokenizer, n_samples=n, seq_len=seq_len, seed=0)
 
 
-def greedy_trials(n_candidates: int, k: int, n_distributions: int) -> int:
-    """Candidate trials times distributions evaluated by the exact greedy paths of a run: each distribution's
-    objective tries ``sum_{j=1..k} (n - j + 1)`` candidates on its own windows, the robust objective on all."""
-    per_path = sum(n_candidates - j + 1 for j in range(1, k + 1))
+def greedy_trials(n_candidates: int, k: int, n_distributions: int, shortlist: int | None = None) -> int:
+    """Candidate trials times distributions evaluated by the greedy paths of a run: each distribution's objective
+    tries ``sum_{j=1..k} min(shortlist, n - j + 1)`` candidates on its own windows (all remaining ones without a
+    shortlist), the robust objective on all."""
+    per_path = sum(min(shortlist or n_candidates, n_candidates - j + 1) for j in range(1, k + 1))
     return per_path * n_distributions + per_path * n_distributions
 
 
@@ -113,7 +116,7 @@ def main(argv=None) -> None:
     path, seconds, peak = timed(lambda: ablation.greedy_drop_path(model, {name: truth_batches}, module="attn", k=1, objective=name))
     per_trial = seconds / (n_layers + 1)
     k = min(max(paper.budgets.get("attn", paper.transfer_k)), n_layers - 1)
-    trials = greedy_trials(n_layers, k, n_dist)
+    trials = greedy_trials(n_layers, k, n_dist, paper.greedy_shortlist)
     stages["greedy drop sets"] = dict(measured=f"one step, {n_layers} trials + the unpruned pass, {args.ablation_samples} x {seq_len}",
                                       seconds=seconds, peak_memory_bytes=peak, trials_in_run=trials,
                                       extrapolated_seconds=per_trial * paper.ablation_samples / args.ablation_samples * trials)

@@ -3,6 +3,7 @@
 from types import SimpleNamespace
 
 import datasets
+import numpy as np
 import pytest
 import torch
 
@@ -49,6 +50,17 @@ def test_windows_are_the_documents_joined_with_eos_and_cut():
     assert windows["input_ids"] in [[j[:5], j[5:10]] for j in joined]
     assert windows["doc_ids"][0] in (["one"], ["two"]) and windows["doc_ids"][1] == ["one", "two"]
     assert windows["attention_mask"] == [[1] * 5, [1] * 5]
+
+
+def test_batched_tokenization_gives_the_ids_of_one_call_per_document(smollm_tokenizer):
+    """Documents tokenized in chunks (16, 32, 64 ...) come in the given order with the ids of one tokenizer call each."""
+    documents = load_distribution(fetched("chat"), "calibration")
+    order = np.random.default_rng(3).permutation(len(documents))[:100]
+    batched = list(samples._tokenized_in_order(documents, smollm_tokenizer, order))
+    rows = [documents[int(i)] for i in order]
+    assert [row["doc_id"] for row, _ in batched] == [row["doc_id"] for row in rows]
+    assert [ids for _, ids in batched] == [
+        smollm_tokenizer(samples.render_document(row, smollm_tokenizer), add_special_tokens=False)["input_ids"] for row in rows]
 
 
 def test_heldout_samples_never_share_documents_with_calibration_samples():
