@@ -343,13 +343,38 @@ def cmd_evaluate(args) -> None:
         print(transfer.pivot_table(index="drop_set", columns="distribution", values="ppl_ratio", sort=False).round(3).to_string())
     tasks = [t for t in (args.tasks or "").split(",") if t]
     if tasks:
-        accuracy = pd.concat([evaluation.accuracy_of_set(model, tokenizer, name, chosen, tasks, limit=args.limit)
-                              for name, chosen in tqdm(sets.items(), desc="accuracy", unit="set", disable=not progress)], ignore_index=True)
-        write_table(accuracy, out / "accuracy.parquet", record)
-        summary = accuracy[accuracy.metric.eq("acc_norm") | ~accuracy.task.isin(accuracy[accuracy.metric == "acc_norm"].task)]
-        print("zero-shot accuracy (higher is better):")
-        print(summary.pivot_table(index="drop_set", columns="task", values="value", sort=False).round(3).to_string())
+        write_accuracy(model, tokenizer, sets, tasks, args.limit, out, record, progress)
     print(f"wrote results to {out}")
+
+
+def write_accuracy(model, tokenizer, sets: dict, tasks, limit, out: Path, record: dict, progress: bool) -> None:
+    """Item-level zero-shot correctness of every set, the accuracy table, and every set paired with the unpruned model on
+    the same items (:func:`analysis.accuracy.accuracy_analysis`); writes the tables and prints the paired differences."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from . import accuracy
+    from .dropsets import UNPRUNED
+    from .io import write_table
+
+    items = pd.concat([accuracy.items_of_set(model, tokenizer, name, chosen, tasks, limit=limit)
+                       for name, chosen in tqdm(sets.items(), desc="accuracy", unit="set", disable=not progress)], ignore_index=True)
+    table = accuracy.accuracy_table(items)
+    paired, screened = accuracy.accuracy_analysis(items, [(f"{name} vs unpruned", name, UNPRUNED) for name in sets if name != UNPRUNED],
+                                                  task_limit=limit)
+    for name, frame in {"accuracy_items": items, "accuracy": table, "accuracy_paired": paired, "accuracy_tasks": screened}.items():
+        write_table(frame, out / f"{name}.parquet", record)
+    summary = table[table.metric.eq("acc_norm") | ~table.task.isin(table[table.metric == "acc_norm"].task)]
+    print("zero-shot accuracy (higher is better):")
+    print(summary.pivot_table(index="drop_set", columns="task", values="value", sort=False).round(3).to_string())
+    if len(paired):
+        print("paired on the same items, against the unpruned model (difference in points, 95% bootstrap CI, exact McNemar p):")
+        shown = paired.assign(points=(100 * paired["difference"]).round(1), ci=[f"[{100 * lo:+.1f}, {100 * hi:+.1f}]" for lo, hi in
+                                                                           zip(paired["ci_low"], paired["ci_high"])])
+        print(shown[["comparison", "task", "measure", "n", "points", "ci", "p_mcnemar"]].round(4).to_string(index=False))
+    excluded = screened[~screened["included"]] if "included" in screened else screened.iloc[:0]
+    for row in excluded.itertuples():
+        print(f"not compared: the unpruned model is not clearly above chance on {row.task} ({row.measure})")
 
 
 def cmd_run(args) -> None:

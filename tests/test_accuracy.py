@@ -1,5 +1,6 @@
 """Paired accuracy comparisons: exact McNemar, items needed, against hand computations and simulation."""
 
+import json
 import math
 import re
 
@@ -205,3 +206,32 @@ def test_no_task_above_chance_gives_an_empty_paired_table():
     items = fake_items({"arc_easy": {"none": weak, "pruned": weak[::-1]}})
     paired, tasks = accuracy_analysis(items, [("p", "pruned", "none")], task_limit=100, n_boot=100)
     assert paired.empty and not tasks["included"].any() and tasks["items_needed_max"].isna().all() and not tasks["limit_suffices"].any()
+
+
+def test_cli_evaluate_writes_items_and_pairs_every_set_with_the_unpruned_model(tmp_path, capsys):
+    from tiny import byte_tokenizer, tiny_model
+
+    from analysis.cli import main
+    from analysis.fetching import is_fetched
+    from analysis.io import read_table
+    from analysis.manifests import load_manifest
+
+    if not is_fetched(load_manifest("math")):
+        pytest.skip("the benchmark copies (math manifest) are not fetched; run `calibdrop data fetch`")
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    byte_tokenizer().save_pretrained(tmp_path / "model")
+    (tmp_path / "set.json").write_text(json.dumps({"module": "attn", "indices": [1, 2], "method": "borda", "metric": "cosine"}))
+    args = ["evaluate", "--model", str(tmp_path / "model"), "--drop-sets", str(tmp_path / "set.json"), "--tasks", "arc_easy,piqa",
+            "--limit", "8", "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    items, table = read_table(tmp_path / "out" / "accuracy_items.parquet"), read_table(tmp_path / "out" / "accuracy.parquet")
+    screened = read_table(tmp_path / "out" / "accuracy_tasks.parquet")
+    paired = read_table(tmp_path / "out" / "accuracy_paired.parquet")
+    assert len(items) == 2 * 2 * 8 and set(items["drop_set"]) == {"none", "set"}
+    acc = table[table["metric"] == "acc"].set_index(["drop_set", "task"])["value"]
+    assert acc.to_dict() == pytest.approx(items.groupby(["drop_set", "task"])["correct"].mean().to_dict())
+    included = screened[screened["included"]]
+    assert set(zip(paired["task"], paired["measure"])) == set(zip(included["task"], included["measure"]))
+    for row in screened[~screened["included"]].itertuples():
+        assert f"not compared: the unpruned model is not clearly above chance on {row.task} ({row.measure})" in printed
