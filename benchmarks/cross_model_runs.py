@@ -9,12 +9,14 @@ preset instead (for a GPU); ``--proxies-only`` leaves out the ablation ground tr
 (into OUT/<model>-proxies). Runs are resumable: run the same command again after a kill. Each
 finished model appends its wall time and stage timings to OUT/wall_times.jsonl.
 
-On the shared machine (six jobs on 2 cores, this one at nice 19) none of the qwen runs finished by the
-deadline: the ablation of qwen2.5-coder-0.5b at 4 x 32 tokens took 18 minutes for one distribution.
+qwen2.5-coder-0.5b ran in full (its ablation took 2.7 minutes per distribution once it had the 2 cores,
+18-35 minutes at nice 19 beside other jobs); qwen2.5-coder-1.5b ran with --proxies-only (15.8 minutes):
+its ablation would take about an hour.
 
-  nice -n 19 python benchmarks/cross_model_runs.py --models qwen2.5-coder-0.5b qwen2.5-coder-1.5b --out /work/runs
-  nice -n 19 python benchmarks/cross_model_runs.py --models qwen2.5-coder-0.5b --proxies-only --out /work/runs
-  calibdrop summary results/run-default results/run-gemma3-270m /work/runs/qwen2.5-coder-0.5b-proxies --out results/summary
+  nice -n 19 python benchmarks/cross_model_runs.py --models qwen2.5-coder-0.5b --out results/cross-model
+  nice -n 19 python benchmarks/cross_model_runs.py --models qwen2.5-coder-1.5b --proxies-only --out results/cross-model
+  calibdrop summary results/run-default results/run-gemma3-270m results/cross-model/qwen2.5-coder-0.5b \
+      results/cross-model/qwen2.5-coder-1.5b-proxies --out results/summary
 """
 
 import argparse
@@ -56,7 +58,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"], help="built-in models, run in this order")
-    parser.add_argument("--out", type=Path, default=Path("/work/runs"), help="parent folder; each model's run goes to OUT/<model>")
+    parser.add_argument("--out", type=Path, default=Path("results/cross-model"), help="parent folder; each model's run goes to OUT/<model>")
     parser.add_argument("--paper", action="store_true", help="the paper preset for every model (for a GPU) instead of the lean settings")
     parser.add_argument("--proxies-only", action="store_true",
                         help="no ablation ground truth and no greedy paths, into OUT/<model>-proxies (a first answer when CPU time is short)")
