@@ -317,9 +317,6 @@ def evaluation_drop_sets(args) -> dict:
 
 
 def cmd_evaluate(args) -> None:
-    import pandas as pd
-    from tqdm.auto import tqdm
-
     from . import evaluation, models, pruning
     from .dropsets import as_drop_set
     from .io import provenance, write_table
