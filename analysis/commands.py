@@ -361,7 +361,7 @@ def write_accuracy(model, tokenizer, sets: dict, tasks, limit, out: Path, record
                                                   task_limit=limit)
     for name, frame in {"accuracy_items": items, "accuracy": table, "accuracy_paired": paired, "accuracy_tasks": screened}.items():
         write_table(frame, out / f"{name}.parquet", record)
-    summary = table[table.metric.eq("acc_norm") | ~table.task.isin(table[table.metric == "acc_norm"].task)]
+    summary = accuracy.headline_rows(table.rename(columns={"metric": "measure"}))
     print("zero-shot accuracy (higher is better):")
     print(summary.pivot_table(index="drop_set", columns="task", values="value", sort=False).round(3).to_string())
     if len(paired):
@@ -369,8 +369,7 @@ def write_accuracy(model, tokenizer, sets: dict, tasks, limit, out: Path, record
         shown = paired.assign(points=(100 * paired["difference"]).round(1), ci=[f"[{100 * lo:+.1f}, {100 * hi:+.1f}]" for lo, hi in
                                                                            zip(paired["ci_low"], paired["ci_high"])])
         print(shown[["comparison", "task", "measure", "n", "points", "ci", "p_mcnemar"]].round(4).to_string(index=False))
-    excluded = screened[~screened["included"]] if "included" in screened else screened.iloc[:0]
-    for row in excluded.itertuples():
+    for row in screened[~screened["included"]].itertuples():
         print(f"not compared: the unpruned model is not clearly above chance on {row.task} ({row.measure})")
 
 

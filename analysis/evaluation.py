@@ -137,11 +137,6 @@ def zero_shot_accuracy(model, tokenizer, tasks=tuple(PAPER_TASKS), *, limit: int
     return table
 
 
-def accuracy_of_set(model, tokenizer, name: str, drop_set, tasks, *, limit: int | None = None) -> pd.DataFrame:
-    """:func:`zero_shot_accuracy` of ``model`` with ``drop_set`` removed (a pruned copy; ``None``: the model itself), with a ``drop_set`` column ``name``."""
-    return zero_shot_accuracy(pruned_copy(model, drop_set), tokenizer, tasks, limit=limit).assign(drop_set=name)
-
-
 @torch.inference_mode()
 def perplexity(model, samples, *, batch_size: int = 4) -> tuple[float, int]:
     """Token-weighted perplexity of ``model`` on token windows, and the number of predicted tokens."""

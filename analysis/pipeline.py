@@ -268,9 +268,8 @@ def stage_check(study: Study) -> pd.DataFrame:
         yours = study.part("check", name, lambda windows=windows, name=name: score_windows(
             study.model, windows, name, batch_size=s.batch_size, metrics=("cosine",), progress=False))
         others = scores[scores["distribution"] != name]
-        sources = {"own set": scores, "consensus without it": others}
-        for role, source in sources.items():
-            method = f"own:{name}" if role == "own set" else "borda"
+        checked = {"own set": (scores, f"own:{name}"), "consensus without it": (others, "borda")}
+        for role, (source, method) in checked.items():
             if source.empty:
                 continue
             record = drop_set_record(source, module=module, k=k, method=method, metric="cosine")
