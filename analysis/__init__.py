@@ -7,20 +7,20 @@ so ``import analysis`` and the command line's ``--help`` start at once.
 from importlib import import_module
 
 _HOMES = {
-    "adapters": ("ADAPTERS", "Adapter", "adapter_for", "decoder_layers"),
-    "consensus": ("consensus_drop_set", "leave_one_out", "regret_table"),
-    "documents": ("load_distribution",),
-    "dropsets": ("DropSet", "drop_set_family", "read_drop_set"),
+    "models.adapters": ("ADAPTERS", "Adapter", "adapter_for", "decoder_layers"),
+    "study.consensus": ("consensus_drop_set", "leave_one_out", "regret_table"),
+    "data.documents": ("load_distribution",),
+    "study.dropsets": ("DropSet", "drop_set_family", "read_drop_set"),
     "errors": ("CalibdropError",),
-    "evaluation": ("transfer_matrix", "zero_shot_accuracy"),
+    "evaluation.heldout": ("transfer_matrix", "zero_shot_accuracy"),
     "io": ("read_table", "write_table"),
-    "models": ("BUILTINS", "fetch_builtin", "load_model"),
+    "models.loading": ("BUILTINS", "fetch_builtin", "load_model"),
     "pipeline": ("run",),
     "presets": ("PRESETS", "RunSettings"),
-    "pruning": ("drop_modules", "save_pruned"),
-    "samples": ("calibration_samples",),
-    "scoring": ("MODULES", "aggregate_importance", "score_distributions", "score_texts", "score_token_batches"),
-    "stability": ("bootstrap", "convergence", "importance_matrix", "permutation_test", "rank_agreement", "split_half_reliability"),
+    "models.pruning": ("drop_modules", "save_pruned"),
+    "data.samples": ("calibration_samples",),
+    "importance.scoring": ("MODULES", "aggregate_importance", "score_distributions", "score_texts", "score_token_batches"),
+    "study.stability": ("bootstrap", "convergence", "importance_matrix", "permutation_test", "rank_agreement", "split_half_reliability"),
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 __all__ = sorted(_HOME_OF)

@@ -18,20 +18,25 @@ from typing import Callable
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import ablation, accuracy, consensus, evaluation, models, plots, stability, study_plots, validity
-from .adapters import decoder_layers
-from .documents import load_distribution, subsets
-from .dropsets import UNPRUNED, drop_set_family
-from .manifests import load_manifest, top_level
-from .samples import calibration_samples, token_batches
-from .selection import comparison_pairs, consensus_sets, evaluated_sets, pruned_size, regrets, sets_from_table
+from .data.documents import load_distribution, subsets
+from .data.manifests import load_manifest, top_level
+from .data.samples import calibration_samples, token_batches
 from .errors import InputError
+from .evaluation import accuracy
+from .evaluation import heldout as evaluation
+from .importance import ablation
+from .importance.metrics import GROUND_TRUTH, check_metrics, get_metric
+from .importance.scoring import aggregate_importance, score_distributions, score_windows
 from .io import atomic_write_json, provenance
-from .metrics import GROUND_TRUTH, check_metrics, get_metric
+from .models import loading as models
+from .models.adapters import decoder_layers
 from .presets import PRESETS, RunSettings, preset
-from .report import Results, write_report
-from .scoring import aggregate_importance, score_distributions, score_windows
+from .report import plots, study_plots
+from .report.sections import Results, write_report
 from .stages import StageStore, stage_key
+from .study import consensus, stability, validity
+from .study.dropsets import UNPRUNED, drop_set_family
+from .study.selection import comparison_pairs, consensus_sets, evaluated_sets, pruned_size, regrets, sets_from_table
 
 STABILITY_TABLES = ("agreement", "bootstrap_importance", "bootstrap_pairs", "bootstrap_pair_mean", "split_half", "permutation", "convergence", "convergence_summary")
 
@@ -244,7 +249,7 @@ def accuracy_pairs(study: Study, evaluated) -> list[tuple[str, str, str]]:
 
 def stage_accuracy_paired(study: Study) -> dict[str, pd.DataFrame]:
     """Paired item-level comparisons on the tasks where the unpruned model is clearly above chance, and per task the
-    screen and the items a 3-point difference needs (:func:`analysis.accuracy.accuracy_analysis`)."""
+    screen and the items a 3-point difference needs (:func:`analysis.evaluation.accuracy.accuracy_analysis`)."""
     s, items = study.settings, study.results["accuracy_items"]
     if not len(items) or UNPRUNED not in set(items["drop_set"]):
         return {"accuracy_paired": pd.DataFrame(), "accuracy_tasks": pd.DataFrame()}
@@ -254,10 +259,10 @@ def stage_accuracy_paired(study: Study) -> dict[str, pd.DataFrame]:
 
 
 def stage_check(study: Study) -> pd.DataFrame:
-    """Each distribution's held-out windows checked as a user's own texts (:func:`analysis.check.check`, cosine, at
+    """Each distribution's held-out windows checked as a user's own texts (:func:`analysis.evaluation.check.check`, cosine, at
     ``check_module``'s largest evaluated budget) against its own drop set, and against the borda consensus built without
     it (as a user whose data no calibration distribution covers); one row per distribution and checked set."""
-    from .check import check, drop_set_record
+    from .evaluation.check import check, drop_set_record
 
     s = study.settings
     module, k = s.check_module, max(s.budget(s.check_module))
@@ -280,10 +285,10 @@ def stage_check(study: Study) -> pd.DataFrame:
 
 
 def stage_routing(study: Study) -> dict[str, pd.DataFrame]:
-    """Routed vs static drop sets on the held-out windows (:mod:`analysis.routing`): each distribution's own cosine set and
+    """Routed vs static drop sets on the held-out windows (:mod:`analysis.evaluation.routing`): each distribution's own cosine set and
     the borda consensus at ``route_module``'s largest evaluated budget, a nearest-centroid router trained on the calibration
     windows the scores came from; the static sets' NLL is read from ``heldout_windows``, the routed model really runs."""
-    from . import routing
+    from .evaluation import routing
 
     s = study.settings
     module, k = s.route_module, max(s.budget(s.route_module))

@@ -1,9 +1,9 @@
 """Cost of the ablation ground truth against the naive loop and against one scoring pass, in one process.
 
 Variants on the same batches, interleaved over repeats (median time reported):
-  naive     for every module (3 per layer): drop it (analysis.pruning.modules_dropped) and run one full
+  naive     for every module (3 per layer): drop it (analysis.models.pruning.modules_dropped) and run one full
             forward pass, plus one unablated pass
-  ablation  analysis.ablation.single_drop_increase: one unablated pass keeping every block's input,
+  ablation  analysis.importance.ablation.single_drop_increase: one unablated pass keeping every block's input,
             then each module re-runs only the blocks from its layer on
   score     analysis.score_token_batches with the three proxies (one pass, no LM head)
 
@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from analysis import score_token_batches
-from analysis.ablation import KINDS, full_row_nll, single_drop_increase
-from analysis.adapters import decoder_layers
+from analysis.importance.ablation import KINDS, full_row_nll, single_drop_increase
+from analysis.models.adapters import decoder_layers
 from analysis.io import package_versions
-from analysis.pruning import modules_dropped
+from analysis.models.pruning import modules_dropped
 from scoring import batch_benchmark_parser, batch_setting, batches, build_model, emit, rotated
 
 

@@ -1,7 +1,7 @@
 """Pruned decode as a serving user sees it, beside the memory roofline of each decode step.
 
 For each variant (unpruned, Attn-k, MLP-k, Block-k; the k layers ending two before the last,
-removed with :func:`analysis.pruning.drop_modules`) and each mode, greedy ``model.generate``
+removed with :func:`analysis.models.pruning.drop_modules`) and each mode, greedy ``model.generate``
 on ``batch`` random prompts of ``prompt`` tokens:
 
   compiled  ``cache_implementation="static"``: transformers compiles the decode forward itself
@@ -43,7 +43,7 @@ from pruned_speed import upper_layers  # noqa: E402
 from scoring import CONFIGS  # noqa: E402
 
 from analysis.io import package_versions  # noqa: E402
-from analysis.pruning import cached_layers, drop_modules  # noqa: E402
+from analysis.models.pruning import cached_layers, drop_modules  # noqa: E402
 
 PLAN_KEYS = {"Attn": "attn", "MLP": "mlp", "Block": "blocks"}
 MODES = {

@@ -18,7 +18,7 @@ from accelerate import dispatch_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from analysis import drop_modules, score_token_batches
-from analysis.samples import padded_batches
+from analysis.data.samples import padded_batches
 
 CONFIG = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4, vocab_size=32000)
 

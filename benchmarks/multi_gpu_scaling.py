@@ -17,7 +17,7 @@ Each process builds the same seeded random model of a config shape on ``cuda:LOC
 same batches with :func:`analysis.score_token_batches`, which under torch.distributed gives
 process r the batches r, r + W, ... and all-gathers the rows.  The batches are the paper
 preset's calibration windows of real text (``--distributions`` with ``--tokenizer``:
-:func:`analysis.samples.calibration_samples`, run in every process) or seeded random token ids.
+:func:`analysis.data.samples.calibration_samples`, run in every process) or seeded random token ids.
 Times, each the slowest process's, after one warm-up pass (CUDA kernels, the compiled metric kernel):
 
   tokenise   cutting the first distribution's windows
@@ -54,8 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scoring import CONFIGS, emit  # noqa: E402
 
 from analysis import read_table, score_distributions, score_token_batches  # noqa: E402
-from analysis.documents import load_distribution  # noqa: E402
-from analysis.samples import calibration_samples, token_batches  # noqa: E402
+from analysis.data.documents import load_distribution  # noqa: E402
+from analysis.data.samples import calibration_samples, token_batches  # noqa: E402
 from analysis.io import package_versions, provenance, write_table  # noqa: E402
 
 

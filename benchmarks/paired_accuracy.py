@@ -7,10 +7,10 @@ On smollm2-135m, CPU (about 1.3 s per item and drop set on 2 shared cores):
 1. reads the attention-8 drop sets of a finished ``calibdrop run`` folder (``--results``): cosine's Borda
    consensus, the ``--own`` distribution's own cosine set and, when the run has the greedy paths, the
    robust greedy set by real loss;
-2. evaluates the unpruned model and each set item by item (:func:`analysis.accuracy.items_of_set`,
+2. evaluates the unpruned model and each set item by item (:func:`analysis.evaluation.accuracy.items_of_set`,
    lm-eval zero-shot, the first ``--limit`` items of each task), each set's items saved under
    ``--cache`` and reused on a rerun with the same settings;
-3. :func:`analysis.accuracy.accuracy_analysis`: which tasks the unpruned model is clearly above chance on,
+3. :func:`analysis.evaluation.accuracy.accuracy_analysis`: which tasks the unpruned model is clearly above chance on,
    every set against the unpruned model and the consensus-vs-own / greedy-vs-consensus pairs (paired
    bootstrap CI over items, exact McNemar p, discordant counts), and per task the items needed to
    resolve a ``--delta`` difference at the observed discordance.
@@ -26,9 +26,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import accuracy, models
-from analysis.ablation import greedy_set
-from analysis.dropsets import UNPRUNED, make_drop_set
+from analysis.evaluation import accuracy
+from analysis.models import loading as models
+from analysis.importance.ablation import greedy_set
+from analysis.study.dropsets import UNPRUNED, make_drop_set
 from analysis.io import atomic_write_json, provenance, read_table
 from analysis.presets import DEFAULT_MODEL
 from analysis.stages import StageStore, stage_key

@@ -44,9 +44,9 @@ from multi_gpu_scaling import PROXIES, build  # noqa: E402
 from scoring import CONFIGS, emit  # noqa: E402
 
 from analysis import ablation, evaluation, score_token_batches  # noqa: E402
-from analysis.documents import load_distribution  # noqa: E402
-from analysis.manifests import top_level  # noqa: E402
-from analysis.samples import calibration_samples, token_batches  # noqa: E402
+from analysis.data.documents import load_distribution  # noqa: E402
+from analysis.data.manifests import top_level  # noqa: E402
+from analysis.data.samples import calibration_samples, token_batches  # noqa: E402
 from analysis.io import package_versions  # noqa: E402
 from analysis.presets import PRESETS  # noqa: E402
 
@@ -84,7 +84,7 @@ def main(argv=None) -> None:
     parser.add_argument("--ablation-samples", type=int, default=8)
     parser.add_argument("--heldout-samples", type=int, default=16)
     parser.add_argument("--subsets", type=int, default=16,
-                        help="sub-distributions in the paper preset (16: analysis.documents.subsets of the five distributions, counted where all are fetched)")
+                        help="sub-distributions in the paper preset (16: analysis.data.documents.subsets of the five distributions, counted where all are fetched)")
     parser.add_argument("--samples", type=int, help="proxy windows to time (default: the preset's 256)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)

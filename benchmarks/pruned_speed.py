@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scoring import CONFIGS, build_model, emit  # noqa: E402
 
 from analysis.io import package_versions  # noqa: E402
-from analysis.pruning import drop_modules, kv_cache_bytes  # noqa: E402
+from analysis.models.pruning import drop_modules, kv_cache_bytes  # noqa: E402
 
 
 def upper_layers(n_layers: int, k: int) -> list[int]:

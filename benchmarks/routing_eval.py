@@ -5,13 +5,13 @@ On the default model (smollm2-135m), CPU, about 15 minutes on 2 free cores:
   nice -n 10 python benchmarks/routing_eval.py --out results/routing
 
 1. scores the five distributions (cosine, ``--samples`` × ``--seq-len`` calibration windows; cached);
-2. :func:`analysis.routing.evaluate_routing` at ``--module``-``--k``: each distribution's own set, the
+2. :func:`analysis.evaluation.routing.evaluate_routing` at ``--module``-``--k``: each distribution's own set, the
    ``--consensus`` sets, the router (trained on the same calibration windows) and the
    oracle, on ``--heldout-samples`` × ``--heldout-seq-len`` held-out windows per distribution;
 3. writes the own-general drop set as JSON (pointing to the per-sample scores) and, as JSONL, the first
    tokens of held-out ``code`` and ``general`` documents and ``--seq-len``-token windows of held-out
    ``general`` documents (decoded), and checks the drop set against each with
-   :func:`analysis.check.check` (``calibdrop check`` gives the same answer on those files).
+   :func:`analysis.evaluation.check.check` (``calibdrop check`` gives the same answer on those files).
 
 Tables go to ``--out`` (Parquet + JSON sidecars); ``summary.json`` holds the printed numbers.
 """
@@ -22,15 +22,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import models
-from analysis.documents import load_distribution
-from analysis.manifests import top_level
+from analysis.models import loading as models
+from analysis.data.documents import load_distribution
+from analysis.data.manifests import top_level
 from analysis.presets import DEFAULT_MODEL
-from analysis.check import check, drop_set_record
-from analysis.evaluation import heldout_samples
+from analysis.evaluation.check import check, drop_set_record
+from analysis.evaluation.heldout import heldout_samples
 from analysis.io import atomic_write_json, provenance, write_table
-from analysis.routing import evaluate_routing
-from analysis.scoring import score_distributions
+from analysis.evaluation.routing import evaluate_routing
+from analysis.importance.scoring import score_distributions
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default=DEFAULT_MODEL, help="model spec (default: %(default)s)")

@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from analysis import load_model, score_token_batches
 from analysis.io import package_versions
-from analysis.samples import padded_batches
+from analysis.data.samples import padded_batches
 
 CONFIGS = {
     "llama-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,

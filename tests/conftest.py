@@ -7,8 +7,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from analysis.fetching import is_fetched  # noqa: E402
-from analysis.manifests import load_manifest  # noqa: E402
+from analysis.data.fetching import is_fetched  # noqa: E402
+from analysis.data.manifests import load_manifest  # noqa: E402
 from tiny import byte_tokenizer, tiny_model  # noqa: E402
 
 PIPELINE_DISTRIBUTIONS = ("code", "math", "general")

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from analysis.pruning import drop_modules
+from analysis.models.pruning import drop_modules
 
 
 class ZeroBranch(nn.Module):

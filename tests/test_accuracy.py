@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from analysis.accuracy import accuracy_analysis, accuracy_table, above_chance, items_needed, mcnemar_exact, paired_accuracy
+from analysis.evaluation.accuracy import accuracy_analysis, accuracy_table, above_chance, items_needed, mcnemar_exact, paired_accuracy
 from analysis.errors import InputError
 
 
@@ -156,10 +156,10 @@ def test_paired_stage_pairs_every_set_with_unpruned_and_the_held_out_comparisons
 def test_item_correctness_averages_to_lm_evals_accuracy():
     from tiny import byte_tokenizer, tiny_model
 
-    from analysis.accuracy import item_correctness
-    from analysis.evaluation import zero_shot_accuracy
-    from analysis.fetching import is_fetched
-    from analysis.manifests import load_manifest
+    from analysis.evaluation.accuracy import item_correctness
+    from analysis.evaluation.heldout import zero_shot_accuracy
+    from analysis.data.fetching import is_fetched
+    from analysis.data.manifests import load_manifest
 
     if not is_fetched(load_manifest("math")):
         pytest.skip("the benchmark copies (math manifest) are not fetched; run `calibdrop data fetch`")
@@ -176,7 +176,7 @@ def test_item_correctness_averages_to_lm_evals_accuracy():
 def test_report_section_shows_pairs_exclusions_and_items_needed():
     from types import SimpleNamespace
 
-    from analysis.report import Results, section_accuracy
+    from analysis.report.sections import Results, section_accuracy
 
     base, pruned = [1] * 60 + [0] * 40, [1] * 50 + [0] * 10 + [1] * 2 + [0] * 38
     items = fake_items({"arc_easy": {"none": base, "pruned": pruned}, "boolq": {"none": [1] * 52 + [0] * 48, "pruned": base}},
@@ -212,9 +212,9 @@ def test_cli_evaluate_writes_items_and_pairs_every_set_with_the_unpruned_model(t
     from tiny import byte_tokenizer, tiny_model
 
     from analysis.cli import main
-    from analysis.fetching import is_fetched
+    from analysis.data.fetching import is_fetched
     from analysis.io import read_table
-    from analysis.manifests import load_manifest
+    from analysis.data.manifests import load_manifest
 
     if not is_fetched(load_manifest("math")):
         pytest.skip("the benchmark copies (math manifest) are not fetched; run `calibdrop data fetch`")

@@ -9,12 +9,12 @@ import pytest
 import torch
 from scipy import stats
 
-from analysis.ablation import full_row_nll
-from analysis.check import _verdict, check, drop_set_record, load_source_scores
+from analysis.importance.ablation import full_row_nll
+from analysis.evaluation.check import _verdict, check, drop_set_record, load_source_scores
 from analysis.errors import InputError
-from analysis.evaluation import pruned_copy
+from analysis.evaluation.heldout import pruned_copy
 from analysis.io import write_table
-from analysis.scoring import score_texts, tokenize_texts
+from analysis.importance.scoring import score_texts, tokenize_texts
 
 from test_routing import deep_llama
 from tiny import byte_tokenizer

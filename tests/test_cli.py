@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis import models
-from analysis.fetching import is_fetched
-from analysis.manifests import load_manifest, top_level
+from analysis.models import loading as models
+from analysis.data.fetching import is_fetched
+from analysis.data.manifests import load_manifest, top_level
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def test_bad_input_is_one_clear_line(args, message):
 def test_a_registered_metric_flows_through_compare_and_consensus(tmp_path, capsys):
     from analysis import score_texts, write_table
     from analysis.cli import main
-    from analysis.metrics import METRICS, register_metric
+    from analysis.importance.metrics import METRICS, register_metric
 
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny import byte_tokenizer, tiny_model

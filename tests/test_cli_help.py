@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from analysis import cli, presets
+from analysis import presets
+from analysis.cli import parser as cli
 
 
 def _subparsers(parser: argparse.ArgumentParser):
@@ -21,7 +22,7 @@ def _subparsers(parser: argparse.ArgumentParser):
 
 
 def test_help_starts_without_importing_torch_pandas_or_scipy():
-    code = ("import sys; from analysis.cli import build_parser; build_parser().format_help(); "
+    code = ("import sys; from analysis.cli.parser import build_parser; build_parser().format_help(); "
             "print(sorted(m for m in ('torch', 'transformers', 'pandas', 'scipy') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
@@ -50,7 +51,9 @@ def test_help_shows_the_real_defaults_from_the_one_presets_table():
 
 
 def test_the_presets_name_only_registered_tasks_metrics_and_methods():
-    from analysis import consensus, evaluation, metrics
+    from analysis.study import consensus
+    from analysis.evaluation import heldout as evaluation
+    from analysis.importance import metrics
 
     assert set(presets.PAPER_TASKS) == set(evaluation.PAPER_TASKS)
     assert set(presets.PROXY_METRICS) | {presets.GROUND_TRUTH} <= set(metrics.metric_names())

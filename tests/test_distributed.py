@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from analysis import read_table
-from analysis.documents import documents
-from analysis.fetching import is_fetched
-from analysis.manifests import load_manifest
+from analysis.data.documents import documents
+from analysis.data.fetching import is_fetched
+from analysis.data.manifests import load_manifest
 
 from tiny import byte_tokenizer, tiny_model
 

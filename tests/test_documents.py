@@ -1,4 +1,4 @@
-"""analysis.documents: splits by document, sub-distributions, the hub alternative and user manifests."""
+"""analysis.data.documents: splits by document, sub-distributions, the hub alternative and user manifests."""
 
 import json
 from pathlib import Path
@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from analysis import documents
+from analysis.data import documents
 from analysis.errors import InputError
-from analysis.fetching import is_fetched
-from analysis.manifests import load_manifest, manifest_paths, top_level
+from analysis.data.fetching import is_fetched
+from analysis.data.manifests import load_manifest, manifest_paths, top_level
 
 
 def fetched(name):

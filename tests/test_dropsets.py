@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import dropsets
+from analysis.study import dropsets
 from analysis.errors import InputError
-from analysis.pruning import modules_dropped
+from analysis.models.pruning import modules_dropped
 from tests.tiny import tiny_model
 
 

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from analysis import evaluation
-from analysis.dropsets import make_drop_set
-from analysis.pruning import drop_modules
+from analysis.evaluation import heldout as evaluation
+from analysis.study.dropsets import make_drop_set
+from analysis.models.pruning import drop_modules
 from reference import sequence_nll
 from tiny import tiny_model
 

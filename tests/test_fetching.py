@@ -1,4 +1,4 @@
-"""analysis.fetching: pinned artifacts are verified, the fetched state is known, Debian versions parsed.
+"""analysis.data.fetching: pinned artifacts are verified, the fetched state is known, Debian versions parsed.
 
 Downloads through a fake apt, substitutes and tampering are covered in test_setup.py and test_reliability.py."""
 
@@ -7,10 +7,10 @@ import tarfile
 
 import pytest
 
-from analysis import fetching
+from analysis.data import fetching
 from analysis.errors import ChecksumError
 from analysis.io import sha256_file
-from analysis.manifests import load_manifest
+from analysis.data.manifests import load_manifest
 
 
 def test_downloaded_artifact_that_is_not_the_pinned_one_is_refused(tmp_path, monkeypatch):

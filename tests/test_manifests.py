@@ -1,4 +1,4 @@
-"""analysis.manifests: the schema, discovery in data_manifests/ and $CALIBDROP_MANIFESTS, and the top-level set."""
+"""analysis.data.manifests: the schema, discovery in data_manifests/ and $CALIBDROP_MANIFESTS, and the top-level set."""
 
 import os
 import shutil
@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from analysis import manifests
+from analysis.data import manifests
 from analysis.errors import InputError
-from analysis.fetching import is_fetched
+from analysis.data.fetching import is_fetched
 from analysis.io import read_table
-from analysis.recipes import RECIPES
+from analysis.data.recipes import RECIPES
 
 from tiny import byte_tokenizer, tiny_model
 
@@ -91,7 +91,8 @@ def test_a_broken_manifest_stops_the_top_level_set_in_one_line(tmp_path, monkeyp
 
 SHRINK_QUICK = """
 import dataclasses, sys
-from analysis import cli, presets
+from analysis import presets
+from analysis.cli import parser as cli
 presets.PRESETS["quick"] = dataclasses.replace(
     presets.PRESETS["quick"], samples=8, seq_len=64, ablation_samples=4, ablation_seq_len=32, greedy_shortlist=2, n_boot=50, n_perm=50,
     budgets={"attn": (1, 2), "mlp": (1,), "block": (1,), "joint": (2,)}, transfer_k=(2,), transfer_samples=2, transfer_seq_len=64,

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 
 from analysis import adapter_for, score_texts
-from analysis.ablation import greedy_drop_path, greedy_set
+from analysis.importance.ablation import greedy_drop_path, greedy_set
 from analysis.errors import InputError
-from analysis.metrics import METRICS, register_metric
-from analysis.samples import tokenize_texts
+from analysis.importance.metrics import METRICS, register_metric
+from analysis.data.samples import tokenize_texts
 
 from reference import reference_importance, slow_ablation, slow_greedy
 from tiny import CONFIGS, byte_tokenizer, tiny_model
@@ -60,7 +60,7 @@ def test_proxies_and_ablation_in_one_pass_equal_each_alone():
 
 
 def _batches(tokenizer, texts):
-    from analysis.samples import length_sorted_batches, pad_token_id
+    from analysis.data.samples import length_sorted_batches, pad_token_id
 
     return list(length_sorted_batches(tokenize_texts(tokenizer, texts, 64), 2, pad_token_id(tokenizer), tokenizer.padding_side))
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from huggingface_hub import constants
 
-from analysis import models
-from analysis.adapters import UnsupportedArchitectureError
+from analysis.models import loading as models
+from analysis.models.adapters import UnsupportedArchitectureError
 from analysis.errors import ChecksumError, FetchError, InputError
 
 from tiny import byte_tokenizer, tiny_model

@@ -6,9 +6,9 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from analysis import models
-from analysis.fetching import is_fetched
-from analysis.manifests import load_manifest, top_level
+from analysis.models import loading as models
+from analysis.data.fetching import is_fetched
+from analysis.data.manifests import load_manifest, top_level
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 

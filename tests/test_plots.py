@@ -7,9 +7,13 @@ import pytest
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from analysis import consensus, plots, stability, study_plots, validity
-from analysis.dropsets import drop_set_family
-from analysis.captions import CAPTIONS
+from analysis.study import consensus
+from analysis.report import plots
+from analysis.study import stability
+from analysis.report import study_plots
+from analysis.study import validity
+from analysis.study.dropsets import drop_set_family
+from analysis.report.captions import CAPTIONS
 
 DISTRIBUTIONS = ("code", "math", "chat")
 LAYERS = 6

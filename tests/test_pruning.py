@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from analysis import adapter_for, decoder_layers, load_model
 from analysis.errors import InputError
-from analysis.pruning import cached_layers, drop_modules, save_pruned
+from analysis.models.pruning import cached_layers, drop_modules, save_pruned
 
 from tiny import CONFIGS, byte_tokenizer, tiny_model
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from analysis import adapter_for, load_model, score_texts
-from analysis import models
-from analysis.models import BUILTINS, is_fetched
-from analysis.samples import tokenize_texts
+from analysis.models import loading as models
+from analysis.models.loading import BUILTINS, is_fetched
+from analysis.data.samples import tokenize_texts
 
 from reference import reference_importance
 

@@ -1,9 +1,9 @@
-"""analysis.recipes: each recipe on a small hand-made folder, with the documents it must yield."""
+"""analysis.data.recipes: each recipe on a small hand-made folder, with the documents it must yield."""
 
 import gzip
 import json
 
-from analysis import recipes
+from analysis.data import recipes
 
 
 def test_source_files_follow_include_and_exclude(tmp_path):

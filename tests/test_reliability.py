@@ -15,15 +15,19 @@ import pytest
 import torch
 import yaml
 
-from analysis import commands, dropsets, fetching, models, pruning
-from analysis.documents import documents
+from analysis.cli import commands
+from analysis.study import dropsets
+from analysis.data import fetching
+from analysis.models import loading as models
+from analysis.models import pruning
+from analysis.data.documents import documents
 from analysis.errors import CalibdropWarning, InputError
 from analysis.io import atomic_write_bytes, read_cached_table, sha256_file, sidecar_path, write_table
-from analysis.manifests import load_manifest
-from analysis.models import ModelInfo
-from analysis.report import markdown_to_html
-from analysis.samples import tokenize_texts
-from analysis.scoring import score_distributions
+from analysis.data.manifests import load_manifest
+from analysis.models.loading import ModelInfo
+from analysis.report.sections import markdown_to_html
+from analysis.data.samples import tokenize_texts
+from analysis.importance.scoring import score_distributions
 from analysis.stages import StageStore
 
 from fakeapt import PACKAGE, debian_manifest, fake_apt, make_deb, write_manifest

@@ -3,8 +3,8 @@
 import pandas as pd
 import pytest
 
-from analysis import report
-from analysis.accuracy import accuracy_analysis, accuracy_table
+from analysis.report import sections as report
+from analysis.evaluation.accuracy import accuracy_analysis, accuracy_table
 from analysis.io import read_table
 from analysis.pipeline import RunSettings, run
 from test_pipeline import SETTINGS

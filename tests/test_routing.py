@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from analysis.dropsets import make_drop_set
+from analysis.study.dropsets import make_drop_set
 from analysis.errors import InputError
-from analysis.evaluation import pruned_copy, window_nll
-from analysis.routing import RoutedModel, Router, check_routing_layer, fit_router, prefix, routed_window_nll, router_accuracy, routing_layer
+from analysis.evaluation.heldout import pruned_copy, window_nll
+from analysis.evaluation.routing import RoutedModel, Router, check_routing_layer, fit_router, prefix, routed_window_nll, router_accuracy, routing_layer
 
 from tiny import _COMMON, _GQA
 
@@ -122,8 +122,8 @@ ROUTED_RUN = dict(distributions=("code", "math", "general"), subsets=False, metr
 def routed_run(tmp_path_factory):
     from analysis.pipeline import RunSettings, run
     from conftest import PIPELINE_DISTRIBUTIONS
-    from analysis.manifests import load_manifest
-    from analysis.fetching import is_fetched
+    from analysis.data.manifests import load_manifest
+    from analysis.data.fetching import is_fetched
     from tiny import byte_tokenizer
 
     if not all(is_fetched(load_manifest(name)) for name in PIPELINE_DISTRIBUTIONS):

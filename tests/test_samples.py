@@ -1,4 +1,4 @@
-"""analysis.samples: calibration windows, chat rendering, and the one padding and batching path."""
+"""analysis.data.samples: calibration windows, chat rendering, and the one padding and batching path."""
 
 from types import SimpleNamespace
 
@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from analysis import models, samples
-from analysis.documents import SPLITS, load_distribution, subsets
+from analysis.models import loading as models
+from analysis.data import samples
+from analysis.data.documents import SPLITS, load_distribution, subsets
 from analysis.errors import InputError
-from analysis.fetching import is_fetched
-from analysis.manifests import load_manifest, top_level
+from analysis.data.fetching import is_fetched
+from analysis.data.manifests import load_manifest, top_level
 
 from tiny import byte_tokenizer
 

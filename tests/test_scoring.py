@@ -5,13 +5,13 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from analysis import adapter_for, aggregate_importance, score_texts, score_token_batches
-from analysis.adapters import UnsupportedArchitectureError
+from analysis.models.adapters import UnsupportedArchitectureError
 from analysis.errors import InputError, NonFiniteActivationError
-from analysis.fetching import is_fetched
-from analysis.manifests import load_manifest
-from analysis.models import ModelInfo
-from analysis.samples import tokenize_texts
-from analysis.scoring import score_distributions
+from analysis.data.fetching import is_fetched
+from analysis.data.manifests import load_manifest
+from analysis.models.loading import ModelInfo
+from analysis.data.samples import tokenize_texts
+from analysis.importance.scoring import score_distributions
 from analysis.stages import StageStore
 
 from reference import reference_importance
@@ -141,6 +141,6 @@ def test_scores_per_distribution_are_cached_and_reused(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("recomputed a cached distribution")
 
-    monkeypatch.setattr("analysis.scoring.score_token_batches", fail)
+    monkeypatch.setattr("analysis.importance.scoring.score_token_batches", fail)
     again = score_distributions(model, byte_tokenizer(), ["general", "math"], **kwargs)
     np.testing.assert_array_equal(again["stat_sum"], first["stat_sum"])

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from analysis import fetching, models
-from analysis.documents import fetch_distribution
+from analysis.data import fetching
+from analysis.models import loading as models
+from analysis.data.documents import fetch_distribution
 from analysis.errors import FetchError
 from analysis.io import sha256_file
-from analysis.models import ModelInfo
-from analysis.scoring import score_distributions
+from analysis.models.loading import ModelInfo
+from analysis.importance.scoring import score_distributions
 from analysis.stages import StageStore
 
 from fakeapt import PACKAGE, debian_manifest, fake_apt, make_deb, write_manifest

@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from analysis import consensus, stability
+from analysis.study import consensus
+from analysis.study import stability
 from analysis.errors import InputError
 
 

@@ -4,7 +4,7 @@ dropped attention layers get no cache, and the tokens equal those of the dynamic
 import pytest
 import torch
 
-from analysis.pruning import cached_layers, drop_modules, kv_cache_bytes
+from analysis.models.pruning import cached_layers, drop_modules, kv_cache_bytes
 
 from tiny import tiny_model
 

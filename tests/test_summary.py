@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import summary as cross
+from analysis.report import summary as cross
 from analysis.cli import main
-from analysis.dropsets import parse_label
+from analysis.study.dropsets import parse_label
 from analysis.errors import InputError
 from analysis.io import provenance, read_table, write_table
 

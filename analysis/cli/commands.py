@@ -1,0 +1,460 @@
+"""What each ``calibdrop`` command does, given its parsed arguments.
+
+Every command imports torch, transformers and the study's modules when it runs (not at start-up),
+and prints where it wrote, in full.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from ..errors import CalibdropWarning, InputError
+from ..presets import DEFAULT_MODEL, PRESETS, RESULTS_DIR
+
+
+def parse_ints(text: str) -> tuple[int, ...]:
+    """``"4,8"`` → ``(4, 8)``: comma-separated positive integers."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"expected comma-separated integers, got {text!r}") from None
+    if min(values) < 1:
+        raise InputError(f"expected positive drop-set sizes, got {text!r}")
+    return values
+
+
+def writable_output(path: Path, *, folder: bool) -> Path:
+    """Check before any work that ``path`` (a file, or with ``folder`` a folder) can be written: its folder
+    is created and a temporary file is written and removed there; else an :class:`InputError`.  Returns it absolute."""
+    from ..io import temp_file
+
+    path = Path(path).resolve()
+    target = path if folder else path.parent
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        handle, probe = temp_file(target, ".calibdrop-write-check-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise InputError(f"cannot write the output {path}: {error.strerror} ({error.filename}); choose a writable --out") from None
+    return path
+
+
+def warn_beyond_positions(model, seq_len: int) -> None:
+    """Warn when ``seq_len`` exceeds the model's ``max_position_embeddings``."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        warnings.warn(f"--seq-len {seq_len} exceeds the {limit} positions the model was trained for: its scores "
+                      "there are extrapolation", CalibdropWarning)
+
+
+def print_table(frame, wide: bool = False) -> None:
+    """A table for a terminal: its columns cut to fit 100 columns unless ``wide``."""
+    text = frame.to_string(index=False, max_colwidth=None if wide else 40)
+    print(text)
+
+
+def print_json(frame) -> None:
+    """A table as plain UTF-8 JSON records (no escaped slashes or non-ASCII letters)."""
+    print(json.dumps(frame.to_dict(orient="records"), ensure_ascii=False, indent=2, default=str))
+
+
+def per_sample_file(results: str) -> Path:
+    """The ``*.per_sample.parquet`` of a results folder, of an aggregate's path, or the path itself."""
+    path = Path(results)
+    for candidate in (path / "scores.per_sample.parquet", path.with_suffix(".per_sample.parquet"), path):
+        if candidate.is_file() and candidate.name.endswith(".per_sample.parquet"):
+            return candidate
+    raise InputError(f"no per-sample scores at {results}: give the folder or the .per_sample.parquet that `calibdrop score` wrote")
+
+
+def read_per_sample(results: str):
+    """Per-sample scores from a results folder, a ``*.per_sample.parquet`` or its aggregate's path."""
+    from ..io import read_table
+
+    return read_table(per_sample_file(results))
+
+
+def metric_of(scores, requested: str | None) -> str:
+    """The metric a command ranks by: the one asked for, else cosine when present, else the table's only one."""
+    from ..study.stability import metrics_in, one_metric
+
+    return requested or ("cosine" if "cosine" in metrics_in(scores) else one_metric(scores, None)[1])
+
+
+def cmd_models_list(args) -> None:
+    import pandas as pd
+
+    from ..models import loading as models
+
+    status = pd.DataFrame(models.builtin_status())
+    if args.json:
+        print_json(status)
+        return
+    print_table(status if args.wide else status[["name", "family", "layers", "fetched", "license"]], args.wide)
+    print(f"\ncache: {models.cache_dir() / 'models'}   (--wide: requirements and descriptions; --json: everything)")
+
+
+def cmd_models_fetch(args) -> None:
+    from ..models import loading as models
+
+    for name in args.names or [DEFAULT_MODEL]:
+        path = models.fetch_builtin(name)
+        print(f"{name}: {path} (sha256 verified)")
+        if args.dequantise:
+            model, _ = models.load_model(name)
+            print(f"{name}: float32 cache ready at {model.calibdrop_info.path}")
+
+
+def expand_distributions(spec: str) -> list[str]:
+    """``"code,math"`` → names; ``"all"`` → every top-level distribution and its sub-distributions."""
+    from ..data.documents import subsets
+    from ..data.manifests import top_level
+
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    if names == ["all"]:
+        return [n for top in top_level() for n in [top, *subsets(top)]]
+    return names
+
+
+def cmd_score(args) -> None:
+    from ..data.manifests import load_manifest
+    from ..importance.metrics import check_metrics
+    from ..importance.scoring import aggregate_importance, score_distributions
+    from ..io import provenance, write_table
+    from ..models import loading as models
+    from ..models.distributed import is_main_process, process_device
+    from ..stages import StageStore
+    from ..study.stability import least_and_most_important
+
+    args.device = process_device(args.device)
+    if bool(args.texts) == bool(args.distributions):
+        raise InputError("give either --texts FILE.jsonl or --distributions NAMES (for example code,math,chat)")
+    out = writable_output(Path(args.out), folder=False)
+    metrics = check_metrics(args.metrics)
+    if args.texts:
+        table = score_jsonl(args, out, metrics)
+    else:
+        settings = PRESETS[args.preset]
+        n_samples = settings.samples if args.samples is None else args.samples
+        seq_len = settings.seq_len if args.seq_len is None else args.seq_len
+        names = expand_distributions(args.distributions)
+        for name in names:
+            load_manifest(name)
+        model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
+        warn_beyond_positions(model, seq_len)
+        store = StageStore(models.cache_dir() / "scores", models.model_info(model), lambda line: None, writable=is_main_process())
+        rows = score_distributions(model, tokenizer, names, n_samples=n_samples, seq_len=seq_len, batch_size=args.batch_size, seed=args.seed,
+                                   metrics=metrics, store=store, progress=sys.stderr.isatty())
+        record = provenance(
+            kind="scores",
+            model=models.model_info(model),
+            distributions={name: load_manifest(name)["_sha256"] for name in names},
+            settings={"n_samples": n_samples, "seq_len": seq_len, "seed": args.seed, "batch_size": args.batch_size, "metrics": list(metrics)},
+        )
+        per_sample = out.with_suffix(".per_sample.parquet")
+        if not is_main_process():
+            return
+        write_table(rows.assign(model=args.model), per_sample, {**record, "kind": "scores-per-sample"})
+        table = aggregate_importance(rows, by=["distribution"]).assign(model=args.model)
+        write_table(table, out, record)
+        print(f"wrote {per_sample} (per sample)")
+    if not is_main_process():
+        return
+    print(f"wrote {out} and its provenance {out.with_suffix('.json')}\n")
+    if "importance" in table and "layer" in table:
+        print("least and most important modules (mean over distributions):")
+        print_table(least_and_most_important(table))
+
+
+def score_jsonl(args, out: Path, metrics):
+    """Score the texts of a JSONL file (each text one sample) and write the table; returns it."""
+    import hashlib
+
+    from ..importance.scoring import score_texts
+    from ..io import provenance, read_jsonl_texts, write_table
+    from ..models import loading as models
+    from ..models.distributed import is_main_process
+
+    texts_path = Path(args.texts)
+    texts = read_jsonl_texts(texts_path)
+    model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)
+    max_length = PRESETS[args.preset].seq_len if args.seq_len is None else args.seq_len
+    warn_beyond_positions(model, max_length)
+    table = score_texts(model, tokenizer, texts, max_length=max_length, batch_size=args.batch_size, per_sample=args.per_sample, metrics=metrics)
+    record = provenance(
+        kind="scores-per-sample" if args.per_sample else "scores",
+        model=models.model_info(model),
+        texts={"path": str(texts_path), "sha256": hashlib.sha256(texts_path.read_bytes()).hexdigest(), "n_texts": len(texts)},
+        settings={"max_length": max_length, "batch_size": args.batch_size, "per_sample": args.per_sample},
+    )
+    table = table.assign(model=args.model)
+    if is_main_process():
+        write_table(table, out, record)
+    return table
+
+
+def cmd_data_fetch(args) -> None:
+    from tqdm.auto import tqdm
+
+    from ..data.documents import fetch_distribution
+    from ..data.manifests import top_level
+
+    names = args.names or list(top_level())
+    for name in tqdm(names, desc="distributions", unit="dist", disable=not sys.stderr.isatty()):
+        frame = fetch_distribution(name)
+        print(f"{name}: {len(frame)} documents, checksums verified")
+
+
+def describe_sources(sources: list[dict]) -> str:
+    """``package=version`` of each fetched source, with the pin where a newer Debian revision replaced it."""
+    return ", ".join(
+        f"{s['package']}={s['version']}" + (f" (pinned {s['pinned_version']}, sha256 {s['sha256']})" if s.get("pinned_version") else "")
+        for s in sources if s.get("package")
+    )
+
+
+def cmd_data_list(args) -> None:
+    from ..data.documents import distribution_summary
+
+    summary = distribution_summary()
+    if args.json:
+        print_json(summary)
+        return
+    if args.wide:
+        print_table(summary.assign(sources=summary["sources"].map(describe_sources)), wide=True)
+        return
+    narrow = summary.rename(columns={"calibration_documents": "calib docs", "heldout_documents": "held-out docs"})
+    print_table(narrow[["name", "fetched", "calib docs", "held-out docs"]].assign(license=summary["license"].str.slice(0, 36)))
+    print("\n(--wide: characters, sources and pinned versions; --json: everything)")
+
+
+def cmd_compare(args) -> None:
+    from ..io import provenance, write_table
+    from ..pipeline import compare_tables
+    from ..report import plots
+    from ..study.stability import metrics_in, one_metric, tables_of_metric
+
+    k = parse_ints(args.k)
+    scores = read_per_sample(args.results)
+    results = Path(args.results)
+    out = writable_output(Path(args.out) if args.out else (results if results.is_dir() else results.parent) / "compare", folder=True)
+    modules = [m.strip() for m in args.modules.split(",")]
+    tables = compare_tables(scores, modules, k, args.n_boot, args.n_perm)
+    source = scores.attrs.get("provenance", {})
+    for name, table in tables.items():
+        record = provenance(kind=name, scores=source, settings={"modules": modules, "k": k, "n_boot": args.n_boot, "n_perm": args.n_perm})
+        write_table(table, out / f"{name}.parquet", record)
+    figures = []
+    for metric in metrics_in(scores):
+        chosen = tables_of_metric(tables, metric)
+        figures += plots.stability_figures(one_metric(scores, metric)[0], chosen, out / "figures" / metric, max(k))
+    attn = tables["agreement"][tables["agreement"]["module"] == "attn"]
+    if len(attn):
+        print(attn.drop(columns="module").round(3).to_string(index=False))
+    print(f"wrote {len(tables)} tables to {out} and {len(figures)} figure files to {out / 'figures'}")
+
+
+def cmd_consensus(args) -> None:
+    import pandas as pd
+
+    from ..evaluation.check import source_pointer
+    from ..io import atomic_write_json, provenance
+    from ..study.dropsets import drop_set_family
+
+    scores = read_per_sample(args.results)
+    metric = metric_of(scores, args.metric)
+    out = writable_output(Path(args.out or Path(RESULTS_DIR) / "drop_sets" / f"{metric}-{args.module}-{args.k}-{args.method}.json"), folder=False)
+    [chosen] = drop_set_family(scores, module=args.module, k=args.k, metric=metric, methods=(args.method,), own=False).values()
+    source = scores.attrs.get("provenance", {})
+    record = {
+        **chosen.record(),
+        "model": source.get("model", {}).get("spec") or scores.get("model", pd.Series([None])).iloc[0],
+        "model_sha256": source.get("model", {}).get("weights_sha256"),
+        "scores": source_pointer(per_sample_file(args.results)),
+        "provenance": provenance(kind="drop-set", scores=source),
+    }
+    atomic_write_json(out, record)
+    print(f"{chosen.label}: {chosen.sorted_indices()}\nwrote {out}")
+
+
+def cmd_prune(args) -> None:
+    from ..models import loading as models
+    from ..models import pruning
+    from ..study.dropsets import as_drop_set, read_drop_set
+
+    record = read_drop_set(Path(args.drop_set))
+    out = writable_output(Path(args.out), folder=True)
+    model, tokenizer = models.load_model(args.model, dtype=args.dtype)
+    pruning.check_drop_set(record, model, force=args.force)
+    chosen = as_drop_set(record)
+    before = sum(p.numel() for p in model.parameters())
+    pruning.drop_modules(model, **chosen.drop_kwargs(), drop_set=record)
+    out = pruning.save_pruned(model, out, tokenizer)
+    after = sum(p.numel() for p in model.parameters())
+    print(f"dropped {chosen.module} {chosen.sorted_indices()}: {before:,} -> {after:,} parameters; saved to {out}")
+
+
+def evaluation_drop_sets(args) -> dict:
+    """Named drop sets: from JSON files, and/or the family built from per-sample scores (:func:`~analysis.study.dropsets.drop_set_family`)."""
+    from ..models import pruning
+    from ..study.dropsets import UNPRUNED, drop_set_family, read_drop_set
+
+    sets: dict = {UNPRUNED: None}
+    for path in args.drop_sets or []:
+        sets[Path(path).stem] = read_drop_set(Path(path))
+    if args.from_scores:
+        scores = read_per_sample(args.from_scores)
+        metric = metric_of(scores, args.metric)
+        for k in parse_ints(args.k):
+            sets.update(drop_set_family(scores, module=args.module, k=k, methods=args.methods.split(","), metric=metric, random_seeds=(0, 1, 2)))
+    if len(sets) == 1 and not pruning.is_pruned_checkpoint(Path(args.model)):
+        raise InputError("nothing to evaluate: give --drop-sets FILES and/or --from-scores RESULTS, or --model a pruned checkpoint")
+    return sets
+
+
+def cmd_evaluate(args) -> None:
+    from ..evaluation import heldout as evaluation
+    from ..io import provenance, write_table
+    from ..models import loading as models
+    from ..models import pruning
+    from ..study.dropsets import as_drop_set
+
+    sets = evaluation_drop_sets(args)
+    out = writable_output(Path(args.out), folder=True)
+    model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)
+    for record in sets.values():
+        if isinstance(record, dict):
+            pruning.check_drop_set(record, model, force=args.force)
+    warn_beyond_positions(model, args.seq_len)
+    sets = {name: as_drop_set(value) for name, value in sets.items()}
+    record = provenance(kind="evaluation", model=models.model_info(model), drop_sets={n: s and s.record() for n, s in sets.items()},
+                        settings={"samples": args.samples, "seq_len": args.seq_len, "limit": args.limit})
+    distributions = expand_distributions(args.distributions) if args.distributions else []
+    progress = sys.stderr.isatty()
+    if distributions:
+        transfer = evaluation.transfer_matrix(model, tokenizer, sets, distributions, n_samples=args.samples, seq_len=args.seq_len, progress=progress)
+        write_table(transfer, out / "transfer.parquet", record)
+        print("held-out perplexity / unpruned perplexity (lower is better):")
+        print(transfer.pivot_table(index="drop_set", columns="distribution", values="ppl_ratio", sort=False).round(3).to_string())
+    tasks = [t for t in (args.tasks or "").split(",") if t]
+    if tasks:
+        write_accuracy(model, tokenizer, sets, tasks, args.limit, out, record, progress)
+    print(f"wrote results to {out}")
+
+
+def write_accuracy(model, tokenizer, sets: dict, tasks, limit, out: Path, record: dict, progress: bool) -> None:
+    """Item-level zero-shot correctness of every set, the accuracy table, and every set paired with the unpruned model on
+    the same items (:func:`analysis.evaluation.accuracy.accuracy_analysis`); writes the tables and prints the paired differences."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from ..evaluation import accuracy
+    from ..io import write_table
+    from ..study.dropsets import UNPRUNED
+
+    items = pd.concat([accuracy.items_of_set(model, tokenizer, name, chosen, tasks, limit=limit)
+                       for name, chosen in tqdm(sets.items(), desc="accuracy", unit="set", disable=not progress)], ignore_index=True)
+    table = accuracy.accuracy_table(items)
+    paired, screened = accuracy.accuracy_analysis(items, [(f"{name} vs unpruned", name, UNPRUNED) for name in sets if name != UNPRUNED],
+                                                  task_limit=limit)
+    for name, frame in {"accuracy_items": items, "accuracy": table, "accuracy_paired": paired, "accuracy_tasks": screened}.items():
+        write_table(frame, out / f"{name}.parquet", record)
+    summary = accuracy.headline_rows(table.rename(columns={"metric": "measure"}))
+    print("zero-shot accuracy (higher is better):")
+    print(summary.pivot_table(index="drop_set", columns="task", values="value", sort=False).round(3).to_string())
+    if len(paired):
+        print("paired on the same items, against the unpruned model (difference in points, 95% bootstrap CI, exact McNemar p):")
+        shown = paired.assign(points=(100 * paired["difference"]).round(1), ci=[f"[{100 * lo:+.1f}, {100 * hi:+.1f}]" for lo, hi in
+                                                                           zip(paired["ci_low"], paired["ci_high"])])
+        print(shown[["comparison", "task", "measure", "n", "points", "ci", "p_mcnemar"]].round(4).to_string(index=False))
+    for row in screened[~screened["included"]].itertuples():
+        print(f"not compared: the unpruned model is not clearly above chance on {row.task} ({row.measure})")
+
+
+def cmd_run(args) -> None:
+    from ..pipeline import run
+
+    out = writable_output(Path(args.out), folder=True)
+    summary = run(args.model, out, preset=args.preset, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty())
+    print(f"\ndone in {summary['seconds']} s: report {summary['report'][0]} and {summary['report'][1]}, "
+          f"{summary['figures']} figure files in {out / 'figures'}")
+    print(f"computed: {', '.join(summary['stages_computed']) or 'nothing (all reused)'}")
+    print(f"reused:   {', '.join(summary['stages_reused']) or 'nothing'}")
+
+
+def cmd_summary(args) -> None:
+    from ..report.summary import write_summary
+
+    out = writable_output(Path(args.out), folder=True)
+    written = write_summary(args.results, out)
+    print(f"{len(written['tables'])} tables and {len(written['figures'])} figure files in {out}")
+    for path in written["tables"]:
+        print(f"  {path}")
+
+
+def cmd_check(args) -> None:
+    """``calibdrop check``: does a drop set still hold on the user's texts (:func:`analysis.evaluation.check.check`)."""
+    import hashlib
+
+    from ..evaluation.check import check
+    from ..io import provenance, read_jsonl_texts, write_table
+    from ..models import loading as models
+    from ..models import pruning
+    from ..models.distributed import is_main_process
+    from ..study.dropsets import read_drop_set
+
+    drop_set = read_drop_set(Path(args.drop_set))
+    texts = read_jsonl_texts(Path(args.texts))
+    out = writable_output(Path(args.out), folder=True)
+    source = read_per_sample(args.scores) if args.scores else None
+    model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)
+    pruning.check_drop_set(drop_set, model, force=args.force)
+    warn_beyond_positions(model, args.max_length)
+    result = check(model, tokenizer, drop_set, texts, source_scores=source, metric=args.metric, consensus_method=args.consensus_method,
+                   max_length=args.max_length, batch_size=args.batch_size, loss_samples=args.loss_samples, alpha=args.alpha,
+                   regret_tolerance=args.tolerance, n_perm=args.n_perm, seed=args.seed, progress=sys.stderr.isatty())
+    record = provenance(kind="check", model=models.model_info(model), drop_set=drop_set,
+                        texts={"path": str(args.texts), "sha256": hashlib.sha256(Path(args.texts).read_bytes()).hexdigest(), "n_texts": len(texts)},
+                        settings={key: getattr(args, key) for key in ("metric", "consensus_method", "max_length", "loss_samples", "alpha",
+                                                                       "tolerance", "n_perm", "seed")})
+    if not is_main_process():
+        return
+    for name, table in result.tables().items():
+        write_table(table, out / f"{name}.parquet", record)
+    print_table(result.summary.drop(columns=["drop_set", "sources"]).T.reset_index().set_axis(["", "value"], axis=1))
+    print(f"\n{result.recommendation}\nwrote {len(result.tables())} tables to {out}")
+
+
+def cmd_route(args) -> None:
+    """``calibdrop route``: routed vs static drop sets on a held-out mix (:func:`analysis.evaluation.routing.evaluate_routing`)."""
+    from ..evaluation.routing import evaluate_routing
+    from ..io import provenance, write_table
+    from ..models import loading as models
+    from ..presets import RunSettings
+    from ..report import sections as report
+
+    scores = read_per_sample(args.results)
+    results = Path(args.results)
+    out = writable_output(Path(args.out) if args.out else (results if results.is_dir() else results.parent) / "routing", folder=True)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)
+    warn_beyond_positions(model, max(args.seq_len, args.calibration_seq_len))
+    tables = evaluate_routing(model, tokenizer, scores, module=args.module, k=args.k, metric=metric_of(scores, args.metric),
+                              consensus_methods=methods, classifier=args.classifier, calibration_samples=args.calibration_samples,
+                              calibration_seq_len=args.calibration_seq_len, heldout_samples=args.samples, heldout_seq_len=args.seq_len,
+                              batch_size=args.batch_size, n_boot=args.n_boot, seed=args.seed, progress=sys.stderr.isatty())
+    record = provenance(kind="routing", model=models.model_info(model), scores=scores.attrs.get("provenance", {}),
+                        settings={key: getattr(args, key) for key in ("module", "k", "metric", "methods", "classifier", "calibration_samples",
+                                                                       "calibration_seq_len", "samples", "seq_len", "n_boot", "seed")})
+    for name, table in tables.items():
+        write_table(table, out / f"routing_{name}.parquet", record)
+    shown = report.Results({}, RunSettings(), scores, {"routing": tables["summary"], "routing_paired": tables["paired"],
+                                                        "routing_accuracy": tables["accuracy"]}, [])
+    print("\n".join(report.section_routing(shown)[2:]))
+    print(f"routing cost: the router's prefix is {tables['cost']['prefix_ratio'].iloc[0]:.1%} of a forward pass (reused by the "
+          f"continuation), its classifier {tables['cost']['classifier_ratio'].iloc[0]:.3%}\nwrote {len(tables)} tables to {out}")

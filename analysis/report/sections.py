@@ -1,0 +1,518 @@
+"""The report of ``calibdrop run``: ``report.md`` and a self-contained ``report.html``.
+
+The report is a list of section functions (:data:`SECTIONS`); each takes the run's
+:class:`Results` and returns Markdown lines (none when its tables are absent), and covers every
+module kind and every method present in the tables.  Everything is computed from the saved
+tables (no timestamps, no timings), so a rerun over the same saved results writes the same report.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import markdown
+import numpy as np
+import pandas as pd
+
+from ..evaluation.accuracy import headline_rows
+from ..io import atomic_write_bytes
+from ..study.dropsets import UNPRUNED, method_family
+from ..study.stability import drop_set, importance_matrix, one_metric, tables_of_metric
+from .captions import CAPTIONS
+from .plots import pair_matrix
+
+
+@dataclass
+class Results:
+    """What the report reads: the model record, the settings, the per-sample scores, the tables and the figure files."""
+
+    model: dict
+    settings: object
+    scores: pd.DataFrame
+    tables: dict
+    figures: list[Path]
+
+    def table(self, name: str, metric: str | None = None) -> pd.DataFrame:
+        """Table ``name`` (empty when absent), restricted to ``metric`` when given and the table has that column."""
+        frame = self.tables.get(name)
+        if frame is None or not len(frame):
+            return pd.DataFrame()
+        return tables_of_metric({name: frame}, metric)[name] if metric else frame
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.settings.budgets)
+
+    def k(self, module: str) -> int:
+        return max(self.settings.budgets[module])
+
+
+def markdown_to_html(text: str) -> str:
+    """HTML of the report's Markdown (tables, a table of contents at ``[TOC]``, section anchors), with any raw HTML
+    in it (a model spec, a distribution name) escaped as text."""
+    converter = markdown.Markdown(extensions=["tables", "toc"], extension_configs={"toc": {"toc_depth": "2-3"}})
+    converter.preprocessors.deregister("html_block")
+    converter.inlinePatterns.deregister("html")
+    return converter.convert(text)
+
+
+def _table(frame: pd.DataFrame, digits: int = 3) -> str:
+    return frame.round(digits).to_markdown(index=False)
+
+
+def _names(values) -> str:
+    return ", ".join(str(v) for v in values) if len(values) else "none"
+
+
+def _ci(value: float, low: float, high: float, digits: int = 2) -> str:
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def _numeric_order(values) -> list:
+    """Candidates in numeric order (``2, 10, attn:3, mlp:3``), never as text (``10`` before ``2``)."""
+    def key(value):
+        kind, _, index = str(value).rpartition(":")
+        return (kind, int(index)) if index.isdigit() else (kind, 10**9)
+    return sorted(values, key=key)
+
+
+def agreement(results: Results, metric: str = "cosine") -> pd.DataFrame:
+    """Per module kind: mean ρ between distributions with its CI (the mean over pairs within each bootstrap replicate),
+    the lowest pair, mean Jaccard@k with its CI, the split-half noise floor (lowest distribution) and the pairs that
+    differ beyond resampling noise (permutation p < 0.05)."""
+    means, floor, permutation = (results.table(name, metric) for name in ("bootstrap_pair_mean", "split_half", "permutation"))
+    rows = []
+    for module in results.modules:
+        k = results.k(module)
+        mean, fl, perm = (t[t["module"] == module] for t in (means, floor, permutation))
+        if not len(mean):
+            continue
+        m = mean.iloc[0]
+        rows.append({"module": module, "k": k, "rho": m["spearman"], "rho_low": m["spearman_ci_low"], "rho_high": m["spearman_ci_high"],
+                     "rho_min": m["spearman_min"], "floor": fl["reliability"].min(), "jaccard": m[f"jaccard@{k}"],
+                     "jaccard_low": m[f"jaccard@{k}_ci_low"], "jaccard_high": m[f"jaccard@{k}_ci_high"],
+                     "floor_jaccard": fl[f"split_half_jaccard@{k}"].min(), "beyond": int((perm["p_spearman"] < 0.05).sum()), "pairs": len(perm)})
+    return pd.DataFrame(rows)
+
+
+def agreement_display(summary: pd.DataFrame) -> pd.DataFrame:
+    """:func:`agreement` as people read it: values with their CIs in one cell."""
+    return pd.DataFrame({
+        "module": summary["module"], "k": summary["k"],
+        "ρ mean [95% CI]": [_ci(r.rho, r.rho_low, r.rho_high) for r in summary.itertuples()], "ρ lowest pair": summary["rho_min"],
+        "noise floor ρ": summary["floor"], "Jaccard@k mean [95% CI]": [_ci(r.jaccard, r.jaccard_low, r.jaccard_high) for r in summary.itertuples()],
+        "noise floor Jaccard@k": summary["floor_jaccard"], "pairs beyond noise": [f"{r.beyond} of {r.pairs}" for r in summary.itertuples()],
+    })
+
+
+def ranked_sets(results: Results) -> pd.DataFrame:
+    """Every evaluated drop set by worst-case held-out perplexity ratio (best first, per module and budget), with
+    its median and mean over distributions (the median is robust where one distribution dominates)."""
+    transfer = results.table("transfer")
+    if not len(transfer):
+        return pd.DataFrame()
+    per = transfer[~transfer["distribution"].isin(["worst", "mean"])]
+    median = per.groupby("drop_set")["ppl_ratio"].median()
+    mean = transfer[transfer["distribution"] == "mean"].set_index("drop_set")["ppl_ratio"]
+    worst = transfer[(transfer["distribution"] == "worst") & (transfer["drop_set"] != UNPRUNED)].copy()
+    worst["family"] = worst["method"].map(method_family)
+    worst["worst ratio [95% CI]"] = [_ci(r.ppl_ratio, r.ci_low, r.ci_high) for r in worst.itertuples()]
+    worst["median ratio"] = worst["drop_set"].map(median)
+    worst["mean ratio"] = worst["drop_set"].map(mean)
+    return worst.sort_values(["module", "k", "ppl_ratio"])
+
+
+def recommendations(results: Results) -> pd.DataFrame:
+    """Per module and budget, the drop set to use: the lowest worst-case held-out perplexity ratio among non-random
+    sets, with the runner-up and whether their CIs separate them."""
+    ranked = ranked_sets(results)
+    if not len(ranked):
+        return pd.DataFrame()
+    pruned = results.table("pruned").set_index("drop_set") if len(results.table("pruned")) else None
+    rows = []
+    for (module, k), part in ranked[ranked["family"] != "random"].groupby(["module", "k"], sort=False):
+        best, second = part.iloc[0], part.iloc[1] if len(part) > 1 else None
+        members = _numeric_order(pruned.loc[best["drop_set"], "indices"]) if pruned is not None else []
+        separated = second is not None and best["ci_high"] < second["ci_low"]
+        reason = ("no other set was evaluated" if second is None else
+                  f"lowest worst-case ratio; {'clearly' if separated else 'not clearly (CIs overlap)'} below the next best, "
+                  f"{second['metric']} {second['method']} {second['worst ratio [95% CI]']}")
+        rows.append({"module": module, "k": k, "use": f"{best['metric']} {best['method']}", "drop": _names(members),
+                     "worst ratio [95% CI]": best["worst ratio [95% CI]"], "median ratio": best["median ratio"], "why": reason})
+    return pd.DataFrame(rows)
+
+
+def section_header(results: Results) -> list[str]:
+    m, s = results.model, results.settings
+    distributions = list(results.scores["distribution"].unique())
+    return [f"# calibdrop report: {m.get('spec')}", "",
+            f"Model `{m.get('spec')}` ({m.get('family')}, {m.get('n_layers')} layers, {m.get('dtype')}), weights sha256 "
+            f"`{m.get('weights_sha256')}`. Distributions: {_names(distributions)}; proxy metrics on {s.samples} samples × {s.seq_len} "
+            f"tokens each, the ablation ground truth on {s.ablation_samples} × {s.ablation_seq_len} (seed {s.seed}); bootstrap "
+            f"{s.n_boot} resamples, permutation test {s.n_perm} shuffles. Metrics: {_names(s.metrics)} (see analysis/importance/metrics.py). "
+            "Every number in brackets is a 95% bootstrap CI.", "", "[TOC]", ""]
+
+
+def section_verdict(results: Results) -> list[str]:
+    """The answer in two or three sentences with CIs: does the data move the ranking, and which set loses least."""
+    lines = ["## Verdict", ""]
+    for row in agreement(results).itertuples():
+        moved = "the calibration data changes the ranking" if row.rho_high < row.floor else "the ranking is as stable as resampling allows"
+        lines.append(f"- **{row.module}**: rankings agree at ρ {_ci(row.rho, row.rho_low, row.rho_high)} between distributions, against a "
+                     f"split-half noise floor of {row.floor:.2f}, so {moved}; size-{row.k} drop sets share "
+                     f"{_ci(row.jaccard, row.jaccard_low, row.jaccard_high)} of their members (Jaccard).")
+    ranked = ranked_sets(results)
+    for (module, k), part in ranked.groupby(["module", "k"], sort=False) if len(ranked) else []:
+        best = part[part["family"] != "random"].iloc[0]
+        own = part[part["family"] == "own"]
+        versus = (f" against {own['ppl_ratio'].mean():.2f}× on average for single-distribution sets (best {own['ppl_ratio'].min():.2f}×)"
+                  if len(own) else "")
+        lines.append(f"- **{module}-{k} on held-out text**: the {best['metric']} {best['method']} set loses least, "
+                     f"{best['worst ratio [95% CI]']}× the unpruned perplexity on its worst distribution{versus}.")
+    validity = results.table("validity")
+    for module, part in validity.groupby("module", sort=False) if len(validity) else []:
+        cosine = part[part["metric"] == "cosine"]
+        lines.append(f"- **{module}: is cosine the right metric?** it ranks like the real loss at ρ {cosine['spearman'].mean():.2f} "
+                     f"(per distribution {cosine['spearman'].min():.2f} to {cosine['spearman'].max():.2f}, CIs "
+                     f"{cosine['spearman_ci_low'].min():.2f} to {cosine['spearman_ci_high'].max():.2f}).")
+    return lines + [""]
+
+
+def section_recommendations(results: Results) -> list[str]:
+    table = recommendations(results)
+    if not len(table):
+        return []
+    return ["## Recommended drop sets", "", "Per module kind and budget, the set with the lowest worst-case held-out perplexity ratio "
+            "(real loss on held-out text of every distribution, not proxy regret); random sets excluded. Ratio 1.00 = no loss.", "",
+            _table(table), ""]
+
+
+def section_data_or_metric(results: Results) -> list[str]:
+    decomposition, validity = results.table("decomposition"), results.table("validity")
+    lines = []
+    if len(decomposition):
+        across = decomposition.pivot_table(index="module", columns="axis", values="mean_spearman", aggfunc="mean", sort=False).reset_index()
+        across = across.rename(columns={"distribution": "mean ρ across distributions (metric held)", "metric": "mean ρ across metrics (distribution held)"})
+        lines += ["## The model, the data or the metric?", "", "Mean Spearman ρ between rankings that differ only in the calibration "
+                  "distribution or only in the metric (ground truth included). Lower ρ along an axis: that axis moves the ranking more.", "",
+                  _table(across), ""]
+    if len(validity):
+        shown = validity.assign(**{"ρ [95% CI]": [_ci(r.spearman, r.spearman_ci_low, r.spearman_ci_high) for r in validity.itertuples()]})
+        lines += ["### Does each proxy rank modules like the real loss?", "", "Spearman ρ between each proxy's ranking and the ablation "
+                  "ranking (NLL increase when the module alone is dropped), per distribution.", "",
+                  _table(shown.pivot_table(index=["module", "metric"], columns="distribution", values="ρ [95% CI]", aggfunc="first", sort=False).reset_index()), ""]
+    return lines
+
+
+def section_agreement(results: Results) -> list[str]:
+    summary = agreement(results)
+    if not len(summary):
+        return []
+    lines = ["## Agreement between distributions and the noise floor (cosine)", "",
+             "ρ and Jaccard@k between every pair of distributions' rankings (higher: more alike), beside the split-half noise floor "
+             "(two halves of one distribution's samples, Spearman-Brown corrected) and the pairs whose disagreement a permutation "
+             "test of sample labels puts beyond resampling noise (p < 0.05).", "", _table(agreement_display(summary)), ""]
+    pairs, floor = results.table("agreement", "cosine"), results.table("split_half", "cosine")
+    for module in summary["module"]:
+        part, fl = pairs[pairs["module"] == module], floor[floor["module"] == module].set_index("distribution")
+        lines += [f"### {module}: ρ between distributions (diagonal: noise floor)", "",
+                  _table(pair_matrix(part, "spearman", fl["reliability"]).reset_index(names="distribution")), ""]
+    return lines
+
+
+def unstable_candidates(results: Results, module: str, k: int) -> tuple[list, pd.DataFrame]:
+    """Candidates in every distribution's size-k cosine drop set, and those in some but not all of them (numeric order)."""
+    matrix = importance_matrix(one_metric(results.scores, "cosine")[0], module)
+    own = {d: set(drop_set(matrix[d], k)) for d in matrix.columns}
+    everywhere = _numeric_order(set.intersection(*own.values()))
+    somewhere = _numeric_order(set.union(*own.values()) - set(everywhere))
+    boot = results.table("bootstrap_importance", "cosine")
+    boot = boot[boot["module"] == module]
+    rows = []
+    for candidate in somewhere:
+        p = boot[boot["candidate"] == str(candidate)].set_index("distribution")[f"p_drop@{k}"]
+        rows.append({"candidate": candidate, "in the drop set of": _names([d for d in matrix.columns if candidate in own[d]]),
+                     "not of": _names([d for d in matrix.columns if candidate not in own[d]]),
+                     "P(in drop set), lowest to highest": f"{p.min():.2f} to {p.max():.2f}"})
+    return everywhere, pd.DataFrame(rows)
+
+
+def section_membership(results: Results) -> list[str]:
+    lines = ["## Which modules are unimportant everywhere, and which depend on the data (cosine)", ""]
+    n_layers = results.model.get("n_layers") or 1
+    for module in results.modules:
+        k = results.k(module)
+        everywhere, unstable = unstable_candidates(results, module, k)
+        depth = _names([f"{c} ({int(str(c).rpartition(':')[2]) / n_layers:.0%})" for c in everywhere])
+        lines += [f"### {module}, k = {k}", "", f"In every distribution's drop set (relative depth): **{depth}**.", ""]
+        lines += ([_table(unstable), ""] if len(unstable) else ["Every distribution picks the same set.", ""])
+    return lines
+
+
+def section_regret(results: Results) -> list[str]:
+    regret, sets = results.table("regret", "cosine"), results.table("drop_sets", "cosine")
+    if not len(regret):
+        return []
+    worst = regret.groupby(["module", "k", "drop_set"], sort=False)["regret"].max().rename("worst").reset_index()
+    worst["family"] = worst["drop_set"].map(method_family)
+    rows = []
+    for (module, k), part in worst.groupby(["module", "k"], sort=False):
+        own = part[part["family"] == "own"]["worst"]
+        for row in part[~part["family"].isin(["own", "random"])].sort_values("worst").itertuples():
+            members = sets[(sets["module"] == module) & (sets["k"] == k) & (sets["drop_set"] == row.drop_set)]["indices"]
+            rows.append({"module": module, "k": k, "method": row.drop_set, "drop set": _names(_numeric_order(members.iloc[0])) if len(members) else "",
+                         "worst-case regret": row.worst, "own sets' worst (best / median)": f"{own.min():.4f} / {own.median():.4f}",
+                         "random (expected)": part[part["family"] == "random"]["worst"].max()})
+    return ["## Drop sets by proxy regret (cosine)", "", "Regret: the importance (summed 1 − cos) a set drops on a distribution beyond "
+            "the best set of its size there; worst case over distributions, lower is better. This ranks sets by the proxy; "
+            "the recommended sets above are ranked by real loss.", "", _table(pd.DataFrame(rows), 4), ""]
+
+
+def section_leave_one_out(results: Results) -> list[str]:
+    loo = results.table("leave_one_out", "cosine")
+    if not len(loo):
+        return []
+    loo = loo.assign(beats=loo["consensus_regret"] < loo["single_mean_regret"])
+    summary = loo.groupby(["module", "k", "method"], sort=False).agg(
+        consensus=("consensus_regret", "mean"), wins=("beats", "sum"), n=("beats", "size"), own=("single_mean_regret", "mean"),
+        random=("random_regret", "mean")).reset_index()
+    summary["beats the own sets' mean on"] = [f"{int(w)} of {n}" for w, n in zip(summary.pop("wins"), summary.pop("n"))]
+    summary = summary.rename(columns={"consensus": "consensus regret on the left-out (mean)", "own": "own sets' regret (mean)",
+                                      "random": "random (expected)"})
+    return ["## Does a consensus generalise to an unseen distribution? (cosine)", "", "Leave one distribution out, build the "
+            "consensus from the rest, and measure its regret on the one left out (lower is better), beside the other distributions' "
+            "own sets and a random set; averaged over the distributions left out.", "", _table(summary, 4), ""]
+
+
+def section_greedy(results: Results) -> list[str]:
+    greedy = results.table("greedy")
+    if not len(greedy):
+        return []
+    order = greedy.groupby("objective", sort=False)["candidate"].apply(lambda c: ", ".join(map(str, c))).reset_index(name="dropped, in order")
+    last = greedy.groupby("objective", sort=False)["objective_increase"].last().reset_index(name="ΔNLL per token after the last step")
+    return ["## Greedy drop sets by real calibration loss", "", "Each step drops the module whose removal (given those already "
+            "dropped) raises the calibration loss least: for one distribution, or for `robust` the worst distribution's.", "",
+            _table(order.merge(last), 4), ""]
+
+
+def section_heldout(results: Results) -> list[str]:
+    ranked = ranked_sets(results)
+    if not len(ranked):
+        return []
+    shown = ranked[["module", "k", "metric", "method", "worst ratio [95% CI]", "median ratio", "mean ratio"]]
+    per = results.table("transfer")
+    per = per[~per["distribution"].isin(["worst", "mean"])]
+    pivot = per.pivot_table(index="drop_set", columns="distribution", values="ppl_ratio", sort=False)
+    pivot = pivot.loc[[UNPRUNED, *ranked["drop_set"]]].reset_index()
+    return ["## Pruned models on held-out text", "", "Held-out perplexity / unpruned perplexity (lower is better; 1.00 = no loss) "
+            "on each distribution's held-out documents. Sets ranked by their worst distribution; the median over distributions "
+            "is robust where one distribution's ratio dominates the mean (random sets).", "", _table(shown), "",
+            "### Per distribution", "", _table(pivot), ""]
+
+
+def section_comparisons(results: Results) -> list[str]:
+    comparisons = results.table("comparisons")
+    if not len(comparisons):
+        return []
+    worst = comparisons[comparisons["distribution"] == "worst"].copy()
+    worst["verdict"] = np.where(worst["ci_high"] < 1, "a loses less", np.where(worst["ci_low"] > 1, "b loses less", "not distinguishable"))
+    worst["ratio a/b [95% CI]"] = [_ci(r.ratio, r.ci_low, r.ci_high, 3) for r in worst.itertuples()]
+    return ["## Paired comparisons on the same held-out windows", "", "Worst-case perplexity of drop set a over drop set b (below 1: "
+            "a loses less); paired bootstrap over windows. Per-distribution rows are in comparisons.parquet.", "",
+            _table(worst[["comparison", "ratio a/b [95% CI]", "p_value", "verdict"]]), ""]
+
+
+def _span(low: float, high: float, fmt: str = "{:,.0f}") -> str:
+    """``"low–high"``, or one number when they are equal."""
+    return fmt.format(low) if fmt.format(low) == fmt.format(high) else f"{fmt.format(low)}–{fmt.format(high)}"
+
+
+def accuracy_screen_lines(tasks: pd.DataFrame, limit: int | None) -> list[str]:
+    """One line per task: excluded (not clearly above chance), or the items a ``delta`` difference needs against those evaluated."""
+    lines = []
+    for row in headline_rows(tasks).itertuples():
+        test = f"one-sided binomial p = {row.p_above_chance:.2g} against chance {row.chance:.2f}, α = {row.alpha:g}"
+        if not row.included:
+            lines.append(f"- **Excluded**: {row.task} ({row.measure}): the unpruned model scores {row.accuracy:.3f} on {row.n_items} items, "
+                         f"not clearly above chance ({test}); differences between drop sets on it say nothing.")
+        elif np.isnan(row.items_needed_max):
+            lines.append(f"- {row.task} ({row.measure}, unpruned {row.accuracy:.3f}, {test}): too few discordant items to size a "
+                         f"{100 * row.delta:g}-point test.")
+        else:
+            evaluated = f"task_limit {limit}" if limit else "every item"
+            verdict = "suffices" if row.limit_suffices else ("does not suffice; the whole task does" if row.task_suffices else
+                                                              "does not suffice, nor does the whole task")
+            lines.append(f"- {row.task} ({row.measure}, unpruned {row.accuracy:.3f}, {test}): to resolve a {100 * row.delta:g}-point "
+                         f"difference (McNemar, α = {row.alpha:g}, power {row.power:g}) at the observed discordance "
+                         f"({_span(100 * row.discordant_min, 100 * row.discordant_max)}% of items) takes "
+                         f"{_span(row.items_needed_min, row.items_needed_max)} items; the run evaluated {row.n_items} ({evaluated}) of the task's "
+                         f"{row.n_available}: that {verdict}.")
+    return lines
+
+
+def section_accuracy(results: Results) -> list[str]:
+    accuracy = results.table("accuracy")
+    if not len(accuracy):
+        return []
+    chosen = headline_rows(accuracy.rename(columns={"metric": "measure"}))
+    pivot = chosen.pivot_table(index="drop_set", columns="task", values="value", sort=False).reset_index()
+    limit = results.settings.task_limit
+    lines = ["## Zero-shot accuracy", "", f"lm-evaluation-harness, 0-shot, {f'first {limit} examples per task' if limit else 'all examples'} "
+             f"(acc_norm where the task defines it, else acc; higher is better); standard error about ±{chosen['stderr'].max():.2f}.", "",
+             _table(pivot), ""]
+    tasks, paired = results.table("accuracy_tasks"), results.table("accuracy_paired")
+    if len(paired):
+        shown = headline_rows(paired).copy()
+        shown["a − b, points [95% CI]"] = [_ci(100 * r.difference, 100 * r.ci_low, 100 * r.ci_high, 1) for r in shown.itertuples()]
+        shown["only a / only b right"] = [f"{r.a_only} / {r.b_only}" for r in shown.itertuples()]
+        lines += ["### Paired on the same items", "", "Each pair on the same items of each task where the unpruned model is clearly "
+                  "above chance: accuracy difference with a paired bootstrap CI over items, the discordant items and the exact McNemar "
+                  "p-value (binomial test on the discordant items) with its Benjamini-Hochberg adjustment over the table (q). Both "
+                  "measures are in accuracy_paired.parquet.", "",
+                  _table(shown[["comparison", "task", "measure", "n", "a − b, points [95% CI]", "only a / only b right", "p_mcnemar", "q_bh"]]), ""]
+    if len(tasks):
+        lines += accuracy_screen_lines(tasks, limit) + [""]
+    return lines
+
+
+def section_check(results: Results) -> list[str]:
+    checked = results.table("check")
+    if not len(checked):
+        return []
+    shown = checked.assign(**{
+        "ρ to the set's ranking": checked["spearman"],
+        "your noise floor [95% CI]": [_ci(r.noise_floor, r.noise_floor_ci_low, r.noise_floor_ci_high, 3) for r in checked.itertuples()],
+        "permutation p": checked["p_permutation"], "excess": checked["excess"]})
+    first = checked.iloc[0]
+    lines = ["## Does a drop set hold on new data? (`calibdrop check`)", "",
+             f"Each distribution's held-out windows ({first['n_texts']} per distribution), checked as a user's own texts would be by "
+             f"`calibdrop check` ({first['metric']}, {first['module']}-{first['k']}): against the distribution's **own set** (from its "
+             "calibration windows) and against the **borda consensus built without it**, as for a user whose data no calibration "
+             "distribution covers. ρ: Spearman between the set's calibration ranking and the ranking on the held-out windows, beside "
+             "those windows' split-half noise floor; drift: permutation p < 0.05; excess: how much more importance the set drops than "
+             "the windows' own best set of the same size. The verdict keeps a set that drifts when its excess is at most 10%.", "",
+             _table(shown[["distribution", "checked", "ρ to the set's ranking", "your noise floor [95% CI]", "permutation p", "drift", "excess",
+                           "verdict"]]), ""]
+    for role, part in checked.groupby("checked", sort=False):
+        kept = part.loc[part["verdict"] == "keep", "distribution"].tolist()
+        others = part.loc[part["verdict"] != "keep", ["distribution", "verdict"]]
+        lines.append(f"- **{role}**: kept on {len(kept)} of {len(part)} distributions" + (
+            "; " + ", ".join(f"{row.distribution}: {row.verdict}" for row in others.itertuples()) if len(others) else "") + ".")
+    lines += ["", "The windows are calibration-shaped (held-out documents, the run's window length) and no document gives "
+              "windows to both sides, but windows of one document are not independent, which makes the permutation test's "
+              "drift call sensitive; the verdict therefore rests on the excess, not on drift alone.", ""]
+    return lines
+
+
+def routing_display(results: Results) -> pd.DataFrame:
+    """Per drop set of the routing stage: perplexity ratio on the pooled mix, the mean and the worst distribution (with CIs),
+    and routed / this set on the mix, paired over windows."""
+    summary, paired = results.table("routing"), results.table("routing_paired")
+    prefix = f"cosine/{summary['module'].iloc[0]}-{int(summary['k'].iloc[0])}:"
+    summary = summary[summary["drop_set"] != UNPRUNED]
+    wide = {where: summary[summary["distribution"] == where].set_index("drop_set") for where in ("mix", "mean", "worst")}
+    mix_pairs = paired[paired["distribution"] == "mix"].set_index("b")
+    rows = []
+    for label in wide["mix"].index:
+        row = {"drop set": label.removeprefix(prefix)}
+        for where, name in (("mix", "pooled mix"), ("mean", "mean over distributions"), ("worst", "worst distribution")):
+            r = wide[where].loc[label]
+            row[name] = _ci(r["ppl_ratio"], r["ci_low"], r["ci_high"], 3)
+        if label in mix_pairs.index:
+            pair = mix_pairs.loc[label]
+            row["routed / this set, pooled mix"] = f"{_ci(pair['ratio'], pair['ci_low'], pair['ci_high'], 3)}, p = {pair['p_value']:.3g}"
+        rows.append(row)
+    return pd.DataFrame(rows).fillna("")
+
+
+def section_routing(results: Results) -> list[str]:
+    summary = results.table("routing")
+    if not len(summary):
+        return []
+    module, k = summary["module"].iloc[0], int(summary["k"].iloc[0])
+    title = "## One model, several drop sets: a router per input"
+    if "note" in summary and summary["note"].notna().any():
+        return [title, "", f"No router at {module}-{k}: {summary['note'].iloc[0]}.", ""]
+    paired, accuracy = results.table("routing_paired"), results.table("routing_accuracy").set_index("distribution")
+    versus = paired[(paired["distribution"] == "mix") & paired["comparison"].str.endswith(" vs borda")].iloc[0]
+    beats = versus["ci_high"] < 1
+    loses = versus["ci_low"] > 1
+    verdict = ("**Routing beats the consensus set**" if beats else "**Routing loses to the consensus set**" if loses
+               else "**Routing does not beat the consensus set**")
+    first = summary.iloc[0]
+    worst_source = accuracy.drop(index="all")["accuracy"].idxmin()
+    return [title, "", f"Each distribution's own cosine {module}-{k} set and the borda consensus, one copy of the weights; a "
+            f"nearest-centroid router on the mean `resid_post` of block {int(first['layer'])} (blocks 0..{int(first['layer'])} run before "
+            f"routing: {first['layer_ratio']:.0%} of the {int(first['n_layers'])} blocks, reused by the pruned continuation), trained on the "
+            "calibration windows, picks a set per held-out window; windows of all distributions mixed. Perplexity ratio to the unpruned "
+            "model with 95% bootstrap CIs; routed / this set paired over the same windows (below 1: routing loses less); *oracle* "
+            "sends every window to its true source's own set.", "", _table(routing_display(results)), "",
+            f"{verdict}: routed / borda on the pooled mix {_ci(versus['ratio'], versus['ci_low'], versus['ci_high'], 3)} "
+            f"(p = {versus['p_value']:.3g}). Router accuracy {accuracy.loc['all', 'accuracy']:.0%} "
+            f"[{accuracy.loc['all', 'ci_low']:.0%}, {accuracy.loc['all', 'ci_high']:.0%}] over {int(accuracy.loc['all', 'n_windows'])} "
+            f"windows (lowest: {worst_source}, {accuracy.loc[worst_source, 'accuracy']:.0%}). Routed inference reproduced the chosen "
+            f"set's static NLL on every window (largest difference {first['max_abs_static_difference']:.2g} nats).", ""]
+
+
+def section_sample_size(results: Results) -> list[str]:
+    summary = results.table("convergence_summary", "cosine")
+    if not len(summary) or "n_required_label" not in summary:
+        return []
+    pivot = summary.pivot_table(index="distribution", columns="module", values="n_required_label", aggfunc="first", sort=False).reset_index()
+    target = summary["target_spearman"].iloc[0]
+    return ["## How many samples does a stable ranking need?", "", f"Samples needed for the ranking to agree at ρ ≥ {target} with the "
+            "ranking of an independent half of the samples (\"≤ 4\": the fewest tried already do; \"> n\": none do).", "", _table(pivot), ""]
+
+
+def section_figures(results: Results) -> list[str]:
+    lines = ["## Figures", ""]
+    for path in sorted((p for p in results.figures if p.suffix == ".png"), key=figure_order):
+        lines += [f"#### {path.stem}", "", f"![{path.stem}](figures/{path.name})", "", CAPTIONS.get(path.stem, ""), ""]
+    return lines
+
+
+FIGURE_ORDER = ("transfer_worst_case", "transfer_matrix", "metric_validity", "proxy_vs_ablation", "ranking_decomposition", "similarity",
+                "importance", "profile", "membership", "regret", "convergence")
+
+
+def figure_order(path: Path) -> tuple[int, str]:
+    """Figures in the order of the report's sections (held-out loss first, convergence last), then by name."""
+    rank = next((i for i, prefix in enumerate(FIGURE_ORDER) if path.stem.startswith(prefix)), len(FIGURE_ORDER))
+    return rank, path.stem
+
+
+SECTIONS = (section_header, section_verdict, section_recommendations, section_data_or_metric, section_agreement, section_membership,
+            section_regret, section_leave_one_out, section_greedy, section_heldout, section_comparisons, section_accuracy,
+            section_check, section_routing, section_sample_size, section_figures)
+
+
+def report_markdown(results: Results) -> str:
+    """The report's Markdown: every section of :data:`SECTIONS` in order."""
+    return "\n".join(line for section in SECTIONS for line in section(results)) + "\n"
+
+
+def embedded_html(text: str, folder: Path) -> str:
+    """The report's HTML with every figure embedded (base64 PNG)."""
+    body = markdown_to_html(text)
+
+    def embed(match):
+        path = folder / match.group(1)
+        return f'src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}"' if path.is_file() else match.group(0)
+
+    body = re.sub(r'src="(figures/[^"]+\.png)"', embed, body)
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}table{border-collapse:collapse;font-size:13px}"
+             "td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}.toc{background:#f6f6f6;padding:.5em 1em}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>calibdrop report</title><style>{style}</style></head><body>{body}</body></html>"
+
+
+def write_report(out: Path, results: Results) -> list[Path]:
+    """Write ``report.md`` and ``report.html`` (figures embedded, table of contents) into ``out``."""
+    out = Path(out)
+    text = report_markdown(results)
+    md_path, html_path = out / "report.md", out / "report.html"
+    atomic_write_bytes(md_path, text.encode())
+    atomic_write_bytes(html_path, embedded_html(text, out).encode())
+    return [md_path, html_path]

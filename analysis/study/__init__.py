@@ -1,0 +1,1 @@
+"""The study: stability, consensus, validity, drop sets and the greedy selection by real loss."""
