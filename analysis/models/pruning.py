@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..io import temp_dir
-from ..study.dropsets import joint_to_lists
+from ..kinds import joint_to_lists
 from .adapters import adapter_for, decoder_layers
 
 PER_LAYER_CONFIG_LISTS = ("layer_types", "kv_sharing_modes")

@@ -15,29 +15,18 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pandas as pd
 
 from ..errors import InputError
+from ..kinds import joint_to_lists
 from ..presets import CONSENSUS_METHODS, MODULE_KINDS
 from .consensus import consensus_from_matrix
 from .stability import drop_set, importance_matrix, one_metric
 
 UNPRUNED = "none"
 DROP_MODULES_ARGUMENT = {"attn": "attn", "mlp": "mlp", "block": "blocks", "joint": "joint"}
-
-
-def joint_to_lists(entries: Iterable[str]) -> tuple[list[int], list[int]]:
-    """``["attn:3", "mlp:5"]`` (a ``joint`` drop set) → attention indices, MLP indices."""
-    attn, mlp = [], []
-    for entry in entries:
-        kind, _, index = str(entry).partition(":")
-        if kind not in ("attn", "mlp") or not index.isdigit():
-            raise InputError(f"joint drop-set entry {entry!r} is not of the form 'attn:i' or 'mlp:i'")
-        (attn if kind == "attn" else mlp).append(int(index))
-    return attn, mlp
 
 
 def joint_sort_key(entry: str) -> tuple[int, str]:
