@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 MARKER = "<!-- calibdrop-cli -->"
-HELP_WIDTH = "100"
+HELP_WIDTH = "96"
 
 
 def on_config(config):

@@ -1,4 +1,4 @@
-"""MkDocs hook: Sphinx cross-reference roles in the docstrings become links.
+"""MkDocs hook: Sphinx markup in the docstrings, rendered for MkDocs.
 
 The docstrings write ``:func:`analysis.x.y``` (Sphinx style); mkdocstrings renders that as the text
 ``:func:`` before a code span. Here each becomes an optional autorefs reference: a link to the
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+LITERAL_MARKER = re.compile(r"\s*::</p>")
 ROLE = re.compile(r":(?:func|class|mod|meth|attr|data|exc|obj):<code>(~?)([^<]+)</code>")
 
 
@@ -20,5 +21,6 @@ def _reference(match: re.Match) -> str:
 
 
 def on_page_content(html, page, config, files):
-    """Replace every rendered role with an optional cross-reference."""
-    return ROLE.sub(_reference, html)
+    """Replace every rendered role with an optional cross-reference, and a paragraph's closing ``::``
+    (Sphinx's mark of the literal block that follows) with a colon."""
+    return LITERAL_MARKER.sub(":</p>", ROLE.sub(_reference, html))
