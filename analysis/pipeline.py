@@ -19,7 +19,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .data.documents import load_distribution, subsets
-from .data.manifests import load_manifest, top_level
+from .data.manifests import load_manifest, top_level, unseen_distributions
 from .data.samples import calibration_samples, token_batches
 from .errors import InputError
 from .evaluation import accuracy
@@ -44,6 +44,11 @@ STABILITY_TABLES = ("agreement", "bootstrap_importance", "bootstrap_pairs", "boo
 def top_level_distributions(settings: RunSettings) -> tuple[str, ...]:
     """The distributions a run scores: the settings' own, or every top-level distribution of the manifests."""
     return settings.distributions or tuple(top_level())
+
+
+def unseen_of(settings: RunSettings) -> tuple[str, ...]:
+    """The test-only distributions a run evaluates its sets on: the settings' own, or every test-only manifest."""
+    return tuple(unseen_distributions()) if settings.unseen is None else tuple(settings.unseen)
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,8 @@ class Study:
         self.model, self.tokenizer, self.settings, self.store, self.progress = model, tokenizer, settings, store, progress
         self.distributions = top_level_distributions(settings)
         self.manifests = {name: load_manifest(name)["_sha256"] for name in self.distributions}
+        self.unseen = unseen_of(settings)
+        self.unseen_manifests = {name: load_manifest(name)["_sha256"] for name in self.unseen}
         record = store.model_record
         self.base = [record.get("weights_sha256"), record.get("dtype")]
         self.results: dict[str, object] = {}
@@ -78,8 +85,11 @@ class Study:
         self.running = ""
 
     def key(self, stage: Stage) -> str:
-        """sha256 of the stage name, the model, the settings it reads, the manifests and the keys of the stages it reads."""
+        """sha256 of the stage name, the model, the settings it reads, the manifests and the keys of the stages it reads
+        (a stage that reads ``unseen`` is keyed by the test-only manifests it evaluates on, the others never are)."""
         fields = {name: getattr(self.settings, name) for name in stage.settings}
+        if "unseen" in fields:
+            fields["unseen"] = self.unseen_manifests
         return stage_key(stage.name, self.base, fields, self.manifests, {name: self.keys.get(name) for name in stage.reads})
 
     def part(self, kind: str, name: str, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
@@ -198,8 +208,9 @@ def stage_pruned(study: Study) -> pd.DataFrame:
     return pruned_size(study.model, evaluated_sets(study.results["scores.per_sample"], study.results.get("greedy"), study.settings))
 
 
-def stage_heldout(study: Study) -> pd.DataFrame:
-    """Summed NLL of every held-out window of every distribution under every pruned model (one part per distribution)."""
+def stage_heldout(study: Study, names: tuple[str, ...] | None = None, kind: str = "heldout") -> pd.DataFrame:
+    """Summed NLL of every held-out window of every distribution (``names``, default the calibration ones) under every
+    pruned model (one part per distribution)."""
     s = study.settings
     sets = sets_from_table(study.results["pruned"])
 
@@ -207,9 +218,21 @@ def stage_heldout(study: Study) -> pd.DataFrame:
         samples = evaluation.heldout_samples(study.tokenizer, [name], n_samples=s.transfer_samples, seq_len=s.transfer_seq_len, seed=s.seed)
         return evaluation.window_nll(study.model, samples, sets, progress=False)
 
-    return pd.concat([study.part("heldout", name, lambda name=name: windows(name))
-                      for name in tqdm(study.distributions, desc="held-out evaluation", unit="dist", disable=not study.progress)],
+    names = study.distributions if names is None else names
+    return pd.concat([study.part(kind, name, lambda name=name: windows(name))
+                      for name in tqdm(names, desc="held-out evaluation", unit="dist", disable=not study.progress)],
                      ignore_index=True)
+
+
+def stage_heldout_unseen(study: Study) -> pd.DataFrame:
+    """:func:`stage_heldout` on the test-only distributions (``unseen``): text of kinds no stage calibrated, selected
+    or compared on; only :func:`stage_transfer_unseen` and the report read it."""
+    return stage_heldout(study, study.unseen, "heldout-unseen")
+
+
+def stage_transfer_unseen(study: Study) -> pd.DataFrame:
+    """Every evaluated set's perplexity ratio on each test-only distribution, and the worst and mean over them."""
+    return evaluation.transfer_summary(study.results["heldout_windows_unseen"], n_boot=study.settings.n_boot, seed=study.settings.seed)
 
 
 def stage_transfer(study: Study) -> pd.DataFrame:
@@ -344,6 +367,7 @@ def work_of(kind: str) -> Callable[[Study], float]:
             "subsets": _tokens(study, subset_names(study), s.subset_samples, s.subset_seq_len) if s.subsets else 0,
             "greedy": ablation * (len(distributions) + 1) * max(s.transfer_k) * (s.greedy_shortlist or candidates) / 2,
             "heldout": _tokens(study, distributions, s.transfer_samples, s.transfer_seq_len) * (1 + n_sets / 2),
+            "heldout_unseen": _tokens(study, study.unseen, s.transfer_samples, s.transfer_seq_len) * (1 + n_sets / 2),
             "accuracy": len(s.accuracy_sets) * len(s.tasks) * (s.task_limit or 1000) * 400,
             "check": _tokens(study, distributions, s.transfer_samples, s.transfer_seq_len),
             "routing": _tokens(study, distributions, s.transfer_samples, s.transfer_seq_len) + _tokens(study, distributions, s.samples, s.seq_len) / 10,
@@ -371,6 +395,9 @@ STAGES = (
     Stage("pruned", ("scores.per_sample", "greedy"), ("transfer_modules", "transfer_k", "budgets", "own_set_metrics", "random_seeds"), stage_pruned),
     Stage("heldout_windows", ("pruned",), ("transfer_samples", "transfer_seq_len", "seed"), stage_heldout, work=work_of("heldout")),
     Stage("transfer", ("heldout_windows",), ("n_boot", "seed"), stage_transfer),
+    Stage("heldout_windows_unseen", ("pruned",), ("unseen", "transfer_samples", "transfer_seq_len", "seed"), stage_heldout_unseen,
+          when=lambda s: bool(unseen_of(s)), work=work_of("heldout_unseen")),
+    Stage("transfer_unseen", ("heldout_windows_unseen",), ("n_boot", "seed"), stage_transfer_unseen, when=lambda s: bool(unseen_of(s))),
     Stage("comparisons", ("heldout_windows", "pruned"), ("n_boot", "seed"), stage_comparisons),
     Stage("accuracy", ("pruned",), ("tasks", "task_limit", "accuracy_sets"), stage_accuracy, tables=("accuracy_items", "accuracy"),
           when=lambda s: bool(s.tasks and s.accuracy_sets), work=work_of("accuracy")),
@@ -425,6 +452,10 @@ def run(spec: str = models.DEFAULT_MODEL, out: Path = Path("results"), *, preset
     """Run the whole study for one model into ``out``: every stage of :data:`STAGES` in order, then figures and the report."""
     settings = settings_of(preset)
     for name in top_level_distributions(settings):
+        if load_manifest(name).get("role") == "test":
+            raise InputError(f"distribution {name!r} is test-only (role: test in its manifest): no stage may calibrate on it; "
+                             "it is evaluated as an unseen distribution (settings.unseen) instead")
+    for name in unseen_of(settings):
         load_manifest(name)
     check_metrics(settings.metrics)
     out = Path(out)

@@ -23,7 +23,9 @@ class RunSettings:
 
     ``distributions`` empty means every top-level distribution of the manifests.  ``check_module``
     and ``route_module`` (``None``: skip) name the module kind whose cosine drop sets at its largest
-    evaluated budget the run checks on each distribution's held-out windows and routes between.
+    evaluated budget the run checks on each distribution's held-out windows and routes between.  ``unseen`` names
+    the test-only distributions every evaluated set is also scored on (``None``: every manifest whose ``role`` is
+    ``test``; ``()``: none): held-out columns only, never read by a stage that calibrates, selects or compares.
     """
 
     distributions: tuple[str, ...] = ()
@@ -54,6 +56,7 @@ class RunSettings:
                                       "cosine/joint-8:borda")
     check_module: str | None = "attn"
     route_module: str | None = "attn"
+    unseen: tuple[str, ...] | None = None
 
     def budget(self, module: str) -> tuple[int, ...]:
         """The drop-set sizes evaluated on held-out text for ``module``: ``transfer_k`` for attention, else the largest budget of ``module``."""

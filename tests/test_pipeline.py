@@ -17,7 +17,7 @@ SETTINGS = dict(
     ablation_samples=4, ablation_seq_len=32, greedy_shortlist=2,
     n_boot=50, n_perm=50, budgets={"attn": (1, 2), "mlp": (1,), "block": (1,), "joint": (2,)}, transfer_k=(2,),
     transfer_samples=4, transfer_seq_len=64, random_seeds=(0,), tasks=("arc_easy",), task_limit=3,
-    accuracy_sets=("none", "cosine/attn-2:borda"),
+    accuracy_sets=("none", "cosine/attn-2:borda"), unseen=(),
 )
 RUN = """
 import json, sys

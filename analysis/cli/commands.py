@@ -202,9 +202,9 @@ def cmd_data_fetch(args) -> None:
     from tqdm.auto import tqdm
 
     from ..data.documents import fetch_distribution
-    from ..data.manifests import top_level
+    from ..data.manifests import top_level, unseen_distributions
 
-    names = args.names or list(top_level())
+    names = args.names or [*top_level(), *unseen_distributions()]
     for name in tqdm(names, desc="distributions", unit="dist", disable=not sys.stderr.isatty()):
         frame = fetch_distribution(name)
         print(f"{name}: {len(frame)} documents, checksums verified")
@@ -229,7 +229,7 @@ def cmd_data_list(args) -> None:
         print_table(summary.assign(sources=summary["sources"].map(describe_sources)), wide=True)
         return
     narrow = summary.rename(columns={"calibration_documents": "calib docs", "heldout_documents": "held-out docs"})
-    print_table(narrow[["name", "fetched", "calib docs", "held-out docs"]].assign(license=summary["license"].str.slice(0, 36)))
+    print_table(narrow[["name", "role", "fetched", "calib docs", "held-out docs"]].assign(license=summary["license"].str.slice(0, 36)))
     print("\n(--wide: characters, sources and pinned versions; --json: everything)")
 
 

@@ -23,7 +23,7 @@ import pandas as pd
 from ..errors import FetchError, InputError
 from ..io import read_cached_table, sha256_file, write_table
 from .fetching import data_cache, fetch_source, is_fetched, sources_used
-from .manifests import load_manifest, manifest_paths, split_name
+from .manifests import load_manifest, manifest_paths, role, split_name
 from .recipes import RECIPES, plain_turns
 
 SPLITS = ("calibration", "heldout")
@@ -172,7 +172,8 @@ def distribution_summary(names: list[str] | None = None) -> pd.DataFrame:
         manifest = load_manifest(name)
         license_of = {s["id"]: s["license"] for s in manifest["sources"]}
         fetched = is_fetched(manifest)
-        base = {"description": " ".join(manifest["description"].split()), "fetched": fetched, "sources": sources_used(manifest)}
+        base = {"description": " ".join(manifest["description"].split()), "role": role(manifest), "fetched": fetched,
+                "sources": sources_used(manifest)}
         if not fetched:
             rows.append({"name": manifest["name"], **base, "license": "; ".join(sorted(set(license_of.values())))})
             continue

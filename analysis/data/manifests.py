@@ -47,6 +47,7 @@ MANIFEST_SCHEMA = {
     "properties": {
         "name": {"type": "string", "pattern": "^[a-z0-9_-]+$"},
         "order": {"type": "integer", "minimum": 0},
+        "role": {"enum": ["calibration", "test"]},
         "description": {"type": "string"},
         "sources": {"type": "array", "minItems": 1, "items": _SOURCE_SCHEMA},
         "document": {"type": "string"},
@@ -122,8 +123,25 @@ def load_manifest(name: str | Path) -> dict:
     return manifest
 
 
-def top_level() -> tuple[str, ...]:
-    """Every top-level distribution (one per valid manifest found), sorted by ``(order, name)`` with a
-    missing ``order`` after every given one; an invalid manifest raises :class:`InputError`."""
-    orders = {name: load_manifest(name).get("order") for name in manifest_paths()}
+def role(manifest: dict) -> str:
+    """``"test"`` for a test-only distribution (never calibrated, selected or tuned on: held-out columns only),
+    else ``"calibration"``."""
+    return manifest.get("role", "calibration")
+
+
+def by_role(wanted: str) -> tuple[str, ...]:
+    """The distributions of one role, sorted by ``(order, name)`` with a missing ``order`` after every given one;
+    an invalid manifest raises :class:`InputError`."""
+    manifests = {name: load_manifest(name) for name in manifest_paths()}
+    orders = {name: m.get("order") for name, m in manifests.items() if role(m) == wanted}
     return tuple(sorted(orders, key=lambda name: (orders[name] is None, orders[name] or 0, name)))
+
+
+def top_level() -> tuple[str, ...]:
+    """Every calibration distribution (one per valid manifest found whose role is not ``test``), in order."""
+    return by_role("calibration")
+
+
+def unseen_distributions() -> tuple[str, ...]:
+    """Every test-only distribution: held-out text of kinds no calibration distribution contains."""
+    return by_role("test")

@@ -182,6 +182,29 @@ def local_files(root: Path, options: dict) -> Iterator[dict]:
             yield {"doc_id": str(row.get(options.get("id_field", ""), index)), "text": row[field], "language": row.get(options.get("language_field", ""))}
 
 
+def json_field_files(root: Path, options: dict) -> Iterator[dict]:
+    """One document per JSON file under ``options.root`` matching ``include``: its ``options.field`` string,
+    kept when at least ``options.min_chars`` long (default 1)."""
+    base, field = root / options["root"], options["field"]
+    for path in sorted(base.glob(options["include"])):
+        text = json.loads(path.read_text(encoding="utf-8")).get(field) or ""
+        if len(text.strip()) >= options.get("min_chars", 1):
+            yield {"doc_id": path.relative_to(base).as_posix(), "text": text.strip()}
+
+
+def arrow_field(root: Path, options: dict) -> Iterator[dict]:
+    """One document per distinct non-empty ``options.field`` of the rows of the Arrow files ``options.files``
+    (a saved ``datasets`` split), kept when at least ``options.min_chars`` long (default 1)."""
+    seen = set()
+    for pattern in options["files"]:
+        for path in sorted(glob.glob(str(root / pattern))):
+            for index, text in enumerate(datasets.Dataset.from_file(path)[options["field"]]):
+                text = (text or "").strip()
+                if len(text) >= options.get("min_chars", 1) and text not in seen:
+                    seen.add(text)
+                    yield {"doc_id": f"{Path(path).parent.name}/{index}", "text": text}
+
+
 RECIPES = {
     "source_files": source_files,
     "olmo_requests": olmo_requests,
@@ -190,4 +213,6 @@ RECIPES = {
     "handbook_paragraphs": handbook_paragraphs,
     "brown_corpus": brown_corpus,
     "local_files": local_files,
+    "json_field_files": json_field_files,
+    "arrow_field": arrow_field,
 }

@@ -313,6 +313,52 @@ def section_heldout(results: Results) -> list[str]:
             "### Per distribution", "", _table(pivot), ""]
 
 
+def unseen_ranking(results: Results) -> pd.DataFrame:
+    """Every evaluated set's worst-case ratio over the test-only distributions (CI from the same replicates), beside its
+    rank on the calibration distributions' held-out text, which chose it; per module and budget, best on unseen first."""
+    unseen, ranked = results.table("transfer_unseen"), ranked_sets(results)
+    if not len(unseen) or not len(ranked):
+        return pd.DataFrame()
+    worst = unseen[(unseen["distribution"] == "worst") & (unseen["drop_set"] != UNPRUNED)].copy()
+    chosen = ranked[ranked["family"] != "random"].copy()
+    chosen["calibration rank"] = chosen.groupby(["module", "k"]).cumcount() + 1
+    worst = worst.merge(chosen[["drop_set", "calibration rank", "worst ratio [95% CI]"]].rename(
+        columns={"worst ratio [95% CI]": "worst on calibration [95% CI]"}), on="drop_set", how="left")
+    worst["worst on unseen [95% CI]"] = [_ci(r.ppl_ratio, r.ci_low, r.ci_high) for r in worst.itertuples()]
+    per = unseen[~unseen["distribution"].isin(["worst", "mean"])].pivot_table(index="drop_set", columns="distribution",
+                                                                             values="ppl_ratio", sort=False)
+    worst = worst.join(per, on="drop_set")
+    worst = worst.sort_values(["module", "k", "ppl_ratio"])
+    worst["unseen rank"] = worst.groupby(["module", "k"]).cumcount() + 1
+    return worst
+
+
+def section_unseen(results: Results) -> list[str]:
+    table = unseen_ranking(results)
+    if not len(table):
+        return []
+    names = [c for c in results.table("transfer_unseen")["distribution"].unique() if c not in ("worst", "mean")]
+    lines = ["## On text no stage saw", "", f"Every evaluated set on the held-out documents of the test-only distributions "
+             f"({_names(names)}): text of kinds none of the calibration distributions contains, never read by a stage that "
+             "scores, selects or compares. Held-out perplexity / unpruned perplexity, worst over the test-only distributions "
+             "with its 95% CI; *calibration rank* is the set's rank by worst-case ratio on the calibration distributions' "
+             "held-out text (how it was chosen; random sets unranked).", ""]
+    for (module, k), part in table.groupby(["module", "k"], sort=False):
+        best = part.iloc[0]
+        pick = part[part["calibration rank"] == 1]
+        if len(pick):
+            pick = pick.iloc[0]
+            beaten = part[part["ci_high"] < pick["ci_low"]]
+            verdict = (f"The set chosen on calibration text ({pick['metric']} {pick['method']}) ranks {int(pick['unseen rank'])} "
+                       f"of {len(part)} here, worst ratio {pick['worst on unseen [95% CI]']}; "
+                       + (f"{len(beaten)} set(s) are clearly better (CIs apart), the best {best['metric']} {best['method']} "
+                          f"{best['worst on unseen [95% CI]']}." if len(beaten) else "no set is clearly better (CIs overlap)."))
+            lines += [f"**{module}, k = {k}.** {verdict}", ""]
+        shown = part[["metric", "method", "worst on unseen [95% CI]", *names, "calibration rank", "worst on calibration [95% CI]"]]
+        lines += [_table(shown), ""]
+    return lines
+
+
 def section_comparisons(results: Results) -> list[str]:
     comparisons = results.table("comparisons")
     if not len(comparisons):
@@ -485,7 +531,7 @@ def figure_order(path: Path) -> tuple[int, str]:
 
 
 SECTIONS = (section_header, section_verdict, section_recommendations, section_data_or_metric, section_agreement, section_membership,
-            section_regret, section_leave_one_out, section_greedy, section_heldout, section_comparisons, section_accuracy,
+            section_regret, section_leave_one_out, section_greedy, section_heldout, section_unseen, section_comparisons, section_accuracy,
             section_check, section_routing, section_sample_size, section_figures)
 
 
