@@ -299,6 +299,33 @@ def cmd_prune(args) -> None:
     print(f"dropped {chosen.module} {chosen.sorted_indices()}: {before:,} -> {after:,} parameters; saved to {out}")
 
 
+def cmd_export(args) -> None:
+    from ..io import atomic_write_json
+    from ..models import export
+    from ..study.dropsets import read_drop_set
+
+    record = read_drop_set(Path(args.drop_set))
+    if args.format == "paper":
+        lists = export.paper_drop_lists(record, export.model_layer_count(args.model))
+        if args.out:
+            out = writable_output(Path(args.out), folder=False)
+            atomic_write_json(out, lists)
+        print(json.dumps(lists))
+        if args.out:
+            print(f"wrote {out}: put these keys in the config.json of a checkpoint of {args.model} for the paper's code")
+        return
+    if not args.out:
+        raise InputError("--format checkpoint needs --out FOLDER: where to write the pruned checkpoint")
+    from ..models import loading as models
+
+    out = writable_output(Path(args.out), folder=True)
+    model, tokenizer = models.load_model(args.model, dtype=args.dtype)
+    out = export.export_checkpoint(model, tokenizer, record, out, force=args.force)
+    code = (out / export.MODELING_FILE).is_file()
+    print(f"saved to {out}; load it without calibdrop with AutoModelForCausalLM.from_pretrained({str(out)!r}"
+          f"{', trust_remote_code=True' if code else ''})")
+
+
 def evaluation_drop_sets(args) -> dict:
     """Named drop sets: from JSON files, and/or the family built from per-sample scores (:func:`~analysis.study.dropsets.drop_set_family`)."""
     from ..models import pruning
