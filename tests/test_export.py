@@ -225,3 +225,38 @@ def test_export_help_answers(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["export", "--help"])
     assert stop.value.code == 0 and "trust_remote_code=True" in capsys.readouterr().out
+
+
+@pytest.mark.real_model
+def test_real_model_checkpoint_loads_without_calibdrop_and_equals_pruned_model(bare_python, tmp_path):
+    """smollm2-135m (real weights) with the README's borda attention-8 set plus two MLPs, through the bare python."""
+    from analysis.models import loading
+
+    if not loading.is_fetched("smollm2-135m"):
+        pytest.skip("smollm2-135m is not fetched; run `calibdrop models fetch`")
+    model, tokenizer = loading.load_model("smollm2-135m")
+    drop_set = {"module": "joint", "indices": [f"attn:{i}" for i in (25, 26, 28, 29, 5, 6, 7, 9)] + ["mlp:27", "mlp:3"]}
+    folder = export_checkpoint(model, tokenizer, drop_set, tmp_path / "smollm2")
+    ids = tokenizer("def fibonacci(n):\n    if n < 2:\n        return n\n", return_tensors="pt").input_ids
+    (tmp_path / "cases.json").write_text(json.dumps({"ids": ids.tolist(), "smollm2": str(folder)}))
+    (tmp_path / "loader.py").write_text(LOADER)
+    result = run_bare(bare_python, tmp_path / "loader.py", tmp_path / "cases.json", tmp_path, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = torch.load(tmp_path / "smollm2.pt")
+    with torch.no_grad():
+        logits, out = model(ids).logits, greedy(model, ids)
+    assert loaded["load_report"]["missing_keys"] == loaded["load_report"]["unexpected_keys"] == []
+    torch.testing.assert_close(loaded["logits"], logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(loaded["tokens"], out.sequences)
+    assert sum(loaded["cached"]) == 30 - 8 and loaded["class"] == "CalibdropLlamaForCausalLM"
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gpt_neox"])
+def test_calibdrop_loads_an_exported_checkpoint(exported, family):
+    from analysis import load_model
+
+    pruned, folder, _ = exported[f"{family}-joint"]
+    reloaded, _ = load_model(str(folder))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, pruned(IDS).logits, atol=0, rtol=0)
+    assert type(reloaded) is type(pruned)
