@@ -10,6 +10,7 @@ calibdrop's own pruned model (``drop_modules``) in this process.
 
 import json
 import os
+import site
 import subprocess
 import sys
 import sysconfig
@@ -74,9 +75,11 @@ for name, folder in cases.items():
 
 
 def calibdrop_free_site_packages(target: Path) -> Path:
-    """A folder of links to every entry of this interpreter's site-packages except calibdrop's own."""
+    """A folder of links to every entry of this interpreter's site-packages folders (venv, system, user) except calibdrop's."""
     target.mkdir()
-    for folder in dict.fromkeys((sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"])):
+    user = [site.getusersitepackages()] if site.ENABLE_USER_SITE else []
+    folders = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages(), *user]
+    for folder in dict.fromkeys(f for f in folders if Path(f).is_dir()):
         for entry in Path(folder).iterdir():
             if entry.name.startswith(CALIBDROP_ENTRIES) or entry.suffix == ".pth" or (target / entry.name).exists():
                 continue
@@ -205,8 +208,8 @@ def test_paper_format_from_a_config_and_a_builtin(tmp_path, capsys):
     assert code == 0 and json.loads((tmp_path / "lists.json").read_text()) == {"drop_attn_list": [2], "drop_mlp_list": [0]}
     assert model_layer_count(str(tmp_path / "model")) == 3 and model_layer_count("smollm2-135m") == 30
     capsys.readouterr()
-    drop_set.write_text(json.dumps({"module": "block", "indices": [1, 3]}))
-    assert main(["export", "--format", "paper", "--model", str(tmp_path / "model"), "--drop-set", str(drop_set)]) == 2
+    drop_set.write_text(json.dumps({"module": "block", "indices": [1, 3], "model": str(tmp_path / "model")}))
+    assert main(["export", "--format", "paper", "--drop-set", str(drop_set)]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "indices [3] are out of range: the model has 3 layers (0..2)" in error
 

@@ -305,21 +305,23 @@ def cmd_export(args) -> None:
     from ..study.dropsets import read_drop_set
 
     record = read_drop_set(Path(args.drop_set))
+    spec = args.model or record.get("model") or DEFAULT_MODEL
     if args.format == "paper":
-        lists = export.paper_drop_lists(record, export.model_layer_count(args.model))
+        n_layers = export.model_layer_count(spec)
+        lists = export.paper_drop_lists(record, n_layers)
         if args.out:
             out = writable_output(Path(args.out), folder=False)
             atomic_write_json(out, lists)
         print(json.dumps(lists))
-        if args.out:
-            print(f"wrote {out}: put these keys in the config.json of a checkpoint of {args.model} for the paper's code")
+        print(f"for {spec} ({n_layers} layers): put these keys in its config.json for the paper's code"
+              + (f"; wrote {out}" if args.out else ""), file=sys.stderr)
         return
     if not args.out:
         raise InputError("--format checkpoint needs --out FOLDER: where to write the pruned checkpoint")
     from ..models import loading as models
 
     out = writable_output(Path(args.out), folder=True)
-    model, tokenizer = models.load_model(args.model, dtype=args.dtype)
+    model, tokenizer = models.load_model(spec, dtype=args.dtype)
     out = export.export_checkpoint(model, tokenizer, record, out, force=args.force)
     code = (out / export.MODELING_FILE).is_file()
     print(f"saved to {out}; load it without calibdrop with AutoModelForCausalLM.from_pretrained({str(out)!r}"

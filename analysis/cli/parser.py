@@ -146,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.set_defaults(func=cmd_prune)
 
     export = command("export", "a drop set as a pruned checkpoint that stock transformers loads, or as the paper code's config keys")
-    _add_model_options(export, device=False)
+    export.add_argument("--model", help="built-in name, checkpoint folder, .gguf file or Hub id; for --format paper also a config.json "
+                                        f"(default: the model the drop set names, else {DEFAULT_MODEL})")
+    export.add_argument("--dtype", help="weights' dtype of the checkpoint: float32 (the default), bfloat16 or float16")
     export.add_argument("--drop-set", required=True, help="drop-set JSON from `calibdrop consensus`")
     export.add_argument("--format", choices=("checkpoint", "paper"), default="checkpoint",
                         help="checkpoint: weights, tokenizer and modeling_calibdrop.py, for AutoModelForCausalLM.from_pretrained("
