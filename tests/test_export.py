@@ -59,7 +59,8 @@ for name, folder in cases.items():
     model.eval()
     with torch.no_grad():
         logits = model(ids).logits
-        generated = model.generate(ids, max_new_tokens=%d, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+        generated = model.generate(ids, max_new_tokens=%d, do_sample=False, pad_token_id=0,
+                                   return_dict_in_generate=True)
     cache = generated.past_key_values
     torch.save({
         "logits": logits,
@@ -75,7 +76,8 @@ for name, folder in cases.items():
 
 
 def calibdrop_free_site_packages(target: Path) -> Path:
-    """A folder of links to every entry of this interpreter's site-packages folders (venv, system, user) except calibdrop's."""
+    """A folder of links to every entry of this interpreter's site-packages folders (venv, system, user) but
+    calibdrop's."""
     target.mkdir()
     user = [site.getusersitepackages()] if site.ENABLE_USER_SITE else []
     folders = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages(), *user]
@@ -126,7 +128,8 @@ def exported(bare_python, tmp_path_factory):
     drop_set_file.write_text(json.dumps(SETS["joint"]))
     tiny_model("qwen3").save_pretrained(root / "qwen3-full")
     byte_tokenizer().save_pretrained(root / "qwen3-full")
-    assert main(["export", "--model", str(root / "qwen3-full"), "--drop-set", str(drop_set_file), "--out", str(root / "cli")]) == 0
+    cli = ["export", "--model", str(root / "qwen3-full"), "--drop-set", str(drop_set_file), "--out", str(root / "cli")]
+    assert main(cli) == 0
     models["cli"], folders["cli"] = drop_modules(tiny_model("qwen3"), joint=SETS["joint"]["indices"]), root / "cli"
     (root / "cases.json").write_text(json.dumps({"ids": IDS.tolist(), **{k: str(v) for k, v in folders.items()}}))
     (root / "loader.py").write_text(LOADER)
@@ -153,8 +156,8 @@ def test_checkpoint_loads_without_calibdrop_and_equals_pruned_model(exported, fa
     kept = len(pruned.base_model.layers)
     assert loaded["n_layers"] == kept == 3 - (case == "block")
     assert loaded["cached"] == [i not in record["attn"] for i in range(kept)]
-    assert loaded["cache_types"] == ["DummyLayer" if i in record["attn"] else type(out.past_key_values.layers[i]).__name__
-                                     for i in range(kept)]
+    own_cache = [type(layer).__name__ for layer in out.past_key_values.layers]
+    assert loaded["cache_types"] == ["DummyLayer" if i in record["attn"] else own_cache[i] for i in range(kept)]
     with_code = case != "block"
     assert (folder / MODELING_FILE).is_file() == with_code
     assert loaded["module"].startswith("transformers_modules.") == with_code
@@ -183,7 +186,8 @@ def test_cli_export_equals_api_export(exported):
 def test_modeling_file_branch_table_is_the_adapters():
     assert set(modeling_calibdrop.BRANCHES) == set(ADAPTERS) == set(modeling_calibdrop.CAUSAL_LM_CLASSES)
     for model_type, adapter in ADAPTERS.items():
-        assert modeling_calibdrop.BRANCHES[model_type] == ((adapter.attn_branch, adapter.attn), (adapter.mlp_branch_modules, adapter.mlp))
+        want = ((adapter.attn_branch, adapter.attn), (adapter.mlp_branch_modules, adapter.mlp))
+        assert modeling_calibdrop.BRANCHES[model_type] == want
 
 
 def test_paper_lists_of_a_joint_and_a_block_set():
@@ -203,9 +207,10 @@ def test_paper_format_from_a_config_and_a_builtin(tmp_path, capsys):
     tiny_model("llama").config.save_pretrained(tmp_path / "model")
     drop_set = tmp_path / "set.json"
     drop_set.write_text(json.dumps({"module": "joint", "indices": ["attn:2", "mlp:0"]}))
-    code = main(["export", "--format", "paper", "--model", str(tmp_path / "model" / "config.json"), "--drop-set", str(drop_set),
-                 "--out", str(tmp_path / "lists.json")])
-    assert code == 0 and json.loads((tmp_path / "lists.json").read_text()) == {"drop_attn_list": [2], "drop_mlp_list": [0]}
+    code = main(["export", "--format", "paper", "--model", str(tmp_path / "model" / "config.json"),
+                 "--drop-set", str(drop_set), "--out", str(tmp_path / "lists.json")])
+    assert code == 0
+    assert json.loads((tmp_path / "lists.json").read_text()) == {"drop_attn_list": [2], "drop_mlp_list": [0]}
     assert model_layer_count(str(tmp_path / "model")) == 3 and model_layer_count("smollm2-135m") == 30
     capsys.readouterr()
     drop_set.write_text(json.dumps({"module": "block", "indices": [1, 3], "model": str(tmp_path / "model")}))

@@ -65,8 +65,9 @@ def scored(hf_home, tmp_path_factory):
     folder = tmp_path_factory.mktemp("scored")
     texts = folder / "texts.jsonl"
     texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
-    result = calibdrop_offline(hf_home, "score", "--model", REPO, "--texts", str(texts), "--seq-len", "64", "--batch-size", "2",
-                               "--metrics", "cosine", "--out", str(folder / "scores.parquet"), cwd=folder)
+    result = calibdrop_offline(hf_home, "score", "--model", REPO, "--texts", str(texts), "--seq-len", "64",
+                               "--batch-size", "2", "--metrics", "cosine", "--out", str(folder / "scores.parquet"),
+                               cwd=folder)
     assert result.returncode == 0, result.stderr[-3000:]
     return folder
 
@@ -79,12 +80,13 @@ def test_score_with_a_hub_id_reads_the_offline_cache(hf_home, scored):
     got = pd.read_parquet(scored / "scores.parquet")
     merged = got.merge(want, on=["metric", "module", "layer"], suffixes=("", "_want"), validate="one_to_one")
     assert len(merged) == len(want) == 9
-    torch.testing.assert_close(torch.tensor(merged["importance"].to_numpy()), torch.tensor(merged["importance_want"].to_numpy()))
+    torch.testing.assert_close(torch.tensor(merged["importance"].to_numpy()),
+                               torch.tensor(merged["importance_want"].to_numpy()))
 
 
-@pytest.mark.xfail(strict=True, reason="analysis/models/loading.py records config._commit_hash, which transformers 5 no longer "
-                   "sets: every Hub model's checksum is 'hub-revision:None', so drop sets of different Hub models pass "
-                   "check_drop_set's checksum test")
+@pytest.mark.xfail(strict=True, reason="analysis/models/loading.py records config._commit_hash, which transformers 5 "
+                   "no longer sets: every Hub model's checksum is 'hub-revision:None', so drop sets of different Hub "
+                   "models pass check_drop_set's checksum test")
 def test_hub_provenance_names_the_cached_commit(scored):
     assert json.loads((scored / "scores.json").read_text())["model"]["weights_sha256"] == f"hub-revision:{COMMIT}"
 
@@ -92,14 +94,16 @@ def test_hub_provenance_names_the_cached_commit(scored):
 def test_export_paper_reads_the_hub_config_offline(hf_home, tmp_path):
     drop_set = tmp_path / "set.json"
     drop_set.write_text(json.dumps({"module": "block", "indices": [2]}))
-    result = calibdrop_offline(hf_home, "export", "--format", "paper", "--model", REPO, "--drop-set", str(drop_set), cwd=tmp_path)
+    result = calibdrop_offline(hf_home, "export", "--format", "paper", "--model", REPO, "--drop-set", str(drop_set),
+                               cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout) == {"drop_attn_list": [2], "drop_mlp_list": [2]}
 
 
 def test_a_hub_id_missing_from_the_offline_cache_is_one_clear_line(hf_home, tmp_path):
     (tmp_path / "t.jsonl").write_text(json.dumps({"text": TEXTS[0]}) + "\n")
-    result = calibdrop_offline(hf_home, "score", "--model", "calibdrop-test/absent", "--texts", str(tmp_path / "t.jsonl"),
-                               "--out", str(tmp_path / "s.parquet"), cwd=tmp_path)
+    result = calibdrop_offline(hf_home, "score", "--model", "calibdrop-test/absent", "--texts",
+                               str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "s.parquet"), cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and "not in the local Hugging Face cache, and the Hub is not reachable" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert "not in the local Hugging Face cache, and the Hub is not reachable" in result.stderr

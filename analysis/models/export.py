@@ -42,8 +42,8 @@ def paper_drop_lists(drop_set: dict, n_layers: int) -> dict[str, list[int]]:
     bad = sorted({i for values in lists.values() for i in values if i >= n_layers})
     if bad:
         where = drop_set.get("file", "the drop set")
-        raise InputError(f"{where}: indices {bad} are out of range: the model has {n_layers} layers (0..{n_layers - 1}); "
-                         "give the --model the drop set was made for")
+        raise InputError(f"{where}: indices {bad} are out of range: the model has {n_layers} layers "
+                         f"(0..{n_layers - 1}); give the --model the drop set was made for")
     return {"drop_attn_list": sorted(lists["attn"]), "drop_mlp_list": sorted(lists["mlp"])}
 
 
@@ -91,12 +91,13 @@ def model_layer_count(spec: str) -> int:
     if path.is_dir():
         path = path / "config.json"
         if not path.is_file():
-            raise InputError(f"{path.parent} has no config.json: give a checkpoint folder, its config.json or a built-in name")
+            raise InputError(f"{path.parent} has no config.json: give a checkpoint folder, its config.json "
+                             "or a built-in name")
     if path.is_file():
         return _layers_in_config(_read_config(path), path)
     if path.exists() or spec.count("/") != 1:
-        raise InputError(f"unknown model spec {spec!r}: give a built-in name ({', '.join(BUILTINS)}), a checkpoint folder, "
-                         "its config.json, a .gguf file or a Hugging Face id")
+        raise InputError(f"unknown model spec {spec!r}: give a built-in name ({', '.join(BUILTINS)}), a checkpoint "
+                         "folder, its config.json, a .gguf file or a Hugging Face id")
     return _hub_layer_count(spec)
 
 
@@ -122,7 +123,8 @@ def save_exported(model, directory: Path, tokenizer=None) -> Path:
         if model_type not in modeling_calibdrop.CAUSAL_LM_CLASSES:
             raise InputError(f"model type {model_type!r} has no class in {MODELING_FILE}; export a block drop set, "
                              "or add the family there")
-        model.config.auto_map = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{modeling_calibdrop.class_name(model_type)}"}
+        class_path = f"{Path(MODELING_FILE).stem}.{modeling_calibdrop.class_name(model_type)}"
+        model.config.auto_map = {"AutoModelForCausalLM": class_path}
     elif hasattr(model.config, "auto_map"):
         del model.config.auto_map
     directory = save_pruned(model, directory, tokenizer)

@@ -86,7 +86,8 @@ def skip_dropped_sublayers(model: nn.Module) -> nn.Module:
     for kind, (names, main) in zip(("attn", "mlp"), BRANCHES[config.model_type]):
         for i in dropped_sublayers(config)[kind]:
             if not 0 <= i < len(layers):
-                raise ValueError(f"calibdrop_pruning drops {kind} of layer {i}; the model has layers 0..{len(layers) - 1}")
+                raise ValueError(f"calibdrop_pruning drops {kind} of layer {i}; "
+                                 f"the model has layers 0..{len(layers) - 1}")
             for name in names:
                 setattr(layers[i], name, DroppedBranch(kind == "attn") if name == main else nn.Identity())
     return model
@@ -100,8 +101,8 @@ def pruned_class(base: type) -> type:
         base.__init__(self, config, *args, **kwargs)
         skip_dropped_sublayers(self)
 
-    cls = type(PREFIX + base.__name__, (base,), {"__init__": __init__, "__module__": __name__,
-                                                 "__doc__": f"{base.__name__} skipping the sublayers dropped by calibdrop."})
+    doc = f"{base.__name__} skipping the sublayers dropped by calibdrop."
+    cls = type(PREFIX + base.__name__, (base,), {"__init__": __init__, "__module__": __name__, "__doc__": doc})
     share_weight_renames(cls, base)
     return cls
 
@@ -111,10 +112,11 @@ def share_weight_renames(cls: type, base: type) -> None:
     ``lm_head``), which transformers 5 withholds from classes defined outside it unless registered; transformers 4
     has no renames."""
     try:
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping as renames_of
+        from transformers.conversion_mapping import register_checkpoint_conversion_mapping
     except ImportError:
         return
-    renames = get_checkpoint_conversion_mapping(base.__name__) or get_checkpoint_conversion_mapping(base.config_class.model_type)
+    renames = renames_of(base.__name__) or renames_of(base.config_class.model_type)
     if renames:
         register_checkpoint_conversion_mapping(cls.__name__, renames, overwrite=True)
 
