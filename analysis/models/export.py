@@ -21,7 +21,6 @@ from pathlib import Path
 from ..errors import InputError
 from ..study.dropsets import as_drop_set
 from . import modeling_calibdrop
-from .adapters import adapter_for
 from .pruning import check_drop_set, drop_modules, pruning_record, save_pruned
 
 MODELING_FILE = Path(modeling_calibdrop.__file__).name
@@ -139,7 +138,6 @@ def export_checkpoint(model, tokenizer, drop_set: dict, directory: Path, *, forc
 
     Errors (:class:`InputError`) as :func:`check_drop_set` and :func:`drop_modules` raise them.
     """
-    adapter_for(model)
     check_drop_set(drop_set, model, force=force)
     drop_modules(model, **as_drop_set(drop_set).drop_kwargs(), drop_set=drop_set)
     return save_exported(model, directory, tokenizer)
