@@ -109,8 +109,8 @@ def pruned_class(base: type) -> type:
 
 def share_weight_renames(cls: type, base: type) -> None:
     """Give ``cls`` the checkpoint key renames transformers applies to ``base`` (GPT-NeoX's ``embed_out`` is its
-    ``lm_head``), which transformers 5 withholds from classes defined outside it unless registered; transformers 4
-    has no renames."""
+    ``lm_head``), which transformers 5 withholds from classes defined outside it unless registered (a transformers
+    without ``conversion_mapping`` renames nothing).  Tested with transformers 5.23."""
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping as renames_of
         from transformers.conversion_mapping import register_checkpoint_conversion_mapping
