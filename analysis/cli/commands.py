@@ -299,6 +299,35 @@ def cmd_prune(args) -> None:
     print(f"dropped {chosen.module} {chosen.sorted_indices()}: {before:,} -> {after:,} parameters; saved to {out}")
 
 
+def cmd_export(args) -> None:
+    from ..io import atomic_write_json
+    from ..models import export
+    from ..study.dropsets import read_drop_set
+
+    record = read_drop_set(Path(args.drop_set))
+    spec = args.model or record.get("model") or DEFAULT_MODEL
+    if args.format == "paper":
+        n_layers = export.model_layer_count(spec)
+        lists = export.paper_drop_lists(record, n_layers)
+        if args.out:
+            out = writable_output(Path(args.out), folder=False)
+            atomic_write_json(out, lists)
+        print(json.dumps(lists))
+        print(f"for {spec} ({n_layers} layers): put these keys in its config.json for the paper's code"
+              + (f"; wrote {out}" if args.out else ""), file=sys.stderr)
+        return
+    if not args.out:
+        raise InputError("--format checkpoint needs --out FOLDER: where to write the pruned checkpoint")
+    from ..models import loading as models
+
+    out = writable_output(Path(args.out), folder=True)
+    model, tokenizer = models.load_model(spec, dtype=args.dtype)
+    out = export.export_checkpoint(model, tokenizer, record, out, force=args.force)
+    code = (out / export.MODELING_FILE).is_file()
+    print(f"saved to {out}; load it without calibdrop with AutoModelForCausalLM.from_pretrained({str(out)!r}"
+          f"{', trust_remote_code=True' if code else ''})")
+
+
 def evaluation_drop_sets(args) -> dict:
     """Named drop sets: from JSON files, and/or the family built from per-sample scores (:func:`~analysis.study.dropsets.drop_set_family`)."""
     from ..models import pruning

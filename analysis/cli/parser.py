@@ -30,6 +30,7 @@ from .commands import (
     cmd_data_fetch,
     cmd_data_list,
     cmd_evaluate,
+    cmd_export,
     cmd_models_fetch,
     cmd_models_list,
     cmd_prune,
@@ -143,6 +144,22 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--out", required=True, help="folder for the pruned checkpoint")
     prune.add_argument("--force", action="store_true", help="apply a drop set made for a model with another checksum")
     prune.set_defaults(func=cmd_prune)
+
+    export = command("export", "a drop set as a pruned checkpoint that stock transformers loads, "
+                               "or as the paper code's config keys")
+    export.add_argument("--model", help="built-in name, checkpoint folder, .gguf file or Hub id; for --format paper "
+                                        f"also a config.json (default: the model the drop set names, else {DEFAULT_MODEL})")
+    export.add_argument("--dtype", help="weights' dtype of the checkpoint: float32 (the default), bfloat16 or float16")
+    export.add_argument("--drop-set", required=True, help="drop-set JSON from `calibdrop consensus`")
+    export.add_argument("--format", choices=("checkpoint", "paper"), default="checkpoint",
+                        help="checkpoint: weights, tokenizer and modeling_calibdrop.py, for "
+                             "AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True); paper: "
+                             "drop_attn_list/drop_mlp_list of He et al.'s code, checked "
+                             "against the model's layer count (read from its config, no weights loaded)")
+    export.add_argument("--out", help="checkpoint: the folder to write (required); paper: a JSON file to write "
+                                      "(default: print only)")
+    export.add_argument("--force", action="store_true", help="apply a drop set made for a model with another checksum")
+    export.set_defaults(func=cmd_export)
 
     evaluate = command("evaluate", "held-out perplexity and zero-shot accuracy of drop sets")
     _add_model_options(evaluate)
