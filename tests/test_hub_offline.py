@@ -84,9 +84,6 @@ def test_score_with_a_hub_id_reads_the_offline_cache(hf_home, scored):
                                torch.tensor(merged["importance_want"].to_numpy()))
 
 
-@pytest.mark.xfail(strict=True, reason="analysis/models/loading.py records config._commit_hash, which transformers 5 "
-                   "no longer sets: every Hub model's checksum is 'hub-revision:None', so drop sets of different Hub "
-                   "models pass check_drop_set's checksum test")
 def test_hub_provenance_names_the_cached_commit(scored):
     assert json.loads((scored / "scores.json").read_text())["model"]["weights_sha256"] == f"hub-revision:{COMMIT}"
 

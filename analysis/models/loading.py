@@ -303,7 +303,15 @@ def _load_hub(spec: str, **load):
             model, tokenizer = _from_pretrained(spec, **load)
         except OSError as error:
             raise InputError(f"the Hugging Face Hub could not provide {spec!r}: {str(error).splitlines()[0]}") from None
-    return model, tokenizer, "hub", spec, f"hub-revision:{getattr(model.config, '_commit_hash', None)}"
+    return model, tokenizer, "hub", spec, f"hub-revision:{hub_revision(spec)}"
+
+
+def hub_revision(spec: str) -> str | None:
+    """The commit of the cached snapshot a Hub id was loaded from (the folder name under ``snapshots/``), or ``None``."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(spec, "config.json")
+    return Path(path).parent.name if isinstance(path, str) else None
 
 
 def load_model(spec: str = DEFAULT_MODEL, *, dtype=None, device=None, device_map=None):
