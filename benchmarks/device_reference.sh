@@ -8,7 +8,7 @@
 set -u
 mkdir -p /tmp/R
 for model in "$@"; do
-  until python3 "$SRC/benchmarks/device_reference_join.py" | grep -q "^$model: ready"; do sleep 3; done
+  until python3 "$SRC/benchmarks/device_reference_join.py" >/tmp/R/join.out && grep -q "^$model: ready" /tmp/R/join.out; do sleep 3; done
   echo "$(date +%T) start $model" >>/tmp/R/orchestrator.log
   python3 "$SRC/benchmarks/reference_run.py" run "$model" --out "/tmp/R/$model" >"/tmp/R/$model.log" 2>&1
   echo "$(date +%T) exit $? $model" >>/tmp/R/orchestrator.log
