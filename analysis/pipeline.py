@@ -10,8 +10,10 @@ figures and the report are rebuilt from the saved tables.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +29,7 @@ from .evaluation import heldout as evaluation
 from .importance import ablation
 from .importance.metrics import GROUND_TRUTH, check_metrics, get_metric
 from .importance.scoring import aggregate_importance, score_distributions, score_windows
-from .io import atomic_write_json, provenance
+from .io import atomic_write_json, provenance, read_table
 from .models import loading as models
 from .models.adapters import decoder_layers
 from .presets import PRESETS, RunSettings, preset
@@ -216,7 +218,7 @@ def stage_heldout(study: Study, names: tuple[str, ...] | None = None, kind: str 
 
     def windows(name):
         samples = evaluation.heldout_samples(study.tokenizer, [name], n_samples=s.transfer_samples, seq_len=s.transfer_seq_len, seed=s.seed)
-        return evaluation.window_nll(study.model, samples, sets, progress=False)
+        return evaluation.window_nll(study.model, samples, sets, batch_size=s.heldout_batch_size, progress=False)
 
     names = study.distributions if names is None else names
     return pd.concat([study.part(kind, name, lambda name=name: windows(name))
@@ -393,9 +395,11 @@ STAGES = (
                                               "ablation_seq_len", "batch_size"), stage_greedy, when=lambda s: _ground_truth(s) and bool(s.greedy_module),
           work=work_of("greedy")),
     Stage("pruned", ("scores.per_sample", "greedy"), ("transfer_modules", "transfer_k", "budgets", "own_set_metrics", "random_seeds"), stage_pruned),
-    Stage("heldout_windows", ("pruned",), ("transfer_samples", "transfer_seq_len", "seed"), stage_heldout, work=work_of("heldout")),
+    Stage("heldout_windows", ("pruned",), ("transfer_samples", "transfer_seq_len", "seed", "heldout_batch_size"), stage_heldout,
+          work=work_of("heldout")),
     Stage("transfer", ("heldout_windows",), ("n_boot", "seed"), stage_transfer),
-    Stage("heldout_windows_unseen", ("pruned",), ("unseen", "transfer_samples", "transfer_seq_len", "seed"), stage_heldout_unseen,
+    Stage("heldout_windows_unseen", ("pruned",), ("unseen", "transfer_samples", "transfer_seq_len", "seed", "heldout_batch_size"),
+          stage_heldout_unseen,
           when=lambda s: bool(unseen_of(s)), work=work_of("heldout_unseen")),
     Stage("transfer_unseen", ("heldout_windows_unseen",), ("n_boot", "seed"), stage_transfer_unseen, when=lambda s: bool(unseen_of(s))),
     Stage("comparisons", ("heldout_windows", "pruned"), ("n_boot", "seed"), stage_comparisons),
@@ -448,8 +452,9 @@ def settings_of(choice: str | RunSettings) -> RunSettings:
 
 
 def run(spec: str = models.DEFAULT_MODEL, out: Path = Path("results"), *, preset: str | RunSettings = "default",
-        dtype=None, device=None, progress: bool = True, log: Callable[[str], None] = print) -> dict:
-    """Run the whole study for one model into ``out``: every stage of :data:`STAGES` in order, then figures and the report."""
+        dtype=None, device=None, progress: bool = True, log: Callable[[str], None] = print, figures: bool = True) -> dict:
+    """Run the whole study for one model into ``out``: every stage of :data:`STAGES` in order, then figures (unless
+    ``figures`` is false: :func:`render_report` draws them later from the tables) and the report."""
     settings = settings_of(preset)
     for name in top_level_distributions(settings):
         if load_manifest(name).get("role") == "test":
@@ -479,13 +484,13 @@ def run(spec: str = models.DEFAULT_MODEL, out: Path = Path("results"), *, preset
     tables.setdefault("accuracy", pd.DataFrame())
     top = tables.pop("scores.per_sample")
     begin = time.perf_counter()
-    figures = draw_figures(top, tables, out / "figures", max(budgets_union(settings)))
+    drawn = draw_figures(top, tables, out / "figures", max(budgets_union(settings))) if figures else []
     timings["figures"] = round(time.perf_counter() - begin, 1)
-    report = write_report(out, Results(record, settings, top, tables, figures))
+    report = write_report(out, Results(record, settings, top, tables, drawn))
     summary = {
         "out": str(out.resolve()),
         "report": [str(p) for p in report],
-        "figures": len(figures),
+        "figures": len(drawn),
         "stages_computed": study.store.computed,
         "stages_reused": study.store.reused,
         "seconds": round(time.perf_counter() - started, 1),
@@ -493,6 +498,45 @@ def run(spec: str = models.DEFAULT_MODEL, out: Path = Path("results"), *, preset
     }
     atomic_write_json(out / "run_summary.json", {**summary, "provenance": provenance(kind="run", model=record, settings=asdict(settings))})
     return summary
+
+
+NOT_REPORTED = ("scores", "scores.proxies", "scores.ablation", "scores.per_sample", "heldout_windows", "heldout_windows_unseen",
+                "accuracy_items")
+
+
+def settings_from_record(record: dict) -> RunSettings:
+    """The :class:`RunSettings` a run recorded (``dataclasses.asdict`` in ``run_summary.json``): lists back to tuples,
+    fields the record lacks (written before they existed) at their defaults, fields this version lacks ignored."""
+    known = {f.name for f in dataclass_fields(RunSettings)}
+    values = {name: tuple(value) if isinstance(value, list) else value for name, value in record.items() if name in known}
+    if "budgets" in values:
+        values["budgets"] = {module: tuple(sizes) for module, sizes in values["budgets"].items()}
+    return RunSettings(**values)
+
+
+def saved_tables(out: Path, settings: RunSettings) -> dict[str, pd.DataFrame]:
+    """The report's tables as a run saved them in ``out`` (each checked against its sidecar's checksum); a table the
+    run did not save (a stage it skipped, a table left out of a committed copy) is empty."""
+    names = [name for stage in STAGES if stage.when(settings) for name in stage.outputs if name not in NOT_REPORTED]
+    tables = {name: read_table(out / f"{name}.parquet") if (out / f"{name}.parquet").is_file() else pd.DataFrame() for name in names}
+    tables.setdefault("accuracy", pd.DataFrame())
+    return tables
+
+
+def render_report(out: Path, *, figures: bool = True) -> dict:
+    """Rewrite ``report.md``, ``report.html`` and (unless ``figures`` is false) ``figures/`` of a finished run folder from
+    its saved tables alone, without the model: the settings and model record come from ``run_summary.json``."""
+    out = Path(out)
+    summary_path = out / "run_summary.json"
+    if not summary_path.is_file():
+        raise InputError(f"{out} has no run_summary.json: give the output folder of a finished `calibdrop run`")
+    saved = json.loads(summary_path.read_text(encoding="utf-8"))["provenance"]
+    settings = settings_from_record(saved["settings"])
+    top = read_table(out / "scores.per_sample.parquet")
+    tables = saved_tables(out, settings)
+    drawn = draw_figures(top, tables, out / "figures", max(budgets_union(settings))) if figures else []
+    report = write_report(out, Results(saved["model"], settings, top, tables, drawn))
+    return {"report": [str(p) for p in report], "figures": [str(p) for p in drawn]}
 
 
 def draw_figures(scores, tables, folder: Path, k: int) -> list[Path]:
@@ -512,4 +556,4 @@ def draw_figures(scores, tables, folder: Path, k: int) -> list[Path]:
     return written
 
 
-__all__ = ["PRESETS", "STAGES", "RunSettings", "Stage", "Study", "run"]
+__all__ = ["PRESETS", "STAGES", "RunSettings", "Stage", "Study", "render_report", "run"]

@@ -56,3 +56,24 @@ def test_every_figure_has_png_and_svg(tiny_dir, tmp_path):
     assert pngs == {p.stem for p in (tmp_path / "figures").glob("*.svg")}
     assert {"similarity_attn_spearman", "profile_attn", "membership_attn", "convergence_attn", "transfer_matrix", "regret_attn",
             "transfer_worst_case", "metric_validity", "proxy_vs_ablation", "ranking_decomposition"} <= pngs
+
+
+def test_report_from_the_saved_tables_alone_equals_the_runs(tiny_dir, tmp_path):
+    """`calibdrop report` on a copy holding only the compact tables (no held-out windows, no parts, no scores.proxies
+    or scores.ablation) and run_summary.json writes the run's own report.md and the same figures."""
+    import shutil
+
+    from analysis.cli import main
+    from analysis.pipeline import NOT_REPORTED
+
+    run(str(tiny_dir), tmp_path / "run", preset=RunSettings(**SETTINGS), progress=False, log=lambda m: None)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    kept = [p for p in (tmp_path / "run").glob("*.parquet") if p.stem not in NOT_REPORTED or p.stem == "scores.per_sample"]
+    for path in [*kept, *(p.with_suffix(".json") for p in kept), tmp_path / "run" / "run_summary.json"]:
+        shutil.copy(path, copy / path.name)
+    assert not (copy / "heldout_windows.parquet").exists()
+    assert main(["report", str(copy)]) == 0
+    assert (copy / "report.md").read_text() == (tmp_path / "run" / "report.md").read_text()
+    assert {p.name for p in (copy / "figures").iterdir()} == {p.name for p in (tmp_path / "run" / "figures").iterdir()}
+    assert main(["report", str(tmp_path / "nothing")]) == 2

@@ -191,3 +191,15 @@ def test_leave_one_out_reports_consensus_beside_single_sets():
 def test_wrong_input_is_a_clear_error(call, message):
     with pytest.raises(InputError, match=message):
         call(aggregate_table(HAND))
+
+
+def test_rowwise_kendall_equals_scipy_with_ties_and_constant_rows():
+    from analysis.study.validity import rowwise_kendall
+
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 6, size=(40, 12)).astype(float)
+    b = a + rng.integers(0, 3, size=(40, 12))
+    b[0] = 1.0
+    expected = np.array([stats.kendalltau(x, y, variant="b").statistic for x, y in zip(a, b)])
+    assert np.array_equal(rowwise_kendall(a, b), expected, equal_nan=True)
+    assert np.isnan(expected[0])

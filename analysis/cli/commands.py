@@ -409,11 +409,23 @@ def cmd_run(args) -> None:
     from ..pipeline import run
 
     out = writable_output(Path(args.out), folder=True)
-    summary = run(args.model, out, preset=args.preset, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty())
+    summary = run(args.model, out, preset=args.preset, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty(),
+                  figures=not args.no_figures)
     print(f"\ndone in {summary['seconds']} s: report {summary['report'][0]} and {summary['report'][1]}, "
           f"{summary['figures']} figure files in {out / 'figures'}")
     print(f"computed: {', '.join(summary['stages_computed']) or 'nothing (all reused)'}")
     print(f"reused:   {', '.join(summary['stages_reused']) or 'nothing'}")
+
+
+def cmd_report(args) -> None:
+    """``calibdrop report``: the report and figures of a run folder redrawn from its tables (:func:`analysis.pipeline.render_report`)."""
+    from ..pipeline import render_report
+
+    folder = Path(args.results)
+    if not folder.is_dir():
+        raise InputError(f"{folder} is not a folder: give the output folder of a finished `calibdrop run`")
+    written = render_report(writable_output(folder, folder=True), figures=not args.no_figures)
+    print(f"report {written['report'][0]} and {written['report'][1]}, {len(written['figures'])} figure files")
 
 
 def cmd_summary(args) -> None:

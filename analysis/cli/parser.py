@@ -34,6 +34,7 @@ from .commands import (
     cmd_models_fetch,
     cmd_models_list,
     cmd_prune,
+    cmd_report,
     cmd_route,
     cmd_run,
     cmd_score,
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=RESULTS_DIR, help="folder for the tables, figures and report (reused stage by stage on a rerun)")
     run.add_argument("--preset", default="default", choices=list(PRESETS), help=f"how much to compute ({_presets_help()}; "
                      "see analysis/presets.py for every setting)")
+    run.add_argument("--no-figures", action="store_true", help="draw no figures (`calibdrop report` draws them later from the tables)")
     run.set_defaults(func=cmd_run)
 
     compare = command("compare", "stability tables and figures from per-sample scores")
@@ -216,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--seed", type=int, default=0, help="seed of the windows and the resampling")
     route.add_argument("--out", help="folder for the tables (default: RESULTS/routing)")
     route.set_defaults(func=cmd_route)
+
+    report = command("report", "rewrite a run folder's report.md, report.html and figures from its saved tables alone (no model)")
+    report.add_argument("results", help="output folder of a finished `calibdrop run` (or a committed copy of its tables)")
+    report.add_argument("--no-figures", action="store_true", help="rewrite the report only, without its figures")
+    report.set_defaults(func=cmd_report)
 
     summary = command("summary", "one set of tables and figures across the results folders of several models")
     summary.add_argument("results", nargs="+", help="output folders of `calibdrop run`, one per model (a run that stopped part-way adds what it has)")
