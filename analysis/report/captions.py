@@ -71,7 +71,8 @@ CAPTIONS: dict[str, str] = {
         "layer and distribution (symlog y: points below 0 are modules whose removal lowered the loss). A monotone "
         "cloud means the proxy ranks well; look at the low-proxy corner, which decides the drop set."),
     "ranking_decomposition": (
-        "Mean Spearman ρ between rankings that differ only in the calibration distribution (blue, one bar per metric) "
-        "or only in the importance metric (orange, one bar per distribution). Lower bars move more: compare blue with "
-        "orange to see whether the data or the metric changes the ranking more."),
+        "Mean Spearman ρ, corrected for each ranking's split-half reliability, between rankings that differ only in the "
+        "calibration distribution (blue, one bar per metric) or only in the proxy metric (orange, one bar per distribution), "
+        "and of each proxy with the ablation ground truth (green, apart, so its noise is not counted as metric disagreement). "
+        "Lower bars move more: compare blue with orange to see whether the data or the proxy changes the ranking more."),
 }
