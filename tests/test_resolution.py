@@ -46,15 +46,18 @@ def coverage(population, point, replicates, interval) -> float:
     return float(((bounds[:, 0] <= population) & (population <= bounds[:, 1])).mean())
 
 
-@pytest.mark.parametrize("sigma, spread, least", [(2.0, 0.8, 0.8), (1.0, 0.3, 0.9)])
-def test_basic_interval_covers_a_population_rho_where_percentile_and_bc_do_not(sigma, spread, least):
-    # noisy rankings (split-half reliability about 0.77 and 0.94; population ρ 0.73 and 0.96): the estimate is attenuated and
-    # its replicates twice as much.  Measured (250 datasets): percentile 0.39 / 0.02, BC 0.67 / 0.33, basic 0.85 / 0.94
+@pytest.mark.parametrize("sigma, spread, noisy", [(2.0, 0.8, True), (1.0, 0.3, True), (0.5, 0.8, False)])
+def test_basic_interval_covers_a_population_rho_where_percentile_and_bc_do_not(sigma, spread, noisy):
+    # split-half reliability of a ranking about 0.77, 0.94 and 0.98; population ρ 0.73, 0.96 and 0.73.  With noisy rankings the
+    # estimate is attenuated and its replicates twice as much.  Measured (250 datasets of 16 samples, 300 resamples):
+    # percentile 0.39 / 0.01 / 0.97, BC 0.67 / 0.23 / 0.85, basic 0.85 / 0.93 / 0.84
     population, point, replicates = simulated_rhos(sigma, spread)
     percentile = coverage(population, point, replicates, lambda r, p: percentile_interval(r, 0.95))
     bc = coverage(population, point, replicates, bc_interval)
     basic = coverage(population, point, replicates, lambda r, p: basic_interval(r, p, 0.95))
-    assert percentile < 0.5 and bc < 0.75 and basic >= least and basic > bc + 0.15, (percentile, bc, basic)
+    assert basic >= 0.8, (percentile, bc, basic)
+    if noisy:
+        assert percentile < 0.5 and basic > bc + 0.15, (percentile, bc, basic)
 
 
 def test_basic_interval_reflects_the_replicates_about_the_estimate_and_stays_in_bounds():

@@ -85,6 +85,8 @@ def agreement(results: Results, metric: str = "cosine") -> pd.DataFrame:
     the lowest pair, mean Jaccard@k with its CI, the split-half noise floor (lowest distribution) and the pairs that
     differ beyond resampling noise (:func:`analysis.study.resolution.beyond_noise`)."""
     means, floor, pairs = (results.table(name, metric) for name in ("bootstrap_pair_mean", "split_half", "bootstrap_pairs"))
+    if not (len(means) and len(floor) and len(pairs)):
+        return pd.DataFrame()
     rows = []
     for module in results.modules:
         k = results.k(module)
@@ -153,7 +155,7 @@ def recommendations(results: Results) -> pd.DataFrame:
         best, group = part.iloc[0], part[part["in_group"]]
         members = _numeric_order(pruned.loc[best["drop_set"], "indices"]) if pruned is not None else []
         others = group[~group["same_as_best"]]
-        names = " = ".join(_set_name(label) for label in group.loc[group["same_as_best"], "drop_set"])
+        names = resolution.names_text([_set_name(label) for label in group.loc[group["same_as_best"], "drop_set"]])
         if best["resolved"]:
             runner = part[~part["same_as_best"]]
             status = (f"{_resolved(True)}: recommended; paired best / runner-up {_set_name(runner['drop_set'].iloc[0])} "
@@ -161,8 +163,8 @@ def recommendations(results: Results) -> pd.DataFrame:
                       if len(runner) else f"{_resolved(True)}: the only set evaluated")
         else:
             status = (f"{_resolved(False)}: cannot be separated from {', '.join(_set_name(label) for label in others['drop_set'])}; "
-                      f"about {_windows(others['windows_needed'].max())} held-out windows per distribution would "
-                      f"(now {int(others['n_windows'].min())})")
+                      + resolution.needs_text(others["windows_needed"].max(), "held-out windows per distribution", others["n_windows"].min())
+                      + " would separate them")
         rows.append({"module": module, "k": k, "best": names, "drop": _names(members),
                      "worst ratio [95% CI]": shown.loc[best["drop_set"], "worst ratio [95% CI]"],
                      "median ratio": shown.loc[best["drop_set"], "median ratio"], "resolution": status})
@@ -173,10 +175,6 @@ def _set_name(label: str) -> str:
     """``cosine/attn-8:borda`` → ``cosine borda``."""
     parts = parse_label(label)
     return f"{parts['metric']} {parts['method']}"
-
-
-def _windows(value: float) -> str:
-    return "no finite number of" if not np.isfinite(value) else f"{value:,.0f}"
 
 
 def section_header(results: Results) -> list[str]:
@@ -194,7 +192,7 @@ def section_header(results: Results) -> list[str]:
 
 def _claim_line(claim) -> str:
     """``"**resolved**"`` or ``"**not resolved** at this run's budget: <what would resolve it>"``."""
-    return _resolved(True) if claim.resolved else f"{_resolved(False)} at this run's budget; {claim.needs} would resolve it"
+    return _resolved(True) if claim.resolved else f"{_resolved(False)} at this run's budget; what would resolve it: {claim.needs}"
 
 
 def section_verdict(results: Results) -> list[str]:
@@ -277,7 +275,9 @@ def section_data_or_metric(results: Results) -> list[str]:
         lines += ["## The model, the data or the metric?", "", "Mean Spearman ρ between rankings that differ in one thing only, raw and "
                   "corrected for attenuation (ρ / sqrt(rel_a · rel_b), each ranking's split-half reliability stepped up by Spearman-Brown). "
                   "Lower ρ along an axis: that axis moves the ranking more. The proxies among themselves and each proxy against the "
-                  "ablation ground truth are shown apart, so the ground truth's own noise is not counted as metric disagreement.", ""]
+                  "ablation ground truth are shown apart, so the ground truth's own noise is not counted as metric disagreement. A "
+                  "corrected value above 1 means the split-half reliabilities understate the rankings' agreement (read it as 1); nan: "
+                  "a reliability at or below 0.", ""]
         names = {"distribution": "across distributions, one metric held", "metric": "across proxies, one distribution held",
                  "ground truth": "proxy against the ground truth, one distribution held"}
         for axis, title in names.items():
@@ -495,7 +495,8 @@ def section_check(results: Results) -> list[str]:
     shown = checked.assign(**{
         "ρ to the set's ranking": checked["spearman"],
         "your noise floor [95% CI]": [_ci(r.noise_floor, r.noise_floor_ci_low, r.noise_floor_ci_high, 3) for r in checked.itertuples()],
-        "permutation p": [resolution.p_text(p, 1 / (results.settings.n_perm + 1)) for p in checked["p_permutation"]],
+        "permutation p": [resolution.p_text(p, f) for p, f in zip(checked["p_permutation"], checked["p_floor"] if "p_floor" in checked
+                                                                   else np.full(len(checked), 1 / (results.settings.n_perm + 1)))],
         "excess": checked["excess"]})
     first = checked.iloc[0]
     lines = ["## Does a drop set hold on new data? (`calibdrop check`)", "",
@@ -528,7 +529,7 @@ def _routing_needs(pair) -> str:
     if "se" not in pair:
         return "more held-out windows would resolve it"
     needed = resolution.windows_needed(pair["effect"], pair["se"], pair["n_windows"])
-    return f"about {_windows(needed)} held-out windows would resolve it (now {int(pair['n_windows'])} in the mix)"
+    return resolution.needs_text(needed, "held-out windows in the mix", pair["n_windows"]) + " would resolve it"
 
 
 def routing_display(results: Results) -> pd.DataFrame:

@@ -40,8 +40,10 @@ CLAIM_COLUMNS = ["claim", "module", "k", "subject", "finding", "estimate", "ci_l
 
 def noise_ceiling(floor_a, floor_b):
     """``sqrt(floor_a floor_b)``: the agreement two independent samples reach when the populations agree perfectly (for ρ the
-    attenuation bound of Spearman's correction, ``floor`` being the stepped-up split-half reliability)."""
-    return np.sqrt(np.asarray(floor_a, dtype=float) * np.asarray(floor_b, dtype=float))
+    attenuation bound of Spearman's correction, ``floor`` being the stepped-up split-half reliability); NaN where a floor is not
+    positive, so nothing is beyond it."""
+    product = np.asarray(floor_a, dtype=float) * np.asarray(floor_b, dtype=float)
+    return np.sqrt(np.where(product > 0, product, np.nan))
 
 
 def beyond_noise(ci_high, floor_a, floor_b):
@@ -99,8 +101,19 @@ def p_text(p: float, floor: float) -> str:
     return f"p ≤ {floor:.3g}" if p <= floor * (1 + 1e-9) else f"p = {p:.3g}"
 
 
-def _amount(value: float) -> str:
-    return "more than any finite number (the two measure the same)" if not np.isfinite(value) else f"{value:,.0f}"
+def needs_text(amount: float, unit: str, now: float, why: str = "the estimate shows no difference to separate") -> str:
+    """What would resolve a claim: ``"about 1,234 <unit> (now 32)"``, or ``"no number of <unit> is predicted to (now 32): <why>"``
+    when the amount is not finite."""
+    if not np.isfinite(amount):
+        return f"no number of {unit} is predicted to (now {now:,.0f}): {why}"
+    return f"about {amount:,.0f} {unit} (now {now:,.0f})"
+
+
+def names_text(labels, shown: int = 3) -> str:
+    """``a = b = c`` for one set under several names, the first ``shown`` of them and how many more."""
+    labels = list(labels)
+    more = f" (and {len(labels) - shown} more names of the same members)" if len(labels) > shown else ""
+    return " = ".join(labels[:shown]) + more
 
 
 # ---------------------------------------------------------------- recommended sets
@@ -173,11 +186,11 @@ def recommendation_claims(groups: pd.DataFrame) -> list[dict]:
             versus = (f"; separated from the runner-up {runner['drop_set'].iloc[0]} (paired best / it "
                       f"{runner['ratio_to_best'].iloc[0]:.3f} [{runner['pair_ci_low'].iloc[0]:.3f}, {runner['pair_ci_high'].iloc[0]:.3f}])"
                       if len(runner) else "; no other set was evaluated")
-            finding, needs, windows = f"recommended: {' = '.join(aliases)}{versus}", "", 0.0
+            finding, needs, windows = f"recommended: {names_text(aliases)}{versus}", "", 0.0
         else:
             windows = float(others["windows_needed"].max())
-            finding = f"no single best: {' = '.join(aliases)} cannot be separated from {', '.join(others['drop_set'])}"
-            needs = f"about {_amount(windows)} held-out windows per distribution (now {int(others['n_windows'].min())})"
+            finding = f"no single best: {names_text(aliases)} cannot be separated from {', '.join(others['drop_set'])}"
+            needs = needs_text(windows, "held-out windows per distribution", others["n_windows"].min())
         rows.append({"claim": "recommended set", "module": module, "k": int(k), "subject": best["drop_set"], "finding": finding,
                      "estimate": best["ppl_ratio"], "ci_low": best["ci_low"], "ci_high": best["ci_high"], "resolved": bool(best["resolved"]),
                      "needs": needs, "windows_needed": windows})
@@ -207,13 +220,15 @@ def comparison_claims(comparisons: pd.DataFrame, claim: str = "a loses less than
     """One claim per headline comparison: which side loses less on the same windows (resolved when the paired CI excludes 1)."""
     rows = []
     for row in headline_comparisons(comparisons).itertuples():
-        resolved = bool(separated(row.ci_low, row.ci_high))
+        same = row.effect == 0 and row.se == 0
+        resolved = bool(separated(row.ci_low, row.ci_high)) or same
         kind = "consensus vs own set" if claim != "routing" and _family(row.b) == "own" and _family(row.a) == "borda" else claim
-        finding = (f"{row.a} loses less" if row.ci_high < 1 else f"{row.b} loses less" if row.ci_low > 1 else "not separated")
+        finding = ("the same held-out loss on every window (the same members)" if same else f"{row.a} loses less" if row.ci_high < 1
+                   else f"{row.b} loses less" if row.ci_low > 1 else "not separated")
         windows = 0.0 if resolved else windows_needed(row.effect, row.se, row.n_windows)
         rows.append({"claim": kind, "module": None, "k": None, "subject": row.comparison, "finding": finding, "estimate": row.ratio,
                      "ci_low": row.ci_low, "ci_high": row.ci_high, "resolved": resolved,
-                     "needs": "" if resolved else f"about {_amount(windows)} held-out windows per distribution (now {int(row.n_windows)})",
+                     "needs": "" if resolved else needs_text(windows, "held-out windows per distribution", row.n_windows),
                      "windows_needed": windows})
     return rows
 
@@ -246,10 +261,10 @@ def validity_claims(corrected: pd.DataFrame, truth_tokens: float) -> list[dict]:
         finding = (f"ρ {part['spearman'].mean():.2f} with the ground truth, {part['corrected'].mean():.2f} corrected for both rankings' "
                    f"reliability; ranks unlike it beyond noise on {int(part['beyond_noise'].sum())} of {len(part)} distributions")
         rows.append({"claim": "proxy vs ground truth", "module": module, "k": None, "subject": metric, "finding": finding,
-                     "estimate": part["corrected"].mean(), "ci_low": part["corrected_ci_low"].min(), "ci_high": part["corrected_ci_high"].max(),
-                     "resolved": resolved, "tokens_needed": tokens,
-                     "needs": "" if resolved else (f"about {_amount(tokens)} ground-truth tokens per distribution (now {truth_tokens:,.0f}, "
-                                                   f"reliability {reliability:.2f}; Spearman-Brown to {RELIABLE})")})
+                     "estimate": part["corrected"].mean(), "ci_low": np.nan, "ci_high": np.nan, "resolved": resolved, "tokens_needed": tokens,
+                     "needs": "" if resolved else needs_text(tokens, "ground-truth tokens per distribution", truth_tokens,
+                                                             f"its split-half reliability {reliability:.2f} is not above 0")
+                     + ("" if resolved or not np.isfinite(tokens) else f", to raise its reliability {reliability:.2f} to {RELIABLE} (Spearman-Brown)")})
     return rows
 
 
@@ -258,14 +273,17 @@ def data_or_metric_claims(table: pd.DataFrame) -> list[dict]:
     difference of mean ρ excludes 0; else the calibration samples per distribution that would resolve it)."""
     rows = []
     for row in table.itertuples():
-        resolved = bool(row.ci_low > 0 or row.ci_high < 0)
+        still = row.difference == 0 and row.se == 0
+        resolved = bool(row.ci_low > 0 or row.ci_high < 0) or still
         finding = ("the data moves the ranking more than the metric" if row.ci_low > 0 else
-                   "the metric moves the ranking more than the data" if row.ci_high < 0 else "not separated: the data and the metric move it alike")
+                   "the metric moves the ranking more than the data" if row.ci_high < 0 else
+                   "neither moves it: every proxy and distribution gives the same ranking" if still else
+                   "not separated: the data and the metric move it alike")
         samples = 0.0 if resolved else samples_needed(row.difference, row.se, row.n_samples)
         rows.append({"claim": "data or metric", "module": row.module, "k": None, "subject": "mean ρ across proxies − across distributions",
                      "finding": finding, "estimate": row.difference, "ci_low": row.ci_low, "ci_high": row.ci_high, "resolved": resolved,
                      "samples_needed": samples,
-                     "needs": "" if resolved else f"about {_amount(samples)} calibration samples per distribution (now {int(row.n_samples)})"})
+                     "needs": "" if resolved else needs_text(samples, "calibration samples per distribution", row.n_samples)})
     return rows
 
 
@@ -297,8 +315,9 @@ def agreement_claims(pairs: pd.DataFrame, split_half: pd.DataFrame, metric: str 
                      "finding": (f"{beyond} of {len(part)} pairs differ beyond resampling noise" if resolved else
                                  "no pair differs beyond resampling noise"),
                      "estimate": corrected, "ci_low": np.nan, "ci_high": np.nan, "resolved": resolved, "samples_needed": needed,
-                     "needs": "" if resolved else (f"about {_amount(needed)} calibration samples per distribution for the lowest pair "
-                                                   f"({lowest['a']}–{lowest['b']}, now {int(samples.get(module, 0))})")})
+                     "needs": "" if resolved else needs_text(needed, f"calibration samples per distribution for the lowest pair, "
+                                                             f"{lowest['a']}–{lowest['b']},", samples.get(module, 0),
+                                                             "its ρ corrected for attenuation is at the noise ceiling")})
     return rows
 
 

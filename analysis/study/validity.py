@@ -18,6 +18,7 @@ import pandas as pd
 from scipy import stats
 
 from ..importance.metrics import GROUND_TRUTH, get_metric
+from .resolution import disattenuate
 from .stability import (
     basic_interval,
     bootstrap_replicates,
@@ -104,7 +105,7 @@ def ranking_decomposition(scores: pd.DataFrame, *, modules: Sequence[str] = ("at
 
         def pair(a, b, da, db):
             rho = stats.spearmanr(matrices[a][da], matrices[b][db]).statistic
-            return rho, rho / np.sqrt(rel(a, da) * rel(b, db))
+            return rho, float(disattenuate(rho, rel(a, da), rel(b, db)))
 
         for metric in metrics:
             rows.append(row(module, "distribution", metric, [pair(metric, metric, a, b) for a, b in combinations(distributions, 2)]))
