@@ -16,7 +16,7 @@ def _module_captions(module: str) -> dict[str, str]:
             f"Spearman ρ between the {name} importance rankings of every pair of calibration distributions; the outlined "
             "diagonal is each distribution's split-half noise floor (the red line on the colour bar marks the lowest). "
             "Look for off-diagonal cells well below the floor: there the data, not sampling noise, changes the ranking "
-            "(* = beyond noise, permutation p < 0.05). The colour scale spans the observed values only."),
+            "(* = beyond resampling noise: the pair's CI upper end below sqrt(floor_a · floor_b)). The colour scale spans the observed values only."),
         f"profile_{module}": (
             f"{name[0].upper()}{name[1:]} importance of every layer under each distribution (log scale, symlog when a metric can be negative; "
             "bands = 95% bootstrap CI). "
