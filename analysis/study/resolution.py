@@ -14,9 +14,9 @@ Small pure functions over the run's tidy tables, so a report can be re-rendered 
   the group of sets it cannot be separated from.  Sets with the same members are one set under several names.
 * **What would resolve it**: held-out windows per distribution for a paired comparison (:func:`windows_needed`,
   from the observed effect and its bootstrap standard error, as the accuracy section sizes items for McNemar);
-  ground-truth tokens per distribution for a claim that rests on the ablation ranking (:func:`tokens_for_reliability`,
-  the Spearman-Brown prophecy to a reliability of :data:`RELIABLE`); calibration samples per distribution for a
-  claim about rankings of the proxies (:func:`samples_needed`).
+  ground-truth tokens per distribution for a claim that rests on the ablation ranking
+  (:func:`tokens_for_reliability`, the Spearman-Brown prophecy to a reliability of :data:`RELIABLE`); calibration
+  samples per distribution for a claim about rankings of the proxies (:func:`samples_needed`).
 """
 
 from __future__ import annotations
@@ -34,14 +34,15 @@ from .dropsets import UNPRUNED, method_family, parse_label
 ALPHA = 0.05
 POWER = 0.8
 RELIABLE = 0.95
-CLAIM_COLUMNS = ["claim", "module", "k", "subject", "finding", "estimate", "ci_low", "ci_high", "resolved", "needs", "windows_needed",
-                 "tokens_needed", "samples_needed"]
+CLAIM_COLUMNS = ["claim", "module", "k", "subject", "finding", "estimate", "ci_low", "ci_high", "resolved", "needs",
+                 "windows_needed", "tokens_needed", "samples_needed"]
+WINDOWS = "held-out windows per distribution"
 
 
 def noise_ceiling(floor_a, floor_b):
-    """``sqrt(floor_a floor_b)``: the agreement two independent samples reach when the populations agree perfectly (for ρ the
-    attenuation bound of Spearman's correction, ``floor`` being the stepped-up split-half reliability); NaN where a floor is not
-    positive, so nothing is beyond it."""
+    """``sqrt(floor_a floor_b)``: the agreement two independent samples reach when the populations agree perfectly
+    (for ρ the attenuation bound of Spearman's correction, ``floor`` being the stepped-up split-half reliability);
+    NaN where a floor is not positive, so nothing is beyond it."""
     product = np.asarray(floor_a, dtype=float) * np.asarray(floor_b, dtype=float)
     return np.sqrt(np.where(product > 0, product, np.nan))
 
@@ -68,9 +69,9 @@ def tokens_for_reliability(reliability: float, tokens: float, target: float = RE
 
 
 def scale_needed(effect: float, se: float, n: float, *, alpha: float = ALPHA, power: float = POWER) -> float:
-    """The size a test of ``effect`` (standard error ``se`` at size ``n``, shrinking as ``1 / sqrt(n)``) needs to reject 0 at
-    two-sided level ``alpha`` with probability ``power``: ``n ((z_(1-alpha/2) + z_power) se / |effect|)^2``, rounded up;
-    inf for a zero effect; ``n`` when ``se`` is 0."""
+    """The size a test of ``effect`` (standard error ``se`` at size ``n``, shrinking as ``1 / sqrt(n)``) needs to
+    reject 0 at two-sided level ``alpha`` with probability ``power``:
+    ``n ((z_(1-alpha/2) + z_power) se / |effect|)^2``, rounded up; inf for a zero effect; ``n`` when ``se`` is 0."""
     if effect == 0 or not np.isfinite(effect):
         return math.inf
     if se == 0:
@@ -86,8 +87,8 @@ def windows_needed(effect: float, se: float, n_windows: float, **test) -> float:
 
 
 def samples_needed(effect: float, se: float, n_samples: float, **test) -> float:
-    """Calibration samples per distribution a difference ``effect`` between rankings (bootstrap standard error ``se`` on
-    ``n_samples`` samples) needs to be resolved (:func:`scale_needed`)."""
+    """Calibration samples per distribution a difference ``effect`` between rankings (bootstrap standard error ``se``
+    on ``n_samples`` samples) needs to be resolved (:func:`scale_needed`)."""
     return scale_needed(effect, se, n_samples, **test)
 
 
@@ -97,13 +98,14 @@ def separated(ci_low, ci_high):
 
 
 def p_text(p: float, floor: float) -> str:
-    """``"p = 0.012"``, or ``"p ≤ 0.001"`` when ``p`` sits at the floor ``1 / n_boot`` (or ``1 / (n_perm + 1)``) of its resampling."""
+    """``"p = 0.012"``, or ``"p ≤ 0.001"`` when ``p`` sits at the floor ``1 / n_boot`` (or ``1 / (n_perm + 1)``)
+    of its resampling."""
     return f"p ≤ {floor:.3g}" if p <= floor * (1 + 1e-9) else f"p = {p:.3g}"
 
 
 def needs_text(amount: float, unit: str, now: float, why: str = "the estimate shows no difference to separate") -> str:
-    """What would resolve a claim: ``"about 1,234 <unit> (now 32)"``, or ``"no number of <unit> is predicted to (now 32): <why>"``
-    when the amount is not finite."""
+    """What would resolve a claim: ``"about 1,234 <unit> (now 32)"``, or
+    ``"no number of <unit> is predicted to (now 32): <why>"`` when the amount is not finite."""
     if not np.isfinite(amount):
         return f"no number of {unit} is predicted to (now {now:,.0f}): {why}"
     return f"about {amount:,.0f} {unit} (now {now:,.0f})"
@@ -123,7 +125,8 @@ def candidates(transfer: pd.DataFrame) -> pd.DataFrame:
     """The sets a recommendation chooses among: worst-case rows of the transfer table, neither random nor unpruned,
     ranked per module kind and budget by their worst-case held-out perplexity ratio (``rank`` 1: lowest)."""
     worst = transfer[(transfer["distribution"] == "worst") & (transfer["drop_set"] != UNPRUNED)]
-    worst = worst[worst["method"].map(method_family) != "random"].sort_values(["module", "k", "ppl_ratio"], kind="stable")
+    worst = worst[worst["method"].map(method_family) != "random"]
+    worst = worst.sort_values(["module", "k", "ppl_ratio"], kind="stable")
     return worst.assign(rank=worst.groupby(["module", "k"], sort=False).cumcount() + 1)
 
 
@@ -136,36 +139,40 @@ def versus_best(ranked: pd.DataFrame) -> list[tuple[str, str, str]]:
     return pairs
 
 
-def set_groups(ranked: pd.DataFrame, paired: pd.DataFrame, members: dict) -> pd.DataFrame:
-    """Per set of :func:`candidates`, against its module kind and budget's best (lowest worst-case ratio) on the same windows.
+def _against_best(row, pair, same: bool) -> dict:
+    """The paired columns of :func:`set_groups` for one set (``pair``: its paired row, None for the best)."""
+    if pair is None:
+        return dict(ratio_to_best=1.0, pair_ci_low=1.0, pair_ci_high=1.0, p_value=1.0, p_floor=np.nan, separated=False,
+                    in_group=True, windows_needed=0.0, n_windows=np.nan)
+    split = bool(pair["ci_high"] < 1) and not same
+    return dict(ratio_to_best=pair["ratio"], pair_ci_low=pair["ci_low"], pair_ci_high=pair["ci_high"],
+                p_value=pair["p_value"], p_floor=pair["p_floor"], separated=split, in_group=not split,
+                windows_needed=0.0 if split else windows_needed(pair["effect"], pair["se"], pair["n_windows"]),
+                n_windows=pair["n_windows"])
 
-    ``paired`` holds :func:`analysis.evaluation.heldout.paired_comparisons` of ``versus_best`` (``a`` the best);
-    ``members`` maps a label to its members.  Columns: the set's ``module, k, drop_set, rank, ppl_ratio, ci_low, ci_high``,
-    ``same_as_best`` (the same members), the paired ``ratio_to_best`` (best / this) with ``pair_ci_low``/``pair_ci_high``,
-    ``p_value``, ``p_floor``, ``separated`` (the paired CI excludes 1), ``in_group`` (the best itself, the same set, or
-    not separated from it), ``windows_needed`` to separate it (:func:`windows_needed`; 0 once separated) and ``n_windows``;
-    and per module kind and budget ``resolved``: the group holds one distinct set.
+
+def set_groups(ranked: pd.DataFrame, paired: pd.DataFrame, members: dict) -> pd.DataFrame:
+    """Per set of :func:`candidates`, against the best (lowest worst-case ratio) of its module kind and budget on the
+    same windows.
+
+    ``paired`` holds :func:`analysis.evaluation.heldout.paired_comparisons` of :func:`versus_best` (``a`` the best);
+    ``members`` maps a label to its members.  Columns: the set's ``module, k, drop_set, rank, ppl_ratio, ci_low,
+    ci_high``, ``same_as_best`` (the same members), the paired ``ratio_to_best`` (best / this) with
+    ``pair_ci_low``/``pair_ci_high``, ``p_value``, ``p_floor``, ``separated`` (the paired CI lies below 1),
+    ``in_group`` (the best itself, the same set, or not separated from it), ``windows_needed`` to separate it
+    (:func:`windows_needed`; 0 once separated) and ``n_windows``; and per module kind and budget ``resolved``: the
+    group holds one distinct set.
     """
     worst = paired[paired["distribution"] == "worst"].set_index("b") if len(paired) else pd.DataFrame()
     rows = []
     for (module, k), part in ranked.groupby(["module", "k"], sort=False):
-        best = part.iloc[0]
-        best_members = sorted(map(str, members.get(best["drop_set"], [])))
+        best_members = sorted(map(str, members.get(part["drop_set"].iloc[0], [])))
         for row in part.itertuples():
             same = sorted(map(str, members.get(row.drop_set, []))) == best_members
-            out = {"module": module, "k": int(k), "drop_set": row.drop_set, "rank": int(row.rank), "ppl_ratio": row.ppl_ratio,
-                   "ci_low": row.ci_low, "ci_high": row.ci_high, "same_as_best": same}
-            if row.rank == 1 or row.drop_set not in worst.index:
-                out.update(ratio_to_best=1.0, pair_ci_low=1.0, pair_ci_high=1.0, p_value=1.0, p_floor=np.nan, separated=False, in_group=True,
-                           windows_needed=0.0, n_windows=np.nan)
-            else:
-                pair = worst.loc[row.drop_set]
-                split = bool(pair["ci_high"] < 1) and not same
-                out.update(ratio_to_best=pair["ratio"], pair_ci_low=pair["ci_low"], pair_ci_high=pair["ci_high"], p_value=pair["p_value"],
-                           p_floor=pair["p_floor"], separated=split, in_group=not split,
-                           windows_needed=0.0 if split else windows_needed(pair["effect"], pair["se"], pair["n_windows"]),
-                           n_windows=pair["n_windows"])
-            rows.append(out)
+            pair = worst.loc[row.drop_set] if row.rank > 1 and row.drop_set in worst.index else None
+            rows.append({"module": module, "k": int(k), "drop_set": row.drop_set, "rank": int(row.rank),
+                         "ppl_ratio": row.ppl_ratio, "ci_low": row.ci_low, "ci_high": row.ci_high, "same_as_best": same,
+                         **_against_best(row, pair, same)})
     table = pd.DataFrame(rows)
     if not len(table):
         return table
@@ -175,7 +182,8 @@ def set_groups(ranked: pd.DataFrame, paired: pd.DataFrame, members: dict) -> pd.
 
 
 def recommendation_claims(groups: pd.DataFrame) -> list[dict]:
-    """One claim per module kind and budget: the recommended set (resolved) or the group the best cannot be separated from."""
+    """One claim per module kind and budget: the recommended set (resolved), or the group the best cannot be
+    separated from with the held-out windows that would separate them."""
     rows = []
     for (module, k), part in groups.groupby(["module", "k"], sort=False):
         best, group = part.iloc[0], part[part["in_group"]]
@@ -183,17 +191,20 @@ def recommendation_claims(groups: pd.DataFrame) -> list[dict]:
         others = group[~group["same_as_best"]]
         if best["resolved"]:
             runner = part[~part["same_as_best"]]
-            versus = (f"; separated from the runner-up {runner['drop_set'].iloc[0]} (paired best / it "
-                      f"{runner['ratio_to_best'].iloc[0]:.3f} [{runner['pair_ci_low'].iloc[0]:.3f}, {runner['pair_ci_high'].iloc[0]:.3f}])"
-                      if len(runner) else "; no other set was evaluated")
+            versus = "; no other set was evaluated"
+            if len(runner):
+                first = runner.iloc[0]
+                versus = (f"; separated from the runner-up {first['drop_set']} (paired best / it "
+                          f"{first['ratio_to_best']:.3f} [{first['pair_ci_low']:.3f}, {first['pair_ci_high']:.3f}])")
             finding, needs, windows = f"recommended: {names_text(aliases)}{versus}", "", 0.0
         else:
             windows = float(others["windows_needed"].max())
             finding = f"no single best: {names_text(aliases)} cannot be separated from {', '.join(others['drop_set'])}"
-            needs = needs_text(windows, "held-out windows per distribution", others["n_windows"].min())
-        rows.append({"claim": "recommended set", "module": module, "k": int(k), "subject": best["drop_set"], "finding": finding,
-                     "estimate": best["ppl_ratio"], "ci_low": best["ci_low"], "ci_high": best["ci_high"], "resolved": bool(best["resolved"]),
-                     "needs": needs, "windows_needed": windows})
+            needs = needs_text(windows, WINDOWS, others["n_windows"].min())
+        rows.append({"claim": "recommended set", "module": module, "k": int(k), "subject": best["drop_set"],
+                     "finding": finding, "estimate": best["ppl_ratio"], "ci_low": best["ci_low"],
+                     "ci_high": best["ci_high"], "resolved": bool(best["resolved"]), "needs": needs,
+                     "windows_needed": windows})
     return rows
 
 
@@ -201,7 +212,7 @@ def recommendation_claims(groups: pd.DataFrame) -> list[dict]:
 
 
 def _family(label: str) -> str | None:
-    """The method family of a drop-set label (None for the unpruned model or a label of another form, e.g. routed)."""
+    """The method family of a drop-set label (None for the unpruned model or another form of label, e.g. routed)."""
     try:
         return method_family(parse_label(label)["method"])
     except InputError:
@@ -209,7 +220,8 @@ def _family(label: str) -> str | None:
 
 
 def headline_comparisons(comparisons: pd.DataFrame) -> pd.DataFrame:
-    """The rows a comparison's claim rests on: the worst case over distributions, or the one distribution it is limited to."""
+    """The rows a comparison's claim rests on: the worst case over distributions, or the one distribution it is
+    limited to (a comparison named ``..., on <distribution>``)."""
     if not len(comparisons):
         return comparisons
     limited = [c.endswith(f", on {d}") for c, d in zip(comparisons["comparison"], comparisons["distribution"])]
@@ -217,54 +229,74 @@ def headline_comparisons(comparisons: pd.DataFrame) -> pd.DataFrame:
 
 
 def comparison_claims(comparisons: pd.DataFrame, claim: str = "a loses less than b") -> list[dict]:
-    """One claim per headline comparison: which side loses less on the same windows (resolved when the paired CI excludes 1)."""
+    """One claim per headline comparison: which side loses less on the same windows, resolved when the paired CI
+    excludes 1 (or when both sides have the same loss on every window: the same members)."""
     rows = []
     for row in headline_comparisons(comparisons).itertuples():
         same = row.effect == 0 and row.se == 0
         resolved = bool(separated(row.ci_low, row.ci_high)) or same
-        kind = "consensus vs own set" if claim != "routing" and _family(row.b) == "own" and _family(row.a) == "borda" else claim
-        finding = ("the same held-out loss on every window (the same members)" if same else f"{row.a} loses less" if row.ci_high < 1
-                   else f"{row.b} loses less" if row.ci_low > 1 else "not separated")
+        own = claim != "routing" and _family(row.b) == "own" and _family(row.a) == "borda"
+        kind = "consensus vs own set" if own else claim
+        finding = ("the same held-out loss on every window (the same members)" if same else f"{row.a} loses less"
+                   if row.ci_high < 1 else f"{row.b} loses less" if row.ci_low > 1 else "not separated")
         windows = 0.0 if resolved else windows_needed(row.effect, row.se, row.n_windows)
-        rows.append({"claim": kind, "module": None, "k": None, "subject": row.comparison, "finding": finding, "estimate": row.ratio,
-                     "ci_low": row.ci_low, "ci_high": row.ci_high, "resolved": resolved,
-                     "needs": "" if resolved else needs_text(windows, "held-out windows per distribution", row.n_windows),
+        rows.append({"claim": kind, "module": None, "k": None, "subject": row.comparison, "finding": finding,
+                     "estimate": row.ratio, "ci_low": row.ci_low, "ci_high": row.ci_high, "resolved": resolved,
+                     "needs": "" if resolved else needs_text(windows, WINDOWS, row.n_windows),
                      "windows_needed": windows})
     return rows
+
+
+def routing_claims(routing_paired: pd.DataFrame) -> list[dict]:
+    """Routed against the borda consensus on the pooled mix of every distribution's windows."""
+    if not len(routing_paired):
+        return []
+    versus = routing_paired["comparison"].str.endswith(" vs borda")
+    mix = routing_paired[(routing_paired["distribution"] == "mix") & versus]
+    claims = comparison_claims(mix.assign(distribution="worst"), claim="routing")
+    return [{**claim, "subject": claim["subject"] + " (pooled mix)"} for claim in claims]
 
 
 # ---------------------------------------------------------------- rankings
 
 
 def corrected_validity(validity: pd.DataFrame, split_half: pd.DataFrame) -> pd.DataFrame:
-    """:func:`analysis.study.validity.metric_validity` with each pair's reliabilities (``reliability_proxy``, ``reliability_truth``),
-    ρ and its CI corrected for attenuation (:func:`disattenuate`; ``corrected``, ``corrected_ci_low``, ``corrected_ci_high``) and
-    ``beyond_noise`` (:func:`beyond_noise`: the proxy ranks unlike the ground truth beyond both rankings' noise)."""
+    """:func:`analysis.study.validity.metric_validity` with each pair's reliabilities (``reliability_proxy``,
+    ``reliability_truth``), ρ and its CI corrected for attenuation (:func:`disattenuate`: ``corrected``,
+    ``corrected_ci_low``, ``corrected_ci_high``) and ``beyond_noise`` (:func:`beyond_noise`: the proxy ranks unlike
+    the ground truth beyond both rankings' noise)."""
     rel = split_half.set_index(["metric", "distribution", "module"])["reliability"]
     out = validity.copy()
-    out["reliability_proxy"] = [rel.get((m, d, mod), np.nan) for m, d, mod in zip(out["metric"], out["distribution"], out["module"])]
-    out["reliability_truth"] = [rel.get((GROUND_TRUTH, d, mod), np.nan) for d, mod in zip(out["distribution"], out["module"])]
-    for column, source in (("corrected", "spearman"), ("corrected_ci_low", "spearman_ci_low"), ("corrected_ci_high", "spearman_ci_high")):
+    keys = list(zip(out["metric"], out["distribution"], out["module"]))
+    out["reliability_proxy"] = [rel.get(key, np.nan) for key in keys]
+    out["reliability_truth"] = [rel.get((GROUND_TRUTH, d, module), np.nan) for _, d, module in keys]
+    for column, source in (("corrected", "spearman"), ("corrected_ci_low", "spearman_ci_low"),
+                           ("corrected_ci_high", "spearman_ci_high")):
         out[column] = disattenuate(out[source], out["reliability_proxy"], out["reliability_truth"])
     out["beyond_noise"] = beyond_noise(out["spearman_ci_high"], out["reliability_proxy"], out["reliability_truth"])
     return out
 
 
 def validity_claims(corrected: pd.DataFrame, truth_tokens: float) -> list[dict]:
-    """Per module kind and proxy: how it ranks against the ground truth.  Resolved when the ground truth's reliability
-    reaches :data:`RELIABLE` on every distribution; otherwise the tokens per distribution that would get it there."""
+    """Per module kind and proxy: how it ranks against the ground truth.  Resolved when the ground truth's
+    reliability reaches :data:`RELIABLE` on every distribution; otherwise the ground-truth tokens per distribution
+    that would get it there (:func:`tokens_for_reliability`)."""
     rows = []
     for (module, metric), part in corrected.groupby(["module", "metric"], sort=False):
         reliability = float(part["reliability_truth"].min())
         resolved = reliability >= RELIABLE
         tokens = tokens_for_reliability(reliability, truth_tokens)
-        finding = (f"ρ {part['spearman'].mean():.2f} with the ground truth, {part['corrected'].mean():.2f} corrected for both rankings' "
-                   f"reliability; ranks unlike it beyond noise on {int(part['beyond_noise'].sum())} of {len(part)} distributions")
-        rows.append({"claim": "proxy vs ground truth", "module": module, "k": None, "subject": metric, "finding": finding,
-                     "estimate": part["corrected"].mean(), "ci_low": np.nan, "ci_high": np.nan, "resolved": resolved, "tokens_needed": tokens,
-                     "needs": "" if resolved else needs_text(tokens, "ground-truth tokens per distribution", truth_tokens,
-                                                             f"its split-half reliability {reliability:.2f} is not above 0")
-                     + ("" if resolved or not np.isfinite(tokens) else f", to raise its reliability {reliability:.2f} to {RELIABLE} (Spearman-Brown)")})
+        finding = (f"ρ {part['spearman'].mean():.2f} with the ground truth, {part['corrected'].mean():.2f} corrected "
+                   f"for both rankings' reliability; ranks unlike it beyond noise on "
+                   f"{int(part['beyond_noise'].sum())} of {len(part)} distributions")
+        needs = needs_text(tokens, "ground-truth tokens per distribution", truth_tokens,
+                           f"its split-half reliability {reliability:.2f} is not above 0")
+        if np.isfinite(tokens):
+            needs += f", to raise its reliability {reliability:.2f} to {RELIABLE} (Spearman-Brown)"
+        rows.append({"claim": "proxy vs ground truth", "module": module, "k": None, "subject": metric,
+                     "finding": finding,
+                     "estimate": part["corrected"].mean(), "ci_low": np.nan, "ci_high": np.nan, "resolved": resolved,
+                     "tokens_needed": tokens, "needs": "" if resolved else needs})
     return rows
 
 
@@ -280,62 +312,60 @@ def data_or_metric_claims(table: pd.DataFrame) -> list[dict]:
                    "neither moves it: every proxy and distribution gives the same ranking" if still else
                    "not separated: the data and the metric move it alike")
         samples = 0.0 if resolved else samples_needed(row.difference, row.se, row.n_samples)
-        rows.append({"claim": "data or metric", "module": row.module, "k": None, "subject": "mean ρ across proxies − across distributions",
-                     "finding": finding, "estimate": row.difference, "ci_low": row.ci_low, "ci_high": row.ci_high, "resolved": resolved,
+        rows.append({"claim": "data or metric", "module": row.module, "k": None,
+                     "subject": "mean ρ across proxies − across distributions", "finding": finding,
+                     "estimate": row.difference, "ci_low": row.ci_low, "ci_high": row.ci_high, "resolved": resolved,
                      "samples_needed": samples,
-                     "needs": "" if resolved else needs_text(samples, "calibration samples per distribution", row.n_samples)})
+                     "needs": "" if resolved else needs_text(samples, "calibration samples per distribution",
+                                                             row.n_samples)})
     return rows
 
 
 def pairs_beyond_noise(pairs: pd.DataFrame, split_half: pd.DataFrame, statistic: str = "spearman") -> pd.DataFrame:
-    """``bootstrap_pairs`` rows with each pair's noise ``ceiling`` (:func:`noise_ceiling` of the two distributions' split-half
-    floors of ``statistic``: ``reliability`` for ρ, ``split_half_jaccard@k`` for Jaccard@k) and ``beyond_noise``."""
+    """``bootstrap_pairs`` rows with each pair's noise ``ceiling`` (:func:`noise_ceiling` of the two distributions'
+    split-half floors of ``statistic``: ``reliability`` for ρ, ``split_half_jaccard@k`` for Jaccard@k) and
+    ``beyond_noise``."""
     column = "reliability" if statistic == "spearman" else f"split_half_{statistic}"
     floor = split_half.set_index(["metric", "module", "distribution"])[column]
-    a = np.array([floor.get((m, mod, d), np.nan) for m, mod, d in zip(pairs["metric"], pairs["module"], pairs["a"])])
-    b = np.array([floor.get((m, mod, d), np.nan) for m, mod, d in zip(pairs["metric"], pairs["module"], pairs["b"])])
+    a, b = (np.array([floor.get(key, np.nan) for key in zip(pairs["metric"], pairs["module"], pairs[side])])
+            for side in ("a", "b"))
     return pairs.assign(ceiling=noise_ceiling(a, b), beyond_noise=beyond_noise(pairs[f"{statistic}_ci_high"], a, b))
 
 
 def agreement_claims(pairs: pd.DataFrame, split_half: pd.DataFrame, metric: str = "cosine") -> list[dict]:
-    """Per module kind: does the calibration data change the ``metric`` ranking?  Resolved when some pair of distributions
-    differs beyond resampling noise (:func:`pairs_beyond_noise`); otherwise the samples per distribution that would
-    separate the lowest pair's corrected ρ from 1 (standard error from its CI width)."""
+    """Per module kind: does the calibration data change the ``metric`` ranking?  Resolved when some pair of
+    distributions differs beyond resampling noise (:func:`pairs_beyond_noise`); otherwise the samples per
+    distribution that would separate the lowest pair's corrected ρ from 1 (its standard error from its CI width)."""
     rows = []
     marked = pairs_beyond_noise(pairs[pairs["metric"] == metric], split_half)
     samples = split_half[split_half["metric"] == metric].groupby("module")["n_samples"].min()
     for module, part in marked.groupby("module", sort=False):
-        beyond = int(part["beyond_noise"].sum())
-        lowest = part.loc[(part["spearman"] / part["ceiling"]).idxmin()]
-        corrected = lowest["spearman"] / lowest["ceiling"]
-        se = (lowest["spearman_ci_high"] - lowest["spearman_ci_low"]) / (2 * stats.norm.ppf(0.975)) / lowest["ceiling"]
+        beyond, n = int(part["beyond_noise"].sum()), samples.get(module, 0)
+        corrected = part["spearman"] / part["ceiling"]
+        needed, lowest, estimate = math.inf, "", np.nan
+        if corrected.notna().any():
+            low = part.loc[corrected.idxmin()]
+            estimate, lowest = corrected.min(), f" for the lowest pair, {low['a']}–{low['b']},"
+            se = (low["spearman_ci_high"] - low["spearman_ci_low"]) / (2 * stats.norm.ppf(0.975)) / low["ceiling"]
+            needed = samples_needed(1 - estimate, se, n) if estimate < 1 else math.inf
         resolved = beyond > 0
-        needed = 0.0 if resolved else (samples_needed(1 - corrected, se, samples.get(module, np.nan)) if corrected < 1 else math.inf)
-        rows.append({"claim": "data changes the ranking", "module": module, "k": None, "subject": f"{metric}, {len(part)} pairs of distributions",
-                     "finding": (f"{beyond} of {len(part)} pairs differ beyond resampling noise" if resolved else
-                                 "no pair differs beyond resampling noise"),
-                     "estimate": corrected, "ci_low": np.nan, "ci_high": np.nan, "resolved": resolved, "samples_needed": needed,
-                     "needs": "" if resolved else needs_text(needed, f"calibration samples per distribution for the lowest pair, "
-                                                             f"{lowest['a']}–{lowest['b']},", samples.get(module, 0),
-                                                             "its ρ corrected for attenuation is at the noise ceiling")})
+        finding = f"{beyond} of {len(part)} pairs differ beyond resampling noise" if resolved else \
+            "no pair differs beyond resampling noise"
+        needs = needs_text(needed, f"calibration samples per distribution{lowest}", n,
+                           "the corrected ρ is at the noise ceiling, or a floor is not above 0")
+        rows.append({"claim": "data changes the ranking", "module": module, "k": None,
+                     "subject": f"{metric}, {len(part)} pairs of distributions", "finding": finding,
+                     "estimate": estimate, "ci_low": np.nan, "ci_high": np.nan, "resolved": resolved,
+                     "samples_needed": 0.0 if resolved else needed, "needs": "" if resolved else needs})
     return rows
 
 
-def routing_claims(routing_paired: pd.DataFrame) -> list[dict]:
-    """Routed against the borda consensus on the pooled mix of every distribution's windows."""
-    if not len(routing_paired):
-        return []
-    rows = routing_paired[(routing_paired["distribution"] == "mix") & routing_paired["comparison"].str.endswith(" vs borda")]
-    claims = comparison_claims(rows.assign(distribution="worst"), claim="routing")
-    return [{**claim, "subject": claim["subject"] + " (pooled mix)"} for claim in claims]
-
-
 def claims_table(tables: dict, *, truth_tokens: float) -> pd.DataFrame:
-    """Every headline claim of a run with its resolution (columns :data:`CLAIM_COLUMNS`), from its tables: ``set_groups``,
-    ``comparisons``, ``validity`` and ``split_half``, ``data_or_metric``, ``bootstrap_pairs``, ``routing_paired`` (those absent
-    or empty are skipped).  ``truth_tokens``: ground-truth tokens per distribution."""
+    """Every headline claim of a run with its resolution (columns :data:`CLAIM_COLUMNS`), from its tables:
+    ``set_groups``, ``comparisons``, ``validity`` and ``split_half``, ``data_or_metric``, ``bootstrap_pairs``,
+    ``routing_paired`` (those absent or empty are skipped).  ``truth_tokens``: ground-truth tokens per distribution."""
     def has(name):
-        return name in tables and tables[name] is not None and len(tables[name])
+        return tables.get(name) is not None and len(tables[name])
 
     rows = []
     if has("set_groups"):
