@@ -158,11 +158,12 @@ def stage_validity(study: Study) -> pd.DataFrame:
 
 
 def stage_decomposition(study: Study) -> dict[str, pd.DataFrame]:
-    """Data or metric: the rankings' agreement along each axis, corrected for the split-half reliabilities, and the bootstrap
-    test of the proxies' agreement across distributions against across metrics."""
-    s, scores = study.settings, study.results["scores.per_sample"]
-    return {"decomposition": validity.ranking_decomposition(scores, modules=tuple(s.budgets), reliability=study.results["split_half"]),
-            "data_or_metric": validity.data_or_metric(scores, modules=tuple(s.budgets), n_boot=s.n_boot, seed=s.seed)}
+    """Data or metric: the rankings' agreement along each axis, corrected for the split-half reliabilities, and the
+    bootstrap test of the proxies' agreement across distributions against across metrics."""
+    s, scores, modules = study.settings, study.results["scores.per_sample"], tuple(study.settings.budgets)
+    reliability = study.results["split_half"]
+    return {"decomposition": validity.ranking_decomposition(scores, modules=modules, reliability=reliability),
+            "data_or_metric": validity.data_or_metric(scores, modules=modules, n_boot=s.n_boot, seed=s.seed)}
 
 
 def stage_drop_sets(study: Study) -> pd.DataFrame:
@@ -315,17 +316,19 @@ def stage_routing(study: Study) -> dict[str, pd.DataFrame]:
 
 
 def stage_resolution(study: Study) -> dict[str, pd.DataFrame]:
-    """Every headline claim marked resolved or not (:mod:`analysis.study.resolution`): the best set of each module kind and
-    budget paired against every other on the same held-out windows (``set_groups``), then ``claims``."""
+    """Every headline claim marked resolved or not (:mod:`analysis.study.resolution`): the best set of each module kind
+    and budget paired against every other on the same held-out windows (``set_groups``), then ``claims``."""
     s, r = study.settings, study.results
     groups = pd.DataFrame()
     if len(r.get("transfer", [])):
         ranked = resolution.candidates(r["transfer"])
-        paired = evaluation.paired_comparisons(r["heldout_windows"], resolution.versus_best(ranked), n_boot=s.n_boot, seed=s.seed)
+        pairs = resolution.versus_best(ranked)
+        paired = evaluation.paired_comparisons(r["heldout_windows"], pairs, n_boot=s.n_boot, seed=s.seed)
         groups = resolution.set_groups(ranked, paired, dict(zip(r["pruned"]["drop_set"], r["pruned"]["indices"])))
-    tables = {name: r.get(name) for name in ("comparisons", "validity", "split_half", "data_or_metric", "bootstrap_pairs", "routing_paired")}
-    claims = resolution.claims_table({**tables, "set_groups": groups}, truth_tokens=s.ablation_samples * s.ablation_seq_len)
-    return {"set_groups": groups, "claims": claims}
+    names = ("comparisons", "validity", "split_half", "data_or_metric", "bootstrap_pairs", "routing_paired")
+    tables = {name: r.get(name) for name in names} | {"set_groups": groups}
+    return {"set_groups": groups,
+            "claims": resolution.claims_table(tables, truth_tokens=s.ablation_samples * s.ablation_seq_len)}
 
 
 def _checkable(settings: RunSettings) -> bool:
@@ -401,8 +404,9 @@ STAGES = (
     Stage("routing", ("scores.per_sample", "heldout_windows"), ("route_module", "budgets", "transfer_k", "samples", "seq_len", "batch_size",
                                                                "n_boot", "seed"), stage_routing, tables=("routing", "routing_paired", "routing_accuracy"),
           when=_routable, work=work_of("routing")),
-    Stage("resolution", ("heldout_windows", "transfer", "pruned", "comparisons", "validity", "stability", "decomposition", "routing"),
-          ("n_boot", "seed", "ablation_samples", "ablation_seq_len"), stage_resolution, tables=("set_groups", "claims")),
+    Stage("resolution", ("heldout_windows", "transfer", "pruned", "comparisons", "validity", "stability",
+                         "decomposition", "routing"), ("n_boot", "seed", "ablation_samples", "ablation_seq_len"), stage_resolution,
+          tables=("set_groups", "claims")),
 )
 
 

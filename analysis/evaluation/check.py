@@ -241,7 +241,8 @@ def recommendation_line(row: pd.Series, excess: dict, consensus: list, recalibra
     """The one-line recommendation with the numbers behind it."""
     words = (f"{VERDICTS[row['verdict']]}: on your {row['n_texts']} texts the {row['metric']} ranking agrees with the drop set's "
              f"calibration ranking at rho = {row['spearman']:.3f} against your split-half noise floor {row['noise_floor']:.3f} "
-             f"[{row['noise_floor_ci_low']:.3f}, {row['noise_floor_ci_high']:.3f}] (permutation {p_text(row['p_permutation'], row['p_floor'])}, "
+             f"[{row['noise_floor_ci_low']:.3f}, {row['noise_floor_ci_high']:.3f}] "
+             f"(permutation {p_text(row['p_permutation'], row['p_floor'])}, "
              f"{'drift' if row['drift'] else 'no drift'}); the drop set drops {excess['drop_set']:.0%} more {row['metric']} importance "
              f"than your own best {row['k']}, the {consensus_method} consensus {sorted(consensus, key=str)} {excess['consensus']:.0%}")
     if loss is not None:

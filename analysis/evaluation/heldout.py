@@ -267,7 +267,8 @@ def paired_comparisons(windows: pd.DataFrame, pairs, *, n_boot: int = 1000, leve
             low, high = percentile_interval(effect[1:], level)
             p = min(1.0, 2 * min((effect[1:] <= 0).mean(), (effect[1:] >= 0).mean()))
             rows.append({"comparison": comparison, "a": a, "b": b, "distribution": where, "effect": effect[0], "ratio": math.exp(effect[0]),
-                         "ci_low": math.exp(low), "ci_high": math.exp(high), "p_value": max(p, 1 / n_boot), "p_floor": 1 / n_boot,
+                         "ci_low": math.exp(low), "ci_high": math.exp(high), "p_value": max(p, 1 / n_boot),
+                         "p_floor": 1 / n_boot,
                          "se": float(np.std(effect[1:], ddof=1)),
                          "n_windows": n_windows[where] if where in n_windows else min(n_windows[d] for d in names)})
     return pd.DataFrame(rows)

@@ -84,7 +84,8 @@ def agreement(results: Results, metric: str = "cosine") -> pd.DataFrame:
     """Per module kind: mean ρ between distributions with its CI (the mean over pairs within each bootstrap replicate),
     the lowest pair, mean Jaccard@k with its CI, the split-half noise floor (lowest distribution) and the pairs that
     differ beyond resampling noise (:func:`analysis.study.resolution.beyond_noise`)."""
-    means, floor, pairs = (results.table(name, metric) for name in ("bootstrap_pair_mean", "split_half", "bootstrap_pairs"))
+    names = ("bootstrap_pair_mean", "split_half", "bootstrap_pairs")
+    means, floor, pairs = (results.table(name, metric) for name in names)
     if not (len(means) and len(floor) and len(pairs)):
         return pd.DataFrame()
     rows = []
@@ -98,7 +99,8 @@ def agreement(results: Results, metric: str = "cosine") -> pd.DataFrame:
         rows.append({"module": module, "k": k, "rho": m["spearman"], "rho_low": m["spearman_ci_low"], "rho_high": m["spearman_ci_high"],
                      "rho_min": m["spearman_min"], "floor": fl["reliability"].min(), "jaccard": m[f"jaccard@{k}"],
                      "jaccard_low": m[f"jaccard@{k}_ci_low"], "jaccard_high": m[f"jaccard@{k}_ci_high"],
-                     "floor_jaccard": fl[f"split_half_jaccard@{k}"].min(), "beyond": int(marked["beyond_noise"].sum()), "pairs": len(marked)})
+                     "floor_jaccard": fl[f"split_half_jaccard@{k}"].min(), "beyond": int(marked["beyond_noise"].sum()),
+                     "pairs": len(marked)})
     return pd.DataFrame(rows)
 
 
@@ -143,8 +145,9 @@ def claims(results: Results) -> pd.DataFrame:
 
 
 def recommendations(results: Results) -> pd.DataFrame:
-    """Per module and budget, the drop set to use when its paired CI on the same held-out windows separates it from every
-    other distinct set (:func:`analysis.study.resolution.set_groups`), else the group of sets the best cannot be separated from."""
+    """Per module and budget, the drop set to use when its paired CI on the same held-out windows separates it from
+    every other distinct set (:func:`analysis.study.resolution.set_groups`), else the group of sets the best cannot be
+    separated from."""
     groups, ranked = results.table("set_groups"), ranked_sets(results)
     if not len(groups) or not len(ranked):
         return pd.DataFrame()
@@ -154,17 +157,18 @@ def recommendations(results: Results) -> pd.DataFrame:
     for (module, k), part in groups.groupby(["module", "k"], sort=False):
         best, group = part.iloc[0], part[part["in_group"]]
         members = _numeric_order(pruned.loc[best["drop_set"], "indices"]) if pruned is not None else []
-        others = group[~group["same_as_best"]]
+        others, runner = group[~group["same_as_best"]], part[~part["same_as_best"]]
         names = resolution.names_text([_set_name(label) for label in group.loc[group["same_as_best"], "drop_set"]])
-        if best["resolved"]:
-            runner = part[~part["same_as_best"]]
-            status = (f"{_resolved(True)}: recommended; paired best / runner-up {_set_name(runner['drop_set'].iloc[0])} "
-                      f"{_ci(runner['ratio_to_best'].iloc[0], runner['pair_ci_low'].iloc[0], runner['pair_ci_high'].iloc[0], 3)}"
-                      if len(runner) else f"{_resolved(True)}: the only set evaluated")
+        if best["resolved"] and len(runner):
+            first = runner.iloc[0]
+            status = (f"{_resolved(True)}: recommended; paired best / runner-up {_set_name(first['drop_set'])} "
+                      f"{_ci(first['ratio_to_best'], first['pair_ci_low'], first['pair_ci_high'], 3)}")
+        elif best["resolved"]:
+            status = f"{_resolved(True)}: the only set evaluated"
         else:
-            status = (f"{_resolved(False)}: cannot be separated from {', '.join(_set_name(label) for label in others['drop_set'])}; "
-                      + resolution.needs_text(others["windows_needed"].max(), "held-out windows per distribution", others["n_windows"].min())
-                      + " would separate them")
+            needs = resolution.needs_text(others["windows_needed"].max(), resolution.WINDOWS, others["n_windows"].min())
+            status = (f"{_resolved(False)}: cannot be separated from "
+                      f"{', '.join(_set_name(label) for label in others['drop_set'])}; {needs} would separate them")
         rows.append({"module": module, "k": k, "best": names, "drop": _names(members),
                      "worst ratio [95% CI]": shown.loc[best["drop_set"], "worst ratio [95% CI]"],
                      "median ratio": shown.loc[best["drop_set"], "median ratio"], "resolution": status})
@@ -185,37 +189,42 @@ def section_header(results: Results) -> list[str]:
             f"`{m.get('weights_sha256')}`. Distributions: {_names(distributions)}; proxy metrics on {s.samples} samples × {s.seq_len} "
             f"tokens each, the ablation ground truth on {s.ablation_samples} × {s.ablation_seq_len} (seed {s.seed}); bootstrap "
             f"{s.n_boot} resamples, permutation test {s.n_perm} shuffles. Metrics: {_names(s.metrics)} (see analysis/importance/metrics.py). "
-            "Every number in brackets is a 95% bootstrap CI (for ρ and Jaccard the basic, bias-correcting interval; for held-out "
-            "ratios the percentile interval over windows). Each headline claim is marked **resolved** or **not resolved** at this "
-            "run's budget, with what would resolve it (see *What this run resolves*).", "", "[TOC]", ""]
+            "Every number in brackets is a 95% bootstrap CI (for ρ and Jaccard the basic, bias-correcting interval; for "
+            "held-out ratios the percentile interval over windows). Each headline claim is marked **resolved** or **not "
+            "resolved** at this run's budget, with what would resolve it (see *What this run resolves*).", "", "[TOC]", ""]
 
 
 def _claim_line(claim) -> str:
-    """``"**resolved**"`` or ``"**not resolved** at this run's budget: <what would resolve it>"``."""
-    return _resolved(True) if claim.resolved else f"{_resolved(False)} at this run's budget; what would resolve it: {claim.needs}"
+    """``"**resolved**"`` or ``"**not resolved** at this run's budget; what would resolve it: <needs>"``."""
+    if claim.resolved:
+        return _resolved(True)
+    return f"{_resolved(False)} at this run's budget; what would resolve it: {claim.needs}"
 
 
 def section_verdict(results: Results) -> list[str]:
-    """The answer in a few sentences with CIs, each claim marked resolved or not (:mod:`analysis.study.resolution`): does the
-    data move the ranking, which set loses least (a set only when it is separated from the rest), is the proxy right."""
+    """The answer in a few sentences with CIs, each claim marked resolved or not (:mod:`analysis.study.resolution`):
+    does the data move the ranking, which set loses least (a set only when it is separated from the rest), is the
+    proxy right, the data or the metric."""
     lines = ["## Verdict", ""]
     table = claims(results)
-    by = {(c.claim, c.module, None if pd.isna(c.k) else int(c.k), c.subject): c for c in table.itertuples()}
+    by = {(c.claim, c.module, c.subject): c for c in table.itertuples()}
     for row in agreement(results).itertuples():
-        claim = by.get(("data changes the ranking", row.module, None, f"cosine, {row.pairs} pairs of distributions"))
-        moved = ("the calibration data changes the ranking" if row.beyond else "no pair of distributions differs beyond resampling noise")
-        lines.append(f"- **{row.module}**: rankings agree at ρ {_ci(row.rho, row.rho_low, row.rho_high)} between distributions, against a "
-                     f"split-half noise floor of {row.floor:.2f}; {row.beyond} of {row.pairs} pairs differ beyond resampling noise, so {moved}"
+        claim = by.get(("data changes the ranking", row.module, f"cosine, {row.pairs} pairs of distributions"))
+        moved = ("the calibration data changes the ranking" if row.beyond else
+                 "no pair of distributions differs beyond resampling noise")
+        lines.append(f"- **{row.module}**: rankings agree at ρ {_ci(row.rho, row.rho_low, row.rho_high)} between "
+                     f"distributions, against a split-half noise floor of {row.floor:.2f}; {row.beyond} of {row.pairs} "
+                     f"pairs differ beyond resampling noise, so {moved}"
                      f"{f' ({_claim_line(claim)})' if claim is not None else ''}; size-{row.k} drop sets share "
                      f"{_ci(row.jaccard, row.jaccard_low, row.jaccard_high)} of their members (Jaccard).")
     for line in recommendations(results).to_dict("records"):
-        ratio, status = line["worst ratio [95% CI]"], line["resolution"]
+        ratio, status, best = line["worst ratio [95% CI]"], line["resolution"], line["best"]
         lines.append(f"- **{line['module']}-{line['k']} on held-out text**: " + (
-            f"use the {line['best']} set, {ratio}× the unpruned perplexity on its worst distribution; {status}."
-            if status.startswith(_resolved(True)) else f"the {line['best']} set has the lowest worst-case ratio ({ratio}×), but {status}."))
-    for claim in table[table["claim"] == "proxy vs ground truth"].itertuples():
-        if claim.subject == "cosine":
-            lines.append(f"- **{claim.module}: is cosine the right metric?** {claim.finding} ({_claim_line(claim)}).")
+            f"use the {best} set, {ratio}× the unpruned perplexity on its worst distribution; {status}."
+            if status.startswith(_resolved(True)) else
+            f"the {best} set has the lowest worst-case ratio ({ratio}×), but {status}."))
+    for claim in table[(table["claim"] == "proxy vs ground truth") & (table["subject"] == "cosine")].itertuples():
+        lines.append(f"- **{claim.module}: is cosine the right metric?** {claim.finding} ({_claim_line(claim)}).")
     for claim in table[table["claim"] == "data or metric"].itertuples():
         lines.append(f"- **{claim.module}: data or metric?** {claim.finding}: {claim.subject} "
                      f"{_ci(claim.estimate, claim.ci_low, claim.ci_high)} ({_claim_line(claim)}).")
@@ -229,84 +238,112 @@ def _about(claim) -> str:
     return f"{claim.module}{'' if pd.isna(claim.k) else f'-{int(claim.k)}'}: {claim.subject}"
 
 
+RESOLUTION_RULES = (
+    "The rules (analysis/study/resolution.py): a paired comparison is resolved when its 95% paired bootstrap CI on the "
+    "same held-out windows excludes 1; a set is *recommended* only when it is separated that way from every other "
+    "distinct set of its module kind and budget, else the group it cannot be separated from is named; a claim resting "
+    "on the ablation ranking is resolved when the ground truth's split-half reliability reaches {reliable} on every "
+    "distribution; two rankings differ *beyond resampling noise* when the upper end of their ρ's 95% CI is below "
+    "sqrt(rel_a · rel_b) of their split-half reliabilities. What would resolve an open claim is sized for a two-sided "
+    "test at α = {alpha} with power {power} at the observed effect and spread: held-out windows (standard error "
+    "shrinking as 1/√n), ground-truth tokens (Spearman-Brown prophecy) or calibration samples.")
+
+
 def section_resolution(results: Results) -> list[str]:
     """Every headline claim with its resolution at this run's budget and what would resolve it."""
     table = claims(results)
     if not len(table):
         return []
-    shown = pd.DataFrame({
-        "claim": table["claim"], "about": [_about(c) for c in table.itertuples()],
-        "finding": table["finding"],
-        "estimate [95% CI]": [f"{c.estimate:.3f}" if np.isnan(c.ci_low) else _ci(c.estimate, c.ci_low, c.ci_high, 3) for c in table.itertuples()],
-        "resolved": np.where(table["resolved"], "**resolved**", "**not resolved**"), "what would resolve it": table["needs"].fillna(""),
-    })
-    n = int(table["resolved"].sum())
-    return ["## What this run resolves", "", f"{n} of {len(table)} headline claims are resolved at this run's budget. The rules "
-            f"(analysis/study/resolution.py): a paired comparison is resolved when its 95% paired bootstrap CI on the same held-out "
-            f"windows excludes 1; a set is *recommended* only when it is separated that way from every other distinct set of its "
-            f"module kind and budget, else the group it cannot be separated from is named; a claim resting on the ablation "
-            f"ranking is resolved when the ground truth's split-half reliability reaches {resolution.RELIABLE} on every "
-            f"distribution; two rankings differ *beyond resampling noise* when the upper end of their ρ's 95% CI is below "
-            f"sqrt(rel_a · rel_b) of their split-half reliabilities. What would resolve an open claim is sized for a two-sided test at "
-            f"α = {resolution.ALPHA} with power {resolution.POWER} at the observed effect and spread: held-out windows "
-            f"(standard error shrinking as 1/√n), ground-truth tokens (Spearman-Brown prophecy) or calibration samples.", "",
-            _table(shown), ""]
+    estimate = [f"{c.estimate:.3f}" if np.isnan(c.ci_low) else _ci(c.estimate, c.ci_low, c.ci_high, 3)
+                for c in table.itertuples()]
+    shown = pd.DataFrame({"claim": table["claim"], "about": [_about(c) for c in table.itertuples()],
+                          "finding": table["finding"], "estimate [95% CI]": estimate,
+                          "resolved": np.where(table["resolved"], "**resolved**", "**not resolved**"),
+                          "what would resolve it": table["needs"].fillna("")})
+    rules = RESOLUTION_RULES.format(reliable=resolution.RELIABLE, alpha=resolution.ALPHA, power=resolution.POWER)
+    return ["## What this run resolves", "",
+            f"{int(table['resolved'].sum())} of {len(table)} headline claims are resolved at this run's budget. "
+            f"{rules}",
+            "", _table(shown), ""]
 
 
 def section_recommendations(results: Results) -> list[str]:
     table = recommendations(results)
     if not len(table):
         return []
-    return ["## Recommended drop sets", "", "Per module kind and budget, the set with the lowest worst-case held-out perplexity ratio "
-            "(real loss on held-out text of every distribution, not proxy regret); random sets excluded. Ratio 1.00 = no loss. It is "
-            "*recommended* only when the paired 95% CI on the same held-out windows (best / other, worst case over distributions) "
-            "separates it from every other distinct set of its kind and budget; otherwise the sets it cannot be separated from are "
-            "named, with the held-out windows per distribution that would separate them (power 0.8 at the observed difference). "
-            "Sets with the same members are one set (joined by =). Every set's paired comparison with the best is in "
-            "set_groups.parquet.", "", _table(table), ""]
+    return ["## Recommended drop sets", "",
+            "Per module kind and budget, the set with the lowest worst-case held-out perplexity ratio (real loss on "
+            "held-out text of every distribution, not proxy regret); random sets excluded. Ratio 1.00 = no loss. It is "
+            "*recommended* only when the paired 95% CI on the same held-out windows (best / other, worst case over "
+            "distributions) separates it from every other distinct set of its kind and budget; otherwise the sets it "
+            "cannot be separated from are named, with the held-out windows per distribution that would separate them "
+            "(power 0.8 at the observed difference). Sets with the same members are one set (joined by =). Every set's "
+            "paired comparison with the best is in set_groups.parquet.", "", _table(table), ""]
+
+
+DECOMPOSITION_AXES = {"distribution": "across distributions, one metric held",
+                      "metric": "across proxies, one distribution held",
+                      "ground truth": "proxy against the ground truth, one distribution held"}
+
+
+def decomposition_lines(decomposition: pd.DataFrame) -> list[str]:
+    """Mean ρ along each axis of the decomposition, raw (corrected), one table per axis."""
+    if "mean_corrected" not in decomposition:
+        decomposition = decomposition.assign(mean_corrected=np.nan)
+    lines = ["## The model, the data or the metric?", "",
+             "Mean Spearman ρ between rankings that differ in one thing only, raw and corrected for attenuation "
+             "(ρ / sqrt(rel_a · rel_b), each ranking's split-half reliability stepped up by Spearman-Brown). Lower ρ "
+             "along an axis: that axis moves the ranking more. The proxies among themselves and each proxy against the "
+             "ablation ground truth are shown apart, so the ground truth's own noise is not counted as metric "
+             "disagreement. A corrected value above 1 means the split-half reliabilities understate the rankings' "
+             "agreement (read it as 1); nan: a reliability at or below 0.", ""]
+    for axis, title in DECOMPOSITION_AXES.items():
+        part = decomposition[decomposition["axis"] == axis]
+        if len(part):
+            cells = part.assign(cell=[f"{r.mean_spearman:.2f} ({r.mean_corrected:.2f})" for r in part.itertuples()])
+            pivot = cells.pivot_table(index="module", columns="held", values="cell", aggfunc="first", sort=False)
+            lines += [f"### Mean ρ {title}: raw (corrected)", "", _table(pivot.reset_index()), ""]
+    return lines
+
+
+def data_or_metric_lines(test: pd.DataFrame) -> list[str]:
+    """The bootstrap test of the proxies' agreement across distributions against across metrics."""
+    shown = pd.DataFrame({"module": test["module"], "across distributions": test["across_distributions"],
+                          "across proxies": test["across_metrics"],
+                          "proxies − distributions [95% CI]": [_ci(r.difference, r.ci_low, r.ci_high)
+                                                               for r in test.itertuples()],
+                          "resolution": [_resolved(r.ci_low > 0 or r.ci_high < 0) for r in test.itertuples()]})
+    return ["### Data or metric, tested", "",
+            "Mean ρ over every proxy and pair of distributions against mean ρ over every distribution and pair of "
+            "proxies, the difference with a basic bootstrap CI (samples resampled, the same draw for every proxy). "
+            "Above 0: the data moves the ranking more; resolved when the CI excludes 0.", "", _table(shown), ""]
+
+
+def validity_lines(validity: pd.DataFrame, split_half: pd.DataFrame) -> list[str]:
+    """Each proxy against the ground truth, raw and corrected for attenuation, and the ground truth's reliability."""
+    corrected = resolution.corrected_validity(validity, split_half)
+    cells = [f"{_ci(r.spearman, r.spearman_ci_low, r.spearman_ci_high)}; corrected {r.corrected:.2f}"
+             f"{' (beyond noise)' if r.beyond_noise else ''}" for r in corrected.itertuples()]
+    pivot = corrected.assign(cell=cells).pivot_table(index=["module", "metric"], columns="distribution", values="cell",
+                                                     aggfunc="first", sort=False)
+    reliability = corrected.pivot_table(index="module", columns="distribution", values="reliability_truth",
+                                        aggfunc="first", sort=False)
+    return ["### Does each proxy rank modules like the real loss?", "",
+            "Spearman ρ between each proxy's ranking and the ablation ranking (NLL increase when the module alone is "
+            "dropped), per distribution, with its basic bootstrap CI, and corrected for both rankings' split-half "
+            "reliability; *beyond noise*: the CI's upper end is below sqrt(rel_proxy · rel_truth), so the proxy ranks "
+            "unlike the real loss even allowing for the noise of both.", "", _table(pivot.reset_index()), "",
+            "The ground truth's split-half reliability (Spearman-Brown stepped up):", "",
+            _table(reliability.reset_index(), 2), ""]
 
 
 def section_data_or_metric(results: Results) -> list[str]:
-    decomposition, validity, test = results.table("decomposition"), results.table("validity"), results.table("data_or_metric")
-    lines = []
-    if len(decomposition):
-        if "mean_corrected" not in decomposition:
-            decomposition = decomposition.assign(mean_corrected=np.nan)
-        lines += ["## The model, the data or the metric?", "", "Mean Spearman ρ between rankings that differ in one thing only, raw and "
-                  "corrected for attenuation (ρ / sqrt(rel_a · rel_b), each ranking's split-half reliability stepped up by Spearman-Brown). "
-                  "Lower ρ along an axis: that axis moves the ranking more. The proxies among themselves and each proxy against the "
-                  "ablation ground truth are shown apart, so the ground truth's own noise is not counted as metric disagreement. A "
-                  "corrected value above 1 means the split-half reliabilities understate the rankings' agreement (read it as 1); nan: "
-                  "a reliability at or below 0.", ""]
-        names = {"distribution": "across distributions, one metric held", "metric": "across proxies, one distribution held",
-                 "ground truth": "proxy against the ground truth, one distribution held"}
-        for axis, title in names.items():
-            part = decomposition[decomposition["axis"] == axis]
-            if not len(part):
-                continue
-            pivot = part.assign(cell=[f"{r.mean_spearman:.2f} ({r.mean_corrected:.2f})" for r in part.itertuples()]).pivot_table(
-                index="module", columns="held", values="cell", aggfunc="first", sort=False).reset_index()
-            lines += [f"### Mean ρ {title}: raw (corrected)", "", _table(pivot), ""]
+    decomposition, validity, test = (results.table(name) for name in ("decomposition", "validity", "data_or_metric"))
+    lines = decomposition_lines(decomposition) if len(decomposition) else []
     if len(test):
-        shown = test.assign(**{"across distributions": test["across_distributions"], "across proxies": test["across_metrics"],
-                               "proxies − distributions [95% CI]": [_ci(r.difference, r.ci_low, r.ci_high) for r in test.itertuples()],
-                               "resolution": [_resolved(r.ci_low > 0 or r.ci_high < 0) for r in test.itertuples()]})
-        lines += ["### Data or metric, tested", "", "Mean ρ over every proxy and pair of distributions against mean ρ over every "
-                  "distribution and pair of proxies, the difference with a bootstrap CI (samples resampled, the same draw for every "
-                  "proxy). Above 0: the data moves the ranking more; resolved when the CI excludes 0.", "",
-                  _table(shown[["module", "across distributions", "across proxies", "proxies − distributions [95% CI]", "resolution"]]), ""]
+        lines += data_or_metric_lines(test)
     if len(validity) and len(results.table("split_half")):
-        corrected = resolution.corrected_validity(validity, results.table("split_half"))
-        shown = corrected.assign(**{"cell": [f"{_ci(r.spearman, r.spearman_ci_low, r.spearman_ci_high)}; corrected {r.corrected:.2f}"
-                                             f"{' (beyond noise)' if r.beyond_noise else ''}" for r in corrected.itertuples()]})
-        reliability = corrected.groupby(["module", "distribution"], sort=False)["reliability_truth"].first().reset_index()
-        lines += ["### Does each proxy rank modules like the real loss?", "", "Spearman ρ between each proxy's ranking and the ablation "
-                  "ranking (NLL increase when the module alone is dropped), per distribution, with its basic bootstrap CI, and "
-                  "corrected for both rankings' split-half reliability; *beyond noise*: the CI's upper end is below "
-                  "sqrt(rel_proxy · rel_truth), so the proxy ranks unlike the real loss even allowing for the noise of both.", "",
-                  _table(shown.pivot_table(index=["module", "metric"], columns="distribution", values="cell", aggfunc="first", sort=False).reset_index()), "",
-                  "The ground truth's split-half reliability (Spearman-Brown stepped up):", "",
-                  _table(reliability.pivot_table(index="module", columns="distribution", values="reliability_truth", sort=False).reset_index(), 2), ""]
+        lines += validity_lines(validity, results.table("split_half"))
     return lines
 
 
@@ -316,9 +353,10 @@ def section_agreement(results: Results) -> list[str]:
         return []
     lines = ["## Agreement between distributions and the noise floor (cosine)", "",
              "ρ and Jaccard@k between every pair of distributions' rankings (higher: more alike), beside the split-half noise floor "
-             "(two halves of one distribution's samples, Spearman-Brown corrected) and the pairs that differ beyond resampling noise: "
-             "the upper end of the pair's 95% CI of ρ is below sqrt(rel_a · rel_b) of the two distributions' noise floors (the one "
-             "definition the whole report and `calibdrop summary` use; analysis/study/resolution.py).", "", _table(agreement_display(summary)), ""]
+             "(two halves of one distribution's samples, Spearman-Brown corrected) and the pairs that differ beyond "
+             "resampling noise: the upper end of the pair's 95% CI of ρ is below sqrt(rel_a · rel_b) of the two "
+             "distributions' noise floors (the one definition the whole report and `calibdrop summary` use; "
+             "analysis/study/resolution.py).", "", _table(agreement_display(summary)), ""]
     pairs, floor = results.table("agreement", "cosine"), results.table("split_half", "cosine")
     for module in summary["module"]:
         part, fl = pairs[pairs["module"] == module], floor[floor["module"] == module].set_index("distribution")
@@ -423,15 +461,16 @@ def section_comparisons(results: Results) -> list[str]:
         return []
     worst = resolution.headline_comparisons(comparisons).copy()
     floor = worst["p_floor"] if "p_floor" in worst else 1 / results.settings.n_boot
-    worst["verdict"] = np.where(worst["ci_high"] < 1, "a loses less", np.where(worst["ci_low"] > 1, "b loses less", "not separated"))
+    worst["verdict"] = np.where(worst["ci_high"] < 1, "a loses less",
+                                np.where(worst["ci_low"] > 1, "b loses less", "not separated"))
     worst["ratio a/b [95% CI]"] = [_ci(r.ratio, r.ci_low, r.ci_high, 3) for r in worst.itertuples()]
     worst["p"] = [resolution.p_text(p, f) for p, f in zip(worst["p_value"], np.broadcast_to(floor, len(worst)))]
     claimed = pd.DataFrame(resolution.comparison_claims(comparisons))
-    worst["resolution"] = [f"{_resolved(c.resolved)}" + ("" if c.resolved else f": {c.needs}") for c in claimed.itertuples()] if len(claimed) else ""
-    return ["## Paired comparisons on the same held-out windows", "", "Worst-case perplexity of drop set a over drop set b (below 1: "
-            "a loses less; for a comparison on one distribution, that distribution's); paired bootstrap over windows. Resolved when "
-            "the CI excludes 1; otherwise the held-out windows per distribution that would resolve it at the observed difference "
-            "(power 0.8). Per-distribution rows are in comparisons.parquet.", "",
+    worst["resolution"] = [_resolved(c.resolved) + ("" if c.resolved else f": {c.needs}") for c in claimed.itertuples()]
+    return ["## Paired comparisons on the same held-out windows", "", "Worst-case perplexity of drop set a over drop set b "
+            "(below 1: a loses less; for a comparison on one distribution, that distribution's); paired bootstrap over "
+            "windows. Resolved when the CI excludes 1; otherwise the held-out windows per distribution that would "
+            "resolve it at the observed difference (power 0.8). Per-distribution rows are in comparisons.parquet.", "",
             _table(worst[["comparison", "ratio a/b [95% CI]", "p", "verdict", "resolution"]]), ""]
 
 
@@ -488,6 +527,13 @@ def section_accuracy(results: Results) -> list[str]:
     return lines
 
 
+def _permutation_floor(checked: pd.DataFrame, results: Results) -> pd.Series:
+    """The floor ``1 / (n_perm + 1)`` of each check's permutation p-value (from the table, else the settings)."""
+    if "p_floor" in checked:
+        return checked["p_floor"]
+    return pd.Series(1 / (results.settings.n_perm + 1), index=checked.index)
+
+
 def section_check(results: Results) -> list[str]:
     checked = results.table("check")
     if not len(checked):
@@ -495,8 +541,7 @@ def section_check(results: Results) -> list[str]:
     shown = checked.assign(**{
         "ρ to the set's ranking": checked["spearman"],
         "your noise floor [95% CI]": [_ci(r.noise_floor, r.noise_floor_ci_low, r.noise_floor_ci_high, 3) for r in checked.itertuples()],
-        "permutation p": [resolution.p_text(p, f) for p, f in zip(checked["p_permutation"], checked["p_floor"] if "p_floor" in checked
-                                                                   else np.full(len(checked), 1 / (results.settings.n_perm + 1)))],
+        "permutation p": [resolution.p_text(p, f) for p, f in zip(checked["p_permutation"], _permutation_floor(checked, results))],
         "excess": checked["excess"]})
     first = checked.iloc[0]
     lines = ["## Does a drop set hold on new data? (`calibdrop check`)", "",
@@ -548,7 +593,8 @@ def routing_display(results: Results) -> pd.DataFrame:
             row[name] = _ci(r["ppl_ratio"], r["ci_low"], r["ci_high"], 3)
         if label in mix_pairs.index:
             pair = mix_pairs.loc[label]
-            row["routed / this set, pooled mix"] = f"{_ci(pair['ratio'], pair['ci_low'], pair['ci_high'], 3)}, {_p(pair, results)}"
+            ratio = _ci(pair['ratio'], pair['ci_low'], pair['ci_high'], 3)
+            row["routed / this set, pooled mix"] = f"{ratio}, {_p(pair, results)}"
         rows.append(row)
     return pd.DataFrame(rows).fillna("")
 
@@ -576,7 +622,8 @@ def section_routing(results: Results) -> list[str]:
             "model with 95% bootstrap CIs; routed / this set paired over the same windows (below 1: routing loses less); *oracle* "
             "sends every window to its true source's own set.", "", _table(routing_display(results)), "",
             f"{verdict}: routed / borda on the pooled mix {_ci(versus['ratio'], versus['ci_low'], versus['ci_high'], 3)} "
-            f"({_p(versus, results)}; {_resolved(beats or loses)}{'' if beats or loses else ': ' + _routing_needs(versus)}). Router accuracy {accuracy.loc['all', 'accuracy']:.0%} "
+            f"({_p(versus, results)}; {_resolved(beats or loses)}"
+            f"{'' if beats or loses else ': ' + _routing_needs(versus)}). Router accuracy {accuracy.loc['all', 'accuracy']:.0%} "
             f"[{accuracy.loc['all', 'ci_low']:.0%}, {accuracy.loc['all', 'ci_high']:.0%}] over {int(accuracy.loc['all', 'n_windows'])} "
             f"windows (lowest: {worst_source}, {accuracy.loc[worst_source, 'accuracy']:.0%}). Routed inference reproduced the chosen "
             f"set's static NLL on every window (largest difference {first['max_abs_static_difference']:.2g} nats).", ""]

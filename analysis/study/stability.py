@@ -220,9 +220,10 @@ def percentile_interval(values: np.ndarray, level: float) -> tuple[float, float]
     return tuple(np.nanpercentile(values, [tail, 100 - tail]))
 
 
-def basic_interval(values: np.ndarray, point: float, level: float, bounds: tuple[float, float] = (-1.0, 1.0)) -> tuple[float, float]:
-    """The basic (reverse-percentile) bootstrap interval ``[2 θ̂ - q_(1+level)/2, 2 θ̂ - q_(1-level)/2]`` of replicates
-    ``values`` around the estimate ``point``, clipped to ``bounds`` (NaNs ignored).
+def basic_interval(values: np.ndarray, point: float, level: float,
+                   bounds: tuple[float, float] = (-1.0, 1.0)) -> tuple[float, float]:
+    """The basic (reverse-percentile) bootstrap interval ``[2 θ̂ - q_(1+level)/2, 2 θ̂ - q_(1-level)/2]`` of
+    replicates ``values`` around the estimate ``point``, clipped to ``bounds`` (NaNs ignored).
 
     It corrects the bias the bootstrap sees (replicates below the estimate put the interval above it), which the
     percentile interval doubles: a ρ between two noisy rankings is attenuated, and its replicates, noisier still, are
@@ -269,16 +270,18 @@ def bootstrap(
         for kk in k_values:
             row[f"jaccard@{kk}"] = jaccard(drop_set(point[a], kk), drop_set(point[b], kk))
             pair_jaccards[kk].append(rowwise_jaccard(replicates[a], replicates[b], kk))
-            row[f"jaccard@{kk}_ci_low"], row[f"jaccard@{kk}_ci_high"] = basic_interval(pair_jaccards[kk][-1], row[f"jaccard@{kk}"], level, (0, 1))
+            row[f"jaccard@{kk}_ci_low"], row[f"jaccard@{kk}_ci_high"] = basic_interval(
+                pair_jaccards[kk][-1], row[f"jaccard@{kk}"], level, (0, 1))
         pair_rows.append(row)
     pairs = pd.DataFrame(pair_rows)
     mean_row = {"metric": arrays.metric, "module": module, "n_pairs": len(pair_rows), "spearman": pairs["spearman"].mean(),
                 "spearman_min": pairs["spearman"].min()}
-    mean_row["spearman_ci_low"], mean_row["spearman_ci_high"] = basic_interval(np.mean(pair_rhos, axis=0), mean_row["spearman"], level)
+    mean_row["spearman_ci_low"], mean_row["spearman_ci_high"] = basic_interval(
+        np.mean(pair_rhos, axis=0), mean_row["spearman"], level)
     for kk in k_values:
         mean_row[f"jaccard@{kk}"] = pairs[f"jaccard@{kk}"].mean()
-        mean_row[f"jaccard@{kk}_ci_low"], mean_row[f"jaccard@{kk}_ci_high"] = basic_interval(np.mean(pair_jaccards[kk], axis=0),
-                                                                                               mean_row[f"jaccard@{kk}"], level, (0, 1))
+        mean_row[f"jaccard@{kk}_ci_low"], mean_row[f"jaccard@{kk}_ci_high"] = basic_interval(
+            np.mean(pair_jaccards[kk], axis=0), mean_row[f"jaccard@{kk}"], level, (0, 1))
     return {"importance": pd.DataFrame(rows).assign(module=module), "pairs": pairs, "pair_mean": pd.DataFrame([mean_row])}
 
 

@@ -2,7 +2,8 @@
 
 * :func:`metric_validity`: per distribution, module kind and proxy metric, Spearman ρ and Kendall
   τ-b between the proxy's ranking and the ablation ranking (the increase in NLL when each module
-  alone is dropped), with basic bootstrap CIs (the proxy's and the ablation's samples each resampled; :func:`~analysis.study.stability.basic_interval`).
+  alone is dropped), with basic bootstrap CIs (the proxy's and the ablation's samples each resampled;
+  :func:`~analysis.study.stability.basic_interval`).
 * :func:`ranking_decomposition`: agreement across distributions within a metric, across proxies within a
   distribution, and of each proxy with the ground truth (apart), raw and corrected for attenuation.
 * :func:`data_or_metric`: across distributions against across proxies, with a bootstrap CI of the difference.
@@ -70,7 +71,7 @@ def metric_validity(scores: pd.DataFrame, *, modules: Sequence[str] = ("attn", "
 
 
 def _reliability_of(reliability: pd.DataFrame | None, module: str):
-    """``(metric, distribution) -> split-half reliability`` of one module kind (NaN when the table lacks it or is None)."""
+    """``(metric, distribution) -> split-half reliability`` of one module kind (NaN where the table lacks it)."""
     if reliability is None or not len(reliability):
         return lambda metric, d: np.nan
     table = reliability[reliability["module"] == module].set_index(["metric", "distribution"])["reliability"]
@@ -95,8 +96,9 @@ def ranking_decomposition(scores: pd.DataFrame, *, modules: Sequence[str] = ("at
 
     def row(module, axis, held, pairs):
         rhos = np.array([rho for rho, _ in pairs])
-        return {"module": module, "axis": axis, "held": held, "mean_spearman": float(rhos.mean()), "min_spearman": float(rhos.min()),
-                "mean_corrected": float(np.mean([c for _, c in pairs])), "n_pairs": len(pairs)}
+        return {"module": module, "axis": axis, "held": held, "mean_spearman": float(rhos.mean()),
+                "min_spearman": float(rhos.min()), "mean_corrected": float(np.mean([c for _, c in pairs])),
+                "n_pairs": len(pairs)}
 
     for module in modules:
         rel = _reliability_of(reliability, module)
@@ -108,7 +110,8 @@ def ranking_decomposition(scores: pd.DataFrame, *, modules: Sequence[str] = ("at
             return rho, float(disattenuate(rho, rel(a, da), rel(b, db)))
 
         for metric in metrics:
-            rows.append(row(module, "distribution", metric, [pair(metric, metric, a, b) for a, b in combinations(distributions, 2)]))
+            pairs = [pair(metric, metric, a, b) for a, b in combinations(distributions, 2)]
+            rows.append(row(module, "distribution", metric, pairs))
         for d in distributions:
             if len(proxies) > 1:
                 rows.append(row(module, "metric", d, [pair(a, b, d, d) for a, b in combinations(proxies, 2)]))
@@ -117,8 +120,8 @@ def ranking_decomposition(scores: pd.DataFrame, *, modules: Sequence[str] = ("at
     return pd.DataFrame(rows)
 
 
-def data_or_metric(scores: pd.DataFrame, *, modules: Sequence[str] = ("attn", "mlp", "block", "joint"), n_boot: int = 1000,
-                   level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+def data_or_metric(scores: pd.DataFrame, *, modules: Sequence[str] = ("attn", "mlp", "block", "joint"),
+                   n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
     """Does the data or the metric move the ranking more?  Proxies only, so the ground truth's noise plays no part.
 
     Per module kind: ``across_distributions``, the mean ρ over every proxy and pair of distributions, and
@@ -143,12 +146,15 @@ def data_or_metric(scores: pd.DataFrame, *, modules: Sequence[str] = ("attn", "m
             for m in proxies:
                 sums, tokens, _ = arrays[m][d]
                 values[m, d] = weighted_importance(weights, sums, tokens, m)
-        across_d = np.mean([rowwise_spearman(values[m, a], values[m, b]) for m in proxies for a, b in combinations(distributions, 2)], axis=0)
-        across_m = np.mean([rowwise_spearman(values[a, d], values[b, d]) for d in distributions for a, b in combinations(proxies, 2)], axis=0)
+        across_d = np.mean([rowwise_spearman(values[m, a], values[m, b])
+                            for m in proxies for a, b in combinations(distributions, 2)], axis=0)
+        across_m = np.mean([rowwise_spearman(values[a, d], values[b, d])
+                            for d in distributions for a, b in combinations(proxies, 2)], axis=0)
         difference = across_m - across_d
         low, high = basic_interval(difference[1:], difference[0], level, (-2, 2))
-        rows.append({"module": module, "across_distributions": across_d[0], "across_metrics": across_m[0], "difference": difference[0],
-                     "ci_low": low, "ci_high": high, "se": float(np.std(difference[1:], ddof=1)),
+        rows.append({"module": module, "across_distributions": across_d[0], "across_metrics": across_m[0],
+                     "difference": difference[0], "ci_low": low, "ci_high": high,
+                     "se": float(np.std(difference[1:], ddof=1)),
                      "n_samples": min(len(arrays[proxies[0]][d][1]) for d in distributions), "n_proxies": len(proxies),
                      "n_distributions": len(distributions)})
     return pd.DataFrame(rows)
