@@ -194,3 +194,12 @@ def test_forest_needs_comparisons(runs):
     assert tables["comparisons"].empty
     with pytest.raises(InputError, match="no consensus-vs-single"):
         cross.consensus_forest(pd.DataFrame(columns=["model", "a", "b", "a_kind", "b_kind", "distribution", "ratio", "ci_low", "ci_high"]))
+
+
+def test_claims_of_every_run_that_has_them(tmp_path):
+    folder = fake_run(tmp_path / "a", "model-a", 5)
+    claims = pd.DataFrame({"claim": ["recommended set"], "module": ["attn"], "k": [2], "subject": ["cosine/attn-2:borda"],
+                           "finding": ["no single best"], "resolved": [False], "needs": ["about 90 held-out windows"]})
+    _write(folder, "claims", claims, {"spec": "model-a", "n_layers": 5})
+    table = cross.summary([folder, fake_run(tmp_path / "b", "model-b", 3)])["claims"]
+    assert table["model"].tolist() == ["model-a"] and table.columns[0] == "model" and not table["resolved"].any()

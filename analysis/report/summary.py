@@ -22,6 +22,8 @@ Tables (all tidy, one row per model and what the row is about):
 * ``heldout``: every non-random drop set's worst-case held-out perplexity ratio with its CI,
   ranked per model and budget (rank 1 wins).
 * ``comparisons``: the paired comparisons on the same windows, with which side wins beyond noise.
+* ``claims``: every headline claim of every run that has the resolution stage, marked resolved or not at its run's
+  budget, with what would resolve it (:mod:`analysis.study.resolution`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from ..study.resolution import beyond_noise
 from .plots import MODULE_NAMES, save_figure
 
 REQUIRED = ("scores", "bootstrap_pairs", "split_half", "drop_sets")
-OPTIONAL = ("validity", "decomposition", "transfer", "comparisons")
+OPTIONAL = ("validity", "decomposition", "transfer", "comparisons", "claims")
 GROUND_TRUTH = "ablation"
 
 
@@ -230,6 +232,15 @@ def comparisons_table(runs: list[RunFolder]) -> pd.DataFrame:
     return table
 
 
+def claims_table(runs: list[RunFolder]) -> pd.DataFrame:
+    """The ``claims`` table of every run that has one, with a ``model`` column first."""
+    parts = [run.tables["claims"].assign(model=run.label) for run in runs if "claims" in run.tables]
+    if not parts:
+        return pd.DataFrame()
+    table = pd.concat(parts, ignore_index=True)
+    return table[["model", *[c for c in table.columns if c != "model"]]]
+
+
 def models_table(runs: list[RunFolder]) -> pd.DataFrame:
     """One row per run: model, family, layers, folder and the optional tables it had."""
     return pd.DataFrame([{"model": run.label, "family": run.model.get("family"), "n_layers": run.n_layers,
@@ -246,6 +257,7 @@ TABLES = {
     "decomposition": decomposition_table,
     "heldout": heldout_table,
     "comparisons": comparisons_table,
+    "claims": claims_table,
 }
 
 
