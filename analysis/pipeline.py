@@ -36,7 +36,7 @@ from .presets import PRESETS, RunSettings, preset
 from .report import plots, study_plots
 from .report.sections import Results, write_report
 from .stages import StageStore, stage_key
-from .study import consensus, stability, validity
+from .study import consensus, resolution, stability, validity
 from .study.dropsets import UNPRUNED, drop_set_family
 from .study.selection import comparison_pairs, consensus_sets, evaluated_sets, pruned_size, regrets, sets_from_table
 
@@ -169,8 +169,13 @@ def stage_validity(study: Study) -> pd.DataFrame:
     return validity.metric_validity(study.results["scores.per_sample"], modules=tuple(s.budgets), n_boot=s.n_boot, seed=s.seed)
 
 
-def stage_decomposition(study: Study) -> pd.DataFrame:
-    return validity.ranking_decomposition(study.results["scores.per_sample"], modules=tuple(study.settings.budgets))
+def stage_decomposition(study: Study) -> dict[str, pd.DataFrame]:
+    """Data or metric: the rankings' agreement along each axis, corrected for the split-half reliabilities, and the
+    bootstrap test of the proxies' agreement across distributions against across metrics."""
+    s, scores, modules = study.settings, study.results["scores.per_sample"], tuple(study.settings.budgets)
+    reliability = study.results["split_half"]
+    return {"decomposition": validity.ranking_decomposition(scores, modules=modules, reliability=reliability),
+            "data_or_metric": validity.data_or_metric(scores, modules=modules, n_boot=s.n_boot, seed=s.seed)}
 
 
 def stage_drop_sets(study: Study) -> pd.DataFrame:
@@ -335,6 +340,22 @@ def stage_routing(study: Study) -> dict[str, pd.DataFrame]:
     return {"routing": tables["summary"], "routing_paired": tables["paired"], "routing_accuracy": tables["accuracy"]}
 
 
+def stage_resolution(study: Study) -> dict[str, pd.DataFrame]:
+    """Every headline claim marked resolved or not (:mod:`analysis.study.resolution`): the best set of each module kind
+    and budget paired against every other on the same held-out windows (``set_groups``), then ``claims``."""
+    s, r = study.settings, study.results
+    groups = pd.DataFrame()
+    if len(r.get("transfer", [])):
+        ranked = resolution.candidates(r["transfer"])
+        pairs = resolution.versus_best(ranked)
+        paired = evaluation.paired_comparisons(r["heldout_windows"], pairs, n_boot=s.n_boot, seed=s.seed)
+        groups = resolution.set_groups(ranked, paired, dict(zip(r["pruned"]["drop_set"], r["pruned"]["indices"])))
+    names = ("comparisons", "validity", "split_half", "data_or_metric", "bootstrap_pairs", "routing_paired")
+    tables = {name: r.get(name) for name in names} | {"set_groups": groups}
+    return {"set_groups": groups,
+            "claims": resolution.claims_table(tables, truth_tokens=s.ablation_samples * s.ablation_seq_len)}
+
+
 def _checkable(settings: RunSettings) -> bool:
     """A check needs the cosine metric and at least 4 held-out windows per distribution (for its split-half noise floor)."""
     return bool(settings.check_module and "cosine" in settings.metrics and settings.transfer_samples >= 4)
@@ -387,7 +408,8 @@ STAGES = (
     Stage("stability", ("scores.per_sample",), ("budgets", "n_boot", "n_perm", "seed"), stage_stability, tables=STABILITY_TABLES),
     Stage("subset_agreement", ("subsets.per_sample",), ("budgets",), stage_subset_agreement, when=lambda s: s.subsets),
     Stage("validity", ("scores.per_sample",), ("budgets", "n_boot", "seed"), stage_validity, when=_ground_truth),
-    Stage("decomposition", ("scores.per_sample",), ("budgets",), stage_decomposition),
+    Stage("decomposition", ("scores.per_sample", "stability"), ("budgets", "n_boot", "seed"), stage_decomposition,
+          tables=("decomposition", "data_or_metric")),
     Stage("drop_sets", ("scores.per_sample",), ("budgets",), stage_drop_sets),
     Stage("regret", ("scores.per_sample", "drop_sets"), (), stage_regret),
     Stage("leave_one_out", ("scores.per_sample",), ("budgets",), stage_leave_one_out),
@@ -413,6 +435,9 @@ STAGES = (
     Stage("routing", ("scores.per_sample", "heldout_windows"), ("route_module", "budgets", "transfer_k", "samples", "seq_len", "batch_size",
                                                                "n_boot", "seed"), stage_routing, tables=("routing", "routing_paired", "routing_accuracy"),
           when=_routable, work=work_of("routing")),
+    Stage("resolution", ("heldout_windows", "transfer", "pruned", "comparisons", "validity", "stability",
+                         "decomposition", "routing"), ("n_boot", "seed", "ablation_samples", "ablation_seq_len"), stage_resolution,
+          tables=("set_groups", "claims")),
 )
 
 

@@ -106,7 +106,7 @@ def test_ratio_ticks_lie_in_the_range():
 
 def test_similarity_heatmap_scale_fits_the_data_and_marks_the_noise_floor(tables):
     attn = {name: table[table["module"] == "attn"] for name, table in tables.items() if "module" in table.columns}
-    fig = plots.similarity_stability_heatmap(attn["agreement"], attn["split_half"], attn["permutation"])
+    fig = plots.similarity_stability_heatmap(attn["agreement"], attn["split_half"], attn["bootstrap_pairs"])
     ax = fig.axes[0]
     values = np.concatenate([attn["agreement"]["spearman"], attn["split_half"]["reliability"]])
     low, high = colour_limits(ax)
@@ -117,7 +117,7 @@ def test_similarity_heatmap_scale_fits_the_data_and_marks_the_noise_floor(tables
     colorbar_lines = [line.get_ydata()[0] for line in ax.collections[0].colorbar.ax.lines]
     assert colorbar_lines == pytest.approx([floor])
     for k_stat in ("jaccard@2", "jaccard@3"):
-        fig = plots.similarity_stability_heatmap(attn["agreement"], attn["split_half"], attn["permutation"], statistic=k_stat)
+        fig = plots.similarity_stability_heatmap(attn["agreement"], attn["split_half"], attn["bootstrap_pairs"], statistic=k_stat)
         jaccards = np.concatenate([attn["agreement"][k_stat], attn["split_half"][f"split_half_{k_stat}"]])
         assert colour_limits(fig.axes[0])[0] == pytest.approx(plots.fitted_limits(jaccards)[0])
 

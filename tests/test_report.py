@@ -26,6 +26,12 @@ def test_recommended_set_is_the_lowest_worst_case_held_out_ratio_of_every_evalua
     assert set(expected["module"]) == {"attn", "mlp", "block", "joint"}
     for row in expected.itertuples():
         assert f"| {row.module} " in section and f"{row.metric} {row.method}" in section and f"{row.ppl_ratio:.2f} [" in section
+    claims = read_table(tiny_run / "claims.parquet")
+    kinds = {"recommended set", "proxy vs ground truth", "data or metric", "data changes the ranking"}
+    assert kinds <= set(claims["claim"])
+    recommended = claims[claims["claim"] == "recommended set"]
+    assert len(recommended) == 4 and section.count("resolved**") == 4
+    assert (recommended["needs"] == "").tolist() == recommended["resolved"].tolist()
 
 
 def test_the_verdict_carries_cis_and_every_module_kind_has_its_section(tiny_run):
@@ -64,7 +70,8 @@ def routing_results(ci_low: float, ci_high: float) -> report.Results:
 @pytest.mark.parametrize("ci, verdict", [((0.95, 0.99), "beats"), ((0.94, 1.01), "does not beat"), ((1.01, 1.02), "loses to")])
 def test_routing_verdict_follows_the_paired_ci_against_the_consensus(ci, verdict):
     text = "\n".join(report.section_routing(routing_results(*ci)))
-    assert f"**Routing {verdict} the consensus set**: routed / borda on the pooled mix 0.970 [{ci[0]:.3f}, {ci[1]:.3f}]" in text
+    ratio = f"0.970 [{ci[0]:.3f}, {ci[1]:.3f}] (p = 0.01"
+    assert f"**Routing {verdict} the consensus set**: routed / borda on the pooled mix {ratio}" in text
     assert "| own:code " in text and "| oracle " in text and "Router accuracy 75% [51%, 91%] over 20 windows" in text
 
 
@@ -95,3 +102,43 @@ def test_a_baseline_not_clearly_above_chance_is_excluded():
     results = report.Results({}, RunSettings(task_limit=200), pd.DataFrame(), tables, [])
     excluded = [line for line in report.section_accuracy(results) if line.startswith("- **Excluded**")]
     assert len(excluded) == 1 and "boolq" in excluded[0] and "0.480 on 200 items" in excluded[0]
+
+
+def resolution_results(minimax_ci: tuple[float, float]) -> report.Results:
+    """Held-out tables of one budget: borda 1.10 best, minimax 1.12, random 3.0; the paired CI of borda / minimax as
+    given."""
+    from analysis.study import resolution
+    from analysis.study.dropsets import parse_label
+
+    borda, minimax = "cosine/attn-8:borda", "cosine/attn-8:minimax"
+    ratios = {"none": 1.0, borda: 1.10, minimax: 1.12, "cosine/attn-8:random:0": 3.0}
+    transfer = pd.DataFrame([{"drop_set": label, "distribution": where, "ppl_ratio": r, "ci_low": r - 0.02,
+                              "ci_high": r + 0.02, **parse_label(label)}
+                             for label, r in ratios.items() for where in ("code", "worst", "mean")])
+    paired = pd.DataFrame([{"comparison": "x", "a": borda, "b": minimax, "distribution": "worst", "effect": -0.018,
+                            "ratio": 0.982, "ci_low": minimax_ci[0], "ci_high": minimax_ci[1], "p_value": 0.001,
+                            "p_floor": 0.001, "se": 0.01, "n_windows": 32}])
+    members = [[], list(range(8)), list(range(1, 9)), list(range(2, 10))]
+    pruned = pd.DataFrame({"drop_set": list(ratios), "indices": members})
+    groups = resolution.set_groups(resolution.candidates(transfer), paired, dict(zip(ratios, members)))
+    tables = {"transfer": transfer, "pruned": pruned, "set_groups": groups}
+    return report.Results({}, RunSettings(budgets={"attn": (8,)}), pd.DataFrame(), tables, [])
+
+
+def test_the_verdict_recommends_a_set_only_when_its_paired_ci_separates_it():
+    verdict = "\n".join(report.section_verdict(resolution_results((0.96, 0.99))))
+    assert "- **attn-8 on held-out text**: use the cosine borda set" in verdict and "**resolved**: recommended" in verdict
+    verdict = "\n".join(report.section_verdict(resolution_results((0.96, 1.01))))
+    assert "use the" not in verdict and "**not resolved**: cannot be separated from cosine minimax; about" in verdict
+    assert "held-out windows per distribution (now 32)" in verdict
+    table = "\n".join(report.section_resolution(resolution_results((0.96, 1.01))))
+    assert "0 of 1 headline claims are resolved" in table and "| recommended set | attn-8: cosine/attn-8:borda" in table
+
+
+def test_p_values_at_the_bootstrap_floor_print_as_a_bound():
+    comparisons = pd.DataFrame([{"comparison": "attn-8: a vs b", "a": "cosine/attn-8:borda", "b": "cosine/attn-8:minimax",
+                                 "distribution": "worst", "effect": -0.1, "ratio": 0.905, "ci_low": 0.85, "ci_high": 0.95,
+                                 "p_value": 0.001, "p_floor": 0.001, "se": 0.02, "n_windows": 32}])
+    results = report.Results({}, RunSettings(), pd.DataFrame(), {"comparisons": comparisons}, [])
+    text = "\n".join(report.section_comparisons(results))
+    assert "p ≤ 0.001" in text and "p = 0.001" not in text and "**resolved**" in text

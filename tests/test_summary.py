@@ -106,12 +106,13 @@ def test_agreement_against_noise_floor(runs):
     assert (rho["min"], rho["min_pair"], rho["min_ci_low"], rho["min_ci_high"]) == (0.5, "d1–d3", 0.4, 0.6)
     assert rho["floor_mean"] == pytest.approx((0.95 + 0.80 + 0.99) / 3)
     assert rho["floor_min"] == 0.80
-    # only d1–d3 (CI up to 0.6 against floor min(0.95, 0.99)) lies below; d2–d3 reaches 0.82 > 0.80
-    assert rho["below_floor"] == 1
+    # ceilings sqrt(floor_a floor_b): d1–d2 0.872 (CI up to 0.93: within noise), d1–d3 0.970 (0.6: beyond),
+    # d2–d3 0.890 (0.82: beyond)
+    assert rho["beyond_noise"] == 2
     jac = table.loc[("model-a", "jaccard@2")]
     assert jac["mean"] == pytest.approx(4 / 9)
-    # d1–d3: 0.2 < min(1, 1); d2–d3: 0.5 is not below min(0.5, 1); d1–d2: 1.0 is not below 0.5
-    assert jac["below_floor"] == 1
+    # d1–d3: 0.2 < sqrt(1 · 1); d2–d3: 0.5 < sqrt(0.5 · 1) = 0.707; d1–d2: 1.0 is not below 0.707
+    assert jac["beyond_noise"] == 2
     assert set(table.index.get_level_values("model")) == {"model-a", "model-b"}
 
 
@@ -193,3 +194,12 @@ def test_forest_needs_comparisons(runs):
     assert tables["comparisons"].empty
     with pytest.raises(InputError, match="no consensus-vs-single"):
         cross.consensus_forest(pd.DataFrame(columns=["model", "a", "b", "a_kind", "b_kind", "distribution", "ratio", "ci_low", "ci_high"]))
+
+
+def test_claims_of_every_run_that_has_them(tmp_path):
+    folder = fake_run(tmp_path / "a", "model-a", 5)
+    claims = pd.DataFrame({"claim": ["recommended set"], "module": ["attn"], "k": [2], "subject": ["cosine/attn-2:borda"],
+                           "finding": ["no single best"], "resolved": [False], "needs": ["about 90 held-out windows"]})
+    _write(folder, "claims", claims, {"spec": "model-a", "n_layers": 5})
+    table = cross.summary([folder, fake_run(tmp_path / "b", "model-b", 3)])["claims"]
+    assert table["model"].tolist() == ["model-a"] and table.columns[0] == "model" and not table["resolved"].any()

@@ -42,6 +42,7 @@ from ..importance.scoring import score_texts
 from ..io import read_table, sha256_file
 from ..study.consensus import consensus_from_matrix, regret_table
 from ..study.dropsets import UNPRUNED, make_drop_set
+from ..study.resolution import p_text
 from ..study.stability import (
     drop_set,
     importance_matrix,
@@ -211,7 +212,7 @@ def check(model, tokenizer, drop_set_record_: dict, texts, *, source_scores: pd.
         "spearman": float(agreement["spearman"]), f"jaccard@{k}": float(agreement[f"jaccard@{k}"]),
         "noise_floor": float(floor.loc[YOURS, "reliability"]), "noise_floor_ci_low": float(floor.loc[YOURS, "reliability_ci_low"]),
         "noise_floor_ci_high": float(floor.loc[YOURS, "reliability_ci_high"]), "calibration_noise_floor": float(floor.loc[CALIBRATION, "reliability"]),
-        "p_permutation": p_value, "drift": drift, "regret": float(regret.loc[0, "regret"]), "excess": excess["drop_set"],
+        "p_permutation": p_value, "p_floor": 1 / (n_perm + 1), "drift": drift, "regret": float(regret.loc[0, "regret"]), "excess": excess["drop_set"],
         "consensus_excess": excess["consensus"], "verdict": verdict,
     }])
     line = recommendation_line(summary.iloc[0], excess, consensus, recalibrated, consensus_method, loss, paired)
@@ -240,7 +241,8 @@ def recommendation_line(row: pd.Series, excess: dict, consensus: list, recalibra
     """The one-line recommendation with the numbers behind it."""
     words = (f"{VERDICTS[row['verdict']]}: on your {row['n_texts']} texts the {row['metric']} ranking agrees with the drop set's "
              f"calibration ranking at rho = {row['spearman']:.3f} against your split-half noise floor {row['noise_floor']:.3f} "
-             f"[{row['noise_floor_ci_low']:.3f}, {row['noise_floor_ci_high']:.3f}] (permutation p = {row['p_permutation']:.3g}, "
+             f"[{row['noise_floor_ci_low']:.3f}, {row['noise_floor_ci_high']:.3f}] "
+             f"(permutation {p_text(row['p_permutation'], row['p_floor'])}, "
              f"{'drift' if row['drift'] else 'no drift'}); the drop set drops {excess['drop_set']:.0%} more {row['metric']} importance "
              f"than your own best {row['k']}, the {consensus_method} consensus {sorted(consensus, key=str)} {excess['consensus']:.0%}")
     if loss is not None:
@@ -248,5 +250,6 @@ def recommendation_line(row: pd.Series, excess: dict, consensus: list, recalibra
         words += f"; perplexity ratio to the unpruned model on {loss['n_windows'].iloc[0]} of your texts: " + ", ".join(
             f"{role} {value:.3f} [{low:.3f}, {high:.3f}]" for role, (value, low, high) in ratio.items() if role != UNPRUNED)
         words += " (recalibrated on the other texts; paired " + ", ".join(
-            f"{c.split(' vs ')[0]}/recalibrated {r:.3f}, p = {p:.3g}" for c, r, p in zip(paired["comparison"], paired["ratio"], paired["p_value"])) + ")"
+            f"{c.split(' vs ')[0]}/recalibrated {r:.3f}, {p_text(p, f)}"
+            for c, r, p, f in zip(paired["comparison"], paired["ratio"], paired["p_value"], paired["p_floor"])) + ")"
     return words + f"; your own {len(recalibrated)} least important: {sorted(recalibrated, key=str)}"

@@ -248,11 +248,13 @@ def paired_comparisons(windows: pd.DataFrame, pairs, *, n_boot: int = 1000, leve
 
     ``effect = log ppl_a - log ppl_b`` (negative: ``a`` loses less), reported also as the ratio
     ``exp(effect)``; its CI and two-sided p-value ``min(1, 2 min(P*(effect <= 0), P*(effect >= 0)))``
-    come from bootstrap replicates over windows (floor ``1 / n_boot``).  ``pairs`` lists
-    ``(comparison, a, b)`` or ``(comparison, a, b, distributions)`` where ``distributions``
+    come from bootstrap replicates over windows (floor ``1 / n_boot``, column ``p_floor``); ``se`` is the
+    replicates' standard deviation of ``effect`` and ``n_windows`` the windows per distribution (the smallest
+    over the distributions compared), what :func:`analysis.study.resolution.windows_needed` scales.
+    ``pairs`` lists ``(comparison, a, b)`` or ``(comparison, a, b, distributions)`` where ``distributions``
     limits it to some.
     """
-    replicates, sets, _ = _log_ratio_replicates(windows, n_boot, seed)
+    replicates, sets, n_windows = _log_ratio_replicates(windows, n_boot, seed)
     index = {name: j for j, name in enumerate(sets)}
     rows = []
     for comparison, a, b, *only in pairs:
@@ -265,7 +267,10 @@ def paired_comparisons(windows: pd.DataFrame, pairs, *, n_boot: int = 1000, leve
             low, high = percentile_interval(effect[1:], level)
             p = min(1.0, 2 * min((effect[1:] <= 0).mean(), (effect[1:] >= 0).mean()))
             rows.append({"comparison": comparison, "a": a, "b": b, "distribution": where, "effect": effect[0], "ratio": math.exp(effect[0]),
-                         "ci_low": math.exp(low), "ci_high": math.exp(high), "p_value": max(p, 1 / n_boot)})
+                         "ci_low": math.exp(low), "ci_high": math.exp(high), "p_value": max(p, 1 / n_boot),
+                         "p_floor": 1 / n_boot,
+                         "se": float(np.std(effect[1:], ddof=1)),
+                         "n_windows": n_windows[where] if where in n_windows else min(n_windows[d] for d in names)})
     return pd.DataFrame(rows)
 
 

@@ -16,7 +16,7 @@ def _module_captions(module: str) -> dict[str, str]:
             f"Spearman ρ between the {name} importance rankings of every pair of calibration distributions; the outlined "
             "diagonal is each distribution's split-half noise floor (the red line on the colour bar marks the lowest). "
             "Look for off-diagonal cells well below the floor: there the data, not sampling noise, changes the ranking "
-            "(* = beyond noise, permutation p < 0.05). The colour scale spans the observed values only."),
+            "(* = beyond resampling noise: the pair's CI upper end below sqrt(floor_a · floor_b)). The colour scale spans the observed values only."),
         f"profile_{module}": (
             f"{name[0].upper()}{name[1:]} importance of every layer under each distribution (log scale, symlog when a metric can be negative; "
             "bands = 95% bootstrap CI). "
@@ -71,7 +71,8 @@ CAPTIONS: dict[str, str] = {
         "layer and distribution (symlog y: points below 0 are modules whose removal lowered the loss). A monotone "
         "cloud means the proxy ranks well; look at the low-proxy corner, which decides the drop set."),
     "ranking_decomposition": (
-        "Mean Spearman ρ between rankings that differ only in the calibration distribution (blue, one bar per metric) "
-        "or only in the importance metric (orange, one bar per distribution). Lower bars move more: compare blue with "
-        "orange to see whether the data or the metric changes the ranking more."),
+        "Mean Spearman ρ, corrected for each ranking's split-half reliability, between rankings that differ only in the "
+        "calibration distribution (blue, one bar per metric) or only in the proxy metric (orange, one bar per distribution), "
+        "and of each proxy with the ablation ground truth (green, apart, so its noise is not counted as metric disagreement). "
+        "Lower bars move more: compare blue with orange to see whether the data or the proxy changes the ranking more."),
 }

@@ -25,6 +25,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from ..importance.metrics import get_metric
 from ..io import temp_file
+from ..study.resolution import beyond_noise
 from ..study.stability import importance_matrix
 from .captions import MODULE_NAMES
 
@@ -96,20 +97,23 @@ def mark_diagonal(ax, n: int) -> None:
         ax.add_patch(Rectangle((i, i), 1, 1, fill=False, edgecolor="white", linewidth=2))
 
 
-def similarity_stability_heatmap(agreement: pd.DataFrame, reliability: pd.DataFrame, permutation: pd.DataFrame, *, statistic: str = "spearman"):
+def similarity_stability_heatmap(agreement: pd.DataFrame, reliability: pd.DataFrame, pairs: pd.DataFrame, *,
+                                  statistic: str = "spearman"):
     """Heatmap of a pair statistic (``spearman`` or ``jaccard@k``) between distributions.
 
     The diagonal (outlined) is each distribution's split-half noise floor (Spearman-Brown corrected
     ρ, or Jaccard@k of random halves), also drawn as a line on the colour bar at its lowest value;
-    ``*`` marks pairs whose disagreement exceeds resampling noise (permutation p < 0.05). The colour
-    scale spans the data (see :func:`fitted_limits`), not −1..1, so 0.6 and 0.9 look different.
+    ``*`` marks pairs that differ beyond resampling noise: the upper end of the pair's bootstrap CI (``pairs``, the
+    ``bootstrap_pairs`` table) is below ``sqrt(floor_a floor_b)`` (:func:`analysis.study.resolution.beyond_noise`).
+    The colour scale spans the data (see :func:`fitted_limits`), not −1..1, so 0.6 and 0.9 look different.
     """
     module = agreement["module"].iloc[0]
     floor_column = "reliability" if statistic == "spearman" else f"split_half_{statistic}"
     floor = reliability.set_index("distribution")[floor_column]
     values = pair_matrix(agreement, statistic, floor)
-    p_values = pair_matrix(permutation, f"p_{statistic}", floor * np.nan)
-    labels = values.map(lambda v: f"{v:.2f}") + p_values.map(lambda p: "*" if p < 0.05 else "")
+    marks = beyond_noise(pairs[f"{statistic}_ci_high"], pairs["a"].map(floor), pairs["b"].map(floor))
+    beyond = pair_matrix(pairs.assign(beyond=marks.astype(float)), "beyond", floor * 0)
+    labels = values.map(lambda v: f"{v:.2f}") + beyond.map(lambda b: "*" if b == 1 else "")
     low, high = fitted_limits(values.to_numpy())
     fig, ax = plt.subplots(figsize=(1.3 * len(values) + 2.5, 1.1 * len(values) + 1.5))
     name = "Spearman ρ" if statistic == "spearman" else statistic.replace("jaccard@", "Jaccard@")
@@ -121,7 +125,7 @@ def similarity_stability_heatmap(agreement: pd.DataFrame, reliability: pd.DataFr
     colorbar.ax.axhline(lowest, color="red", linewidth=2)
     ax.set_title(f"{MODULE_NAMES[module]} ranking agreement between calibration distributions ({name})\n"
                  f"outlined diagonal: split-half noise floor (lowest {lowest:.2f}, red line on the scale)\n"
-                 "* disagreement beyond noise (permutation p < 0.05)", fontsize=9)
+                 "* beyond resampling noise (CI upper end below sqrt(floor_a · floor_b))", fontsize=9)
     ax.set_xlabel("distribution")
     ax.set_ylabel("distribution")
     ax.tick_params(axis="y", rotation=0)
@@ -300,7 +304,8 @@ def stability_figures(scores: pd.DataFrame, tables: dict[str, pd.DataFrame], fol
         pick = {name: table[table["module"] == module] for name, table in tables.items() if "module" in table.columns}
         kk = max(int(c.split("@")[1]) for c in pick["agreement"].columns if c.startswith("jaccard@") and pick["agreement"][c].notna().any())
         for statistic in ("spearman", f"jaccard@{kk}"):
-            fig = similarity_stability_heatmap(pick["agreement"], pick["split_half"], pick["permutation"], statistic=statistic)
+            fig = similarity_stability_heatmap(pick["agreement"], pick["split_half"], pick["bootstrap_pairs"],
+                                               statistic=statistic)
             written += save_figure(fig, folder / f"similarity_{module}_{statistic.replace('@', '')}")
         written += save_figure(importance_profiles(pick["bootstrap_importance"]), folder / f"profile_{module}")
         written += save_figure(importance_heatmap(scores, module), folder / f"importance_{module}")

@@ -19,7 +19,8 @@ import pandas as pd
 
 from ..evaluation.accuracy import headline_rows
 from ..io import atomic_write_bytes
-from ..study.dropsets import UNPRUNED, method_family
+from ..study import resolution
+from ..study.dropsets import UNPRUNED, method_family, parse_label
 from ..study.stability import drop_set, importance_matrix, one_metric, tables_of_metric
 from .captions import CAPTIONS
 from .plots import pair_matrix
@@ -82,19 +83,24 @@ def _numeric_order(values) -> list:
 def agreement(results: Results, metric: str = "cosine") -> pd.DataFrame:
     """Per module kind: mean ρ between distributions with its CI (the mean over pairs within each bootstrap replicate),
     the lowest pair, mean Jaccard@k with its CI, the split-half noise floor (lowest distribution) and the pairs that
-    differ beyond resampling noise (permutation p < 0.05)."""
-    means, floor, permutation = (results.table(name, metric) for name in ("bootstrap_pair_mean", "split_half", "permutation"))
+    differ beyond resampling noise (:func:`analysis.study.resolution.beyond_noise`)."""
+    names = ("bootstrap_pair_mean", "split_half", "bootstrap_pairs")
+    means, floor, pairs = (results.table(name, metric) for name in names)
+    if not (len(means) and len(floor) and len(pairs)):
+        return pd.DataFrame()
     rows = []
     for module in results.modules:
         k = results.k(module)
-        mean, fl, perm = (t[t["module"] == module] for t in (means, floor, permutation))
-        if not len(mean):
+        mean, fl, pair = (t[t["module"] == module] for t in (means, floor, pairs))
+        if not len(mean) or not len(pair):
             continue
+        marked = resolution.pairs_beyond_noise(pair, fl)
         m = mean.iloc[0]
         rows.append({"module": module, "k": k, "rho": m["spearman"], "rho_low": m["spearman_ci_low"], "rho_high": m["spearman_ci_high"],
                      "rho_min": m["spearman_min"], "floor": fl["reliability"].min(), "jaccard": m[f"jaccard@{k}"],
                      "jaccard_low": m[f"jaccard@{k}_ci_low"], "jaccard_high": m[f"jaccard@{k}_ci_high"],
-                     "floor_jaccard": fl[f"split_half_jaccard@{k}"].min(), "beyond": int((perm["p_spearman"] < 0.05).sum()), "pairs": len(perm)})
+                     "floor_jaccard": fl[f"split_half_jaccard@{k}"].min(), "beyond": int(marked["beyond_noise"].sum()),
+                     "pairs": len(marked)})
     return pd.DataFrame(rows)
 
 
@@ -125,24 +131,54 @@ def ranked_sets(results: Results) -> pd.DataFrame:
     return worst.sort_values(["module", "k", "ppl_ratio"])
 
 
+def _resolved(flag: bool) -> str:
+    return "**resolved**" if flag else "**not resolved**"
+
+
+def claims(results: Results) -> pd.DataFrame:
+    """The run's ``claims`` table, or the claims its other tables support (a run saved before the resolution stage)."""
+    table = results.table("claims")
+    if len(table):
+        return table
+    s = results.settings
+    return resolution.claims_table(results.tables, truth_tokens=s.ablation_samples * s.ablation_seq_len)
+
+
 def recommendations(results: Results) -> pd.DataFrame:
-    """Per module and budget, the drop set to use: the lowest worst-case held-out perplexity ratio among non-random
-    sets, with the runner-up and whether their CIs separate them."""
-    ranked = ranked_sets(results)
-    if not len(ranked):
+    """Per module and budget, the drop set to use when its paired CI on the same held-out windows separates it from
+    every other distinct set (:func:`analysis.study.resolution.set_groups`), else the group of sets the best cannot be
+    separated from."""
+    groups, ranked = results.table("set_groups"), ranked_sets(results)
+    if not len(groups) or not len(ranked):
         return pd.DataFrame()
     pruned = results.table("pruned").set_index("drop_set") if len(results.table("pruned")) else None
+    shown = ranked.set_index("drop_set")
     rows = []
-    for (module, k), part in ranked[ranked["family"] != "random"].groupby(["module", "k"], sort=False):
-        best, second = part.iloc[0], part.iloc[1] if len(part) > 1 else None
+    for (module, k), part in groups.groupby(["module", "k"], sort=False):
+        best, group = part.iloc[0], part[part["in_group"]]
         members = _numeric_order(pruned.loc[best["drop_set"], "indices"]) if pruned is not None else []
-        separated = second is not None and best["ci_high"] < second["ci_low"]
-        reason = ("no other set was evaluated" if second is None else
-                  f"lowest worst-case ratio; {'clearly' if separated else 'not clearly (CIs overlap)'} below the next best, "
-                  f"{second['metric']} {second['method']} {second['worst ratio [95% CI]']}")
-        rows.append({"module": module, "k": k, "use": f"{best['metric']} {best['method']}", "drop": _names(members),
-                     "worst ratio [95% CI]": best["worst ratio [95% CI]"], "median ratio": best["median ratio"], "why": reason})
+        others, runner = group[~group["same_as_best"]], part[~part["same_as_best"]]
+        names = resolution.names_text([_set_name(label) for label in group.loc[group["same_as_best"], "drop_set"]])
+        if best["resolved"] and len(runner):
+            first = runner.iloc[0]
+            status = (f"{_resolved(True)}: recommended; paired best / runner-up {_set_name(first['drop_set'])} "
+                      f"{_ci(first['ratio_to_best'], first['pair_ci_low'], first['pair_ci_high'], 3)}")
+        elif best["resolved"]:
+            status = f"{_resolved(True)}: the only set evaluated"
+        else:
+            needs = resolution.needs_text(others["windows_needed"].max(), resolution.WINDOWS, others["n_windows"].min())
+            status = (f"{_resolved(False)}: cannot be separated from "
+                      f"{', '.join(_set_name(label) for label in others['drop_set'])}; {needs} would separate them")
+        rows.append({"module": module, "k": k, "best": names, "drop": _names(members),
+                     "worst ratio [95% CI]": shown.loc[best["drop_set"], "worst ratio [95% CI]"],
+                     "median ratio": shown.loc[best["drop_set"], "median ratio"], "resolution": status})
     return pd.DataFrame(rows)
+
+
+def _set_name(label: str) -> str:
+    """``cosine/attn-8:borda`` → ``cosine borda``."""
+    parts = parse_label(label)
+    return f"{parts['metric']} {parts['method']}"
 
 
 def section_header(results: Results) -> list[str]:
@@ -153,57 +189,161 @@ def section_header(results: Results) -> list[str]:
             f"`{m.get('weights_sha256')}`. Distributions: {_names(distributions)}; proxy metrics on {s.samples} samples × {s.seq_len} "
             f"tokens each, the ablation ground truth on {s.ablation_samples} × {s.ablation_seq_len} (seed {s.seed}); bootstrap "
             f"{s.n_boot} resamples, permutation test {s.n_perm} shuffles. Metrics: {_names(s.metrics)} (see analysis/importance/metrics.py). "
-            "Every number in brackets is a 95% bootstrap CI.", "", "[TOC]", ""]
+            "Every number in brackets is a 95% bootstrap CI (for ρ and Jaccard the basic, bias-correcting interval; for "
+            "held-out ratios the percentile interval over windows). Each headline claim is marked **resolved** or **not "
+            "resolved** at this run's budget, with what would resolve it (see *What this run resolves*).", "", "[TOC]", ""]
+
+
+def _claim_line(claim) -> str:
+    """``"**resolved**"`` or ``"**not resolved** at this run's budget; what would resolve it: <needs>"``."""
+    if claim.resolved:
+        return _resolved(True)
+    return f"{_resolved(False)} at this run's budget; what would resolve it: {claim.needs}"
 
 
 def section_verdict(results: Results) -> list[str]:
-    """The answer in two or three sentences with CIs: does the data move the ranking, and which set loses least."""
+    """The answer in a few sentences with CIs, each claim marked resolved or not (:mod:`analysis.study.resolution`):
+    does the data move the ranking, which set loses least (a set only when it is separated from the rest), is the
+    proxy right, the data or the metric."""
     lines = ["## Verdict", ""]
+    table = claims(results)
+    by = {(c.claim, c.module, c.subject): c for c in table.itertuples()}
     for row in agreement(results).itertuples():
-        moved = "the calibration data changes the ranking" if row.rho_high < row.floor else "the ranking is as stable as resampling allows"
-        lines.append(f"- **{row.module}**: rankings agree at ρ {_ci(row.rho, row.rho_low, row.rho_high)} between distributions, against a "
-                     f"split-half noise floor of {row.floor:.2f}, so {moved}; size-{row.k} drop sets share "
+        claim = by.get(("data changes the ranking", row.module, f"cosine, {row.pairs} pairs of distributions"))
+        moved = ("the calibration data changes the ranking" if row.beyond else
+                 "no pair of distributions differs beyond resampling noise")
+        lines.append(f"- **{row.module}**: rankings agree at ρ {_ci(row.rho, row.rho_low, row.rho_high)} between "
+                     f"distributions, against a split-half noise floor of {row.floor:.2f}; {row.beyond} of {row.pairs} "
+                     f"pairs differ beyond resampling noise, so {moved}"
+                     f"{f' ({_claim_line(claim)})' if claim is not None else ''}; size-{row.k} drop sets share "
                      f"{_ci(row.jaccard, row.jaccard_low, row.jaccard_high)} of their members (Jaccard).")
-    ranked = ranked_sets(results)
-    for (module, k), part in ranked.groupby(["module", "k"], sort=False) if len(ranked) else []:
-        best = part[part["family"] != "random"].iloc[0]
-        own = part[part["family"] == "own"]
-        versus = (f" against {own['ppl_ratio'].mean():.2f}× on average for single-distribution sets (best {own['ppl_ratio'].min():.2f}×)"
-                  if len(own) else "")
-        lines.append(f"- **{module}-{k} on held-out text**: the {best['metric']} {best['method']} set loses least, "
-                     f"{best['worst ratio [95% CI]']}× the unpruned perplexity on its worst distribution{versus}.")
-    validity = results.table("validity")
-    for module, part in validity.groupby("module", sort=False) if len(validity) else []:
-        cosine = part[part["metric"] == "cosine"]
-        lines.append(f"- **{module}: is cosine the right metric?** it ranks like the real loss at ρ {cosine['spearman'].mean():.2f} "
-                     f"(per distribution {cosine['spearman'].min():.2f} to {cosine['spearman'].max():.2f}, CIs "
-                     f"{cosine['spearman_ci_low'].min():.2f} to {cosine['spearman_ci_high'].max():.2f}).")
+    for line in recommendations(results).to_dict("records"):
+        ratio, status, best = line["worst ratio [95% CI]"], line["resolution"], line["best"]
+        lines.append(f"- **{line['module']}-{line['k']} on held-out text**: " + (
+            f"use the {best} set, {ratio}× the unpruned perplexity on its worst distribution; {status}."
+            if status.startswith(_resolved(True)) else
+            f"the {best} set has the lowest worst-case ratio ({ratio}×), but {status}."))
+    for claim in table[(table["claim"] == "proxy vs ground truth") & (table["subject"] == "cosine")].itertuples():
+        lines.append(f"- **{claim.module}: is cosine the right metric?** {claim.finding} ({_claim_line(claim)}).")
+    for claim in table[table["claim"] == "data or metric"].itertuples():
+        lines.append(f"- **{claim.module}: data or metric?** {claim.finding}: {claim.subject} "
+                     f"{_ci(claim.estimate, claim.ci_low, claim.ci_high)} ({_claim_line(claim)}).")
     return lines + [""]
+
+
+def _about(claim) -> str:
+    """What a claim is about: ``attn-8: cosine/attn-8:borda``, ``attn: cosine`` or the comparison's name."""
+    if claim.module is None or pd.isna(claim.module):
+        return str(claim.subject)
+    return f"{claim.module}{'' if pd.isna(claim.k) else f'-{int(claim.k)}'}: {claim.subject}"
+
+
+RESOLUTION_RULES = (
+    "The rules (analysis/study/resolution.py): a paired comparison is resolved when its 95% paired bootstrap CI on the "
+    "same held-out windows excludes 1; a set is *recommended* only when it is separated that way from every other "
+    "distinct set of its module kind and budget, else the group it cannot be separated from is named; a claim resting "
+    "on the ablation ranking is resolved when the ground truth's split-half reliability reaches {reliable} on every "
+    "distribution; two rankings differ *beyond resampling noise* when the upper end of their ρ's 95% CI is below "
+    "sqrt(rel_a · rel_b) of their split-half reliabilities. What would resolve an open claim is sized for a two-sided "
+    "test at α = {alpha} with power {power} at the observed effect and spread: held-out windows (standard error "
+    "shrinking as 1/√n), ground-truth tokens (Spearman-Brown prophecy) or calibration samples.")
+
+
+def section_resolution(results: Results) -> list[str]:
+    """Every headline claim with its resolution at this run's budget and what would resolve it."""
+    table = claims(results)
+    if not len(table):
+        return []
+    estimate = [f"{c.estimate:.3f}" if np.isnan(c.ci_low) else _ci(c.estimate, c.ci_low, c.ci_high, 3)
+                for c in table.itertuples()]
+    shown = pd.DataFrame({"claim": table["claim"], "about": [_about(c) for c in table.itertuples()],
+                          "finding": table["finding"], "estimate [95% CI]": estimate,
+                          "resolved": np.where(table["resolved"], "**resolved**", "**not resolved**"),
+                          "what would resolve it": table["needs"].fillna("")})
+    rules = RESOLUTION_RULES.format(reliable=resolution.RELIABLE, alpha=resolution.ALPHA, power=resolution.POWER)
+    return ["## What this run resolves", "",
+            f"{int(table['resolved'].sum())} of {len(table)} headline claims are resolved at this run's budget. "
+            f"{rules}",
+            "", _table(shown), ""]
 
 
 def section_recommendations(results: Results) -> list[str]:
     table = recommendations(results)
     if not len(table):
         return []
-    return ["## Recommended drop sets", "", "Per module kind and budget, the set with the lowest worst-case held-out perplexity ratio "
-            "(real loss on held-out text of every distribution, not proxy regret); random sets excluded. Ratio 1.00 = no loss.", "",
-            _table(table), ""]
+    return ["## Recommended drop sets", "",
+            "Per module kind and budget, the set with the lowest worst-case held-out perplexity ratio (real loss on "
+            "held-out text of every distribution, not proxy regret); random sets excluded. Ratio 1.00 = no loss. It is "
+            "*recommended* only when the paired 95% CI on the same held-out windows (best / other, worst case over "
+            "distributions) separates it from every other distinct set of its kind and budget; otherwise the sets it "
+            "cannot be separated from are named, with the held-out windows per distribution that would separate them "
+            "(power 0.8 at the observed difference). Sets with the same members are one set (joined by =). Every set's "
+            "paired comparison with the best is in set_groups.parquet.", "", _table(table), ""]
+
+
+DECOMPOSITION_AXES = {"distribution": "across distributions, one metric held",
+                      "metric": "across proxies, one distribution held",
+                      "ground truth": "proxy against the ground truth, one distribution held"}
+
+
+def decomposition_lines(decomposition: pd.DataFrame) -> list[str]:
+    """Mean ρ along each axis of the decomposition, raw (corrected), one table per axis."""
+    if "mean_corrected" not in decomposition:
+        decomposition = decomposition.assign(mean_corrected=np.nan)
+    lines = ["## The model, the data or the metric?", "",
+             "Mean Spearman ρ between rankings that differ in one thing only, raw and corrected for attenuation "
+             "(ρ / sqrt(rel_a · rel_b), each ranking's split-half reliability stepped up by Spearman-Brown). Lower ρ "
+             "along an axis: that axis moves the ranking more. The proxies among themselves and each proxy against the "
+             "ablation ground truth are shown apart, so the ground truth's own noise is not counted as metric "
+             "disagreement. A corrected value above 1 means the split-half reliabilities understate the rankings' "
+             "agreement (read it as 1); nan: a reliability at or below 0.", ""]
+    for axis, title in DECOMPOSITION_AXES.items():
+        part = decomposition[decomposition["axis"] == axis]
+        if len(part):
+            cells = part.assign(cell=[f"{r.mean_spearman:.2f} ({r.mean_corrected:.2f})" for r in part.itertuples()])
+            pivot = cells.pivot_table(index="module", columns="held", values="cell", aggfunc="first", sort=False)
+            lines += [f"### Mean ρ {title}: raw (corrected)", "", _table(pivot.reset_index()), ""]
+    return lines
+
+
+def data_or_metric_lines(test: pd.DataFrame) -> list[str]:
+    """The bootstrap test of the proxies' agreement across distributions against across metrics."""
+    shown = pd.DataFrame({"module": test["module"], "across distributions": test["across_distributions"],
+                          "across proxies": test["across_metrics"],
+                          "proxies − distributions [95% CI]": [_ci(r.difference, r.ci_low, r.ci_high)
+                                                               for r in test.itertuples()],
+                          "resolution": [_resolved(r.ci_low > 0 or r.ci_high < 0) for r in test.itertuples()]})
+    return ["### Data or metric, tested", "",
+            "Mean ρ over every proxy and pair of distributions against mean ρ over every distribution and pair of "
+            "proxies, the difference with a basic bootstrap CI (samples resampled, the same draw for every proxy). "
+            "Above 0: the data moves the ranking more; resolved when the CI excludes 0.", "", _table(shown), ""]
+
+
+def validity_lines(validity: pd.DataFrame, split_half: pd.DataFrame) -> list[str]:
+    """Each proxy against the ground truth, raw and corrected for attenuation, and the ground truth's reliability."""
+    corrected = resolution.corrected_validity(validity, split_half)
+    cells = [f"{_ci(r.spearman, r.spearman_ci_low, r.spearman_ci_high)}; corrected {r.corrected:.2f}"
+             f"{' (beyond noise)' if r.beyond_noise else ''}" for r in corrected.itertuples()]
+    pivot = corrected.assign(cell=cells).pivot_table(index=["module", "metric"], columns="distribution", values="cell",
+                                                     aggfunc="first", sort=False)
+    reliability = corrected.pivot_table(index="module", columns="distribution", values="reliability_truth",
+                                        aggfunc="first", sort=False)
+    return ["### Does each proxy rank modules like the real loss?", "",
+            "Spearman ρ between each proxy's ranking and the ablation ranking (NLL increase when the module alone is "
+            "dropped), per distribution, with its basic bootstrap CI, and corrected for both rankings' split-half "
+            "reliability; *beyond noise*: the CI's upper end is below sqrt(rel_proxy · rel_truth), so the proxy ranks "
+            "unlike the real loss even allowing for the noise of both.", "", _table(pivot.reset_index()), "",
+            "The ground truth's split-half reliability (Spearman-Brown stepped up):", "",
+            _table(reliability.reset_index(), 2), ""]
 
 
 def section_data_or_metric(results: Results) -> list[str]:
-    decomposition, validity = results.table("decomposition"), results.table("validity")
-    lines = []
-    if len(decomposition):
-        across = decomposition.pivot_table(index="module", columns="axis", values="mean_spearman", aggfunc="mean", sort=False).reset_index()
-        across = across.rename(columns={"distribution": "mean ρ across distributions (metric held)", "metric": "mean ρ across metrics (distribution held)"})
-        lines += ["## The model, the data or the metric?", "", "Mean Spearman ρ between rankings that differ only in the calibration "
-                  "distribution or only in the metric (ground truth included). Lower ρ along an axis: that axis moves the ranking more.", "",
-                  _table(across), ""]
-    if len(validity):
-        shown = validity.assign(**{"ρ [95% CI]": [_ci(r.spearman, r.spearman_ci_low, r.spearman_ci_high) for r in validity.itertuples()]})
-        lines += ["### Does each proxy rank modules like the real loss?", "", "Spearman ρ between each proxy's ranking and the ablation "
-                  "ranking (NLL increase when the module alone is dropped), per distribution.", "",
-                  _table(shown.pivot_table(index=["module", "metric"], columns="distribution", values="ρ [95% CI]", aggfunc="first", sort=False).reset_index()), ""]
+    decomposition, validity, test = (results.table(name) for name in ("decomposition", "validity", "data_or_metric"))
+    lines = decomposition_lines(decomposition) if len(decomposition) else []
+    if len(test):
+        lines += data_or_metric_lines(test)
+    if len(validity) and len(results.table("split_half")):
+        lines += validity_lines(validity, results.table("split_half"))
     return lines
 
 
@@ -213,8 +353,10 @@ def section_agreement(results: Results) -> list[str]:
         return []
     lines = ["## Agreement between distributions and the noise floor (cosine)", "",
              "ρ and Jaccard@k between every pair of distributions' rankings (higher: more alike), beside the split-half noise floor "
-             "(two halves of one distribution's samples, Spearman-Brown corrected) and the pairs whose disagreement a permutation "
-             "test of sample labels puts beyond resampling noise (p < 0.05).", "", _table(agreement_display(summary)), ""]
+             "(two halves of one distribution's samples, Spearman-Brown corrected) and the pairs that differ beyond "
+             "resampling noise: the upper end of the pair's 95% CI of ρ is below sqrt(rel_a · rel_b) of the two "
+             "distributions' noise floors (the one definition the whole report and `calibdrop summary` use; "
+             "analysis/study/resolution.py).", "", _table(agreement_display(summary)), ""]
     pairs, floor = results.table("agreement", "cosine"), results.table("split_half", "cosine")
     for module in summary["module"]:
         part, fl = pairs[pairs["module"] == module], floor[floor["module"] == module].set_index("distribution")
@@ -363,12 +505,19 @@ def section_comparisons(results: Results) -> list[str]:
     comparisons = results.table("comparisons")
     if not len(comparisons):
         return []
-    worst = comparisons[comparisons["distribution"] == "worst"].copy()
-    worst["verdict"] = np.where(worst["ci_high"] < 1, "a loses less", np.where(worst["ci_low"] > 1, "b loses less", "not distinguishable"))
+    worst = resolution.headline_comparisons(comparisons).copy()
+    floor = worst["p_floor"] if "p_floor" in worst else 1 / results.settings.n_boot
+    worst["verdict"] = np.where(worst["ci_high"] < 1, "a loses less",
+                                np.where(worst["ci_low"] > 1, "b loses less", "not separated"))
     worst["ratio a/b [95% CI]"] = [_ci(r.ratio, r.ci_low, r.ci_high, 3) for r in worst.itertuples()]
-    return ["## Paired comparisons on the same held-out windows", "", "Worst-case perplexity of drop set a over drop set b (below 1: "
-            "a loses less); paired bootstrap over windows. Per-distribution rows are in comparisons.parquet.", "",
-            _table(worst[["comparison", "ratio a/b [95% CI]", "p_value", "verdict"]]), ""]
+    worst["p"] = [resolution.p_text(p, f) for p, f in zip(worst["p_value"], np.broadcast_to(floor, len(worst)))]
+    claimed = pd.DataFrame(resolution.comparison_claims(comparisons))
+    worst["resolution"] = [_resolved(c.resolved) + ("" if c.resolved else f": {c.needs}") for c in claimed.itertuples()]
+    return ["## Paired comparisons on the same held-out windows", "", "Worst-case perplexity of drop set a over drop set b "
+            "(below 1: a loses less; for a comparison on one distribution, that distribution's); paired bootstrap over "
+            "windows. Resolved when the CI excludes 1; otherwise the held-out windows per distribution that would "
+            "resolve it at the observed difference (power 0.8). Per-distribution rows are in comparisons.parquet.", "",
+            _table(worst[["comparison", "ratio a/b [95% CI]", "p", "verdict", "resolution"]]), ""]
 
 
 def _span(low: float, high: float, fmt: str = "{:,.0f}") -> str:
@@ -424,6 +573,13 @@ def section_accuracy(results: Results) -> list[str]:
     return lines
 
 
+def _permutation_floor(checked: pd.DataFrame, results: Results) -> pd.Series:
+    """The floor ``1 / (n_perm + 1)`` of each check's permutation p-value (from the table, else the settings)."""
+    if "p_floor" in checked:
+        return checked["p_floor"]
+    return pd.Series(1 / (results.settings.n_perm + 1), index=checked.index)
+
+
 def section_check(results: Results) -> list[str]:
     checked = results.table("check")
     if not len(checked):
@@ -431,7 +587,8 @@ def section_check(results: Results) -> list[str]:
     shown = checked.assign(**{
         "ρ to the set's ranking": checked["spearman"],
         "your noise floor [95% CI]": [_ci(r.noise_floor, r.noise_floor_ci_low, r.noise_floor_ci_high, 3) for r in checked.itertuples()],
-        "permutation p": checked["p_permutation"], "excess": checked["excess"]})
+        "permutation p": [resolution.p_text(p, f) for p, f in zip(checked["p_permutation"], _permutation_floor(checked, results))],
+        "excess": checked["excess"]})
     first = checked.iloc[0]
     lines = ["## Does a drop set hold on new data? (`calibdrop check`)", "",
              f"Each distribution's held-out windows ({first['n_texts']} per distribution), checked as a user's own texts would be by "
@@ -453,6 +610,19 @@ def section_check(results: Results) -> list[str]:
     return lines
 
 
+def _p(pair, results: Results) -> str:
+    """A paired comparison's p-value as text, ``p ≤ floor`` at its bootstrap floor."""
+    floor = pair["p_floor"] if "p_floor" in pair and pd.notna(pair["p_floor"]) else 1 / results.settings.n_boot
+    return resolution.p_text(pair["p_value"], floor)
+
+
+def _routing_needs(pair) -> str:
+    if "se" not in pair:
+        return "more held-out windows would resolve it"
+    needed = resolution.windows_needed(pair["effect"], pair["se"], pair["n_windows"])
+    return resolution.needs_text(needed, "held-out windows in the mix", pair["n_windows"]) + " would resolve it"
+
+
 def routing_display(results: Results) -> pd.DataFrame:
     """Per drop set of the routing stage: perplexity ratio on the pooled mix, the mean and the worst distribution (with CIs),
     and routed / this set on the mix, paired over windows."""
@@ -469,7 +639,8 @@ def routing_display(results: Results) -> pd.DataFrame:
             row[name] = _ci(r["ppl_ratio"], r["ci_low"], r["ci_high"], 3)
         if label in mix_pairs.index:
             pair = mix_pairs.loc[label]
-            row["routed / this set, pooled mix"] = f"{_ci(pair['ratio'], pair['ci_low'], pair['ci_high'], 3)}, p = {pair['p_value']:.3g}"
+            ratio = _ci(pair['ratio'], pair['ci_low'], pair['ci_high'], 3)
+            row["routed / this set, pooled mix"] = f"{ratio}, {_p(pair, results)}"
         rows.append(row)
     return pd.DataFrame(rows).fillna("")
 
@@ -497,7 +668,8 @@ def section_routing(results: Results) -> list[str]:
             "model with 95% bootstrap CIs; routed / this set paired over the same windows (below 1: routing loses less); *oracle* "
             "sends every window to its true source's own set.", "", _table(routing_display(results)), "",
             f"{verdict}: routed / borda on the pooled mix {_ci(versus['ratio'], versus['ci_low'], versus['ci_high'], 3)} "
-            f"(p = {versus['p_value']:.3g}). Router accuracy {accuracy.loc['all', 'accuracy']:.0%} "
+            f"({_p(versus, results)}; {_resolved(beats or loses)}"
+            f"{'' if beats or loses else ': ' + _routing_needs(versus)}). Router accuracy {accuracy.loc['all', 'accuracy']:.0%} "
             f"[{accuracy.loc['all', 'ci_low']:.0%}, {accuracy.loc['all', 'ci_high']:.0%}] over {int(accuracy.loc['all', 'n_windows'])} "
             f"windows (lowest: {worst_source}, {accuracy.loc[worst_source, 'accuracy']:.0%}). Routed inference reproduced the chosen "
             f"set's static NLL on every window (largest difference {first['max_abs_static_difference']:.2g} nats).", ""]
@@ -530,8 +702,9 @@ def figure_order(path: Path) -> tuple[int, str]:
     return rank, path.stem
 
 
-SECTIONS = (section_header, section_verdict, section_recommendations, section_data_or_metric, section_agreement, section_membership,
-            section_regret, section_leave_one_out, section_greedy, section_heldout, section_unseen, section_comparisons, section_accuracy,
+SECTIONS = (section_header, section_verdict, section_recommendations, section_resolution, section_data_or_metric,
+            section_agreement, section_membership, section_regret, section_leave_one_out, section_greedy, section_heldout,
+            section_unseen, section_comparisons, section_accuracy,
             section_check, section_routing, section_sample_size, section_figures)
 
 

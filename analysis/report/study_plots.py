@@ -131,20 +131,28 @@ def proxy_vs_ablation(scores: pd.DataFrame, metric: str = "cosine"):
 
 
 def decomposition_bars(decomposition: pd.DataFrame):
-    """Mean ρ between rankings that differ only in the distribution (per metric) or only in the metric (per distribution)."""
+    """Mean ρ between rankings that differ only in the distribution (per metric), only in the proxy (per
+    distribution), and of each proxy with the ground truth (per distribution), corrected for attenuation where the
+    table has ``mean_corrected`` for every row."""
     fig, ax = plt.subplots(figsize=(10, 4))
-    data = decomposition.assign(label=decomposition["axis"].map({"distribution": "across distributions, within ", "metric": "across metrics, within "})
-                                + decomposition["held"], module=decomposition["module"].map(MODULE_NAMES).fillna(decomposition["module"]))
-    across_data = list(dict.fromkeys(data.loc[data["axis"] == "distribution", "label"]))
-    across_metric = list(dict.fromkeys(data.loc[data["axis"] == "metric", "label"]))
-    palette = {**dict(zip(across_data, sns.color_palette("Blues_d", len(across_data)))),
-               **dict(zip(across_metric, sns.color_palette("Oranges_d", len(across_metric))))}
-    sns.barplot(data, x="module", y="mean_spearman", hue="label", hue_order=across_data + across_metric, palette=palette, ax=ax)
-    ax.set_ylim(min(0, data["mean_spearman"].min()), 1)
-    ax.set_ylabel("mean Spearman ρ between rankings")
+    corrected = "mean_corrected" in decomposition and decomposition["mean_corrected"].notna().all()
+    value = "mean_corrected" if corrected else "mean_spearman"
+    axes = {"distribution": ("across distributions, within ", "Blues_d"),
+            "metric": ("across proxies, within ", "Oranges_d"), "ground truth": ("proxy vs ground truth, within ", "Greens_d")}
+    labels = decomposition["axis"].map({axis: text for axis, (text, _) in axes.items()}) + decomposition["held"]
+    modules = decomposition["module"].map(MODULE_NAMES).fillna(decomposition["module"])
+    data = decomposition.assign(label=labels, module=modules)
+    order, palette = [], {}
+    for axis, (_, colours) in axes.items():
+        labels = list(dict.fromkeys(data.loc[data["axis"] == axis, "label"]))
+        order += labels
+        palette.update(zip(labels, sns.color_palette(colours, len(labels))))
+    sns.barplot(data, x="module", y=value, hue="label", hue_order=order, palette=palette, ax=ax)
+    ax.set_ylim(min(0, data[value].min()), max(1, data[value].max()))
+    ax.set_ylabel("mean Spearman ρ" + (", corrected for reliability" if value == "mean_corrected" else ""))
     ax.set_xlabel("module kind")
-    ax.set_title("How much does the ranking move with the data (blue), and how much with the metric (orange)?\n"
-                 "lower bars = the ranking moves more", fontsize=10)
+    ax.set_title("How much does the ranking move with the data (blue), with the proxy (orange), and how far is each\n"
+                 "proxy from the ground truth (green)?  lower bars = the ranking moves more", fontsize=10)
     ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     return fig
 

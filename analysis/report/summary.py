@@ -10,8 +10,8 @@ Tables (all tidy, one row per model and what the row is about):
 * ``models``: model, family, layers, the folder and which tables it had.
 * ``agreement``: per model, metric, module kind and statistic (``spearman``, ``jaccard@k``): the
   mean and the smallest value over pairs of distributions, the smallest pair's bootstrap CI, the
-  split-half noise floor (mean and smallest over distributions) and how many pairs lie below it
-  beyond noise (the pair's CI upper bound below the smaller floor of its two distributions).
+  split-half noise floor (mean and smallest over distributions) and how many pairs differ beyond resampling
+  noise (``beyond_noise``: the pair's CI upper bound below ``sqrt(floor_a floor_b)``, the report's one definition).
 * ``importance``: the aggregate importance per model, module, distribution and layer with the
   relative depth ``layer / (n_layers - 1)``.
 * ``unimportant``: every candidate in some distribution's own drop set of size k, with how many
@@ -22,6 +22,8 @@ Tables (all tidy, one row per model and what the row is about):
 * ``heldout``: every non-random drop set's worst-case held-out perplexity ratio with its CI,
   ranked per model and budget (rank 1 wins).
 * ``comparisons``: the paired comparisons on the same windows, with which side wins beyond noise.
+* ``claims``: every headline claim of every run that has the resolution stage, marked resolved or not at its run's
+  budget, with what would resolve it (:mod:`analysis.study.resolution`).
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ from matplotlib.colors import LogNorm
 from ..errors import InputError
 from ..io import provenance, read_table, write_table
 from ..study.dropsets import parse_label
+from ..study.resolution import beyond_noise
 from .plots import MODULE_NAMES, save_figure
 
 REQUIRED = ("scores", "bootstrap_pairs", "split_half", "drop_sets")
-OPTIONAL = ("validity", "decomposition", "transfer", "comparisons")
+OPTIONAL = ("validity", "decomposition", "transfer", "comparisons", "claims")
 GROUND_TRUTH = "ablation"
 
 
@@ -95,8 +98,9 @@ def _statistics(pairs: pd.DataFrame) -> list[str]:
 def agreement_rows(run: RunFolder) -> list[dict]:
     """Rows of :func:`agreement_table` for one run.
 
-    ``below_floor`` counts pairs ``(a, b)`` whose CI upper bound is below ``min(floor_a, floor_b)``, the
-    floor being the Spearman-Brown corrected split-half ρ (``reliability``) or the split-half Jaccard@k.
+    ``beyond_noise`` counts pairs ``(a, b)`` that differ beyond resampling noise by the report's one definition
+    (:func:`analysis.study.resolution.beyond_noise`): the CI's upper end is below ``sqrt(floor_a floor_b)``, the floor
+    being the Spearman-Brown corrected split-half ρ (``reliability``) or the split-half Jaccard@k.
     """
     pairs, halves = run.tables["bootstrap_pairs"], run.tables["split_half"]
     rows = []
@@ -104,14 +108,14 @@ def agreement_rows(run: RunFolder) -> list[dict]:
         floors = halves[(halves["metric"] == metric) & (halves["module"] == module)].set_index("distribution")
         for statistic in _statistics(part):
             floor = floors["reliability" if statistic == "spearman" else f"split_half_{statistic}"]
-            pair_floor = np.minimum(part["a"].map(floor).to_numpy(), part["b"].map(floor).to_numpy())
+            beyond = beyond_noise(part[f"{statistic}_ci_high"], part["a"].map(floor), part["b"].map(floor))
             lowest = part.loc[part[statistic].idxmin()]
             rows.append({
                 "model": run.label, "n_layers": run.n_layers, "metric": metric, "module": module, "statistic": statistic,
                 "n_pairs": len(part), "mean": part[statistic].mean(), "min": lowest[statistic], "min_pair": f"{lowest['a']}–{lowest['b']}",
                 "min_ci_low": lowest[f"{statistic}_ci_low"], "min_ci_high": lowest[f"{statistic}_ci_high"],
                 "floor_mean": floor.mean(), "floor_min": floor.min(),
-                "below_floor": int((part[f"{statistic}_ci_high"].to_numpy() < pair_floor).sum()),
+                "beyond_noise": int(beyond.sum()),
             })
     return rows
 
@@ -228,6 +232,15 @@ def comparisons_table(runs: list[RunFolder]) -> pd.DataFrame:
     return table
 
 
+def claims_table(runs: list[RunFolder]) -> pd.DataFrame:
+    """The ``claims`` table of every run that has one, with a ``model`` column first."""
+    parts = [run.tables["claims"].assign(model=run.label) for run in runs if "claims" in run.tables]
+    if not parts:
+        return pd.DataFrame()
+    table = pd.concat(parts, ignore_index=True)
+    return table[["model", *[c for c in table.columns if c != "model"]]]
+
+
 def models_table(runs: list[RunFolder]) -> pd.DataFrame:
     """One row per run: model, family, layers, folder and the optional tables it had."""
     return pd.DataFrame([{"model": run.label, "family": run.model.get("family"), "n_layers": run.n_layers,
@@ -244,6 +257,7 @@ TABLES = {
     "decomposition": decomposition_table,
     "heldout": heldout_table,
     "comparisons": comparisons_table,
+    "claims": claims_table,
 }
 
 

@@ -220,6 +220,20 @@ def percentile_interval(values: np.ndarray, level: float) -> tuple[float, float]
     return tuple(np.nanpercentile(values, [tail, 100 - tail]))
 
 
+def basic_interval(values: np.ndarray, point: float, level: float,
+                   bounds: tuple[float, float] = (-1.0, 1.0)) -> tuple[float, float]:
+    """The basic (reverse-percentile) bootstrap interval ``[2 θ̂ - q_(1+level)/2, 2 θ̂ - q_(1-level)/2]`` of
+    replicates ``values`` around the estimate ``point``, clipped to ``bounds`` (NaNs ignored).
+
+    It corrects the bias the bootstrap sees (replicates below the estimate put the interval above it), which the
+    percentile interval doubles: a ρ between two noisy rankings is attenuated, and its replicates, noisier still, are
+    attenuated twice.  tests/test_resolution.py measures the coverage of a population ρ by simulation (percentile,
+    BC and basic intervals side by side; the basic one is the only one near 95% where the rankings are noisy).
+    """
+    low, high = percentile_interval(values, level)
+    return float(np.clip(2 * point - high, *bounds)), float(np.clip(2 * point - low, *bounds))
+
+
 def bootstrap(
     scores: pd.DataFrame, *, module: str = "attn", k: Sequence[int] = (4, 8), n_boot: int = 1000, level: float = 0.95, seed: int = 0,
     metric: str | None = None,
@@ -228,8 +242,8 @@ def bootstrap(
 
     Returns ``importance`` (per distribution and candidate: importance, CI, probability of
     being in the size-k drop set for each k) and ``pairs`` (per pair of distributions: the
-    point Spearman ρ and Jaccard@k with their bootstrap CIs; each distribution resampled
-    independently) and ``pair_mean`` (their means over pairs, with the CI of the mean over pairs
+    point Spearman ρ and Jaccard@k with their basic bootstrap CIs (:func:`basic_interval`); each distribution
+    resampled independently) and ``pair_mean`` (their means over pairs, with the CI of the mean over pairs
     taken within each bootstrap replicate).
     """
     arrays = sample_arrays(scores, module, metric)
@@ -252,19 +266,22 @@ def bootstrap(
         rho = rowwise_spearman(replicates[a], replicates[b])
         pair_rhos.append(rho)
         row = {"metric": arrays.metric, "module": module, "a": a, "b": b, "spearman": stats.spearmanr(point[a], point[b]).statistic}
-        row["spearman_ci_low"], row["spearman_ci_high"] = percentile_interval(rho, level)
+        row["spearman_ci_low"], row["spearman_ci_high"] = basic_interval(rho, row["spearman"], level)
         for kk in k_values:
             row[f"jaccard@{kk}"] = jaccard(drop_set(point[a], kk), drop_set(point[b], kk))
             pair_jaccards[kk].append(rowwise_jaccard(replicates[a], replicates[b], kk))
-            row[f"jaccard@{kk}_ci_low"], row[f"jaccard@{kk}_ci_high"] = percentile_interval(pair_jaccards[kk][-1], level)
+            row[f"jaccard@{kk}_ci_low"], row[f"jaccard@{kk}_ci_high"] = basic_interval(
+                pair_jaccards[kk][-1], row[f"jaccard@{kk}"], level, (0, 1))
         pair_rows.append(row)
     pairs = pd.DataFrame(pair_rows)
     mean_row = {"metric": arrays.metric, "module": module, "n_pairs": len(pair_rows), "spearman": pairs["spearman"].mean(),
                 "spearman_min": pairs["spearman"].min()}
-    mean_row["spearman_ci_low"], mean_row["spearman_ci_high"] = percentile_interval(np.mean(pair_rhos, axis=0), level)
+    mean_row["spearman_ci_low"], mean_row["spearman_ci_high"] = basic_interval(
+        np.mean(pair_rhos, axis=0), mean_row["spearman"], level)
     for kk in k_values:
         mean_row[f"jaccard@{kk}"] = pairs[f"jaccard@{kk}"].mean()
-        mean_row[f"jaccard@{kk}_ci_low"], mean_row[f"jaccard@{kk}_ci_high"] = percentile_interval(np.mean(pair_jaccards[kk], axis=0), level)
+        mean_row[f"jaccard@{kk}_ci_low"], mean_row[f"jaccard@{kk}_ci_high"] = basic_interval(
+            np.mean(pair_jaccards[kk], axis=0), mean_row[f"jaccard@{kk}"], level, (0, 1))
     return {"importance": pd.DataFrame(rows).assign(module=module), "pairs": pairs, "pair_mean": pd.DataFrame([mean_row])}
 
 

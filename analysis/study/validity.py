@@ -2,10 +2,11 @@
 
 * :func:`metric_validity`: per distribution, module kind and proxy metric, Spearman ρ and Kendall
   τ-b between the proxy's ranking and the ablation ranking (the increase in NLL when each module
-  alone is dropped), with bootstrap CIs (the proxy's and the ablation's samples each resampled).
-* :func:`ranking_decomposition`: agreement across distributions within a metric against agreement
-  across metrics within a distribution.  ``1 - mean ρ`` of each is the part of the ranking's
-  variation that comes from the data and from the metric.
+  alone is dropped), with basic bootstrap CIs (the proxy's and the ablation's samples each resampled;
+  :func:`~analysis.study.stability.basic_interval`).
+* :func:`ranking_decomposition`: agreement across distributions within a metric, across proxies within a
+  distribution, and of each proxy with the ground truth (apart), raw and corrected for attenuation.
+* :func:`data_or_metric`: across distributions against across proxies, with a bootstrap CI of the difference.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ import pandas as pd
 from scipy import stats
 
 from ..importance.metrics import GROUND_TRUTH, get_metric
+from .resolution import disattenuate
 from .stability import (
+    basic_interval,
     bootstrap_replicates,
     importance_matrix,
     metrics_in,
-    percentile_interval,
     rowwise_spearman,
     sample_arrays,
+    weighted_importance,
 )
 
 
@@ -71,32 +74,97 @@ def metric_validity(scores: pd.DataFrame, *, modules: Sequence[str] = ("attn", "
                 row = {"distribution": d, "module": module, "metric": metric,
                        "spearman": stats.spearmanr(point[d], truth_point[d]).statistic,
                        "kendall": stats.kendalltau(point[d], truth_point[d], variant="b").statistic}
-                row["spearman_ci_low"], row["spearman_ci_high"] = percentile_interval(rho, level)
-                row["kendall_ci_low"], row["kendall_ci_high"] = percentile_interval(tau, level)
+                row["spearman_ci_low"], row["spearman_ci_high"] = basic_interval(rho, row["spearman"], level)
+                row["kendall_ci_low"], row["kendall_ci_high"] = basic_interval(tau, row["kendall"], level)
                 rows.append(row)
     return pd.DataFrame(rows)
 
 
-def ranking_decomposition(scores: pd.DataFrame, *, modules: Sequence[str] = ("attn", "mlp", "block", "joint")) -> pd.DataFrame:
-    """Mean and minimum Spearman ρ between rankings that differ in one axis only.
+def _reliability_of(reliability: pd.DataFrame | None, module: str):
+    """``(metric, distribution) -> split-half reliability`` of one module kind (NaN where the table lacks it)."""
+    if reliability is None or not len(reliability):
+        return lambda metric, d: np.nan
+    table = reliability[reliability["module"] == module].set_index(["metric", "distribution"])["reliability"]
+    return lambda metric, d: float(table.get((metric, d), np.nan))
 
-    ``axis = "distribution"``: pairs of distributions under one metric (``held`` names the
-    metric); ``axis = "metric"``: pairs of metrics (ablation included) on one distribution
-    (``held`` names the distribution).  Columns: ``module, axis, held, mean_spearman,
-    min_spearman, n_pairs``.
+
+def ranking_decomposition(scores: pd.DataFrame, *, modules: Sequence[str] = ("attn", "mlp", "block", "joint"),
+                          reliability: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Mean and minimum Spearman ρ between rankings that differ in one axis only, the ground truth apart.
+
+    ``axis = "distribution"``: pairs of distributions under one metric (``held`` names the metric, the ground
+    truth included); ``axis = "metric"``: pairs of *proxies* on one distribution (``held`` names it), so the ground
+    truth's noise is not counted as metric disagreement; ``axis = "ground truth"``: each proxy against the ablation
+    on one distribution.  ``mean_corrected`` is the mean of each pair's ρ corrected for attenuation,
+    ``ρ / sqrt(rel_a rel_b)`` (Spearman's correction; ``rel`` the Spearman-Brown stepped-up split-half reliability of
+    that metric on that distribution, from ``reliability``, the ``split_half`` table; NaN without it).  Columns:
+    ``module, axis, held, mean_spearman, min_spearman, mean_corrected, n_pairs``.
     """
     rows = []
     metrics = metrics_in(scores)
+    proxies = [m for m in metrics if get_metric(m).is_proxy]
+
+    def row(module, axis, held, pairs):
+        rhos = np.array([rho for rho, _ in pairs])
+        return {"module": module, "axis": axis, "held": held, "mean_spearman": float(rhos.mean()),
+                "min_spearman": float(rhos.min()), "mean_corrected": float(np.mean([c for _, c in pairs])),
+                "n_pairs": len(pairs)}
+
     for module in modules:
+        rel = _reliability_of(reliability, module)
         matrices = {m: importance_matrix(scores, module, m) for m in metrics}
         distributions = list(next(iter(matrices.values())).columns)
-        for metric, matrix in matrices.items():
-            rhos = [stats.spearmanr(matrix[a], matrix[b]).statistic for a, b in combinations(distributions, 2)]
-            rows.append({"module": module, "axis": "distribution", "held": metric, "mean_spearman": float(np.mean(rhos)),
-                         "min_spearman": float(np.min(rhos)), "n_pairs": len(rhos)})
+
+        def pair(a, b, da, db):
+            rho = stats.spearmanr(matrices[a][da], matrices[b][db]).statistic
+            return rho, float(disattenuate(rho, rel(a, da), rel(b, db)))
+
+        for metric in metrics:
+            pairs = [pair(metric, metric, a, b) for a, b in combinations(distributions, 2)]
+            rows.append(row(module, "distribution", metric, pairs))
         for d in distributions:
-            rhos = [stats.spearmanr(matrices[a][d], matrices[b][d]).statistic for a, b in combinations(metrics, 2)]
-            if rhos:
-                rows.append({"module": module, "axis": "metric", "held": d, "mean_spearman": float(np.mean(rhos)),
-                             "min_spearman": float(np.min(rhos)), "n_pairs": len(rhos)})
+            if len(proxies) > 1:
+                rows.append(row(module, "metric", d, [pair(a, b, d, d) for a, b in combinations(proxies, 2)]))
+            if GROUND_TRUTH in matrices and proxies:
+                rows.append(row(module, "ground truth", d, [pair(m, GROUND_TRUTH, d, d) for m in proxies]))
+    return pd.DataFrame(rows)
+
+
+def data_or_metric(scores: pd.DataFrame, *, modules: Sequence[str] = ("attn", "mlp", "block", "joint"),
+                   n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """Does the data or the metric move the ranking more?  Proxies only, so the ground truth's noise plays no part.
+
+    Per module kind: ``across_distributions``, the mean ρ over every proxy and pair of distributions, and
+    ``across_metrics``, the mean ρ over every distribution and pair of proxies; ``difference = across_metrics -
+    across_distributions`` (positive: rankings differ more between distributions, the data moves the ranking more)
+    with its basic bootstrap CI and ``se`` (the samples of each distribution resampled, the same draw for every
+    proxy, since the proxies score the same samples).  ``n_samples``: the smallest number of samples of a
+    distribution.  Empty with fewer than two proxies.
+    """
+    proxies = proxies_in(scores)
+    if len(proxies) < 2:
+        return pd.DataFrame()
+    rng = np.random.default_rng(seed)
+    rows = []
+    for module in modules:
+        arrays = {m: sample_arrays(scores, module, m) for m in proxies}
+        distributions = list(arrays[proxies[0]])
+        values = {}
+        for d in distributions:
+            n = len(arrays[proxies[0]][d][1])
+            weights = np.vstack([np.ones(n), rng.multinomial(n, np.full(n, 1 / n), size=n_boot)])
+            for m in proxies:
+                sums, tokens, _ = arrays[m][d]
+                values[m, d] = weighted_importance(weights, sums, tokens, m)
+        across_d = np.mean([rowwise_spearman(values[m, a], values[m, b])
+                            for m in proxies for a, b in combinations(distributions, 2)], axis=0)
+        across_m = np.mean([rowwise_spearman(values[a, d], values[b, d])
+                            for d in distributions for a, b in combinations(proxies, 2)], axis=0)
+        difference = across_m - across_d
+        low, high = basic_interval(difference[1:], difference[0], level, (-2, 2))
+        rows.append({"module": module, "across_distributions": across_d[0], "across_metrics": across_m[0],
+                     "difference": difference[0], "ci_low": low, "ci_high": high,
+                     "se": float(np.std(difference[1:], ddof=1)),
+                     "n_samples": min(len(arrays[proxies[0]][d][1]) for d in distributions), "n_proxies": len(proxies),
+                     "n_distributions": len(distributions)})
     return pd.DataFrame(rows)

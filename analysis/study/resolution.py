@@ -1,0 +1,388 @@
+"""What a run resolves: the rules that mark each headline claim resolved or not, and what would resolve it.
+
+Small pure functions over the run's tidy tables, so a report can be re-rendered from tables alone.
+
+* **Beyond resampling noise** (one definition, used by the report and ``calibdrop summary``): two rankings
+  differ beyond resampling noise when the upper end of the 95% bootstrap CI of their Spearman ρ lies below
+  their *noise ceiling* ``sqrt(rel_a rel_b)``, the ρ two independent samples of one population would reach
+  (``rel``: the split-half reliability, Spearman-Brown stepped up to full size; :func:`noise_ceiling`).  In
+  other words their ρ corrected for attenuation, ``ρ / sqrt(rel_a rel_b)`` (Spearman's correction), is below 1
+  with 95% confidence.  The same rule applies to Jaccard@k against the split-half Jaccard@k floors.
+* **Separated** (paired comparisons on the same held-out windows): the 95% paired bootstrap CI of the
+  perplexity ratio ``a / b`` excludes 1.  A drop set is *recommended* only when it is separated from every
+  other distinct set of its module kind and budget (in particular the runner-up); otherwise the report names
+  the group of sets it cannot be separated from.  Sets with the same members are one set under several names.
+* **What would resolve it**: held-out windows per distribution for a paired comparison (:func:`windows_needed`,
+  from the observed effect and its bootstrap standard error, as the accuracy section sizes items for McNemar);
+  ground-truth tokens per distribution for a claim that rests on the ablation ranking
+  (:func:`tokens_for_reliability`, the Spearman-Brown prophecy to a reliability of :data:`RELIABLE`); calibration
+  samples per distribution for a claim about rankings of the proxies (:func:`samples_needed`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from ..errors import InputError
+from ..importance.metrics import GROUND_TRUTH
+from .dropsets import UNPRUNED, method_family, parse_label
+
+ALPHA = 0.05
+POWER = 0.8
+RELIABLE = 0.95
+CLAIM_COLUMNS = ["claim", "module", "k", "subject", "finding", "estimate", "ci_low", "ci_high", "resolved", "needs",
+                 "windows_needed", "tokens_needed", "samples_needed"]
+WINDOWS = "held-out windows per distribution"
+
+
+def noise_ceiling(floor_a, floor_b):
+    """``sqrt(floor_a floor_b)``: the agreement two independent samples reach when the populations agree perfectly
+    (for ρ the attenuation bound of Spearman's correction, ``floor`` being the stepped-up split-half reliability);
+    NaN where a floor is not positive, so nothing is beyond it."""
+    product = np.asarray(floor_a, dtype=float) * np.asarray(floor_b, dtype=float)
+    return np.sqrt(np.where(product > 0, product, np.nan))
+
+
+def beyond_noise(ci_high, floor_a, floor_b):
+    """The one definition of "beyond resampling noise": the CI's upper end is below :func:`noise_ceiling`."""
+    return np.asarray(ci_high, dtype=float) < noise_ceiling(floor_a, floor_b)
+
+
+def disattenuate(rho, rel_a, rel_b):
+    """Spearman's correction for attenuation: ``ρ / sqrt(rel_a rel_b)``."""
+    return np.asarray(rho, dtype=float) / noise_ceiling(rel_a, rel_b)
+
+
+def tokens_for_reliability(reliability: float, tokens: float, target: float = RELIABLE) -> float:
+    """Tokens a measurement of reliability ``reliability`` on ``tokens`` tokens needs to reach ``target``, by the
+    Spearman-Brown prophecy ``m = target (1 - r) / (r (1 - target))`` (``tokens`` itself once it reaches it; NaN for
+    ``r <= 0``, where no amount is predicted to)."""
+    if not reliability > 0:
+        return math.nan
+    if reliability >= target:
+        return float(tokens)
+    return float(math.ceil(tokens * target * (1 - reliability) / (reliability * (1 - target))))
+
+
+def scale_needed(effect: float, se: float, n: float, *, alpha: float = ALPHA, power: float = POWER) -> float:
+    """The size a test of ``effect`` (standard error ``se`` at size ``n``, shrinking as ``1 / sqrt(n)``) needs to
+    reject 0 at two-sided level ``alpha`` with probability ``power``:
+    ``n ((z_(1-alpha/2) + z_power) se / |effect|)^2``, rounded up; inf for a zero effect; ``n`` when ``se`` is 0."""
+    if effect == 0 or not np.isfinite(effect):
+        return math.inf
+    if se == 0:
+        return float(n)
+    z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)
+    return float(math.ceil(n * (z * se / abs(effect)) ** 2))
+
+
+def windows_needed(effect: float, se: float, n_windows: float, **test) -> float:
+    """Held-out windows per distribution a paired comparison of log-perplexity difference ``effect`` (bootstrap
+    standard error ``se`` on ``n_windows`` windows) needs to be separated (:func:`scale_needed`)."""
+    return scale_needed(effect, se, n_windows, **test)
+
+
+def samples_needed(effect: float, se: float, n_samples: float, **test) -> float:
+    """Calibration samples per distribution a difference ``effect`` between rankings (bootstrap standard error ``se``
+    on ``n_samples`` samples) needs to be resolved (:func:`scale_needed`)."""
+    return scale_needed(effect, se, n_samples, **test)
+
+
+def separated(ci_low, ci_high):
+    """A paired ratio's 95% CI excludes 1."""
+    return (np.asarray(ci_high) < 1) | (np.asarray(ci_low) > 1)
+
+
+def p_text(p: float, floor: float) -> str:
+    """``"p = 0.012"``, or ``"p ≤ 0.001"`` when ``p`` sits at the floor ``1 / n_boot`` (or ``1 / (n_perm + 1)``)
+    of its resampling."""
+    return f"p ≤ {floor:.3g}" if p <= floor * (1 + 1e-9) else f"p = {p:.3g}"
+
+
+def needs_text(amount: float, unit: str, now: float, why: str = "the estimate shows no difference to separate") -> str:
+    """What would resolve a claim: ``"about 1,234 <unit> (now 32)"``, or
+    ``"no number of <unit> is predicted to (now 32): <why>"`` when the amount is not finite."""
+    if not np.isfinite(amount):
+        return f"no number of {unit} is predicted to (now {now:,.0f}): {why}"
+    return f"about {amount:,.0f} {unit} (now {now:,.0f})"
+
+
+def names_text(labels, shown: int = 3) -> str:
+    """``a = b = c`` for one set under several names, the first ``shown`` of them and how many more."""
+    labels = list(labels)
+    more = f" (and {len(labels) - shown} more names of the same members)" if len(labels) > shown else ""
+    return " = ".join(labels[:shown]) + more
+
+
+# ---------------------------------------------------------------- recommended sets
+
+
+def candidates(transfer: pd.DataFrame) -> pd.DataFrame:
+    """The sets a recommendation chooses among: worst-case rows of the transfer table, neither random nor unpruned,
+    ranked per module kind and budget by their worst-case held-out perplexity ratio (``rank`` 1: lowest)."""
+    worst = transfer[(transfer["distribution"] == "worst") & (transfer["drop_set"] != UNPRUNED)]
+    worst = worst[worst["method"].map(method_family) != "random"]
+    worst = worst.sort_values(["module", "k", "ppl_ratio"], kind="stable")
+    return worst.assign(rank=worst.groupby(["module", "k"], sort=False).cumcount() + 1)
+
+
+def versus_best(ranked: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """``(comparison, best, other)`` for every other set of each module kind and budget of :func:`candidates`."""
+    pairs = []
+    for (module, k), part in ranked.groupby(["module", "k"], sort=False):
+        best = part["drop_set"].iloc[0]
+        pairs += [(f"{module}-{k}: {best} vs {other}", best, other) for other in part["drop_set"].iloc[1:]]
+    return pairs
+
+
+def _against_best(row, pair, same: bool) -> dict:
+    """The paired columns of :func:`set_groups` for one set (``pair``: its paired row, None for the best)."""
+    if pair is None:
+        return dict(ratio_to_best=1.0, pair_ci_low=1.0, pair_ci_high=1.0, p_value=1.0, p_floor=np.nan, separated=False,
+                    in_group=True, windows_needed=0.0, n_windows=np.nan)
+    split = bool(pair["ci_high"] < 1) and not same
+    return dict(ratio_to_best=pair["ratio"], pair_ci_low=pair["ci_low"], pair_ci_high=pair["ci_high"],
+                p_value=pair["p_value"], p_floor=pair["p_floor"], separated=split, in_group=not split,
+                windows_needed=0.0 if split else windows_needed(pair["effect"], pair["se"], pair["n_windows"]),
+                n_windows=pair["n_windows"])
+
+
+def set_groups(ranked: pd.DataFrame, paired: pd.DataFrame, members: dict) -> pd.DataFrame:
+    """Per set of :func:`candidates`, against the best (lowest worst-case ratio) of its module kind and budget on the
+    same windows.
+
+    ``paired`` holds :func:`analysis.evaluation.heldout.paired_comparisons` of :func:`versus_best` (``a`` the best);
+    ``members`` maps a label to its members.  Columns: the set's ``module, k, drop_set, rank, ppl_ratio, ci_low,
+    ci_high``, ``same_as_best`` (the same members), the paired ``ratio_to_best`` (best / this) with
+    ``pair_ci_low``/``pair_ci_high``, ``p_value``, ``p_floor``, ``separated`` (the paired CI lies below 1),
+    ``in_group`` (the best itself, the same set, or not separated from it), ``windows_needed`` to separate it
+    (:func:`windows_needed`; 0 once separated) and ``n_windows``; and per module kind and budget ``resolved``: the
+    group holds one distinct set.
+    """
+    worst = paired[paired["distribution"] == "worst"].set_index("b") if len(paired) else pd.DataFrame()
+    rows = []
+    for (module, k), part in ranked.groupby(["module", "k"], sort=False):
+        best_members = sorted(map(str, members.get(part["drop_set"].iloc[0], [])))
+        for row in part.itertuples():
+            same = sorted(map(str, members.get(row.drop_set, []))) == best_members
+            pair = worst.loc[row.drop_set] if row.rank > 1 and row.drop_set in worst.index else None
+            rows.append({"module": module, "k": int(k), "drop_set": row.drop_set, "rank": int(row.rank),
+                         "ppl_ratio": row.ppl_ratio, "ci_low": row.ci_low, "ci_high": row.ci_high, "same_as_best": same,
+                         **_against_best(row, pair, same)})
+    table = pd.DataFrame(rows)
+    if not len(table):
+        return table
+    distinct = table[table["in_group"] & ~table["same_as_best"]].groupby(["module", "k"]).size()
+    table["resolved"] = [distinct.get((m, k), 0) == 0 for m, k in zip(table["module"], table["k"])]
+    return table
+
+
+def recommendation_claims(groups: pd.DataFrame) -> list[dict]:
+    """One claim per module kind and budget: the recommended set (resolved), or the group the best cannot be
+    separated from with the held-out windows that would separate them."""
+    rows = []
+    for (module, k), part in groups.groupby(["module", "k"], sort=False):
+        best, group = part.iloc[0], part[part["in_group"]]
+        aliases = group.loc[group["same_as_best"], "drop_set"].tolist()
+        others = group[~group["same_as_best"]]
+        if best["resolved"]:
+            runner = part[~part["same_as_best"]]
+            versus = "; no other set was evaluated"
+            if len(runner):
+                first = runner.iloc[0]
+                versus = (f"; separated from the runner-up {first['drop_set']} (paired best / it "
+                          f"{first['ratio_to_best']:.3f} [{first['pair_ci_low']:.3f}, {first['pair_ci_high']:.3f}])")
+            finding, needs, windows = f"recommended: {names_text(aliases)}{versus}", "", 0.0
+        else:
+            windows = float(others["windows_needed"].max())
+            finding = f"no single best: {names_text(aliases)} cannot be separated from {', '.join(others['drop_set'])}"
+            needs = needs_text(windows, WINDOWS, others["n_windows"].min())
+        rows.append({"claim": "recommended set", "module": module, "k": int(k), "subject": best["drop_set"],
+                     "finding": finding, "estimate": best["ppl_ratio"], "ci_low": best["ci_low"],
+                     "ci_high": best["ci_high"], "resolved": bool(best["resolved"]), "needs": needs,
+                     "windows_needed": windows})
+    return rows
+
+
+# ---------------------------------------------------------------- paired comparisons
+
+
+def _family(label: str) -> str | None:
+    """The method family of a drop-set label (None for the unpruned model or another form of label, e.g. routed)."""
+    try:
+        return method_family(parse_label(label)["method"])
+    except InputError:
+        return None
+
+
+def headline_comparisons(comparisons: pd.DataFrame) -> pd.DataFrame:
+    """The rows a comparison's claim rests on: the worst case over distributions, or the one distribution it is
+    limited to (a comparison named ``..., on <distribution>``)."""
+    if not len(comparisons):
+        return comparisons
+    limited = [c.endswith(f", on {d}") for c, d in zip(comparisons["comparison"], comparisons["distribution"])]
+    return comparisons[(comparisons["distribution"] == "worst") | np.array(limited)]
+
+
+def comparison_claims(comparisons: pd.DataFrame, claim: str = "a loses less than b") -> list[dict]:
+    """One claim per headline comparison: which side loses less on the same windows, resolved when the paired CI
+    excludes 1 (or when both sides have the same loss on every window: the same members)."""
+    rows = []
+    for row in headline_comparisons(comparisons).itertuples():
+        same = row.effect == 0 and row.se == 0
+        resolved = bool(separated(row.ci_low, row.ci_high)) or same
+        own = claim != "routing" and _family(row.b) == "own" and _family(row.a) == "borda"
+        kind = "consensus vs own set" if own else claim
+        finding = ("the same held-out loss on every window (the same members)" if same else f"{row.a} loses less"
+                   if row.ci_high < 1 else f"{row.b} loses less" if row.ci_low > 1 else "not separated")
+        windows = 0.0 if resolved else windows_needed(row.effect, row.se, row.n_windows)
+        rows.append({"claim": kind, "module": None, "k": None, "subject": row.comparison, "finding": finding,
+                     "estimate": row.ratio, "ci_low": row.ci_low, "ci_high": row.ci_high, "resolved": resolved,
+                     "needs": "" if resolved else needs_text(windows, WINDOWS, row.n_windows),
+                     "windows_needed": windows})
+    return rows
+
+
+def routing_claims(routing_paired: pd.DataFrame) -> list[dict]:
+    """Routed against the borda consensus on the pooled mix of every distribution's windows."""
+    if not len(routing_paired):
+        return []
+    versus = routing_paired["comparison"].str.endswith(" vs borda")
+    mix = routing_paired[(routing_paired["distribution"] == "mix") & versus]
+    claims = comparison_claims(mix.assign(distribution="worst"), claim="routing")
+    return [{**claim, "subject": claim["subject"] + " (pooled mix)"} for claim in claims]
+
+
+# ---------------------------------------------------------------- rankings
+
+
+def corrected_validity(validity: pd.DataFrame, split_half: pd.DataFrame) -> pd.DataFrame:
+    """:func:`analysis.study.validity.metric_validity` with each pair's reliabilities (``reliability_proxy``,
+    ``reliability_truth``), ρ and its CI corrected for attenuation (:func:`disattenuate`: ``corrected``,
+    ``corrected_ci_low``, ``corrected_ci_high``) and ``beyond_noise`` (:func:`beyond_noise`: the proxy ranks unlike
+    the ground truth beyond both rankings' noise)."""
+    rel = split_half.set_index(["metric", "distribution", "module"])["reliability"]
+    out = validity.copy()
+    keys = list(zip(out["metric"], out["distribution"], out["module"]))
+    out["reliability_proxy"] = [rel.get(key, np.nan) for key in keys]
+    out["reliability_truth"] = [rel.get((GROUND_TRUTH, d, module), np.nan) for _, d, module in keys]
+    for column, source in (("corrected", "spearman"), ("corrected_ci_low", "spearman_ci_low"),
+                           ("corrected_ci_high", "spearman_ci_high")):
+        out[column] = disattenuate(out[source], out["reliability_proxy"], out["reliability_truth"])
+    out["beyond_noise"] = beyond_noise(out["spearman_ci_high"], out["reliability_proxy"], out["reliability_truth"])
+    return out
+
+
+def validity_claims(corrected: pd.DataFrame, truth_tokens: float) -> list[dict]:
+    """Per module kind and proxy: how it ranks against the ground truth.  Resolved when the ground truth's
+    reliability reaches :data:`RELIABLE` on every distribution; otherwise the ground-truth tokens per distribution
+    that would get it there (:func:`tokens_for_reliability`)."""
+    rows = []
+    for (module, metric), part in corrected.groupby(["module", "metric"], sort=False):
+        reliability = float(part["reliability_truth"].min())
+        resolved = reliability >= RELIABLE
+        tokens = tokens_for_reliability(reliability, truth_tokens)
+        finding = (f"ρ {part['spearman'].mean():.2f} with the ground truth, {part['corrected'].mean():.2f} corrected "
+                   f"for both rankings' reliability; ranks unlike it beyond noise on "
+                   f"{int(part['beyond_noise'].sum())} of {len(part)} distributions")
+        needs = needs_text(tokens, "ground-truth tokens per distribution", truth_tokens,
+                           f"its split-half reliability {reliability:.2f} is not above 0")
+        if np.isfinite(tokens):
+            needs += f", to raise its reliability {reliability:.2f} to {RELIABLE} (Spearman-Brown)"
+        rows.append({"claim": "proxy vs ground truth", "module": module, "k": None, "subject": metric,
+                     "finding": finding,
+                     "estimate": part["corrected"].mean(), "ci_low": np.nan, "ci_high": np.nan, "resolved": resolved,
+                     "tokens_needed": tokens, "needs": "" if resolved else needs})
+    return rows
+
+
+def data_or_metric_claims(table: pd.DataFrame) -> list[dict]:
+    """Per module kind: whether the data or the choice of proxy moves the ranking more (resolved when the CI of the
+    difference of mean ρ excludes 0; else the calibration samples per distribution that would resolve it)."""
+    rows = []
+    for row in table.itertuples():
+        still = row.difference == 0 and row.se == 0
+        resolved = bool(row.ci_low > 0 or row.ci_high < 0) or still
+        finding = ("the data moves the ranking more than the metric" if row.ci_low > 0 else
+                   "the metric moves the ranking more than the data" if row.ci_high < 0 else
+                   "neither moves it: every proxy and distribution gives the same ranking" if still else
+                   "not separated: the data and the metric move it alike")
+        samples = 0.0 if resolved else samples_needed(row.difference, row.se, row.n_samples)
+        rows.append({"claim": "data or metric", "module": row.module, "k": None,
+                     "subject": "mean ρ across proxies − across distributions", "finding": finding,
+                     "estimate": row.difference, "ci_low": row.ci_low, "ci_high": row.ci_high, "resolved": resolved,
+                     "samples_needed": samples,
+                     "needs": "" if resolved else needs_text(samples, "calibration samples per distribution",
+                                                             row.n_samples)})
+    return rows
+
+
+def pairs_beyond_noise(pairs: pd.DataFrame, split_half: pd.DataFrame, statistic: str = "spearman") -> pd.DataFrame:
+    """``bootstrap_pairs`` rows with each pair's noise ``ceiling`` (:func:`noise_ceiling` of the two distributions'
+    split-half floors of ``statistic``: ``reliability`` for ρ, ``split_half_jaccard@k`` for Jaccard@k) and
+    ``beyond_noise``."""
+    column = "reliability" if statistic == "spearman" else f"split_half_{statistic}"
+    floor = split_half.set_index(["metric", "module", "distribution"])[column]
+    a, b = (np.array([floor.get(key, np.nan) for key in zip(pairs["metric"], pairs["module"], pairs[side])])
+            for side in ("a", "b"))
+    return pairs.assign(ceiling=noise_ceiling(a, b), beyond_noise=beyond_noise(pairs[f"{statistic}_ci_high"], a, b))
+
+
+def agreement_claims(pairs: pd.DataFrame, split_half: pd.DataFrame, metric: str = "cosine") -> list[dict]:
+    """Per module kind: does the calibration data change the ``metric`` ranking?  Resolved when some pair of
+    distributions differs beyond resampling noise (:func:`pairs_beyond_noise`); otherwise the samples per
+    distribution that would separate the lowest pair's corrected ρ from 1 (its standard error from its CI width)."""
+    rows = []
+    marked = pairs_beyond_noise(pairs[pairs["metric"] == metric], split_half)
+    samples = split_half[split_half["metric"] == metric].groupby("module")["n_samples"].min()
+    for module, part in marked.groupby("module", sort=False):
+        beyond, n = int(part["beyond_noise"].sum()), samples.get(module, 0)
+        corrected = part["spearman"] / part["ceiling"]
+        needed, lowest, estimate = math.inf, "", np.nan
+        if corrected.notna().any():
+            low = part.loc[corrected.idxmin()]
+            estimate, lowest = corrected.min(), f" for the lowest pair, {low['a']}–{low['b']},"
+            se = (low["spearman_ci_high"] - low["spearman_ci_low"]) / (2 * stats.norm.ppf(0.975)) / low["ceiling"]
+            needed = samples_needed(1 - estimate, se, n) if estimate < 1 else math.inf
+        resolved = beyond > 0
+        finding = f"{beyond} of {len(part)} pairs differ beyond resampling noise" if resolved else \
+            "no pair differs beyond resampling noise"
+        needs = needs_text(needed, f"calibration samples per distribution{lowest}", n,
+                           "the corrected ρ is at the noise ceiling, or a floor is not above 0")
+        rows.append({"claim": "data changes the ranking", "module": module, "k": None,
+                     "subject": f"{metric}, {len(part)} pairs of distributions", "finding": finding,
+                     "estimate": estimate, "ci_low": np.nan, "ci_high": np.nan, "resolved": resolved,
+                     "samples_needed": 0.0 if resolved else needed, "needs": "" if resolved else needs})
+    return rows
+
+
+def claims_table(tables: dict, *, truth_tokens: float) -> pd.DataFrame:
+    """Every headline claim of a run with its resolution (columns :data:`CLAIM_COLUMNS`), from its tables:
+    ``set_groups``, ``comparisons``, ``validity`` and ``split_half``, ``data_or_metric``, ``bootstrap_pairs``,
+    ``routing_paired`` (those absent or empty are skipped).  ``truth_tokens``: ground-truth tokens per distribution."""
+    def has(name):
+        return tables.get(name) is not None and len(tables[name])
+
+    rows = []
+    if has("set_groups"):
+        rows += recommendation_claims(tables["set_groups"])
+    if has("comparisons"):
+        rows += comparison_claims(tables["comparisons"])
+    if has("validity") and has("split_half"):
+        rows += validity_claims(corrected_validity(tables["validity"], tables["split_half"]), truth_tokens)
+    if has("data_or_metric"):
+        rows += data_or_metric_claims(tables["data_or_metric"])
+    if has("bootstrap_pairs") and has("split_half"):
+        rows += agreement_claims(tables["bootstrap_pairs"], tables["split_half"])
+    if has("routing_paired"):
+        rows += routing_claims(tables["routing_paired"])
+    table = pd.DataFrame(rows, columns=CLAIM_COLUMNS)
+    for column in ("windows_needed", "tokens_needed", "samples_needed", "estimate", "ci_low", "ci_high"):
+        table[column] = table[column].astype(float)
+    table["resolved"] = table["resolved"].astype(bool)
+    table["k"] = table["k"].astype("Int64")
+    return table
