@@ -260,6 +260,8 @@ def read_jsonl_texts(path: Path) -> list[str]:
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise InputError(f"{path}:{number} has no string field 'text'; each line must look like {{\"text\": \"...\"}}")
         texts.append(record["text"])
+    if not texts:
+        raise InputError(f"texts file {path} holds no texts: write one JSON object {{\"text\": \"...\"}} per line")
     return texts
 
 

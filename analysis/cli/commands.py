@@ -185,7 +185,8 @@ def score_jsonl(args, out: Path, metrics):
     model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)
     max_length = PRESETS[args.preset].seq_len if args.seq_len is None else args.seq_len
     warn_beyond_positions(model, max_length)
-    table = score_texts(model, tokenizer, texts, max_length=max_length, batch_size=args.batch_size, per_sample=args.per_sample, metrics=metrics)
+    table = score_texts(model, tokenizer, texts, max_length=max_length, batch_size=args.batch_size, per_sample=args.per_sample, metrics=metrics,
+                        progress=sys.stderr.isatty())
     record = provenance(
         kind="scores-per-sample" if args.per_sample else "scores",
         model=models.model_info(model),
@@ -302,11 +303,13 @@ def cmd_prune(args) -> None:
 def evaluation_drop_sets(args) -> dict:
     """Named drop sets: from JSON files, and/or the family built from per-sample scores (:func:`~analysis.study.dropsets.drop_set_family`)."""
     from ..models import pruning
-    from ..study.dropsets import UNPRUNED, drop_set_family, read_drop_set
+    from ..study.dropsets import UNPRUNED, as_drop_set, drop_set_family, read_drop_set
 
     sets: dict = {UNPRUNED: None}
     for path in args.drop_sets or []:
-        sets[Path(path).stem] = read_drop_set(Path(path))
+        record = read_drop_set(Path(path))
+        label = as_drop_set(record).label  # tables name sets by label (<metric>/<module>-<k>:<method>); a second file adds its path
+        sets[label if label not in sets else f"{label} ({path})"] = record
     if args.from_scores:
         scores = read_per_sample(args.from_scores)
         metric = metric_of(scores, args.metric)

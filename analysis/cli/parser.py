@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import warnings
 
@@ -49,6 +50,14 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, not {value}")
+    return value
+
+
+def token_count(text: str) -> int:
+    """argparse type: a length in tokens, an integer of at least 2 (a window needs a token and its successor)."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 tokens, not {value}")
     return value
 
 
@@ -141,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--out", default=f"{RESULTS_DIR}/scores.parquet", help="Parquet file to write (a .json provenance sidecar goes beside it)")
     score.add_argument("--preset", choices=sorted(PRESETS), default="default", help=f"samples x tokens per distribution ({_presets_help()})")
     score.add_argument("--samples", type=positive_int, help="samples per distribution (default: the preset's)")
-    score.add_argument("--seq-len", type=positive_int, help="tokens per sample (default: the preset's; with --texts the longest kept)")
+    score.add_argument("--seq-len", type=token_count, help="tokens per sample (default: the preset's; with --texts the longest kept)")
     score.add_argument("--seed", type=seed_int, default=0, help="seed of the sample windows")
     score.add_argument("--batch-size", type=positive_int, default=8, help="samples per forward pass")
     score.add_argument("--per-sample", action="store_true", help="with --texts: one row per text and module instead of the aggregate")
@@ -196,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tasks", help=f"zero-shot tasks, comma-separated, from: {','.join(PAPER_TASKS)}")
     evaluate.add_argument("--limit", type=positive_int, help="examples per task (per MMLU subject); default: all")
     evaluate.add_argument("--samples", type=positive_int, default=32, help="held-out windows per distribution")
-    evaluate.add_argument("--seq-len", type=positive_int, default=512, help="tokens per held-out window")
+    evaluate.add_argument("--seq-len", type=token_count, default=512, help="tokens per held-out window")
     evaluate.add_argument("--out", default=f"{RESULTS_DIR}/evaluation", help="folder for transfer.parquet and accuracy.parquet")
     evaluate.add_argument("--force", action="store_true", help="apply drop sets made for a model with another checksum")
     evaluate.set_defaults(func=cmd_evaluate)
@@ -211,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     checker.add_argument("--consensus-method", default="borda", choices=CONSENSUS_METHODS, help="consensus set offered as the alternative")
     checker.add_argument("--loss-samples", type=non_negative_int, default=0,
                          help="measure the real perplexity of the sets on this many of your texts, at most half (0: off)")
-    checker.add_argument("--max-length", type=positive_int, default=512, help="tokens per text, longer ones are cut")
+    checker.add_argument("--max-length", type=token_count, default=512, help="tokens per text, longer ones are cut")
     checker.add_argument("--batch-size", type=positive_int, default=8, help="texts per forward pass")
     checker.add_argument("--alpha", type=finite_float(0, 1, open_low=True, open_high=True), default=0.05, help="significance level of the drift and loss tests")
     checker.add_argument("--tolerance", type=finite_float(0, math.inf, open_high=True), default=0.1, help="largest acceptable excess importance over your best set, as a fraction")
@@ -231,9 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--classifier", default="centroid", choices=("centroid", "logistic"), help="the router's classifier")
     route.add_argument("--calibration-samples", type=positive_int, default=PRESETS["default"].samples,
                        help="calibration windows per distribution the router is trained on")
-    route.add_argument("--calibration-seq-len", type=positive_int, default=PRESETS["default"].seq_len, help="tokens per calibration window")
+    route.add_argument("--calibration-seq-len", type=token_count, default=PRESETS["default"].seq_len, help="tokens per calibration window")
     route.add_argument("--samples", type=positive_int, default=24, help="held-out windows per distribution in the mix")
-    route.add_argument("--seq-len", type=positive_int, default=256, help="tokens per held-out window")
+    route.add_argument("--seq-len", type=token_count, default=256, help="tokens per held-out window")
     route.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass")
     route.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap replicates of the CIs")
     route.add_argument("--seed", type=seed_int, default=0, help="seed of the windows and the resampling")
@@ -266,11 +275,24 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
 _default_warning_format = warnings.formatwarning
 
 
+def _quiet_library_progress() -> None:
+    """Progress bars of transformers and huggingface_hub only on a terminal, like calibdrop's own: in a log or a pipe an
+    error stays the one line on stderr."""
+    if sys.stderr.isatty():
+        return
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command. The error boundary: calibdrop's own errors and failures of the user's files or
     environment (OSError) print one line and exit 2; anything else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     warnings.formatwarning = _warning_line
+    _quiet_library_progress()
     try:
         from ..models.distributed import init_distributed
 

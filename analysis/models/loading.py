@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import logging.handlers
 import os
 import shutil
 import socket
@@ -295,14 +297,28 @@ def _load_directory(path: Path, **load):
 
 def _read_local(path: Path, remedy: str, read):
     """``read()``, a load from the local checkpoint or GGUF ``path``: any failure but calibdrop's own errors (a truncated
-    safetensors, a damaged tokenizer, a config transformers refuses ...) becomes one :class:`InputError` naming ``path``."""
+    safetensors, a damaged tokenizer, a config transformers refuses ...) becomes one :class:`InputError` naming ``path``.
+    What transformers logs meanwhile is shown after a load that succeeds, and dropped with one that fails (its error
+    line says what was wrong)."""
+    library = hf_logging.get_logger()  # transformers' root logger
+    handlers, held = list(library.handlers), logging.handlers.BufferingHandler(capacity=1 << 20)
+    for handler in handlers:
+        library.removeHandler(handler)
+    library.addHandler(held)
     try:
-        return read()
+        loaded = read()
     except CalibdropError:
         raise
     except Exception as error:
         reason = (str(error).strip().splitlines() or [""])[0][:300]
         raise InputError(f"{path} could not be loaded ({type(error).__name__}: {reason}): {remedy}") from None
+    finally:
+        library.removeHandler(held)
+        for handler in handlers:
+            library.addHandler(handler)
+    for record in held.buffer:
+        library.handle(record)
+    return loaded
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -99,8 +99,8 @@ def as_drop_set(value) -> DropSet | None:
     """A :class:`DropSet` from itself, a JSON record (``module``, ``indices``, optional ``method``/``metric``) or ``None``."""
     if value is None or isinstance(value, DropSet):
         return value
-    return make_drop_set(value["module"], value["indices"], value.get("method", "file"), value.get("metric") or "cosine",
-                         value.get("distributions", ()))
+    return make_drop_set(value["module"], value["indices"], value.get("method") or "file", value.get("metric") or "cosine",
+                         value.get("distributions") or ())
 
 
 def parse_label(label: str) -> dict:
