@@ -250,7 +250,7 @@ def named_inputs(argv: list[str]) -> set[str]:
     for token in argv:
         option, _, value = token.partition("=") if token.startswith("--") else ("", "", token)
         tokens |= {option, f"{option[2:].replace('-', '_')}="} if option else set()
-        tokens |= {repr(value), repr(value.strip()), f'"{value}"'}
+        tokens |= {repr(value), repr(value.strip()), f'"{value}"'} | {repr(item.strip()) for item in value.split(",")}
         tokens |= {value} if len(value.strip()) > 2 else set()
         tokens |= {Path(value).name} if "/" in value and len(Path(value).name) > 2 else set()
     return {token for token in tokens if token.strip()}

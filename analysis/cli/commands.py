@@ -404,7 +404,7 @@ def cmd_check(args) -> None:
     """``calibdrop check``: does a drop set still hold on the user's texts (:func:`analysis.evaluation.check.check`)."""
     import hashlib
 
-    from ..evaluation.check import check
+    from ..evaluation.check import MIN_TEXTS, check
     from ..io import provenance, read_jsonl_texts, write_table
     from ..models import loading as models
     from ..models import pruning
@@ -413,6 +413,9 @@ def cmd_check(args) -> None:
 
     drop_set = read_drop_set(Path(args.drop_set))
     texts = read_jsonl_texts(Path(args.texts))
+    if len(texts) < MIN_TEXTS:
+        raise InputError(f"texts file {args.texts} holds {len(texts)} texts; `calibdrop check` needs at least {MIN_TEXTS}, as it compares "
+                         "random halves of them")
     out = writable_output(Path(args.out), folder=True)
     source = read_per_sample(args.scores) if args.scores else None
     model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)

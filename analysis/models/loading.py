@@ -32,7 +32,7 @@ from transformers.utils import logging as hf_logging
 from ..errors import CalibdropError, CalibdropWarning, ChecksumError, FetchError, InputError
 from ..io import cache_dir, read_json_file, sha256_file, sha256_of_listing, temp_dir, verify_checksum
 from ..presets import DEFAULT_MODEL
-from .adapters import ADAPTERS, UnsupportedArchitectureError, adapter_for
+from .adapters import ADAPTERS, UnsupportedArchitectureError, adapter_for, adapter_of_type
 from .builtin import BUILTINS, BuiltinModel
 from .pruning import restore_dropped_sublayers
 
@@ -283,13 +283,23 @@ def _load_directory(path: Path, **load):
     config = read_json_file(config_file, "the model's config", remedy)
     if not isinstance(config, dict):
         raise InputError(f"the model's config {config_file} holds {type(config).__name__}, not a JSON object: {remedy}")
+    adapter_of_type(config.get("model_type"))
     checksum = checkpoint_sha256(path)
+    pruned = "calibdrop_pruning" in config
     verbosity = hf_logging.get_verbosity()
-    if "calibdrop_pruning" in config:
+    if pruned:
         hf_logging.set_verbosity_error()
+    def read():
+        (model, info), tokenizer = _from_pretrained(path, output_loading_info=True, **load)
+        unmatched = {kind: sorted(info.get(f"{kind}_keys") or []) for kind in ("missing", "unexpected")}
+        if not pruned and any(unmatched.values()):  # a pruned checkpoint lacks its dropped weights by design
+            counts = "; ".join(f"{len(keys)} {kind}, e.g. {keys[0]}" for kind, keys in unmatched.items() if keys)
+            raise InputError(f"{path}: its weights do not match its config.json ({counts}): the checkpoint is incomplete or its "
+                             f"config was edited; {remedy}")
+        return restore_dropped_sublayers(model), tokenizer
+
     try:
-        model, tokenizer = _read_local(path, remedy, lambda: _from_pretrained(path, **load))
-        _read_local(path, remedy, lambda: restore_dropped_sublayers(model))
+        model, tokenizer = _read_local(path, remedy, read)
     finally:
         hf_logging.set_verbosity(verbosity)
     return model, tokenizer, "directory", path, checksum
