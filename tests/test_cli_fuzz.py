@@ -397,8 +397,15 @@ def damage(data, folder: Path, files=CHECKPOINT_FILES) -> str:
     config entry to a drawn value.  Returns what was done."""
     name = data.draw(st.sampled_from(files), label="file")
     path = folder / name
-    how = data.draw(st.sampled_from(["truncate", "delete", "bytes", "json", "deep", "config entry"]), label="damage")
-    if how == "truncate":
+    how = data.draw(st.sampled_from(["truncate", "delete", "bytes", "json", "deep", "config entry", "nan weights"]), label="damage")
+    if how == "nan weights":  # loads, then fails mid-run (the error path while a background thread cuts the next windows)
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(folder / "model.safetensors")
+        name = data.draw(st.sampled_from(sorted(tensors)), label="tensor")
+        tensors[name] = tensors[name].fill_(float("nan"))
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    elif how == "truncate":
         path.write_bytes(path.read_bytes()[: data.draw(st.integers(0, path.stat().st_size - 1), label="keep")])
     elif how == "delete":
         path.unlink()

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import CalibdropWarning, InputError
-from ..presets import DEFAULT_MODEL, PRESETS, RESULTS_DIR
+from ..presets import DEFAULT_MODEL, PAPER_TASKS, PRESETS, RESULTS_DIR
 
 
 def parse_ints(text: str) -> tuple[int, ...]:
@@ -328,6 +328,10 @@ def cmd_evaluate(args) -> None:
     from ..study.dropsets import as_drop_set
 
     sets = evaluation_drop_sets(args)
+    tasks = [t for t in (args.tasks or "").split(",") if t]
+    unknown = [t for t in tasks if t not in PAPER_TASKS]
+    if unknown:
+        raise InputError(f"--tasks: unknown task {unknown[0]!r}; tasks: {', '.join(PAPER_TASKS)}")
     out = writable_output(Path(args.out), folder=True)
     model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)
     for record in sets.values():
@@ -344,7 +348,6 @@ def cmd_evaluate(args) -> None:
         write_table(transfer, out / "transfer.parquet", record)
         print("held-out perplexity / unpruned perplexity (lower is better):")
         print(transfer.pivot_table(index="drop_set", columns="distribution", values="ppl_ratio", sort=False).round(3).to_string())
-    tasks = [t for t in (args.tasks or "").split(",") if t]
     if tasks:
         write_accuracy(model, tokenizer, sets, tasks, args.limit, out, record, progress)
     print(f"wrote results to {out}")

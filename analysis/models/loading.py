@@ -283,7 +283,10 @@ def _load_directory(path: Path, **load):
     config = read_json_file(config_file, "the model's config", remedy)
     if not isinstance(config, dict):
         raise InputError(f"the model's config {config_file} holds {type(config).__name__}, not a JSON object: {remedy}")
-    adapter_of_type(config.get("model_type"))
+    try:
+        adapter_of_type(config.get("model_type"))
+    except UnsupportedArchitectureError as error:
+        raise UnsupportedArchitectureError(f"{config_file}: {error}") from None
     checksum = checkpoint_sha256(path)
     pruned = "calibdrop_pruning" in config
     verbosity = hf_logging.get_verbosity()
