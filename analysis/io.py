@@ -194,9 +194,10 @@ MAX_JSON_DEPTH = 64
 
 def parse_json(data: bytes | str, where: str, remedy: str):
     """The JSON value in ``data`` (UTF-8 bytes or text); anything else is an :class:`InputError` that names ``where``,
-    says what is wrong and ends with ``remedy`` (when given): not UTF-8, not JSON (an integer of more than 4300 digits included),
-    nested deeper than :data:`MAX_JSON_DEPTH` arrays and objects, or holding a string that is not Unicode text
-    (a lone surrogate escape such as ``"\\ud800"``, which no tokenizer, Parquet file or terminal accepts)."""
+    says what is wrong and ends with ``remedy`` (when given): not UTF-8, not JSON (an integer of more than 4300
+    digits included), nested deeper than :data:`MAX_JSON_DEPTH` arrays and objects, or holding a string that is
+    not Unicode text (a lone surrogate escape such as ``"\\ud800"``, which no tokenizer, Parquet file or terminal
+    accepts)."""
     tail = f": {remedy}" if remedy else ""
     if isinstance(data, bytes):
         try:
@@ -208,7 +209,8 @@ def parse_json(data: bytes | str, where: str, remedy: str):
     except RecursionError:
         raise InputError(f"{where} nests JSON deeper than {MAX_JSON_DEPTH} levels{tail}") from None
     except json.JSONDecodeError as error:
-        raise InputError(f"{where} is not valid JSON ({error.msg} at line {error.lineno} column {error.colno}){tail}") from None
+        where_in = f"at line {error.lineno} column {error.colno}"
+        raise InputError(f"{where} is not valid JSON ({error.msg} {where_in}){tail}") from None
     except ValueError as error:
         raise InputError(f"{where} is not usable JSON ({error}){tail}") from None
     problem = json_problem(value)
@@ -218,8 +220,9 @@ def parse_json(data: bytes | str, where: str, remedy: str):
 
 
 def json_problem(value) -> str | None:
-    """What makes a parsed JSON value unusable, or ``None``: arrays and objects nested deeper than :data:`MAX_JSON_DEPTH`,
-    or a string (key or value) that cannot be written as UTF-8.  Walks the value without recursion."""
+    """What makes a parsed JSON value unusable, or ``None``: arrays and objects nested deeper than
+    :data:`MAX_JSON_DEPTH`, or a string (key or value) that cannot be written as UTF-8.  Walks the value without
+    recursion."""
     stack = [(value, 0)]
     while stack:
         item, depth = stack.pop()
@@ -232,8 +235,8 @@ def json_problem(value) -> str | None:
             try:
                 item.encode("utf-8")
             except UnicodeEncodeError as error:
-                return (f"holds a string that is not Unicode text ({ascii(item[error.start:error.end])} is half of a UTF-16 "
-                        "surrogate pair)")
+                half = ascii(item[error.start:error.end])
+                return f"holds a string that is not Unicode text ({half} is half of a UTF-16 surrogate pair)"
     return None
 
 

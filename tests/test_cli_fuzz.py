@@ -9,6 +9,9 @@ returns it joins its non-daemon threads and runs the thread and atexit hooks (ex
 interpreter's shutdown does, then exits; only the unloading of modules is skipped.  The server kills a child that
 outlives its timeout and reports how long the child took to end after ``main`` returned.  The models are tiny
 (tests/tiny.py) and the distributions are three local text files, so nothing is downloaded.
+
+A longer search: ``CALIBDROP_FUZZ_SCALE=20 pytest tests/test_cli_fuzz.py`` (20 times the examples).  Failing examples
+are not shrunk (each is a process; shrinking one takes minutes): the report lists the labelled draws instead.
 """
 
 from __future__ import annotations
@@ -62,14 +65,16 @@ def _run_child(request: dict, folder: Path) -> None:
 
 
 def _fake_builtin(checkpoint: Path) -> None:
-    """Stand-in for dequantising a built-in's GGUF: its float32 cache is a copy of ``checkpoint`` with a fresh record."""
+    """Stand-in for dequantising a built-in's GGUF: its float32 cache becomes a copy of ``checkpoint`` with a fresh
+    record."""
     from analysis.models import loading
 
     def build(name):
         target = loading.dequantised_dir(name)
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(checkpoint, target)
-        (target / loading.RECORD).write_text(json.dumps({"builtin": name, "checkpoint_sha256": loading.checkpoint_sha256(target)}))
+        record = {"builtin": name, "checkpoint_sha256": loading.checkpoint_sha256(target)}
+        (target / loading.RECORD).write_text(json.dumps(record))
 
     loading._build_dequantised_cache = build
 
@@ -144,17 +149,18 @@ SCALE = float(os.environ.get("CALIBDROP_FUZZ_SCALE", "1"))  # more examples for 
 def search(examples: int):
     """Hypothesis settings: ``examples`` (times CALIBDROP_FUZZ_SCALE) examples, no deadline, no example database, and no
     shrinking (each example is a process: shrinking one failure takes minutes; the draws are labelled instead)."""
-    return settings(max_examples=max(1, round(examples * SCALE)), deadline=None, database=None, phases=(Phase.explicit, Phase.generate),
-                    suppress_health_check=list(HealthCheck), print_blob=True)
+    return settings(max_examples=max(1, round(examples * SCALE)), deadline=None, database=None,
+                    phases=(Phase.explicit, Phase.generate), suppress_health_check=list(HealthCheck), print_blob=True)
 DISTRIBUTIONS = ("fz-a", "fz-b", "fz-c")
 
 
 class Server:
-    """The warm server: ``run(argv)`` → the child's code, stdout, stderr, whether it was killed, how long it took to end."""
+    """The warm server: ``run(argv)`` → the child's exit code, stdout, stderr, whether it was killed and how long it
+    took to end after ``main`` returned."""
 
     def __init__(self, env: dict, cwd: Path, warm: Path):
-        self.process = subprocess.Popen([sys.executable, __file__, "--serve", str(warm)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        text=True, env=env, cwd=cwd)
+        self.process = subprocess.Popen([sys.executable, __file__, "--serve", str(warm)], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, env=env, cwd=cwd)
         assert self.process.stdout.readline().strip() == "ready"
         self.cwd, self.count = cwd, 0
 
@@ -176,7 +182,8 @@ def _words(seed: int, n: int) -> list[str]:
 
     rng = random.Random(seed)
     alphabet = "etaoinshrdlu" if seed == 0 else ("0123456789+-*/=" if seed == 1 else "{}();:=<>abcxyz")
-    return [" ".join("".join(rng.choice(alphabet) for _ in range(rng.randint(2, 7))) for _ in range(14)) for _ in range(n)]
+    word = lambda: "".join(rng.choice(alphabet) for _ in range(rng.randint(2, 7)))  # noqa: E731
+    return [" ".join(word() for _ in range(14)) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +198,7 @@ def space(tmp_path_factory):
     tiny = root / "tiny"
     torch.manual_seed(0)
     config = CONFIGS["llama"]()
-    config.num_hidden_layers, config.pad_token_id = 6, 0  # six blocks: drop sets that keep block 0 exist, so `route` can run
+    config.num_hidden_layers, config.pad_token_id = 6, 0  # six blocks: sets that keep block 0 exist, `route` can run
     AutoModelForCausalLM.from_config(config).save_pretrained(tiny)
     byte_tokenizer().save_pretrained(tiny)
     for seed, name in enumerate(DISTRIBUTIONS):
@@ -204,14 +211,15 @@ def space(tmp_path_factory):
         (root / "manifests" / f"{name}.yaml").write_text(yaml.safe_dump(manifest))
     texts = root / "texts.jsonl"
     texts.write_text("".join(json.dumps({"text": line}) + "\n" for line in _words(3, 8)))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CALIBDROP_CACHE": str(root / "cache"),
-           "CALIBDROP_MANIFESTS": str(root / "manifests"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "HF_DATASETS_CACHE": str(root / "hf-datasets"), "MPLBACKEND": "Agg"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "CALIBDROP_CACHE": str(root / "cache"), "CALIBDROP_MANIFESTS": str(root / "manifests"),
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(root / "hf-datasets"),
+           "MPLBACKEND": "Agg"}
     (root / "work").mkdir()
     server = Server(env, root / "work", tiny)
     results = root / "results"
-    made = server.run(["score", "--distributions", ",".join(DISTRIBUTIONS), "--samples", 6, "--seq-len", 24, "--model", tiny,
-                       "--metrics", "cosine,angular", "--out", results / "scores.parquet"])
+    made = server.run(["score", "--distributions", ",".join(DISTRIBUTIONS), "--samples", 6, "--seq-len", 24,
+                       "--model", tiny, "--metrics", "cosine,angular", "--out", results / "scores.parquet"])
     assert made["code"] == 0, made["stderr"]
     made = server.run(["consensus", results, "--k", 1, "--out", root / "set.json"])
     assert made["code"] == 0, made["stderr"]
@@ -228,7 +236,8 @@ def fresh(space: dict, kind: str) -> Path:
 def assert_one_clear_outcome(result: dict, *named: str) -> None:
     """Exit 0 with something on stdout, or exit 2 with one error line naming the input (an argument, a file or a
     folder given); never a traceback or a hang, and the process ends at once after ``main`` returns."""
-    shown = f"calibdrop {' '.join(result['argv'])}\nstdout:\n{result['stdout'][-2000:]}\nstderr:\n{result['stderr'][-3000:]}"
+    shown = (f"calibdrop {' '.join(result['argv'])}\nstdout:\n{result['stdout'][-2000:]}\n"
+             f"stderr:\n{result['stderr'][-3000:]}")
     assert not result["killed"], f"did not end within {EXAMPLE_TIMEOUT} s: {shown}"
     assert "Traceback" not in result["stderr"] and result["code"] in (0, 2), shown
     assert result["exit_seconds"] < EXIT_LIMIT, f"ended {result['exit_seconds']:.1f} s after main returned: {shown}"
@@ -241,7 +250,8 @@ def assert_one_clear_outcome(result: dict, *named: str) -> None:
     others = [line for line in lines if line not in errors and not line.startswith("calibdrop: warning:")]
     assert len(errors) == 1 and lines[-1] == errors[0], shown
     assert usage or not others, f"lines on stderr besides calibdrop's warnings and its error: {others}\n{shown}"
-    assert any(token in errors[0] for token in named_inputs(result["argv"] + list(named))), f"the error names no input: {shown}"
+    named = named_inputs(result["argv"] + list(named))
+    assert any(token in errors[0] for token in named), f"the error names no input: {shown}"
 
 
 def named_inputs(argv: list[str]) -> set[str]:
@@ -258,11 +268,11 @@ def named_inputs(argv: list[str]) -> set[str]:
 
 # ---------------------------------------------------------------- option values
 
-JUNK = st.sampled_from(["", " ", "x", "-1", "0", "1.5", "1e3", "nan", "inf", "-inf", "0x10", ",", "1,", "4,,8", "\u0661", "--",
-                        "99999999999999999999", "é", "a b", "🙂"])
+JUNK = st.sampled_from(["", " ", "x", "-1", "0", "1.5", "1e3", "nan", "inf", "-inf", "0x10", ",", "1,", "4,,8",
+                        "\u0661", "--", "99999999999999999999", "é", "a b", "🙂"])
 TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=10)
 SMALL = st.one_of(st.integers(-3, 6).map(str), JUNK)  # counts whose every valid value is cheap
-SIZE = st.one_of(st.integers(-3, 6).map(str), JUNK, st.sampled_from(["100000", "3000"]))  # a large size fails fast or is cheap
+SIZE = st.one_of(st.integers(-3, 6).map(str), JUNK, st.sampled_from(["100000", "3000"]))  # large: fails fast or cheap
 SEED = st.one_of(st.integers(-3, 2**33).map(str), JUNK)
 NUMBER = st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(repr), st.floats(0, 1).map(repr), JUNK)
 REAL_NAMES = {"all", "code", "math", "general", "chat", "multilingual"}  # real distributions: they would be downloaded
@@ -282,48 +292,65 @@ def distribution_lists():
 
 
 KINDS, METRICS = tuple(MODULE_KINDS), tuple(PROXY_METRICS)
-COMMANDS = {  # command: (the base arguments, given the workspace, and the options a search may set)
-    "score-texts": (lambda s, out: ["score", "--texts", s["texts"], "--model", s["tiny"], "--metrics", "cosine", "--out", out / "s.parquet"],
-                    {"--seq-len": SIZE, "--batch-size": SIZE, "--metrics": name_lists(*METRICS), "--preset": names(*PRESETS),
-                     "--dtype": names("float32", "bfloat16", "fp32", "int8", "float64"), "--device": names("cpu", "cuda", "cuda:1", "mps", "meta")}),
-    "score-distributions": (lambda s, out: ["score", "--distributions", "fz-a,fz-b", "--samples", "4", "--seq-len", "16", "--model", s["tiny"],
-                                            "--metrics", "cosine", "--out", out / "s.parquet"],
-                            {"--distributions": distribution_lists(), "--samples": SIZE, "--seq-len": SIZE, "--seed": SEED,
-                             "--batch-size": SIZE, "--metrics": name_lists(*METRICS), "--device-map": names("auto", "cpu", "balanced")}),
-    "consensus": (lambda s, out: ["consensus", s["results"], "--k", "1", "--out", out / "set.json"],
-                  {"--k": SIZE, "--module": names(*KINDS), "--method": names(*CONSENSUS_METHODS), "--metric": names(*METRICS)}),
-    "compare": (lambda s, out: ["compare", s["results"], "--modules", "attn", "--k", "1", "--n-boot", "4", "--n-perm", "4", "--out", out / "cmp"],
-                {"--k": name_lists("1", "2", "0", "-1", "40"), "--modules": name_lists(*KINDS), "--n-boot": SMALL, "--n-perm": SMALL}),
-    "prune": (lambda s, out: ["prune", "--model", s["tiny"], "--drop-set", s["set"], "--out", out / "pruned"],
-              {"--dtype": names("float32", "bfloat16", "float16", "x"), "--model": names("smollm2-135m-x", "", "a/b/c", "no such")}),
-    "check": (lambda s, out: ["check", "--model", s["tiny"], "--drop-set", s["set"], "--texts", s["texts"], "--n-perm", "10", "--out", out / "check"],
-              {"--loss-samples": SMALL, "--max-length": SIZE, "--batch-size": SIZE, "--alpha": NUMBER, "--tolerance": NUMBER, "--n-perm": SMALL,
-               "--seed": SEED, "--metric": names(*METRICS), "--consensus-method": names(*CONSENSUS_METHODS)}),
-    "evaluate": (lambda s, out: ["evaluate", "--model", s["tiny"], "--drop-sets", s["set"], "--distributions", "fz-a", "--samples", "2",
-                                 "--seq-len", "16", "--out", out / "evaluate"],
-                 {"--samples": SIZE, "--seq-len": SIZE, "--distributions": distribution_lists(), "--k": name_lists("1", "0", "x", "40"),
-                  "--methods": name_lists(*CONSENSUS_METHODS), "--module": names(*KINDS), "--metric": names(*METRICS),
-                  "--tasks": name_lists("nosuchtask", "arc-easy"), "--limit": SMALL}),
-    "route": (lambda s, out: ["route", s["results"], "--model", s["tiny"], "--k", "1", "--calibration-samples", "4", "--calibration-seq-len", "16",
-                              "--samples", "2", "--seq-len", "16", "--n-boot", "10", "--out", out / "route"],
-              {"--k": SIZE, "--module": names(*KINDS), "--metric": names(*METRICS), "--methods": name_lists(*CONSENSUS_METHODS),
-               "--classifier": names("centroid", "logistic"), "--calibration-samples": SIZE, "--calibration-seq-len": SIZE, "--samples": SIZE,
-               "--seq-len": SIZE, "--batch-size": SIZE, "--n-boot": SMALL, "--seed": SEED}),
-    "listing": (lambda s, out: [], {}),
+BASES = {  # a command's base arguments: {texts}, {tiny}, {set}, {results} from the workspace, {out} a new folder
+    "score-texts": "score --texts {texts} --model {tiny} --metrics cosine --out {out}/s.parquet",
+    "score-distributions": "score --distributions fz-a,fz-b --samples 4 --seq-len 16 --model {tiny} --metrics cosine "
+                           "--out {out}/s.parquet",
+    "consensus": "consensus {results} --k 1 --out {out}/set.json",
+    "compare": "compare {results} --modules attn --k 1 --n-boot 4 --n-perm 4 --out {out}/cmp",
+    "prune": "prune --model {tiny} --drop-set {set} --out {out}/pruned",
+    "check": "check --model {tiny} --drop-set {set} --texts {texts} --n-perm 10 --out {out}/check",
+    "evaluate": "evaluate --model {tiny} --drop-sets {set} --distributions fz-a --samples 2 --seq-len 16 "
+                "--out {out}/evaluate",
+    "route": "route {results} --model {tiny} --k 1 --calibration-samples 4 --calibration-seq-len 16 --samples 2 "
+             "--seq-len 16 --n-boot 10 --out {out}/route",
 }
-LISTINGS = (["models"], ["models", "list", "--json"], ["models", "--wide"], ["data", "list"], ["data", "list", "--json"], ["data", "list", "--wide"])
+OPTIONS = {  # the options a search sets, and their values
+    "score-texts": {"--seq-len": SIZE, "--batch-size": SIZE, "--metrics": name_lists(*METRICS),
+                    "--preset": names(*PRESETS), "--dtype": names("float32", "bfloat16", "fp32", "int8", "float64"),
+                    "--device": names("cpu", "cuda", "cuda:1", "mps", "meta")},
+    "score-distributions": {"--distributions": distribution_lists(), "--samples": SIZE, "--seq-len": SIZE,
+                            "--seed": SEED, "--batch-size": SIZE, "--metrics": name_lists(*METRICS),
+                            "--device-map": names("auto", "cpu", "balanced")},
+    "consensus": {"--k": SIZE, "--module": names(*KINDS), "--method": names(*CONSENSUS_METHODS),
+                  "--metric": names(*METRICS)},
+    "compare": {"--k": name_lists("1", "2", "0", "-1", "40"), "--modules": name_lists(*KINDS), "--n-boot": SMALL,
+                "--n-perm": SMALL},
+    "prune": {"--dtype": names("float32", "bfloat16", "float16", "x"),
+              "--model": names("smollm2-135m-x", "", "a/b/c", "no such")},
+    "check": {"--loss-samples": SMALL, "--max-length": SIZE, "--batch-size": SIZE, "--alpha": NUMBER,
+              "--tolerance": NUMBER, "--n-perm": SMALL, "--seed": SEED, "--metric": names(*METRICS),
+              "--consensus-method": names(*CONSENSUS_METHODS)},
+    "evaluate": {"--samples": SIZE, "--seq-len": SIZE, "--distributions": distribution_lists(), "--limit": SMALL,
+                 "--k": name_lists("1", "0", "x", "40"), "--methods": name_lists(*CONSENSUS_METHODS),
+                 "--module": names(*KINDS), "--metric": names(*METRICS),
+                 "--tasks": name_lists("nosuchtask", "arc-easy")},
+    "route": {"--k": SIZE, "--module": names(*KINDS), "--metric": names(*METRICS),
+              "--methods": name_lists(*CONSENSUS_METHODS), "--classifier": names("centroid", "logistic"),
+              "--calibration-samples": SIZE, "--calibration-seq-len": SIZE, "--samples": SIZE, "--seq-len": SIZE,
+              "--batch-size": SIZE, "--n-boot": SMALL, "--seed": SEED},
+}
+LISTINGS = ("models", "models list --json", "models --wide", "data list", "data list --json", "data list --wide")
+
+
+def base_argv(command: str, space: dict, out: Path) -> list[str]:
+    """``BASES[command]`` with the workspace's paths and ``out`` filled in."""
+    paths = {key: space[key] for key in ("texts", "tiny", "set", "results")}
+    return [word.format(out=out, **paths) for word in BASES[command].split()]
 
 
 @search(24)
 @given(data=st.data())
 def test_option_values_give_a_result_or_one_clear_line(space, data):
-    command = data.draw(st.sampled_from(sorted(COMMANDS)), label="command")
-    base, options = COMMANDS[command]
-    out = fresh(space, "out")
-    argv = base(space, out) if command != "listing" else data.draw(st.sampled_from(LISTINGS), label="listing")
-    chosen = data.draw(st.lists(st.sampled_from(sorted(options)), max_size=2, unique=True), label="options") if options else []
-    argv = [*argv, *(f"{option}={data.draw(options[option], label=option)}" for option in chosen)]
-    if data.draw(st.booleans(), label="odd --out") and "--out" in argv:
+    command = data.draw(st.sampled_from([*sorted(BASES), *LISTINGS]), label="command")
+    if command in LISTINGS:
+        assert_one_clear_outcome(space["server"].run(command.split()))
+        return
+    options = OPTIONS[command]
+    argv = base_argv(command, space, fresh(space, "out"))
+    chosen = data.draw(st.lists(st.sampled_from(sorted(options)), max_size=2, unique=True), label="options")
+    argv += [f"{option}={data.draw(options[option], label=option)}" for option in chosen]
+    if data.draw(st.booleans(), label="odd --out"):
         argv += ["--out", data.draw(st.sampled_from([str(space["texts"] / "x"), "/proc/calibdrop/x"]), label="--out")]
     assert_one_clear_outcome(space["server"].run(argv))
 
@@ -345,8 +372,10 @@ def drop_set_files(record: dict):
     removed = st.sampled_from(sorted(record)).map(lambda key: json.dumps({k: v for k, v in record.items() if k != key}))
     spliced = st.tuples(st.sampled_from(sorted(record)), st.one_of(DEEP, SURROGATE)).map(
         lambda pair: text.replace(f'"{pair[0]}": ', f'"{pair[0]}": {pair[1]}, "was_{pair[0]}": ', 1))
-    return st.one_of(replaced, removed, spliced, JSON.map(json.dumps), DEEP, st.integers(0, len(text)).map(lambda n: text[:n]),
-                     st.binary(max_size=40).map(lambda b: b.decode("latin-1")), st.just(text.replace('"attn"', '"joint"')))
+    truncated = st.integers(0, len(text)).map(lambda n: text[:n])
+    return st.one_of(replaced, removed, spliced, JSON.map(json.dumps), DEEP, truncated,
+                     st.binary(max_size=40).map(lambda b: b.decode("latin-1")),
+                     st.just(text.replace('"attn"', '"joint"')))
 
 
 @search(10)
@@ -357,9 +386,8 @@ def test_drop_set_files_give_a_result_or_one_clear_line(space, data):
     path = fresh(space, "drop_sets") / "set.json"
     path.write_bytes(content.encode("utf-8", "surrogatepass"))
     command = data.draw(st.sampled_from(["prune", "check", "evaluate"]), label="command")
-    out = fresh(space, "out")
-    argv = COMMANDS[command][0](space, out)
-    argv[argv.index(space["set"])] = path
+    argv = base_argv(command, space, fresh(space, "out"))
+    argv[argv.index(str(space["set"]))] = str(path)
     assert_one_clear_outcome(space["server"].run(argv), str(path))
 
 
@@ -379,17 +407,17 @@ def test_texts_files_give_a_result_or_one_clear_line(space, data):
     path = fresh(space, "texts") / "texts.jsonl"
     path.write_bytes("\n".join(lines).encode("utf-8", "surrogatepass"))
     command = data.draw(st.sampled_from(["score-texts", "check"]), label="command")
-    out = fresh(space, "out")
-    argv = COMMANDS[command][0](space, out)
-    argv[argv.index(space["texts"])] = path
+    argv = base_argv(command, space, fresh(space, "out"))
+    argv[argv.index(str(space["texts"]))] = str(path)
     assert_one_clear_outcome(space["server"].run(argv), str(path))
 
 
 # ---------------------------------------------------------------- damaged model folders and cache records
 
-CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
-CONFIG_KEYS = ("num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads", "model_type", "calibdrop_pruning", "torch_dtype",
-               "max_position_embeddings")
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                    "generation_config.json")
+CONFIG_KEYS = ("num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads", "model_type",
+               "calibdrop_pruning", "torch_dtype", "max_position_embeddings")
 
 
 def damage(data, folder: Path, files=CHECKPOINT_FILES) -> str:
@@ -397,8 +425,9 @@ def damage(data, folder: Path, files=CHECKPOINT_FILES) -> str:
     config entry to a drawn value.  Returns what was done."""
     name = data.draw(st.sampled_from(files), label="file")
     path = folder / name
-    how = data.draw(st.sampled_from(["truncate", "delete", "bytes", "json", "deep", "config entry", "nan weights"]), label="damage")
-    if how == "nan weights":  # loads, then fails mid-run (the error path while a background thread cuts the next windows)
+    kinds = ["truncate", "delete", "bytes", "json", "deep", "config entry", "nan weights"]
+    how = data.draw(st.sampled_from(kinds), label="damage")
+    if how == "nan weights":  # loads, then fails mid-run: the error path while a background thread cuts windows
         from safetensors.torch import load_file, save_file
 
         tensors = load_file(folder / "model.safetensors")
@@ -416,7 +445,8 @@ def damage(data, folder: Path, files=CHECKPOINT_FILES) -> str:
     else:
         config = json.loads((folder / "config.json").read_text())
         key = data.draw(st.sampled_from(CONFIG_KEYS), label="key")
-        value = data.draw(st.one_of(st.integers(-2, 300), JSON, st.sampled_from(["llama", "bert", "gpt2"])), label="value")
+        values = st.one_of(st.integers(-2, 300), JSON, st.sampled_from(["llama", "bert", "gpt2"]))
+        value = data.draw(values, label="value")
         (folder / "config.json").write_text(json.dumps({**config, key: value}))
         name = f"config.json[{key}]"
     return f"{how} {name}"
@@ -428,10 +458,9 @@ def test_damaged_model_folders_give_a_result_or_one_clear_line(space, data):
     folder = fresh(space, "models") / "checkpoint"
     shutil.copytree(space["tiny"], folder)
     damage(data, folder)
-    out = fresh(space, "out")
     command = data.draw(st.sampled_from(["score-texts", "score-distributions", "prune"]), label="command")
-    argv = COMMANDS[command][0](space, out)
-    argv[argv.index(space["tiny"])] = folder
+    argv = base_argv(command, space, fresh(space, "out"))
+    argv[argv.index(str(space["tiny"]))] = str(folder)
     assert_one_clear_outcome(space["server"].run(argv), str(folder))
 
 
@@ -444,7 +473,8 @@ def test_a_damaged_builtin_cache_is_reported_once_and_rebuilt(space, data):
     directory = cache / "models" / "smollm2-135m" / "float32"
     shutil.copytree(space["tiny"], directory)
     record = directory / loading.RECORD
-    record.write_text(json.dumps({"builtin": "smollm2-135m", "checkpoint_sha256": loading.checkpoint_sha256(directory)}))
+    record.write_text(json.dumps({"builtin": "smollm2-135m", "checkpoint_sha256": loading.checkpoint_sha256(directory)},
+                                 indent=2))
     if data.draw(st.booleans(), label="damage the record"):
         good = record.read_text()
         record.write_text(data.draw(st.one_of(st.just("[]"), JSON.map(json.dumps), DEEP, SURROGATE,
@@ -452,8 +482,8 @@ def test_a_damaged_builtin_cache_is_reported_once_and_rebuilt(space, data):
     else:
         damage(data, directory, ("model.safetensors", "config.json", "tokenizer.json"))
     out = fresh(space, "out")
-    result = space["server"].run(["score", "--texts", space["texts"], "--model", "smollm2-135m", "--metrics", "cosine", "--seq-len", 128,
-                                  "--out", out / "s.parquet"],
+    result = space["server"].run(["score", "--texts", space["texts"], "--model", "smollm2-135m", "--metrics", "cosine",
+                                  "--seq-len", 128, "--out", out / "s.parquet"],
                                  env={"CALIBDROP_CACHE": str(cache)}, fake_builtin=str(space["tiny"]))
     assert_one_clear_outcome(result)
     assert result["code"] == 0, result["stderr"]

@@ -185,8 +185,8 @@ def score_jsonl(args, out: Path, metrics):
     model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)
     max_length = PRESETS[args.preset].seq_len if args.seq_len is None else args.seq_len
     warn_beyond_positions(model, max_length)
-    table = score_texts(model, tokenizer, texts, max_length=max_length, batch_size=args.batch_size, per_sample=args.per_sample, metrics=metrics,
-                        progress=sys.stderr.isatty())
+    table = score_texts(model, tokenizer, texts, max_length=max_length, batch_size=args.batch_size,
+                        per_sample=args.per_sample, metrics=metrics, progress=sys.stderr.isatty())
     record = provenance(
         kind="scores-per-sample" if args.per_sample else "scores",
         model=models.model_info(model),
@@ -308,7 +308,7 @@ def evaluation_drop_sets(args) -> dict:
     sets: dict = {UNPRUNED: None}
     for path in args.drop_sets or []:
         record = read_drop_set(Path(path))
-        label = as_drop_set(record).label  # tables name sets by label (<metric>/<module>-<k>:<method>); a second file adds its path
+        label = as_drop_set(record).label  # tables name sets by label; a second file of one label adds its path
         sets[label if label not in sets else f"{label} ({path})"] = record
     if args.from_scores:
         scores = read_per_sample(args.from_scores)
@@ -417,8 +417,8 @@ def cmd_check(args) -> None:
     drop_set = read_drop_set(Path(args.drop_set))
     texts = read_jsonl_texts(Path(args.texts))
     if len(texts) < MIN_TEXTS:
-        raise InputError(f"texts file {args.texts} holds {len(texts)} texts; `calibdrop check` needs at least {MIN_TEXTS}, as it compares "
-                         "random halves of them")
+        raise InputError(f"texts file {args.texts} holds {len(texts)} texts; `calibdrop check` needs at least "
+                         f"{MIN_TEXTS}, as it compares random halves of them")
     out = writable_output(Path(args.out), folder=True)
     source = read_per_sample(args.scores) if args.scores else None
     model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)

@@ -100,6 +100,10 @@ def finite_float(low: float, high: float, *, open_low: bool = False, open_high: 
     return number
 
 
+PROBABILITY = finite_float(0, 1, open_low=True, open_high=True)
+NON_NEGATIVE = finite_float(0, math.inf, open_high=True)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows every option's default, except where it is ``None`` or a flag's ``False``."""
 
@@ -222,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="measure the real perplexity of the sets on this many of your texts, at most half (0: off)")
     checker.add_argument("--max-length", type=token_count, default=512, help="tokens per text, longer ones are cut")
     checker.add_argument("--batch-size", type=positive_int, default=8, help="texts per forward pass")
-    checker.add_argument("--alpha", type=finite_float(0, 1, open_low=True, open_high=True), default=0.05, help="significance level of the drift and loss tests")
-    checker.add_argument("--tolerance", type=finite_float(0, math.inf, open_high=True), default=0.1, help="largest acceptable excess importance over your best set, as a fraction")
+    checker.add_argument("--alpha", type=PROBABILITY, default=0.05, help="significance level of the drift and loss tests")
+    checker.add_argument("--tolerance", type=NON_NEGATIVE, default=0.1, help="largest acceptable excess importance over your best set, as a fraction")
     checker.add_argument("--n-perm", type=positive_int, default=1000, help="permutations of the drift test")
     checker.add_argument("--seed", type=seed_int, default=0, help="seed of the resampling and the loss subsample")
     checker.add_argument("--out", default=f"{RESULTS_DIR}/check", help="folder for the tables")

@@ -122,8 +122,8 @@ def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[lis
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as error:
-            raise InputError(f"text #{index} holds {ascii(text[error.start:error.end])}, half of a UTF-16 surrogate pair, not Unicode "
-                             "text: remove it or give the whole character") from None
+            raise InputError(f"text #{index} holds {ascii(text[error.start:error.end])}, half of a UTF-16 surrogate "
+                             "pair, not Unicode text: remove it or give the whole character") from None
         ids = tokenizer(text)["input_ids"]
         if len(ids) > max_length:
             cut.append(f"#{index} ({len(ids)} tokens)")

@@ -169,7 +169,8 @@ def check(model, tokenizer, drop_set_record_: dict, texts, *, source_scores: pd.
     ``your_scores`` (per-sample rows of the texts) skips the scoring pass when already computed.
     """
     if len(texts) < MIN_TEXTS:
-        raise InputError(f"{len(texts)} texts: the check needs at least {MIN_TEXTS}, as it compares random halves of them; give more texts")
+        raise InputError(f"{len(texts)} texts: the check needs at least {MIN_TEXTS}, as it compares random halves "
+                         "of them; give more texts")
     module, k = drop_set_record_["module"], len(drop_set_record_["indices"])
     metric = metric or drop_set_record_.get("metric") or "cosine"
     source, metric = one_metric(load_source_scores(drop_set_record_, source_scores), metric)

@@ -234,8 +234,8 @@ def _verified_builtin_dir(name: str) -> str:
         try:
             return sha256_of_listing(_recorded_listing(directory))
         except CalibdropError as error:
-            warnings.warn(f"the cached float32 checkpoint of {name!r} in {directory} {error}: rebuilding it from the verified GGUF",
-                          CalibdropWarning)
+            warnings.warn(f"the cached float32 checkpoint of {name!r} in {directory} {error}: rebuilding it from the "
+                          "verified GGUF", CalibdropWarning)
     _build_dequantised_cache(name)
     return checkpoint_sha256(directory)
 
@@ -268,7 +268,8 @@ def _load_gguf(path: Path, dtype, device_map=None):
         gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError) as error:
         raise InputError(f"{path} is not a complete GGUF file ({error}): it is truncated or damaged; download it again") from None
-    model, tokenizer = _read_local(path, "download it again", lambda: _from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32))
+    model, tokenizer = _read_local(path, "download it again",
+                                   lambda: _from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32))
     return _dequantised(model).to(dtype), tokenizer, "gguf", path, sha256_file(path)
 
 
@@ -297,8 +298,8 @@ def _load_directory(path: Path, **load):
         unmatched = {kind: sorted(info.get(f"{kind}_keys") or []) for kind in ("missing", "unexpected")}
         if not pruned and any(unmatched.values()):  # a pruned checkpoint lacks its dropped weights by design
             counts = "; ".join(f"{len(keys)} {kind}, e.g. {keys[0]}" for kind, keys in unmatched.items() if keys)
-            raise InputError(f"{path}: its weights do not match its config.json ({counts}): the checkpoint is incomplete or its "
-                             f"config was edited; {remedy}")
+            raise InputError(f"{path}: its weights do not match its config.json ({counts}): the checkpoint is "
+                             f"incomplete or its config was edited; {remedy}")
         return restore_dropped_sublayers(model), tokenizer
 
     try:
@@ -309,8 +310,9 @@ def _load_directory(path: Path, **load):
 
 
 def _read_local(path: Path, remedy: str, read):
-    """``read()``, a load from the local checkpoint or GGUF ``path``: any failure but calibdrop's own errors (a truncated
-    safetensors, a damaged tokenizer, a config transformers refuses ...) becomes one :class:`InputError` naming ``path``.
+    """``read()``, a load from the local checkpoint or GGUF ``path``: any failure but calibdrop's own errors (a
+    truncated safetensors, a damaged tokenizer, a config transformers refuses ...) becomes one :class:`InputError`
+    naming ``path``.
     What transformers logs meanwhile is shown after a load that succeeds, and dropped with one that fails (its error
     line says what was wrong)."""
     library = hf_logging.get_logger()  # transformers' root logger

@@ -99,8 +99,8 @@ def as_drop_set(value) -> DropSet | None:
     """A :class:`DropSet` from itself, a JSON record (``module``, ``indices``, optional ``method``/``metric``) or ``None``."""
     if value is None or isinstance(value, DropSet):
         return value
-    return make_drop_set(value["module"], value["indices"], value.get("method") or "file", value.get("metric") or "cosine",
-                         value.get("distributions") or ())
+    return make_drop_set(value["module"], value["indices"], value.get("method") or "file",
+                         value.get("metric") or "cosine", value.get("distributions") or ())
 
 
 def parse_label(label: str) -> dict:
@@ -169,8 +169,8 @@ def _strings(value) -> bool:
 _OPTIONAL_FIELDS = {  # field of a drop-set file: (test of its value, what it must be)
     **{key: (lambda v: isinstance(v, str), "a string") for key in ("method", "metric", "model", "model_sha256")},
     "distributions": (_strings, "a list of strings"),
-    "scores": (lambda v: isinstance(v, dict) and isinstance(v.get("path"), str) and isinstance(v.get("sha256", ""), (str, type(None))),
-               'an object {"path": "...", "sha256": "..."}'),
+    "scores": (lambda v: isinstance(v, dict) and isinstance(v.get("path"), str)
+               and isinstance(v.get("sha256", ""), (str, type(None))), 'an object {"path": "...", "sha256": "..."}'),
 }
 
 
@@ -183,8 +183,9 @@ def read_drop_set(path: Path) -> dict:
     if not isinstance(record, dict) or not {"module", "indices"} <= set(record):
         raise InputError(f"{path} is not a drop set: it needs 'module' and 'indices'")
     _check_indices(path, record["module"], record["indices"])
-    wrong = [f"'{key}' must be {what}" for key, (usable, what) in _OPTIONAL_FIELDS.items() if record.get(key) is not None
-             and not usable(record[key])]
+    wrong = [f"'{key}' must be {what}" for key, (usable, what) in _OPTIONAL_FIELDS.items()
+             if record.get(key) is not None and not usable(record[key])]
     if wrong:
-        raise InputError(f"{path}: {'; '.join(wrong)} (or be left out); give the JSON file that `calibdrop consensus` wrote")
+        raise InputError(f"{path}: {'; '.join(wrong)} (or be left out); give the JSON file that "
+                         "`calibdrop consensus` wrote")
     return {**record, "file": str(path)}
