@@ -303,13 +303,11 @@ def cmd_prune(args) -> None:
 def evaluation_drop_sets(args) -> dict:
     """Named drop sets: from JSON files, and/or the family built from per-sample scores (:func:`~analysis.study.dropsets.drop_set_family`)."""
     from ..models import pruning
-    from ..study.dropsets import UNPRUNED, as_drop_set, drop_set_family, read_drop_set
+    from ..study.dropsets import UNPRUNED, drop_set_family, read_drop_set
 
     sets: dict = {UNPRUNED: None}
     for path in args.drop_sets or []:
-        record = read_drop_set(Path(path))
-        label = as_drop_set(record).label  # tables name sets by label; a second file of one label adds its path
-        sets[label if label not in sets else f"{label} ({path})"] = record
+        sets[Path(path).stem] = read_drop_set(Path(path))
     if args.from_scores:
         scores = read_per_sample(args.from_scores)
         metric = metric_of(scores, args.metric)
