@@ -146,12 +146,15 @@ def read_table(path: Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists() or not sidecar_path(path).exists():
         raise InputError(f"{path} is not a calibdrop result: it or its provenance sidecar {sidecar_path(path).name} is missing")
+    remedy = f"delete {path} and its sidecar, and compute it again"
     try:
-        record = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ChecksumError(f"the provenance sidecar {sidecar_path(path)} is damaged ({error}): delete {path} and its sidecar, and compute it again") from None
+        record = parse_json(sidecar_path(path).read_bytes(), f"the provenance sidecar {sidecar_path(path)}", remedy)
+    except InputError as error:
+        raise ChecksumError(str(error)) from None
+    if not isinstance(record, dict):
+        raise ChecksumError(f"the provenance sidecar {sidecar_path(path)} is not a JSON object: {remedy}")
     data = path.read_bytes()
-    expected = record.get("content_sha256") if isinstance(record, dict) else None
+    expected = record.get("content_sha256")
     if expected is not None and hashlib.sha256(data).hexdigest() != expected:
         raise ChecksumError(f"{path} does not have the sha256 its sidecar records: it was damaged or replaced; delete it and compute it again")
     try:
@@ -186,8 +189,68 @@ def read_cached_table(path: Path, expect: dict) -> pd.DataFrame | None:
     return frame
 
 
+MAX_JSON_DEPTH = 64
+
+
+def parse_json(data: bytes | str, where: str, remedy: str):
+    """The JSON value in ``data`` (UTF-8 bytes or text); anything else is an :class:`InputError` that names ``where``,
+    says what is wrong and ends with ``remedy`` (when given): not UTF-8, not JSON (an integer of more than 4300
+    digits included), nested deeper than :data:`MAX_JSON_DEPTH` arrays and objects, or holding a string that is
+    not Unicode text (a lone surrogate escape such as ``"\\ud800"``, which no tokenizer, Parquet file or terminal
+    accepts)."""
+    tail = f": {remedy}" if remedy else ""
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise InputError(f"{where} is not UTF-8 text (byte {error.start + 1}){tail}") from None
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise InputError(f"{where} nests JSON deeper than {MAX_JSON_DEPTH} levels{tail}") from None
+    except json.JSONDecodeError as error:
+        where_in = f"at line {error.lineno} column {error.colno}"
+        raise InputError(f"{where} is not valid JSON ({error.msg} {where_in}){tail}") from None
+    except ValueError as error:
+        raise InputError(f"{where} is not usable JSON ({error}){tail}") from None
+    problem = json_problem(value)
+    if problem:
+        raise InputError(f"{where} {problem}{tail}")
+    return value
+
+
+def json_problem(value) -> str | None:
+    """What makes a parsed JSON value unusable, or ``None``: arrays and objects nested deeper than
+    :data:`MAX_JSON_DEPTH`, or a string (key or value) that cannot be written as UTF-8.  Walks the value without
+    recursion."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth >= MAX_JSON_DEPTH:
+                return f"nests JSON deeper than {MAX_JSON_DEPTH} levels"
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack += [(child, depth + 1) for child in children]
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as error:
+                half = ascii(item[error.start:error.end])
+                return f"holds a string that is not Unicode text ({half} is half of a UTF-16 surrogate pair)"
+    return None
+
+
+def read_json_file(path: Path, what: str, remedy: str):
+    """The JSON value of the file ``path`` (a ``what``: "drop-set file", "config"); a missing or unusable file is an
+    :class:`InputError` naming it (:func:`parse_json`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} {path} does not exist: {remedy}")
+    return parse_json(path.read_bytes(), f"{what} {path}", remedy)
+
+
 def read_jsonl_texts(path: Path) -> list[str]:
-    """The ``text`` field of every line of a JSONL file."""
+    """The ``text`` field of every line of a JSONL file (each line read by :func:`parse_json`)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"texts file {path} does not exist")
@@ -196,13 +259,12 @@ def read_jsonl_texts(path: Path) -> list[str]:
         line = decode_line(path, number, raw)
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise InputError(f"{path}:{number} is not valid JSON ({error.msg}); write one JSON object per line") from None
+        record = parse_json(line, f"{path}:{number}", "write one JSON object {\"text\": \"...\"} per line")
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise InputError(f"{path}:{number} has no string field 'text'; each line must look like {{\"text\": \"...\"}}")
         texts.append(record["text"])
+    if not texts:
+        raise InputError(f"texts file {path} holds no texts: write one JSON object {{\"text\": \"...\"}} per line")
     return texts
 
 

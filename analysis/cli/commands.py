@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import CalibdropWarning, InputError
-from ..presets import DEFAULT_MODEL, PRESETS, RESULTS_DIR
+from ..presets import DEFAULT_MODEL, PAPER_TASKS, PRESETS, RESULTS_DIR
 
 
 def parse_ints(text: str) -> tuple[int, ...]:
@@ -185,7 +185,8 @@ def score_jsonl(args, out: Path, metrics):
     model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)
     max_length = PRESETS[args.preset].seq_len if args.seq_len is None else args.seq_len
     warn_beyond_positions(model, max_length)
-    table = score_texts(model, tokenizer, texts, max_length=max_length, batch_size=args.batch_size, per_sample=args.per_sample, metrics=metrics)
+    table = score_texts(model, tokenizer, texts, max_length=max_length, batch_size=args.batch_size,
+                        per_sample=args.per_sample, metrics=metrics, progress=sys.stderr.isatty())
     record = provenance(
         kind="scores-per-sample" if args.per_sample else "scores",
         model=models.model_info(model),
@@ -354,6 +355,10 @@ def cmd_evaluate(args) -> None:
     from ..study.dropsets import as_drop_set
 
     sets = evaluation_drop_sets(args)
+    tasks = [t for t in (args.tasks or "").split(",") if t]
+    unknown = [t for t in tasks if t not in PAPER_TASKS]
+    if unknown:
+        raise InputError(f"--tasks: unknown task {unknown[0]!r}; tasks: {', '.join(PAPER_TASKS)}")
     out = writable_output(Path(args.out), folder=True)
     model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)
     for record in sets.values():
@@ -370,7 +375,6 @@ def cmd_evaluate(args) -> None:
         write_table(transfer, out / "transfer.parquet", record)
         print("held-out perplexity / unpruned perplexity (lower is better):")
         print(transfer.pivot_table(index="drop_set", columns="distribution", values="ppl_ratio", sort=False).round(3).to_string())
-    tasks = [t for t in (args.tasks or "").split(",") if t]
     if tasks:
         write_accuracy(model, tokenizer, sets, tasks, args.limit, out, record, progress)
     print(f"wrote results to {out}")
@@ -442,7 +446,7 @@ def cmd_check(args) -> None:
     """``calibdrop check``: does a drop set still hold on the user's texts (:func:`analysis.evaluation.check.check`)."""
     import hashlib
 
-    from ..evaluation.check import check
+    from ..evaluation.check import MIN_TEXTS, check
     from ..io import provenance, read_jsonl_texts, write_table
     from ..models import loading as models
     from ..models import pruning
@@ -451,6 +455,9 @@ def cmd_check(args) -> None:
 
     drop_set = read_drop_set(Path(args.drop_set))
     texts = read_jsonl_texts(Path(args.texts))
+    if len(texts) < MIN_TEXTS:
+        raise InputError(f"texts file {args.texts} holds {len(texts)} texts; `calibdrop check` needs at least "
+                         f"{MIN_TEXTS}, as it compares random halves of them")
     out = writable_output(Path(args.out), folder=True)
     source = read_per_sample(args.scores) if args.scores else None
     model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)

@@ -9,6 +9,8 @@ command prints where it wrote, in full.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import warnings
 
@@ -51,6 +53,57 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, not {value}")
     return value
+
+
+def token_count(text: str) -> int:
+    """argparse type: a length in tokens, an integer of at least 2 (a window needs a token and its successor)."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 tokens, not {value}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed, an integer from 0 to 2**32 - 1 (numpy's generators refuse negative seeds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"a seed must be an integer from 0 to 2**32 - 1, not {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer of at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, not {value}")
+    return value
+
+
+def finite_float(low: float, high: float, *, open_low: bool = False, open_high: bool = False):
+    """argparse type: a finite number in ``[low, high]`` (``open_low``/``open_high``: that end excluded)."""
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        inside = (low < value if open_low else low <= value) and (value < high if open_high else value <= high)
+        if not inside:
+            interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, not {text}")
+        return value
+
+    number.__name__ = "number"
+    return number
+
+
+PROBABILITY = finite_float(0, 1, open_low=True, open_high=True)
+NON_NEGATIVE = finite_float(0, math.inf, open_high=True)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -103,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--out", default=f"{RESULTS_DIR}/scores.parquet", help="Parquet file to write (a .json provenance sidecar goes beside it)")
     score.add_argument("--preset", choices=sorted(PRESETS), default="default", help=f"samples x tokens per distribution ({_presets_help()})")
     score.add_argument("--samples", type=positive_int, help="samples per distribution (default: the preset's)")
-    score.add_argument("--seq-len", type=positive_int, help="tokens per sample (default: the preset's; with --texts the longest kept)")
-    score.add_argument("--seed", type=int, default=0, help="seed of the sample windows")
+    score.add_argument("--seq-len", type=token_count, help="tokens per sample (default: the preset's; with --texts the longest kept)")
+    score.add_argument("--seed", type=seed_int, default=0, help="seed of the sample windows")
     score.add_argument("--batch-size", type=positive_int, default=8, help="samples per forward pass")
     score.add_argument("--per-sample", action="store_true", help="with --texts: one row per text and module instead of the aggregate")
     score.add_argument("--metrics", default=",".join(PROXY_METRICS),
@@ -175,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tasks", help=f"zero-shot tasks, comma-separated, from: {','.join(PAPER_TASKS)}")
     evaluate.add_argument("--limit", type=positive_int, help="examples per task (per MMLU subject); default: all")
     evaluate.add_argument("--samples", type=positive_int, default=32, help="held-out windows per distribution")
-    evaluate.add_argument("--seq-len", type=positive_int, default=512, help="tokens per held-out window")
+    evaluate.add_argument("--seq-len", type=token_count, default=512, help="tokens per held-out window")
     evaluate.add_argument("--out", default=f"{RESULTS_DIR}/evaluation", help="folder for transfer.parquet and accuracy.parquet")
     evaluate.add_argument("--force", action="store_true", help="apply drop sets made for a model with another checksum")
     evaluate.set_defaults(func=cmd_evaluate)
@@ -188,14 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(default: the drop set's 'scores' entry)")
     checker.add_argument("--metric", help="importance metric (default: the drop set's)")
     checker.add_argument("--consensus-method", default="borda", choices=CONSENSUS_METHODS, help="consensus set offered as the alternative")
-    checker.add_argument("--loss-samples", type=int, default=0,
+    checker.add_argument("--loss-samples", type=non_negative_int, default=0,
                          help="measure the real perplexity of the sets on this many of your texts, at most half (0: off)")
-    checker.add_argument("--max-length", type=positive_int, default=512, help="tokens per text, longer ones are cut")
+    checker.add_argument("--max-length", type=token_count, default=512, help="tokens per text, longer ones are cut")
     checker.add_argument("--batch-size", type=positive_int, default=8, help="texts per forward pass")
-    checker.add_argument("--alpha", type=float, default=0.05, help="significance level of the drift and loss tests")
-    checker.add_argument("--tolerance", type=float, default=0.1, help="largest acceptable excess importance over your best set, as a fraction")
+    checker.add_argument("--alpha", type=PROBABILITY, default=0.05, help="significance level of the drift and loss tests")
+    checker.add_argument("--tolerance", type=NON_NEGATIVE, default=0.1, help="largest acceptable excess importance over your best set, as a fraction")
     checker.add_argument("--n-perm", type=positive_int, default=1000, help="permutations of the drift test")
-    checker.add_argument("--seed", type=int, default=0, help="seed of the resampling and the loss subsample")
+    checker.add_argument("--seed", type=seed_int, default=0, help="seed of the resampling and the loss subsample")
     checker.add_argument("--out", default=f"{RESULTS_DIR}/check", help="folder for the tables")
     checker.add_argument("--force", action="store_true", help="apply a drop set made for a model with another checksum")
     checker.set_defaults(func=cmd_check)
@@ -210,12 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--classifier", default="centroid", choices=("centroid", "logistic"), help="the router's classifier")
     route.add_argument("--calibration-samples", type=positive_int, default=PRESETS["default"].samples,
                        help="calibration windows per distribution the router is trained on")
-    route.add_argument("--calibration-seq-len", type=positive_int, default=PRESETS["default"].seq_len, help="tokens per calibration window")
+    route.add_argument("--calibration-seq-len", type=token_count, default=PRESETS["default"].seq_len, help="tokens per calibration window")
     route.add_argument("--samples", type=positive_int, default=24, help="held-out windows per distribution in the mix")
-    route.add_argument("--seq-len", type=positive_int, default=256, help="tokens per held-out window")
+    route.add_argument("--seq-len", type=token_count, default=256, help="tokens per held-out window")
     route.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass")
     route.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap replicates of the CIs")
-    route.add_argument("--seed", type=int, default=0, help="seed of the windows and the resampling")
+    route.add_argument("--seed", type=seed_int, default=0, help="seed of the windows and the resampling")
     route.add_argument("--out", help="folder for the tables (default: RESULTS/routing)")
     route.set_defaults(func=cmd_route)
 
@@ -250,11 +303,24 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
 _default_warning_format = warnings.formatwarning
 
 
+def _quiet_library_progress() -> None:
+    """Progress bars of transformers and huggingface_hub only on a terminal, like calibdrop's own: in a log or a pipe an
+    error stays the one line on stderr."""
+    if sys.stderr.isatty():
+        return
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command. The error boundary: calibdrop's own errors and failures of the user's files or
     environment (OSError) print one line and exit 2; anything else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     warnings.formatwarning = _warning_line
+    _quiet_library_progress()
     try:
         from ..models.distributed import init_distributed
 

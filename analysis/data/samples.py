@@ -119,6 +119,11 @@ def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[lis
     for index, text in enumerate(texts):
         if not isinstance(text, str):
             raise InputError(f"text #{index} is a {type(text).__name__}, not a string")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise InputError(f"text #{index} holds {ascii(text[error.start:error.end])}, half of a UTF-16 surrogate "
+                             "pair, not Unicode text: remove it or give the whole character") from None
         ids = tokenizer(text)["input_ids"]
         if len(ids) > max_length:
             cut.append(f"#{index} ({len(ids)} tokens)")

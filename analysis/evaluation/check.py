@@ -62,6 +62,9 @@ VERDICTS = {
 }
 
 
+MIN_TEXTS = 4  # `calibdrop check` refuses fewer texts: split-half reliability needs two in each half
+
+
 def source_pointer(per_sample_path: Path) -> dict:
     """The ``scores`` entry of a drop-set JSON: the per-sample scores' absolute path and sha256."""
     path = Path(per_sample_path).resolve()

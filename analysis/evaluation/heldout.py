@@ -240,7 +240,16 @@ def transfer_summary(windows: pd.DataFrame, *, n_boot: int = 1000, level: float 
             rows.append({"drop_set": label, "distribution": summary, "ppl": np.nan, "ppl_unpruned": np.nan, "ppl_ratio": combined[0, j],
                          "ci_low": low, "ci_high": high, "n_windows": sum(n_windows.values())})
     table = pd.DataFrame(rows)
-    return pd.concat([table, pd.DataFrame([parse_label(label) for label in table["drop_set"]])], axis=1)
+    return pd.concat([table, pd.DataFrame([label_parts(label) for label in table["drop_set"]])], axis=1)
+
+
+def label_parts(name: str) -> dict:
+    """:func:`~analysis.study.dropsets.parse_label` of a set's name; a name that is no label (a drop-set file's name in
+    ``calibdrop evaluate --drop-sets``) is its own method, its other parts empty."""
+    try:
+        return parse_label(name)
+    except InputError:
+        return {"metric": None, "module": None, "k": None, "method": name}
 
 
 def paired_comparisons(windows: pd.DataFrame, pairs, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:

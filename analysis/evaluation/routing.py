@@ -54,7 +54,9 @@ def routing_layer(drop_sets: Mapping[str, object]) -> int:
         raise InputError("no drop set drops anything: there is nothing to route between")
     first = min(firsts.values())
     if first == 0:
-        raise InputError(f"drop set {min(firsts, key=firsts.get)!r} drops a module of block 0: no layer precedes every dropped module")
+        raise InputError(f"drop set {min(firsts, key=firsts.get)!r} drops a module of block 0: no layer precedes every "
+                         "dropped module, so the router has no prefix to read; route drop sets that keep block 0 "
+                         "(another --module, --k or --metric)")
     return first - 1
 
 

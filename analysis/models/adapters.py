@@ -95,8 +95,12 @@ ADAPTERS: dict[str, Adapter] = {
 
 def adapter_for(model: nn.Module) -> Adapter:
     """The adapter of ``model``'s family, or an error naming the supported families."""
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in ADAPTERS:
+    return adapter_of_type(getattr(model.config, "model_type", None))
+
+
+def adapter_of_type(model_type) -> Adapter:
+    """The adapter of a config's ``model_type``, or an error naming the supported families."""
+    if not isinstance(model_type, str) or model_type not in ADAPTERS:
         supported = ", ".join(sorted(ADAPTERS))
         raise UnsupportedArchitectureError(
             f"model type {model_type!r} is not supported by calibdrop; supported model types: {supported}. "

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import logging.handlers
 import os
 import shutil
 import socket
@@ -27,10 +29,10 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from ..errors import CalibdropWarning, ChecksumError, FetchError, InputError
-from ..io import cache_dir, sha256_file, sha256_of_listing, temp_dir, verify_checksum
+from ..errors import CalibdropError, CalibdropWarning, ChecksumError, FetchError, InputError
+from ..io import cache_dir, read_json_file, sha256_file, sha256_of_listing, temp_dir, verify_checksum
 from ..presets import DEFAULT_MODEL
-from .adapters import ADAPTERS, UnsupportedArchitectureError, adapter_for
+from .adapters import ADAPTERS, UnsupportedArchitectureError, adapter_for, adapter_of_type
 from .builtin import BUILTINS, BuiltinModel
 from .pruning import restore_dropped_sublayers
 
@@ -225,21 +227,32 @@ class ModelInfo:
 
 
 def _verified_builtin_dir(name: str) -> str:
-    """The checksum of a built-in's float32 checkpoint, built first when missing, rebuilt (with a warning)
-    when its files do not match the checksum recorded when it was written."""
+    """The checksum of a built-in's float32 checkpoint, built first when missing, rebuilt (with a one-line warning)
+    when its record is damaged or its files do not match the checksum recorded when it was written."""
     directory = dequantised_dir(name)
-    record_path = directory / RECORD
-    if record_path.exists():
-        listing = checkpoint_listing(directory)
-        if _record_matches(json.loads(record_path.read_text()), listing):
-            return sha256_of_listing(listing)
-        warnings.warn(
-            f"the cached float32 checkpoint of {name!r} in {directory} does not match the checksum recorded when it "
-            "was written (a file was damaged or edited): rebuilding it from the verified GGUF",
-            CalibdropWarning,
-        )
+    if (directory / RECORD).exists():
+        try:
+            return sha256_of_listing(_recorded_listing(directory))
+        except CalibdropError as error:
+            warnings.warn(f"the cached float32 checkpoint of {name!r} in {directory} {error}: rebuilding it from the "
+                          "verified GGUF", CalibdropWarning)
     _build_dequantised_cache(name)
     return checkpoint_sha256(directory)
+
+
+def _recorded_listing(directory: Path) -> dict[str, str]:
+    """:func:`checkpoint_listing` of a cached checkpoint whose files match its record; else a :class:`ChecksumError`
+    saying what is wrong (a record that is not a JSON object, missing weights, a mismatched checksum)."""
+    try:
+        record = read_json_file(directory / RECORD, "has a damaged record:", "")
+        listing = checkpoint_listing(directory)
+    except InputError as error:
+        raise ChecksumError(str(error)) from None
+    if not isinstance(record, dict):
+        raise ChecksumError(f"has a damaged record: {RECORD} holds {type(record).__name__}, not a JSON object")
+    if not _record_matches(record, listing):
+        raise ChecksumError("does not match the checksum recorded when it was written (a file was damaged or edited)")
+    return listing
 
 
 def _load_builtin(name: str, **load):
@@ -255,26 +268,72 @@ def _load_gguf(path: Path, dtype, device_map=None):
         gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError) as error:
         raise InputError(f"{path} is not a complete GGUF file ({error}): it is truncated or damaged; download it again") from None
-    model, tokenizer = _from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    model, tokenizer = _read_local(path, "download it again",
+                                   lambda: _from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32))
     return _dequantised(model).to(dtype), tokenizer, "gguf", path, sha256_file(path)
 
 
 def _load_directory(path: Path, **load):
+    """A checkpoint folder's model, tokenizer, source, path and checksum; any failure to read the folder (damaged or
+    truncated config, weights or tokenizer files) is one :class:`InputError` naming it."""
     config_file = path / "config.json"
     if not config_file.is_file():
         raise InputError(f"{path} is not a model checkpoint: it has no config.json. Give a folder written by save_pretrained, "
                          f"a .gguf file, a built-in name ({', '.join(BUILTINS)}) or a Hub id")
+    remedy = "save the checkpoint again (save_pretrained) or copy it whole"
+    config = read_json_file(config_file, "the model's config", remedy)
+    if not isinstance(config, dict):
+        raise InputError(f"the model's config {config_file} holds {type(config).__name__}, not a JSON object: {remedy}")
+    try:
+        adapter_of_type(config.get("model_type"))
+    except UnsupportedArchitectureError as error:
+        raise UnsupportedArchitectureError(f"{config_file}: {error}") from None
     checksum = checkpoint_sha256(path)
-    pruned = config_file.is_file() and "calibdrop_pruning" in json.loads(config_file.read_text())
+    pruned = "calibdrop_pruning" in config
     verbosity = hf_logging.get_verbosity()
     if pruned:
         hf_logging.set_verbosity_error()
+    def read():
+        (model, info), tokenizer = _from_pretrained(path, output_loading_info=True, **load)
+        unmatched = {kind: sorted(info.get(f"{kind}_keys") or []) for kind in ("missing", "unexpected")}
+        if not pruned and any(unmatched.values()):  # a pruned checkpoint lacks its dropped weights by design
+            counts = "; ".join(f"{len(keys)} {kind}, e.g. {keys[0]}" for kind, keys in unmatched.items() if keys)
+            raise InputError(f"{path}: its weights do not match its config.json ({counts}): the checkpoint is "
+                             f"incomplete or its config was edited; {remedy}")
+        return restore_dropped_sublayers(model), tokenizer
+
     try:
-        model, tokenizer = _from_pretrained(path, **load)
+        model, tokenizer = _read_local(path, remedy, read)
     finally:
         hf_logging.set_verbosity(verbosity)
-    restore_dropped_sublayers(model)
     return model, tokenizer, "directory", path, checksum
+
+
+def _read_local(path: Path, remedy: str, read):
+    """``read()``, a load from the local checkpoint or GGUF ``path``: any failure but calibdrop's own errors (a
+    truncated safetensors, a damaged tokenizer, a config transformers refuses ...) becomes one :class:`InputError`
+    naming ``path``.
+    What transformers logs meanwhile is shown after a load that succeeds, and dropped with one that fails (its error
+    line says what was wrong)."""
+    library = hf_logging.get_logger()  # transformers' root logger
+    handlers, held = list(library.handlers), logging.handlers.BufferingHandler(capacity=1 << 20)
+    for handler in handlers:
+        library.removeHandler(handler)
+    library.addHandler(held)
+    try:
+        loaded = read()
+    except CalibdropError:
+        raise
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [""])[0][:300]
+        raise InputError(f"{path} could not be loaded ({type(error).__name__}: {reason}): {remedy}") from None
+    finally:
+        library.removeHandler(held)
+        for handler in handlers:
+            library.addHandler(handler)
+    for record in held.buffer:
+        library.handle(record)
+    return loaded
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -15,7 +15,6 @@ Indices are those of the model as passed in.  What was dropped is recorded in
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..io import temp_dir
+from ..io import read_json_file, temp_dir
 from ..kinds import joint_to_lists
 from .adapters import adapter_for, decoder_layers
 
@@ -198,9 +197,10 @@ def is_pruned_checkpoint(path: Path) -> bool:
     """Whether ``path`` is a checkpoint folder saved by :func:`save_pruned` (its config records the drops)."""
     config = Path(path) / "config.json"
     try:
-        return config.is_file() and "calibdrop_pruning" in json.loads(config.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        record = read_json_file(config, "config", "") if config.is_file() else None
+    except InputError:
         return False
+    return isinstance(record, dict) and "calibdrop_pruning" in record
 
 
 def save_pruned(model: nn.Module, directory: Path, tokenizer=None) -> Path:

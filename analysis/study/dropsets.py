@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
+from ..io import read_json_file
 from ..kinds import joint_to_lists
 from ..presets import CONSENSUS_METHODS, MODULE_KINDS
 from .consensus import consensus_from_matrix
@@ -87,8 +88,8 @@ def as_drop_set(value) -> DropSet | None:
     """A :class:`DropSet` from itself, a JSON record (``module``, ``indices``, optional ``method``/``metric``) or ``None``."""
     if value is None or isinstance(value, DropSet):
         return value
-    return make_drop_set(value["module"], value["indices"], value.get("method", "file"), value.get("metric") or "cosine",
-                         value.get("distributions", ()))
+    return make_drop_set(value["module"], value["indices"], value.get("method") or "file",
+                         value.get("metric") or "cosine", value.get("distributions") or ())
 
 
 def parse_label(label: str) -> dict:
@@ -150,20 +151,30 @@ def _check_indices(path: Path, module, indices) -> None:
         raise InputError(f"{path}: 'indices' lists a module twice: {json.dumps(indices)}")
 
 
+def _strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+_OPTIONAL_FIELDS = {  # field of a drop-set file: (test of its value, what it must be)
+    **{key: (lambda v: isinstance(v, str), "a string") for key in ("method", "metric", "model", "model_sha256")},
+    "distributions": (_strings, "a list of strings"),
+    "scores": (lambda v: isinstance(v, dict) and isinstance(v.get("path"), str)
+               and isinstance(v.get("sha256", ""), (str, type(None))), 'an object {"path": "...", "sha256": "..."}'),
+}
+
+
 def read_drop_set(path: Path) -> dict:
     """A drop-set JSON written by ``calibdrop consensus``, checked strictly: an object with ``module`` and
     ``indices`` (a list of distinct candidates); ranges are checked against the model by
     :func:`analysis.models.pruning.check_drop_set`.  The record gains ``file``: where it was read."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"drop-set file {path} does not exist")
-    try:
-        record = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as error:
-        raise InputError(f"drop-set file {path} is not UTF-8 text (byte {error.start + 1})") from None
-    except json.JSONDecodeError as error:
-        raise InputError(f"drop-set file {path} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
+    record = read_json_file(path, "drop-set file", "give the JSON file that `calibdrop consensus` wrote")
     if not isinstance(record, dict) or not {"module", "indices"} <= set(record):
         raise InputError(f"{path} is not a drop set: it needs 'module' and 'indices'")
     _check_indices(path, record["module"], record["indices"])
+    wrong = [f"'{key}' must be {what}" for key, (usable, what) in _OPTIONAL_FIELDS.items()
+             if record.get(key) is not None and not usable(record[key])]
+    if wrong:
+        raise InputError(f"{path}: {'; '.join(wrong)} (or be left out); give the JSON file that "
+                         "`calibdrop consensus` wrote")
     return {**record, "file": str(path)}
