@@ -18,7 +18,7 @@ _HOMES = {
     "pipeline": ("run",),
     "presets": ("PRESETS", "RunSettings"),
     "models.pruning": ("drop_modules", "save_pruned"),
-    "models.export": ("export_checkpoint", "paper_drop_lists"),
+    "export": ("export_checkpoint", "paper_drop_lists"),
     "data.samples": ("calibration_samples",),
     "importance.scoring": ("MODULES", "aggregate_importance", "score_distributions", "score_texts", "score_token_batches"),
     "study.stability": ("bootstrap", "convergence", "importance_matrix", "permutation_test", "rank_agreement", "split_half_reliability"),

@@ -25,7 +25,7 @@ from analysis import ADAPTERS, export_checkpoint
 from analysis.cli import main
 from analysis.errors import InputError
 from analysis.models import modeling_calibdrop
-from analysis.models.export import MODELING_FILE, model_layer_count, paper_drop_lists
+from analysis.export import MODELING_FILE, model_layer_count, paper_drop_lists
 from analysis.models.pruning import drop_modules
 
 from tiny import CONFIGS, byte_tokenizer, tiny_model

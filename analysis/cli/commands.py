@@ -301,8 +301,8 @@ def cmd_prune(args) -> None:
 
 
 def cmd_export(args) -> None:
+    from .. import export
     from ..io import atomic_write_json
-    from ..models import export
     from ..study.dropsets import read_drop_set
 
     record = read_drop_set(Path(args.drop_set))

@@ -18,10 +18,10 @@ import json
 import shutil
 from pathlib import Path
 
-from ..errors import InputError
-from ..study.dropsets import as_drop_set
-from . import modeling_calibdrop
-from .pruning import check_drop_set, drop_modules, pruning_record, save_pruned
+from .errors import InputError
+from .models import modeling_calibdrop
+from .models.pruning import check_drop_set, drop_modules, pruning_record, save_pruned
+from .study.dropsets import as_drop_set
 
 MODELING_FILE = Path(modeling_calibdrop.__file__).name
 PAPER_KEYS = ("drop_attn_list", "drop_mlp_list")
@@ -80,7 +80,7 @@ def _gguf_layers(path: Path) -> int:
 def model_layer_count(spec: str) -> int:
     """The number of decoder layers of a model spec, read from its config only (no weights are loaded): a built-in
     name, a checkpoint folder, its ``config.json``, a ``.gguf`` file or a Hugging Face id (local cache first)."""
-    from .loading import BUILTINS
+    from .models.loading import BUILTINS
 
     if spec in BUILTINS:
         return BUILTINS[spec].n_layers
