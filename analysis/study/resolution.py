@@ -74,6 +74,8 @@ def scale_needed(effect: float, se: float, n: float, *, alpha: float = ALPHA, po
     ``n ((z_(1-alpha/2) + z_power) se / |effect|)^2``, rounded up; inf for a zero effect; ``n`` when ``se`` is 0."""
     if effect == 0 or not np.isfinite(effect):
         return math.inf
+    if not (np.isfinite(se) and np.isfinite(n)):
+        return math.nan
     if se == 0:
         return float(n)
     z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)
@@ -228,11 +230,23 @@ def headline_comparisons(comparisons: pd.DataFrame) -> pd.DataFrame:
     return comparisons[(comparisons["distribution"] == "worst") | np.array(limited)]
 
 
-def comparison_claims(comparisons: pd.DataFrame, claim: str = "a loses less than b") -> list[dict]:
+def with_standard_error(comparisons: pd.DataFrame, n_windows: float = np.nan) -> pd.DataFrame:
+    """``comparisons`` with ``se`` and ``n_windows``: as saved, or, in tables written before they were (the first
+    reference studies), ``se = (log ci_high - log ci_low) / (2 z_0.975)`` from the 95% interval and the run's
+    ``n_windows`` held-out windows per distribution."""
+    comparisons = comparisons.copy()
+    if "se" not in comparisons:
+        comparisons["se"] = (np.log(comparisons["ci_high"]) - np.log(comparisons["ci_low"])) / (2 * stats.norm.ppf(0.975))
+    if "n_windows" not in comparisons:
+        comparisons["n_windows"] = n_windows
+    return comparisons
+
+
+def comparison_claims(comparisons: pd.DataFrame, claim: str = "a loses less than b", n_windows: float = np.nan) -> list[dict]:
     """One claim per headline comparison: which side loses less on the same windows, resolved when the paired CI
     excludes 1 (or when both sides have the same loss on every window: the same members)."""
     rows = []
-    for row in headline_comparisons(comparisons).itertuples():
+    for row in with_standard_error(headline_comparisons(comparisons), n_windows).itertuples():
         same = row.effect == 0 and row.se == 0
         resolved = bool(separated(row.ci_low, row.ci_high)) or same
         own = claim != "routing" and _family(row.b) == "own" and _family(row.a) == "borda"
@@ -360,7 +374,7 @@ def agreement_claims(pairs: pd.DataFrame, split_half: pd.DataFrame, metric: str 
     return rows
 
 
-def claims_table(tables: dict, *, truth_tokens: float) -> pd.DataFrame:
+def claims_table(tables: dict, *, truth_tokens: float, heldout_windows: float = np.nan) -> pd.DataFrame:
     """Every headline claim of a run with its resolution (columns :data:`CLAIM_COLUMNS`), from its tables:
     ``set_groups``, ``comparisons``, ``validity`` and ``split_half``, ``data_or_metric``, ``bootstrap_pairs``,
     ``routing_paired`` (those absent or empty are skipped).  ``truth_tokens``: ground-truth tokens per distribution."""
@@ -371,7 +385,7 @@ def claims_table(tables: dict, *, truth_tokens: float) -> pd.DataFrame:
     if has("set_groups"):
         rows += recommendation_claims(tables["set_groups"])
     if has("comparisons"):
-        rows += comparison_claims(tables["comparisons"])
+        rows += comparison_claims(tables["comparisons"], n_windows=heldout_windows)
     if has("validity") and has("split_half"):
         rows += validity_claims(corrected_validity(tables["validity"], tables["split_half"]), truth_tokens)
     if has("data_or_metric"):
