@@ -26,6 +26,8 @@ class RunSettings:
     evaluated budget the run checks on each distribution's held-out windows and routes between.  ``unseen`` names
     the test-only distributions every evaluated set is also scored on (``None``: every manifest whose ``role`` is
     ``test``; ``()``: none): held-out columns only, never read by a stage that calibrates, selects or compares.
+    ``lodo`` adds leave-one-distribution-out on real held-out loss (stages ``lodo_sets``, ``lodo_windows``, ``lodo``),
+    judging nearness from the first ``lodo_probes`` held-out windows of the distribution left out.
     """
 
     distributions: tuple[str, ...] = ()
@@ -57,6 +59,8 @@ class RunSettings:
     check_module: str | None = "attn"
     route_module: str | None = "attn"
     unseen: tuple[str, ...] | None = None
+    lodo: bool = False
+    lodo_probes: int = 8
 
     def budget(self, module: str) -> tuple[int, ...]:
         """The drop-set sizes evaluated on held-out text for ``module``: ``transfer_k`` for attention, else the largest budget of ``module``."""
