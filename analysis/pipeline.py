@@ -307,30 +307,95 @@ def stage_check(study: Study) -> pd.DataFrame:
     return pd.concat(rows, ignore_index=True)
 
 
+ROUTING_FAMILIES = {"": "cosine own sets", "greedy": "greedy sets (real loss)", "own": "ablation own sets"}
+
+
+def routing_families(study: Study, module: str, k: int) -> dict[str, tuple[dict, dict, str]]:
+    """The families of per-distribution sets routed between, by family name (:data:`ROUTING_FAMILIES`): ``(sets by label, each
+    distribution's set label, metric)``.  Cosine: each distribution's own cosine set and the borda consensus (as before);
+    ``greedy``: each distribution's greedy set by real calibration loss; ``own``: each distribution's own set by the ablation
+    (its k modules of smallest single-drop loss increase).  A family whose sets are missing is left out."""
+    from .evaluation import routing
+
+    scores, names = study.results["scores.per_sample"], study.distributions
+    cosine = drop_set_family(scores, module=module, k=k, metric="cosine", methods=("borda",))
+    families = {"": (cosine, routing.own_sets(cosine, names), "cosine")}
+    evaluated = {label: spec for label, spec in sets_from_table(study.results["pruned"]).items() if spec is not None}
+    greedy = {d: f"{GROUND_TRUTH}/{module}-{k}:greedy:{d}" for d in names}
+    if all(label in evaluated for label in greedy.values()):
+        families["greedy"] = ({label: evaluated[label] for label in greedy.values()}, greedy, GROUND_TRUTH)
+    if GROUND_TRUTH in stability.metrics_in(scores):
+        own = drop_set_family(scores, module=module, k=k, metric=GROUND_TRUTH, methods=(), own=True)
+        families["own"] = (own, routing.own_sets(own, names), GROUND_TRUTH)
+    return families
+
+
+def routing_static(study: Study, sets: dict, samples: dict, module: str, k: int) -> pd.DataFrame:
+    """Window NLL of the unpruned model, of every non-random set the held-out stage evaluated at ``module``-``k`` and of
+    ``sets``: read from ``heldout_windows`` by members (:func:`analysis.evaluation.lodo.known_windows`), and evaluated only when
+    no evaluated set has the same members."""
+    from .evaluation.lodo import known_windows
+    from .study.lodo import set_key
+
+    heldout, pruned = study.results["heldout_windows"], study.results["pruned"]
+    evaluated = {label: spec for label, spec in sets_from_table(pruned).items()
+                 if spec is not None and spec.module == module and spec.k == k and not spec.method.startswith("random")}
+    known = known_windows(heldout, pruned).set_index("key")
+    wanted = {**evaluated, **sets}
+    found = [known.loc[[set_key(module, spec.indices)]].assign(drop_set=label) for label, spec in wanted.items()
+             if set_key(module, spec.indices) in known.index]
+    missing = {label: spec for label, spec in wanted.items() if set_key(module, spec.indices) not in known.index}
+    new = [evaluation.window_nll(study.model, samples, missing)] if missing else []
+    columns = ["drop_set", "distribution", "window", "nll_sum", "n_tokens"]
+    return pd.concat([heldout[heldout["drop_set"] == UNPRUNED][columns], *(f[columns] for f in found), *(f[columns] for f in new)],
+                     ignore_index=True)
+
+
 def stage_routing(study: Study) -> dict[str, pd.DataFrame]:
-    """Routed vs static drop sets on the held-out windows (:mod:`analysis.evaluation.routing`): each distribution's own cosine set and
-    the borda consensus at ``route_module``'s largest evaluated budget, a nearest-centroid router trained on the calibration
-    windows the scores came from; the static sets' NLL is read from ``heldout_windows``, the routed model really runs."""
+    """Routed vs static drop sets on the held-out windows (:mod:`analysis.evaluation.routing`), at ``route_module``'s largest
+    evaluated budget, for each family of :func:`routing_families`: a nearest-centroid router per family (at the last block
+    before every set of the family) trained on the calibration windows the scores came from picks a distribution's set per
+    window.  Static sets' NLL is read from ``heldout_windows`` (:func:`routing_static`), the routed models really run; each
+    routed model is paired against its family's sets, cosine borda and the best static set on the pooled mix."""
     from .evaluation import routing
 
     s = study.settings
     module, k = s.route_module, max(s.budget(s.route_module))
-    sets = drop_set_family(study.results["scores.per_sample"], module=module, k=k, metric="cosine", methods=("borda",))
-    try:
-        layer = routing.routing_layer(sets)
-    except InputError as error:
-        return {"routing": pd.DataFrame([{"module": module, "k": k, "note": str(error)}]), "routing_paired": pd.DataFrame(),
-                "routing_accuracy": pd.DataFrame()}
-    own = routing.own_sets(sets, study.distributions)
-    router = routing.fit_router(study.model, routing.calibration_batches(study.tokenizer, study.distributions, n_samples=s.samples,
-                                                                         seq_len=s.seq_len, seed=s.seed, batch_size=s.batch_size), layer)
+    families = routing_families(study, module, k)
     samples = evaluation.heldout_samples(study.tokenizer, study.distributions, n_samples=s.transfer_samples, seq_len=s.transfer_seq_len, seed=s.seed)
-    routes = routing.routed_window_nll(routing.RoutedModel(study.model, sets, router, own), samples, batch_size=s.batch_size, seed=s.seed)
-    static = study.results["heldout_windows"]
-    static = static[static["drop_set"].isin([UNPRUNED, *sets])]
-    tables = routing.routing_tables(static, routes, own, module=module, k=k, metric="cosine", layer=layer,
-                                    n_layers=len(decoder_layers(study.model)), n_boot=s.n_boot, seed=s.seed)
-    return {"routing": tables["summary"], "routing_paired": tables["paired"], "routing_accuracy": tables["accuracy"]}
+    static = routing_static(study, {label: spec for sets, _, _ in families.values() for label, spec in sets.items()}, samples, module, k)
+    best = routing.pooled_ratios(static).index[0]
+    batches = routing.calibration_batches(study.tokenizer, study.distributions, n_samples=s.samples, seq_len=s.seq_len, seed=s.seed,
+                                          batch_size=s.batch_size)
+    summaries, paired, accuracy = [], [], []
+    for family, (sets, own, metric) in families.items():
+        try:
+            layer = routing.routing_layer(sets)
+        except InputError as error:
+            summaries.append(pd.DataFrame([{"module": module, "k": k, "note": str(error), "family": family}]))
+            continue
+        router = routing.fit_router(study.model, batches, layer)
+        routes = routing.routed_window_nll(routing.RoutedModel(study.model, sets, router, own), samples, batch_size=s.batch_size, seed=s.seed)
+        versus = list(dict.fromkeys([*sets, f"cosine/{module}-{k}:borda", best]))
+        tables = routing.routing_tables(static, routes, own, module=module, k=k, metric=metric, layer=layer,
+                                        n_layers=len(decoder_layers(study.model)), n_boot=s.n_boot, seed=s.seed, family=family, versus=versus)
+        summaries.append(tables["summary"].assign(family=family, best_static=best))
+        paired.append(tables["paired"].assign(family=family))
+        accuracy.append(tables["accuracy"].assign(family=family))
+    summary = pd.concat(summaries, ignore_index=True)
+    summary = summary[~summary.duplicated(["drop_set", "distribution"]) | summary["drop_set"].isna()].reset_index(drop=True)
+    return {"routing": summary, "routing_paired": pd.concat(paired, ignore_index=True) if paired else pd.DataFrame(),
+            "routing_accuracy": pd.concat(accuracy, ignore_index=True) if accuracy else pd.DataFrame()}
+
+
+def _checkable(settings: RunSettings) -> bool:
+    """A check needs the cosine metric and at least 4 held-out windows per distribution (for its split-half noise floor)."""
+    return bool(settings.check_module and "cosine" in settings.metrics and settings.transfer_samples >= 4)
+
+
+def _routable(settings: RunSettings) -> bool:
+    return bool(settings.route_module and settings.route_module in settings.transfer_modules and "cosine" in settings.own_set_metrics
+                and "cosine" in settings.metrics)
 
 
 def lodo_budget(settings: RunSettings) -> tuple[str, int]:
@@ -438,16 +503,6 @@ def _lodo_on(settings: RunSettings) -> bool:
     return bool(settings.lodo and _ground_truth(settings) and settings.greedy_module and "cosine" in settings.metrics)
 
 
-def _checkable(settings: RunSettings) -> bool:
-    """A check needs the cosine metric and at least 4 held-out windows per distribution (for its split-half noise floor)."""
-    return bool(settings.check_module and "cosine" in settings.metrics and settings.transfer_samples >= 4)
-
-
-def _routable(settings: RunSettings) -> bool:
-    return bool(settings.route_module and settings.route_module in settings.transfer_modules and "cosine" in settings.own_set_metrics
-                and "cosine" in settings.metrics)
-
-
 def _ground_truth(settings: RunSettings) -> bool:
     return GROUND_TRUTH in settings.metrics
 
@@ -521,7 +576,7 @@ STAGES = (
     Stage("check", ("scores.per_sample",), ("check_module", "budgets", "transfer_k", "transfer_samples", "transfer_seq_len", "batch_size", "n_perm",
                                             "n_boot", "seed"), stage_check, when=_checkable,
           work=work_of("check")),
-    Stage("routing", ("scores.per_sample", "heldout_windows"), ("route_module", "budgets", "transfer_k", "samples", "seq_len", "batch_size",
+    Stage("routing", ("scores.per_sample", "heldout_windows", "pruned"), ("route_module", "budgets", "transfer_k", "samples", "seq_len", "batch_size",
                                                                "n_boot", "seed"), stage_routing, tables=("routing", "routing_paired", "routing_accuracy"),
           when=_routable, work=work_of("routing")),
 )

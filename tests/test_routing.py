@@ -171,3 +171,44 @@ def test_cli_route_writes_the_routing_tables_and_prints_the_verdict(routed_run, 
     assert {"routed", "oracle", "borda", "minimax"} <= {label.split(":", 1)[1] for label in summary["drop_set"] if label != "none"}
     assert main(["route", str(routed_run / "model"), "--model", str(routed_run / "model")]) == 2
     assert "calibdrop: error:" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def real_loss_routed_run(routed_run):
+    from analysis.pipeline import RunSettings, run
+
+    settings = {**ROUTED_RUN, "metrics": ("cosine", "ablation"), "greedy_module": "attn", "greedy_shortlist": 2, "ablation_samples": 4,
+                "ablation_seq_len": 32}
+    out = routed_run / "real-loss"
+    run(str(routed_run / "model"), out, preset=RunSettings(**settings), progress=False, log=lambda m: None)
+    return out
+
+
+def test_routing_among_greedy_and_ablation_own_sets_reproduces_them_and_says_whether_any_beats_the_best_static(real_loss_routed_run):
+    from analysis.evaluation.routing import pooled_ratios
+    from analysis.io import read_table
+
+    out = real_loss_routed_run
+    summary, paired = read_table(out / "routing.parquet"), read_table(out / "routing_paired.parquet")
+    accuracy, windows = read_table(out / "routing_accuracy.parquet"), read_table(out / "heldout_windows.parquet")
+    ran = set(paired["family"])
+    notes = summary[summary["drop_set"].isna()]
+    assert ran | set(notes["family"]) == {"", "greedy", "own"} and "" in ran
+    assert summary["max_abs_static_difference"].max() <= 1e-4
+    per = summary.set_index(["drop_set", "distribution"])["ppl"]
+    for name in ROUTED_RUN["distributions"]:
+        if "greedy" in ran:
+            assert per[("ablation/attn-2:oracle:greedy", name)] == pytest.approx(per[(f"ablation/attn-2:greedy:{name}", name)], rel=1e-9)
+        if "own" in ran:
+            assert per[("ablation/attn-2:oracle:own", name)] == pytest.approx(per[(f"ablation/attn-2:own:{name}", name)], rel=1e-9)
+    assert set(accuracy["family"]) == ran
+    static = windows[~windows["drop_set"].str.contains(":random")]
+    best = summary["best_static"].dropna().iloc[0]
+    mix = summary[summary["distribution"] == "mix"].set_index("drop_set")["ppl_ratio"]
+    assert pooled_ratios(static).index[0] in mix.index and mix[best] == pytest.approx(mix[pooled_ratios(static).index[0]], rel=1e-9)
+    beaten = paired[(paired["distribution"] == "mix") & (paired["b"] == best) & (paired["ci_high"] < 1)]
+    section = (out / "report.md").read_text().split("### Routing among real-loss sets")[1].split("\n## ")[0]
+    assert ("**No routed model beats the best static set**" in section) == beaten.empty
+    for family in ran:
+        pair = paired[(paired["family"] == family) & (paired["distribution"] == "mix") & (paired["b"] == best)].iloc[0]
+        assert f"{pair['ratio']:.3f} [{pair['ci_low']:.3f}, {pair['ci_high']:.3f}]" in section

@@ -533,14 +533,27 @@ def section_check(results: Results) -> list[str]:
     return lines
 
 
+ROUTING_FAMILY_NAMES = {"": "cosine own sets", "greedy": "greedy sets (real loss)", "own": "ablation own sets"}
+
+
+def _family(frame: pd.DataFrame) -> pd.Series:
+    """The routing family of each row (``""``, cosine own sets, for tables written before families existed)."""
+    return frame["family"].fillna("") if "family" in frame else pd.Series("", index=frame.index)
+
+
+def _routed(label: str) -> bool:
+    return ":routed" in label or ":oracle" in label
+
+
 def routing_display(results: Results) -> pd.DataFrame:
-    """Per drop set of the routing stage: perplexity ratio on the pooled mix, the mean and the worst distribution (with CIs),
-    and routed / this set on the mix, paired over windows."""
+    """Per drop set of the routing stage (static sets, and each family's routed and oracle models): perplexity ratio on the
+    pooled mix, the mean and the worst distribution (with CIs), and routed cosine / this set on the mix, paired over windows."""
     summary, paired = results.table("routing"), results.table("routing_paired")
+    summary = summary[summary["drop_set"].notna()]
     prefix = f"cosine/{summary['module'].iloc[0]}-{int(summary['k'].iloc[0])}:"
     summary = summary[summary["drop_set"] != UNPRUNED]
     wide = {where: summary[summary["distribution"] == where].set_index("drop_set") for where in ("mix", "mean", "worst")}
-    mix_pairs = paired[paired["distribution"] == "mix"].set_index("b")
+    mix_pairs = paired[(paired["distribution"] == "mix") & (_family(paired) == "")].set_index("b")
     rows = []
     for label in wide["mix"].index:
         row = {"drop set": label.removeprefix(prefix)}
@@ -554,33 +567,85 @@ def routing_display(results: Results) -> pd.DataFrame:
     return pd.DataFrame(rows).fillna("")
 
 
+def best_static(summary: pd.DataFrame) -> pd.Series | None:
+    """The static set (neither routed, oracle, unpruned nor random) of lowest perplexity ratio on the pooled mix."""
+    mix = summary[(summary["distribution"] == "mix") & summary["drop_set"].notna()]
+    static = mix[~mix["drop_set"].map(_routed) & (mix["drop_set"] != UNPRUNED) & ~mix["drop_set"].str.contains(":random")]
+    return static.sort_values("ppl_ratio", kind="stable").iloc[0] if len(static) else None
+
+
+def routing_families_display(results: Results) -> pd.DataFrame:
+    """Per routing family: the routed and oracle models on the pooled mix, router accuracy, and routed / the best static set
+    and routed / cosine borda on the mix, paired over windows (``beats``: the paired CI is below 1)."""
+    summary, paired, accuracy = results.table("routing"), results.table("routing_paired"), results.table("routing_accuracy")
+    summary = summary[summary["drop_set"].notna()]
+    best = best_static(summary)
+    mix = summary[summary["distribution"] == "mix"].set_index("drop_set")
+    rows = []
+    for family in dict.fromkeys(_family(paired)):
+        pairs = paired[(_family(paired) == family) & (paired["distribution"] == "mix")].set_index("b")
+        routed_label = pairs["a"].iloc[0]
+        oracle_label = routed_label.replace(":routed", ":oracle")
+        hits = accuracy[(_family(accuracy) == family) & (accuracy["distribution"] == "all")].iloc[0]
+        row = {"family": ROUTING_FAMILY_NAMES.get(family, family),
+               "routed, pooled mix [95% CI]": _ci(*mix.loc[routed_label, ["ppl_ratio", "ci_low", "ci_high"]], 3),
+               "oracle, pooled mix [95% CI]": _ci(*mix.loc[oracle_label, ["ppl_ratio", "ci_low", "ci_high"]], 3),
+               "router accuracy [95% CI]": f"{hits['accuracy']:.0%} [{hits['ci_low']:.0%}, {hits['ci_high']:.0%}]"}
+        for name, label in (("best static", None if best is None else best["drop_set"]), ("cosine borda", None)):
+            label = label or next((b for b in pairs.index if b.endswith(":borda") and b.startswith("cosine/")), None)
+            if label in pairs.index:
+                pair = pairs.loc[label]
+                row[f"routed / {name} [95% CI]"] = _ci(pair["ratio"], pair["ci_low"], pair["ci_high"], 3)
+                row[f"beats {name}"] = bool(pair["ci_high"] < 1)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def section_routing(results: Results) -> list[str]:
     summary = results.table("routing")
     if not len(summary):
         return []
     module, k = summary["module"].iloc[0], int(summary["k"].iloc[0])
     title = "## One model, several drop sets: a router per input"
-    if "note" in summary and summary["note"].notna().any():
+    notes = summary[summary["note"].notna()] if "note" in summary else summary.assign(note="").iloc[:0]
+    said = [f"No router among the {ROUTING_FAMILY_NAMES.get(f, f)} at {module}-{k}: {n}." for f, n in zip(_family(notes), notes["note"])]
+    if "drop_set" not in summary or summary["drop_set"].isna().all():
         return [title, "", f"No router at {module}-{k}: {summary['note'].iloc[0]}.", ""]
-    paired, accuracy = results.table("routing_paired"), results.table("routing_accuracy").set_index("distribution")
-    versus = paired[(paired["distribution"] == "mix") & paired["comparison"].str.endswith(" vs borda")].iloc[0]
-    beats = versus["ci_high"] < 1
-    loses = versus["ci_low"] > 1
-    verdict = ("**Routing beats the consensus set**" if beats else "**Routing loses to the consensus set**" if loses
-               else "**Routing does not beat the consensus set**")
-    first = summary.iloc[0]
-    worst_source = accuracy.drop(index="all")["accuracy"].idxmin()
-    return [title, "", f"Each distribution's own cosine {module}-{k} set and the borda consensus, one copy of the weights; a "
-            f"nearest-centroid router on the mean `resid_post` of block {int(first['layer'])} (blocks 0..{int(first['layer'])} run before "
-            f"routing: {first['layer_ratio']:.0%} of the {int(first['n_layers'])} blocks, reused by the pruned continuation), trained on the "
-            "calibration windows, picks a set per held-out window; windows of all distributions mixed. Perplexity ratio to the unpruned "
-            "model with 95% bootstrap CIs; routed / this set paired over the same windows (below 1: routing loses less); *oracle* "
-            "sends every window to its true source's own set.", "", _table(routing_display(results)), "",
-            f"{verdict}: routed / borda on the pooled mix {_ci(versus['ratio'], versus['ci_low'], versus['ci_high'], 3)} "
-            f"(p = {versus['p_value']:.3g}). Router accuracy {accuracy.loc['all', 'accuracy']:.0%} "
-            f"[{accuracy.loc['all', 'ci_low']:.0%}, {accuracy.loc['all', 'ci_high']:.0%}] over {int(accuracy.loc['all', 'n_windows'])} "
-            f"windows (lowest: {worst_source}, {accuracy.loc[worst_source, 'accuracy']:.0%}). Routed inference reproduced the chosen "
-            f"set's static NLL on every window (largest difference {first['max_abs_static_difference']:.2g} nats).", ""]
+    paired, accuracy = results.table("routing_paired"), results.table("routing_accuracy")
+    cosine_pairs, cosine_accuracy = paired[_family(paired) == ""], accuracy[_family(accuracy) == ""].set_index("distribution")
+    lines = [title, ""]
+    if len(cosine_pairs):
+        versus = cosine_pairs[(cosine_pairs["distribution"] == "mix") & cosine_pairs["comparison"].str.endswith(" vs borda")].iloc[0]
+        beats, loses = versus["ci_high"] < 1, versus["ci_low"] > 1
+        verdict = ("**Routing beats the consensus set**" if beats else "**Routing loses to the consensus set**" if loses
+                   else "**Routing does not beat the consensus set**")
+        first = summary[summary["drop_set"] == versus["a"]].iloc[0]
+        worst_source = cosine_accuracy.drop(index="all")["accuracy"].idxmin()
+        lines += [f"Each distribution's own cosine {module}-{k} set and the borda consensus, one copy of the weights; a "
+                  f"nearest-centroid router on the mean `resid_post` of block {int(first['layer'])} (blocks 0..{int(first['layer'])} run "
+                  f"before routing: {first['layer_ratio']:.0%} of the {int(first['n_layers'])} blocks, reused by the pruned continuation), "
+                  "trained on the calibration windows, picks a set per held-out window; windows of all distributions mixed. Perplexity "
+                  "ratio to the unpruned model with 95% bootstrap CIs; routed / this set paired over the same windows (below 1: routing "
+                  "loses less); *oracle* sends every window to its true source's own set.", "", _table(routing_display(results)), "",
+                  f"{verdict}: routed / borda on the pooled mix {_ci(versus['ratio'], versus['ci_low'], versus['ci_high'], 3)} "
+                  f"(p = {versus['p_value']:.3g}). Router accuracy {cosine_accuracy.loc['all', 'accuracy']:.0%} "
+                  f"[{cosine_accuracy.loc['all', 'ci_low']:.0%}, {cosine_accuracy.loc['all', 'ci_high']:.0%}] over "
+                  f"{int(cosine_accuracy.loc['all', 'n_windows'])} windows (lowest: {worst_source}, "
+                  f"{cosine_accuracy.loc[worst_source, 'accuracy']:.0%}). Routed inference reproduced the chosen set's static NLL on every "
+                  f"window (largest difference {summary['max_abs_static_difference'].max():.2g} nats).", ""]
+    families = routing_families_display(results)
+    best = best_static(summary)
+    if len(families) and best is not None and "routed / best static [95% CI]" in families:
+        winners = families[families["beats best static"].fillna(False).astype(bool)]["family"].tolist()
+        plain = (f"**{' and '.join(winners)} routed beat{'s' if len(winners) == 1 else ''} the best static set**" if winners
+                 else "**No routed model beats the best static set**")
+        lines += ["### Routing among real-loss sets", "", "The same router and held-out mix, routing between each distribution's "
+                  "greedy set by real calibration loss and, separately, between each distribution's own set by the ablation "
+                  f"(its {k} modules of smallest single-drop loss), beside the cosine own sets; each family's router reads the block "
+                  "before every module its sets drop. Paired over the same windows (below 1: routing loses less).", "",
+                  _table(families), "", f"{plain} ({best['drop_set']}, {_ci(best['ppl_ratio'], best['ci_low'], best['ci_high'], 3)} "
+                  "on the pooled mix).", ""]
+    return lines + (said + [""] if said else [])
 
 
 def section_sample_size(results: Results) -> list[str]:
