@@ -1,5 +1,7 @@
-"""Leave one distribution out on real held-out loss: every set built without d equals the set built from the tables with d
-removed (plain loops), no set is evaluated twice, and the report's numbers equal a direct computation from the windows."""
+"""Leave one distribution out on real held-out loss: every set built without d equals the set built from the tables
+with d removed (plain loops), no set is evaluated twice, and the report's numbers equal a direct computation from the
+windows.
+"""
 
 import math
 
@@ -25,7 +27,15 @@ from analysis.study.stability import importance_matrix
 from test_pipeline import SETTINGS
 from tiny import tiny_model
 
-LODO = {**SETTINGS, "subsets": False, "tasks": (), "check_module": None, "route_module": None, "lodo": True, "lodo_probes": 3}
+LODO = {
+    **SETTINGS,
+    "subsets": False,
+    "tasks": (),
+    "check_module": None,
+    "route_module": None,
+    "lodo": True,
+    "lodo_probes": 3,
+}
 MODULE, K = "attn", 2
 
 
@@ -58,7 +68,9 @@ def test_the_stages_run_and_save_one_part_per_left_out_distribution(lodo_run):
     out, summary, tables = lodo_run
     assert {"lodo_sets", "lodo_windows", "lodo"} <= set(summary["timings"])
     names = LODO["distributions"]
-    assert {f"lodo_greedy-{d}" for d in names} | {f"lodo_probe-{d}" for d in names} <= {p.stem for p in (out / "parts").glob("*.parquet")}
+    assert {f"lodo_greedy-{d}" for d in names} | {f"lodo_probe-{d}" for d in names} <= {
+        p.stem for p in (out / "parts").glob("*.parquet")
+    }
     assert set(tables["lodo_choices"]["held_out"]) == set(names)
 
 
@@ -80,14 +92,34 @@ def test_robust_greedy_without_d_equals_a_fresh_path_on_the_other_distributions(
     _, _, tables = lodo_run
     model, tokenizer = load_model(str(tiny_dir))
     s = RunSettings(**LODO)
-    batches = {name: list(token_batches(calibration_samples(load_distribution(name, "calibration"), tokenizer, n_samples=s.ablation_samples,
-                                                            seq_len=s.ablation_seq_len, seed=s.seed), s.batch_size)) for name in s.distributions}
+    batches = {
+        name: list(
+            token_batches(
+                calibration_samples(
+                    load_distribution(name, "calibration"),
+                    tokenizer,
+                    n_samples=s.ablation_samples,
+                    seq_len=s.ablation_seq_len,
+                    seed=s.seed,
+                ),
+                s.batch_size,
+            )
+        )
+        for name in s.distributions
+    }
     scores, sets = tables["scores.per_sample"], tables["lodo_sets"]
     for held_out in s.distributions:
         rest = scores[scores["distribution"] != held_out]
         prior = importance_matrix(rest, MODULE, GROUND_TRUTH).max(axis=1).to_dict()
-        path = ablation.greedy_drop_path(model, {d: b for d, b in batches.items() if d != held_out}, module=MODULE, k=K, objective="robust",
-                                         shortlist=s.greedy_shortlist, prior=prior)
+        path = ablation.greedy_drop_path(
+            model,
+            {d: b for d, b in batches.items() if d != held_out},
+            module=MODULE,
+            k=K,
+            objective="robust",
+            shortlist=s.greedy_shortlist,
+            prior=prior,
+        )
         mine = sets[(sets["held_out"] == held_out) & (sets["variant"] == "without") & (sets["name"] == "robust greedy")]
         assert mine["key"].item() == set_key(MODULE, path["candidate"]), held_out
 
@@ -109,7 +141,9 @@ def test_nearest_greedy_is_the_greedy_set_of_the_best_agreeing_other_distributio
 
 
 def windows_of(tables) -> pd.DataFrame:
-    return pd.concat([known_windows(tables["heldout_windows"], tables["pruned"]), tables["lodo_windows"]], ignore_index=True)
+    return pd.concat(
+        [known_windows(tables["heldout_windows"], tables["pruned"]), tables["lodo_windows"]], ignore_index=True
+    )
 
 
 def ratio(windows: pd.DataFrame, key: str, distribution: str) -> float:
@@ -135,10 +169,14 @@ def test_no_pair_is_evaluated_twice_and_a_looked_up_pair_equals_a_fresh_evaluati
     name = s.distributions[0]
     samples = heldout_samples(tokenizer, [name], n_samples=s.transfer_samples, seq_len=s.transfer_seq_len, seed=s.seed)
     chosen = tables["lodo_sets"].drop_duplicates("key").iloc[0]
-    fresh = new_windows(model, samples, {name: {chosen["key"]: make_drop_set(MODULE, chosen["indices"], "lodo")}}).sort_values("window")
+    fresh = new_windows(
+        model, samples, {name: {chosen["key"]: make_drop_set(MODULE, chosen["indices"], "lodo")}}
+    ).sort_values("window")
     saved = windows_of(tables)
     saved = saved[(saved["key"] == chosen["key"]) & (saved["distribution"] == name)].sort_values("window")
-    assert len(fresh) == len(saved) == s.transfer_samples and np.allclose(fresh["nll_sum"].to_numpy(), saved["nll_sum"].to_numpy(), rtol=1e-6)
+    assert len(fresh) == len(saved) == s.transfer_samples and np.allclose(
+        fresh["nll_sum"].to_numpy(), saved["nll_sum"].to_numpy(), rtol=1e-6
+    )
 
 
 def test_selections_and_report_numbers_equal_a_direct_computation(lodo_run):
@@ -172,5 +210,7 @@ def test_missing_pairs_are_exactly_the_sets_not_yet_evaluated_on_each_distributi
     assert not any(missing_pairs(sets, windows_of(tables), names).values())
     dropped = known[~((known["key"] == key) & (known["distribution"] == names[1]))]
     missing = missing_pairs(sets, dropped, names)
-    assert {name: list(found) for name, found in missing.items()} == {name: [key] if name == names[1] else [] for name in names}
+    assert {name: list(found) for name, found in missing.items()} == {
+        name: [key] if name == names[1] else [] for name in names
+    }
     assert missing[names[1]][key].candidates() == [(MODULE, int(i)) for i in sets["indices"].iloc[0]]

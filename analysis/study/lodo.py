@@ -41,7 +41,9 @@ def consensus_procedures(scores: pd.DataFrame) -> list[tuple[str, str, str]]:
     return found + ([(f"{GROUND_TRUTH} borda", GROUND_TRUTH, "borda")] if GROUND_TRUTH in metrics_in(scores) else [])
 
 
-def consensus_without(scores: pd.DataFrame, held_out: str | None, *, module: str, k: int, metric: str, method: str) -> list:
+def consensus_without(
+    scores: pd.DataFrame, held_out: str | None, *, module: str, k: int, metric: str, method: str
+) -> list:
     """The ``method`` consensus of ``metric`` at size k over every distribution but ``held_out`` (``None``: all)."""
     matrix = importance_matrix(scores, module, metric)
     return consensus_from_matrix(matrix.drop(columns=[held_out] if held_out else []), k, method)
@@ -54,31 +56,62 @@ def robust_prior(scores: pd.DataFrame, module: str, held_out: str | None) -> dic
     return matrix.drop(columns=[held_out] if held_out else []).max(axis=1).to_dict()
 
 
-def nearness(probe: pd.DataFrame, scores: pd.DataFrame, held_out: str, *, module: str, metric: str = "cosine",
-             include_held_out: bool = False) -> pd.DataFrame:
-    """Spearman ρ between the ``metric`` ranking of ``probe`` (per-sample scores of a few of ``held_out``'s texts) and each
-    calibration distribution's ranking (d's own only with ``include_held_out``), best first; ``nearest`` marks the first."""
+def nearness(
+    probe: pd.DataFrame,
+    scores: pd.DataFrame,
+    held_out: str,
+    *,
+    module: str,
+    metric: str = "cosine",
+    include_held_out: bool = False,
+) -> pd.DataFrame:
+    """Spearman ρ between the ``metric`` ranking of ``probe`` (per-sample scores of a few of ``held_out``'s texts)
+    and each calibration distribution's ranking (d's own only with ``include_held_out``), best first (ties in
+    calibration order); ``nearest`` marks the first."""
     rows = probe[probe["metric"] == metric] if "metric" in probe else probe
     mine = importance_matrix(rows.assign(distribution="probe"), module, metric)["probe"]
     matrix = importance_matrix(scores, module, metric)
     names = [d for d in matrix.columns if include_held_out or d != held_out]
     rho = [float(mine.corr(matrix.loc[mine.index, d], method="spearman")) for d in names]
-    table = pd.DataFrame({"held_out": held_out, "candidate": names, "spearman": rho}).sort_values("spearman", ascending=False, kind="stable")
-    return table.assign(nearest=[True] + [False] * (len(table) - 1), variant=WITH if include_held_out else WITHOUT).reset_index(drop=True)
+    table = pd.DataFrame({"held_out": held_out, "candidate": names, "spearman": rho}).sort_values(
+        "spearman", ascending=False, kind="stable"
+    )
+    return table.assign(
+        nearest=[True] + [False] * (len(table) - 1), variant=WITH if include_held_out else WITHOUT
+    ).reset_index(drop=True)
 
 
 def _row(held_out, variant, name, role, module, metric, indices, note="") -> dict:
-    return {"held_out": held_out, "variant": variant, "name": name, "role": role, "module": module, "k": len(indices), "metric": metric,
-            "indices": [str(i) for i in indices], "key": set_key(module, indices), "note": note}
+    return {
+        "held_out": held_out,
+        "variant": variant,
+        "name": name,
+        "role": role,
+        "module": module,
+        "k": len(indices),
+        "metric": metric,
+        "indices": [str(i) for i in indices],
+        "key": set_key(module, indices),
+        "note": note,
+    }
 
 
-def lodo_sets(scores: pd.DataFrame, greedy: pd.DataFrame, robust_without: dict, nearest: pd.DataFrame, *, module: str, k: int,
-              own_metrics=("cosine",)) -> pd.DataFrame:
+def lodo_sets(
+    scores: pd.DataFrame,
+    greedy: pd.DataFrame,
+    robust_without: dict,
+    nearest: pd.DataFrame,
+    *,
+    module: str,
+    k: int,
+    own_metrics=("cosine",),
+) -> pd.DataFrame:
     """Every set of the leave-one-out study, one row per (held_out, variant, name).
 
-    ``greedy``: the greedy stage's paths (objectives: each distribution, ``robust``); ``robust_without``: per left-out d the
-    robust path over the others; ``nearest``: :func:`nearness` tables of both variants.  ``role`` is ``procedure`` for a set
-    a procedure returns directly and ``candidate`` for a single distribution's set the selection procedures choose among.
+    ``greedy``: the greedy stage's paths (objectives: each distribution, ``robust``); ``robust_without``: per
+    left-out d the robust path over the others; ``nearest``: :func:`nearness` tables of both variants.  ``role`` is
+    ``procedure`` for a set a procedure returns directly and ``candidate`` for a single distribution's set the
+    selection procedures choose among.
     Columns: ``held_out, variant, name, role, module, k, metric, indices, key, note``.
     """
     names = list(importance_matrix(scores, module, metrics_in(scores)[0]).columns)
@@ -94,10 +127,25 @@ def lodo_sets(scores: pd.DataFrame, greedy: pd.DataFrame, robust_without: dict, 
             robust = ablation.greedy_set(robust_without[held_out], k) if variant == WITHOUT else paths["robust"]
             rows.append(_row(held_out, variant, "robust greedy", "procedure", module, GROUND_TRUTH, robust))
             near = nearest[(nearest["held_out"] == held_out) & (nearest["variant"] == variant)].iloc[0]
-            rows.append(_row(held_out, variant, "nearest greedy", "procedure", module, GROUND_TRUTH, paths[near["candidate"]],
-                             f"greedy set of {near['candidate']} (ρ = {near['spearman']:.3f})"))
+            rows.append(
+                _row(
+                    held_out,
+                    variant,
+                    "nearest greedy",
+                    "procedure",
+                    module,
+                    GROUND_TRUTH,
+                    paths[near["candidate"]],
+                    f"greedy set of {near['candidate']} (ρ = {near['spearman']:.3f})",
+                )
+            )
             for metric in (m for m in own_metrics if m in metrics_in(scores)):
                 matrix = importance_matrix(scores, module, metric)
-                rows += [_row(held_out, variant, f"{metric} own:{d}", "candidate", module, metric, drop_set(matrix[d], k)) for d in others]
-            rows += [_row(held_out, variant, f"greedy:{d}", "candidate", module, GROUND_TRUTH, paths[d]) for d in others]
+                rows += [
+                    _row(held_out, variant, f"{metric} own:{d}", "candidate", module, metric, drop_set(matrix[d], k))
+                    for d in others
+                ]
+            rows += [
+                _row(held_out, variant, f"greedy:{d}", "candidate", module, GROUND_TRUTH, paths[d]) for d in others
+            ]
     return pd.DataFrame(rows)
