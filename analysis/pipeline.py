@@ -383,7 +383,8 @@ def stage_routing(study: Study) -> dict[str, pd.DataFrame]:
         paired.append(tables["paired"].assign(family=family))
         accuracy.append(tables["accuracy"].assign(family=family))
     summary = pd.concat(summaries, ignore_index=True)
-    summary = summary[~summary.duplicated(["drop_set", "distribution"]) | summary["drop_set"].isna()].reset_index(drop=True)
+    if "drop_set" in summary:
+        summary = summary[~summary.duplicated(["drop_set", "distribution"]) | summary["drop_set"].isna()].reset_index(drop=True)
     return {"routing": summary, "routing_paired": pd.concat(paired, ignore_index=True) if paired else pd.DataFrame(),
             "routing_accuracy": pd.concat(accuracy, ignore_index=True) if accuracy else pd.DataFrame()}
 
