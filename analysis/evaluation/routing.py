@@ -277,19 +277,19 @@ def own_sets(sets: Mapping[str, object], distributions) -> dict[str, str]:
 
 
 def routing_tables(static: pd.DataFrame, routes: pd.DataFrame, own: Mapping[str, str], *, module: str, k: int, metric: str, layer: int,
-                   n_layers: int, n_boot: int = 1000, seed: int = 0, family: str = "", versus=None) -> dict[str, pd.DataFrame]:
-    """Routed vs static drop sets from the static sets' window NLL (:func:`analysis.evaluation.heldout.window_nll`) and the routed rows
-    (:func:`routed_window_nll`) on the same windows.
-
-    The ``oracle`` rows are each window's own-set rows; ``routes`` gains the chosen set, its static NLL on the window and
-    ``static_difference`` (routed minus static, 0 when routed inference equals the pruned model).  Returns ``windows``,
-    ``routes``, ``summary`` (perplexity ratio per distribution, worst, mean and on the pooled ``mix``, with bootstrap CIs),
-    ``paired`` (routed / each static set and / the oracle, paired over windows, per distribution and on the mix) and
-    ``accuracy`` (router accuracy, :func:`router_accuracy`).  The summary also names the budget (``module``, ``k``), the
-    routing block ``layer`` with ``layer_ratio = (layer + 1) / n_layers`` and ``max_abs_static_difference``.  ``family`` (for
-    example ``greedy``) names the routed and oracle sets ``<metric>/<module>-<k>:routed:<family>``; ``versus`` lists the static
-    sets routing is paired against (default: every static set of ``metric``).
-    """
+                   n_layers: int, n_boot: int = 1000, seed: int = 0, family: str = "",
+                   versus=None) -> dict[str, pd.DataFrame]:
+    """Routed vs static drop sets from the static sets' window NLL (:func:`analysis.evaluation.heldout.window_nll`) and
+    the routed rows (:func:`routed_window_nll`) on the same windows.
+    The ``oracle`` rows are each window's own-set rows; ``routes`` gains the chosen set, its static NLL on the window
+    and ``static_difference`` (routed minus static, 0 when routed inference equals the pruned model).  Returns
+    ``windows``, ``routes``, ``summary`` (perplexity ratio per distribution, worst, mean and on the pooled ``mix``, with
+    bootstrap CIs), ``paired`` (routed / each static set and / the oracle, paired over windows, per distribution and on
+    the mix) and ``accuracy`` (router accuracy, :func:`router_accuracy`).  The summary also names the budget
+    (``module``, ``k``), the routing block ``layer`` with ``layer_ratio = (layer + 1) / n_layers`` and
+    ``max_abs_static_difference``.  ``family`` (for example ``greedy``) names the routed and oracle sets
+    ``<metric>/<module>-<k>:routed:<family>``; ``versus`` lists the static sets routing is paired against (default:
+    every static set of ``metric``)."""
     from .heldout import paired_comparisons, transfer_summary
 
     prefix_label = f"{metric}/{module}-{k}:"
@@ -305,8 +305,10 @@ def routing_tables(static: pd.DataFrame, routes: pd.DataFrame, own: Mapping[str,
     summary = pd.concat([transfer_summary(windows, n_boot=n_boot, seed=seed), mix[mix["distribution"] == "mix"]], ignore_index=True)
     summary = summary.assign(module=module, k=k, layer=layer, n_layers=n_layers, layer_ratio=(layer + 1) / n_layers,
                              max_abs_static_difference=float(chosen["static_difference"].abs().max()))
-    static_sets = [label for label in dict.fromkeys(static["drop_set"]) if label.startswith(prefix_label)] if versus is None else list(versus)
-    pairs = [(f"routed{suffix} vs {label.removeprefix(prefix_label)}", routed_label, label) for label in [*static_sets, oracle_label]]
+    static_sets = ([label for label in dict.fromkeys(static["drop_set"]) if label.startswith(prefix_label)]
+                   if versus is None else list(versus))
+    pairs = [(f"routed{suffix} vs {label.removeprefix(prefix_label)}", routed_label, label)
+             for label in [*static_sets, oracle_label]]
     mix_paired = paired_comparisons(pooled_mix(windows), pairs, n_boot=n_boot, seed=seed)
     paired = pd.concat([paired_comparisons(windows, pairs, n_boot=n_boot, seed=seed), mix_paired[mix_paired["distribution"] == "mix"]],
                        ignore_index=True)
