@@ -314,30 +314,125 @@ def stage_check(study: Study) -> pd.DataFrame:
     return pd.concat(rows, ignore_index=True)
 
 
+ROUTING_FAMILIES = {"": "cosine own sets", "greedy": "greedy sets (real loss)", "own": "ablation own sets"}
+
+
+def routing_families(study: Study, module: str, k: int) -> dict[str, tuple[dict, dict, str]]:
+    """The families of per-distribution sets routed between, by family name (:data:`ROUTING_FAMILIES`): ``(sets by
+    label, each distribution's set label, metric)``.  Cosine: each distribution's own cosine set and the borda consensus
+    (as before); ``greedy``: each distribution's greedy set by real calibration loss; ``own``: each distribution's own
+    set by the ablation (its k modules of smallest single-drop loss increase).  A family whose sets are missing is left
+    out."""
+    from .evaluation import routing
+
+    scores, names = study.results["scores.per_sample"], study.distributions
+    cosine = drop_set_family(scores, module=module, k=k, metric="cosine", methods=("borda",))
+    families = {"": (cosine, routing.own_sets(cosine, names), "cosine")}
+    evaluated = {label: spec for label, spec in sets_from_table(study.results["pruned"]).items() if spec is not None}
+    greedy = {d: f"{GROUND_TRUTH}/{module}-{k}:greedy:{d}" for d in names}
+    if all(label in evaluated for label in greedy.values()):
+        families["greedy"] = ({label: evaluated[label] for label in greedy.values()}, greedy, GROUND_TRUTH)
+    if GROUND_TRUTH in stability.metrics_in(scores):
+        own = drop_set_family(scores, module=module, k=k, metric=GROUND_TRUTH, methods=(), own=True)
+        families["own"] = (own, routing.own_sets(own, names), GROUND_TRUTH)
+    return families
+
+
+def routing_static(study: Study, sets: dict, samples: dict, module: str, k: int) -> pd.DataFrame:
+    """Window NLL of the unpruned model, of every non-random set the held-out stage evaluated at ``module``-``k`` and of
+    ``sets``: read from ``heldout_windows`` by members (:func:`analysis.evaluation.lodo.known_windows`), and evaluated
+    only when no evaluated set has the same members."""
+    from .evaluation.lodo import known_windows
+    from .study.lodo import set_key
+
+    heldout, pruned = study.results["heldout_windows"], study.results["pruned"]
+    evaluated = {
+        label: spec
+        for label, spec in sets_from_table(pruned).items()
+        if spec is not None and spec.module == module and spec.k == k and not spec.method.startswith("random")
+    }
+    known = known_windows(heldout, pruned).set_index("key")
+    wanted = {**evaluated, **sets}
+    found = [
+        known.loc[[set_key(module, spec.indices)]].assign(drop_set=label)
+        for label, spec in wanted.items()
+        if set_key(module, spec.indices) in known.index
+    ]
+    missing = {label: spec for label, spec in wanted.items() if set_key(module, spec.indices) not in known.index}
+    new = [evaluation.window_nll(study.model, samples, missing, batch_size=study.settings.heldout_batch_size)] if missing else []
+    columns = ["drop_set", "distribution", "window", "nll_sum", "n_tokens"]
+    return pd.concat(
+        [heldout[heldout["drop_set"] == UNPRUNED][columns], *(f[columns] for f in found), *(f[columns] for f in new)],
+        ignore_index=True,
+    )
+
+
 def stage_routing(study: Study) -> dict[str, pd.DataFrame]:
-    """Routed vs static drop sets on the held-out windows (:mod:`analysis.evaluation.routing`): each distribution's own cosine set and
-    the borda consensus at ``route_module``'s largest evaluated budget, a nearest-centroid router trained on the calibration
-    windows the scores came from; the static sets' NLL is read from ``heldout_windows``, the routed model really runs."""
+    """Routed vs static drop sets on the held-out windows (:mod:`analysis.evaluation.routing`), at ``route_module``'s
+    largest evaluated budget, for each family of :func:`routing_families`: a nearest-centroid router per family (at the
+    last block before every set of the family) trained on the calibration windows the scores came from picks a
+    distribution's set per window.  Static sets' NLL is read from ``heldout_windows`` (:func:`routing_static`), the
+    routed models really run; each routed model is paired against its family's sets, cosine borda and the best static
+    set on the pooled mix."""
     from .evaluation import routing
 
     s = study.settings
     module, k = s.route_module, max(s.budget(s.route_module))
-    sets = drop_set_family(study.results["scores.per_sample"], module=module, k=k, metric="cosine", methods=("borda",))
-    try:
-        layer = routing.routing_layer(sets)
-    except InputError as error:
-        return {"routing": pd.DataFrame([{"module": module, "k": k, "note": str(error)}]), "routing_paired": pd.DataFrame(),
-                "routing_accuracy": pd.DataFrame()}
-    own = routing.own_sets(sets, study.distributions)
-    router = routing.fit_router(study.model, routing.calibration_batches(study.tokenizer, study.distributions, n_samples=s.samples,
-                                                                         seq_len=s.seq_len, seed=s.seed, batch_size=s.batch_size), layer)
-    samples = evaluation.heldout_samples(study.tokenizer, study.distributions, n_samples=s.transfer_samples, seq_len=s.transfer_seq_len, seed=s.seed)
-    routes = routing.routed_window_nll(routing.RoutedModel(study.model, sets, router, own), samples, batch_size=s.batch_size, seed=s.seed)
-    static = study.results["heldout_windows"]
-    static = static[static["drop_set"].isin([UNPRUNED, *sets])]
-    tables = routing.routing_tables(static, routes, own, module=module, k=k, metric="cosine", layer=layer,
-                                    n_layers=len(decoder_layers(study.model)), n_boot=s.n_boot, seed=s.seed)
-    return {"routing": tables["summary"], "routing_paired": tables["paired"], "routing_accuracy": tables["accuracy"]}
+    families = routing_families(study, module, k)
+    samples = evaluation.heldout_samples(
+        study.tokenizer, study.distributions, n_samples=s.transfer_samples, seq_len=s.transfer_seq_len, seed=s.seed
+    )
+    static = routing_static(
+        study, {label: spec for sets, _, _ in families.values() for label, spec in sets.items()}, samples, module, k
+    )
+    best = routing.pooled_ratios(static).index[0]
+    batches = routing.calibration_batches(
+        study.tokenizer,
+        study.distributions,
+        n_samples=s.samples,
+        seq_len=s.seq_len,
+        seed=s.seed,
+        batch_size=s.batch_size,
+    )
+    summaries, paired, accuracy = [], [], []
+    for family, (sets, own, metric) in families.items():
+        try:
+            layer = routing.routing_layer(sets)
+        except InputError as error:
+            summaries.append(pd.DataFrame([{"module": module, "k": k, "note": str(error), "family": family}]))
+            continue
+        router = routing.fit_router(study.model, batches, layer)
+        routes = routing.routed_window_nll(
+            routing.RoutedModel(study.model, sets, router, own), samples, batch_size=s.batch_size, seed=s.seed
+        )
+        versus = list(dict.fromkeys([*sets, f"cosine/{module}-{k}:borda", best]))
+        tables = routing.routing_tables(
+            static,
+            routes,
+            own,
+            module=module,
+            k=k,
+            metric=metric,
+            layer=layer,
+            n_layers=len(decoder_layers(study.model)),
+            n_boot=s.n_boot,
+            seed=s.seed,
+            family=family,
+            versus=versus,
+        )
+        summaries.append(tables["summary"].assign(family=family, best_static=best))
+        paired.append(tables["paired"].assign(family=family))
+        accuracy.append(tables["accuracy"].assign(family=family))
+    summary = pd.concat(summaries, ignore_index=True)
+    if "drop_set" in summary:
+        summary = summary[~summary.duplicated(["drop_set", "distribution"]) | summary["drop_set"].isna()].reset_index(
+            drop=True
+        )
+    return {
+        "routing": summary,
+        "routing_paired": pd.concat(paired, ignore_index=True) if paired else pd.DataFrame(),
+        "routing_accuracy": pd.concat(accuracy, ignore_index=True) if accuracy else pd.DataFrame(),
+    }
 
 
 def stage_resolution(study: Study) -> dict[str, pd.DataFrame]:
@@ -364,6 +459,169 @@ def _checkable(settings: RunSettings) -> bool:
 def _routable(settings: RunSettings) -> bool:
     return bool(settings.route_module and settings.route_module in settings.transfer_modules and "cosine" in settings.own_set_metrics
                 and "cosine" in settings.metrics)
+
+
+def lodo_budget(settings: RunSettings) -> tuple[str, int]:
+    """The module kind and size of the leave-one-distribution-out sets: ``greedy_module`` at its largest evaluated
+    budget."""
+    return settings.greedy_module, max(settings.budget(settings.greedy_module))
+
+
+def stage_lodo_sets(study: Study) -> dict[str, pd.DataFrame]:
+    """Every leave-one-distribution-out set (:func:`analysis.study.lodo.lodo_sets`): per left-out d a robust greedy path
+    over the other distributions' calibration windows (one saved part per d, the paths sharing their common trials
+    through one :class:`~analysis.importance.ablation.TrialCache`) and the nearness of the first ``lodo_probes`` of d's
+    held-out windows to each distribution (one cosine scoring pass, one saved part per d)."""
+    from .study import lodo
+
+    s = study.settings
+    module, k = lodo_budget(s)
+    scores = study.results["scores.per_sample"]
+    batches = {
+        name: list(
+            token_batches(
+                calibration_samples(
+                    load_distribution(name, "calibration"),
+                    study.tokenizer,
+                    n_samples=s.ablation_samples,
+                    seq_len=s.ablation_seq_len,
+                    seed=s.seed,
+                ),
+                s.batch_size,
+            )
+        )
+        for name in study.distributions
+    }
+    cache = ablation.TrialCache()
+
+    def robust_without(held_out):
+        before = (cache.trials, cache.requested, cache.passes)
+        path = ablation.greedy_drop_path(
+            study.model,
+            {d: b for d, b in batches.items() if d != held_out},
+            module=module,
+            k=k,
+            objective="robust",
+            shortlist=s.greedy_shortlist,
+            prior=lodo.robust_prior(scores, module, held_out),
+            cache=cache,
+            progress=study.progress,
+        )
+        return path.assign(
+            held_out=held_out,
+            trials_computed=cache.trials - before[0],
+            trials_requested=cache.requested - before[1],
+            passes=cache.passes - before[2],
+        )
+
+    paths = {d: study.part("lodo_greedy", d, lambda d=d: robust_without(d)) for d in study.distributions}
+    samples = evaluation.heldout_samples(
+        study.tokenizer, study.distributions, n_samples=s.transfer_samples, seq_len=s.transfer_seq_len, seed=s.seed
+    )
+    cosine = stability.one_metric(scores, "cosine")[0]
+    nearest = []
+    for name in study.distributions:
+        probe = samples[name].select(range(min(s.lodo_probes, len(samples[name]))))
+        scored = study.part(
+            "lodo_probe",
+            name,
+            lambda probe=probe, name=name: score_windows(
+                study.model, probe, name, batch_size=s.batch_size, metrics=("cosine",), progress=False
+            ),
+        )
+        nearest += [
+            lodo.nearness(scored, cosine, name, module=module, include_held_out=with_it) for with_it in (False, True)
+        ]
+    nearest = pd.concat(nearest, ignore_index=True)
+    sets = lodo.lodo_sets(
+        scores, study.results["greedy"], paths, nearest, module=module, k=k, own_metrics=s.own_set_metrics
+    )
+    return {"lodo_sets": sets, "lodo_greedy": pd.concat(paths.values(), ignore_index=True), "lodo_nearest": nearest}
+
+
+def stage_lodo_windows(study: Study) -> pd.DataFrame:
+    """Window NLL of every leave-one-out set on every calibration distribution's held-out windows that the held-out
+    stage did not already evaluate (looked up by members); one saved part per distribution."""
+    from .evaluation import lodo as lodo_evaluation
+
+    s = study.settings
+    known = lodo_evaluation.known_windows(study.results["heldout_windows"], study.results["pruned"])
+    missing = lodo_evaluation.missing_pairs(study.results["lodo_sets"], known, study.distributions)
+    samples = evaluation.heldout_samples(
+        study.tokenizer,
+        [name for name in study.distributions if missing[name]],
+        n_samples=s.transfer_samples,
+        seq_len=s.transfer_seq_len,
+        seed=s.seed,
+    )
+    parts = [
+        study.part(
+            "lodo_windows",
+            name,
+            lambda name=name: lodo_evaluation.new_windows(study.model, samples, {name: missing[name]},
+                                                          batch_size=s.heldout_batch_size),
+        )
+        for name in samples
+    ]
+    return pd.concat(parts, ignore_index=True) if parts else lodo_evaluation.new_windows(study.model, {}, {})
+
+
+def stage_lodo(study: Study) -> dict[str, pd.DataFrame]:
+    """Leave one distribution out on real held-out loss (:func:`analysis.evaluation.lodo.lodo_tables`), and what it cost
+    (:func:`lodo_cost`)."""
+    from .evaluation import lodo as lodo_evaluation
+
+    s = study.settings
+    known = lodo_evaluation.known_windows(study.results["heldout_windows"], study.results["pruned"])
+    windows = pd.concat([known, study.results["lodo_windows"]], ignore_index=True)
+    tables = lodo_evaluation.lodo_tables(study.results["lodo_sets"], windows, n_boot=s.n_boot, seed=s.seed)
+    return {**tables, "lodo_cost": lodo_cost(study, known)}
+
+
+def greedy_trials(paths: pd.DataFrame, n_candidates: int, shortlist: int | None) -> int:
+    """(candidate, distribution) trials a set of greedy paths runs without sharing: per step j, ``min(shortlist, C - j +
+    1)`` candidates on each distribution of the objective."""
+    total = 0
+    for _, path in paths.groupby("objective", sort=False):
+        n_distributions = sum(column.startswith("increase:") and path[column].notna().any() for column in path.columns)
+        total += n_distributions * sum(min(shortlist or n_candidates, n_candidates - step + 1) for step in path["step"])
+    return total
+
+
+def lodo_cost(study: Study, known: pd.DataFrame) -> pd.DataFrame:
+    """The extra work of the leave-one-out stages beside the greedy and held-out stages they extend: greedy trials
+    (requested and really run after sharing), forward passes of the trial cache, and set-distribution pairs needed,
+    looked up in the held-out stage's windows or newly evaluated."""
+    s, paths, sets = study.settings, study.results["lodo_greedy"], study.results["lodo_sets"]
+    per = paths.groupby("held_out", sort=False)[["trials_computed", "trials_requested", "passes"]].first()
+    n_candidates = len(ablation.candidates_of(s.greedy_module, len(decoder_layers(study.model))))
+    needed = {(key, name) for key in sets["key"].unique() for name in study.distributions}
+    new = study.results["lodo_windows"]
+    heldout = study.results["heldout_windows"]
+    return pd.DataFrame(
+        [
+            {
+                "greedy_paths": len(per),
+                "greedy_trials_requested": int(per["trials_requested"].sum()),
+                "greedy_trials_run": int(per["trials_computed"].sum()),
+                "greedy_passes": int(per["passes"].sum()),
+                "greedy_stage_trials": greedy_trials(study.results["greedy"], n_candidates, s.greedy_shortlist),
+                "pairs_needed": len(needed),
+                "pairs_looked_up": len(needed & set(zip(known["key"], known["distribution"]))),
+                "pairs_evaluated": len(set(zip(new["key"], new["distribution"]))),
+                "heldout_stage_pairs": len(
+                    set(zip(heldout["drop_set"], heldout["distribution"]))
+                    - {(UNPRUNED, d) for d in study.distributions}
+                ),
+            }
+        ]
+    )
+
+
+def _lodo_on(settings: RunSettings) -> bool:
+    """Leave-one-out needs ``lodo``, the ground truth, a greedy module and the cosine metric (its baseline and
+    nearness)."""
+    return bool(settings.lodo and _ground_truth(settings) and settings.greedy_module and "cosine" in settings.metrics)
 
 
 def _ground_truth(settings: RunSettings) -> bool:
@@ -394,6 +652,9 @@ def work_of(kind: str) -> Callable[[Study], float]:
             "accuracy": len(s.accuracy_sets) * len(s.tasks) * (s.task_limit or 1000) * 400,
             "check": _tokens(study, distributions, s.transfer_samples, s.transfer_seq_len),
             "routing": _tokens(study, distributions, s.transfer_samples, s.transfer_seq_len) + _tokens(study, distributions, s.samples, s.seq_len) / 10,
+            "lodo_sets": ablation * (len(distributions) - 1) * max(s.transfer_k) * (s.greedy_shortlist or candidates)
+            / 2,
+            "lodo_windows": _tokens(study, distributions, s.transfer_samples, s.transfer_seq_len) * (1 + 4),
         }[kind]
     return estimate
 
@@ -425,6 +686,16 @@ STAGES = (
           when=lambda s: bool(unseen_of(s)), work=work_of("heldout_unseen")),
     Stage("transfer_unseen", ("heldout_windows_unseen",), ("n_boot", "seed"), stage_transfer_unseen, when=lambda s: bool(unseen_of(s))),
     Stage("comparisons", ("heldout_windows", "pruned"), ("n_boot", "seed"), stage_comparisons),
+    Stage("lodo_sets", ("scores.per_sample", "greedy"),
+          ("greedy_module", "greedy_shortlist", "budgets", "transfer_k", "ablation_samples", "ablation_seq_len",
+           "batch_size", "own_set_metrics", "lodo_probes", "transfer_samples", "transfer_seq_len", "seed"),
+          stage_lodo_sets, tables=("lodo_sets", "lodo_greedy", "lodo_nearest"), when=_lodo_on,
+          work=work_of("lodo_sets")),
+    Stage("lodo_windows", ("lodo_sets", "pruned", "heldout_windows"), ("transfer_samples", "transfer_seq_len", "seed",
+                                                                      "heldout_batch_size"),
+          stage_lodo_windows, when=_lodo_on, work=work_of("lodo_windows")),
+    Stage("lodo", ("lodo_sets", "lodo_windows", "heldout_windows", "pruned"), ("n_boot", "seed"), stage_lodo,
+          tables=("lodo_choices", "lodo", "lodo_paired", "lodo_cost"), when=_lodo_on),
     Stage("accuracy", ("pruned",), ("tasks", "task_limit", "accuracy_sets"), stage_accuracy, tables=("accuracy_items", "accuracy"),
           when=lambda s: bool(s.tasks and s.accuracy_sets), work=work_of("accuracy")),
     Stage("accuracy_paired", ("accuracy", "pruned"), ("task_limit", "n_boot", "seed"), stage_accuracy_paired,
@@ -432,8 +703,8 @@ STAGES = (
     Stage("check", ("scores.per_sample",), ("check_module", "budgets", "transfer_k", "transfer_samples", "transfer_seq_len", "batch_size", "n_perm",
                                             "n_boot", "seed"), stage_check, when=_checkable,
           work=work_of("check")),
-    Stage("routing", ("scores.per_sample", "heldout_windows"), ("route_module", "budgets", "transfer_k", "samples", "seq_len", "batch_size",
-                                                               "n_boot", "seed"), stage_routing, tables=("routing", "routing_paired", "routing_accuracy"),
+    Stage("routing", ("scores.per_sample", "heldout_windows", "pruned"), ("route_module", "budgets", "transfer_k", "samples", "seq_len", "batch_size",
+                                                               "heldout_batch_size", "n_boot", "seed"), stage_routing, tables=("routing", "routing_paired", "routing_accuracy"),
           when=_routable, work=work_of("routing")),
     Stage("resolution", ("heldout_windows", "transfer", "pruned", "comparisons", "validity", "stability",
                          "decomposition", "routing"), ("n_boot", "seed", "ablation_samples", "ablation_seq_len"), stage_resolution,

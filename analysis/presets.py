@@ -28,6 +28,8 @@ class RunSettings:
     ``test``; ``()``: none): held-out columns only, never read by a stage that calibrates, selects or compares.
     ``batch_size`` and ``heldout_batch_size`` are windows per forward pass of the scoring, ablation and greedy stages
     and of the held-out evaluation (small on a CPU, large on a GPU).
+    ``lodo`` adds leave-one-distribution-out on real held-out loss (stages ``lodo_sets``, ``lodo_windows``, ``lodo``),
+    judging nearness from the first ``lodo_probes`` held-out windows of the distribution left out.
     """
 
     distributions: tuple[str, ...] = ()
@@ -60,6 +62,8 @@ class RunSettings:
     check_module: str | None = "attn"
     route_module: str | None = "attn"
     unseen: tuple[str, ...] | None = None
+    lodo: bool = False
+    lodo_probes: int = 8
 
     def budget(self, module: str) -> tuple[int, ...]:
         """The drop-set sizes evaluated on held-out text for ``module``: ``transfer_k`` for attention, else the largest budget of ``module``."""
@@ -97,7 +101,7 @@ PRESETS: dict[str, RunSettings] = {
     # the GPU machine); GPU-sized batches.  The committed studies are under reference/<model>/.
     "reference": RunSettings(
         samples=64, seq_len=512, ablation_samples=32, ablation_seq_len=512, greedy_shortlist=4, transfer_samples=64, transfer_seq_len=512,
-        batch_size=32, heldout_batch_size=32, tasks=(),
+        batch_size=32, heldout_batch_size=32, tasks=(), lodo=True,
     ),
 }
 

@@ -171,3 +171,52 @@ def test_cli_route_writes_the_routing_tables_and_prints_the_verdict(routed_run, 
     assert {"routed", "oracle", "borda", "minimax"} <= {label.split(":", 1)[1] for label in summary["drop_set"] if label != "none"}
     assert main(["route", str(routed_run / "model"), "--model", str(routed_run / "model")]) == 2
     assert "calibdrop: error:" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def real_loss_routed_run(routed_run):
+    from analysis.pipeline import RunSettings, run
+
+    settings = {**ROUTED_RUN, "metrics": ("cosine", "ablation"), "greedy_module": "attn", "greedy_shortlist": 2,
+                "ablation_samples": 4, "ablation_seq_len": 32}
+    from tiny import byte_tokenizer
+
+    model = deep_llama()
+    with torch.no_grad():  # block 0's attention silenced: dropping it costs nothing, so no real-loss set
+        # drops it (the others lower this random model's loss), while every cosine set does
+        model.model.layers[0].self_attn.o_proj.weight.zero_()
+    model.save_pretrained(routed_run / "model0")
+    byte_tokenizer().save_pretrained(routed_run / "model0")
+    out = routed_run / "real-loss"
+    run(str(routed_run / "model0"), out, preset=RunSettings(**settings), progress=False, log=lambda m: None)
+    return out
+
+
+def test_routing_among_real_loss_sets_reproduces_them_and_says_whether_any_beats_the_best_static(real_loss_routed_run):
+    from analysis.evaluation.routing import pooled_ratios
+    from analysis.io import read_table
+
+    out = real_loss_routed_run
+    summary, paired = read_table(out / "routing.parquet"), read_table(out / "routing_paired.parquet")
+    accuracy, windows = read_table(out / "routing_accuracy.parquet"), read_table(out / "heldout_windows.parquet")
+    ran = set(paired["family"])
+    assert ran == {"greedy", "own"} and summary.loc[summary["drop_set"].isna(), "family"].tolist() == [""]
+    assert summary["max_abs_static_difference"].max() <= 1e-4
+    per = summary.set_index(["drop_set", "distribution"])["ppl"]
+    for name in ROUTED_RUN["distributions"]:
+        for family, method in (("greedy", "greedy"), ("own", "own")):
+            oracle = per[(f"ablation/attn-2:oracle:{family}", name)]
+            assert oracle == pytest.approx(per[(f"ablation/attn-2:{method}:{name}", name)], rel=1e-9)
+    assert set(accuracy["family"]) == ran
+    static = windows[~windows["drop_set"].str.contains(":random")]
+    best = summary["best_static"].dropna().iloc[0]
+    mix = summary[summary["distribution"] == "mix"].set_index("drop_set")["ppl_ratio"]
+    lowest = pooled_ratios(static).index[0]
+    assert lowest in mix.index and mix[best] == pytest.approx(mix[lowest], rel=1e-9)
+    beaten = paired[(paired["distribution"] == "mix") & (paired["b"] == best) & (paired["ci_high"] < 1)]
+    section = (out / "report.md").read_text().split("### Routing among real-loss sets")[1].split("\n## ")[0]
+    assert ("**No routed model beats the best static set**" in section) == beaten.empty
+    assert "No router among the cosine own sets at attn-2: drop set" in section
+    for family in ran:
+        pair = paired[(paired["family"] == family) & (paired["distribution"] == "mix") & (paired["b"] == best)].iloc[0]
+        assert f"{pair['ratio']:.3f} [{pair['ci_low']:.3f}, {pair['ci_high']:.3f}]" in section

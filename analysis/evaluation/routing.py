@@ -279,17 +279,19 @@ def own_sets(sets: Mapping[str, object], distributions) -> dict[str, str]:
 
 
 def routing_tables(static: pd.DataFrame, routes: pd.DataFrame, own: Mapping[str, str], *, module: str, k: int, metric: str, layer: int,
-                   n_layers: int, n_boot: int = 1000, seed: int = 0) -> dict[str, pd.DataFrame]:
-    """Routed vs static drop sets from the static sets' window NLL (:func:`analysis.evaluation.heldout.window_nll`) and the routed rows
-    (:func:`routed_window_nll`) on the same windows.
-
-    The ``oracle`` rows are each window's own-set rows; ``routes`` gains the chosen set, its static NLL on the window and
-    ``static_difference`` (routed minus static, 0 when routed inference equals the pruned model).  Returns ``windows``,
-    ``routes``, ``summary`` (perplexity ratio per distribution, worst, mean and on the pooled ``mix``, with bootstrap CIs),
-    ``paired`` (routed / each static set and / the oracle, paired over windows, per distribution and on the mix) and
-    ``accuracy`` (router accuracy, :func:`router_accuracy`).  The summary also names the budget (``module``, ``k``), the
-    routing block ``layer`` with ``layer_ratio = (layer + 1) / n_layers`` and ``max_abs_static_difference``.
-    """
+                   n_layers: int, n_boot: int = 1000, seed: int = 0, family: str = "",
+                   versus=None) -> dict[str, pd.DataFrame]:
+    """Routed vs static drop sets from the static sets' window NLL (:func:`analysis.evaluation.heldout.window_nll`) and
+    the routed rows (:func:`routed_window_nll`) on the same windows.
+    The ``oracle`` rows are each window's own-set rows; ``routes`` gains the chosen set, its static NLL on the window
+    and ``static_difference`` (routed minus static, 0 when routed inference equals the pruned model).  Returns
+    ``windows``, ``routes``, ``summary`` (perplexity ratio per distribution, worst, mean and on the pooled ``mix``, with
+    bootstrap CIs), ``paired`` (routed / each static set and / the oracle, paired over windows, per distribution and on
+    the mix) and ``accuracy`` (router accuracy, :func:`router_accuracy`).  The summary also names the budget
+    (``module``, ``k``), the routing block ``layer`` with ``layer_ratio = (layer + 1) / n_layers`` and
+    ``max_abs_static_difference``.  ``family`` (for example ``greedy``) names the routed and oracle sets
+    ``<metric>/<module>-<k>:routed:<family>``; ``versus`` lists the static sets routing is paired against (default:
+    every static set of ``metric``)."""
     from .heldout import paired_comparisons, transfer_summary
 
     prefix_label = f"{metric}/{module}-{k}:"
@@ -297,16 +299,29 @@ def routing_tables(static: pd.DataFrame, routes: pd.DataFrame, own: Mapping[str,
     lookup = static.set_index(["drop_set", "distribution", "window"])["nll_sum"]
     chosen["static_nll"] = lookup.loc[list(zip(chosen["chosen"], chosen["distribution"], chosen["window"]))].to_numpy()
     chosen["static_difference"] = chosen["nll_sum"] - chosen["static_nll"]
-    routed_label, oracle_label = prefix_label + "routed", prefix_label + "oracle"
+    suffix = f":{family}" if family else ""
+    routed_label, oracle_label = prefix_label + "routed" + suffix, prefix_label + "oracle" + suffix
     oracle = static[static["drop_set"] == static["distribution"].map(own)].assign(drop_set=oracle_label)
     windows = pd.concat([static, routes.assign(drop_set=routed_label)[static.columns], oracle], ignore_index=True)
     mix = transfer_summary(pooled_mix(windows), n_boot=n_boot, seed=seed)
     summary = pd.concat([transfer_summary(windows, n_boot=n_boot, seed=seed), mix[mix["distribution"] == "mix"]], ignore_index=True)
     summary = summary.assign(module=module, k=k, layer=layer, n_layers=n_layers, layer_ratio=(layer + 1) / n_layers,
                              max_abs_static_difference=float(chosen["static_difference"].abs().max()))
-    static_sets = [label for label in dict.fromkeys(static["drop_set"]) if label.startswith(prefix_label)]
-    pairs = [(f"routed vs {label.removeprefix(prefix_label)}", routed_label, label) for label in [*static_sets, oracle_label]]
+    static_sets = ([label for label in dict.fromkeys(static["drop_set"]) if label.startswith(prefix_label)]
+                   if versus is None else list(versus))
+    pairs = [(f"routed{suffix} vs {label.removeprefix(prefix_label)}", routed_label, label)
+             for label in [*static_sets, oracle_label]]
     mix_paired = paired_comparisons(pooled_mix(windows), pairs, n_boot=n_boot, seed=seed)
     paired = pd.concat([paired_comparisons(windows, pairs, n_boot=n_boot, seed=seed), mix_paired[mix_paired["distribution"] == "mix"]],
                        ignore_index=True)
     return {"windows": windows, "routes": chosen, "summary": summary, "paired": paired, "accuracy": router_accuracy(routes)}
+
+
+def pooled_ratios(static: pd.DataFrame) -> pd.Series:
+    """Each static set's perplexity ratio to the unpruned model on the pooled mix of every distribution's windows,
+    ``exp((sum_w nll_set[w] - sum_w nll_none[w]) / sum_w n_tokens[w])``, lowest first."""
+    from ..study.dropsets import UNPRUNED
+
+    totals = static.groupby("drop_set")[["nll_sum", "n_tokens"]].sum()
+    ratio = np.exp((totals["nll_sum"] - totals.loc[UNPRUNED, "nll_sum"]) / totals.loc[UNPRUNED, "n_tokens"])
+    return ratio.drop(UNPRUNED).sort_values(kind="stable")

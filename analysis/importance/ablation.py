@@ -167,6 +167,7 @@ def greedy_drop_path(
     shortlist: int | None = None,
     prior: Mapping | None = None,
     progress: bool = False,
+    cache: TrialCache | None = None,
 ) -> pd.DataFrame:
     """Greedy drop set by real loss, one row per step.
 
@@ -174,7 +175,9 @@ def greedy_drop_path(
     step drops ``argmin_c J(dropped + c)`` with ``J = ΔNLL_d`` (mean per predicted token, relative
     to the unpruned model) for ``objective = d``, or ``J = max_d ΔNLL_d`` for ``"robust"``.  Ties
     go to the earlier candidate.  ``shortlist`` (with ``prior``, candidate → single-drop cost)
-    tries only the ``shortlist`` remaining candidates of smallest prior cost at each step.
+    tries only the ``shortlist`` remaining candidates of smallest prior cost at each step.  A ``cache``
+    (:class:`TrialCache`) shared by paths over the same batches computes each (distribution, dropped set, candidate)
+    once; the path is the same with or without it.
 
     Columns: ``objective, module, step, candidate, objective_increase`` and
     ``increase:<distribution>`` for every distribution used.
@@ -187,8 +190,9 @@ def greedy_drop_path(
         raise InputError(f"k={k} is outside 1..{len(candidates) - 1} for {module}")
     if shortlist is not None and prior is None:
         raise InputError("a shortlist needs a prior: the single-drop cost of each candidate")
+    cache = TrialCache() if cache is None else cache
     with torch.inference_mode():
-        base = {d: _batch_nll(model, batches_by_distribution[d], [], {}) for d in names}
+        base = {d: cache.batch_nll(model, batches_by_distribution[d], d, [], {}) for d in names}
     chosen: list = []
     rows = []
     for step in tqdm(range(1, k + 1), desc=f"greedy {module} ({objective})", unit="step", disable=not progress):
@@ -201,7 +205,7 @@ def greedy_drop_path(
         increase = {c: {} for c in remaining}
         with torch.inference_mode():
             for d in names:
-                _, tried, tokens = _batch_nll(model, batches_by_distribution[d], dropped, trials)
+                _, tried, tokens = cache.batch_nll(model, batches_by_distribution[d], d, dropped, trials)
                 for c in remaining:
                     increase[c][d] = (tried[c] - base[d][0]) / tokens
         value = {c: max(increase[c].values()) for c in remaining}
@@ -210,6 +214,34 @@ def greedy_drop_path(
         rows.append({"objective": objective, "module": module, "step": step, "candidate": str(best), "objective_increase": value[best],
                      **{f"increase:{d}": increase[best][d] for d in names}})
     return pd.DataFrame(rows)
+
+
+class TrialCache:
+    """Summed NLL of one distribution's batches with a set of modules dropped, and with each trial candidate dropped on
+    top of it, kept by ``(distribution, dropped set)`` so greedy paths over the same batches share their common work.
+
+    ``passes``: batched forward passes with a dropped set run; ``trials``: (candidate, distribution) trial
+    evaluations run; ``requested``: those asked for (run or found here).
+    """
+
+    def __init__(self):
+        self.current: dict = {}
+        self.tried: dict = {}
+        self.passes = self.trials = self.requested = 0
+
+    def batch_nll(self, model, batches, distribution: str, dropped, trials: Mapping) -> tuple[float, dict, int]:
+        """:func:`_batch_nll` of ``distribution``'s ``batches``, running only the trials not yet kept."""
+        key = (distribution, frozenset(dropped))
+        missing = {label: spec for label, spec in trials.items() if (key, label) not in self.tried}
+        self.requested += len(trials)
+        if missing or key not in self.current:
+            current, tried, tokens = _batch_nll(model, batches, dropped, missing)
+            self.current[key] = (current, tokens)
+            self.tried.update({(key, label): value for label, value in tried.items()})
+            self.passes += 1
+            self.trials += len(missing)
+        current, tokens = self.current[key]
+        return current, {label: self.tried[(key, label)] for label in trials}, tokens
 
 
 def greedy_set(path: pd.DataFrame, k: int) -> list[str]:

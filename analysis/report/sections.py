@@ -502,6 +502,140 @@ def section_unseen(results: Results) -> list[str]:
     return lines
 
 
+def lodo_ranking(results: Results) -> pd.DataFrame:
+    """Per procedure, its set built without each left-out distribution d and evaluated on d's held-out windows: the mean
+    and worst ratio over the left-out distributions (95% CIs), paired against cosine borda built without d and against
+    the same procedure built with d (mean over d; ``resolved``: the paired CI excludes 1); best mean first."""
+    summary, paired = results.table("lodo"), results.table("lodo_paired")
+    if not len(summary):
+        return pd.DataFrame()
+    without = summary[summary["variant"] == "without"]
+    wide = {where: without[without["distribution"] == where].set_index("procedure") for where in ("mean", "worst")}
+    mean_pairs = paired[paired["distribution"] == "mean"].set_index("comparison")
+    rows = []
+    for procedure, mean in wide["mean"].iterrows():
+        worst = wide["worst"].loc[procedure]
+        row = {
+            "procedure": procedure,
+            "mean": mean["ppl_ratio"],
+            "mean_low": mean["ci_low"],
+            "mean_high": mean["ci_high"],
+            "worst": worst["ppl_ratio"],
+            "worst_low": worst["ci_low"],
+            "worst_high": worst["ci_high"],
+        }
+        for name, comparison in (
+            ("vs_baseline", f"{procedure} vs cosine borda"),
+            ("vs_with", f"{procedure}: without vs with"),
+        ):
+            pair = mean_pairs.loc[comparison] if comparison in mean_pairs.index else None
+            row.update(
+                {
+                    name: np.nan if pair is None else pair["ratio"],
+                    f"{name}_low": np.nan if pair is None else pair["ci_low"],
+                    f"{name}_high": np.nan if pair is None else pair["ci_high"],
+                }
+            )
+        rows.append(row)
+    table = pd.DataFrame(rows).sort_values("mean", kind="stable").reset_index(drop=True)
+    return table.assign(resolved=(table["vs_baseline_high"] < 1) | (table["vs_baseline_low"] > 1))
+
+
+def _paired_cell(value: float, low: float, high: float) -> str:
+    return "" if np.isnan(value) else _ci(value, low, high, 3) + (" *" if high < 1 or low > 1 else "")
+
+
+def section_lodo(results: Results) -> list[str]:
+    table = lodo_ranking(results)
+    if not len(table):
+        return []
+    summary, cost, chosen = results.table("lodo"), results.table("lodo_cost"), results.table("lodo_choices")
+    first = summary[summary["variant"] == "without"].iloc[0]
+    names = [d for d in summary["distribution"].unique() if d not in ("worst", "mean")]
+    shown = pd.DataFrame(
+        {
+            "procedure": table["procedure"],
+            "mean ratio over left-out [95% CI]": [_ci(r.mean, r.mean_low, r.mean_high, 3) for r in table.itertuples()],
+            "worst ratio [95% CI]": [_ci(r.worst, r.worst_low, r.worst_high, 3) for r in table.itertuples()],
+            "/ cosine borda without d, mean [95% CI]": [
+                _paired_cell(r.vs_baseline, r.vs_baseline_low, r.vs_baseline_high) for r in table.itertuples()
+            ],
+            "without d / with d, mean [95% CI]": [
+                _paired_cell(r.vs_with, r.vs_with_low, r.vs_with_high) for r in table.itertuples()
+            ],
+        }
+    )
+    per = summary[(summary["variant"] == "without") & summary["distribution"].isin(names)]
+    pivot = (
+        per.pivot_table(index="procedure", columns="distribution", values="ppl_ratio", sort=False)
+        .loc[table["procedure"], names]
+        .reset_index()
+    )
+    best, baseline = table.iloc[0], table[table["procedure"] == "cosine borda"]
+    if best["procedure"] == "cosine borda" or not len(baseline):
+        mean = _ci(best["mean"], best["mean_low"], best["mean_high"], 3)
+        verdict = f"**{best['procedure']}** has the lowest mean ratio, {mean}."
+    else:
+        resolved = (
+            "resolved: the paired CI excludes 1" if best["resolved"] else "not resolved: the paired CI includes 1"
+        )
+        verdict = (
+            f"**{best['procedure']}** generalises best: mean ratio on the left-out distribution "
+            f"{_ci(best['mean'], best['mean_low'], best['mean_high'], 3)} against cosine borda's "
+            f"{baseline['mean'].iloc[0]:.3f}; paired, {best['procedure']} / cosine borda "
+            f"{_ci(best['vs_baseline'], best['vs_baseline_low'], best['vs_baseline_high'], 3)} ({resolved})."
+        )
+    safest = table.sort_values("worst", kind="stable").iloc[0]
+    lines = [
+        "## Does the method generalise to a distribution it never saw?",
+        "",
+        f"Leave one distribution out on real loss: for each calibration distribution d ({_names(names)}) every "
+        f"procedure builds its {first['module']}-{int(first['k'])} drop set **without d's calibration data** and the "
+        "set is evaluated on d's held-out windows (perplexity / unpruned perplexity, 1.00 = no loss). Procedures: "
+        "each metric's borda and minimax consensus over the other distributions; *robust greedy*, the greedy path by "
+        "the worst real calibration loss over the others; *nearest greedy*, the real-loss greedy set of the "
+        "calibration distribution whose cosine ranking agrees best with the ranking from a few of d's held-out "
+        "windows (one scoring pass, as `calibdrop check` judges nearness; the windows' loss is not read); *best own "
+        "set*, the other distributions' own sets judged by their worst ratio on the others' held-out windows; *pick "
+        "best*, every set above and every other distribution's own and greedy set, judged the same way. Mean and "
+        "worst over the left-out distributions with 95% bootstrap CIs over windows; the paired columns compare the "
+        "same windows (below 1: the procedure loses less; * the CI excludes 1): against the cosine borda set built "
+        "without d, and against the procedure's own set built with d.",
+        "",
+        f"{verdict} Lowest worst case: **{safest['procedure']}**, "
+        f"{_ci(safest['worst'], safest['worst_low'], safest['worst_high'], 3)}.",
+        "",
+        _table(shown),
+        "",
+        "### Per left-out distribution",
+        "",
+        _table(pivot),
+        "",
+    ]
+    picks = chosen[
+        (chosen["variant"] == "without") & chosen["procedure"].isin(["nearest greedy", "best own set", "pick best"])
+    ]
+    if len(picks):
+        lines += [
+            "What the choosing procedures chose without d: "
+            + "; ".join(f"{row.held_out}: {row.procedure} → {row.note}" for row in picks.itertuples())
+            + ".",
+            "",
+        ]
+    if len(cost):
+        c = cost.iloc[0]
+        lines += [
+            f"Cost: {int(c['greedy_paths'])} extra greedy paths ran {int(c['greedy_trials_run'])} (candidate, "
+            f"distribution) trials ({int(c['greedy_trials_requested'])} asked for; the rest shared between paths), "
+            f"beside {int(c['greedy_stage_trials'])} in the greedy stage; of {int(c['pairs_needed'])} "
+            f"set-distribution pairs needed, {int(c['pairs_looked_up'])} were read from the held-out stage and "
+            f"{int(c['pairs_evaluated'])} evaluated anew (the held-out stage evaluates "
+            f"{int(c['heldout_stage_pairs'])}).",
+            "",
+        ]
+    return lines
+
+
 def section_comparisons(results: Results) -> list[str]:
     comparisons = results.table("comparisons")
     if not len(comparisons):
@@ -624,18 +758,38 @@ def _routing_needs(pair) -> str:
     return resolution.needs_text(needed, "held-out windows in the mix", pair["n_windows"]) + " would resolve it"
 
 
+ROUTING_FAMILY_NAMES = {"": "cosine own sets", "greedy": "greedy sets (real loss)", "own": "ablation own sets"}
+
+
+def _family(frame: pd.DataFrame) -> pd.Series:
+    """The routing family of each row (``""``, cosine own sets, for tables written before families existed)."""
+    return frame["family"].fillna("") if "family" in frame else pd.Series("", index=frame.index)
+
+
+def _routed(label: str) -> bool:
+    return ":routed" in label or ":oracle" in label
+
+
 def routing_display(results: Results) -> pd.DataFrame:
-    """Per drop set of the routing stage: perplexity ratio on the pooled mix, the mean and the worst distribution (with CIs),
-    and routed / this set on the mix, paired over windows."""
+    """Per drop set of the routing stage (static sets, and each family's routed and oracle models): perplexity ratio on
+    the pooled mix, the mean and the worst distribution (with CIs), and routed cosine / this set on the mix, paired over
+    windows."""
     summary, paired = results.table("routing"), results.table("routing_paired")
+    summary = summary[summary["drop_set"].notna()]
     prefix = f"cosine/{summary['module'].iloc[0]}-{int(summary['k'].iloc[0])}:"
     summary = summary[summary["drop_set"] != UNPRUNED]
-    wide = {where: summary[summary["distribution"] == where].set_index("drop_set") for where in ("mix", "mean", "worst")}
-    mix_pairs = paired[paired["distribution"] == "mix"].set_index("b")
+    wide = {
+        where: summary[summary["distribution"] == where].set_index("drop_set") for where in ("mix", "mean", "worst")
+    }
+    mix_pairs = paired[(paired["distribution"] == "mix") & (_family(paired) == "")].set_index("b")
     rows = []
     for label in wide["mix"].index:
         row = {"drop set": label.removeprefix(prefix)}
-        for where, name in (("mix", "pooled mix"), ("mean", "mean over distributions"), ("worst", "worst distribution")):
+        for where, name in (
+            ("mix", "pooled mix"),
+            ("mean", "mean over distributions"),
+            ("worst", "worst distribution"),
+        ):
             r = wide[where].loc[label]
             row[name] = _ci(r["ppl_ratio"], r["ci_low"], r["ci_high"], 3)
         if label in mix_pairs.index:
@@ -646,34 +800,123 @@ def routing_display(results: Results) -> pd.DataFrame:
     return pd.DataFrame(rows).fillna("")
 
 
+def best_static(summary: pd.DataFrame) -> pd.Series | None:
+    """The static set (neither routed, oracle, unpruned nor random) of lowest perplexity ratio on the pooled mix."""
+    mix = summary[(summary["distribution"] == "mix") & summary["drop_set"].notna()]
+    static = mix[
+        ~mix["drop_set"].map(_routed) & (mix["drop_set"] != UNPRUNED) & ~mix["drop_set"].str.contains(":random")
+    ]
+    return static.sort_values("ppl_ratio", kind="stable").iloc[0] if len(static) else None
+
+
+def routing_families_display(results: Results) -> pd.DataFrame:
+    """Per routing family: the routed and oracle models on the pooled mix, router accuracy, and routed / the best static
+    set and routed / cosine borda on the mix, paired over windows (``beats``: the paired CI is below 1)."""
+    summary, paired, accuracy = (
+        results.table("routing"),
+        results.table("routing_paired"),
+        results.table("routing_accuracy"),
+    )
+    summary = summary[summary["drop_set"].notna()]
+    best = best_static(summary)
+    mix = summary[summary["distribution"] == "mix"].set_index("drop_set")
+    rows = []
+    for family in dict.fromkeys(_family(paired)):
+        pairs = paired[(_family(paired) == family) & (paired["distribution"] == "mix")].set_index("b")
+        routed_label = pairs["a"].iloc[0]
+        oracle_label = routed_label.replace(":routed", ":oracle")
+        hits = accuracy[(_family(accuracy) == family) & (accuracy["distribution"] == "all")].iloc[0]
+        row = {
+            "family": ROUTING_FAMILY_NAMES.get(family, family),
+            "routed, pooled mix [95% CI]": _ci(*mix.loc[routed_label, ["ppl_ratio", "ci_low", "ci_high"]], 3),
+            "oracle, pooled mix [95% CI]": _ci(*mix.loc[oracle_label, ["ppl_ratio", "ci_low", "ci_high"]], 3),
+            "router accuracy [95% CI]": f"{hits['accuracy']:.0%} [{hits['ci_low']:.0%}, {hits['ci_high']:.0%}]",
+        }
+        for name, label in (("best static", None if best is None else best["drop_set"]), ("cosine borda", None)):
+            label = label or next((b for b in pairs.index if b.endswith(":borda") and b.startswith("cosine/")), None)
+            if label in pairs.index:
+                pair = pairs.loc[label]
+                row[f"routed / {name} [95% CI]"] = _ci(pair["ratio"], pair["ci_low"], pair["ci_high"], 3)
+                row[f"beats {name}"] = bool(pair["ci_high"] < 1)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def section_routing(results: Results) -> list[str]:
     summary = results.table("routing")
     if not len(summary):
         return []
     module, k = summary["module"].iloc[0], int(summary["k"].iloc[0])
     title = "## One model, several drop sets: a router per input"
-    if "note" in summary and summary["note"].notna().any():
+    notes = summary[summary["note"].notna()] if "note" in summary else summary.assign(note="").iloc[:0]
+    said = [
+        f"No router among the {ROUTING_FAMILY_NAMES.get(f, f)} at {module}-{k}: {n}."
+        for f, n in zip(_family(notes), notes["note"])
+    ]
+    if "drop_set" not in summary or summary["drop_set"].isna().all():
         return [title, "", f"No router at {module}-{k}: {summary['note'].iloc[0]}.", ""]
-    paired, accuracy = results.table("routing_paired"), results.table("routing_accuracy").set_index("distribution")
-    versus = paired[(paired["distribution"] == "mix") & paired["comparison"].str.endswith(" vs borda")].iloc[0]
-    beats = versus["ci_high"] < 1
-    loses = versus["ci_low"] > 1
-    verdict = ("**Routing beats the consensus set**" if beats else "**Routing loses to the consensus set**" if loses
-               else "**Routing does not beat the consensus set**")
-    first = summary.iloc[0]
-    worst_source = accuracy.drop(index="all")["accuracy"].idxmin()
-    return [title, "", f"Each distribution's own cosine {module}-{k} set and the borda consensus, one copy of the weights; a "
-            f"nearest-centroid router on the mean `resid_post` of block {int(first['layer'])} (blocks 0..{int(first['layer'])} run before "
-            f"routing: {first['layer_ratio']:.0%} of the {int(first['n_layers'])} blocks, reused by the pruned continuation), trained on the "
-            "calibration windows, picks a set per held-out window; windows of all distributions mixed. Perplexity ratio to the unpruned "
-            "model with 95% bootstrap CIs; routed / this set paired over the same windows (below 1: routing loses less); *oracle* "
-            "sends every window to its true source's own set.", "", _table(routing_display(results)), "",
-            f"{verdict}: routed / borda on the pooled mix {_ci(versus['ratio'], versus['ci_low'], versus['ci_high'], 3)} "
-            f"({_p(versus, results)}; {_resolved(beats or loses)}"
-            f"{'' if beats or loses else ': ' + _routing_needs(versus)}). Router accuracy {accuracy.loc['all', 'accuracy']:.0%} "
-            f"[{accuracy.loc['all', 'ci_low']:.0%}, {accuracy.loc['all', 'ci_high']:.0%}] over {int(accuracy.loc['all', 'n_windows'])} "
-            f"windows (lowest: {worst_source}, {accuracy.loc[worst_source, 'accuracy']:.0%}). Routed inference reproduced the chosen "
-            f"set's static NLL on every window (largest difference {first['max_abs_static_difference']:.2g} nats).", ""]
+    paired, accuracy = results.table("routing_paired"), results.table("routing_accuracy")
+    cosine_pairs, cosine_accuracy = paired[_family(paired) == ""], accuracy[_family(accuracy) == ""].set_index(
+        "distribution"
+    )
+    lines = [title, ""]
+    if len(cosine_pairs):
+        versus = cosine_pairs[
+            (cosine_pairs["distribution"] == "mix") & cosine_pairs["comparison"].str.endswith(" vs borda")
+        ].iloc[0]
+        beats, loses = versus["ci_high"] < 1, versus["ci_low"] > 1
+        verdict = (
+            "**Routing beats the consensus set**"
+            if beats
+            else "**Routing loses to the consensus set**" if loses else "**Routing does not beat the consensus set**"
+        )
+        first = summary[summary["drop_set"] == versus["a"]].iloc[0]
+        worst_source = cosine_accuracy.drop(index="all")["accuracy"].idxmin()
+        lines += [
+            f"Each distribution's own cosine {module}-{k} set and the borda consensus, one copy of the weights; a "
+            f"nearest-centroid router on the mean `resid_post` of block {int(first['layer'])} (blocks "
+            f"0..{int(first['layer'])} run before routing: {first['layer_ratio']:.0%} of the {int(first['n_layers'])} "
+            "blocks, reused by the pruned continuation), trained on the calibration windows, picks a set per "
+            "held-out window; windows of all distributions mixed. Perplexity ratio to the unpruned model with 95% "
+            "bootstrap CIs; routed / this set paired over the same windows (below 1: routing loses less); *oracle* "
+            "sends every window to its true source's own set.",
+            "",
+            _table(routing_display(results)),
+            "",
+            f"{verdict}: routed / borda on the pooled mix "
+            f"{_ci(versus['ratio'], versus['ci_low'], versus['ci_high'], 3)} ({_p(versus, results)}; "
+            f"{_resolved(beats or loses)}{'' if beats or loses else ': ' + _routing_needs(versus)}). Router "
+            f"accuracy {cosine_accuracy.loc['all', 'accuracy']:.0%} [{cosine_accuracy.loc['all', 'ci_low']:.0%}, "
+            f"{cosine_accuracy.loc['all', 'ci_high']:.0%}] over {int(cosine_accuracy.loc['all', 'n_windows'])} "
+            f"windows (lowest: {worst_source}, {cosine_accuracy.loc[worst_source, 'accuracy']:.0%}). Routed inference "
+            "reproduced the chosen set's static NLL on every window (largest difference "
+            f"{summary['max_abs_static_difference'].max():.2g} nats).",
+            "",
+        ]
+    families = routing_families_display(results)
+    best = best_static(summary)
+    if len(families) and best is not None and "routed / best static [95% CI]" in families:
+        winners = families[families["beats best static"].fillna(False).astype(bool)]["family"].tolist()
+        plain = (
+            f"**{' and '.join(winners)} routed beat{'s' if len(winners) == 1 else ''} the best static set**"
+            if winners
+            else "**No routed model beats the best static set**"
+        )
+        lines += [
+            "### Routing among real-loss sets",
+            "",
+            "The same router and held-out mix, routing between each distribution's greedy set by real calibration "
+            f"loss and, separately, between each distribution's own set by the ablation (its {k} modules of smallest "
+            "single-drop loss), beside the cosine own sets; each family's router reads the block before every module "
+            "its sets drop. Paired over the same windows (below 1: routing loses less).",
+            "",
+            _table(families),
+            "",
+            f"{plain} ({best['drop_set']}, {_ci(best['ppl_ratio'], best['ci_low'], best['ci_high'], 3)} "
+            "on the pooled mix).",
+            "",
+        ]
+    return lines + (said + [""] if said else [])
 
 
 def section_sample_size(results: Results) -> list[str]:
@@ -705,7 +948,7 @@ def figure_order(path: Path) -> tuple[int, str]:
 
 SECTIONS = (section_header, section_verdict, section_recommendations, section_resolution, section_data_or_metric,
             section_agreement, section_membership, section_regret, section_leave_one_out, section_greedy, section_heldout,
-            section_unseen, section_comparisons, section_accuracy,
+            section_unseen, section_lodo, section_comparisons, section_accuracy,
             section_check, section_routing, section_sample_size, section_figures)
 
 
