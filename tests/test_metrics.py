@@ -127,11 +127,17 @@ def test_shortlisted_greedy_against_the_exact_search(family, module, n_layers, d
 
 
 def test_a_registered_metric_scores_and_unknown_metrics_are_refused():
-    register_metric("update_norm_test", lambda pair: pair.update_norm, replace=True)
+    """A registered ``||Y - X|| / ||X||`` scores like the hook-free float64 reference of that statistic (a known answer)."""
+    register_metric("update_norm_test", lambda pair: pair.update_norm / pair.x_norm, replace=True)
     try:
         model, tokenizer = tiny_model("llama"), byte_tokenizer()
-        got = score_texts(model, tokenizer, TEXTS, metrics=("update_norm_test",), progress=False)
-        assert set(got["metric"]) == {"update_norm_test"} and (got["importance"] > 0).all()
+        got = score_texts(model, tokenizer, TEXTS, max_length=64, metrics=("update_norm_test",), progress=False)
+        assert set(got["metric"]) == {"update_norm_test"}
+        adapter = adapter_for(model)
+        want = reference_importance(model, tokenize_texts(tokenizer, TEXTS, 64), adapter.attn, adapter.mlp, False, metric="relative_update")
+        merged = got.merge(want, on=["layer", "module"], suffixes=("", "_ref"), validate="one_to_one")
+        assert len(merged) == 3 * model.config.num_hidden_layers
+        np.testing.assert_allclose(merged["importance"], merged["importance_ref"], atol=1e-5)
         with pytest.raises(InputError, match="unknown metric 'nope'.*cosine"):
             score_texts(model, tokenizer, TEXTS, metrics=("nope",), progress=False)
         with pytest.raises(InputError, match="already registered"):
