@@ -1,5 +1,7 @@
-"""Shared fixtures: the tests folder on the path (tiny models, fake apt) and a saved tiny model for pipeline runs."""
+"""Shared fixtures: the tests folder on the path (tiny models, fake apt), a saved tiny model for pipeline runs, and one
+``calibdrop run --preset smoke`` of the real default model per test session (with that model loaded once)."""
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -9,9 +11,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from analysis.data.fetching import is_fetched  # noqa: E402
 from analysis.data.manifests import load_manifest  # noqa: E402
+from analysis.models import loading as models  # noqa: E402
+from analysis.presets import PRESETS  # noqa: E402
 from tiny import byte_tokenizer, tiny_model  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_DISTRIBUTIONS = ("code", "math", "general")
+
+
+def calibdrop(*args, env=None):
+    """``calibdrop ARGS`` in a fresh process from the repository root."""
+    return subprocess.run([sys.executable, "-m", "analysis", *args], capture_output=True, text=True, cwd=ROOT, env=env)
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +35,25 @@ def tiny_dir(tmp_path_factory):
     return folder
 
 
+def skip_unless_smoke_inputs():
+    """Skip unless the default model and the smoke preset's distributions are fetched."""
+    if not models.is_fetched(models.DEFAULT_MODEL) or not all(is_fetched(load_manifest(n)) for n in PRESETS["smoke"].distributions):
+        pytest.skip("the default model or the distributions are not fetched; run setup.sh")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real default model and its tokenizer, loaded once per session (tests must not change it)."""
+    if not models.is_fetched(models.DEFAULT_MODEL):
+        pytest.skip("the default model is not fetched; run setup.sh")
+    return models.load_model(models.DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """The output folder of one ``calibdrop run --preset smoke`` of the default model (every stage), shared by the session."""
+    skip_unless_smoke_inputs()
+    out = tmp_path_factory.mktemp("smoke-run")
+    result = calibdrop("run", "--preset", "smoke", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out

@@ -107,8 +107,10 @@ def slow_ablation(model, sequences) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def slow_greedy(model, sequences_by_distribution, module: str, k: int, objective: str) -> list:
-    """Greedy drop set, every step trying every remaining candidate with ``drop_modules`` on a copy."""
+def slow_greedy(model, sequences_by_distribution, module: str, k: int, objective: str, shortlist: int | None = None,
+                prior: dict | None = None) -> list:
+    """Greedy drop set, every step trying every remaining candidate with ``drop_modules`` on a copy; with ``shortlist``,
+    only the ``shortlist`` remaining candidates of smallest ``prior`` cost (ties to the earlier candidate)."""
     names = list(sequences_by_distribution) if objective == "robust" else [objective]
     base = {d: sequence_nll(model, sequences_by_distribution[d]) for d in names}
     n_layers = model.config.num_hidden_layers
@@ -116,8 +118,10 @@ def slow_greedy(model, sequences_by_distribution, module: str, k: int, objective
     chosen = []
     for _ in range(k):
         costs = {}
-        for label in labels:
-            if label in chosen:
+        remaining = [label for label in labels if label not in chosen]
+        tried = set(sorted(remaining, key=lambda c: prior[c])[:shortlist]) if shortlist else set(remaining)
+        for label in remaining:
+            if label not in tried:
                 continue
             trial = [*chosen, label]
             kwargs = {"joint": trial} if module == "joint" else {{"block": "blocks"}.get(module, module): trial}

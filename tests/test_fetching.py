@@ -49,6 +49,7 @@ def test_extracted_tree_is_compared_with_its_archive(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(text)
             tar.addfile(info, io.BytesIO(text))
+    before = sha256_file(archive)
     target = tmp_path / "extracted"
     target.parent.mkdir(exist_ok=True)
     fetching._extract(archive, target)
@@ -57,4 +58,4 @@ def test_extracted_tree_is_compared_with_its_archive(tmp_path):
     (target / "pkg" / "two.txt").write_bytes(b"changed")
     (target / "pkg" / "three.txt").write_bytes(b"added")
     assert fetching.extracted_differences(archive, target) == ["pkg/three.txt", "pkg/two.txt"]
-    assert sha256_file(archive)  # the archive itself is untouched by extraction
+    assert sha256_file(archive) == before  # the archive itself is untouched by extraction and by the comparisons

@@ -94,15 +94,16 @@ import dataclasses, sys
 from analysis import presets
 from analysis.cli import parser as cli
 presets.PRESETS["quick"] = dataclasses.replace(
-    presets.PRESETS["quick"], samples=8, seq_len=64, ablation_samples=4, ablation_seq_len=32, greedy_shortlist=2, n_boot=50, n_perm=50,
-    budgets={"attn": (1, 2), "mlp": (1,), "block": (1,), "joint": (2,)}, transfer_k=(2,), transfer_samples=2, transfer_seq_len=64,
-    random_seeds=(0,), tasks=("arc_easy",), task_limit=3, accuracy_sets=("none", "cosine/attn-2:borda"))
+    presets.PRESETS["quick"], subsets=False, metrics=("cosine",), samples=8, seq_len=64, greedy_module=None, n_boot=20, n_perm=20,
+    budgets={"attn": (2,)}, transfer_modules=("attn",), transfer_k=(2,), transfer_samples=2, transfer_seq_len=64, random_seeds=(0,),
+    tasks=(), accuracy_sets=(), check_module=None, route_module=None)
 sys.exit(cli.main(sys.argv[1:]))
 """
 
 
 def test_a_new_manifest_is_scored_by_calibdrop_run_with_no_code_change(tmp_path):
-    """A manifest dropped into $CALIBDROP_MANIFESTS joins `calibdrop run`'s distributions (quick preset, shrunk)."""
+    """A manifest dropped into $CALIBDROP_MANIFESTS joins `calibdrop run`'s distributions (quick preset shrunk to what a
+    distribution flows through: cosine scores, attention drop sets and held-out windows; every stage runs in test_cli)."""
     if not all(is_fetched(manifests.load_manifest(name)) for name in manifests.top_level()):
         pytest.skip("the shipped distributions are not fetched; run `calibdrop data fetch`")
     texts = tmp_path / "texts"
@@ -124,4 +125,6 @@ def test_a_new_manifest_is_scored_by_calibdrop_run_with_no_code_change(tmp_path)
     assert set(scores["distribution"]) == set(manifests.top_level()) | {"licenses"}
     assert scores.loc[scores["distribution"] == "licenses", "importance"].notna().all()
     assert "licenses" in (out / "report.md").read_text()
+    heldout = read_table(out / "heldout_windows.parquet")
+    assert (heldout.loc[heldout["distribution"] == "licenses", "n_tokens"] == 63).all() and "licenses" in set(heldout["distribution"])
 

@@ -105,13 +105,30 @@ def test_unknown_dtype_is_a_clear_error():
         models.resolve_dtype("float8")
 
 
-def test_device_map_load_scores_like_a_plain_load(tmp_path):
-    from analysis import score_texts
+def test_dispatched_model_with_blocks_offloaded_to_disk_scores_ablates_and_prunes_like_the_plain_one(tmp_path):
+    """What a CPU can check of a device map: accelerate's dispatch path, with blocks 1 and 2 offloaded to disk (their
+    weights on ``meta``, streamed in by accelerate's hooks at each forward), gives the plain model's proxy and ablation
+    scores and its pruned logits exactly.  Blocks on two different devices need two accelerators; no CPU test claims that."""
+    import copy
 
-    tiny_model("mistral").save_pretrained(tmp_path)
-    byte_tokenizer().save_pretrained(tmp_path)
-    plain, tokenizer = models.load_model(str(tmp_path))
-    mapped, _ = models.load_model(str(tmp_path), device_map={"": "cpu"})
+    from accelerate import dispatch_model
+
+    from analysis import drop_modules, score_texts
+
+    plain, tokenizer = tiny_model("mistral"), byte_tokenizer()
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.layers.2": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    mapped = dispatch_model(copy.deepcopy(plain), device_map=device_map, offload_dir=str(tmp_path / "offload"))
+    devices = {name.split(".")[2]: str(p.device) for name, p in mapped.named_parameters() if name.startswith("model.layers.")}
+    assert devices == {"0": "cpu", "1": "meta", "2": "meta"} and any((tmp_path / "offload").iterdir())
     texts = ["calibration data matters", "or does it?"]
-    np.testing.assert_array_equal(score_texts(mapped, tokenizer, texts, progress=False)["importance"],
-                                  score_texts(plain, tokenizer, texts, progress=False)["importance"])
+    metrics = ("cosine", "relative_update", "ablation")
+    np.testing.assert_array_equal(score_texts(mapped, tokenizer, texts, metrics=metrics, progress=False)["importance"],
+                                  score_texts(plain, tokenizer, texts, metrics=metrics, progress=False)["importance"])
+    ids = torch.tensor([tokenizer("hello there")["input_ids"]])
+    with torch.no_grad():
+        before = plain(ids).logits
+        drop_modules(plain, attn=[1], mlp=[2])
+        drop_modules(mapped, attn=[1], mlp=[2])
+        torch.testing.assert_close(mapped(ids).logits, plain(ids).logits, rtol=0, atol=0)
+        assert (plain(ids).logits - before).abs().max() > 1e-3

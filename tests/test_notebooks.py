@@ -1,4 +1,7 @@
-"""The notebooks run top to bottom on the real default model (as in CI)."""
+"""The notebooks run top to bottom on the real default model, at the smoke size (as in CI).
+
+``CALIBDROP_SMOKE=1`` shrinks their windows to 8 x 64 tokens (it shows that every cell runs, nothing about the numbers);
+notebook 04 reads the session's smoke run (``CALIBDROP_RUNS``) instead of running its own."""
 
 from pathlib import Path
 
@@ -6,7 +9,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from analysis.models import loading as models
+from conftest import skip_unless_smoke_inputs
 from analysis.data.fetching import is_fetched
 from analysis.data.manifests import load_manifest, top_level
 
@@ -15,9 +18,13 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 
 @pytest.mark.real_model
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path, tmp_path):
-    if not models.is_fetched("smollm2-135m") or not all(is_fetched(load_manifest(name)) for name in top_level()):
-        pytest.skip("the default model or the distributions are not fetched; run setup.sh")
+def test_notebook_runs(path, tmp_path, monkeypatch, request):
+    skip_unless_smoke_inputs()
+    if not all(is_fetched(load_manifest(name)) for name in top_level()):
+        pytest.skip("the distributions are not fetched; run setup.sh")
+    monkeypatch.setenv("CALIBDROP_SMOKE", "1")
+    if "CALIBDROP_RUNS" in path.read_text():
+        monkeypatch.setenv("CALIBDROP_RUNS", str(request.getfixturevalue("smoke_run")))
     notebook = nbformat.read(path, as_version=4)
     NotebookClient(notebook, timeout=None, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     errors = [o for cell in notebook.cells for o in cell.get("outputs", []) if o.get("output_type") == "error"]

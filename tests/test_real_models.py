@@ -21,16 +21,17 @@ TEXTS = [
 ]
 
 
-def _loaded(name):
+def _loaded(name, request):
+    """The built-in ``name``, the default model from the session's one load (tests/conftest.py ``smollm2``)."""
     if not is_fetched(name):
         pytest.skip(f"built-in {name} is not fetched; run `calibdrop models fetch {name}` to include this test")
-    return load_model(name)
+    return request.getfixturevalue("smollm2") if name == models.DEFAULT_MODEL else load_model(name)
 
 
 @pytest.mark.real_model
 @pytest.mark.parametrize("name", list(BUILTINS))
-def test_real_model_scores_match_reference(name):
-    model, tokenizer = _loaded(name)
+def test_real_model_scores_match_reference(name, request):
+    model, tokenizer = _loaded(name, request)
     adapter = adapter_for(model)
     assert adapter.family == BUILTINS[name].family
     assert model.config.num_hidden_layers == BUILTINS[name].n_layers
@@ -45,11 +46,14 @@ def test_real_model_scores_match_reference(name):
 
 @pytest.mark.real_model
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_default_model_padding_invariance(side):
-    model, tokenizer = _loaded("smollm2-135m")
-    tokenizer.padding_side = side
-    alone = score_texts(model, tokenizer, [TEXTS[3]], progress=False)
-    batch = score_texts(model, tokenizer, TEXTS, per_sample=True, progress=False)
+def test_default_model_padding_invariance(side, request):
+    model, tokenizer = _loaded("smollm2-135m", request)
+    before, tokenizer.padding_side = tokenizer.padding_side, side
+    try:
+        alone = score_texts(model, tokenizer, [TEXTS[3]], progress=False)
+        batch = score_texts(model, tokenizer, TEXTS, per_sample=True, progress=False)
+    finally:
+        tokenizer.padding_side = before
     padded = batch[batch["sample"] == 3].reset_index(drop=True)
     np.testing.assert_allclose(padded["importance"], alone["importance"], atol=1e-5)
 

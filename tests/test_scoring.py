@@ -67,11 +67,39 @@ def test_per_sample_rows_reaggregate_exactly():
     np.testing.assert_allclose(one["importance"], 1 - one["stat_sum"] / one["n_tokens"])
 
 
-def test_importance_differs_between_modules_and_is_in_range():
+class Reverse(torch.nn.Module):
+    """An MLP returning ``-scale`` times its (normalised) input: with the norm's weight 1 it sends the stream to ``-c X``."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, hidden):
+        return -self.scale * hidden
+
+
+def test_known_answers_for_a_zeroed_and_a_reversing_branch():
+    """Layer 0's attention and layer 1's MLP add zero (``o_proj``/``down_proj`` weights 0): their cosine, angular,
+    relative-update and ablation importances are 0, and the block equals its other branch.  Layer 2's MLP adds
+    ``-1e4 X / rms(X)``, which reverses the stream: ``cos = -1``, so cosine importance 2 and angular 1 (dropping it changes
+    little: the final norm undoes the scale, so this is no claim about its ablation)."""
     model, tokenizer = tiny_model("llama"), byte_tokenizer()
-    scores = score_texts(model, tokenizer, TEXTS, progress=False)
-    assert scores["importance"].between(0, 2).all()
-    assert scores.groupby("module")["importance"].mean().nunique() == 3
+    layers = model.model.layers
+    with torch.no_grad():
+        layers[0].self_attn.o_proj.weight.zero_()
+        layers[1].mlp.down_proj.weight.zero_()
+        layers[2].post_attention_layernorm.weight.fill_(1.0)
+    layers[2].mlp = Reverse(1e4)
+    scores = score_texts(model, tokenizer, TEXTS, metrics=("cosine", "angular", "relative_update", "ablation"), progress=False)
+    value = scores.set_index(["metric", "layer", "module"])["importance"]
+    for metric in ("cosine", "angular", "relative_update", "ablation"):
+        assert value[metric, 0, "attn"] == pytest.approx(0, abs=2e-4 if metric == "angular" else 1e-6), metric
+        assert value[metric, 1, "mlp"] == pytest.approx(0, abs=2e-4 if metric == "angular" else 1e-6), metric
+        assert value[metric, 0, "block"] == pytest.approx(value[metric, 0, "mlp"], rel=1e-6, abs=1e-9), metric
+        assert value[metric, 1, "block"] == pytest.approx(value[metric, 1, "attn"], rel=1e-6, abs=1e-9), metric
+    assert value["cosine", 2, "mlp"] == pytest.approx(2, abs=1e-5)
+    assert value["angular", 2, "mlp"] == pytest.approx(1, abs=1e-3)
+    assert value["cosine", 1, "attn"] > 1e-3 and value["relative_update", 0, "mlp"] > 1e-3  # the other branches do add something
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -170,11 +170,31 @@ def test_convergence_says_at_most_the_smallest_n_and_more_than_all():
     assert labels.to_dict() == {"clean": "≤ 4", "noise only": "> 8"}
 
 
-def test_leave_one_out_reports_consensus_beside_single_sets():
-    table = aggregate_table({"A": [0.1, 0.2, 0.3, 0.4, 0.5], "B": [0.2, 0.1, 0.3, 0.5, 0.4], "C": [0.1, 0.3, 0.2, 0.4, 0.5]})
-    result = consensus.leave_one_out(table, k=2)
-    assert set(result["held_out"]) == {"A", "B", "C"} and set(result["method"]) == set(consensus.METHODS)
-    assert (result["consensus_regret"] >= 0).all() and (result["single_mean_regret"] >= 0).all()
+def test_leave_one_out_on_a_hand_table():
+    """k = 2 on three distributions, worked by hand for held-out A (B and C by the same steps):
+
+    own sets: B {1, 2}, C {0, 2}; A's best pair {2, 3} costs 5, so their regrets on A are 6+3-5 = 4 and 8+3-5 = 6;
+    random: 2 * 23/5 - 5 = 4.2.  Borda (= median with two distributions) ranks B 4,1,2,5,3 and C 1,5,2,4,3, means
+    2.5,3,2,4.5,3 -> {0, 2}, regret 6.  Mean of min-max scaled importances 7/8+0, 0+1, 5/8+2/5, 1+4/5, 6/8+3/5 -> {0, 1},
+    regret 8+6-5 = 9.  Minimax: B's best is 7, C's 8; the worst regret over B and C is 3 for {0, 1} (2 and 3), at least
+    5 for every other pair -> {0, 1}, regret 9."""
+    table = aggregate_table({"A": [8, 6, 3, 2, 4], "B": [8, 1, 6, 9, 7], "C": [3, 8, 5, 7, 6]})
+    result = consensus.leave_one_out(table, k=2).set_index(["held_out", "method"])
+    want = {  # held out: (consensus regret per method, own sets' regrets mean / best / worst, random regret, sets per method)
+        "A": ({"borda": 6, "median": 6, "mean": 9, "minimax": 9}, (5, 4, 6), 4.2,
+              {"borda": [0, 2], "median": [0, 2], "mean": [0, 1], "minimax": [0, 1]}),
+        "B": ({"borda": 8, "median": 8, "mean": 8, "minimax": 6}, (7.5, 7, 8), 5.4,
+              {"borda": [2, 3], "median": [2, 3], "mean": [2, 3], "minimax": [2, 4]}),
+        "C": ({"borda": 5, "median": 5, "mean": 5, "minimax": 7}, (4.5, 4, 5), 3.6,
+              {"borda": [1, 2], "median": [1, 2], "mean": [1, 2], "minimax": [1, 3]}),
+    }
+    assert len(result) == 3 * len(consensus.METHODS)
+    for held, (regrets, (mean, best, worst), random, sets) in want.items():
+        for method, value in regrets.items():
+            row = result.loc[(held, method)]
+            assert row["consensus_regret"] == pytest.approx(value) and sorted(row["drop_set"]) == sets[method], (held, method)
+            assert (row["single_mean_regret"], row["single_best_regret"], row["single_worst_regret"]) == pytest.approx((mean, best, worst))
+            assert row["random_regret"] == pytest.approx(random)
 
 
 @pytest.mark.parametrize(

@@ -39,10 +39,14 @@ CONFIGS = {
 }
 
 
-def tiny_model(family: str, seed: int = 0, dtype=torch.float32):
-    """A randomly initialised causal LM of ``family`` in eval mode."""
+def tiny_model(family: str, seed: int = 0, dtype=torch.float32, n_layers: int | None = None):
+    """A randomly initialised causal LM of ``family`` in eval mode (``n_layers`` blocks instead of 3 if given)."""
     torch.manual_seed(seed)
     config = CONFIGS[family]()
+    if n_layers is not None:
+        config.num_hidden_layers = n_layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = [config.layer_types[i % len(config.layer_types)] for i in range(n_layers)]
     config.pad_token_id = 0
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.no_grad():
