@@ -35,7 +35,8 @@ def difference(a: pd.DataFrame, b: pd.DataFrame) -> str | None:
     a, b = canonical(a), canonical(b)
     for column in a.columns:
         left, right = a[column], b[column]
-        same = (left == right) | (left.isna() & right.isna()) if left.dtype.kind in "fc" else left.astype(str) == right.astype(str)
+        missing = left.isna() & right.isna()
+        same = missing | ((left == right) if left.dtype.kind in "fc" else (left.astype(str) == right.astype(str)).fillna(False))
         if not same.all():
             return f"column {column!r} differs in {int((~same).sum())} rows"
     return None
