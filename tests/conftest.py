@@ -50,6 +50,36 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def tiny_run(tiny_dir, tmp_path_factory):
+    """One uninterrupted run of the tiny model with the pipeline tests' settings (test_pipeline.SETTINGS, one test-only
+    distribution included), shared by the session: ``(folder, summary, reads)``, where ``reads`` lists every document
+    table read during the run as ``(stage, distribution)``."""
+    from analysis.data import documents as documents_module
+    from analysis.pipeline import RunSettings, Study, run
+    from test_pipeline import SETTINGS
+
+    if not is_fetched(load_manifest("legal")):
+        pytest.skip("the test-only distribution legal is not fetched; run `calibdrop data fetch legal`")
+    reads, current = [], {"stage": None}
+    read_documents, run_stage = documents_module.documents, Study.run_stage
+
+    def logged_documents(name):
+        reads.append((current["stage"], name))
+        return read_documents(name)
+
+    def logged_stage(study, stage):
+        current["stage"] = stage.name
+        return run_stage(study, stage)
+
+    folder = tmp_path_factory.mktemp("tiny-run")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(documents_module, "documents", logged_documents)
+        patch.setattr(Study, "run_stage", logged_stage)
+        summary = run(str(tiny_dir), folder, preset=RunSettings(**SETTINGS), progress=False, log=lambda m: None)
+    return folder, summary, reads
+
+
+@pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
     """The output folder of one ``calibdrop run --preset smoke`` of the default model (every stage), shared by the session."""
     skip_unless_smoke_inputs()

@@ -72,8 +72,12 @@ def test_split_name():
 
 
 def test_top_level_is_every_manifest_by_order_then_name(tmp_path, monkeypatch):
-    shipped = {path.stem: yaml.safe_load(path.read_text()).get("order") for path in MANIFESTS}
+    loaded = {path.stem: yaml.safe_load(path.read_text()) for path in MANIFESTS}
+    shipped = {name: m.get("order") for name, m in loaded.items() if m.get("role", "calibration") == "calibration"}
+    test_only = {name: m.get("order") for name, m in loaded.items() if m.get("role") == "test"}
+    assert test_only, "the shipped manifests hold test-only distributions"
     assert manifests.top_level() == tuple(sorted(shipped, key=lambda n: (shipped[n] is None, shipped[n] or 0, n)))
+    assert manifests.unseen_distributions() == tuple(sorted(test_only, key=lambda n: (test_only[n] is None, test_only[n] or 0, n)))
     extra = write_manifests(tmp_path, local_manifest("zeta", "z.txt"), local_manifest("alpha", "a.txt"),
                             local_manifest("first", "f.txt", order=0))
     monkeypatch.setenv("CALIBDROP_MANIFESTS", str(extra))

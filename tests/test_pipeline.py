@@ -21,7 +21,7 @@ SETTINGS = dict(
     distributions=PIPELINE_DISTRIBUTIONS, subsets=True, samples=8, seq_len=64, subset_samples=4, subset_seq_len=32,
     ablation_samples=4, ablation_seq_len=32, greedy_shortlist=2,
     n_boot=50, n_perm=50, budgets={"attn": (1, 2), "mlp": (1,), "block": (1,), "joint": (2,)}, transfer_k=(2,),
-    transfer_samples=4, transfer_seq_len=64, random_seeds=(0,), tasks=(), accuracy_sets=(), unseen=(),
+    transfer_samples=4, transfer_seq_len=64, random_seeds=(0,), tasks=(), accuracy_sets=(), unseen=("legal",),
 )
 RUN = """
 import json, sys
@@ -34,10 +34,9 @@ run(sys.argv[1], Path(sys.argv[2]), preset=RunSettings(**settings), progress=Fal
 
 
 @pytest.fixture(scope="module")
-def whole(tiny_dir, tmp_path_factory):
-    """One uninterrupted run of the tiny model, shared by this module's tests."""
-    folder = tmp_path_factory.mktemp("whole")
-    return folder, run(str(tiny_dir), folder, preset=RunSettings(**SETTINGS), progress=False, log=lambda m: None)
+def whole(tiny_run):
+    """The session's uninterrupted run of the tiny model (conftest ``tiny_run``): ``(folder, summary)``."""
+    return tiny_run[:2]
 
 
 def test_killed_run_resumes_to_the_same_report(tiny_dir, whole, tmp_path):
@@ -47,12 +46,12 @@ def test_killed_run_resumes_to_the_same_report(tiny_dir, whole, tmp_path):
     killed = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-c", RUN, str(tiny_dir), str(killed), json.dumps(SETTINGS)],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
-    while not (killed / "drop_sets.parquet").exists() and process.poll() is None:
+    while not (killed / "heldout_windows.parquet").exists() and process.poll() is None:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
     saved_before = {p.stem for p in killed.glob("*.parquet")}
-    assert {"scores.proxies", "scores.ablation", "agreement", "drop_sets"} <= saved_before
+    assert {"scores.proxies", "scores.ablation", "agreement", "drop_sets", "greedy", "heldout_windows"} <= saved_before
     assert not (killed / "report.md").exists()
 
     resumed = run(str(tiny_dir), killed, preset=RunSettings(**SETTINGS), progress=False, log=lambda m: None)

@@ -6,15 +6,13 @@ import pytest
 from analysis.report import sections as report
 from analysis.evaluation.accuracy import accuracy_analysis, accuracy_table
 from analysis.io import read_table
-from analysis.pipeline import RunSettings, run
-from test_pipeline import SETTINGS
+from analysis.pipeline import RunSettings
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("report-run")
-    run(str(tiny_dir), out, preset=RunSettings(**SETTINGS), progress=False, log=lambda m: None)
-    return out
+def tiny_run(tiny_run):
+    """The output folder of the session's tiny run (conftest ``tiny_run``)."""
+    return tiny_run[0]
 
 
 def test_recommended_set_is_the_lowest_worst_case_held_out_ratio_of_every_evaluated_kind(tiny_run):

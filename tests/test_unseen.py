@@ -7,7 +7,7 @@ from analysis.data import documents as documents_module
 from analysis.data.fetching import is_fetched
 from analysis.data.manifests import load_manifest, top_level, unseen_distributions
 from analysis.errors import InputError
-from analysis.pipeline import RunSettings, Study, run
+from analysis.pipeline import RunSettings, run
 
 from test_pipeline import SETTINGS
 
@@ -29,28 +29,15 @@ def test_test_only_documents_are_real_and_split(name):
     assert set(frame["split"]) == {"calibration", "heldout"} and (frame["split"] == "heldout").mean() == pytest.approx(0.8, abs=0.01)
 
 
-def test_unseen_windows_reach_no_calibration_or_selection_stage(tiny_dir, tmp_path, monkeypatch):
-    if not is_fetched(load_manifest("legal")):
-        pytest.skip("legal is not fetched; run `calibdrop data fetch legal`")
-    reads, current = [], {"stage": None}
-    read_documents, run_stage = documents_module.documents, Study.run_stage
-
-    def logged_documents(name):
-        reads.append((current["stage"], name))
-        return read_documents(name)
-
-    def logged_stage(study, stage):
-        current["stage"] = stage.name
-        return run_stage(study, stage)
-
-    monkeypatch.setattr(documents_module, "documents", logged_documents)
-    monkeypatch.setattr(Study, "run_stage", logged_stage)
-    settings = RunSettings(**{**SETTINGS, "unseen": ("legal",), "tasks": ()})
-    summary = run(str(tiny_dir), tmp_path, preset=settings, progress=False, log=lambda m: None)
+def test_unseen_windows_reach_no_calibration_or_selection_stage(tiny_run):
+    """The session's tiny run evaluates on legal; every document read is logged with the stage that read it."""
+    folder, summary, reads = tiny_run
+    assert SETTINGS["unseen"] == ("legal",)
     stages_reading_legal = {stage for stage, name in reads if name.split("/")[0] == "legal"}
     assert stages_reading_legal == {"heldout_windows_unseen"}
+    assert {stage for stage, _ in reads} > {"heldout_windows_unseen"}, "the log saw no other stage: the patch missed"
     assert {"heldout_windows_unseen", "transfer_unseen"} <= set(summary["stages_computed"])
-    report = (tmp_path / "report.md").read_text()
+    report = (folder / "report.md").read_text()
     assert "## On text no stage saw" in report and "legal" in report
 
 

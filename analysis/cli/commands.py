@@ -230,7 +230,7 @@ def cmd_data_list(args) -> None:
         print_table(summary.assign(sources=summary["sources"].map(describe_sources)), wide=True)
         return
     narrow = summary.rename(columns={"calibration_documents": "calib docs", "heldout_documents": "held-out docs"})
-    print_table(narrow[["name", "role", "fetched", "calib docs", "held-out docs"]].assign(license=summary["license"].str.slice(0, 36)))
+    print_table(narrow[["name", "role", "fetched", "calib docs", "held-out docs"]].assign(license=summary["license"].str.slice(0, 30)))
     print("\n(--wide: characters, sources and pinned versions; --json: everything)")
 
 
