@@ -21,7 +21,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .data.documents import load_distribution, subsets
-from .data.manifests import load_manifest, top_level, unseen_distributions
+from .data.manifests import load_manifest, role, top_level, unseen_distributions
 from .data.samples import calibration_samples, token_batches
 from .errors import InputError
 from .evaluation import accuracy
@@ -304,13 +304,13 @@ def stage_check(study: Study) -> pd.DataFrame:
             study.model, windows, name, batch_size=s.batch_size, metrics=("cosine",), progress=False))
         others = scores[scores["distribution"] != name]
         checked = {"own set": (scores, f"own:{name}"), "consensus without it": (others, "borda")}
-        for role, (source, method) in checked.items():
+        for checked_as, (source, method) in checked.items():
             if source.empty:
                 continue
             record = drop_set_record(source, module=module, k=k, method=method, metric="cosine")
             result = check(study.model, study.tokenizer, record, None, source_scores=source, your_scores=yours, n_perm=s.n_perm,
                            n_boot=s.n_boot, seed=s.seed)
-            rows.append(result.summary.assign(distribution=name, checked=role, recommendation=result.recommendation))
+            rows.append(result.summary.assign(distribution=name, checked=checked_as, recommendation=result.recommendation))
     return pd.concat(rows, ignore_index=True)
 
 
@@ -753,7 +753,7 @@ def run(spec: str = models.DEFAULT_MODEL, out: Path = Path("results"), *, preset
     ``figures`` is false: :func:`render_report` draws them later from the tables) and the report."""
     settings = settings_of(preset)
     for name in top_level_distributions(settings):
-        if load_manifest(name).get("role") == "test":
+        if role(load_manifest(name)) == "test":
             raise InputError(f"distribution {name!r} is test-only (role: test in its manifest): no stage may calibrate on it; "
                              "it is evaluated as an unseen distribution (settings.unseen) instead")
     for name in unseen_of(settings):

@@ -44,12 +44,17 @@ from .commands import (
 )
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1 (0 is refused, never replaced by a default)."""
+def integer(text: str) -> int:
+    """argparse type: an integer, or argparse's error naming the text."""
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (0 is refused, never replaced by a default)."""
+    value = integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, not {value}")
     return value
@@ -65,10 +70,7 @@ def token_count(text: str) -> int:
 
 def seed_int(text: str) -> int:
     """argparse type: a seed, an integer from 0 to 2**32 - 1 (numpy's generators refuse negative seeds)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    value = integer(text)
     if not 0 <= value < 2**32:
         raise argparse.ArgumentTypeError(f"a seed must be an integer from 0 to 2**32 - 1, not {value}")
     return value
@@ -76,10 +78,7 @@ def seed_int(text: str) -> int:
 
 def non_negative_int(text: str) -> int:
     """argparse type: an integer of at least 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    value = integer(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, not {value}")
     return value
