@@ -13,7 +13,7 @@ from pathlib import Path
 
 from analysis.models.builtin import BUILTINS
 
-CHUNK = 58_000_000
+CHUNK = 50_000_000
 MODELS = {"smollm2-135m": 98362432, "gemma3-270m": 253113024, "qwen2.5-coder-0.5b": 491400064}
 
 
@@ -37,7 +37,7 @@ def main() -> None:
         needed = range(offset // CHUNK, (offset + size - 1) // CHUNK + 1)
         if not target.exists() and all((chunks / f"{i:02d}").exists() for i in needed):
             target.parent.mkdir(parents=True, exist_ok=True)
-            digest, partial = hashlib.sha256(), target.with_suffix(".partial")
+            digest, partial = hashlib.sha256(), target.with_suffix(f".{os.getpid()}.partial")
             with open(partial, "wb") as out:
                 for block in read_range(chunks, offset, size):
                     out.write(block)

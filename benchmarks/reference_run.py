@@ -13,6 +13,7 @@ since the current stage started to ``<out>/reference_events.jsonl``; ``summary``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import time
@@ -22,6 +23,7 @@ import torch
 
 from analysis.io import package_versions
 from analysis.pipeline import run
+from analysis.presets import PRESETS
 
 EVENTS = "reference_events.jsonl"
 STAGE_LINE = re.compile(r"stage (\d+) of (\d+): (\S+)")
@@ -55,7 +57,8 @@ def cmd_run(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     log = EventLog(out / EVENTS)
     log.write(f"call started on {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
-    summary = run(args.model, out, preset="reference", dtype="float32", device=args.device, progress=False, log=log, figures=False)
+    settings = dataclasses.replace(PRESETS["reference"], lodo=False) if args.no_lodo else PRESETS["reference"]
+    summary = run(args.model, out, preset=settings, dtype="float32", device=args.device, progress=False, log=log, figures=False)
     log.write("run finished", torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None)
     print(json.dumps(summary["timings"]))
 
@@ -100,6 +103,7 @@ def main(argv=None) -> None:
     go.add_argument("model")
     go.add_argument("--out", required=True)
     go.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    go.add_argument("--no-lodo", action="store_true", help="the reference preset without leave-one-distribution-out (resumes a run cut before it)")
     go.set_defaults(func=cmd_run)
     summary = sub.add_parser("summary", help="wall time and peak memory per stage from the events file")
     summary.add_argument("results")
