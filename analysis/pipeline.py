@@ -32,7 +32,7 @@ from .importance.scoring import aggregate_importance, score_distributions, score
 from .io import atomic_write_json, provenance, read_table
 from .models import loading as models
 from .models.adapters import decoder_layers
-from .presets import PRESETS, RunSettings, preset
+from .presets import PRESETS, PRIMARY_METRIC, RunSettings, preset
 from .report import plots, study_plots
 from .report.sections import Results, write_report
 from .stages import StageStore, stage_key
@@ -151,7 +151,9 @@ def stage_subsets(study: Study) -> pd.DataFrame:
 
 
 def stage_subset_agreement(study: Study) -> pd.DataFrame:
-    return stability.rank_agreement(study.results["subsets.per_sample"], module="attn", k=study.settings.budgets.get("attn", (1,)), metric="cosine")
+    s = study.settings
+    return stability.rank_agreement(study.results["subsets.per_sample"], module="attn", k=s.budgets.get("attn", (1,)),
+                                    metric=s.primary_metric)
 
 
 def budgets_union(settings: RunSettings) -> tuple[int, ...]:
@@ -289,45 +291,43 @@ def stage_accuracy_paired(study: Study) -> dict[str, pd.DataFrame]:
 
 
 def stage_check(study: Study) -> pd.DataFrame:
-    """Each distribution's held-out windows checked as a user's own texts (:func:`analysis.evaluation.check.check`, cosine, at
-    ``check_module``'s largest evaluated budget) against its own drop set, and against the borda consensus built without
+    """Each distribution's held-out windows checked as a user's own texts (:func:`analysis.evaluation.check.check`, the
+    primary metric, at ``check_module``'s largest evaluated budget) against its own drop set, and against the borda consensus built without
     it (as a user whose data no calibration distribution covers); one row per distribution and checked set."""
     from .evaluation.check import check, drop_set_record
 
     s = study.settings
-    module, k = s.check_module, max(s.budget(s.check_module))
-    scores = stability.one_metric(study.results["scores.per_sample"], "cosine")[0]
+    module, k, metric = s.check_module, max(s.budget(s.check_module)), s.primary_metric
+    scores = stability.one_metric(study.results["scores.per_sample"], metric)[0]
     rows = []
     for name in study.distributions:
         windows = evaluation.heldout_samples(study.tokenizer, [name], n_samples=s.transfer_samples, seq_len=s.transfer_seq_len, seed=s.seed)[name]
         yours = study.part("check", name, lambda windows=windows, name=name: score_windows(
-            study.model, windows, name, batch_size=s.batch_size, metrics=("cosine",), progress=False))
+            study.model, windows, name, batch_size=s.batch_size, metrics=(metric,), progress=False))
         others = scores[scores["distribution"] != name]
         checked = {"own set": (scores, f"own:{name}"), "consensus without it": (others, "borda")}
         for checked_as, (source, method) in checked.items():
             if source.empty:
                 continue
-            record = drop_set_record(source, module=module, k=k, method=method, metric="cosine")
+            record = drop_set_record(source, module=module, k=k, method=method, metric=metric)
             result = check(study.model, study.tokenizer, record, None, source_scores=source, your_scores=yours, n_perm=s.n_perm,
                            n_boot=s.n_boot, seed=s.seed)
             rows.append(result.summary.assign(distribution=name, checked=checked_as, recommendation=result.recommendation))
     return pd.concat(rows, ignore_index=True)
 
 
-ROUTING_FAMILIES = {"": "cosine own sets", "greedy": "greedy sets (real loss)", "own": "ablation own sets"}
-
-
 def routing_families(study: Study, module: str, k: int) -> dict[str, tuple[dict, dict, str]]:
-    """The families of per-distribution sets routed between, by family name (:data:`ROUTING_FAMILIES`): ``(sets by
-    label, each distribution's set label, metric)``.  Cosine: each distribution's own cosine set and the borda consensus
-    (as before); ``greedy``: each distribution's greedy set by real calibration loss; ``own``: each distribution's own
+    """The families of per-distribution sets routed between, by family name
+    (:func:`analysis.evaluation.routing.family_name`): ``(sets by label, each distribution's set label, metric)``.
+    ``""``: each distribution's own set by the primary metric and its borda consensus; ``greedy``: each distribution's greedy set by real calibration loss; ``own``: each distribution's own
     set by the ablation (its k modules of smallest single-drop loss increase).  A family whose sets are missing is left
     out."""
     from .evaluation import routing
 
     scores, names = study.results["scores.per_sample"], study.distributions
-    cosine = drop_set_family(scores, module=module, k=k, metric="cosine", methods=("borda",))
-    families = {"": (cosine, routing.own_sets(cosine, names), "cosine")}
+    primary = study.settings.primary_metric
+    own_primary = drop_set_family(scores, module=module, k=k, metric=primary, methods=("borda",))
+    families = {"": (own_primary, routing.own_sets(own_primary, names), primary)}
     evaluated = {label: spec for label, spec in sets_from_table(study.results["pruned"]).items() if spec is not None}
     greedy = {d: f"{GROUND_TRUTH}/{module}-{k}:greedy:{d}" for d in names}
     if all(label in evaluated for label in greedy.values()):
@@ -372,7 +372,8 @@ def stage_routing(study: Study) -> dict[str, pd.DataFrame]:
     largest evaluated budget, for each family of :func:`routing_families`: a nearest-centroid router per family (at the
     last block before every set of the family) trained on the calibration windows the scores came from picks a
     distribution's set per window.  Static sets' NLL is read from ``heldout_windows`` (:func:`routing_static`), the
-    routed models really run; each routed model is paired against its family's sets, cosine borda and the best static
+    routed models really run; each routed model is paired against its family's sets, the primary metric's borda and the
+    best static
     set on the pooled mix."""
     from .evaluation import routing
 
@@ -405,7 +406,7 @@ def stage_routing(study: Study) -> dict[str, pd.DataFrame]:
         routes = routing.routed_window_nll(
             routing.RoutedModel(study.model, sets, router, own), samples, batch_size=s.batch_size, seed=s.seed
         )
-        versus = list(dict.fromkeys([*sets, f"cosine/{module}-{k}:borda", best]))
+        versus = list(dict.fromkeys([*sets, f"{s.primary_metric}/{module}-{k}:borda", best]))
         tables = routing.routing_tables(
             static,
             routes,
@@ -448,17 +449,17 @@ def stage_resolution(study: Study) -> dict[str, pd.DataFrame]:
     names = ("comparisons", "validity", "split_half", "data_or_metric", "bootstrap_pairs", "routing_paired")
     tables = {name: r.get(name) for name in names} | {"set_groups": groups}
     return {"set_groups": groups,
-            "claims": resolution.claims_table(tables, truth_tokens=s.ablation_samples * s.ablation_seq_len)}
+            "claims": resolution.claims_table(tables, truth_tokens=s.ablation_samples * s.ablation_seq_len,
+                                              metric=s.primary_metric)}
 
 
 def _checkable(settings: RunSettings) -> bool:
-    """A check needs the cosine metric and at least 4 held-out windows per distribution (for its split-half noise floor)."""
-    return bool(settings.check_module and "cosine" in settings.metrics and settings.transfer_samples >= 4)
+    """A check needs at least 4 held-out windows per distribution (for its split-half noise floor)."""
+    return bool(settings.check_module and settings.transfer_samples >= 4)
 
 
 def _routable(settings: RunSettings) -> bool:
-    return bool(settings.route_module and settings.route_module in settings.transfer_modules and "cosine" in settings.own_set_metrics
-                and "cosine" in settings.metrics)
+    return bool(settings.route_module and settings.route_module in settings.transfer_modules)
 
 
 def lodo_budget(settings: RunSettings) -> tuple[str, int]:
@@ -471,7 +472,7 @@ def stage_lodo_sets(study: Study) -> dict[str, pd.DataFrame]:
     """Every leave-one-distribution-out set (:func:`analysis.study.lodo.lodo_sets`): per left-out d a robust greedy path
     over the other distributions' calibration windows (one saved part per d, the paths sharing their common trials
     through one :class:`~analysis.importance.ablation.TrialCache`) and the nearness of the first ``lodo_probes`` of d's
-    held-out windows to each distribution (one cosine scoring pass, one saved part per d)."""
+    held-out windows to each distribution (one scoring pass of the primary metric, one saved part per d)."""
     from .study import lodo
 
     s = study.settings
@@ -518,7 +519,8 @@ def stage_lodo_sets(study: Study) -> dict[str, pd.DataFrame]:
     samples = evaluation.heldout_samples(
         study.tokenizer, study.distributions, n_samples=s.transfer_samples, seq_len=s.transfer_seq_len, seed=s.seed
     )
-    cosine = stability.one_metric(scores, "cosine")[0]
+    metric = s.primary_metric
+    primary = stability.one_metric(scores, metric)[0]
     nearest = []
     for name in study.distributions:
         probe = samples[name].select(range(min(s.lodo_probes, len(samples[name]))))
@@ -526,15 +528,16 @@ def stage_lodo_sets(study: Study) -> dict[str, pd.DataFrame]:
             "lodo_probe",
             name,
             lambda probe=probe, name=name: score_windows(
-                study.model, probe, name, batch_size=s.batch_size, metrics=("cosine",), progress=False
+                study.model, probe, name, batch_size=s.batch_size, metrics=(metric,), progress=False
             ),
         )
         nearest += [
-            lodo.nearness(scored, cosine, name, module=module, include_held_out=with_it) for with_it in (False, True)
+            lodo.nearness(scored, primary, name, module=module, metric=metric, include_held_out=with_it)
+            for with_it in (False, True)
         ]
     nearest = pd.concat(nearest, ignore_index=True)
     sets = lodo.lodo_sets(
-        scores, study.results["greedy"], paths, nearest, module=module, k=k, own_metrics=s.own_set_metrics
+        scores, study.results["greedy"], paths, nearest, module=module, k=k, own_metrics=s.own_metrics
     )
     return {"lodo_sets": sets, "lodo_greedy": pd.concat(paths.values(), ignore_index=True), "lodo_nearest": nearest}
 
@@ -574,7 +577,8 @@ def stage_lodo(study: Study) -> dict[str, pd.DataFrame]:
     s = study.settings
     known = lodo_evaluation.known_windows(study.results["heldout_windows"], study.results["pruned"])
     windows = pd.concat([known, study.results["lodo_windows"]], ignore_index=True)
-    tables = lodo_evaluation.lodo_tables(study.results["lodo_sets"], windows, n_boot=s.n_boot, seed=s.seed)
+    tables = lodo_evaluation.lodo_tables(study.results["lodo_sets"], windows, n_boot=s.n_boot, seed=s.seed,
+                                         metric=s.primary_metric)
     return {**tables, "lodo_cost": lodo_cost(study, known)}
 
 
@@ -619,9 +623,8 @@ def lodo_cost(study: Study, known: pd.DataFrame) -> pd.DataFrame:
 
 
 def _lodo_on(settings: RunSettings) -> bool:
-    """Leave-one-out needs ``lodo``, the ground truth, a greedy module and the cosine metric (its baseline and
-    nearness)."""
-    return bool(settings.lodo and _ground_truth(settings) and settings.greedy_module and "cosine" in settings.metrics)
+    """Leave-one-out needs ``lodo``, the ground truth and a greedy module."""
+    return bool(settings.lodo and _ground_truth(settings) and settings.greedy_module)
 
 
 def _ground_truth(settings: RunSettings) -> bool:
@@ -667,7 +670,7 @@ STAGES = (
     Stage("scores", ("scores.per_sample",), (), stage_aggregate),
     Stage("subsets.per_sample", (), (*SCORING, "subset_samples", "subset_seq_len"), stage_subsets, when=lambda s: s.subsets, work=work_of("subsets")),
     Stage("stability", ("scores.per_sample",), ("budgets", "n_boot", "n_perm", "seed"), stage_stability, tables=STABILITY_TABLES),
-    Stage("subset_agreement", ("subsets.per_sample",), ("budgets",), stage_subset_agreement, when=lambda s: s.subsets),
+    Stage("subset_agreement", ("subsets.per_sample",), ("budgets", "primary_metric"), stage_subset_agreement, when=lambda s: s.subsets),
     Stage("validity", ("scores.per_sample",), ("budgets", "n_boot", "seed"), stage_validity, when=_ground_truth),
     Stage("decomposition", ("scores.per_sample", "stability"), ("budgets", "n_boot", "seed"), stage_decomposition,
           tables=("decomposition", "data_or_metric")),
@@ -677,7 +680,8 @@ STAGES = (
     Stage("greedy", ("scores.per_sample",), ("greedy_module", "greedy_shortlist", "budgets", "transfer_k", "ablation_samples",
                                               "ablation_seq_len", "batch_size"), stage_greedy, when=lambda s: _ground_truth(s) and bool(s.greedy_module),
           work=work_of("greedy")),
-    Stage("pruned", ("scores.per_sample", "greedy"), ("transfer_modules", "transfer_k", "budgets", "own_set_metrics", "random_seeds"), stage_pruned),
+    Stage("pruned", ("scores.per_sample", "greedy"), ("transfer_modules", "transfer_k", "budgets", "own_set_metrics", "random_seeds",
+                                                  "primary_metric"), stage_pruned),
     Stage("heldout_windows", ("pruned",), ("transfer_samples", "transfer_seq_len", "seed", "heldout_batch_size"), stage_heldout,
           work=work_of("heldout")),
     Stage("transfer", ("heldout_windows",), ("n_boot", "seed"), stage_transfer),
@@ -685,29 +689,30 @@ STAGES = (
           stage_heldout_unseen,
           when=lambda s: bool(unseen_of(s)), work=work_of("heldout_unseen")),
     Stage("transfer_unseen", ("heldout_windows_unseen",), ("n_boot", "seed"), stage_transfer_unseen, when=lambda s: bool(unseen_of(s))),
-    Stage("comparisons", ("heldout_windows", "pruned"), ("n_boot", "seed"), stage_comparisons),
+    Stage("comparisons", ("heldout_windows", "pruned"), ("n_boot", "seed", "primary_metric"), stage_comparisons),
     Stage("lodo_sets", ("scores.per_sample", "greedy"),
           ("greedy_module", "greedy_shortlist", "budgets", "transfer_k", "ablation_samples", "ablation_seq_len",
-           "batch_size", "own_set_metrics", "lodo_probes", "transfer_samples", "transfer_seq_len", "seed"),
+           "batch_size", "own_set_metrics", "lodo_probes", "transfer_samples", "transfer_seq_len", "seed", "primary_metric"),
           stage_lodo_sets, tables=("lodo_sets", "lodo_greedy", "lodo_nearest"), when=_lodo_on,
           work=work_of("lodo_sets")),
     Stage("lodo_windows", ("lodo_sets", "pruned", "heldout_windows"), ("transfer_samples", "transfer_seq_len", "seed",
                                                                       "heldout_batch_size"),
           stage_lodo_windows, when=_lodo_on, work=work_of("lodo_windows")),
-    Stage("lodo", ("lodo_sets", "lodo_windows", "heldout_windows", "pruned"), ("n_boot", "seed"), stage_lodo,
+    Stage("lodo", ("lodo_sets", "lodo_windows", "heldout_windows", "pruned"), ("n_boot", "seed", "primary_metric"), stage_lodo,
           tables=("lodo_choices", "lodo", "lodo_paired", "lodo_cost"), when=_lodo_on),
     Stage("accuracy", ("pruned",), ("tasks", "task_limit", "accuracy_sets"), stage_accuracy, tables=("accuracy_items", "accuracy"),
           when=lambda s: bool(s.tasks and s.accuracy_sets), work=work_of("accuracy")),
     Stage("accuracy_paired", ("accuracy", "pruned"), ("task_limit", "n_boot", "seed"), stage_accuracy_paired,
           tables=("accuracy_paired", "accuracy_tasks"), when=lambda s: bool(s.tasks and s.accuracy_sets)),
     Stage("check", ("scores.per_sample",), ("check_module", "budgets", "transfer_k", "transfer_samples", "transfer_seq_len", "batch_size", "n_perm",
-                                            "n_boot", "seed"), stage_check, when=_checkable,
+                                            "n_boot", "seed", "primary_metric"), stage_check, when=_checkable,
           work=work_of("check")),
     Stage("routing", ("scores.per_sample", "heldout_windows", "pruned"), ("route_module", "budgets", "transfer_k", "samples", "seq_len", "batch_size",
-                                                               "heldout_batch_size", "n_boot", "seed"), stage_routing, tables=("routing", "routing_paired", "routing_accuracy"),
+                                                               "heldout_batch_size", "n_boot", "seed", "primary_metric"), stage_routing, tables=("routing", "routing_paired", "routing_accuracy"),
           when=_routable, work=work_of("routing")),
     Stage("resolution", ("heldout_windows", "transfer", "pruned", "comparisons", "validity", "stability",
-                         "decomposition", "routing"), ("n_boot", "seed", "ablation_samples", "ablation_seq_len"), stage_resolution,
+                         "decomposition", "routing"), ("n_boot", "seed", "ablation_samples", "ablation_seq_len", "primary_metric"),
+          stage_resolution,
           tables=("set_groups", "claims")),
 )
 
@@ -759,6 +764,9 @@ def run(spec: str = models.DEFAULT_MODEL, out: Path = Path("results"), *, preset
     for name in unseen_of(settings):
         load_manifest(name)
     check_metrics(settings.metrics)
+    if settings.primary_metric not in settings.metrics or not get_metric(settings.primary_metric).is_proxy:
+        raise InputError(f"primary_metric {settings.primary_metric!r} must be one of the run's proxy metrics "
+                         f"({', '.join(m for m in settings.metrics if get_metric(m).is_proxy)})")
     out = Path(out)
     started = time.perf_counter()
     model, tokenizer = models.load_model(spec, dtype=dtype, device=device)
@@ -780,7 +788,7 @@ def run(spec: str = models.DEFAULT_MODEL, out: Path = Path("results"), *, preset
     tables.setdefault("accuracy", pd.DataFrame())
     top = tables.pop("scores.per_sample")
     begin = time.perf_counter()
-    drawn = draw_figures(top, tables, out / "figures", max(budgets_union(settings))) if figures else []
+    drawn = draw_figures(top, tables, out / "figures", max(budgets_union(settings)), settings.primary_metric) if figures else []
     timings["figures"] = round(time.perf_counter() - begin, 1)
     report = write_report(out, Results(record, settings, top, tables, drawn))
     summary = {
@@ -830,23 +838,23 @@ def render_report(out: Path, *, figures: bool = True) -> dict:
     settings = settings_from_record(saved["settings"])
     top = read_table(out / "scores.per_sample.parquet")
     tables = saved_tables(out, settings)
-    drawn = draw_figures(top, tables, out / "figures", max(budgets_union(settings))) if figures else []
+    drawn = draw_figures(top, tables, out / "figures", max(budgets_union(settings)), settings.primary_metric) if figures else []
     report = write_report(out, Results(saved["model"], settings, top, tables, drawn))
     return {"report": [str(p) for p in report], "figures": [str(p) for p in drawn]}
 
 
-def draw_figures(scores, tables, folder: Path, k: int) -> list[Path]:
-    """Every figure of the report."""
-    cosine, cosine_tables = stability.one_metric(scores, "cosine")[0], stability.tables_of_metric(tables, "cosine")
-    written = plots.stability_figures(cosine, cosine_tables, folder, k)
+def draw_figures(scores, tables, folder: Path, k: int, metric: str = PRIMARY_METRIC) -> list[Path]:
+    """Every figure of the report; the single-metric ones (stability, regret, proxy against ablation) of ``metric``."""
+    primary, primary_tables = stability.one_metric(scores, metric)[0], stability.tables_of_metric(tables, metric)
+    written = plots.stability_figures(primary, primary_tables, folder, k)
     if len(tables.get("transfer", [])):
         written += plots.save_figure(study_plots.transfer_heatmap(tables["transfer"]), folder / "transfer_matrix")
         written += plots.save_figure(study_plots.worst_case_forest(tables["transfer"]), folder / "transfer_worst_case")
     if len(tables.get("regret", [])):
-        written += plots.save_figure(study_plots.regret_overview(cosine_tables["regret"]), folder / "regret_consensus_vs_single")
+        written += plots.save_figure(study_plots.regret_overview(primary_tables["regret"]), folder / "regret_consensus_vs_single")
     if len(tables.get("validity", [])):
         written += plots.save_figure(study_plots.validity_heatmap(tables["validity"]), folder / "metric_validity")
-        written += plots.save_figure(study_plots.proxy_vs_ablation(scores), folder / "proxy_vs_ablation")
+        written += plots.save_figure(study_plots.proxy_vs_ablation(scores, metric), folder / "proxy_vs_ablation")
     if len(tables.get("decomposition", [])):
         written += plots.save_figure(study_plots.decomposition_bars(tables["decomposition"]), folder / "ranking_decomposition")
     return written

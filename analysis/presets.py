@@ -12,6 +12,7 @@ DEFAULT_MODEL = "smollm2-135m"
 MODULE_KINDS = ("attn", "mlp", "block", "joint")
 CONSENSUS_METHODS = ("borda", "median", "mean", "minimax")
 PROXY_METRICS = ("cosine", "angular", "relative_update")
+PRIMARY_METRIC = "cosine"
 GROUND_TRUTH = "ablation"
 RESULTS_DIR = "results"
 PAPER_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "mmlu", "openbookqa", "piqa", "rte", "winogrande")
@@ -21,8 +22,11 @@ PAPER_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "mmlu", "openb
 class RunSettings:
     """What ``calibdrop run`` computes; the presets fix these.
 
-    ``distributions`` empty means every top-level distribution of the manifests.  ``check_module``
-    and ``route_module`` (``None``: skip) name the module kind whose cosine drop sets at its largest
+    ``distributions`` empty means every top-level distribution of the manifests.  ``primary_metric`` (a proxy of
+    ``metrics``) is the metric the study's single-metric parts rank by: its own and random sets, the paired comparisons
+    on held-out text, the check, the routing baseline, leave-one-out's baseline and nearness, the Verdict's agreement
+    claim and the report's agreement, membership, regret and sample-size sections.  ``check_module``
+    and ``route_module`` (``None``: skip) name the module kind whose primary-metric drop sets at its largest
     evaluated budget the run checks on each distribution's held-out windows and routes between.  ``unseen`` names
     the test-only distributions every evaluated set is also scored on (``None``: every manifest whose ``role`` is
     ``test``; ``()``: none): held-out columns only, never read by a stage that calibrates, selects or compares.
@@ -35,6 +39,7 @@ class RunSettings:
     distributions: tuple[str, ...] = ()
     subsets: bool = True
     metrics: tuple[str, ...] = (*PROXY_METRICS, GROUND_TRUTH)
+    primary_metric: str = PRIMARY_METRIC
     samples: int = 32
     seq_len: int = 512
     ablation_samples: int = 4
@@ -51,7 +56,7 @@ class RunSettings:
     budgets: dict = field(default_factory=lambda: {"attn": (4, 8), "mlp": (2, 4), "block": (2, 4), "joint": (4, 8)})
     transfer_modules: tuple[str, ...] = ("attn", "mlp", "block", "joint")
     transfer_k: tuple[int, ...] = (8,)
-    own_set_metrics: tuple[str, ...] = ("cosine",)
+    own_set_metrics: tuple[str, ...] = (PRIMARY_METRIC,)
     transfer_samples: int = 32
     transfer_seq_len: int = 128
     random_seeds: tuple[int, ...] = (0, 1)
@@ -64,6 +69,11 @@ class RunSettings:
     unseen: tuple[str, ...] | None = None
     lodo: bool = False
     lodo_probes: int = 8
+
+    @property
+    def own_metrics(self) -> tuple[str, ...]:
+        """The metrics whose per-distribution own sets are evaluated: the primary metric, then ``own_set_metrics``."""
+        return tuple(dict.fromkeys((self.primary_metric, *self.own_set_metrics)))
 
     def budget(self, module: str) -> tuple[int, ...]:
         """The drop-set sizes evaluated on held-out text for ``module``: ``transfer_k`` for attention, else the largest budget of ``module``."""
@@ -128,5 +138,5 @@ def describe(settings: RunSettings) -> str:
     return f"{settings.samples} x {settings.seq_len} tokens per distribution"
 
 
-__all__ = ["CONSENSUS_METHODS", "DEFAULT_MODEL", "GROUND_TRUTH", "MODULE_KINDS", "PAPER_TASKS", "PRESETS", "PROXY_METRICS",
+__all__ = ["CONSENSUS_METHODS", "DEFAULT_MODEL", "GROUND_TRUTH", "MODULE_KINDS", "PAPER_TASKS", "PRESETS", "PRIMARY_METRIC", "PROXY_METRICS",
            "RESULTS_DIR", "RunSettings", "describe", "preset"]

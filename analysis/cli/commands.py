@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import CalibdropWarning, InputError
-from ..presets import DEFAULT_MODEL, PAPER_TASKS, PRESETS, RESULTS_DIR
+from ..presets import DEFAULT_MODEL, PAPER_TASKS, PRESETS, PRIMARY_METRIC, RESULTS_DIR
 
 
 def parse_ints(text: str) -> tuple[int, ...]:
@@ -83,7 +83,7 @@ def metric_of(scores, requested: str | None) -> str:
     """The metric a command ranks by: the one asked for, else cosine when present, else the table's only one."""
     from ..study.stability import metrics_in, one_metric
 
-    return requested or ("cosine" if "cosine" in metrics_in(scores) else one_metric(scores, None)[1])
+    return requested or (PRIMARY_METRIC if PRIMARY_METRIC in metrics_in(scores) else one_metric(scores, None)[1])
 
 
 def cmd_models_list(args) -> None:

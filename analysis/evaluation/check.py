@@ -40,6 +40,7 @@ from ..data.samples import pad_token_id, tokenize_texts
 from ..errors import InputError
 from ..importance.scoring import score_texts
 from ..io import read_table, sha256_file
+from ..presets import PRIMARY_METRIC
 from ..study.consensus import consensus_from_matrix, regret_table
 from ..study.dropsets import UNPRUNED, make_drop_set
 from ..study.resolution import p_text
@@ -170,7 +171,7 @@ def check(model, tokenizer, drop_set_record_: dict, texts, *, source_scores: pd.
     ``your_scores`` (per-sample rows of the texts) skips the scoring pass when already computed.
     """
     module, k = drop_set_record_["module"], len(drop_set_record_["indices"])
-    metric = metric or drop_set_record_.get("metric") or "cosine"
+    metric = metric or drop_set_record_.get("metric") or PRIMARY_METRIC
     source, metric = one_metric(load_source_scores(drop_set_record_, source_scores), metric)
     names = drop_set_record_.get("distributions") or list(dict.fromkeys(source["distribution"]))
     unknown = set(names) - set(source["distribution"])

@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 from ..study.dropsets import UNPRUNED, make_drop_set
-from ..study.lodo import BASELINE, WITH, WITHOUT, set_key
+from ..presets import PRIMARY_METRIC
+from ..study.lodo import WITH, WITHOUT, baseline, set_key
 from .heldout import paired_comparisons, transfer_summary, window_nll
 
 SELECTIONS = ("best own set", "pick best")
@@ -143,15 +144,16 @@ def relabelled(chosen: pd.DataFrame, windows: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)[["drop_set", "distribution", "window", "nll_sum", "n_tokens"]]
 
 
-def lodo_pairs(chosen: pd.DataFrame) -> list[tuple[str, str, str]]:
-    """Every procedure built without d against the cosine borda set built without d, and against itself built with d."""
-    first = chosen.iloc[0]
+def lodo_pairs(chosen: pd.DataFrame, metric: str = PRIMARY_METRIC) -> list[tuple[str, str, str]]:
+    """Every procedure built without d against ``metric``'s borda set built without d (:func:`baseline`), and against
+    itself built with d."""
+    first, base = chosen.iloc[0], baseline(metric)
     procedures = list(dict.fromkeys(chosen["procedure"]))
     without = {p: label(p, first["module"], first["k"], WITHOUT) for p in procedures}
     pairs = [
-        (f"{p} vs {BASELINE}", without[p], without[BASELINE])
+        (f"{p} vs {base}", without[p], without[base])
         for p in procedures
-        if p != BASELINE and BASELINE in without
+        if p != base and base in without
     ]
     return pairs + [
         (f"{p}: without vs with", without[p], label(p, first["module"], first["k"], WITH)) for p in procedures
@@ -159,17 +161,17 @@ def lodo_pairs(chosen: pd.DataFrame) -> list[tuple[str, str, str]]:
 
 
 def lodo_tables(
-    sets: pd.DataFrame, windows: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0
+    sets: pd.DataFrame, windows: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, metric: str = PRIMARY_METRIC
 ) -> dict[str, pd.DataFrame]:
     """``lodo_choices`` (:func:`choices`), ``lodo`` (each procedure's perplexity ratio on every left-out d, their
     ``mean`` and ``worst``, with bootstrap CIs over windows; columns of :func:`transfer_summary` with ``procedure`` and
     ``variant``) and
-    ``lodo_paired`` (:func:`lodo_pairs`, paired over d's windows, per d, mean and worst)."""
+    ``lodo_paired`` (:func:`lodo_pairs` against ``metric``'s borda, paired over d's windows, per d, mean and worst)."""
     windows = windows.astype({"window": int, "nll_sum": float, "n_tokens": int})
     chosen = choices(sets, windows)
     table = relabelled(chosen, windows)
     summary = transfer_summary(table, n_boot=n_boot, seed=seed).rename(
         columns={"metric": "procedure", "method": "variant"}
     )
-    paired = paired_comparisons(table, lodo_pairs(chosen), n_boot=n_boot, seed=seed)
+    paired = paired_comparisons(table, lodo_pairs(chosen, metric), n_boot=n_boot, seed=seed)
     return {"lodo_choices": chosen, "lodo": summary, "lodo_paired": paired}

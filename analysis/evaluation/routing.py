@@ -35,8 +35,16 @@ from ..importance.ablation import full_row_nll, layer_slice, position_ids_from_m
 from ..importance.scoring import input_device
 from ..models.adapters import decoder_layers
 from ..models.pruning import modules_dropped
+from ..presets import GROUND_TRUTH, PRIMARY_METRIC
 from ..study.dropsets import drop_set_family
 from .heldout import dropped_candidates
+
+
+def family_name(family: str, metric: str = PRIMARY_METRIC) -> str:
+    """What a routing family routes between, as the report names it: ``""`` (``metric``'s own sets, and tables written
+    before families existed), ``greedy`` (greedy sets by real loss), ``own`` (the ablation's own sets)."""
+    names = {"": f"{metric} own sets", "greedy": "greedy sets (real loss)", "own": f"{GROUND_TRUTH} own sets"}
+    return names.get(family, family)
 
 CLASSIFIERS: dict[str, Callable] = {
     "centroid": lambda: make_pipeline(StandardScaler(), NearestCentroid()),
@@ -234,7 +242,7 @@ def pooled_mix(windows: pd.DataFrame) -> pd.DataFrame:
     return windows.assign(distribution="mix", window=codes)
 
 
-def evaluate_routing(model, tokenizer, scores: pd.DataFrame, *, module: str = "attn", k: int = 8, metric: str = "cosine",
+def evaluate_routing(model, tokenizer, scores: pd.DataFrame, *, module: str = "attn", k: int = 8, metric: str = PRIMARY_METRIC,
                      consensus_methods=("borda", "minimax"), classifier: str = "centroid", calibration_samples: int = 32,
                      calibration_seq_len: int = 512, heldout_samples: int = 24, heldout_seq_len: int = 256, batch_size: int = 8,
                      n_boot: int = 1000, seed: int = 0, progress: bool = False) -> dict[str, pd.DataFrame]:

@@ -67,7 +67,7 @@ CAPTIONS: dict[str, str] = {
         "increase when one module is dropped), per module kind and distribution; colour scale fitted to the data. "
         "Higher means the cheap proxy ranks modules like the real loss does."),
     "proxy_vs_ablation": (
-        "Cosine proxy importance against the measured loss increase when the module is dropped alone, one point per "
+        "The primary metric's importance (named on the x axis) against the measured loss increase when the module is dropped alone, one point per "
         "layer and distribution (symlog y: points below 0 are modules whose removal lowered the loss). A monotone "
         "cloud means the proxy ranks well; look at the low-proxy corner, which decides the drop set."),
     "ranking_decomposition": (

@@ -25,6 +25,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from ..importance.metrics import get_metric
 from ..io import temp_file
+from ..presets import PRIMARY_METRIC
 from ..study.resolution import beyond_noise
 from ..study.stability import importance_matrix
 from .captions import MODULE_NAMES
@@ -82,7 +83,7 @@ def positive_norm(values, vmin: float | None = None, vmax: float | None = None):
 
 def importance_label(frame: pd.DataFrame) -> str:
     """``importance  <formula>`` of the table's metric (its ``metric`` column; cosine's when it has none)."""
-    metrics = frame["metric"].unique() if "metric" in frame.columns else ["cosine"]
+    metrics = frame["metric"].unique() if "metric" in frame.columns else [PRIMARY_METRIC]
     return "importance  " + (get_metric(metrics[0]).label if len(metrics) == 1 else "")
 
 

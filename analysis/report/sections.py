@@ -18,8 +18,11 @@ import numpy as np
 import pandas as pd
 
 from ..evaluation.accuracy import headline_rows
+from ..evaluation.routing import family_name
+from ..importance.metrics import get_metric
 from ..io import atomic_write_bytes
 from ..study import resolution
+from ..study.lodo import baseline
 from ..study.dropsets import UNPRUNED, method_family, parse_label
 from ..study.stability import drop_set, importance_matrix, one_metric, tables_of_metric
 from .captions import CAPTIONS
@@ -42,6 +45,11 @@ class Results:
         if frame is None or not len(frame):
             return pd.DataFrame()
         return tables_of_metric({name: frame}, metric)[name] if metric else frame
+
+    @property
+    def metric(self) -> str:
+        """The primary metric (``settings.primary_metric``), which the single-metric sections rank by."""
+        return self.settings.primary_metric
 
     @property
     def modules(self) -> list[str]:
@@ -80,12 +88,12 @@ def _numeric_order(values) -> list:
     return sorted(values, key=key)
 
 
-def agreement(results: Results, metric: str = "cosine") -> pd.DataFrame:
+def agreement(results: Results, metric: str | None = None) -> pd.DataFrame:
     """Per module kind: mean ρ between distributions with its CI (the mean over pairs within each bootstrap replicate),
     the lowest pair, mean Jaccard@k with its CI, the split-half noise floor (lowest distribution) and the pairs that
     differ beyond resampling noise (:func:`analysis.study.resolution.beyond_noise`)."""
     names = ("bootstrap_pair_mean", "split_half", "bootstrap_pairs")
-    means, floor, pairs = (results.table(name, metric) for name in names)
+    means, floor, pairs = (results.table(name, metric or results.metric) for name in names)
     if not (len(means) and len(floor) and len(pairs)):
         return pd.DataFrame()
     rows = []
@@ -142,7 +150,7 @@ def claims(results: Results) -> pd.DataFrame:
         return table
     s = results.settings
     return resolution.claims_table(results.tables, truth_tokens=s.ablation_samples * s.ablation_seq_len,
-                                   heldout_windows=s.transfer_samples)
+                                   heldout_windows=s.transfer_samples, metric=results.metric)
 
 
 def recommendations(results: Results) -> pd.DataFrame:
@@ -189,7 +197,9 @@ def section_header(results: Results) -> list[str]:
             f"Model `{m.get('spec')}` ({m.get('family')}, {m.get('n_layers')} layers, {m.get('dtype')}), weights sha256 "
             f"`{m.get('weights_sha256')}`. Distributions: {_names(distributions)}; proxy metrics on {s.samples} samples × {s.seq_len} "
             f"tokens each, the ablation ground truth on {s.ablation_samples} × {s.ablation_seq_len} (seed {s.seed}); bootstrap "
-            f"{s.n_boot} resamples, permutation test {s.n_perm} shuffles. Metrics: {_names(s.metrics)} (see analysis/importance/metrics.py). "
+            f"{s.n_boot} resamples, permutation test {s.n_perm} shuffles. Metrics: {_names(s.metrics)} (see "
+            f"analysis/importance/metrics.py); the primary metric, which the single-metric sections rank by: "
+            f"**{results.metric}** ({get_metric(results.metric).label}). "
             "Every number in brackets is a 95% bootstrap CI (for ρ and Jaccard the basic, bias-correcting interval; for "
             "held-out ratios the percentile interval over windows). Each headline claim is marked **resolved** or **not "
             "resolved** at this run's budget, with what would resolve it (see *What this run resolves*).", "", "[TOC]", ""]
@@ -210,10 +220,10 @@ def section_verdict(results: Results) -> list[str]:
     table = claims(results)
     by = {(c.claim, c.module, c.subject): c for c in table.itertuples()}
     for row in agreement(results).itertuples():
-        claim = by.get(("data changes the ranking", row.module, f"cosine, {row.pairs} pairs of distributions"))
+        claim = by.get(("data changes the ranking", row.module, f"{results.metric}, {row.pairs} pairs of distributions"))
         moved = ("the calibration data changes the ranking" if row.beyond else
                  "no pair of distributions differs beyond resampling noise")
-        lines.append(f"- **{row.module}**: rankings agree at ρ {_ci(row.rho, row.rho_low, row.rho_high)} between "
+        lines.append(f"- **{row.module}**: {results.metric} rankings agree at ρ {_ci(row.rho, row.rho_low, row.rho_high)} between "
                      f"distributions, against a split-half noise floor of {row.floor:.2f}; {row.beyond} of {row.pairs} "
                      f"pairs differ beyond resampling noise, so {moved}"
                      f"{f' ({_claim_line(claim)})' if claim is not None else ''}; size-{row.k} drop sets share "
@@ -224,8 +234,8 @@ def section_verdict(results: Results) -> list[str]:
             f"use the {best} set, {ratio}× the unpruned perplexity on its worst distribution; {status}."
             if status.startswith(_resolved(True)) else
             f"the {best} set has the lowest worst-case ratio ({ratio}×), but {status}."))
-    for claim in table[(table["claim"] == "proxy vs ground truth") & (table["subject"] == "cosine")].itertuples():
-        lines.append(f"- **{claim.module}: is cosine the right metric?** {claim.finding} ({_claim_line(claim)}).")
+    for claim in table[(table["claim"] == "proxy vs ground truth") & (table["subject"] == results.metric)].itertuples():
+        lines.append(f"- **{claim.module}: is {results.metric} the right metric?** {claim.finding} ({_claim_line(claim)}).")
     for claim in table[table["claim"] == "data or metric"].itertuples():
         lines.append(f"- **{claim.module}: data or metric?** {claim.finding}: {claim.subject} "
                      f"{_ci(claim.estimate, claim.ci_low, claim.ci_high)} ({_claim_line(claim)}).")
@@ -352,13 +362,13 @@ def section_agreement(results: Results) -> list[str]:
     summary = agreement(results)
     if not len(summary):
         return []
-    lines = ["## Agreement between distributions and the noise floor (cosine)", "",
+    lines = [f"## Agreement between distributions and the noise floor ({results.metric})", "",
              "ρ and Jaccard@k between every pair of distributions' rankings (higher: more alike), beside the split-half noise floor "
              "(two halves of one distribution's samples, Spearman-Brown corrected) and the pairs that differ beyond "
              "resampling noise: the upper end of the pair's 95% CI of ρ is below sqrt(rel_a · rel_b) of the two "
              "distributions' noise floors (the one definition the whole report and `calibdrop summary` use; "
              "analysis/study/resolution.py).", "", _table(agreement_display(summary)), ""]
-    pairs, floor = results.table("agreement", "cosine"), results.table("split_half", "cosine")
+    pairs, floor = results.table("agreement", results.metric), results.table("split_half", results.metric)
     for module in summary["module"]:
         part, fl = pairs[pairs["module"] == module], floor[floor["module"] == module].set_index("distribution")
         lines += [f"### {module}: ρ between distributions (diagonal: noise floor)", "",
@@ -367,12 +377,13 @@ def section_agreement(results: Results) -> list[str]:
 
 
 def unstable_candidates(results: Results, module: str, k: int) -> tuple[list, pd.DataFrame]:
-    """Candidates in every distribution's size-k cosine drop set, and those in some but not all of them (numeric order)."""
-    matrix = importance_matrix(one_metric(results.scores, "cosine")[0], module)
+    """Candidates in every distribution's size-k drop set by the primary metric, and those in some but not all of them
+    (numeric order)."""
+    matrix = importance_matrix(one_metric(results.scores, results.metric)[0], module)
     own = {d: set(drop_set(matrix[d], k)) for d in matrix.columns}
     everywhere = _numeric_order(set.intersection(*own.values()))
     somewhere = _numeric_order(set.union(*own.values()) - set(everywhere))
-    boot = results.table("bootstrap_importance", "cosine")
+    boot = results.table("bootstrap_importance", results.metric)
     boot = boot[boot["module"] == module]
     rows = []
     for candidate in somewhere:
@@ -384,7 +395,7 @@ def unstable_candidates(results: Results, module: str, k: int) -> tuple[list, pd
 
 
 def section_membership(results: Results) -> list[str]:
-    lines = ["## Which modules are unimportant everywhere, and which depend on the data (cosine)", ""]
+    lines = [f"## Which modules are unimportant everywhere, and which depend on the data ({results.metric})", ""]
     n_layers = results.model.get("n_layers") or 1
     for module in results.modules:
         k = results.k(module)
@@ -396,7 +407,7 @@ def section_membership(results: Results) -> list[str]:
 
 
 def section_regret(results: Results) -> list[str]:
-    regret, sets = results.table("regret", "cosine"), results.table("drop_sets", "cosine")
+    regret, sets = results.table("regret", results.metric), results.table("drop_sets", results.metric)
     if not len(regret):
         return []
     worst = regret.groupby(["module", "k", "drop_set"], sort=False)["regret"].max().rename("worst").reset_index()
@@ -409,13 +420,14 @@ def section_regret(results: Results) -> list[str]:
             rows.append({"module": module, "k": k, "method": row.drop_set, "drop set": _names(_numeric_order(members.iloc[0])) if len(members) else "",
                          "worst-case regret": row.worst, "own sets' worst (best / median)": f"{own.min():.4f} / {own.median():.4f}",
                          "random (expected)": part[part["family"] == "random"]["worst"].max()})
-    return ["## Drop sets by proxy regret (cosine)", "", "Regret: the importance (summed 1 − cos) a set drops on a distribution beyond "
+    return [f"## Drop sets by proxy regret ({results.metric})", "", f"Regret: the importance (summed "
+            f"{get_metric(results.metric).label}) a set drops on a distribution beyond "
             "the best set of its size there; worst case over distributions, lower is better. This ranks sets by the proxy; "
             "the recommended sets above are ranked by real loss.", "", _table(pd.DataFrame(rows), 4), ""]
 
 
 def section_leave_one_out(results: Results) -> list[str]:
-    loo = results.table("leave_one_out", "cosine")
+    loo = results.table("leave_one_out", results.metric)
     if not len(loo):
         return []
     loo = loo.assign(beats=loo["consensus_regret"] < loo["single_mean_regret"])
@@ -425,7 +437,8 @@ def section_leave_one_out(results: Results) -> list[str]:
     summary["beats the own sets' mean on"] = [f"{int(w)} of {n}" for w, n in zip(summary.pop("wins"), summary.pop("n"))]
     summary = summary.rename(columns={"consensus": "consensus regret on the left-out (mean)", "own": "own sets' regret (mean)",
                                       "random": "random (expected)"})
-    return ["## Does a consensus generalise to an unseen distribution? (cosine)", "", "Leave one distribution out, build the "
+    return [f"## Does a consensus generalise to an unseen distribution? ({results.metric})", "", "Leave one distribution "
+            "out, build the "
             "consensus from the rest, and measure its regret on the one left out (lower is better), beside the other distributions' "
             "own sets and a random set; averaged over the distributions left out.", "", _table(summary, 4), ""]
 
@@ -504,7 +517,8 @@ def section_unseen(results: Results) -> list[str]:
 
 def lodo_ranking(results: Results) -> pd.DataFrame:
     """Per procedure, its set built without each left-out distribution d and evaluated on d's held-out windows: the mean
-    and worst ratio over the left-out distributions (95% CIs), paired against cosine borda built without d and against
+    and worst ratio over the left-out distributions (95% CIs), paired against the primary metric's borda set built
+    without d (:func:`analysis.study.lodo.baseline`) and against
     the same procedure built with d (mean over d; ``resolved``: the paired CI excludes 1); best mean first."""
     summary, paired = results.table("lodo"), results.table("lodo_paired")
     if not len(summary):
@@ -525,7 +539,7 @@ def lodo_ranking(results: Results) -> pd.DataFrame:
             "worst_high": worst["ci_high"],
         }
         for name, comparison in (
-            ("vs_baseline", f"{procedure} vs cosine borda"),
+            ("vs_baseline", f"{procedure} vs {baseline(results.metric)}"),
             ("vs_with", f"{procedure}: without vs with"),
         ):
             pair = mean_pairs.loc[comparison] if comparison in mean_pairs.index else None
@@ -550,6 +564,7 @@ def section_lodo(results: Results) -> list[str]:
     if not len(table):
         return []
     summary, cost, chosen = results.table("lodo"), results.table("lodo_cost"), results.table("lodo_choices")
+    base = baseline(results.metric)
     first = summary[summary["variant"] == "without"].iloc[0]
     names = [d for d in summary["distribution"].unique() if d not in ("worst", "mean")]
     shown = pd.DataFrame(
@@ -557,7 +572,7 @@ def section_lodo(results: Results) -> list[str]:
             "procedure": table["procedure"],
             "mean ratio over left-out [95% CI]": [_ci(r.mean, r.mean_low, r.mean_high, 3) for r in table.itertuples()],
             "worst ratio [95% CI]": [_ci(r.worst, r.worst_low, r.worst_high, 3) for r in table.itertuples()],
-            "/ cosine borda without d, mean [95% CI]": [
+            f"/ {base} without d, mean [95% CI]": [
                 _paired_cell(r.vs_baseline, r.vs_baseline_low, r.vs_baseline_high) for r in table.itertuples()
             ],
             "without d / with d, mean [95% CI]": [
@@ -571,8 +586,8 @@ def section_lodo(results: Results) -> list[str]:
         .loc[table["procedure"], names]
         .reset_index()
     )
-    best, baseline = table.iloc[0], table[table["procedure"] == "cosine borda"]
-    if best["procedure"] == "cosine borda" or not len(baseline):
+    best, base_row = table.iloc[0], table[table["procedure"] == base]
+    if best["procedure"] == base or not len(base_row):
         mean = _ci(best["mean"], best["mean_low"], best["mean_high"], 3)
         verdict = f"**{best['procedure']}** has the lowest mean ratio, {mean}."
     else:
@@ -581,8 +596,8 @@ def section_lodo(results: Results) -> list[str]:
         )
         verdict = (
             f"**{best['procedure']}** generalises best: mean ratio on the left-out distribution "
-            f"{_ci(best['mean'], best['mean_low'], best['mean_high'], 3)} against cosine borda's "
-            f"{baseline['mean'].iloc[0]:.3f}; paired, {best['procedure']} / cosine borda "
+            f"{_ci(best['mean'], best['mean_low'], best['mean_high'], 3)} against {base}'s "
+            f"{base_row['mean'].iloc[0]:.3f}; paired, {best['procedure']} / {base} "
             f"{_ci(best['vs_baseline'], best['vs_baseline_low'], best['vs_baseline_high'], 3)} ({resolved})."
         )
     safest = table.sort_values("worst", kind="stable").iloc[0]
@@ -594,12 +609,12 @@ def section_lodo(results: Results) -> list[str]:
         "set is evaluated on d's held-out windows (perplexity / unpruned perplexity, 1.00 = no loss). Procedures: "
         "each metric's borda and minimax consensus over the other distributions; *robust greedy*, the greedy path by "
         "the worst real calibration loss over the others; *nearest greedy*, the real-loss greedy set of the "
-        "calibration distribution whose cosine ranking agrees best with the ranking from a few of d's held-out "
+        f"calibration distribution whose {results.metric} ranking agrees best with the ranking from a few of d's held-out "
         "windows (one scoring pass, as `calibdrop check` judges nearness; the windows' loss is not read); *best own "
         "set*, the other distributions' own sets judged by their worst ratio on the others' held-out windows; *pick "
         "best*, every set above and every other distribution's own and greedy set, judged the same way. Mean and "
         "worst over the left-out distributions with 95% bootstrap CIs over windows; the paired columns compare the "
-        "same windows (below 1: the procedure loses less; * the CI excludes 1): against the cosine borda set built "
+        f"same windows (below 1: the procedure loses less; * the CI excludes 1): against the {base} set built "
         "without d, and against the procedure's own set built with d.",
         "",
         f"{verdict} Lowest worst case: **{safest['procedure']}**, "
@@ -758,11 +773,9 @@ def _routing_needs(pair) -> str:
     return resolution.needs_text(needed, "held-out windows in the mix", pair["n_windows"]) + " would resolve it"
 
 
-ROUTING_FAMILY_NAMES = {"": "cosine own sets", "greedy": "greedy sets (real loss)", "own": "ablation own sets"}
-
-
 def _family(frame: pd.DataFrame) -> pd.Series:
-    """The routing family of each row (``""``, cosine own sets, for tables written before families existed)."""
+    """The routing family of each row (``""``, the primary metric's own sets, for tables written before families
+    existed)."""
     return frame["family"].fillna("") if "family" in frame else pd.Series("", index=frame.index)
 
 
@@ -772,11 +785,11 @@ def _routed(label: str) -> bool:
 
 def routing_display(results: Results) -> pd.DataFrame:
     """Per drop set of the routing stage (static sets, and each family's routed and oracle models): perplexity ratio on
-    the pooled mix, the mean and the worst distribution (with CIs), and routed cosine / this set on the mix, paired over
-    windows."""
+    the pooled mix, the mean and the worst distribution (with CIs), and routed by the primary metric's own sets / this
+    set on the mix, paired over windows."""
     summary, paired = results.table("routing"), results.table("routing_paired")
     summary = summary[summary["drop_set"].notna()]
-    prefix = f"cosine/{summary['module'].iloc[0]}-{int(summary['k'].iloc[0])}:"
+    prefix = f"{results.metric}/{summary['module'].iloc[0]}-{int(summary['k'].iloc[0])}:"
     summary = summary[summary["drop_set"] != UNPRUNED]
     wide = {
         where: summary[summary["distribution"] == where].set_index("drop_set") for where in ("mix", "mean", "worst")
@@ -811,7 +824,8 @@ def best_static(summary: pd.DataFrame) -> pd.Series | None:
 
 def routing_families_display(results: Results) -> pd.DataFrame:
     """Per routing family: the routed and oracle models on the pooled mix, router accuracy, and routed / the best static
-    set and routed / cosine borda on the mix, paired over windows (``beats``: the paired CI is below 1)."""
+    set and routed / the primary metric's borda on the mix, paired over windows (``beats``: the paired CI is below
+    1)."""
     summary, paired, accuracy = (
         results.table("routing"),
         results.table("routing_paired"),
@@ -827,13 +841,16 @@ def routing_families_display(results: Results) -> pd.DataFrame:
         oracle_label = routed_label.replace(":routed", ":oracle")
         hits = accuracy[(_family(accuracy) == family) & (accuracy["distribution"] == "all")].iloc[0]
         row = {
-            "family": ROUTING_FAMILY_NAMES.get(family, family),
+            "family": family_name(family, results.metric),
             "routed, pooled mix [95% CI]": _ci(*mix.loc[routed_label, ["ppl_ratio", "ci_low", "ci_high"]], 3),
             "oracle, pooled mix [95% CI]": _ci(*mix.loc[oracle_label, ["ppl_ratio", "ci_low", "ci_high"]], 3),
             "router accuracy [95% CI]": f"{hits['accuracy']:.0%} [{hits['ci_low']:.0%}, {hits['ci_high']:.0%}]",
         }
-        for name, label in (("best static", None if best is None else best["drop_set"]), ("cosine borda", None)):
-            label = label or next((b for b in pairs.index if b.endswith(":borda") and b.startswith("cosine/")), None)
+        primary_borda = f"{results.metric} borda"
+        for name, label in (("best static", None if best is None else best["drop_set"]), (primary_borda, None)):
+            label = label or next(
+                (b for b in pairs.index if b.endswith(":borda") and b.startswith(f"{results.metric}/")), None
+            )
             if label in pairs.index:
                 pair = pairs.loc[label]
                 row[f"routed / {name} [95% CI]"] = _ci(pair["ratio"], pair["ci_low"], pair["ci_high"], 3)
@@ -850,19 +867,19 @@ def section_routing(results: Results) -> list[str]:
     title = "## One model, several drop sets: a router per input"
     notes = summary[summary["note"].notna()] if "note" in summary else summary.assign(note="").iloc[:0]
     said = [
-        f"No router among the {ROUTING_FAMILY_NAMES.get(f, f)} at {module}-{k}: {n}."
+        f"No router among the {family_name(f, results.metric)} at {module}-{k}: {n}."
         for f, n in zip(_family(notes), notes["note"])
     ]
     if "drop_set" not in summary or summary["drop_set"].isna().all():
         return [title, "", f"No router at {module}-{k}: {summary['note'].iloc[0]}.", ""]
     paired, accuracy = results.table("routing_paired"), results.table("routing_accuracy")
-    cosine_pairs, cosine_accuracy = paired[_family(paired) == ""], accuracy[_family(accuracy) == ""].set_index(
+    own_pairs, own_accuracy = paired[_family(paired) == ""], accuracy[_family(accuracy) == ""].set_index(
         "distribution"
     )
     lines = [title, ""]
-    if len(cosine_pairs):
-        versus = cosine_pairs[
-            (cosine_pairs["distribution"] == "mix") & cosine_pairs["comparison"].str.endswith(" vs borda")
+    if len(own_pairs):
+        versus = own_pairs[
+            (own_pairs["distribution"] == "mix") & own_pairs["comparison"].str.endswith(" vs borda")
         ].iloc[0]
         beats, loses = versus["ci_high"] < 1, versus["ci_low"] > 1
         verdict = (
@@ -871,9 +888,9 @@ def section_routing(results: Results) -> list[str]:
             else "**Routing loses to the consensus set**" if loses else "**Routing does not beat the consensus set**"
         )
         first = summary[summary["drop_set"] == versus["a"]].iloc[0]
-        worst_source = cosine_accuracy.drop(index="all")["accuracy"].idxmin()
+        worst_source = own_accuracy.drop(index="all")["accuracy"].idxmin()
         lines += [
-            f"Each distribution's own cosine {module}-{k} set and the borda consensus, one copy of the weights; a "
+            f"Each distribution's own {results.metric} {module}-{k} set and the borda consensus, one copy of the weights; a "
             f"nearest-centroid router on the mean `resid_post` of block {int(first['layer'])} (blocks "
             f"0..{int(first['layer'])} run before routing: {first['layer_ratio']:.0%} of the {int(first['n_layers'])} "
             "blocks, reused by the pruned continuation), trained on the calibration windows, picks a set per "
@@ -886,9 +903,9 @@ def section_routing(results: Results) -> list[str]:
             f"{verdict}: routed / borda on the pooled mix "
             f"{_ci(versus['ratio'], versus['ci_low'], versus['ci_high'], 3)} ({_p(versus, results)}; "
             f"{_resolved(beats or loses)}{'' if beats or loses else ': ' + _routing_needs(versus)}). Router "
-            f"accuracy {cosine_accuracy.loc['all', 'accuracy']:.0%} [{cosine_accuracy.loc['all', 'ci_low']:.0%}, "
-            f"{cosine_accuracy.loc['all', 'ci_high']:.0%}] over {int(cosine_accuracy.loc['all', 'n_windows'])} "
-            f"windows (lowest: {worst_source}, {cosine_accuracy.loc[worst_source, 'accuracy']:.0%}). Routed inference "
+            f"accuracy {own_accuracy.loc['all', 'accuracy']:.0%} [{own_accuracy.loc['all', 'ci_low']:.0%}, "
+            f"{own_accuracy.loc['all', 'ci_high']:.0%}] over {int(own_accuracy.loc['all', 'n_windows'])} "
+            f"windows (lowest: {worst_source}, {own_accuracy.loc[worst_source, 'accuracy']:.0%}). Routed inference "
             "reproduced the chosen set's static NLL on every window (largest difference "
             f"{summary['max_abs_static_difference'].max():.2g} nats).",
             "",
@@ -907,7 +924,7 @@ def section_routing(results: Results) -> list[str]:
             "",
             "The same router and held-out mix, routing between each distribution's greedy set by real calibration "
             f"loss and, separately, between each distribution's own set by the ablation (its {k} modules of smallest "
-            "single-drop loss), beside the cosine own sets; each family's router reads the block before every module "
+            f"single-drop loss), beside the {results.metric} own sets; each family's router reads the block before every module "
             "its sets drop. Paired over the same windows (below 1: routing loses less).",
             "",
             _table(families),
@@ -920,12 +937,12 @@ def section_routing(results: Results) -> list[str]:
 
 
 def section_sample_size(results: Results) -> list[str]:
-    summary = results.table("convergence_summary", "cosine")
+    summary = results.table("convergence_summary", results.metric)
     if not len(summary) or "n_required_label" not in summary:
         return []
     pivot = summary.pivot_table(index="distribution", columns="module", values="n_required_label", aggfunc="first", sort=False).reset_index()
     target = summary["target_spearman"].iloc[0]
-    return ["## How many samples does a stable ranking need?", "", f"Samples needed for the ranking to agree at ρ ≥ {target} with the "
+    return [f"## How many samples does a stable ranking need? ({results.metric})", "", f"Samples needed for the ranking to agree at ρ ≥ {target} with the "
             "ranking of an independent half of the samples (\"≤ 4\": the fewest tried already do; \"> n\": none do).", "", _table(pivot), ""]
 
 

@@ -11,6 +11,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.ticker import NullFormatter
 
+from ..presets import PRIMARY_METRIC
 from ..study.stability import importance_matrix
 from .captions import MODULE_NAMES
 from .plots import PLAIN, fitted_limits, linear_threshold, positive_norm, ratio_ticks
@@ -102,7 +103,7 @@ def validity_heatmap(validity: pd.DataFrame):
     return fig
 
 
-def proxy_vs_ablation(scores: pd.DataFrame, metric: str = "cosine"):
+def proxy_vs_ablation(scores: pd.DataFrame, metric: str = PRIMARY_METRIC):
     """Proxy importance against the real loss increase of dropping each module, one panel per module kind (2 × 2, legend in the fourth)."""
     modules = ("attn", "mlp", "block")
     fig, grid = plt.subplots(2, 2, figsize=(10, 7.5), layout="constrained")

@@ -38,6 +38,7 @@ from matplotlib.colors import LogNorm
 
 from ..errors import InputError
 from ..io import provenance, read_table, write_table
+from ..presets import PRIMARY_METRIC
 from ..study.dropsets import parse_label
 from ..study.resolution import beyond_noise
 from .plots import MODULE_NAMES, save_figure
@@ -267,7 +268,7 @@ def summary(results_dirs) -> dict[str, pd.DataFrame]:
     return {name: build(runs) for name, build in TABLES.items()}
 
 
-def importance_panels(importance: pd.DataFrame, *, module: str = "attn", metric: str = "cosine"):
+def importance_panels(importance: pd.DataFrame, *, module: str = "attn", metric: str = PRIMARY_METRIC):
     """Small multiples: per model, the importance heatmap (distribution × layer) on a relative-depth axis, each
     model's importance divided by its largest value on a shared log colour scale."""
     part = importance[(importance["module"] == module) & (importance["metric"] == metric)]
@@ -309,7 +310,8 @@ def consensus_forest(comparisons: pd.DataFrame):
     ax.set_xscale("log")
     ax.set_yticks(y, labels, fontsize=8)
     ax.set_xlabel("worst-case held-out perplexity: consensus / single-distribution set (log; < 1 consensus better)")
-    ax.set_title("Consensus (cosine Borda) against each distribution's own set, paired 95% CI")
+    metrics = ", ".join(dict.fromkeys(parse_label(label)["metric"] for label in rows["a"]))
+    ax.set_title(f"Consensus ({metrics} Borda) against each distribution's own set, paired 95% CI")
     fig.tight_layout()
     return fig
 

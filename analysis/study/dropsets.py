@@ -22,7 +22,7 @@ import pandas as pd
 from ..errors import InputError
 from ..io import read_json_file
 from ..kinds import joint_to_lists
-from ..presets import CONSENSUS_METHODS, MODULE_KINDS
+from ..presets import CONSENSUS_METHODS, MODULE_KINDS, PRIMARY_METRIC
 from .consensus import consensus_from_matrix
 from .stability import drop_set, importance_matrix, one_metric
 
@@ -43,7 +43,7 @@ class DropSet:
     module: str
     indices: tuple
     method: str
-    metric: str = "cosine"
+    metric: str = PRIMARY_METRIC
     sources: tuple[str, ...] = field(default=())
 
     @property
@@ -76,7 +76,7 @@ class DropSet:
                 "distributions": list(self.sources)}
 
 
-def make_drop_set(module: str, indices, method: str, metric: str = "cosine", sources=()) -> DropSet:
+def make_drop_set(module: str, indices, method: str, metric: str = PRIMARY_METRIC, sources=()) -> DropSet:
     """A :class:`DropSet` with indices normalised (ints for layers, ``"attn:i"`` strings for joint), kept in the order
     given (a ranking's order: least important first); :meth:`DropSet.sorted_indices` gives layer order."""
     if module == "joint":
@@ -89,7 +89,7 @@ def as_drop_set(value) -> DropSet | None:
     if value is None or isinstance(value, DropSet):
         return value
     return make_drop_set(value["module"], value["indices"], value.get("method") or "file",
-                         value.get("metric") or "cosine", value.get("distributions") or ())
+                         value.get("metric") or PRIMARY_METRIC, value.get("distributions") or ())
 
 
 def parse_label(label: str) -> dict:
@@ -110,7 +110,7 @@ def method_family(method: str) -> str:
     return method.split(":", 1)[0]
 
 
-def random_drop_set(matrix: pd.DataFrame, module: str, k: int, seed: int, metric: str = "cosine") -> DropSet:
+def random_drop_set(matrix: pd.DataFrame, module: str, k: int, seed: int, metric: str = PRIMARY_METRIC) -> DropSet:
     """A uniformly random size-k drop set over the candidates (rows) of an importance matrix."""
     labels = list(matrix.index)
     chosen = np.random.default_rng(seed).choice(len(labels), size=k, replace=False)

@@ -9,7 +9,7 @@ other distributions' data only (``variant = without``) and, for comparison, from
 * ``robust greedy``: the greedy path by real loss whose objective is the worst ΔNLL per token over the
   other distributions' calibration windows (:func:`analysis.importance.ablation.greedy_drop_path`);
 * ``nearest greedy``: the per-distribution greedy set of the distribution d' whose calibration ranking agrees best
-  (Spearman ρ of cosine importance) with the ranking from a few of d's held-out windows, one scoring pass over them;
+  (Spearman ρ of the primary metric's importance) with the ranking from a few of d's held-out windows, one scoring pass over them;
 * candidates for the selection procedures resolved on held-out loss (:mod:`analysis.evaluation.lodo`): every other
   distribution's own set (``<metric> own:<d'>``) and greedy set (``greedy:<d'>``).
 
@@ -22,11 +22,16 @@ import pandas as pd
 
 from ..importance import ablation
 from ..importance.metrics import GROUND_TRUTH
+from ..presets import PRIMARY_METRIC
 from .consensus import consensus_from_matrix
 from .stability import drop_set, importance_matrix, metrics_in
 
 WITHOUT, WITH = "without", "with"
-BASELINE = "cosine borda"
+
+
+def baseline(metric: str = PRIMARY_METRIC) -> str:
+    """The procedure every other is paired against: ``"<metric> borda"`` of the primary metric."""
+    return f"{metric} borda"
 
 
 def set_key(module: str, indices) -> str:
@@ -62,7 +67,7 @@ def nearness(
     held_out: str,
     *,
     module: str,
-    metric: str = "cosine",
+    metric: str = PRIMARY_METRIC,
     include_held_out: bool = False,
 ) -> pd.DataFrame:
     """Spearman ρ between the ``metric`` ranking of ``probe`` (per-sample scores of a few of ``held_out``'s texts)
@@ -104,7 +109,7 @@ def lodo_sets(
     *,
     module: str,
     k: int,
-    own_metrics=("cosine",),
+    own_metrics=(PRIMARY_METRIC,),
 ) -> pd.DataFrame:
     """Every set of the leave-one-out study, one row per (held_out, variant, name).
 

@@ -29,6 +29,7 @@ from scipy import stats
 
 from ..errors import InputError
 from ..importance.metrics import GROUND_TRUTH
+from ..presets import PRIMARY_METRIC
 from .dropsets import UNPRUNED, method_family, parse_label
 
 ALPHA = 0.05
@@ -346,7 +347,7 @@ def pairs_beyond_noise(pairs: pd.DataFrame, split_half: pd.DataFrame, statistic:
     return pairs.assign(ceiling=noise_ceiling(a, b), beyond_noise=beyond_noise(pairs[f"{statistic}_ci_high"], a, b))
 
 
-def agreement_claims(pairs: pd.DataFrame, split_half: pd.DataFrame, metric: str = "cosine") -> list[dict]:
+def agreement_claims(pairs: pd.DataFrame, split_half: pd.DataFrame, metric: str = PRIMARY_METRIC) -> list[dict]:
     """Per module kind: does the calibration data change the ``metric`` ranking?  Resolved when some pair of
     distributions differs beyond resampling noise (:func:`pairs_beyond_noise`); otherwise the samples per
     distribution that would separate the lowest pair's corrected ρ from 1 (its standard error from its CI width)."""
@@ -374,10 +375,12 @@ def agreement_claims(pairs: pd.DataFrame, split_half: pd.DataFrame, metric: str 
     return rows
 
 
-def claims_table(tables: dict, *, truth_tokens: float, heldout_windows: float = np.nan) -> pd.DataFrame:
+def claims_table(tables: dict, *, truth_tokens: float, heldout_windows: float = np.nan,
+                 metric: str = PRIMARY_METRIC) -> pd.DataFrame:
     """Every headline claim of a run with its resolution (columns :data:`CLAIM_COLUMNS`), from its tables:
     ``set_groups``, ``comparisons``, ``validity`` and ``split_half``, ``data_or_metric``, ``bootstrap_pairs``,
-    ``routing_paired`` (those absent or empty are skipped).  ``truth_tokens``: ground-truth tokens per distribution."""
+    ``routing_paired`` (those absent or empty are skipped).  ``truth_tokens``: ground-truth tokens per distribution;
+    ``metric``: the primary metric, whose ranking the agreement claim is about."""
     def has(name):
         return tables.get(name) is not None and len(tables[name])
 
@@ -391,7 +394,7 @@ def claims_table(tables: dict, *, truth_tokens: float, heldout_windows: float = 
     if has("data_or_metric"):
         rows += data_or_metric_claims(tables["data_or_metric"])
     if has("bootstrap_pairs") and has("split_half"):
-        rows += agreement_claims(tables["bootstrap_pairs"], tables["split_half"])
+        rows += agreement_claims(tables["bootstrap_pairs"], tables["split_half"], metric)
     if has("routing_paired"):
         rows += routing_claims(tables["routing_paired"])
     table = pd.DataFrame(rows, columns=CLAIM_COLUMNS)

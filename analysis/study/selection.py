@@ -57,41 +57,46 @@ def greedy_sets(paths: pd.DataFrame, module: str, ks) -> dict[str, DropSet]:
 
 def evaluated_sets(scores: pd.DataFrame, paths: pd.DataFrame | None, settings: RunSettings) -> dict[str, DropSet]:
     """The drop sets evaluated on held-out text, by label.  Attention, per budget: every metric's borda
-    and minimax sets, each distribution's own set by the metrics of ``settings.own_set_metrics``,
-    random sets (cosine's candidates) and the greedy sets.  Every other module kind of
+    and minimax sets, each distribution's own set by the metrics of ``settings.own_metrics``,
+    random sets (labelled with the primary metric) and the greedy sets.  Every other module kind of
     ``settings.transfer_modules`` at its largest budget: every metric's borda set and one random set."""
     sets: dict[str, DropSet] = {}
     for module in settings.transfer_modules:
         attention = module == "attn"
         for k in settings.budget(module):
             for metric in stability.metrics_in(scores):
-                seeds = (settings.random_seeds if attention else settings.random_seeds[:1]) if metric == "cosine" else ()
-                sets.update(drop_set_family(scores, module=module, k=k, metric=metric, methods=("borda", "minimax") if attention else ("borda",),
-                                            own=attention and metric in settings.own_set_metrics, random_seeds=seeds))
+                primary = metric == settings.primary_metric
+                seeds = (settings.random_seeds if attention else settings.random_seeds[:1]) if primary else ()
+                methods = ("borda", "minimax") if attention else ("borda",)
+                sets.update(drop_set_family(scores, module=module, k=k, metric=metric, methods=methods,
+                                            own=attention and metric in settings.own_metrics, random_seeds=seeds))
     if paths is not None:
         sets.update(greedy_sets(paths, settings.greedy_module, settings.budget(settings.greedy_module)))
     return sets
 
 
 def comparison_pairs(sets: dict, distributions, settings: RunSettings) -> list[tuple]:
-    """The paired comparisons of the transfer stage, per module kind and budget: consensus cosine against each
-    distribution's own cosine set (on that distribution and overall), robust greedy against consensus cosine,
-    each proxy's consensus against the ablation's, and consensus cosine against a random set."""
-    pairs = []
+    """The paired comparisons of the transfer stage, per module kind and budget, with p the primary metric
+    (``settings.primary_metric``): p's borda consensus against each distribution's own p set (on that distribution
+    and overall), robust greedy against p's borda, each proxy's borda against the ablation's, and p's borda against a
+    random set."""
+    primary, pairs = settings.primary_metric, []
     for module in settings.transfer_modules:
         for k in settings.budget(module):
             def label(metric, method):
                 return f"{metric}/{module}-{k}:{method}"
 
-            borda = label("cosine", "borda")
+            borda = label(primary, "borda")
             for d in distributions:
-                pairs.append((f"{module}-{k}: cosine borda vs {d}'s own cosine set, on {d}", borda, label("cosine", f"own:{d}"), [d]))
-                pairs.append((f"{module}-{k}: cosine borda vs {d}'s own cosine set", borda, label("cosine", f"own:{d}")))
-            pairs.append((f"{module}-{k}: robust greedy vs cosine borda", label(GROUND_TRUTH, "greedy:robust"), borda))
+                own = label(primary, f"own:{d}")
+                pairs.append((f"{module}-{k}: {primary} borda vs {d}'s own {primary} set, on {d}", borda, own, [d]))
+                pairs.append((f"{module}-{k}: {primary} borda vs {d}'s own {primary} set", borda, own))
+            pairs.append((f"{module}-{k}: robust greedy vs {primary} borda", label(GROUND_TRUTH, "greedy:robust"), borda))
             for metric in sorted({parse_label(name)["metric"] for name in sets} - {GROUND_TRUTH, None}):
                 pairs.append((f"{module}-{k}: {metric} borda vs ablation borda", label(metric, "borda"), label(GROUND_TRUTH, "borda")))
             if module != "attn":
-                pairs.append((f"{module}-{k}: cosine borda vs random", borda, label("cosine", f"random:{settings.random_seeds[0]}")))
+                random = label(primary, f"random:{settings.random_seeds[0]}")
+                pairs.append((f"{module}-{k}: {primary} borda vs random", borda, random))
     return [pair for pair in pairs if pair[1] in sets and pair[2] in sets]
 
 

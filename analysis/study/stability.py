@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..importance.metrics import get_metric, importance_from_sums
-from ..presets import MODULE_KINDS
+from ..presets import MODULE_KINDS, PRIMARY_METRIC
 
 
 def check_scores(scores: pd.DataFrame, *, per_sample: bool = False) -> None:
@@ -46,7 +46,7 @@ def check_scores(scores: pd.DataFrame, *, per_sample: bool = False) -> None:
 
 def metrics_in(scores: pd.DataFrame) -> list[str]:
     """The metrics of a score table, in order of appearance (``["cosine"]`` for a table without a ``metric`` column)."""
-    return list(dict.fromkeys(scores["metric"])) if "metric" in scores.columns else ["cosine"]
+    return list(dict.fromkeys(scores["metric"])) if "metric" in scores.columns else [PRIMARY_METRIC]
 
 
 def one_metric(scores: pd.DataFrame, metric: str | None = None) -> tuple[pd.DataFrame, str]:
