@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 DEFAULT_MODEL = "smollm2-135m"
-MODULE_KINDS = ("attn", "mlp", "block", "joint")
+SCORED_MODULES = ("attn", "mlp", "block")  # the kinds scored directly, in the order of every score array
+MODULE_KINDS = (*SCORED_MODULES, "joint")  # joint: attention and MLP sublayers ranked together
 CONSENSUS_METHODS = ("borda", "median", "mean", "minimax")
 PROXY_METRICS = ("cosine", "angular", "relative_update")
 PRIMARY_METRIC = "cosine"
@@ -138,5 +139,5 @@ def describe(settings: RunSettings) -> str:
     return f"{settings.samples} x {settings.seq_len} tokens per distribution"
 
 
-__all__ = ["CONSENSUS_METHODS", "DEFAULT_MODEL", "GROUND_TRUTH", "MODULE_KINDS", "PAPER_TASKS", "PRESETS", "PRIMARY_METRIC", "PROXY_METRICS",
+__all__ = ["CONSENSUS_METHODS", "DEFAULT_MODEL", "GROUND_TRUTH", "MODULE_KINDS", "PAPER_TASKS", "PRESETS", "PRIMARY_METRIC", "PROXY_METRICS", "SCORED_MODULES",
            "RESULTS_DIR", "RunSettings", "describe", "preset"]

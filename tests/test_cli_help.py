@@ -55,11 +55,11 @@ def test_the_presets_name_only_registered_tasks_metrics_and_methods():
     from analysis.evaluation import heldout as evaluation
     from analysis.importance import metrics
 
-    assert set(presets.PAPER_TASKS) == set(evaluation.PAPER_TASKS)
+    assert set(presets.PAPER_TASKS) == set(evaluation.TASKS)
     assert set(presets.PROXY_METRICS) | {presets.GROUND_TRUTH} <= set(metrics.metric_names())
     assert tuple(consensus.METHODS) == presets.CONSENSUS_METHODS
     for settings in presets.PRESETS.values():
-        assert set(settings.metrics) <= set(metrics.metric_names()) and set(settings.tasks) <= set(evaluation.PAPER_TASKS)
+        assert set(settings.metrics) <= set(metrics.metric_names()) and set(settings.tasks) <= set(evaluation.TASKS)
 
 
 @pytest.mark.parametrize("command", [["models"], ["data", "list"]])

@@ -24,6 +24,7 @@ from ..presets import (
     PRESETS,
     PROXY_METRICS,
     RESULTS_DIR,
+    SCORED_MODULES,
 )
 from .commands import (
     cmd_check,
@@ -255,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     route = command("route", "one model, several drop sets: route each input to a distribution's own set, against the static sets")
     _add_model_options(route)
     route.add_argument("results", help="output folder of `calibdrop run` or `calibdrop score` (its per-sample scores give the drop sets)")
-    route.add_argument("--module", default="attn", choices=MODULE_KINDS[:3], help="module kind of the drop sets")
+    route.add_argument("--module", default="attn", choices=SCORED_MODULES, help="module kind of the drop sets")
     route.add_argument("--k", type=positive_int, default=8, help="drop-set size")
     route.add_argument("--metric", help="importance metric of the drop sets (default: cosine, or the table's only metric)")
     route.add_argument("--methods", default="borda,minimax", help=f"consensus methods compared as static sets ({', '.join(CONSENSUS_METHODS)})")

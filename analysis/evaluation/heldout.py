@@ -31,35 +31,35 @@ from ..errors import InputError
 from ..importance.ablation import block_inputs, dropped_row_nll, full_row_nll
 from ..importance.scoring import input_device
 from ..models.pruning import drop_modules
+from ..presets import PAPER_TASKS
 from ..study.dropsets import UNPRUNED, DropSet, as_drop_set, parse_label
 from ..study.stability import percentile_interval
 
 
 @dataclass(frozen=True)
 class Task:
-    """A paper task: lm-eval's YAML, the local arrow folder(s) and the split evaluated."""
+    """Where a paper task lives: lm-eval's YAML, the local arrow folder(s), the split evaluated and the accuracy of
+    guessing (``chance``)."""
 
-    name: str
     lm_eval_yaml: str
     local: str
     split: str
+    chance: float
 
 
-PAPER_TASKS = {
-    task.name: task
-    for task in (
-        Task("arc_challenge", "arc/arc_challenge.yaml", "ai2_arc/ARC-Challenge/validation", "validation"),
-        Task("arc_easy", "arc/arc_easy.yaml", "ai2_arc/ARC-Easy/validation", "validation"),
-        Task("boolq", "super_glue/boolq/default.yaml", "boolq/none/validation", "validation"),
-        Task("hellaswag", "hellaswag/hellaswag.yaml", "hellaswag/none/validation", "validation"),
-        Task("mmlu", "mmlu/default/_default_template_yaml", "hails/mmlu_no_train/*/test", "test"),
-        Task("openbookqa", "openbookqa/openbookqa.yaml", "openbookqa/main/validation", "validation"),
-        Task("piqa", "piqa/piqa.yaml", "piqa/plain_text/validation", "validation"),
-        Task("rte", "glue/rte/default.yaml", "glue/rte/validation", "validation"),
-        Task("winogrande", "winogrande/default.yaml", "winogrande/winogrande_xl/validation", "validation"),
-    )
-}
-CHANCE = {"arc_challenge": 0.25, "arc_easy": 0.25, "boolq": 0.5, "hellaswag": 0.25, "mmlu": 0.25, "openbookqa": 0.25, "piqa": 0.5, "rte": 0.5, "winogrande": 0.5}
+# One entry per name of analysis.presets.PAPER_TASKS, in its order (the names live there).
+TASKS = dict(zip(PAPER_TASKS, (
+    Task("arc/arc_challenge.yaml", "ai2_arc/ARC-Challenge/validation", "validation", 0.25),
+    Task("arc/arc_easy.yaml", "ai2_arc/ARC-Easy/validation", "validation", 0.25),
+    Task("super_glue/boolq/default.yaml", "boolq/none/validation", "validation", 0.5),
+    Task("hellaswag/hellaswag.yaml", "hellaswag/none/validation", "validation", 0.25),
+    Task("mmlu/default/_default_template_yaml", "hails/mmlu_no_train/*/test", "test", 0.25),
+    Task("openbookqa/openbookqa.yaml", "openbookqa/main/validation", "validation", 0.25),
+    Task("piqa/piqa.yaml", "piqa/plain_text/validation", "validation", 0.5),
+    Task("glue/rte/default.yaml", "glue/rte/validation", "validation", 0.5),
+    Task("winogrande/default.yaml", "winogrande/winogrande_xl/validation", "validation", 0.5),
+), strict=True))
+CHANCE = {name: task.chance for name, task in TASKS.items()}
 
 
 def benchmark_root() -> Path:
@@ -82,9 +82,9 @@ def task_configs(names) -> list[dict]:
     root = benchmark_root()
     configs = []
     for name in names:
-        if name not in PAPER_TASKS:
+        if name not in TASKS:
             raise InputError(f"unknown task {name!r}; tasks: {', '.join(PAPER_TASKS)}")
-        task = PAPER_TASKS[name]
+        task = TASKS[name]
         base = load_yaml(tasks_dir / task.lm_eval_yaml)
         folders = sorted(glob.glob(str(root / task.local)))
         for folder in folders:
@@ -114,7 +114,7 @@ def lm_eval_results(model, tokenizer, tasks, *, limit: int | None = None, batch_
     return simple_evaluate(model=lm, tasks=task_configs(tasks), num_fewshot=0, limit=limit, log_samples=log_samples, verbosity="ERROR")
 
 
-def zero_shot_accuracy(model, tokenizer, tasks=tuple(PAPER_TASKS), *, limit: int | None = None, batch_size: int = 8) -> pd.DataFrame:
+def zero_shot_accuracy(model, tokenizer, tasks=PAPER_TASKS, *, limit: int | None = None, batch_size: int = 8) -> pd.DataFrame:
     """Zero-shot ``acc`` and ``acc_norm`` per task through lm-eval (MMLU: size-weighted over its 57 subjects).
 
     ``limit`` caps the examples per task (per subject for MMLU) for CPU runs.

@@ -32,8 +32,9 @@ from tqdm.auto import tqdm
 from ..errors import InputError
 from ..models.adapters import decoder_layers
 from ..models.pruning import PER_LAYER_CONFIG_LISTS, modules_dropped
+from ..presets import SCORED_MODULES
 
-KINDS = ("attn", "mlp", "block")
+KINDS = SCORED_MODULES
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -36,10 +36,10 @@ from ..models.distributed import gather_shards, rank_and_world
 from ..models.loading import model_info
 from ..stages import StageStore, stage_key
 from .ablation import position_ids_from_mask, single_drop_increase
-from ..presets import PRIMARY_METRIC
+from ..presets import PRIMARY_METRIC, SCORED_MODULES
 from .metrics import GROUND_TRUTH, TokenPair, check_metrics, get_metric, importance_column, importance_from_sums
 
-MODULES = ("attn", "mlp", "block")
+MODULES = SCORED_MODULES
 PROXY_DEFAULT = (PRIMARY_METRIC,)
 READ_POINT_OF_Y = {"attn": "resid_mid", "mlp": "resid_post", "block": "resid_post"}
 _CHUNK_ELEMENTS = 1 << 23

@@ -28,21 +28,9 @@ from ..errors import InputError
 from ..io import read_json_file, temp_dir
 from ..kinds import joint_to_lists
 from .adapters import adapter_for, decoder_layers
+from .modeling_calibdrop import DroppedBranch  # the one class: exported checkpoints ship that file
 
 PER_LAYER_CONFIG_LISTS = ("layer_types", "kv_sharing_modes")
-
-
-class DroppedBranch(nn.Module):
-    """Stands where a dropped attention or MLP was: adds a zero scalar to the residual stream."""
-
-    def __init__(self, returns_tuple: bool):
-        super().__init__()
-        self.returns_tuple = returns_tuple
-
-    def forward(self, *args, **kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        zero = hidden.new_zeros(())
-        return (zero, None) if self.returns_tuple else zero
 
 
 def _indices(name: str, values: Iterable, n_layers: int) -> list[int]:

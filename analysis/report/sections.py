@@ -131,12 +131,12 @@ def ranked_sets(results: Results) -> pd.DataFrame:
     per = transfer[~transfer["distribution"].isin(["worst", "mean"])]
     median = per.groupby("drop_set")["ppl_ratio"].median()
     mean = transfer[transfer["distribution"] == "mean"].set_index("drop_set")["ppl_ratio"]
-    worst = transfer[(transfer["distribution"] == "worst") & (transfer["drop_set"] != UNPRUNED)].copy()
+    worst = resolution.worst_case(transfer).copy()
     worst["family"] = worst["method"].map(method_family)
     worst["worst ratio [95% CI]"] = [_ci(r.ppl_ratio, r.ci_low, r.ci_high) for r in worst.itertuples()]
     worst["median ratio"] = worst["drop_set"].map(median)
     worst["mean ratio"] = worst["drop_set"].map(mean)
-    return worst.sort_values(["module", "k", "ppl_ratio"])
+    return worst
 
 
 def _resolved(flag: bool) -> str:

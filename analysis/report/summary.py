@@ -38,14 +38,13 @@ from matplotlib.colors import LogNorm
 
 from ..errors import InputError
 from ..io import provenance, read_table, write_table
-from ..presets import PRIMARY_METRIC
-from ..study.dropsets import parse_label
-from ..study.resolution import beyond_noise
+from ..presets import GROUND_TRUTH, PRIMARY_METRIC
+from ..study.dropsets import method_kind, parse_label
+from ..study.resolution import pairs_beyond_noise, worst_case
 from .plots import MODULE_NAMES, save_figure
 
 REQUIRED = ("scores", "bootstrap_pairs", "split_half", "drop_sets")
 OPTIONAL = ("validity", "decomposition", "transfer", "comparisons", "claims")
-GROUND_TRUTH = "ablation"
 
 
 @dataclass
@@ -109,7 +108,7 @@ def agreement_rows(run: RunFolder) -> list[dict]:
         floors = halves[(halves["metric"] == metric) & (halves["module"] == module)].set_index("distribution")
         for statistic in _statistics(part):
             floor = floors["reliability" if statistic == "spearman" else f"split_half_{statistic}"]
-            beyond = beyond_noise(part[f"{statistic}_ci_high"], part["a"].map(floor), part["b"].map(floor))
+            beyond = pairs_beyond_noise(part, halves, statistic)["beyond_noise"]
             lowest = part.loc[part[statistic].idxmin()]
             rows.append({
                 "model": run.label, "n_layers": run.n_layers, "metric": metric, "module": module, "statistic": statistic,
@@ -184,20 +183,6 @@ def decomposition_table(runs: list[RunFolder]) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
-def method_kind(method: str) -> str:
-    """The family of a drop-set method: ``consensus`` (borda, minimax, mean, median), ``single`` (own:d),
-    ``greedy`` (greedy:d), ``robust greedy``, ``random``."""
-    if method.startswith("own:"):
-        return "single"
-    if method == "greedy:robust":
-        return "robust greedy"
-    if method.startswith("greedy:"):
-        return "greedy"
-    if method.startswith("random"):
-        return "random"
-    return "consensus"
-
-
 def heldout_table(runs: list[RunFolder]) -> pd.DataFrame:
     """Every drop set's worst-case held-out perplexity ratio (over distributions) with its CI, per model and budget;
     ``rank`` 1 is the lowest ratio among non-random sets (random sets get no rank)."""
@@ -205,8 +190,7 @@ def heldout_table(runs: list[RunFolder]) -> pd.DataFrame:
     for run in runs:
         if "transfer" not in run.tables:
             continue
-        worst = run.tables["transfer"]
-        worst = worst[(worst["distribution"] == "worst") & (worst["drop_set"] != "none")]
+        worst = worst_case(run.tables["transfer"])
         parts.append(worst[["drop_set", "metric", "module", "k", "method", "ppl_ratio", "ci_low", "ci_high"]].assign(
             model=run.label, n_layers=run.n_layers))
     if not parts:

@@ -82,11 +82,6 @@ def regret(matrix: pd.DataFrame, chosen: list, distribution: str) -> float:
     return float(column.loc[chosen].sum() - np.sort(column.to_numpy())[: len(chosen)].sum())
 
 
-def single_distribution_sets(matrix: pd.DataFrame, k: int) -> dict[str, list]:
-    """Each distribution's own drop set, named ``own:<distribution>``."""
-    return {f"own:{d}": drop_set(matrix[d], k) for d in matrix.columns}
-
-
 def regret_table(scores: pd.DataFrame, drop_sets: dict[str, list], *, module: str = "attn", metric: str | None = None) -> pd.DataFrame:
     """Every drop set × every distribution: dropped importance, best possible, regret.
 

@@ -110,6 +110,14 @@ def method_family(method: str) -> str:
     return method.split(":", 1)[0]
 
 
+def method_kind(method: str) -> str:
+    """What a method is, as the summary tables name it: ``consensus`` (borda, minimax, mean, median), ``single``
+    (``own:d``), ``greedy`` (``greedy:d``), ``robust greedy`` (``greedy:robust``), ``random``."""
+    if method == "greedy:robust":
+        return "robust greedy"
+    return {"own": "single", "greedy": "greedy", "random": "random"}.get(method_family(method), "consensus")
+
+
 def random_drop_set(matrix: pd.DataFrame, module: str, k: int, seed: int, metric: str = PRIMARY_METRIC) -> DropSet:
     """A uniformly random size-k drop set over the candidates (rows) of an importance matrix."""
     labels = list(matrix.index)

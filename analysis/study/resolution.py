@@ -124,12 +124,18 @@ def names_text(labels, shown: int = 3) -> str:
 # ---------------------------------------------------------------- recommended sets
 
 
-def candidates(transfer: pd.DataFrame) -> pd.DataFrame:
-    """The sets a recommendation chooses among: worst-case rows of the transfer table, neither random nor unpruned,
-    ranked per module kind and budget by their worst-case held-out perplexity ratio (``rank`` 1: lowest)."""
+def worst_case(transfer: pd.DataFrame) -> pd.DataFrame:
+    """The held-out ranking: every pruned set's worst-case row of a transfer table (the unpruned model left out),
+    ordered per module kind and budget by its worst-case held-out perplexity ratio, lowest first (stable on ties)."""
     worst = transfer[(transfer["distribution"] == "worst") & (transfer["drop_set"] != UNPRUNED)]
+    return worst.sort_values(["module", "k", "ppl_ratio"], kind="stable")
+
+
+def candidates(transfer: pd.DataFrame) -> pd.DataFrame:
+    """The sets a recommendation chooses among: :func:`worst_case` without the random sets, with ``rank`` (1: lowest
+    ratio) per module kind and budget."""
+    worst = worst_case(transfer)
     worst = worst[worst["method"].map(method_family) != "random"]
-    worst = worst.sort_values(["module", "k", "ppl_ratio"], kind="stable")
     return worst.assign(rank=worst.groupby(["module", "k"], sort=False).cumcount() + 1)
 
 
