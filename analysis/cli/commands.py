@@ -86,30 +86,6 @@ def metric_of(scores, requested: str | None) -> str:
     return requested or (PRIMARY_METRIC if PRIMARY_METRIC in metrics_in(scores) else one_metric(scores, None)[1])
 
 
-def cmd_models_list(args) -> None:
-    import pandas as pd
-
-    from ..models import loading as models
-
-    status = pd.DataFrame(models.builtin_status())
-    if args.json:
-        print_json(status)
-        return
-    print_table(status if args.wide else status[["name", "family", "layers", "fetched", "license"]], args.wide)
-    print(f"\ncache: {models.cache_dir() / 'models'}   (--wide: requirements and descriptions; --json: everything)")
-
-
-def cmd_models_fetch(args) -> None:
-    from ..models import loading as models
-
-    for name in args.names or [DEFAULT_MODEL]:
-        path = models.fetch_builtin(name)
-        print(f"{name}: {path} (sha256 verified)")
-        if args.dequantise:
-            model, _ = models.load_model(name)
-            print(f"{name}: float32 cache ready at {model.calibdrop_info.path}")
-
-
 def expand_distributions(spec: str) -> list[str]:
     """``"code,math"`` → names; ``"all"`` → every top-level distribution and its sub-distributions."""
     from ..data.documents import subsets
@@ -197,41 +173,6 @@ def score_jsonl(args, out: Path, metrics):
     if is_main_process():
         write_table(table, out, record)
     return table
-
-
-def cmd_data_fetch(args) -> None:
-    from tqdm.auto import tqdm
-
-    from ..data.documents import fetch_distribution
-    from ..data.manifests import top_level, unseen_distributions
-
-    names = args.names or [*top_level(), *unseen_distributions()]
-    for name in tqdm(names, desc="distributions", unit="dist", disable=not sys.stderr.isatty()):
-        frame = fetch_distribution(name)
-        print(f"{name}: {len(frame)} documents, checksums verified")
-
-
-def describe_sources(sources: list[dict]) -> str:
-    """``package=version`` of each fetched source, with the pin where a newer Debian revision replaced it."""
-    return ", ".join(
-        f"{s['package']}={s['version']}" + (f" (pinned {s['pinned_version']}, sha256 {s['sha256']})" if s.get("pinned_version") else "")
-        for s in sources if s.get("package")
-    )
-
-
-def cmd_data_list(args) -> None:
-    from ..data.documents import distribution_summary
-
-    summary = distribution_summary()
-    if args.json:
-        print_json(summary)
-        return
-    if args.wide:
-        print_table(summary.assign(sources=summary["sources"].map(describe_sources)), wide=True)
-        return
-    narrow = summary.rename(columns={"calibration_documents": "calib docs", "heldout_documents": "held-out docs"})
-    print_table(narrow[["name", "role", "fetched", "calib docs", "held-out docs"]].assign(license=summary["license"].str.slice(0, 30)))
-    print("\n(--wide: characters, sources and pinned versions; --json: everything)")
 
 
 def cmd_compare(args) -> None:
@@ -442,67 +383,3 @@ def cmd_summary(args) -> None:
         print(f"  {path}")
 
 
-def cmd_check(args) -> None:
-    """``calibdrop check``: does a drop set still hold on the user's texts (:func:`analysis.evaluation.check.check`)."""
-    import hashlib
-
-    from ..evaluation.check import MIN_TEXTS, check
-    from ..io import provenance, read_jsonl_texts, write_table
-    from ..models import loading as models
-    from ..models import pruning
-    from ..models.distributed import is_main_process
-    from ..study.dropsets import read_drop_set
-
-    drop_set = read_drop_set(Path(args.drop_set))
-    texts = read_jsonl_texts(Path(args.texts))
-    if len(texts) < MIN_TEXTS:
-        raise InputError(f"texts file {args.texts} holds {len(texts)} texts; `calibdrop check` needs at least "
-                         f"{MIN_TEXTS}, as it compares random halves of them")
-    out = writable_output(Path(args.out), folder=True)
-    source = read_per_sample(args.scores) if args.scores else None
-    model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)
-    pruning.check_drop_set(drop_set, model, force=args.force)
-    warn_beyond_positions(model, args.max_length)
-    result = check(model, tokenizer, drop_set, texts, source_scores=source, metric=args.metric, consensus_method=args.consensus_method,
-                   max_length=args.max_length, batch_size=args.batch_size, loss_samples=args.loss_samples, alpha=args.alpha,
-                   regret_tolerance=args.tolerance, n_perm=args.n_perm, seed=args.seed, progress=sys.stderr.isatty())
-    record = provenance(kind="check", model=models.model_info(model), drop_set=drop_set,
-                        texts={"path": str(args.texts), "sha256": hashlib.sha256(Path(args.texts).read_bytes()).hexdigest(), "n_texts": len(texts)},
-                        settings={key: getattr(args, key) for key in ("metric", "consensus_method", "max_length", "loss_samples", "alpha",
-                                                                       "tolerance", "n_perm", "seed")})
-    if not is_main_process():
-        return
-    for name, table in result.tables().items():
-        write_table(table, out / f"{name}.parquet", record)
-    print_table(result.summary.drop(columns=["drop_set", "sources"]).T.reset_index().set_axis(["", "value"], axis=1))
-    print(f"\n{result.recommendation}\nwrote {len(result.tables())} tables to {out}")
-
-
-def cmd_route(args) -> None:
-    """``calibdrop route``: routed vs static drop sets on a held-out mix (:func:`analysis.evaluation.routing.evaluate_routing`)."""
-    from ..evaluation.routing import evaluate_routing
-    from ..io import provenance, write_table
-    from ..models import loading as models
-    from ..presets import RunSettings
-    from ..report import sections as report
-
-    scores = read_per_sample(args.results)
-    results = Path(args.results)
-    out = writable_output(Path(args.out) if args.out else (results if results.is_dir() else results.parent) / "routing", folder=True)
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)
-    warn_beyond_positions(model, max(args.seq_len, args.calibration_seq_len))
-    tables = evaluate_routing(model, tokenizer, scores, module=args.module, k=args.k, metric=metric_of(scores, args.metric),
-                              consensus_methods=methods, classifier=args.classifier, calibration_samples=args.calibration_samples,
-                              calibration_seq_len=args.calibration_seq_len, heldout_samples=args.samples, heldout_seq_len=args.seq_len,
-                              batch_size=args.batch_size, n_boot=args.n_boot, seed=args.seed, progress=sys.stderr.isatty())
-    record = provenance(kind="routing", model=models.model_info(model), scores=scores.attrs.get("provenance", {}),
-                        settings={key: getattr(args, key) for key in ("module", "k", "metric", "methods", "classifier", "calibration_samples",
-                                                                       "calibration_seq_len", "samples", "seq_len", "n_boot", "seed")})
-    for name, table in tables.items():
-        write_table(table, out / f"routing_{name}.parquet", record)
-    shown = report.Results({}, RunSettings(), scores, {"routing": tables["summary"], "routing_paired": tables["paired"],
-                                                        "routing_accuracy": tables["accuracy"]}, [])
-    print("\n".join(report.section_routing(shown)[2:]))
-    print(f"routing cost: the router's prefix is {tables['cost']['prefix_ratio'].iloc[0]:.1%} of a forward pass (reused by the "
-          f"continuation), its classifier {tables['cost']['classifier_ratio'].iloc[0]:.3%}\nwrote {len(tables)} tables to {out}")

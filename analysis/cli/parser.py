@@ -27,22 +27,18 @@ from ..presets import (
     SCORED_MODULES,
 )
 from .commands import (
-    cmd_check,
     cmd_compare,
     cmd_consensus,
-    cmd_data_fetch,
-    cmd_data_list,
     cmd_evaluate,
     cmd_export,
-    cmd_models_fetch,
-    cmd_models_list,
     cmd_prune,
     cmd_report,
-    cmd_route,
     cmd_run,
     cmd_score,
     cmd_summary,
 )
+from .data_commands import cmd_data_fetch, cmd_data_list, cmd_models_fetch, cmd_models_list
+from .use_commands import cmd_check, cmd_route
 
 
 def integer(text: str) -> int:

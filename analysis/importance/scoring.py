@@ -17,7 +17,6 @@ same pass's block inputs.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Mapping, Sequence
 
@@ -29,66 +28,32 @@ from tqdm.auto import tqdm
 from ..data.documents import documents_key, load_distribution
 from ..data.fetching import sources_used
 from ..data.manifests import load_manifest
-from ..data.samples import calibration_samples, length_sorted_batches, pad_token_id, token_batches, tokenize_texts
+from ..data.samples import (
+    calibration_samples,
+    length_sorted_batches,
+    pad_token_id,
+    token_batches,
+    tokenize_texts,
+)
 from ..errors import InputError, NonFiniteActivationError
 from ..models.adapters import Adapter, adapter_for, decoder_layers
 from ..models.distributed import gather_shards, rank_and_world
 from ..models.loading import model_info
+from ..presets import PRIMARY_METRIC, SCORED_MODULES
 from ..stages import StageStore, stage_key
 from .ablation import position_ids_from_mask, single_drop_increase
-from ..presets import PRIMARY_METRIC, SCORED_MODULES
-from .metrics import GROUND_TRUTH, TokenPair, check_metrics, get_metric, importance_column, importance_from_sums
+from .metrics import (
+    GROUND_TRUTH,
+    check_metrics,
+    get_metric,
+    importance_column,
+    importance_from_sums,
+)
+from .statistics import masked_statistic_sums
 
 MODULES = SCORED_MODULES
 PROXY_DEFAULT = (PRIMARY_METRIC,)
 READ_POINT_OF_Y = {"attn": "resid_mid", "mlp": "resid_post", "block": "resid_post"}
-_CHUNK_ELEMENTS = 1 << 23
-_COMPILED: dict[tuple, object] = {}
-
-
-def _pair_statistic_sums(points, pairs, mask, metrics):
-    """``(len(metrics), len(pairs), rows)`` float64: per row, ``sum_t mask_t * f(points[a]_t, points[b]_t)``.
-
-    Points are upcast to float32 once and their norms shared by the pairs and metrics that use them.
-    """
-    vectors = [point.float() for point in points]
-    norms = [torch.linalg.vector_norm(vector, dim=-1) for vector in vectors]
-    pair_views = [TokenPair(vectors[a], vectors[b], norms[a], norms[b]) for a, b in pairs]
-    statistics = torch.stack([torch.stack([metric.token_statistic(pair) for pair in pair_views]) for metric in metrics])
-    return torch.where(mask, statistics, torch.zeros_like(statistics)).sum(dim=-1, dtype=torch.float64)
-
-
-def _fused_kernel(device: torch.device, metrics: tuple):
-    """``torch.compile``d :func:`_pair_statistic_sums` on CUDA (one pass over the points), else ``None``.
-
-    Set ``CALIBDROP_COMPILE=0`` to always use the eager, chunked path.
-    """
-    if device.type != "cuda" or os.environ.get("CALIBDROP_COMPILE", "1") == "0":
-        return None
-    key = tuple(metric.name for metric in metrics)
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(_pair_statistic_sums, dynamic=True)
-    return _COMPILED[key]
-
-
-def masked_statistic_sums(points: Sequence[torch.Tensor], pairs, mask: torch.Tensor, metrics: Sequence) -> torch.Tensor:
-    """For each metric, each pair ``(a, b)`` of point indices and each batch row: the sum over real
-    tokens of ``f(points[a]_t, points[b]_t)``, computed in float32, float64 ``(metrics, pairs, rows)``.
-
-    Each point is upcast once per chunk of rows, so the float32 temporaries stay small whatever
-    the model's dtype.
-    """
-    metrics = tuple(metrics)
-    fused = _fused_kernel(points[0].device, metrics)
-    if fused is not None:
-        return fused(points, tuple(pairs), mask, metrics)
-    batch, seq, hidden = points[0].shape
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, seq * hidden))
-    chunks = [
-        _pair_statistic_sums([point[start : start + rows_per_chunk] for point in points], pairs, mask[start : start + rows_per_chunk], metrics)
-        for start in range(0, batch, rows_per_chunk)
-    ]
-    return torch.cat(chunks, dim=-1)
 
 
 def _first_tensor(value) -> torch.Tensor:

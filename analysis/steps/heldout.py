@@ -1,0 +1,110 @@
+"""The stages on held-out text: the pruned sets, their window NLL (calibration and test-only distributions),
+transfer, the paired comparisons, zero-shot accuracy and the resolution of every headline claim."""
+
+from __future__ import annotations
+
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ..evaluation import accuracy
+from ..evaluation import heldout as evaluation
+from ..study import resolution
+from ..study.dropsets import UNPRUNED
+from ..study.selection import comparison_pairs, evaluated_sets, pruned_size, sets_from_table
+
+from .core import Study
+
+
+def stage_pruned(study: Study) -> pd.DataFrame:
+    return pruned_size(study.model, evaluated_sets(study.results["scores.per_sample"], study.results.get("greedy"), study.settings))
+
+
+def stage_heldout(study: Study, names: tuple[str, ...] | None = None, kind: str = "heldout") -> pd.DataFrame:
+    """Summed NLL of every held-out window of every distribution (``names``, default the calibration ones) under every
+    pruned model (one part per distribution)."""
+    s = study.settings
+    sets = sets_from_table(study.results["pruned"])
+
+    def windows(name):
+        samples = evaluation.heldout_samples(study.tokenizer, [name], n_samples=s.transfer_samples, seq_len=s.transfer_seq_len, seed=s.seed)
+        return evaluation.window_nll(study.model, samples, sets, batch_size=s.heldout_batch_size, progress=False)
+
+    names = study.distributions if names is None else names
+    return pd.concat([study.part(kind, name, lambda name=name: windows(name))
+                      for name in tqdm(names, desc="held-out evaluation", unit="dist", disable=not study.progress)],
+                     ignore_index=True)
+
+
+def stage_heldout_unseen(study: Study) -> pd.DataFrame:
+    """:func:`stage_heldout` on the test-only distributions (``unseen``): text of kinds no stage calibrated, selected
+    or compared on; only :func:`stage_transfer_unseen` and the report read it."""
+    return stage_heldout(study, study.unseen, "heldout-unseen")
+
+
+def stage_transfer_unseen(study: Study) -> pd.DataFrame:
+    """Every evaluated set's perplexity ratio on each test-only distribution, and the worst and mean over them."""
+    return evaluation.transfer_summary(study.results["heldout_windows_unseen"], n_boot=study.settings.n_boot, seed=study.settings.seed)
+
+
+def stage_transfer(study: Study) -> pd.DataFrame:
+    return evaluation.transfer_summary(study.results["heldout_windows"], n_boot=study.settings.n_boot, seed=study.settings.seed)
+
+
+def stage_comparisons(study: Study) -> pd.DataFrame:
+    s = study.settings
+    sets = {label: chosen for label, chosen in sets_from_table(study.results["pruned"]).items() if chosen is not None}
+    return evaluation.paired_comparisons(study.results["heldout_windows"], comparison_pairs(sets, study.distributions, s), n_boot=s.n_boot,
+                                         seed=s.seed)
+
+
+def stage_accuracy(study: Study) -> dict[str, pd.DataFrame]:
+    """Item-level zero-shot correctness of the unpruned model and of each of ``settings.accuracy_sets`` that was evaluated
+    (one saved part per set), and the per-set accuracy table computed from it."""
+    s = study.settings
+    sets = sets_from_table(study.results["pruned"])
+    parts = [study.part("accuracy_items", name.replace(":", "_").replace("/", "_"), lambda name=name: accuracy.items_of_set(
+                 study.model, study.tokenizer, name, sets[name], s.tasks, limit=s.task_limit))
+             for name in tqdm(s.accuracy_sets, desc="zero-shot accuracy", unit="set", disable=not study.progress) if name in sets]
+    if not parts:
+        return {"accuracy_items": pd.DataFrame(), "accuracy": pd.DataFrame()}
+    items = pd.concat(parts, ignore_index=True).assign(model=study.store.model_record.get("spec"))
+    return {"accuracy_items": items, "accuracy": accuracy.accuracy_table(items)}
+
+
+def accuracy_pairs(study: Study, evaluated) -> list[tuple[str, str, str]]:
+    """Every set evaluated for accuracy against the unpruned model, then the held-out stage's overall comparisons
+    (:func:`comparison_pairs`) whose two sets were both evaluated for accuracy."""
+    sets = {label: chosen for label, chosen in sets_from_table(study.results["pruned"]).items() if chosen is not None}
+    versus = [(f"{name} vs unpruned", name, UNPRUNED) for name in evaluated if name != UNPRUNED]
+    held = [(comparison, a, b) for comparison, a, b, *only in comparison_pairs(sets, study.distributions, study.settings)
+            if not only and a in evaluated and b in evaluated]
+    return versus + list(dict.fromkeys(held))
+
+
+def stage_accuracy_paired(study: Study) -> dict[str, pd.DataFrame]:
+    """Paired item-level comparisons on the tasks where the unpruned model is clearly above chance, and per task the
+    screen and the items a 3-point difference needs (:func:`analysis.evaluation.accuracy.accuracy_analysis`)."""
+    s, items = study.settings, study.results["accuracy_items"]
+    if not len(items) or UNPRUNED not in set(items["drop_set"]):
+        return {"accuracy_paired": pd.DataFrame(), "accuracy_tasks": pd.DataFrame()}
+    paired, tasks = accuracy.accuracy_analysis(items, accuracy_pairs(study, list(dict.fromkeys(items["drop_set"]))), task_limit=s.task_limit,
+                                               n_boot=s.n_boot, seed=s.seed)
+    return {"accuracy_paired": paired, "accuracy_tasks": tasks}
+
+
+def stage_resolution(study: Study) -> dict[str, pd.DataFrame]:
+    """Every headline claim marked resolved or not (:mod:`analysis.study.resolution`): the best set of each module kind
+    and budget paired against every other on the same held-out windows (``set_groups``), then ``claims``."""
+    s, r = study.settings, study.results
+    groups = pd.DataFrame()
+    if len(r.get("transfer", [])):
+        ranked = resolution.candidates(r["transfer"])
+        pairs = resolution.versus_best(ranked)
+        paired = evaluation.paired_comparisons(r["heldout_windows"], pairs, n_boot=s.n_boot, seed=s.seed)
+        groups = resolution.set_groups(ranked, paired, dict(zip(r["pruned"]["drop_set"], r["pruned"]["indices"])))
+    names = ("comparisons", "validity", "split_half", "data_or_metric", "bootstrap_pairs", "routing_paired")
+    tables = {name: r.get(name) for name in names} | {"set_groups": groups}
+    return {"set_groups": groups,
+            "claims": resolution.claims_table(tables, truth_tokens=s.ablation_samples * s.ablation_seq_len,
+                                              metric=s.primary_metric)}
