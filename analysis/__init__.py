@@ -20,8 +20,10 @@ _HOMES = {
     "models.pruning": ("drop_modules", "save_pruned"),
     "export": ("export_checkpoint", "paper_drop_lists"),
     "data.samples": ("calibration_samples",),
-    "importance.scoring": ("MODULES", "aggregate_importance", "score_distributions", "score_texts", "score_token_batches"),
-    "study.stability": ("bootstrap", "convergence", "importance_matrix", "permutation_test", "rank_agreement", "split_half_reliability"),
+    "importance.scoring": ("MODULES", "aggregate_importance", "score_distributions", "score_texts",
+                           "score_token_batches"),
+    "study.stability": ("bootstrap", "convergence", "importance_matrix", "permutation_test", "rank_agreement",
+                        "split_half_reliability"),
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 __all__ = sorted(_HOME_OF)

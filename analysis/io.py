@@ -40,7 +40,8 @@ def package_versions() -> dict[str, str | None]:
 
 def provenance(**fields) -> dict:
     """A provenance record: the given fields, package versions and a UTC timestamp."""
-    return {**fields, "versions": package_versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {**fields, "versions": package_versions(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def cache_dir() -> Path:
@@ -70,7 +71,8 @@ def sha256_file(path: Path, *, progress: bool = False) -> str:
 
 def sha256_of_listing(listing: dict[str, str]) -> str:
     """One sha256 for a ``{name: sha256}`` listing of files (a checkpoint, an extracted tree), in name order."""
-    return hashlib.sha256("".join(f"{name}:{digest}\n" for name, digest in sorted(listing.items())).encode()).hexdigest()
+    return hashlib.sha256("".join(f"{name}:{digest}\n" for name,
+                                  digest in sorted(listing.items())).encode()).hexdigest()
 
 
 def verify_checksum(path: Path, expected: str, *, what: str, remedy: str) -> None:
@@ -129,7 +131,8 @@ def sidecar_path(path: Path) -> Path:
 
 
 def write_table(frame: pd.DataFrame, path: Path, record: dict) -> Path:
-    """Save ``frame`` as Parquet and ``record`` as its JSON sidecar, with the Parquet's ``content_sha256``; the sidecar is written last."""
+    """Save ``frame`` as Parquet and ``record`` as its JSON sidecar, with the Parquet's ``content_sha256``; the sidecar
+    is written last."""
     path = Path(path)
     data = frame.to_parquet(index=False)
     atomic_write_bytes(path, data)
@@ -145,7 +148,8 @@ def read_table(path: Path) -> pd.DataFrame:
     """
     path = Path(path)
     if not path.exists() or not sidecar_path(path).exists():
-        raise InputError(f"{path} is not a calibdrop result: it or its provenance sidecar {sidecar_path(path).name} is missing")
+        raise InputError(
+            f"{path} is not a calibdrop result: it or its provenance sidecar {sidecar_path(path).name} is missing")
     remedy = f"delete {path} and its sidecar, and compute it again"
     try:
         record = parse_json(sidecar_path(path).read_bytes(), f"the provenance sidecar {sidecar_path(path)}", remedy)
@@ -156,11 +160,15 @@ def read_table(path: Path) -> pd.DataFrame:
     data = path.read_bytes()
     expected = record.get("content_sha256")
     if expected is not None and hashlib.sha256(data).hexdigest() != expected:
-        raise ChecksumError(f"{path} does not have the sha256 its sidecar records: it was damaged or replaced; delete it and compute it again")
+        raise ChecksumError(
+            f"{path} does not have the sha256 its sidecar records: it was damaged or replaced; delete it and compute "
+            f"it again")
     try:
         frame = pd.read_parquet(io.BytesIO(data))
     except (pa.ArrowException, OSError, ValueError) as error:
-        raise ChecksumError(f"{path} is not a readable Parquet table ({str(error).splitlines()[0]}); delete it and compute it again") from None
+        raise ChecksumError(
+            f"{path} is not a readable Parquet table ({str(error).splitlines()[0]}); delete it and compute it again"
+        ) from None
     frame.attrs["provenance"] = record
     return frame
 
@@ -178,9 +186,11 @@ def read_cached_table(path: Path, expect: dict) -> pd.DataFrame | None:
     try:
         frame = read_table(path)
         record = frame.attrs["provenance"]
-        wrong = [k for k, v in expect.items() if record.get(k) != v] + ([] if "content_sha256" in record else ["content_sha256"])
+        wrong = [k for k,
+                 v in expect.items() if record.get(k) != v] + ([] if "content_sha256" in record else ["content_sha256"])
         if wrong:
-            raise ChecksumError(f"{path} was saved for other settings or without a checksum (its {', '.join(wrong)} differ)")
+            raise ChecksumError(
+                f"{path} was saved for other settings or without a checksum (its {', '.join(wrong)} differ)")
     except CalibdropError as error:
         warnings.warn(f"discarding cache entry {path.name}: {error}; computing it again", CalibdropWarning)
         path.unlink(missing_ok=True)
@@ -261,7 +271,8 @@ def read_jsonl_texts(path: Path) -> list[str]:
             continue
         record = parse_json(line, f"{path}:{number}", "write one JSON object {\"text\": \"...\"} per line")
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise InputError(f"{path}:{number} has no string field 'text'; each line must look like {{\"text\": \"...\"}}")
+            raise InputError(
+                f"{path}:{number} has no string field 'text'; each line must look like {{\"text\": \"...\"}}")
         texts.append(record["text"])
     if not texts:
         raise InputError(f"texts file {path} holds no texts: write one JSON object {{\"text\": \"...\"}} per line")
@@ -273,4 +284,5 @@ def decode_line(path: Path, number: int, raw: bytes) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise InputError(f"{path}:{number} is not UTF-8 text (byte {error.start + 1} of the line): save the file as UTF-8") from None
+        raise InputError(
+            f"{path}:{number} is not UTF-8 text (byte {error.start + 1} of the line): save the file as UTF-8") from None

@@ -29,11 +29,14 @@ from .report import plots, study_plots
 from .report.sections import Results, write_report
 from .stages import StageStore
 from .study import consensus, stability
-from .steps.calibration import (stage_aggregate, stage_decomposition, stage_drop_sets, stage_greedy, stage_leave_one_out,
-                                stage_per_sample, stage_regret, stage_scores_ablation, stage_scores_proxies, stage_stability,
+from .steps.calibration import (stage_aggregate, stage_decomposition, stage_drop_sets, stage_greedy,
+                                stage_leave_one_out,
+                                stage_per_sample, stage_regret, stage_scores_ablation, stage_scores_proxies,
+                                stage_stability,
                                 stage_subset_agreement, stage_subsets, stage_validity)
 from .steps.core import STABILITY_TABLES, Stage, Study, budgets_union, subset_names, top_level_distributions, unseen_of
-from .steps.heldout import (stage_accuracy, stage_accuracy_paired, stage_comparisons, stage_heldout, stage_heldout_unseen,
+from .steps.heldout import (stage_accuracy, stage_accuracy_paired, stage_comparisons, stage_heldout,
+                            stage_heldout_unseen,
                             stage_pruned, stage_resolution, stage_transfer, stage_transfer_unseen)
 from .steps.lodo import stage_lodo, stage_lodo_sets, stage_lodo_windows
 from .steps.routing import stage_check, stage_routing
@@ -64,8 +67,10 @@ def _tokens(study: Study, names, samples: int, seq_len: int) -> float:
 def work_of(kind: str) -> Callable[[Study], float]:
     """A rough estimate of a stage's work in tokens through the whole model, for the run's ETA: proxies one pass, the
     ablation about half the model per candidate (3 per layer), greedy that per step and shortlisted candidate, held-out
-    windows one pass plus about half per evaluated set, accuracy about 400 tokens per item and set, check one pass over the
-    held-out windows, routing one pass over them plus the router's prefix (about a tenth of the model) over the calibration windows."""
+    windows one pass plus about half per evaluated set, accuracy about 400 tokens per item and set, check one pass over
+    the
+    held-out windows, routing one pass over them plus the router's prefix (about a tenth of the model) over the
+    calibration windows."""
     def estimate(study: Study) -> float:
         s, distributions = study.settings, study.distributions
         candidates = 3 * study.store.model_record.get("n_layers", 12)
@@ -80,7 +85,8 @@ def work_of(kind: str) -> Callable[[Study], float]:
             "heldout_unseen": _tokens(study, study.unseen, s.transfer_samples, s.transfer_seq_len) * (1 + n_sets / 2),
             "accuracy": len(s.accuracy_sets) * len(s.tasks) * (s.task_limit or 1000) * 400,
             "check": _tokens(study, distributions, s.transfer_samples, s.transfer_seq_len),
-            "routing": _tokens(study, distributions, s.transfer_samples, s.transfer_seq_len) + _tokens(study, distributions, s.samples, s.seq_len) / 10,
+            "routing": _tokens(study, distributions, s.transfer_samples,
+                               s.transfer_seq_len) + _tokens(study, distributions, s.samples, s.seq_len) / 10,
             "lodo_sets": ablation * (len(distributions) - 1) * max(s.transfer_k) * (s.greedy_shortlist or candidates)
             / 2,
             "lodo_windows": _tokens(study, distributions, s.transfer_samples, s.transfer_seq_len) * (1 + 4),
@@ -91,60 +97,78 @@ def work_of(kind: str) -> Callable[[Study], float]:
 SCORING = ("distributions", "metrics", "batch_size", "seed")
 STAGES = (
     Stage("scores.proxies", (), (*SCORING, "samples", "seq_len"), stage_scores_proxies, work=work_of("proxies")),
-    Stage("scores.ablation", (), (*SCORING, "ablation_samples", "ablation_seq_len"), stage_scores_ablation, when=_ground_truth, work=work_of("ablation")),
+    Stage("scores.ablation", (), (*SCORING, "ablation_samples", "ablation_seq_len"), stage_scores_ablation,
+          when=_ground_truth, work=work_of("ablation")),
     Stage("scores.per_sample", ("scores.proxies", "scores.ablation"), (), stage_per_sample),
     Stage("scores", ("scores.per_sample",), (), stage_aggregate),
-    Stage("subsets.per_sample", (), (*SCORING, "subset_samples", "subset_seq_len"), stage_subsets, when=lambda s: s.subsets, work=work_of("subsets")),
-    Stage("stability", ("scores.per_sample",), ("budgets", "n_boot", "n_perm", "seed"), stage_stability, tables=STABILITY_TABLES),
-    Stage("subset_agreement", ("subsets.per_sample",), ("budgets", "primary_metric"), stage_subset_agreement, when=lambda s: s.subsets),
+    Stage("subsets.per_sample", (), (*SCORING, "subset_samples", "subset_seq_len"), stage_subsets,
+          when=lambda s: s.subsets, work=work_of("subsets")),
+    Stage("stability", ("scores.per_sample",), ("budgets", "n_boot", "n_perm", "seed"), stage_stability,
+          tables=STABILITY_TABLES),
+    Stage("subset_agreement", ("subsets.per_sample",), ("budgets", "primary_metric"), stage_subset_agreement,
+          when=lambda s: s.subsets),
     Stage("validity", ("scores.per_sample",), ("budgets", "n_boot", "seed"), stage_validity, when=_ground_truth),
     Stage("decomposition", ("scores.per_sample", "stability"), ("budgets", "n_boot", "seed"), stage_decomposition,
           tables=("decomposition", "data_or_metric")),
     Stage("drop_sets", ("scores.per_sample",), ("budgets",), stage_drop_sets),
     Stage("regret", ("scores.per_sample", "drop_sets"), (), stage_regret),
     Stage("leave_one_out", ("scores.per_sample",), ("budgets",), stage_leave_one_out),
-    Stage("greedy", ("scores.per_sample",), ("greedy_module", "greedy_shortlist", "budgets", "transfer_k", "ablation_samples",
-                                              "ablation_seq_len", "batch_size"), stage_greedy, when=lambda s: _ground_truth(s) and bool(s.greedy_module),
+    Stage("greedy", ("scores.per_sample",), ("greedy_module", "greedy_shortlist", "budgets", "transfer_k",
+                                             "ablation_samples",
+                                              "ablation_seq_len", "batch_size"), stage_greedy,
+                                              when=lambda s: _ground_truth(s) and bool(s.greedy_module),
           work=work_of("greedy")),
-    Stage("pruned", ("scores.per_sample", "greedy"), ("transfer_modules", "transfer_k", "budgets", "own_set_metrics", "random_seeds",
+    Stage("pruned", ("scores.per_sample", "greedy"), ("transfer_modules", "transfer_k", "budgets", "own_set_metrics",
+                                                      "random_seeds",
                                                   "primary_metric"), stage_pruned),
-    Stage("heldout_windows", ("pruned",), ("transfer_samples", "transfer_seq_len", "seed", "heldout_batch_size"), stage_heldout,
+    Stage("heldout_windows", ("pruned",), ("transfer_samples", "transfer_seq_len", "seed", "heldout_batch_size"),
+          stage_heldout,
           work=work_of("heldout")),
     Stage("transfer", ("heldout_windows",), ("n_boot", "seed"), stage_transfer),
-    Stage("heldout_windows_unseen", ("pruned",), ("unseen", "transfer_samples", "transfer_seq_len", "seed", "heldout_batch_size"),
+    Stage("heldout_windows_unseen", ("pruned",), ("unseen", "transfer_samples", "transfer_seq_len", "seed",
+                                                  "heldout_batch_size"),
           stage_heldout_unseen,
           when=lambda s: bool(unseen_of(s)), work=work_of("heldout_unseen")),
-    Stage("transfer_unseen", ("heldout_windows_unseen",), ("n_boot", "seed"), stage_transfer_unseen, when=lambda s: bool(unseen_of(s))),
+    Stage("transfer_unseen", ("heldout_windows_unseen",), ("n_boot", "seed"), stage_transfer_unseen,
+          when=lambda s: bool(unseen_of(s))),
     Stage("comparisons", ("heldout_windows", "pruned"), ("n_boot", "seed", "primary_metric"), stage_comparisons),
     Stage("lodo_sets", ("scores.per_sample", "greedy"),
           ("greedy_module", "greedy_shortlist", "budgets", "transfer_k", "ablation_samples", "ablation_seq_len",
-           "batch_size", "own_set_metrics", "lodo_probes", "transfer_samples", "transfer_seq_len", "seed", "primary_metric"),
+           "batch_size", "own_set_metrics", "lodo_probes", "transfer_samples", "transfer_seq_len", "seed",
+           "primary_metric"),
           stage_lodo_sets, tables=("lodo_sets", "lodo_greedy", "lodo_nearest"), when=_lodo_on,
           work=work_of("lodo_sets")),
     Stage("lodo_windows", ("lodo_sets", "pruned", "heldout_windows"), ("transfer_samples", "transfer_seq_len", "seed",
                                                                       "heldout_batch_size"),
           stage_lodo_windows, when=_lodo_on, work=work_of("lodo_windows")),
-    Stage("lodo", ("lodo_sets", "lodo_windows", "heldout_windows", "pruned"), ("n_boot", "seed", "primary_metric"), stage_lodo,
+    Stage("lodo", ("lodo_sets", "lodo_windows", "heldout_windows", "pruned"), ("n_boot", "seed", "primary_metric"),
+          stage_lodo,
           tables=("lodo_choices", "lodo", "lodo_paired", "lodo_cost"), when=_lodo_on),
-    Stage("accuracy", ("pruned",), ("tasks", "task_limit", "accuracy_sets"), stage_accuracy, tables=("accuracy_items", "accuracy"),
+    Stage("accuracy", ("pruned",), ("tasks", "task_limit", "accuracy_sets"), stage_accuracy,
+          tables=("accuracy_items", "accuracy"),
           when=lambda s: bool(s.tasks and s.accuracy_sets), work=work_of("accuracy")),
     Stage("accuracy_paired", ("accuracy", "pruned"), ("task_limit", "n_boot", "seed"), stage_accuracy_paired,
           tables=("accuracy_paired", "accuracy_tasks"), when=lambda s: bool(s.tasks and s.accuracy_sets)),
-    Stage("check", ("scores.per_sample",), ("check_module", "budgets", "transfer_k", "transfer_samples", "transfer_seq_len", "batch_size", "n_perm",
+    Stage("check", ("scores.per_sample",), ("check_module", "budgets", "transfer_k", "transfer_samples",
+                                            "transfer_seq_len", "batch_size", "n_perm",
                                             "n_boot", "seed", "primary_metric"), stage_check, when=_checkable,
           work=work_of("check")),
-    Stage("routing", ("scores.per_sample", "heldout_windows", "pruned"), ("route_module", "budgets", "transfer_k", "samples", "seq_len", "batch_size",
-                                                               "heldout_batch_size", "n_boot", "seed", "primary_metric"), stage_routing, tables=("routing", "routing_paired", "routing_accuracy"),
-          when=_routable, work=work_of("routing")),
+    Stage("routing", ("scores.per_sample", "heldout_windows", "pruned"),
+          ("route_module", "budgets", "transfer_k", "samples", "seq_len", "batch_size", "heldout_batch_size", "n_boot",
+           "seed", "primary_metric"),
+          stage_routing, tables=("routing", "routing_paired", "routing_accuracy"), when=_routable,
+          work=work_of("routing")),
     Stage("resolution", ("heldout_windows", "transfer", "pruned", "comparisons", "validity", "stability",
-                         "decomposition", "routing"), ("n_boot", "seed", "ablation_samples", "ablation_seq_len", "primary_metric"),
+                         "decomposition", "routing"), ("n_boot", "seed", "ablation_samples", "ablation_seq_len",
+                                                       "primary_metric"),
           stage_resolution,
           tables=("set_groups", "claims")),
 )
 
 
 def compare_tables(scores: pd.DataFrame, modules, k, n_boot: int, n_perm: int) -> dict[str, pd.DataFrame]:
-    """Stability tables plus leave-one-distribution-out regret per module (with three or more distributions), at the largest k that fits."""
+    """Stability tables plus leave-one-distribution-out regret per module (with three or more distributions), at the
+    largest k that fits."""
     tables = stability.stability_tables(scores, modules=modules, k=k, n_boot=n_boot, n_perm=n_perm)
     if scores["distribution"].nunique() >= 3:
         tables["leave_one_out"] = consensus.leave_one_out_at_budgets(scores, {module: k for module in modules})
@@ -179,13 +203,15 @@ def settings_of(choice: str | RunSettings) -> RunSettings:
 
 
 def run(spec: str = models.DEFAULT_MODEL, out: Path = Path("results"), *, preset: str | RunSettings = "default",
-        dtype=None, device=None, progress: bool = True, log: Callable[[str], None] = print, figures: bool = True) -> dict:
+        dtype=None, device=None, progress: bool = True, log: Callable[[str], None] = print,
+        figures: bool = True) -> dict:
     """Run the whole study for one model into ``out``: every stage of :data:`STAGES` in order, then figures (unless
     ``figures`` is false: :func:`render_report` draws them later from the tables) and the report."""
     settings = settings_of(preset)
     for name in top_level_distributions(settings):
         if role(load_manifest(name)) == "test":
-            raise InputError(f"distribution {name!r} is test-only (role: test in its manifest): no stage may calibrate on it; "
+            raise InputError(
+                f"distribution {name!r} is test-only (role: test in its manifest): no stage may calibrate on it; "
                              "it is evaluated as an unseen distribution (settings.unseen) instead")
     for name in unseen_of(settings):
         load_manifest(name)
@@ -203,18 +229,24 @@ def run(spec: str = models.DEFAULT_MODEL, out: Path = Path("results"), *, preset
     rate = ProgressRate()
     for number, stage in enumerate(stages, start=1):
         remaining = sum(later.work(study) for later in stages[number - 1:])
-        log(f"stage {number} of {len(stages)}: {stage.name} ({(time.perf_counter() - started) / 60:.1f} min elapsed{rate.eta(remaining)})")
+        log(
+            f"stage {number} of {len(stages)}: {stage.name} ({(time.perf_counter() - started) / 60:.1f} min "
+            f"elapsed{rate.eta(remaining)})")
         begin = time.perf_counter()
         computed = len(study.store.computed)
         study.run_stage(stage)
         timings[stage.name] = round(time.perf_counter() - begin, 1)
         if len(study.store.computed) > computed:
             rate.add(stage.work(study), timings[stage.name])
-    tables = {name: study.results[name] for stage in stages for name in stage.outputs if name not in ("scores", "scores.proxies", "scores.ablation")}
+    tables = {
+        name: study.results[
+            name] for stage in stages for name in stage.outputs if name not in (
+                "scores", "scores.proxies", "scores.ablation")}
     tables.setdefault("accuracy", pd.DataFrame())
     top = tables.pop("scores.per_sample")
     begin = time.perf_counter()
-    drawn = draw_figures(top, tables, out / "figures", max(budgets_union(settings)), settings.primary_metric) if figures else []
+    drawn = draw_figures(top, tables, out / "figures", max(budgets_union(settings)),
+                         settings.primary_metric) if figures else []
     timings["figures"] = round(time.perf_counter() - begin, 1)
     report = write_report(out, Results(record, settings, top, tables, drawn))
     summary = {
@@ -226,11 +258,14 @@ def run(spec: str = models.DEFAULT_MODEL, out: Path = Path("results"), *, preset
         "seconds": round(time.perf_counter() - started, 1),
         "timings": timings,
     }
-    atomic_write_json(out / "run_summary.json", {**summary, "provenance": provenance(kind="run", model=record, settings=asdict(settings))})
+    atomic_write_json(out / "run_summary.json", {**summary,
+                                                 "provenance": provenance(
+                                                     kind="run", model=record, settings=asdict(settings))})
     return summary
 
 
-NOT_REPORTED = ("scores", "scores.proxies", "scores.ablation", "scores.per_sample", "heldout_windows", "heldout_windows_unseen",
+NOT_REPORTED = ("scores", "scores.proxies", "scores.ablation", "scores.per_sample", "heldout_windows",
+                "heldout_windows_unseen",
                 "accuracy_items")
 
 
@@ -238,7 +273,8 @@ def settings_from_record(record: dict) -> RunSettings:
     """The :class:`RunSettings` a run recorded (``dataclasses.asdict`` in ``run_summary.json``): lists back to tuples,
     fields the record lacks (written before they existed) at their defaults, fields this version lacks ignored."""
     known = {f.name for f in dataclass_fields(RunSettings)}
-    values = {name: tuple(value) if isinstance(value, list) else value for name, value in record.items() if name in known}
+    values = {name: tuple(value) if isinstance(value, list) else value for name,
+              value in record.items() if name in known}
     if "budgets" in values:
         values["budgets"] = {module: tuple(sizes) for module, sizes in values["budgets"].items()}
     return RunSettings(**values)
@@ -248,13 +284,16 @@ def saved_tables(out: Path, settings: RunSettings) -> dict[str, pd.DataFrame]:
     """The report's tables as a run saved them in ``out`` (each checked against its sidecar's checksum); a table the
     run did not save (a stage it skipped, a table left out of a committed copy) is empty."""
     names = [name for stage in STAGES if stage.when(settings) for name in stage.outputs if name not in NOT_REPORTED]
-    tables = {name: read_table(out / f"{name}.parquet") if (out / f"{name}.parquet").is_file() else pd.DataFrame() for name in names}
+    tables = {
+        name: read_table(
+            out / f"{name}.parquet") if (out / f"{name}.parquet").is_file() else pd.DataFrame() for name in names}
     tables.setdefault("accuracy", pd.DataFrame())
     return tables
 
 
 def render_report(out: Path, *, figures: bool = True) -> dict:
-    """Rewrite ``report.md``, ``report.html`` and (unless ``figures`` is false) ``figures/`` of a finished run folder from
+    """Rewrite ``report.md``, ``report.html`` and (unless ``figures`` is false) ``figures/`` of a finished run folder
+    from
     its saved tables alone, without the model: the settings and model record come from ``run_summary.json``."""
     out = Path(out)
     summary_path = out / "run_summary.json"
@@ -264,7 +303,8 @@ def render_report(out: Path, *, figures: bool = True) -> dict:
     settings = settings_from_record(saved["settings"])
     top = read_table(out / "scores.per_sample.parquet")
     tables = saved_tables(out, settings)
-    drawn = draw_figures(top, tables, out / "figures", max(budgets_union(settings)), settings.primary_metric) if figures else []
+    drawn = draw_figures(top, tables, out / "figures", max(budgets_union(settings)),
+                         settings.primary_metric) if figures else []
     report = write_report(out, Results(saved["model"], settings, top, tables, drawn))
     return {"report": [str(p) for p in report], "figures": [str(p) for p in drawn]}
 
@@ -277,12 +317,14 @@ def draw_figures(scores, tables, folder: Path, k: int, metric: str = PRIMARY_MET
         written += plots.save_figure(study_plots.transfer_heatmap(tables["transfer"]), folder / "transfer_matrix")
         written += plots.save_figure(study_plots.worst_case_forest(tables["transfer"]), folder / "transfer_worst_case")
     if len(tables.get("regret", [])):
-        written += plots.save_figure(study_plots.regret_overview(primary_tables["regret"]), folder / "regret_consensus_vs_single")
+        written += plots.save_figure(study_plots.regret_overview(primary_tables["regret"]),
+                                     folder / "regret_consensus_vs_single")
     if len(tables.get("validity", [])):
         written += plots.save_figure(study_plots.validity_heatmap(tables["validity"]), folder / "metric_validity")
         written += plots.save_figure(study_plots.proxy_vs_ablation(scores, metric), folder / "proxy_vs_ablation")
     if len(tables.get("decomposition", [])):
-        written += plots.save_figure(study_plots.decomposition_bars(tables["decomposition"]), folder / "ranking_decomposition")
+        written += plots.save_figure(study_plots.decomposition_bars(tables["decomposition"]),
+                                     folder / "ranking_decomposition")
     return written
 
 

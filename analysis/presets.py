@@ -63,7 +63,8 @@ class RunSettings:
     random_seeds: tuple[int, ...] = (0, 1)
     tasks: tuple[str, ...] = ("arc_easy", "piqa")
     task_limit: int | None = 100
-    accuracy_sets: tuple[str, ...] = ("none", "cosine/attn-8:borda", "ablation/attn-8:greedy:robust", "cosine/mlp-4:borda", "cosine/block-4:borda",
+    accuracy_sets: tuple[str, ...] = ("none", "cosine/attn-8:borda", "ablation/attn-8:greedy:robust",
+                                      "cosine/mlp-4:borda", "cosine/block-4:borda",
                                       "cosine/joint-8:borda")
     check_module: str | None = "attn"
     route_module: str | None = "attn"
@@ -77,7 +78,8 @@ class RunSettings:
         return tuple(dict.fromkeys((self.primary_metric, *self.own_set_metrics)))
 
     def budget(self, module: str) -> tuple[int, ...]:
-        """The drop-set sizes evaluated on held-out text for ``module``: ``transfer_k`` for attention, else the largest budget of ``module``."""
+        """The drop-set sizes evaluated on held-out text for ``module``: ``transfer_k`` for attention, else the largest
+        budget of ``module``."""
         if module == "attn":
             return self.transfer_k
         sizes = self.budgets.get(module, ())
@@ -87,16 +89,20 @@ class RunSettings:
 PRESETS: dict[str, RunSettings] = {
     "default": RunSettings(),
     "quick": RunSettings(
-        subsets=False, samples=16, seq_len=256, ablation_samples=4, ablation_seq_len=64, greedy_shortlist=4, n_boot=200, n_perm=200,
-        budgets={"attn": (4, 8), "mlp": (4,), "block": (4,), "joint": (8,)}, transfer_modules=("attn",), transfer_k=(8,),
+        subsets=False, samples=16, seq_len=256, ablation_samples=4, ablation_seq_len=64, greedy_shortlist=4, n_boot=200,
+        n_perm=200,
+        budgets={"attn": (4, 8), "mlp": (4,), "block": (4,), "joint": (8,)}, transfer_modules=("attn",),
+        transfer_k=(8,),
         transfer_samples=8, transfer_seq_len=128, random_seeds=(0,), tasks=("arc_easy", "piqa"), task_limit=20,
         accuracy_sets=("none", "cosine/attn-8:borda"),
     ),
     # Every stage of a run on the real default model in a few minutes, for the test suite (tests/test_cli.py): three
-    # distributions (leave-one-distribution-out needs three; code has subsets), tiny windows, one budget per module kind,
+    # distributions (leave-one-distribution-out needs three; code has subsets), tiny windows, one budget per module
+    # kind,
     # 4 items of one task.  Its numbers are checked against independent computations, not read as findings.
     "smoke": RunSettings(
-        distributions=("code", "math", "general"), samples=8, seq_len=64, ablation_samples=4, ablation_seq_len=16, greedy_shortlist=4,
+        distributions=("code", "math", "general"), samples=8, seq_len=64, ablation_samples=4, ablation_seq_len=16,
+        greedy_shortlist=4,
         subset_samples=2, subset_seq_len=32, batch_size=8, n_boot=50, n_perm=50,
         budgets={"attn": (2,), "mlp": (2,), "block": (2,), "joint": (2,)}, transfer_modules=("attn",), transfer_k=(2,),
         transfer_samples=4, transfer_seq_len=64, random_seeds=(0,), tasks=("arc_easy",), task_limit=4,
@@ -110,9 +116,12 @@ PRESETS: dict[str, RunSettings] = {
     # windows x 2048 tokens (32 before: 13% of the time, and the greedy trials' cost scales with it); held-out
     # evaluation uses 32 windows x 2048 per distribution (64 before: 20%), still paired across drop sets.
     "paper": RunSettings(
-        samples=256, seq_len=2048, ablation_samples=16, ablation_seq_len=2048, greedy_shortlist=4, subset_samples=64, subset_seq_len=2048,
-        transfer_k=(4, 8), transfer_samples=32, transfer_seq_len=2048, random_seeds=(0, 1, 2), tasks=PAPER_TASKS, task_limit=None,
-        accuracy_sets=("none", "cosine/attn-4:borda", "cosine/attn-8:borda", "cosine/attn-8:minimax", "ablation/attn-8:greedy:robust",
+        samples=256, seq_len=2048, ablation_samples=16, ablation_seq_len=2048, greedy_shortlist=4, subset_samples=64,
+        subset_seq_len=2048,
+        transfer_k=(4, 8), transfer_samples=32, transfer_seq_len=2048, random_seeds=(0, 1, 2), tasks=PAPER_TASKS,
+        task_limit=None,
+        accuracy_sets=("none", "cosine/attn-4:borda", "cosine/attn-8:borda", "cosine/attn-8:minimax",
+                       "ablation/attn-8:greedy:robust",
                        "cosine/attn-8:random:0"),
     ),
     # Sized on real weights on one H200 so the ablation ground truth is resolved: its split-half reliability was
@@ -121,7 +130,8 @@ PRESETS: dict[str, RunSettings] = {
     # paths on the ablation's windows with the default's shortlist of 4; no zero-shot tasks (their data is not on
     # the GPU machine); GPU-sized batches.  The committed studies are under reference/<model>/.
     "reference": RunSettings(
-        samples=64, seq_len=512, ablation_samples=32, ablation_seq_len=512, greedy_shortlist=4, transfer_samples=64, transfer_seq_len=512,
+        samples=64, seq_len=512, ablation_samples=32, ablation_seq_len=512, greedy_shortlist=4, transfer_samples=64,
+        transfer_seq_len=512,
         batch_size=32, heldout_batch_size=32, tasks=(), lodo=True,
     ),
 }
@@ -139,5 +149,6 @@ def describe(settings: RunSettings) -> str:
     return f"{settings.samples} x {settings.seq_len} tokens per distribution"
 
 
-__all__ = ["CONSENSUS_METHODS", "DEFAULT_MODEL", "GROUND_TRUTH", "MODULE_KINDS", "PAPER_TASKS", "PRESETS", "PRIMARY_METRIC", "PROXY_METRICS", "SCORED_MODULES",
+__all__ = ["CONSENSUS_METHODS", "DEFAULT_MODEL", "GROUND_TRUTH", "MODULE_KINDS", "PAPER_TASKS", "PRESETS",
+           "PRIMARY_METRIC", "PROXY_METRICS", "SCORED_MODULES",
            "RESULTS_DIR", "RunSettings", "describe", "preset"]

@@ -26,7 +26,8 @@ def stage_key(*parts) -> str:
 class StageStore:
     """Saved stage results under ``folder``, each reused while its key matches."""
 
-    def __init__(self, folder: Path, model_record: dict | None = None, log: Callable[[str], None] = print, *, writable: bool = True):
+    def __init__(self, folder: Path, model_record: dict | None = None, log: Callable[[str], None] = print, *,
+                 writable: bool = True):
         self.folder = Path(folder)
         self.model_record = model_record or {}
         self.log = log

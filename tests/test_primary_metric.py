@@ -15,8 +15,9 @@ METRIC_FREE = ("Greedy drop sets by real calibration loss", "Figures")
 SETTINGS = dict(
     distributions=PIPELINE_DISTRIBUTIONS, subsets=False, metrics=(METRIC, "ablation"), primary_metric=METRIC,
     samples=4, seq_len=32, ablation_samples=4, ablation_seq_len=16, greedy_shortlist=2, n_boot=20, n_perm=20,
-    budgets={"attn": (2,), "mlp": (1,), "block": (1,), "joint": (2,)}, transfer_modules=("attn", "mlp"), transfer_k=(2,),
-    transfer_samples=4, transfer_seq_len=32, random_seeds=(0,), tasks=(), accuracy_sets=(), unseen=(), lodo=False,
+    budgets={"attn": (2,), "mlp": (1,), "block": (1,), "joint": (2,)}, transfer_modules=("attn", "mlp"),
+    transfer_k=(2,), transfer_samples=4, transfer_seq_len=32, random_seeds=(0,), tasks=(), accuracy_sets=(), unseen=(),
+    lodo=False,
 )
 
 
@@ -46,9 +47,11 @@ def test_every_report_section_names_the_primary_metric_and_none_names_cosine(pri
     expected = ("Verdict", "Recommended drop sets", "What this run resolves", "The model, the data or the metric?",
                 f"Agreement between distributions and the noise floor ({METRIC})",
                 f"Which modules are unimportant everywhere, and which depend on the data ({METRIC})",
-                f"Drop sets by proxy regret ({METRIC})", f"Does a consensus generalise to an unseen distribution? ({METRIC})",
+                f"Drop sets by proxy regret ({METRIC})",
+                f"Does a consensus generalise to an unseen distribution? ({METRIC})",
                 "Pruned models on held-out text", "Paired comparisons on the same held-out windows",
-                "Does a drop set hold on new data? (`calibdrop check`)", "One model, several drop sets: a router per input",
+                "Does a drop set hold on new data? (`calibdrop check`)",
+                "One model, several drop sets: a router per input",
                 f"How many samples does a stable ranking need? ({METRIC})", *METRIC_FREE)
     assert set(expected) <= set(found), set(expected) - set(found)
     for title, body in found.items():

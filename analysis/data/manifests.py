@@ -107,7 +107,8 @@ def load_manifest(name: str | Path) -> dict:
     path = Path(name) if str(name).endswith((".yaml", ".yml")) else manifest_paths().get(split_name(name)[0])
     if path is None or not path.is_file():
         known = ", ".join(sorted(manifest_paths()))
-        raise InputError(f"unknown distribution {name!r}; known: {known}. Add one by writing data_manifests/<name>.yaml")
+        raise InputError(
+            f"unknown distribution {name!r}; known: {known}. Add one by writing data_manifests/<name>.yaml")
     text = path.read_text(encoding="utf-8")
     manifest = yaml.safe_load(text)
     try:
@@ -117,7 +118,9 @@ def load_manifest(name: str | Path) -> dict:
         raise InputError(f"manifest {path} is invalid at {where}: {error.message}") from None
     for source in manifest["sources"]:
         if source["recipe"] not in RECIPES:
-            raise InputError(f"manifest {path}: source {source['id']!r} names unknown recipe {source['recipe']!r}; known: {', '.join(RECIPES)}")
+            raise InputError(
+                f"manifest {path}: source {source['id']!r} names unknown recipe {source['recipe']!r}; known: "
+                f"{', '.join(RECIPES)}")
     manifest["_path"] = str(path)
     manifest["_sha256"] = hashlib.sha256(text.encode()).hexdigest()
     return manifest

@@ -32,7 +32,8 @@ def source_files(root: Path, options: dict) -> Iterator[dict]:
             relative = path.relative_to(base).as_posix()
             if relative in seen or not path.is_file() or path.is_symlink():
                 continue
-            if any(fnmatch.fnmatch(relative, ex) or fnmatch.fnmatch("/" + relative, ex) for ex in options.get("exclude", [])):
+            if any(fnmatch.fnmatch(relative,
+                                   ex) or fnmatch.fnmatch("/" + relative, ex) for ex in options.get("exclude", [])):
                 continue
             seen.add(relative)
             try:
@@ -144,7 +145,8 @@ def _page_paragraphs(path: Path) -> list[str]:
 def handbook_paragraphs(root: Path, options: dict) -> Iterator[dict]:
     """One document per translated page: its paragraphs, minus those identical to the reference locale's."""
     base = root / options["root"]
-    reference = {p for page in sorted((base / options["reference_locale"]).glob("*.html")) for p in _page_paragraphs(page)}
+    reference = {
+        p for page in sorted((base / options["reference_locale"]).glob("*.html")) for p in _page_paragraphs(page)}
     for language, locale in options["locales"].items():
         for page in sorted((base / locale).glob("*.html")):
             translated = [p for p in _page_paragraphs(page) if p not in reference]
@@ -179,7 +181,8 @@ def local_files(root: Path, options: dict) -> Iterator[dict]:
         raise InputError(f"local files {files} have no column {field!r}; columns: {table.column_names}")
     for index, row in enumerate(table):
         if row[field] and row[field].strip():
-            yield {"doc_id": str(row.get(options.get("id_field", ""), index)), "text": row[field], "language": row.get(options.get("language_field", ""))}
+            yield {"doc_id": str(row.get(options.get("id_field", ""), index)), "text": row[field],
+                   "language": row.get(options.get("language_field", ""))}
 
 
 def json_field_files(root: Path, options: dict) -> Iterator[dict]:

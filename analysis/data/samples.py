@@ -132,8 +132,10 @@ def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[lis
             raise InputError(f"text #{index} ({text[:40]!r}) tokenizes to zero tokens: remove it or give it content")
         encoded.append(list(ids))
     if cut:
-        warnings.warn(f"{len(cut)} of {len(texts)} texts are longer than max_length={max_length} tokens and were cut to it "
-                      f"({', '.join(cut[:3])}{' ...' if len(cut) > 3 else ''}): raise the length or split them", CalibdropWarning)
+        warnings.warn(
+            f"{len(cut)} of {len(texts)} texts are longer than max_length={max_length} tokens and were cut to it "
+                      f"({', '.join(cut[:3])}{' ...' if len(cut) > 3 else ''}): raise the length or split them",
+                      CalibdropWarning)
     return encoded
 
 
@@ -158,7 +160,8 @@ def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int, side: str) ->
 
 
 def padded_batches(
-    sequences: Sequence[Sequence[int]], batch_size: int, *, pad_id: int = 0, side: str = "right", order: Sequence[int] | None = None
+    sequences: Sequence[Sequence[int]], batch_size: int, *, pad_id: int = 0, side: str = "right",
+    order: Sequence[int] | None = None
 ) -> Iterator[dict]:
     """Batches of ``batch_size`` sequences taken in ``order`` (default: as given), each padded on ``side`` to its
     longest with ``pad_id`` (:func:`pad_sequences`); ``sample`` holds the chosen sequences' indices."""
@@ -168,7 +171,8 @@ def padded_batches(
         yield {**pad_sequences([sequences[i] for i in chosen], pad_id, side), "sample": chosen}
 
 
-def length_sorted_batches(sequences: Sequence[Sequence[int]], batch_size: int, pad_id: int, side: str) -> Iterator[dict]:
+def length_sorted_batches(sequences: Sequence[Sequence[int]], batch_size: int, pad_id: int,
+                          side: str) -> Iterator[dict]:
     """:func:`padded_batches` of sequences grouped by length, longest first (ties in the given order)."""
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     return padded_batches(sequences, batch_size, pad_id=pad_id, side=side, order=order)
@@ -176,10 +180,12 @@ def length_sorted_batches(sequences: Sequence[Sequence[int]], batch_size: int, p
 
 def token_batches(samples: datasets.Dataset, batch_size: int) -> Iterator[dict]:
     """:func:`padded_batches` of token windows, ``sample`` their numbers.  Calibration windows are all one length, so
-    nothing is padded; windows that carry an ``attention_mask`` keep only their real tokens (then padded on the right)."""
+    nothing is padded; windows that carry an ``attention_mask`` keep only their real tokens (then padded on the
+    right)."""
     numbers = samples["sample"]
     sequences = samples["input_ids"]
     if "attention_mask" in samples.column_names:
-        sequences = [[token for token, real in zip(ids, mask) if real] for ids, mask in zip(sequences, samples["attention_mask"])]
+        sequences = [[token for token, real in zip(ids, mask) if real] for ids,
+                     mask in zip(sequences, samples["attention_mask"])]
     for batch in padded_batches(sequences, batch_size):
         yield {**batch, "sample": [numbers[i] for i in batch["sample"]]}

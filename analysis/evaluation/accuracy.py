@@ -51,7 +51,8 @@ def above_chance(correct: int, n: int, chance: float) -> float:
     return float(stats.binomtest(correct, n, chance, alternative="greater").pvalue)
 
 
-def paired_accuracy(items: pd.DataFrame, a: str, b: str, *, column: str = "correct", n_boot: int = 1000, level: float = 0.95,
+def paired_accuracy(items: pd.DataFrame, a: str, b: str, *, column: str = "correct", n_boot: int = 1000,
+                    level: float = 0.95,
                     seed: int = 0, delta: float = 0.03, alpha: float = 0.05, power: float = 0.8) -> pd.DataFrame:
     """Drop set ``a`` against ``b`` on the same items, per task.
 
@@ -62,38 +63,48 @@ def paired_accuracy(items: pd.DataFrame, a: str, b: str, *, column: str = "corre
     """
     missing = {a, b} - set(items["drop_set"])
     if missing:
-        raise InputError(f"no items of drop set(s) {', '.join(sorted(missing))}; the items have {', '.join(sorted(set(items['drop_set'])))}")
+        raise InputError(
+            f"no items of drop set(s) {', '.join(sorted(missing))}; the items have "
+            f"{', '.join(sorted(set(items['drop_set'])))}")
     rng = np.random.default_rng(seed)
     rows = []
     for task, part in items[items["drop_set"].isin([a, b])].groupby("task", sort=False):
         wide = part.pivot_table(index="item", columns="drop_set", values=column, aggfunc="first")
         if {a, b} - set(wide.columns) or wide[[a, b]].isna().any().any():
-            raise InputError(f"task {task}: {a} and {b} were not evaluated on the same items; pair them on the same --limit")
+            raise InputError(
+                f"task {task}: {a} and {b} were not evaluated on the same items; pair them on the same --limit")
         x, y = wide[a].to_numpy(dtype=float), wide[b].to_numpy(dtype=float)
         n = len(x)
-        interval = stats.bootstrap((x - y,), np.mean, n_resamples=n_boot, confidence_level=level, method="percentile", rng=rng).confidence_interval
+        interval = stats.bootstrap((x - y,), np.mean, n_resamples=n_boot, confidence_level=level, method="percentile",
+                                   rng=rng).confidence_interval
         a_only, b_only = int(((x == 1) & (y == 0)).sum()), int(((x == 0) & (y == 1)).sum())
         discordant = (a_only + b_only) / n
-        rows.append({"task": task, "a": a, "b": b, "n": n, "acc_a": x.mean(), "acc_b": y.mean(), "difference": (x - y).mean(),
-                     "ci_low": interval.low, "ci_high": interval.high, "a_only": a_only, "b_only": b_only, "discordant": discordant,
+        rows.append({"task": task, "a": a, "b": b, "n": n, "acc_a": x.mean(), "acc_b": y.mean(),
+                     "difference": (x - y).mean(),
+                     "ci_low": interval.low, "ci_high": interval.high, "a_only": a_only, "b_only": b_only,
+                     "discordant": discordant,
                      "p_mcnemar": mcnemar_exact(a_only, b_only),
-                     "items_for_delta": items_needed(discordant, delta, alpha=alpha, power=power) if delta**2 < discordant else np.nan})
+                     "items_for_delta": items_needed(discordant, delta, alpha=alpha,
+                                                     power=power) if delta**2 < discordant else np.nan})
     return pd.DataFrame(rows)
 
 
 def headline_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """Rows of ``acc_norm`` where a task has it, else ``acc`` (the measure the report shows); ``frame`` has ``task`` and ``measure``."""
+    """Rows of ``acc_norm`` where a task has it, else ``acc`` (the measure the report shows); ``frame`` has ``task``
+    and ``measure``."""
     normalised = set(frame.loc[frame["measure"] == "acc_norm", "task"])
     return frame[(frame["measure"] == "acc_norm") | ~frame["task"].isin(normalised)]
 
 
 def accuracy_table(items: pd.DataFrame) -> pd.DataFrame:
-    """Per drop set, task and lm-eval metric (``acc``, ``acc_norm`` where the task has it): accuracy ``value`` = the mean
+    """Per drop set, task and lm-eval metric (``acc``, ``acc_norm`` where the task has it): accuracy ``value`` = the
+    mean
     of the items' correctness (MMLU: over all its subjects' items, i.e. size-weighted), ``n``, the binomial
     ``stderr = sqrt(value (1 - value) / n)`` and the task's ``chance`` rate (the table of
     :func:`analysis.evaluation.heldout.zero_shot_accuracy`)."""
     renamed = items.rename(columns={column: metric for metric, column in ITEM_COLUMNS.items()})
-    long = renamed.melt(id_vars=["drop_set", "task", "item"], value_vars=[m for m in ITEM_COLUMNS if m in renamed], var_name="metric",
+    long = renamed.melt(id_vars=["drop_set", "task", "item"], value_vars=[m for m in ITEM_COLUMNS if m in renamed],
+                        var_name="metric",
                         value_name="right").dropna(subset=["right"])
     table = long.groupby(["drop_set", "task", "metric"], sort=False)["right"].agg(value="mean", n="size").reset_index()
     table["stderr"] = np.sqrt(table["value"] * (1 - table["value"]) / table["n"])
@@ -106,7 +117,8 @@ def screen_tasks(items: pd.DataFrame, *, baseline: str = UNPRUNED, alpha: float 
     one-sided exact binomial test (:func:`above_chance`) of its correct count, ``included`` is ``p < alpha``.  Also
     ``n_items`` evaluated and ``n_available``, the items the task has."""
     if baseline not in set(items["drop_set"]):
-        raise InputError(f"no items of the baseline {baseline!r}; the items have {', '.join(sorted(set(items['drop_set'])))}")
+        raise InputError(
+            f"no items of the baseline {baseline!r}; the items have {', '.join(sorted(set(items['drop_set'])))}")
     base = items[items["drop_set"] == baseline]
     available = base.groupby(["task", "subtask"], sort=False)["subtask_items"].first().groupby("task", sort=False).sum()
     rows = []
@@ -114,13 +126,16 @@ def screen_tasks(items: pd.DataFrame, *, baseline: str = UNPRUNED, alpha: float 
         row = part.iloc[0]
         correct = int(round(row["value"] * row["n"]))
         p = above_chance(correct, int(row["n"]), row["chance"])
-        rows.append({"task": task, "measure": measure, "accuracy": row["value"], "chance": row["chance"], "n_items": int(row["n"]),
+        rows.append({"task": task, "measure": measure, "accuracy": row["value"], "chance": row["chance"],
+                     "n_items": int(row["n"]),
                      "n_available": int(available[task]), "p_above_chance": p, "alpha": alpha, "included": p < alpha})
     return pd.DataFrame(rows)
 
 
-def accuracy_analysis(items: pd.DataFrame, pairs, *, task_limit: int | None, baseline: str = UNPRUNED, delta: float = 0.03,
-                      alpha: float = 0.05, power: float = 0.8, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+def accuracy_analysis(items: pd.DataFrame, pairs, *, task_limit: int | None, baseline: str = UNPRUNED,
+                      delta: float = 0.03,
+                      alpha: float = 0.05, power: float = 0.8, n_boot: int = 1000, level: float = 0.95,
+                      seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The paired table and the per-task table of a run's items.
 
     ``pairs`` lists ``(comparison, a, b)``.  Paired table: :func:`paired_accuracy` of every pair on every measure
@@ -138,23 +153,30 @@ def accuracy_analysis(items: pd.DataFrame, pairs, *, task_limit: int | None, bas
         tasks = screen.loc[screen["included"] & (screen["measure"] == measure), "task"]
         chosen = items[items["task"].isin(tasks)]
         for comparison, a, b in pairs if len(chosen) else ():
-            parts.append(paired_accuracy(chosen, a, b, column=column, n_boot=n_boot, level=level, seed=seed, delta=delta, alpha=alpha,
+            parts.append(paired_accuracy(chosen, a, b, column=column, n_boot=n_boot, level=level, seed=seed,
+                                         delta=delta, alpha=alpha,
                                          power=power).assign(comparison=comparison, measure=measure))
     if not parts:
-        spread = pd.DataFrame(columns=["task", "measure", "discordant_min", "discordant_max", "items_needed_min", "items_needed_max"])
-        return pd.DataFrame(columns=["comparison", "measure", "task", "a", "b"]), _sufficiency(screen.merge(spread, how="left"), task_limit, delta, power)
+        spread = pd.DataFrame(columns=["task", "measure", "discordant_min", "discordant_max", "items_needed_min",
+                                       "items_needed_max"])
+        return pd.DataFrame(columns=["comparison", "measure", "task", "a",
+                                     "b"]), _sufficiency(screen.merge(spread, how="left"), task_limit, delta, power)
     paired = pd.concat(parts, ignore_index=True)
     paired["q_bh"] = paired.groupby("measure")["p_mcnemar"].transform(stats.false_discovery_control)
     paired = paired[["comparison", "measure", *[c for c in paired.columns if c not in ("comparison", "measure")]]]
-    spread = paired.groupby(["task", "measure"]).agg(discordant_min=("discordant", "min"), discordant_max=("discordant", "max"),
-                                                      items_needed_min=("items_for_delta", "min"), items_needed_max=("items_for_delta", "max"))
-    return paired, _sufficiency(screen.merge(spread.reset_index(), on=["task", "measure"], how="left"), task_limit, delta, power)
+    spread = paired.groupby(["task", "measure"]).agg(discordant_min=("discordant", "min"),
+                                                     discordant_max=("discordant", "max"),
+                                                      items_needed_min=("items_for_delta", "min"),
+                                                      items_needed_max=("items_for_delta", "max"))
+    return paired, _sufficiency(screen.merge(spread.reset_index(), on=["task", "measure"], how="left"), task_limit,
+                                delta, power)
 
 
 def _sufficiency(tasks: pd.DataFrame, task_limit: int | None, delta: float, power: float) -> pd.DataFrame:
     """``limit_suffices``: the items ``task_limit`` evaluates (None: the whole task) reach ``items_needed_max``;
     ``task_suffices``: the whole task does; with the ``delta`` and ``power`` they were sized for."""
-    tasks = tasks.astype({column: float for column in ("discordant_min", "discordant_max", "items_needed_min", "items_needed_max")})
+    tasks = tasks.astype({column: float for column in ("discordant_min", "discordant_max", "items_needed_min",
+                                                       "items_needed_max")})
     limit = tasks["n_available"] if task_limit is None else np.minimum(task_limit, tasks["n_available"])
     tasks["limit_suffices"] = tasks["items_needed_max"].notna() & (limit >= tasks["items_needed_max"])
     tasks["task_suffices"] = tasks["items_needed_max"].notna() & (tasks["n_available"] >= tasks["items_needed_max"])
@@ -163,7 +185,8 @@ def _sufficiency(tasks: pd.DataFrame, task_limit: int | None, delta: float, powe
 
 def item_correctness(model, tokenizer, tasks, *, limit: int | None = None, batch_size: int = 8) -> pd.DataFrame:
     """Per item of each task, whether the model answers it correctly, zero-shot through lm-eval on the tasks' local
-    copies (as :func:`analysis.evaluation.heldout.zero_shot_accuracy`).  Columns ``task, subtask, item, correct`` (lm-eval's
+    copies (as :func:`analysis.evaluation.heldout.zero_shot_accuracy`).  Columns ``task, subtask, item, correct``
+    (lm-eval's
     ``acc``: the answer of highest log-likelihood is right), ``correct_norm`` (``acc_norm``: of highest
     length-normalised log-likelihood; NaN where the task has none) and ``subtask_items`` (the items the subtask has,
     of which ``limit`` were evaluated)."""
@@ -174,11 +197,13 @@ def item_correctness(model, tokenizer, tasks, *, limit: int | None = None, batch
         task = "mmlu" if subtask.startswith("mmlu_") else subtask
         size = results["n-samples"][key]["original"]
         rows += [{"task": task, "subtask": subtask, "item": f"{subtask}:{sample['doc_id']}",
-                  **{column: float(sample[metric]) if metric in sample else np.nan for metric, column in ITEM_COLUMNS.items()},
+                  **{column: float(sample[metric]) if metric in sample else np.nan for metric,
+                     column in ITEM_COLUMNS.items()},
                   "subtask_items": size} for sample in samples]
     return pd.DataFrame(rows)
 
 
 def items_of_set(model, tokenizer, name: str, drop_set, tasks, *, limit: int | None = None) -> pd.DataFrame:
-    """:func:`item_correctness` of ``model`` with ``drop_set`` removed (``None``: the model itself), with a ``drop_set`` column ``name``."""
+    """:func:`item_correctness` of ``model`` with ``drop_set`` removed (``None``: the model itself), with a
+    ``drop_set`` column ``name``."""
     return item_correctness(pruned_copy(model, drop_set), tokenizer, tasks, limit=limit).assign(drop_set=name)

@@ -88,7 +88,9 @@ def task_configs(names) -> list[dict]:
         base = load_yaml(tasks_dir / task.lm_eval_yaml)
         folders = sorted(glob.glob(str(root / task.local)))
         for folder in folders:
-            config = {k: v for k, v in base.items() if k not in ("tag", "group", "include", "training_split", "fewshot_split", "fewshot_config")}
+            config = {k: v for k,
+                      v in base.items() if k not in ("tag", "group", "include", "training_split", "fewshot_split",
+                                                     "fewshot_config")}
             suffix = f"_{Path(folder).parent.name}" if name == "mmlu" else ""
             config.update(
                 task=f"calibdrop_{name}{suffix}",
@@ -104,17 +106,20 @@ def task_configs(names) -> list[dict]:
     return configs
 
 
-def lm_eval_results(model, tokenizer, tasks, *, limit: int | None = None, batch_size: int = 8, log_samples: bool = False) -> dict:
+def lm_eval_results(model, tokenizer, tasks, *, limit: int | None = None, batch_size: int = 8,
+                    log_samples: bool = False) -> dict:
     """lm-eval's results dict for ``tasks`` run zero-shot on their local copies (:func:`task_configs`), with per-item
     records under ``samples`` when ``log_samples``."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(input_device(model)))
-    return simple_evaluate(model=lm, tasks=task_configs(tasks), num_fewshot=0, limit=limit, log_samples=log_samples, verbosity="ERROR")
+    return simple_evaluate(model=lm, tasks=task_configs(tasks), num_fewshot=0, limit=limit, log_samples=log_samples,
+                           verbosity="ERROR")
 
 
-def zero_shot_accuracy(model, tokenizer, tasks=PAPER_TASKS, *, limit: int | None = None, batch_size: int = 8) -> pd.DataFrame:
+def zero_shot_accuracy(model, tokenizer, tasks=PAPER_TASKS, *, limit: int | None = None,
+                       batch_size: int = 8) -> pd.DataFrame:
     """Zero-shot ``acc`` and ``acc_norm`` per task through lm-eval (MMLU: size-weighted over its 57 subjects).
 
     ``limit`` caps the examples per task (per subject for MMLU) for CPU runs.
@@ -127,7 +132,8 @@ def zero_shot_accuracy(model, tokenizer, tasks=PAPER_TASKS, *, limit: int | None
         n = results["n-samples"][key]["effective"]
         for metric in ("acc", "acc_norm"):
             if f"{metric},none" in metrics:
-                rows.append({"task": family, "subtask": task, "metric": metric, "value": metrics[f"{metric},none"], "n": n})
+                rows.append({"task": family, "subtask": task, "metric": metric, "value": metrics[f"{metric},none"],
+                             "n": n})
     frame = pd.DataFrame(rows)
     weighted = frame.assign(weighted=frame["value"] * frame["n"]).groupby(["task", "metric"], sort=False)
     table = (weighted["weighted"].sum() / weighted["n"].sum()).rename("value").reset_index()
@@ -166,7 +172,8 @@ def dropped_candidates(drop_set: DropSet | dict | None) -> list[tuple[str, int]]
 def heldout_samples(tokenizer, distributions, *, n_samples: int, seq_len: int, seed: int) -> dict:
     """Per distribution, token windows from its held-out split only."""
     return {
-        name: calibration_samples(load_distribution(name, "heldout"), tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed)
+        name: calibration_samples(load_distribution(name, "heldout"), tokenizer, n_samples=n_samples, seq_len=seq_len,
+                                  seed=seed)
         for name in distributions
     }
 
@@ -189,9 +196,12 @@ def window_nll(model, samples: dict, drop_sets: dict, *, batch_size: int = 4, pr
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             with block_inputs(model) as resid_pre:
                 base, n_predicted = full_row_nll(model, ids, mask)
-            nll = {spec: (base if not spec else dropped_row_nll(model, list(spec), resid_pre, ids, mask)) for spec in unique}
+            nll = {
+                spec: (
+                    base if not spec else dropped_row_nll(model, list(spec), resid_pre, ids, mask)) for spec in unique}
             for set_name, spec in dropped.items():
-                rows += [{"drop_set": set_name, "distribution": name, "window": int(w), "nll_sum": float(v), "n_tokens": int(n)}
+                rows += [{"drop_set": set_name, "distribution": name, "window": int(w), "nll_sum": float(v),
+                          "n_tokens": int(n)}
                          for w, v, n in zip(batch["sample"], nll[spec], n_predicted)]
     return pd.DataFrame(rows)
 
@@ -230,14 +240,17 @@ def transfer_summary(windows: pd.DataFrame, *, n_boot: int = 1000, level: float 
         base = math.exp(totals.loc[(UNPRUNED, name), "nll_sum"] / totals.loc[(UNPRUNED, name), "n_tokens"])
         for j, label in enumerate(sets):
             low, high = percentile_interval(np.exp(values[1:, j]), level)
-            rows.append({"drop_set": label, "distribution": name, "ppl": base * math.exp(values[0, j]), "ppl_unpruned": base,
-                         "ppl_ratio": math.exp(values[0, j]), "ci_low": low, "ci_high": high, "n_windows": n_windows[name]})
+            rows.append({"drop_set": label, "distribution": name, "ppl": base * math.exp(values[0, j]),
+                         "ppl_unpruned": base,
+                         "ppl_ratio": math.exp(values[0, j]), "ci_low": low, "ci_high": high,
+                         "n_windows": n_windows[name]})
     stacked = np.exp(np.stack(list(replicates.values())))
     for summary, reduce in (("worst", np.max), ("mean", np.mean)):
         combined = reduce(stacked, axis=0)
         for j, label in enumerate(sets):
             low, high = percentile_interval(combined[1:, j], level)
-            rows.append({"drop_set": label, "distribution": summary, "ppl": np.nan, "ppl_unpruned": np.nan, "ppl_ratio": combined[0, j],
+            rows.append({"drop_set": label, "distribution": summary, "ppl": np.nan, "ppl_unpruned": np.nan,
+                         "ppl_ratio": combined[0, j],
                          "ci_low": low, "ci_high": high, "n_windows": sum(n_windows.values())})
     table = pd.DataFrame(rows)
     return pd.concat([table, pd.DataFrame([label_parts(label) for label in table["drop_set"]])], axis=1)
@@ -252,7 +265,8 @@ def label_parts(name: str) -> dict:
         return {"metric": None, "module": None, "k": None, "method": name}
 
 
-def paired_comparisons(windows: pd.DataFrame, pairs, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+def paired_comparisons(windows: pd.DataFrame, pairs, *, n_boot: int = 1000, level: float = 0.95,
+                       seed: int = 0) -> pd.DataFrame:
     """Drop set ``a`` against ``b`` on the same windows, per distribution and for the worst and mean over distributions.
 
     ``effect = log ppl_a - log ppl_b`` (negative: ``a`` loses less), reported also as the ratio
@@ -271,11 +285,13 @@ def paired_comparisons(windows: pd.DataFrame, pairs, *, n_boot: int = 1000, leve
         per = {d: replicates[d][:, index[a]] - replicates[d][:, index[b]] for d in names}
         log_a = np.stack([replicates[d][:, index[a]] for d in names])
         log_b = np.stack([replicates[d][:, index[b]] for d in names])
-        summaries = {"worst": log_a.max(axis=0) - log_b.max(axis=0), "mean": np.log(np.exp(log_a).mean(0)) - np.log(np.exp(log_b).mean(0))}
+        summaries = {"worst": log_a.max(axis=0) - log_b.max(axis=0),
+                     "mean": np.log(np.exp(log_a).mean(0)) - np.log(np.exp(log_b).mean(0))}
         for where, effect in {**per, **(summaries if len(names) > 1 else {})}.items():
             low, high = percentile_interval(effect[1:], level)
             p = min(1.0, 2 * min((effect[1:] <= 0).mean(), (effect[1:] >= 0).mean()))
-            rows.append({"comparison": comparison, "a": a, "b": b, "distribution": where, "effect": effect[0], "ratio": math.exp(effect[0]),
+            rows.append({"comparison": comparison, "a": a, "b": b, "distribution": where, "effect": effect[0],
+                         "ratio": math.exp(effect[0]),
                          "ci_low": math.exp(low), "ci_high": math.exp(high), "p_value": max(p, 1 / n_boot),
                          "p_floor": 1 / n_boot,
                          "se": float(np.std(effect[1:], ddof=1)),

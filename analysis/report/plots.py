@@ -119,7 +119,8 @@ def similarity_stability_heatmap(agreement: pd.DataFrame, reliability: pd.DataFr
     fig, ax = plt.subplots(figsize=(1.3 * len(values) + 2.5, 1.1 * len(values) + 1.5))
     name = "Spearman ρ" if statistic == "spearman" else statistic.replace("jaccard@", "Jaccard@")
     sns.heatmap(values, annot=labels, fmt="", vmin=low, vmax=high, cmap="viridis", square=True, ax=ax,
-                cbar_kws={"label": f"{name} of importance rankings" if statistic == "spearman" else f"{name} of drop sets"})
+                cbar_kws={
+                    "label": f"{name} of importance rankings" if statistic == "spearman" else f"{name} of drop sets"})
     mark_diagonal(ax, len(values))
     lowest = floor.min()
     colorbar = ax.collections[0].colorbar
@@ -134,7 +135,8 @@ def similarity_stability_heatmap(agreement: pd.DataFrame, reliability: pd.DataFr
 
 
 def candidate_axis(ax, candidates: list, module: str) -> None:
-    """x ticks of a per-candidate line plot: layers, or for ``joint`` ``attn:i``/``mlp:i`` labels and a line between the kinds."""
+    """x ticks of a per-candidate line plot: layers, or for ``joint`` ``attn:i``/``mlp:i`` labels and a line between
+    the kinds."""
     if module != "joint":
         ax.set_xlabel("layer")
         return
@@ -184,7 +186,8 @@ def relative_importance(matrix: pd.DataFrame) -> pd.DataFrame:
 
 
 def importance_heatmap(scores: pd.DataFrame, module: str = "attn"):
-    """Candidates × distributions of importance (log colour scale) beside each candidate's between-distribution differences.
+    """Candidates × distributions of importance (log colour scale) beside each candidate's between-distribution
+    differences.
 
     Left: raw importance (the paper's Figures 2–3) on a log colour scale, so layers 0/1 do not
     saturate it. Right: :func:`relative_importance`, on a diverging scale centred at 0.
@@ -193,7 +196,8 @@ def importance_heatmap(scores: pd.DataFrame, module: str = "attn"):
     relative = relative_importance(matrix)
     spread = max(float(np.nanmax(np.abs(relative.to_numpy()))), 1e-6)
     height = 0.2 * len(matrix) + 2
-    fig, (raw_ax, rel_ax) = plt.subplots(1, 2, figsize=(2 * (0.8 * matrix.shape[1] + 2.5), height), sharey=True, layout="constrained")
+    fig, (raw_ax, rel_ax) = plt.subplots(1, 2, figsize=(2 * (0.8 * matrix.shape[1] + 2.5), height), sharey=True,
+                                         layout="constrained")
     norm = positive_norm(matrix.to_numpy())
     scale = "log scale" if isinstance(norm, LogNorm) else "linear: some values ≤ 0"
     sns.heatmap(matrix, cmap="magma_r", norm=norm, ax=raw_ax, yticklabels=True,
@@ -205,7 +209,8 @@ def importance_heatmap(scores: pd.DataFrame, module: str = "attn"):
                 cbar_kws={"label": "log2(importance / layer's geometric mean over distributions)"})
     raw_ax.set_title("importance (darker = more important)", fontsize=10)
     blank = "; blank: importance ≤ 0" if relative.isna().to_numpy().any() else ""
-    rel_ax.set_title(f"between distributions, per layer\n(red = more important here than elsewhere{blank})", fontsize=10)
+    rel_ax.set_title(f"between distributions, per layer\n(red = more important here than elsewhere{blank})",
+                     fontsize=10)
     for ax in (raw_ax, rel_ax):
         ax.set_xlabel("distribution")
         ax.tick_params(axis="x", rotation=30)
@@ -237,12 +242,14 @@ def membership_heatmap(bootstrap_importance: pd.DataFrame, k: int):
 
 
 def convergence_plot(curve: pd.DataFrame, summary: pd.DataFrame):
-    """Spearman ρ of rankings from n samples of one half against the ranking of the other half, mean ± std over repeats."""
+    """Spearman ρ of rankings from n samples of one half against the ranking of the other half, mean ± std over
+    repeats."""
     module = curve["module"].iloc[0]
     fig, ax = plt.subplots(figsize=(8, 4))
     for name, part in curve.groupby("distribution", sort=False):
         ax.plot(part["n"], part["spearman_mean"], marker="o", label=name)
-        ax.fill_between(part["n"], part["spearman_mean"] - part["spearman_std"], part["spearman_mean"] + part["spearman_std"], alpha=0.2)
+        ax.fill_between(part["n"], part["spearman_mean"] - part["spearman_std"],
+                        part["spearman_mean"] + part["spearman_std"], alpha=0.2)
     target = summary["target_spearman"].iloc[0]
     ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target ρ = {target}")
     ax.set_xscale("log", base=2)
@@ -250,8 +257,9 @@ def convergence_plot(curve: pd.DataFrame, summary: pd.DataFrame):
     ax.set_xticks(sorted(curve["n"].unique()))
     ax.set_xlabel("calibration samples n")
     ax.set_ylabel("Spearman ρ with an independent half")
-    ax.set_title(f"{MODULE_NAMES[module]}: how many samples a stable ranking needs\n"
-                 f"(reference: the ranking from {curve['reference_n'].iloc[0]} other samples, none shared with the n)", fontsize=10)
+    ax.set_title(f"{MODULE_NAMES[module]}: how many samples a stable ranking needs\n(reference: the ranking from "
+                 f"{curve['reference_n'].iloc[0]} other samples, none shared with the n)",
+                 fontsize=10)
     ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
     return fig
 
@@ -261,7 +269,8 @@ def regret_bars(leave_one_out: pd.DataFrame):
     module, k = leave_one_out["module"].iloc[0], leave_one_out["k"].iloc[0]
     consensus = leave_one_out.pivot(index="held_out", columns="method", values="consensus_regret")
     baseline = leave_one_out.groupby("held_out", sort=False)[["single_mean_regret", "random_regret"]].first()
-    table = consensus.join(baseline.rename(columns={"single_mean_regret": "single (mean)", "random_regret": "random (expected)"}))
+    table = consensus.join(baseline.rename(columns={"single_mean_regret": "single (mean)",
+                                                    "random_regret": "random (expected)"}))
     long = table.reset_index().melt(id_vars="held_out", var_name="drop set", value_name="regret")
     fig, ax = plt.subplots(figsize=(10, 4))
     sns.barplot(long, x="held_out", y="regret", hue="drop set", ax=ax)
@@ -281,7 +290,8 @@ def regret_bars(leave_one_out: pd.DataFrame):
 
 
 def linear_threshold(values: pd.Series) -> float:
-    """Linear range of a symlog axis: the power of ten at or below the smallest nonzero magnitude, but within 3 decades of the largest (1e-3 when none)."""
+    """Linear range of a symlog axis: the power of ten at or below the smallest nonzero magnitude, but within 3 decades
+    of the largest (1e-3 when none)."""
     positive = values.abs()[values != 0]
     return 10.0 ** math.floor(math.log10(max(positive.min(), positive.max() / 1e3))) if len(positive) else 1e-3
 
@@ -295,7 +305,10 @@ def ratio_ticks(low: float, high: float) -> list[float]:
     Fine steps (1, 1.1, 1.25, ... 7.5) when ``high / low`` < 4, 1-2-5 below 1000, powers of ten beyond.
     """
     steps = next(steps for span, steps in RATIO_STEPS if high / low < span)
-    return [float(f"{step * 10.0 ** power:.6g}") for power in range(-8, 9) for step in steps if low <= step * 10.0 ** power <= high]
+    return [
+        float(
+            f"{step * 10.0 ** power:.6g}") for power in range(
+                -8, 9) for step in steps if low <= step * 10.0 ** power <= high]
 
 
 def stability_figures(scores: pd.DataFrame, tables: dict[str, pd.DataFrame], folder: Path, k: int) -> list[Path]:
@@ -303,15 +316,22 @@ def stability_figures(scores: pd.DataFrame, tables: dict[str, pd.DataFrame], fol
     written = []
     for module in tables["agreement"]["module"].unique():
         pick = {name: table[table["module"] == module] for name, table in tables.items() if "module" in table.columns}
-        kk = max(int(c.split("@")[1]) for c in pick["agreement"].columns if c.startswith("jaccard@") and pick["agreement"][c].notna().any())
+        kk = max(
+            int(
+                c.split(
+                    "@")[
+                        1]) for c in pick[
+                            "agreement"].columns if c.startswith("jaccard@") and pick["agreement"][c].notna().any())
         for statistic in ("spearman", f"jaccard@{kk}"):
             fig = similarity_stability_heatmap(pick["agreement"], pick["split_half"], pick["bootstrap_pairs"],
                                                statistic=statistic)
             written += save_figure(fig, folder / f"similarity_{module}_{statistic.replace('@', '')}")
         written += save_figure(importance_profiles(pick["bootstrap_importance"]), folder / f"profile_{module}")
         written += save_figure(importance_heatmap(scores, module), folder / f"importance_{module}")
-        written += save_figure(membership_heatmap(pick["bootstrap_importance"], min(k, kk)), folder / f"membership_{module}")
-        written += save_figure(convergence_plot(pick["convergence"], pick["convergence_summary"]), folder / f"convergence_{module}")
+        written += save_figure(membership_heatmap(pick["bootstrap_importance"], min(k, kk)),
+                               folder / f"membership_{module}")
+        written += save_figure(convergence_plot(pick["convergence"], pick["convergence_summary"]),
+                               folder / f"convergence_{module}")
         if "leave_one_out" in pick and len(pick["leave_one_out"]):
             written += save_figure(regret_bars(pick["leave_one_out"]), folder / f"regret_{module}")
     return written

@@ -31,7 +31,8 @@ def transfer_heatmap(transfer: pd.DataFrame, value: str = "ppl_ratio"):
     is_random = matrix.loc[order, "_random"].to_numpy()
     matrix = matrix.drop(columns="_random").loc[order]
     scale = matrix[~is_random] if (~is_random).any() else matrix
-    norm = positive_norm(scale.to_numpy(), vmin=max(np.nanmin(scale.to_numpy()), 1e-3), vmax=max(np.nanmax(scale.to_numpy()), 1.01))
+    norm = positive_norm(scale.to_numpy(), vmin=max(np.nanmin(scale.to_numpy()), 1e-3),
+                         vmax=max(np.nanmax(scale.to_numpy()), 1.01))
     fig, ax = plt.subplots(figsize=(1.2 * matrix.shape[1] + 4, 0.3 * len(matrix) + 1.8))
     sns.heatmap(matrix, annot=True, fmt=".2f", cmap="rocket_r", norm=norm, ax=ax,
                 cbar_kws={"label": "held-out perplexity / unpruned (log scale)", "extend": "max", "format": PLAIN})
@@ -56,16 +57,19 @@ def metric_colours(metrics) -> dict:
 
 
 def worst_case_forest(transfer: pd.DataFrame):
-    """Worst-case held-out perplexity ratio over distributions of every drop set, with its bootstrap 95% CI, per budget."""
+    """Worst-case held-out perplexity ratio over distributions of every drop set, with its bootstrap 95% CI, per
+    budget."""
     worst = transfer[(transfer["distribution"] == "worst") & (transfer["drop_set"] != "none")]
     worst = worst[~worst["method"].str.startswith("random")]
     budgets = sorted(worst["k"].unique())
     colours = metric_colours(worst["metric"])
-    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 0.28 * worst.groupby("k").size().max() + 2), squeeze=False)
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 0.28 * worst.groupby("k").size().max() + 2),
+                             squeeze=False)
     for ax, k in zip(axes[0], budgets):
         part = worst[worst["k"] == k].sort_values("ppl_ratio", ascending=False)
         y = np.arange(len(part))
-        ax.errorbar(part["ppl_ratio"], y, xerr=[part["ppl_ratio"] - part["ci_low"], part["ci_high"] - part["ppl_ratio"]], fmt="none", ecolor="grey")
+        ax.errorbar(part["ppl_ratio"], y, xerr=[part["ppl_ratio"] - part["ci_low"],
+                                                part["ci_high"] - part["ppl_ratio"]], fmt="none", ecolor="grey")
         ax.scatter(part["ppl_ratio"], y, c=list(part["metric"].map(colours)), zorder=3)
         ax.set_yticks(y, part["metric"] + " " + part["method"])
         ax.set_xscale("log")
@@ -75,23 +79,29 @@ def worst_case_forest(transfer: pd.DataFrame):
         ax.grid(axis="x", alpha=0.3)
         ax.set_xlabel("worst-case held-out perplexity / unpruned (log)")
         ax.set_title(f"{MODULE_NAMES.get(part['module'].iloc[0], '')} k = {k}: lower is better")
-    handles = [plt.Line2D([], [], marker="o", linestyle="", color=colour, label=name) for name, colour in colours.items()]
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=colour, label=name) for name,
+               colour in colours.items()]
     fig.legend(handles=handles, title="ranking from", loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8)
     fig.tight_layout()
     return fig
 
 
 def validity_heatmap(validity: pd.DataFrame):
-    """Spearman ρ between each proxy's ranking and the ablation ranking: metric × distribution, one panel per module kind (stacked, to stay legible at page width)."""
+    """Spearman ρ between each proxy's ranking and the ablation ranking: metric × distribution, one panel per module
+    kind (stacked, to stay legible at page width)."""
     modules = list(dict.fromkeys(validity["module"]))
     low, high = fitted_limits(validity["spearman"], step=0.1)
-    fig, axes = plt.subplots(len(modules), 1, figsize=(7.5, 2.6 * len(modules) + 0.5), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(len(modules), 1, figsize=(7.5, 2.6 * len(modules) + 0.5), squeeze=False,
+                             layout="constrained")
     for ax, module in zip(axes.flat, modules):
         part = validity[validity["module"] == module]
         matrix = part.pivot_table(index="metric", columns="distribution", values="spearman", sort=False)
-        labels = part.assign(text=part.apply(lambda r: f"{r.spearman:.2f}\n[{r.spearman_ci_low:.2f}, {r.spearman_ci_high:.2f}]", axis=1))
-        text = labels.pivot_table(index="metric", columns="distribution", values="text", aggfunc="first", sort=False).loc[matrix.index, matrix.columns]
-        sns.heatmap(matrix, annot=text, fmt="", cmap="viridis", vmin=low, vmax=high, ax=ax, cbar=False, annot_kws={"size": 8})
+        labels = part.assign(
+            text=part.apply(lambda r: f"{r.spearman:.2f}\n[{r.spearman_ci_low:.2f}, {r.spearman_ci_high:.2f}]", axis=1))
+        text = labels.pivot_table(index="metric", columns="distribution", values="text", aggfunc="first",
+                                  sort=False).loc[matrix.index, matrix.columns]
+        sns.heatmap(matrix, annot=text, fmt="", cmap="viridis", vmin=low, vmax=high, ax=ax, cbar=False,
+                    annot_kws={"size": 8})
         ax.set_title(f"{MODULE_NAMES[module]}: ρ(proxy, ablation)", fontsize=10)
         ax.set_xlabel("")
         ax.set_ylabel("")
@@ -99,12 +109,14 @@ def validity_heatmap(validity: pd.DataFrame):
         ax.tick_params(axis="y", rotation=0)
     for ax in list(axes.flat)[len(modules):]:
         ax.set_visible(False)
-    fig.colorbar(axes.flat[0].collections[0], ax=axes.ravel().tolist(), label="Spearman ρ with the ablation ranking (95% CI)")
+    fig.colorbar(axes.flat[0].collections[0], ax=axes.ravel().tolist(),
+                 label="Spearman ρ with the ablation ranking (95% CI)")
     return fig
 
 
 def proxy_vs_ablation(scores: pd.DataFrame, metric: str = PRIMARY_METRIC):
-    """Proxy importance against the real loss increase of dropping each module, one panel per module kind (2 × 2, legend in the fourth)."""
+    """Proxy importance against the real loss increase of dropping each module, one panel per module kind (2 × 2,
+    legend in the fourth)."""
     modules = ("attn", "mlp", "block")
     fig, grid = plt.subplots(2, 2, figsize=(10, 7.5), layout="constrained")
     axes, legend_ax = grid.flat[:3], grid.flat[3]
@@ -127,7 +139,9 @@ def proxy_vs_ablation(scores: pd.DataFrame, metric: str = PRIMARY_METRIC):
     axes[-1].get_legend().remove()
     legend_ax.axis("off")
     legend_ax.legend(handles, labels, title="distribution", loc="center")
-    fig.suptitle("Does the proxy rank modules like the real loss of dropping them?\n(one point per layer and distribution)", fontsize=10)
+    fig.suptitle(
+        "Does the proxy rank modules like the real loss of dropping them?\n(one point per layer and distribution)",
+        fontsize=10)
     return fig
 
 
@@ -139,7 +153,8 @@ def decomposition_bars(decomposition: pd.DataFrame):
     corrected = "mean_corrected" in decomposition and decomposition["mean_corrected"].notna().all()
     value = "mean_corrected" if corrected else "mean_spearman"
     axes = {"distribution": ("across distributions, within ", "Blues_d"),
-            "metric": ("across proxies, within ", "Oranges_d"), "ground truth": ("proxy vs ground truth, within ", "Greens_d")}
+            "metric": ("across proxies, within ", "Oranges_d"),
+            "ground truth": ("proxy vs ground truth, within ", "Greens_d")}
     labels = decomposition["axis"].map({axis: text for axis, (text, _) in axes.items()}) + decomposition["held"]
     modules = decomposition["module"].map(MODULE_NAMES).fillna(decomposition["module"])
     data = decomposition.assign(label=labels, module=modules)
@@ -162,12 +177,14 @@ DROP_SET_KINDS = {"consensus": "consensus", "own": "single distribution", "rando
 
 
 def drop_set_kind(name: str) -> str:
-    """``consensus``, ``single distribution`` (``own:<d>``) or ``random (expected)`` for a regret table's drop-set name."""
+    """``consensus``, ``single distribution`` (``own:<d>``) or ``random (expected)`` for a regret table's drop-set
+    name."""
     return DROP_SET_KINDS.get(name.split(":")[0], DROP_SET_KINDS["consensus"])
 
 
 def regret_overview(regret: pd.DataFrame):
-    """Worst-case regret over distributions of each drop set, one panel per module kind and budget, one labelled row per drop set.
+    """Worst-case regret over distributions of each drop set, one panel per module kind and budget, one labelled row
+    per drop set.
 
     Rows: the consensus methods, each distribution's own set (``own:<d>``), the random expectation;
     symlog x axis (regret can be 0).
@@ -186,7 +203,8 @@ def regret_overview(regret: pd.DataFrame):
         budgets = sorted(worst.loc[worst["module"] == module, "k"].unique())
         for ax, k in zip(row, budgets):
             part = worst[(worst["module"] == module) & (worst["k"] == k)]
-            ax.scatter(part["regret"], part["drop_set"].map(position), c=list(part["kind"].map(palette)), s=30, zorder=3)
+            ax.scatter(part["regret"], part["drop_set"].map(position), c=list(part["kind"].map(palette)), s=30,
+                       zorder=3)
             ax.set_title(f"{MODULE_NAMES[module]}, k = {k}", fontsize=9)
             ax.grid(axis="both", alpha=0.3)
         for ax in row[len(budgets):]:
@@ -200,7 +218,9 @@ def regret_overview(regret: pd.DataFrame):
         ax.tick_params(labelsize=8)
     for ax in axes[-1]:
         ax.set_xlabel("worst-case regret over distributions (symlog)")
-    handles = [plt.Line2D([], [], marker="o", linestyle="", color=colour, label=kind) for kind, colour in palette.items()]
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=colour, label=kind) for kind,
+               colour in palette.items()]
     fig.legend(handles=handles, loc="outside upper right", fontsize=8)
-    fig.suptitle("Importance dropped beyond each distribution's best set, worst over distributions (lower is better)", fontsize=10)
+    fig.suptitle("Importance dropped beyond each distribution's best set, worst over distributions (lower is better)",
+                 fontsize=10)
     return fig

@@ -69,8 +69,12 @@ def load_run(folder) -> RunFolder:
         raise InputError(f"{folder} is not a folder: give the output folders of `calibdrop run`")
     missing = [name for name in REQUIRED if not (folder / f"{name}.parquet").exists()]
     if missing:
-        raise InputError(f"{folder} is not a finished-enough `calibdrop run` folder: it has no {', '.join(m + '.parquet' for m in missing)}")
-    tables = {name: read_table(folder / f"{name}.parquet") for name in REQUIRED + OPTIONAL if (folder / f"{name}.parquet").exists()}
+        raise InputError(
+            f"{folder} is not a finished-enough `calibdrop run` folder: it has no "
+            f"{', '.join(m + '.parquet' for m in missing)}")
+    tables = {
+        name: read_table(
+            folder / f"{name}.parquet") for name in REQUIRED + OPTIONAL if (folder / f"{name}.parquet").exists()}
     model = tables["scores"].attrs["provenance"].get("model") or {}
     return RunFolder(label=str(model.get("spec") or folder.name), folder=folder, model=model, tables=tables)
 
@@ -91,7 +95,9 @@ def load_runs(folders) -> list[RunFolder]:
 
 def _statistics(pairs: pd.DataFrame) -> list[str]:
     """The pair statistics of a ``bootstrap_pairs`` table: ``spearman`` and every ``jaccard@k``."""
-    return ["spearman"] + sorted((c for c in pairs.columns if c.startswith("jaccard@") and not c.endswith(("_ci_low", "_ci_high"))),
+    return [
+        "spearman"] + sorted(
+            (c for c in pairs.columns if c.startswith("jaccard@") and not c.endswith(("_ci_low", "_ci_high"))),
                                  key=lambda c: int(c.split("@")[1]))
 
 
@@ -111,8 +117,10 @@ def agreement_rows(run: RunFolder) -> list[dict]:
             beyond = pairs_beyond_noise(part, halves, statistic)["beyond_noise"]
             lowest = part.loc[part[statistic].idxmin()]
             rows.append({
-                "model": run.label, "n_layers": run.n_layers, "metric": metric, "module": module, "statistic": statistic,
-                "n_pairs": len(part), "mean": part[statistic].mean(), "min": lowest[statistic], "min_pair": f"{lowest['a']}–{lowest['b']}",
+                "model": run.label, "n_layers": run.n_layers, "metric": metric, "module": module,
+                "statistic": statistic,
+                "n_pairs": len(part), "mean": part[statistic].mean(), "min": lowest[statistic],
+                "min_pair": f"{lowest['a']}–{lowest['b']}",
                 "min_ci_low": lowest[f"{statistic}_ci_low"], "min_ci_high": lowest[f"{statistic}_ci_high"],
                 "floor_mean": floor.mean(), "floor_min": floor.min(),
                 "beyond_noise": int(beyond.sum()),
@@ -126,12 +134,15 @@ def agreement_table(runs: list[RunFolder]) -> pd.DataFrame:
 
 
 def importance_table(runs: list[RunFolder]) -> pd.DataFrame:
-    """Aggregate importance per model, metric, module, distribution and layer, with ``relative_depth = layer / (n_layers - 1)``."""
+    """Aggregate importance per model, metric, module, distribution and layer, with ``relative_depth = layer /
+    (n_layers - 1)``."""
     parts = []
     for run in runs:
         scores = run.tables["scores"][["metric", "distribution", "module", "layer", "importance"]]
-        parts.append(scores.assign(model=run.label, n_layers=run.n_layers, relative_depth=scores["layer"] / max(run.n_layers - 1, 1)))
-    return pd.concat(parts, ignore_index=True)[["model", "n_layers", "metric", "module", "distribution", "layer", "relative_depth", "importance"]]
+        parts.append(scores.assign(model=run.label, n_layers=run.n_layers,
+                                   relative_depth=scores["layer"] / max(run.n_layers - 1, 1)))
+    return pd.concat(parts, ignore_index=True)[["model", "n_layers", "metric", "module", "distribution", "layer",
+                                                "relative_depth", "importance"]]
 
 
 def _layer_of(candidate: str) -> int:
@@ -150,11 +161,15 @@ def unimportant_table(runs: list[RunFolder]) -> pd.DataFrame:
             counts = pd.Series([str(c) for members in part["indices"] for c in members]).value_counts()
             for candidate, n_sets in counts.items():
                 layer = _layer_of(candidate)
-                rows.append({"model": run.label, "n_layers": run.n_layers, "metric": metric, "module": module, "k": int(k),
+                rows.append({"model": run.label, "n_layers": run.n_layers, "metric": metric, "module": module,
+                             "k": int(k),
                              "candidate": candidate, "layer": layer, "relative_depth": layer / max(run.n_layers - 1, 1),
-                             "n_sets": int(n_sets), "n_distributions": len(part), "every_distribution": bool(n_sets == len(part))})
-    columns = ["model", "n_layers", "metric", "module", "k", "candidate", "layer", "relative_depth", "n_sets", "n_distributions", "every_distribution"]
-    return pd.DataFrame(rows, columns=columns).sort_values(["model", "metric", "module", "k", "layer", "candidate"], ignore_index=True)
+                             "n_sets": int(n_sets), "n_distributions": len(part),
+                             "every_distribution": bool(n_sets == len(part))})
+    columns = ["model", "n_layers", "metric", "module", "k", "candidate", "layer", "relative_depth", "n_sets",
+               "n_distributions", "every_distribution"]
+    return pd.DataFrame(rows, columns=columns).sort_values(["model", "metric", "module", "k", "layer", "candidate"],
+                                                           ignore_index=True)
 
 
 def validity_table(runs: list[RunFolder]) -> pd.DataFrame:
@@ -168,7 +183,8 @@ def validity_table(runs: list[RunFolder]) -> pd.DataFrame:
         truth = halves[halves["metric"] == GROUND_TRUTH].groupby("module")["reliability"].mean()
         for (module, metric), part in run.tables["validity"].groupby(["module", "metric"], sort=False):
             low, high = part.loc[part["spearman"].idxmin()], part.loc[part["spearman"].idxmax()]
-            rows.append({"model": run.label, "module": module, "metric": metric, "mean_spearman": part["spearman"].mean(),
+            rows.append({"model": run.label, "module": module, "metric": metric,
+                         "mean_spearman": part["spearman"].mean(),
                          "min_spearman": low["spearman"], "min_distribution": low["distribution"],
                          "min_ci_low": low["spearman_ci_low"], "min_ci_high": low["spearman_ci_high"],
                          "max_spearman": high["spearman"], "max_distribution": high["distribution"],
@@ -200,7 +216,8 @@ def heldout_table(runs: list[RunFolder]) -> pd.DataFrame:
     ranked = table["kind"] != "random"
     table.loc[ranked, "rank"] = table[ranked].groupby(["model", "module", "k"])["ppl_ratio"].rank(method="min")
     table["rank"] = table["rank"].astype("Int64")
-    columns = ["model", "n_layers", "module", "k", "drop_set", "metric", "method", "kind", "ppl_ratio", "ci_low", "ci_high", "rank"]
+    columns = ["model", "n_layers", "module", "k", "drop_set", "metric", "method", "kind", "ppl_ratio", "ci_low",
+               "ci_high", "rank"]
     return table[columns].sort_values(["model", "module", "k", "rank"], ignore_index=True)
 
 
@@ -259,14 +276,16 @@ def importance_panels(importance: pd.DataFrame, *, module: str = "attn", metric:
     if part.empty:
         raise InputError(f"no {metric} importance of {module} in the results")
     names = list(dict.fromkeys(part["model"]))
-    fig, axes = plt.subplots(len(names), 1, figsize=(9, 1.1 + 1.5 * len(names)), sharex=True, squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(len(names), 1, figsize=(9, 1.1 + 1.5 * len(names)), sharex=True, squeeze=False,
+                             layout="constrained")
     norm = LogNorm(vmin=1e-3, vmax=1)
     for ax, name in zip(axes[:, 0], names):
         one = part[part["model"] == name]
         matrix = one.pivot_table(index="distribution", columns="layer", values="importance", sort=False)
         n_layers = int(one["n_layers"].iloc[0])
         edges = (np.arange(n_layers + 1) - 0.5) / max(n_layers - 1, 1)
-        mesh = ax.pcolormesh(edges, np.arange(len(matrix) + 1), (matrix / matrix.to_numpy().max()).clip(lower=1e-3).to_numpy(),
+        mesh = ax.pcolormesh(edges, np.arange(len(matrix) + 1),
+                             (matrix / matrix.to_numpy().max()).clip(lower=1e-3).to_numpy(),
                              norm=norm, cmap="viridis")
         ax.set_yticks(np.arange(len(matrix)) + 0.5, matrix.index)
         ax.set_title(f"{name} ({n_layers} layers)", fontsize=9, loc="left")
@@ -278,17 +297,25 @@ def importance_panels(importance: pd.DataFrame, *, module: str = "attn", metric:
 
 def consensus_forest(comparisons: pd.DataFrame):
     """Forest plot of the consensus-vs-single advantage per model: the worst-case held-out perplexity ratio of
-    the consensus set (a) to each distribution's own set (b) on the same windows, with its 95% CI (< 1: consensus better)."""
-    rows = comparisons[(comparisons["a_kind"] == "consensus") & (comparisons["b_kind"] == "single") & (comparisons["distribution"] == "worst")]
+    the consensus set (a) to each distribution's own set (b) on the same windows, with its 95% CI (< 1: consensus
+    better)."""
+    rows = comparisons[
+        (
+            comparisons[
+                "a_kind"] == "consensus") & (
+                    comparisons["b_kind"] == "single") & (comparisons["distribution"] == "worst")]
     if rows.empty:
         raise InputError("no consensus-vs-single comparisons in the results (the runs have no held-out evaluation)")
     rows = rows.drop_duplicates(["model", "a", "b"]).reset_index(drop=True)
-    labels = rows["model"] + ": vs " + rows["b"].map(lambda label: parse_label(label)["method"].removeprefix("own:")) + " (k=" + \
+    labels = rows[
+        "model"] + ": vs " + rows["b"].map(lambda label: parse_label(label)["method"].removeprefix("own:")) + " (k=" + \
         rows["b"].map(lambda label: str(parse_label(label)["k"])) + ")"
     y = np.arange(len(rows))[::-1]
     fig, ax = plt.subplots(figsize=(7, 0.3 * len(rows) + 1.4))
-    colours = rows["model"].map(dict(zip(dict.fromkeys(rows["model"]), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4)))
-    ax.errorbar(rows["ratio"], y, xerr=[rows["ratio"] - rows["ci_low"], rows["ci_high"] - rows["ratio"]], fmt="none", ecolor="grey")
+    colours = rows["model"].map(dict(zip(dict.fromkeys(rows["model"]),
+                                         plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4)))
+    ax.errorbar(rows["ratio"], y, xerr=[rows["ratio"] - rows["ci_low"], rows["ci_high"] - rows["ratio"]], fmt="none",
+                ecolor="grey")
     ax.scatter(rows["ratio"], y, c=list(colours), zorder=3)
     ax.axvline(1, color="black", linewidth=0.8)
     ax.set_xscale("log")
@@ -309,7 +336,10 @@ def write_summary(results_dirs, out) -> dict[str, list[Path]]:
     written = {"tables": [write_table(frame, out / f"summary_{name}.parquet", {**record, "table": name})
                           for name, frame in tables.items() if len(frame)]}
     figures = save_figure(importance_panels(tables["importance"]), out / "figures" / "summary_importance_attn")
-    if len(tables["comparisons"]) and ((tables["comparisons"]["a_kind"] == "consensus") & (tables["comparisons"]["b_kind"] == "single")).any():
+    if len(
+        tables[
+            "comparisons"]) and (
+                (tables["comparisons"]["a_kind"] == "consensus") & (tables["comparisons"]["b_kind"] == "single")).any():
         figures += save_figure(consensus_forest(tables["comparisons"]), out / "figures" / "summary_consensus_vs_single")
     written["figures"] = figures
     return written

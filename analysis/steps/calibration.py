@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ..data.documents import load_distribution
-from ..data.samples import calibration_samples, token_batches
 from ..importance import ablation
 from ..importance.metrics import GROUND_TRUTH
 from ..importance.scoring import aggregate_importance
@@ -22,11 +20,13 @@ def stage_scores_proxies(study: Study) -> pd.DataFrame:
 
 
 def stage_scores_ablation(study: Study) -> pd.DataFrame:
-    return study.score(study.distributions, study.settings.ablation_samples, study.settings.ablation_seq_len, (GROUND_TRUTH,))
+    return study.score(study.distributions, study.settings.ablation_samples, study.settings.ablation_seq_len,
+                       (GROUND_TRUTH,))
 
 
 def stage_per_sample(study: Study) -> pd.DataFrame:
-    return pd.concat([study.results[name] for name in ("scores.proxies", "scores.ablation") if name in study.results], ignore_index=True)
+    return pd.concat([study.results[name] for name in ("scores.proxies", "scores.ablation") if name in study.results],
+                     ignore_index=True)
 
 
 def stage_aggregate(study: Study) -> pd.DataFrame:
@@ -34,7 +34,8 @@ def stage_aggregate(study: Study) -> pd.DataFrame:
 
 
 def stage_subsets(study: Study) -> pd.DataFrame:
-    return study.score(subset_names(study), study.settings.subset_samples, study.settings.subset_seq_len, study.proxies())
+    return study.score(subset_names(study), study.settings.subset_samples, study.settings.subset_seq_len,
+                       study.proxies())
 
 
 def stage_subset_agreement(study: Study) -> pd.DataFrame:
@@ -45,13 +46,15 @@ def stage_subset_agreement(study: Study) -> pd.DataFrame:
 
 def stage_stability(study: Study) -> dict[str, pd.DataFrame]:
     s = study.settings
-    return stability.stability_tables(study.results["scores.per_sample"], modules=tuple(s.budgets), k=budgets_union(s), n_boot=s.n_boot,
+    return stability.stability_tables(study.results["scores.per_sample"], modules=tuple(s.budgets), k=budgets_union(s),
+                                      n_boot=s.n_boot,
                                       n_perm=s.n_perm, seed=s.seed, progress=study.progress)
 
 
 def stage_validity(study: Study) -> pd.DataFrame:
     s = study.settings
-    return validity.metric_validity(study.results["scores.per_sample"], modules=tuple(s.budgets), n_boot=s.n_boot, seed=s.seed)
+    return validity.metric_validity(study.results["scores.per_sample"], modules=tuple(s.budgets), n_boot=s.n_boot,
+                                    seed=s.seed)
 
 
 def stage_decomposition(study: Study) -> dict[str, pd.DataFrame]:
@@ -83,14 +86,13 @@ def stage_greedy(study: Study) -> pd.DataFrame:
     """
     s = study.settings
     module, k = s.greedy_module, max(s.budgets.get(s.greedy_module, s.transfer_k))
-    batches = {name: list(token_batches(calibration_samples(
-        load_distribution(name, "calibration"), study.tokenizer, n_samples=s.ablation_samples, seq_len=s.ablation_seq_len,
-        seed=s.seed), s.batch_size)) for name in study.distributions}
+    batches = study.ablation_batches()
     prior = stability.importance_matrix(study.results["scores.per_sample"], module, GROUND_TRUTH)
     parts = []
     for objective in [*study.distributions, "robust"]:
         cost = prior.max(axis=1) if objective == "robust" else prior[objective]
         parts.append(study.part("greedy", objective, lambda objective=objective, cost=cost: ablation.greedy_drop_path(
-            study.model, batches, module=module, k=k, objective=objective, shortlist=s.greedy_shortlist, prior=cost.to_dict(),
+            study.model, batches, module=module, k=k, objective=objective, shortlist=s.greedy_shortlist,
+            prior=cost.to_dict(),
             progress=study.progress)))
     return pd.concat(parts, ignore_index=True)

@@ -10,13 +10,15 @@ import pandas as pd
 
 from ..data.documents import subsets
 from ..data.manifests import load_manifest, top_level, unseen_distributions
+from ..data.samples import token_batches
 from ..importance.metrics import check_metrics, get_metric
-from ..importance.scoring import score_distributions
+from ..importance.scoring import calibration_windows, score_distributions
 from ..presets import RunSettings
 from ..stages import StageStore, stage_key
 
 
-STABILITY_TABLES = ("agreement", "bootstrap_importance", "bootstrap_pairs", "bootstrap_pair_mean", "split_half", "permutation", "convergence", "convergence_summary")
+STABILITY_TABLES = ("agreement", "bootstrap_importance", "bootstrap_pairs", "bootstrap_pair_mean", "split_half",
+                    "permutation", "convergence", "convergence_summary")
 
 
 def top_level_distributions(settings: RunSettings) -> tuple[str, ...]:
@@ -51,7 +53,8 @@ class Study:
     """One run's model, settings, store and results; stages read earlier results from :attr:`results`."""
 
     def __init__(self, model, tokenizer, settings: RunSettings, store: StageStore, progress: bool):
-        self.model, self.tokenizer, self.settings, self.store, self.progress = model, tokenizer, settings, store, progress
+        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.store, self.progress = store, progress
         self.distributions = top_level_distributions(settings)
         self.manifests = {name: load_manifest(name)["_sha256"] for name in self.distributions}
         self.unseen = unseen_of(settings)
@@ -68,7 +71,8 @@ class Study:
         fields = {name: getattr(self.settings, name) for name in stage.settings}
         if "unseen" in fields:
             fields["unseen"] = self.unseen_manifests
-        return stage_key(stage.name, self.base, fields, self.manifests, {name: self.keys.get(name) for name in stage.reads})
+        return stage_key(stage.name, self.base, fields, self.manifests,
+                         {name: self.keys.get(name) for name in stage.reads})
 
     def part(self, kind: str, name: str, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
         """A saved part (``parts/<kind>-<name>``: one distribution, one objective, one drop set) of the running stage,
@@ -78,8 +82,17 @@ class Study:
     def score(self, names, samples: int, seq_len: int, metrics) -> pd.DataFrame:
         """Per-sample scores of ``names``, each distribution a saved part under ``parts/scores``."""
         parts = StageStore(self.store.folder / "parts" / "scores", self.store.model_record, self.store.log)
-        return score_distributions(self.model, self.tokenizer, names, n_samples=samples, seq_len=seq_len, batch_size=self.settings.batch_size,
+        return score_distributions(self.model, self.tokenizer, names, n_samples=samples, seq_len=seq_len,
+                                   batch_size=self.settings.batch_size,
                                    seed=self.settings.seed, metrics=metrics, store=parts, progress=self.progress)
+
+    def ablation_batches(self) -> dict[str, list]:
+        """Every distribution's calibration windows of the ablation's size (``ablation_samples`` x
+        ``ablation_seq_len``) in batches of ``batch_size``: the windows the greedy paths measure real loss on."""
+        s = self.settings
+        return {name: list(token_batches(calibration_windows(name, self.tokenizer, n_samples=s.ablation_samples,
+                                                             seq_len=s.ablation_seq_len, seed=s.seed), s.batch_size))
+                for name in self.distributions}
 
     def proxies(self) -> tuple[str, ...]:
         return tuple(m for m in check_metrics(self.settings.metrics) if get_metric(m).is_proxy)

@@ -17,7 +17,8 @@ from .core import Study
 
 
 def stage_pruned(study: Study) -> pd.DataFrame:
-    return pruned_size(study.model, evaluated_sets(study.results["scores.per_sample"], study.results.get("greedy"), study.settings))
+    return pruned_size(study.model, evaluated_sets(study.results["scores.per_sample"], study.results.get("greedy"),
+                                                   study.settings))
 
 
 def stage_heldout(study: Study, names: tuple[str, ...] | None = None, kind: str = "heldout") -> pd.DataFrame:
@@ -27,7 +28,8 @@ def stage_heldout(study: Study, names: tuple[str, ...] | None = None, kind: str 
     sets = sets_from_table(study.results["pruned"])
 
     def windows(name):
-        samples = evaluation.heldout_samples(study.tokenizer, [name], n_samples=s.transfer_samples, seq_len=s.transfer_seq_len, seed=s.seed)
+        samples = evaluation.heldout_samples(study.tokenizer, [name], n_samples=s.transfer_samples,
+                                             seq_len=s.transfer_seq_len, seed=s.seed)
         return evaluation.window_nll(study.model, samples, sets, batch_size=s.heldout_batch_size, progress=False)
 
     names = study.distributions if names is None else names
@@ -44,28 +46,34 @@ def stage_heldout_unseen(study: Study) -> pd.DataFrame:
 
 def stage_transfer_unseen(study: Study) -> pd.DataFrame:
     """Every evaluated set's perplexity ratio on each test-only distribution, and the worst and mean over them."""
-    return evaluation.transfer_summary(study.results["heldout_windows_unseen"], n_boot=study.settings.n_boot, seed=study.settings.seed)
+    return evaluation.transfer_summary(study.results["heldout_windows_unseen"], n_boot=study.settings.n_boot,
+                                       seed=study.settings.seed)
 
 
 def stage_transfer(study: Study) -> pd.DataFrame:
-    return evaluation.transfer_summary(study.results["heldout_windows"], n_boot=study.settings.n_boot, seed=study.settings.seed)
+    return evaluation.transfer_summary(study.results["heldout_windows"], n_boot=study.settings.n_boot,
+                                       seed=study.settings.seed)
 
 
 def stage_comparisons(study: Study) -> pd.DataFrame:
     s = study.settings
     sets = {label: chosen for label, chosen in sets_from_table(study.results["pruned"]).items() if chosen is not None}
-    return evaluation.paired_comparisons(study.results["heldout_windows"], comparison_pairs(sets, study.distributions, s), n_boot=s.n_boot,
+    return evaluation.paired_comparisons(study.results["heldout_windows"],
+                                         comparison_pairs(sets, study.distributions, s), n_boot=s.n_boot,
                                          seed=s.seed)
 
 
 def stage_accuracy(study: Study) -> dict[str, pd.DataFrame]:
-    """Item-level zero-shot correctness of the unpruned model and of each of ``settings.accuracy_sets`` that was evaluated
+    """Item-level zero-shot correctness of the unpruned model and of each of ``settings.accuracy_sets`` that was
+    evaluated
     (one saved part per set), and the per-set accuracy table computed from it."""
     s = study.settings
     sets = sets_from_table(study.results["pruned"])
-    parts = [study.part("accuracy_items", name.replace(":", "_").replace("/", "_"), lambda name=name: accuracy.items_of_set(
+    parts = [study.part("accuracy_items", name.replace(":", "_").replace("/", "_"),
+                        lambda name=name: accuracy.items_of_set(
                  study.model, study.tokenizer, name, sets[name], s.tasks, limit=s.task_limit))
-             for name in tqdm(s.accuracy_sets, desc="zero-shot accuracy", unit="set", disable=not study.progress) if name in sets]
+             for name in tqdm(s.accuracy_sets, desc="zero-shot accuracy", unit="set",
+                              disable=not study.progress) if name in sets]
     if not parts:
         return {"accuracy_items": pd.DataFrame(), "accuracy": pd.DataFrame()}
     items = pd.concat(parts, ignore_index=True).assign(model=study.store.model_record.get("spec"))
@@ -77,7 +85,8 @@ def accuracy_pairs(study: Study, evaluated) -> list[tuple[str, str, str]]:
     (:func:`comparison_pairs`) whose two sets were both evaluated for accuracy."""
     sets = {label: chosen for label, chosen in sets_from_table(study.results["pruned"]).items() if chosen is not None}
     versus = [(f"{name} vs unpruned", name, UNPRUNED) for name in evaluated if name != UNPRUNED]
-    held = [(comparison, a, b) for comparison, a, b, *only in comparison_pairs(sets, study.distributions, study.settings)
+    held = [(comparison, a, b) for comparison, a, b,
+            *only in comparison_pairs(sets, study.distributions, study.settings)
             if not only and a in evaluated and b in evaluated]
     return versus + list(dict.fromkeys(held))
 
@@ -88,7 +97,8 @@ def stage_accuracy_paired(study: Study) -> dict[str, pd.DataFrame]:
     s, items = study.settings, study.results["accuracy_items"]
     if not len(items) or UNPRUNED not in set(items["drop_set"]):
         return {"accuracy_paired": pd.DataFrame(), "accuracy_tasks": pd.DataFrame()}
-    paired, tasks = accuracy.accuracy_analysis(items, accuracy_pairs(study, list(dict.fromkeys(items["drop_set"]))), task_limit=s.task_limit,
+    paired, tasks = accuracy.accuracy_analysis(items, accuracy_pairs(study, list(dict.fromkeys(items["drop_set"]))),
+                                               task_limit=s.task_limit,
                                                n_boot=s.n_boot, seed=s.seed)
     return {"accuracy_paired": paired, "accuracy_tasks": tasks}
 

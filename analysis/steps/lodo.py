@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ..data.documents import load_distribution
-from ..data.samples import calibration_samples, token_batches
 from ..evaluation import heldout as evaluation
 from ..importance import ablation
 from ..importance.scoring import score_windows
@@ -34,21 +32,7 @@ def stage_lodo_sets(study: Study) -> dict[str, pd.DataFrame]:
     s = study.settings
     module, k = lodo_budget(s)
     scores = study.results["scores.per_sample"]
-    batches = {
-        name: list(
-            token_batches(
-                calibration_samples(
-                    load_distribution(name, "calibration"),
-                    study.tokenizer,
-                    n_samples=s.ablation_samples,
-                    seq_len=s.ablation_seq_len,
-                    seed=s.seed,
-                ),
-                s.batch_size,
-            )
-        )
-        for name in study.distributions
-    }
+    batches = study.ablation_batches()
     cache = ablation.TrialCache()
 
     def robust_without(held_out):

@@ -20,7 +20,8 @@ from .core import Study
 
 def stage_check(study: Study) -> pd.DataFrame:
     """Each distribution's held-out windows checked as a user's own texts (:func:`analysis.evaluation.check.check`, the
-    primary metric, at ``check_module``'s largest evaluated budget) against its own drop set, and against the borda consensus built without
+    primary metric, at ``check_module``'s largest evaluated budget) against its own drop set, and against the borda
+    consensus built without
     it (as a user whose data no calibration distribution covers); one row per distribution and checked set."""
     from ..evaluation.check import check, drop_set_record
 
@@ -29,7 +30,8 @@ def stage_check(study: Study) -> pd.DataFrame:
     scores = stability.one_metric(study.results["scores.per_sample"], metric)[0]
     rows = []
     for name in study.distributions:
-        windows = evaluation.heldout_samples(study.tokenizer, [name], n_samples=s.transfer_samples, seq_len=s.transfer_seq_len, seed=s.seed)[name]
+        windows = evaluation.heldout_samples(study.tokenizer, [name], n_samples=s.transfer_samples,
+                                             seq_len=s.transfer_seq_len, seed=s.seed)[name]
         yours = study.part("check", name, lambda windows=windows, name=name: score_windows(
             study.model, windows, name, batch_size=s.batch_size, metrics=(metric,), progress=False))
         others = scores[scores["distribution"] != name]
@@ -38,16 +40,19 @@ def stage_check(study: Study) -> pd.DataFrame:
             if source.empty:
                 continue
             record = drop_set_record(source, module=module, k=k, method=method, metric=metric)
-            result = check(study.model, study.tokenizer, record, None, source_scores=source, your_scores=yours, n_perm=s.n_perm,
+            result = check(study.model, study.tokenizer, record, None, source_scores=source, your_scores=yours,
+                           n_perm=s.n_perm,
                            n_boot=s.n_boot, seed=s.seed)
-            rows.append(result.summary.assign(distribution=name, checked=checked_as, recommendation=result.recommendation))
+            rows.append(result.summary.assign(distribution=name, checked=checked_as,
+                                              recommendation=result.recommendation))
     return pd.concat(rows, ignore_index=True)
 
 
 def routing_families(study: Study, module: str, k: int) -> dict[str, tuple[dict, dict, str]]:
     """The families of per-distribution sets routed between, by family name
     (:func:`analysis.evaluation.routing.family_name`): ``(sets by label, each distribution's set label, metric)``.
-    ``""``: each distribution's own set by the primary metric and its borda consensus; ``greedy``: each distribution's greedy set by real calibration loss; ``own``: each distribution's own
+    ``""``: each distribution's own set by the primary metric and its borda consensus; ``greedy``: each distribution's
+    greedy set by real calibration loss; ``own``: each distribution's own
     set by the ablation (its k modules of smallest single-drop loss increase).  A family whose sets are missing is left
     out."""
     from ..evaluation import routing
@@ -87,7 +92,8 @@ def routing_static(study: Study, sets: dict, samples: dict, module: str, k: int)
         if set_key(module, spec.indices) in known.index
     ]
     missing = {label: spec for label, spec in wanted.items() if set_key(module, spec.indices) not in known.index}
-    new = [evaluation.window_nll(study.model, samples, missing, batch_size=study.settings.heldout_batch_size)] if missing else []
+    new = [evaluation.window_nll(study.model, samples, missing,
+                                 batch_size=study.settings.heldout_batch_size)] if missing else []
     columns = ["drop_set", "distribution", "window", "nll_sum", "n_tokens"]
     return pd.concat(
         [heldout[heldout["drop_set"] == UNPRUNED][columns], *(f[columns] for f in found), *(f[columns] for f in new)],

@@ -47,7 +47,8 @@ def minimax_set(matrix: pd.DataFrame, k: int) -> list:
     cost = np.r_[np.zeros(n), 1.0]
     choose_k = LinearConstraint(np.r_[np.ones(n), 0.0][None, :], k, k)
     regret = LinearConstraint(np.hstack([values.T, -np.ones((n_dist, 1))]), -np.inf, best)
-    result = milp(cost, constraints=[choose_k, regret], integrality=np.r_[np.ones(n), 0], bounds=Bounds(np.r_[np.zeros(n), -np.inf], np.r_[np.ones(n), np.inf]))
+    result = milp(cost, constraints=[choose_k, regret], integrality=np.r_[np.ones(n), 0],
+                  bounds=Bounds(np.r_[np.zeros(n), -np.inf], np.r_[np.ones(n), np.inf]))
     if not result.success:
         raise RuntimeError(f"the minimax integer program failed: {result.message}")
     chosen = np.flatnonzero(result.x[:n] > 0.5)
@@ -70,7 +71,8 @@ def consensus_from_matrix(matrix: pd.DataFrame, k: int, method: str) -> list:
     return minimax_set(matrix, k)
 
 
-def consensus_drop_set(scores: pd.DataFrame, *, module: str = "attn", k: int = 8, method: str = "borda", metric: str | None = None) -> list:
+def consensus_drop_set(scores: pd.DataFrame, *, module: str = "attn", k: int = 8, method: str = "borda",
+                       metric: str | None = None) -> list:
     """Module indices (for ``joint``: ``"attn:i"``/``"mlp:i"``) to drop, agreed across distributions."""
     check_scores(scores)
     return consensus_from_matrix(importance_matrix(scores, module, metric), k, method)
@@ -82,7 +84,8 @@ def regret(matrix: pd.DataFrame, chosen: list, distribution: str) -> float:
     return float(column.loc[chosen].sum() - np.sort(column.to_numpy())[: len(chosen)].sum())
 
 
-def regret_table(scores: pd.DataFrame, drop_sets: dict[str, list], *, module: str = "attn", metric: str | None = None) -> pd.DataFrame:
+def regret_table(scores: pd.DataFrame, drop_sets: dict[str, list], *, module: str = "attn",
+                 metric: str | None = None) -> pd.DataFrame:
     """Every drop set × every distribution: dropped importance, best possible, regret.
 
     A row ``random`` per distribution gives the expected regret of a uniformly random size-k
@@ -95,21 +98,25 @@ def regret_table(scores: pd.DataFrame, drop_sets: dict[str, list], *, module: st
     for name, chosen in drop_sets.items():
         unknown = set(chosen) - set(matrix.index)
         if unknown:
-            raise InputError(f"drop set {name!r} names candidates {sorted(unknown, key=str)} that are not {module} candidates")
+            raise InputError(
+                f"drop set {name!r} names candidates {sorted(unknown, key=str)} that are not {module} candidates")
         for d in matrix.columns:
             best = float(np.sort(matrix[d].to_numpy())[: len(chosen)].sum())
-            rows.append({"drop_set": name, "distribution": d, "k": len(chosen), "dropped_importance": float(matrix[d].loc[chosen].sum()),
+            rows.append({"drop_set": name, "distribution": d, "k": len(chosen),
+                         "dropped_importance": float(matrix[d].loc[chosen].sum()),
                          "best_importance": best, "regret": regret(matrix, chosen, d)})
     for k in sorted(sizes):
         for d in matrix.columns:
             best = float(np.sort(matrix[d].to_numpy())[:k].sum())
             expected = float(k * matrix[d].mean())
-            rows.append({"drop_set": "random", "distribution": d, "k": k, "dropped_importance": expected, "best_importance": best,
+            rows.append({"drop_set": "random", "distribution": d, "k": k, "dropped_importance": expected,
+                         "best_importance": best,
                          "regret": expected - best})
     return pd.DataFrame(rows).assign(metric=metric or metrics_in(scores)[0], module=module)
 
 
-def leave_one_out(scores: pd.DataFrame, *, module: str = "attn", k: int = 8, methods=METHODS, metric: str | None = None) -> pd.DataFrame:
+def leave_one_out(scores: pd.DataFrame, *, module: str = "attn", k: int = 8, methods=METHODS,
+                  metric: str | None = None) -> pd.DataFrame:
     """For each distribution d: consensus built without d, its regret on d, beside the regret on d
     of the other distributions' own sets (mean, best and worst) and of a random set (expected).
     """
@@ -121,12 +128,14 @@ def leave_one_out(scores: pd.DataFrame, *, module: str = "attn", k: int = 8, met
     for held in matrix.columns:
         rest = matrix.drop(columns=held)
         singles = [regret(matrix, drop_set(rest[d], k), held) for d in rest.columns]
-        base = {"held_out": held, "metric": metric or metrics_in(scores)[0], "module": module, "k": k, "single_mean_regret": float(np.mean(singles)),
+        base = {"held_out": held, "metric": metric or metrics_in(scores)[0], "module": module, "k": k,
+                "single_mean_regret": float(np.mean(singles)),
                 "single_best_regret": float(np.min(singles)), "single_worst_regret": float(np.max(singles)),
                 "random_regret": float(k * matrix[held].mean() - np.sort(matrix[held].to_numpy())[:k].sum())}
         for method in methods:
             chosen = consensus_from_matrix(rest, k, method)
-            rows.append({**base, "method": method, "consensus_regret": regret(matrix, chosen, held), "drop_set": chosen})
+            rows.append({**base, "method": method, "consensus_regret": regret(matrix, chosen, held),
+                         "drop_set": chosen})
     return pd.DataFrame(rows)
 
 

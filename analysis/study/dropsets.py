@@ -71,8 +71,10 @@ class DropSet:
         return sorted(self.indices, key=joint_sort_key) if self.module == "joint" else sorted(self.indices)
 
     def record(self) -> dict:
-        """The JSON record ``calibdrop consensus`` writes and :func:`read_drop_set` reads (``module``, ``indices`` ...)."""
-        return {"module": self.module, "k": self.k, "indices": list(self.indices), "method": self.method, "metric": self.metric,
+        """The JSON record ``calibdrop consensus`` writes and :func:`read_drop_set` reads (``module``, ``indices``
+        ...)."""
+        return {"module": self.module, "k": self.k, "indices": list(self.indices), "method": self.method,
+                "metric": self.metric,
                 "distributions": list(self.sources)}
 
 
@@ -85,7 +87,8 @@ def make_drop_set(module: str, indices, method: str, metric: str = PRIMARY_METRI
 
 
 def as_drop_set(value) -> DropSet | None:
-    """A :class:`DropSet` from itself, a JSON record (``module``, ``indices``, optional ``method``/``metric``) or ``None``."""
+    """A :class:`DropSet` from itself, a JSON record (``module``, ``indices``, optional ``method``/``metric``) or
+    ``None``."""
     if value is None or isinstance(value, DropSet):
         return value
     return make_drop_set(value["module"], value["indices"], value.get("method") or "file",
@@ -106,7 +109,8 @@ def parse_label(label: str) -> dict:
 
 
 def method_family(method: str) -> str:
-    """The kind of a method: ``own:code`` → ``own``, ``random:1`` → ``random``, ``greedy:robust`` → ``greedy``, ``borda`` → ``borda``."""
+    """The kind of a method: ``own:code`` → ``own``, ``random:1`` → ``random``, ``greedy:robust`` → ``greedy``,
+    ``borda`` → ``borda``."""
     return method.split(":", 1)[0]
 
 
@@ -133,9 +137,11 @@ def drop_set_family(scores: pd.DataFrame, *, module: str, k: int, metric: str | 
     scores, metric = one_metric(scores, metric)
     matrix = importance_matrix(scores, module)
     everyone = tuple(matrix.columns)
-    sets = [make_drop_set(module, consensus_from_matrix(matrix, k, method), method, metric, everyone) for method in methods]
+    sets = [make_drop_set(module, consensus_from_matrix(matrix, k, method), method, metric,
+                          everyone) for method in methods]
     if own:
-        sets += [make_drop_set(module, drop_set(matrix[name], k), f"own:{name}", metric, (name,)) for name in matrix.columns]
+        sets += [make_drop_set(module, drop_set(matrix[name], k), f"own:{name}", metric,
+                               (name,)) for name in matrix.columns]
     sets += [random_drop_set(matrix, module, k, seed, metric) for seed in random_seeds]
     return {s.label: s for s in sets}
 

@@ -9,7 +9,8 @@ other distributions' data only (``variant = without``) and, for comparison, from
 * ``robust greedy``: the greedy path by real loss whose objective is the worst ΔNLL per token over the
   other distributions' calibration windows (:func:`analysis.importance.ablation.greedy_drop_path`);
 * ``nearest greedy``: the per-distribution greedy set of the distribution d' whose calibration ranking agrees best
-  (Spearman ρ of the primary metric's importance) with the ranking from a few of d's held-out windows, one scoring pass over them;
+  (Spearman ρ of the primary metric's importance) with the ranking from a few of d's held-out windows, one scoring pass
+  over them;
 * candidates for the selection procedures resolved on held-out loss (:mod:`analysis.evaluation.lodo`): every other
   distribution's own set (``<metric> own:<d'>``) and greedy set (``greedy:<d'>``).
 

@@ -243,13 +243,15 @@ def with_standard_error(comparisons: pd.DataFrame, n_windows: float = np.nan) ->
     ``n_windows`` held-out windows per distribution."""
     comparisons = comparisons.copy()
     if "se" not in comparisons:
-        comparisons["se"] = (np.log(comparisons["ci_high"]) - np.log(comparisons["ci_low"])) / (2 * stats.norm.ppf(0.975))
+        comparisons[
+            "se"] = (np.log(comparisons["ci_high"]) - np.log(comparisons["ci_low"])) / (2 * stats.norm.ppf(0.975))
     if "n_windows" not in comparisons:
         comparisons["n_windows"] = n_windows
     return comparisons
 
 
-def comparison_claims(comparisons: pd.DataFrame, claim: str = "a loses less than b", n_windows: float = np.nan) -> list[dict]:
+def comparison_claims(comparisons: pd.DataFrame, claim: str = "a loses less than b",
+                      n_windows: float = np.nan) -> list[dict]:
     """One claim per headline comparison: which side loses less on the same windows, resolved when the paired CI
     excludes 1 (or when both sides have the same loss on every window: the same members)."""
     rows = []
@@ -308,8 +310,8 @@ def validity_claims(corrected: pd.DataFrame, truth_tokens: float) -> list[dict]:
         resolved = reliability >= RELIABLE
         tokens = tokens_for_reliability(reliability, truth_tokens)
         finding = (f"ρ {part['spearman'].mean():.2f} with the ground truth, {part['corrected'].mean():.2f} corrected "
-                   f"for both rankings' reliability; ranks unlike it beyond noise on "
-                   f"{int(part['beyond_noise'].sum())} of {len(part)} distributions")
+                   f"for both rankings' reliability; ranks unlike it beyond noise on {int(part['beyond_noise'].sum())} "
+                   f"of {len(part)} distributions")
         needs = needs_text(tokens, "ground-truth tokens per distribution", truth_tokens,
                            f"its split-half reliability {reliability:.2f} is not above 0")
         if np.isfinite(tokens):

@@ -23,14 +23,16 @@ def _as_labels(value) -> list[str]:
 
 
 def consensus_sets(scores: pd.DataFrame, budgets: dict) -> pd.DataFrame:
-    """Per metric, module kind and budget k: each consensus method's drop set and each distribution's own (:func:`drop_set_family`)."""
+    """Per metric, module kind and budget k: each consensus method's drop set and each distribution's own
+    (:func:`drop_set_family`)."""
     rows = []
     for metric in stability.metrics_in(scores):
         for module, ks in budgets.items():
             n_candidates = len(stability.importance_matrix(scores, module, metric))
             for k in (k for k in ks if k <= n_candidates):
                 family = drop_set_family(scores, module=module, k=k, metric=metric)
-                rows += [{"metric": metric, "module": module, "k": k, "drop_set": s.method, "indices": _as_labels(s.indices)} for s in family.values()]
+                rows += [{"metric": metric, "module": module, "k": k, "drop_set": s.method,
+                          "indices": _as_labels(s.indices)} for s in family.values()]
     return pd.DataFrame(rows)
 
 
@@ -91,9 +93,11 @@ def comparison_pairs(sets: dict, distributions, settings: RunSettings) -> list[t
                 own = label(primary, f"own:{d}")
                 pairs.append((f"{module}-{k}: {primary} borda vs {d}'s own {primary} set, on {d}", borda, own, [d]))
                 pairs.append((f"{module}-{k}: {primary} borda vs {d}'s own {primary} set", borda, own))
-            pairs.append((f"{module}-{k}: robust greedy vs {primary} borda", label(GROUND_TRUTH, "greedy:robust"), borda))
+            pairs.append((f"{module}-{k}: robust greedy vs {primary} borda", label(GROUND_TRUTH, "greedy:robust"),
+                          borda))
             for metric in sorted({parse_label(name)["metric"] for name in sets} - {GROUND_TRUTH, None}):
-                pairs.append((f"{module}-{k}: {metric} borda vs ablation borda", label(metric, "borda"), label(GROUND_TRUTH, "borda")))
+                pairs.append((f"{module}-{k}: {metric} borda vs ablation borda", label(metric, "borda"),
+                              label(GROUND_TRUTH, "borda")))
             if module != "attn":
                 random = label(primary, f"random:{settings.random_seeds[0]}")
                 pairs.append((f"{module}-{k}: {primary} borda vs random", borda, random))
@@ -103,12 +107,14 @@ def comparison_pairs(sets: dict, distributions, settings: RunSettings) -> list[t
 def pruned_size(model, sets: dict[str, DropSet]) -> pd.DataFrame:
     """Per drop set: what it removes and the parameters left, measured on the model with its modules skipped."""
     total = sum(p.numel() for p in model.parameters())
-    rows = [{"drop_set": UNPRUNED, "module": None, "k": 0, "method": UNPRUNED, "metric": None, "indices": [], "sources": [],
+    rows = [{"drop_set": UNPRUNED, "module": None, "k": 0, "method": UNPRUNED, "metric": None, "indices": [],
+             "sources": [],
              "parameters": total, "parameters_removed": 0.0}]
     for label, chosen in sets.items():
         with modules_dropped(model, chosen.candidates()) as pruned:
             left = sum(p.numel() for p in pruned.parameters())
-        rows.append({"drop_set": label, "module": chosen.module, "k": chosen.k, "method": chosen.method, "metric": chosen.metric,
+        rows.append({"drop_set": label, "module": chosen.module, "k": chosen.k, "method": chosen.method,
+                     "metric": chosen.metric,
                      "indices": _as_labels(chosen.indices), "sources": list(chosen.sources), "parameters": left,
                      "parameters_removed": 1 - left / total})
     return pd.DataFrame(rows)
@@ -116,5 +122,7 @@ def pruned_size(model, sets: dict[str, DropSet]) -> pd.DataFrame:
 
 def sets_from_table(table: pd.DataFrame) -> dict[str, DropSet | None]:
     """The drop sets of the ``pruned`` stage's table, by label (``none``: the unpruned model)."""
-    return {row.drop_set: None if row.drop_set == UNPRUNED else make_drop_set(row.module, row.indices, row.method, row.metric, row.sources)
+    return {
+        row.drop_set: None if row.drop_set == UNPRUNED else make_drop_set(
+            row.module, row.indices, row.method, row.metric, row.sources)
             for row in table.itertuples()}

@@ -38,7 +38,8 @@ def check_scores(scores: pd.DataFrame, *, per_sample: bool = False) -> None:
         kind = "per-sample score rows (score_distributions or `calibdrop score`)" if per_sample else "a score table"
         raise InputError(f"expected {kind}; missing columns: {', '.join(sorted(missing))}")
     if "model" in scores.columns and scores["model"].nunique() > 1:
-        raise InputError(f"the table mixes models {sorted(scores['model'].unique())}: compare one model's scores at a time")
+        raise InputError(
+            f"the table mixes models {sorted(scores['model'].unique())}: compare one model's scores at a time")
     settings = scores.attrs.get("settings_by_distribution")
     if settings and len({repr(s) for s in settings.values()}) > 1:
         raise InputError(f"the distributions were scored with different settings: {settings}")
@@ -97,7 +98,8 @@ def importance_matrix(scores: pd.DataFrame, module: str = "attn", metric: str | 
     rows = _rows_of(scores, module)
     if "stat_sum" in rows.columns and "sample" in rows.columns:
         sums = rows.groupby(["distribution", "candidate"], sort=False)[["stat_sum", "n_tokens"]].sum()
-        values = pd.Series(importance_from_sums(metric, sums["stat_sum"], sums["n_tokens"]), index=sums.index, name="importance").reset_index()
+        values = pd.Series(importance_from_sums(metric, sums["stat_sum"], sums["n_tokens"]), index=sums.index,
+                           name="importance").reset_index()
     else:
         values = rows[["distribution", "candidate", "importance"]]
     matrix = values.pivot(index="candidate", columns="distribution", values="importance")
@@ -141,7 +143,8 @@ def pair_statistics(x: np.ndarray, y: np.ndarray, k_values: Sequence[int]) -> di
     return out
 
 
-def rank_agreement(scores: pd.DataFrame, *, module: str = "attn", k: Sequence[int] = (4, 8), metric: str | None = None) -> pd.DataFrame:
+def rank_agreement(scores: pd.DataFrame, *, module: str = "attn", k: Sequence[int] = (4, 8),
+                   metric: str | None = None) -> pd.DataFrame:
     """One row per pair of distributions: Spearman ρ, Kendall τ-b, weighted τ, Jaccard@k of drop sets.
 
     Weighted τ is ``scipy.stats.weightedtau`` on negated importances, so the least important
@@ -152,7 +155,8 @@ def rank_agreement(scores: pd.DataFrame, *, module: str = "attn", k: Sequence[in
     matrix = importance_matrix(scores, module)
     k_values = _check_k(k, len(matrix))
     rows = [
-        {"metric": metric, "module": module, "a": a, "b": b, **pair_statistics(matrix[a].to_numpy(), matrix[b].to_numpy(), k_values)}
+        {"metric": metric, "module": module, "a": a, "b": b,
+         **pair_statistics(matrix[a].to_numpy(), matrix[b].to_numpy(), k_values)}
         for a, b in combinations(matrix.columns, 2)
     ]
     return pd.DataFrame(rows)
@@ -162,13 +166,15 @@ def rank_agreement(scores: pd.DataFrame, *, module: str = "attn", k: Sequence[in
 
 
 class SampleArrays(dict):
-    """Per distribution: ``stat_sum (samples, candidates)``, ``n_tokens (samples,)`` and candidate labels; ``.metric`` names the metric."""
+    """Per distribution: ``stat_sum (samples, candidates)``, ``n_tokens (samples,)`` and candidate labels; ``.metric``
+    names the metric."""
 
     metric: str
 
 
 def sample_arrays(scores: pd.DataFrame, module: str, metric: str | None = None) -> SampleArrays:
-    """Per distribution: ``stat_sum (samples, candidates)``, ``n_tokens (samples,)`` and candidate labels of one metric."""
+    """Per distribution: ``stat_sum (samples, candidates)``, ``n_tokens (samples,)`` and candidate labels of one
+    metric."""
     check_scores(scores, per_sample=True)
     scores, metric = one_metric(scores, metric)
     rows = _rows_of(scores, module)
@@ -188,7 +194,8 @@ def _check_count(name: str, value: int) -> None:
 
 
 def bootstrap(
-    scores: pd.DataFrame, *, module: str = "attn", k: Sequence[int] = (4, 8), n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+    scores: pd.DataFrame, *, module: str = "attn", k: Sequence[int] = (4, 8), n_boot: int = 1000, level: float = 0.95,
+    seed: int = 0,
     metric: str | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Bootstrap over samples (token-weighted re-aggregation), seeded.
@@ -211,14 +218,16 @@ def bootstrap(
         ranks = np.argsort(np.argsort(replicates[name], axis=1, kind="stable"), axis=1)
         for index, label in enumerate(labels):
             low, high = percentile_interval(replicates[name][:, index], level)
-            row = {"metric": arrays.metric, "distribution": name, "candidate": label, "importance": point[name][index], "ci_low": low, "ci_high": high}
+            row = {"metric": arrays.metric, "distribution": name, "candidate": label, "importance": point[name][index],
+                   "ci_low": low, "ci_high": high}
             row.update({f"p_drop@{kk}": float((ranks[:, index] < kk).mean()) for kk in k_values})
             rows.append(row)
     pair_rows, pair_rhos, pair_jaccards = [], [], {kk: [] for kk in k_values}
     for a, b in combinations(arrays, 2):
         rho = rowwise_spearman(replicates[a], replicates[b])
         pair_rhos.append(rho)
-        row = {"metric": arrays.metric, "module": module, "a": a, "b": b, "spearman": stats.spearmanr(point[a], point[b]).statistic}
+        row = {"metric": arrays.metric, "module": module, "a": a, "b": b,
+               "spearman": stats.spearmanr(point[a], point[b]).statistic}
         row["spearman_ci_low"], row["spearman_ci_high"] = basic_interval(rho, row["spearman"], level)
         for kk in k_values:
             row[f"jaccard@{kk}"] = jaccard(drop_set(point[a], kk), drop_set(point[b], kk))
@@ -227,7 +236,8 @@ def bootstrap(
                 pair_jaccards[kk][-1], row[f"jaccard@{kk}"], level, (0, 1))
         pair_rows.append(row)
     pairs = pd.DataFrame(pair_rows)
-    mean_row = {"metric": arrays.metric, "module": module, "n_pairs": len(pair_rows), "spearman": pairs["spearman"].mean(),
+    mean_row = {"metric": arrays.metric, "module": module, "n_pairs": len(pair_rows),
+                "spearman": pairs["spearman"].mean(),
                 "spearman_min": pairs["spearman"].min()}
     mean_row["spearman_ci_low"], mean_row["spearman_ci_high"] = basic_interval(
         np.mean(pair_rhos, axis=0), mean_row["spearman"], level)
@@ -235,11 +245,13 @@ def bootstrap(
         mean_row[f"jaccard@{kk}"] = pairs[f"jaccard@{kk}"].mean()
         mean_row[f"jaccard@{kk}_ci_low"], mean_row[f"jaccard@{kk}_ci_high"] = basic_interval(
             np.mean(pair_jaccards[kk], axis=0), mean_row[f"jaccard@{kk}"], level, (0, 1))
-    return {"importance": pd.DataFrame(rows).assign(module=module), "pairs": pairs, "pair_mean": pd.DataFrame([mean_row])}
+    return {"importance": pd.DataFrame(rows).assign(module=module), "pairs": pairs,
+            "pair_mean": pd.DataFrame([mean_row])}
 
 
 def split_half_reliability(
-    scores: pd.DataFrame, *, module: str = "attn", k: Sequence[int] = (4, 8), n_splits: int = 200, level: float = 0.95, seed: int = 0,
+    scores: pd.DataFrame, *, module: str = "attn", k: Sequence[int] = (4, 8), n_splits: int = 200, level: float = 0.95,
+    seed: int = 0,
     metric: str | None = None,
 ) -> pd.DataFrame:
     """The noise floor per distribution: Spearman ρ between the rankings of random halves of its
@@ -261,7 +273,8 @@ def split_half_reliability(
         second = weighted_importance(1 - halves, sums, tokens, arrays.metric)
         rho = rowwise_spearman(first, second)
         corrected = 2 * rho / (1 + rho)
-        out = {"metric": arrays.metric, "distribution": name, "module": module, "n_samples": n, "split_half_spearman": float(np.nanmean(rho)),
+        out = {"metric": arrays.metric, "distribution": name, "module": module, "n_samples": n,
+               "split_half_spearman": float(np.nanmean(rho)),
                "reliability": float(np.nanmean(corrected))}
         out["reliability_ci_low"], out["reliability_ci_high"] = percentile_interval(corrected, level)
         for kk in k_values:
@@ -271,7 +284,8 @@ def split_half_reliability(
 
 
 def permutation_test(
-    scores: pd.DataFrame, *, module: str = "attn", k: Sequence[int] = (4, 8), n_perm: int = 1000, seed: int = 0, metric: str | None = None
+    scores: pd.DataFrame, *, module: str = "attn", k: Sequence[int] = (4, 8), n_perm: int = 1000, seed: int = 0,
+    metric: str | None = None
 ) -> pd.DataFrame:
     """Is the disagreement of two distributions larger than resampling noise?
 
@@ -346,12 +360,15 @@ def convergence(
             sub = weighted_importance(weights, sums, tokens, arrays.metric)
             rho = rowwise_spearman(sub, reference)
             jac = rowwise_jaccard(sub, reference, k)
-            curve.append({"metric": arrays.metric, "distribution": name, "module": module, "n": int(n), "reference_n": n_total - half,
-                          "spearman_mean": rho.mean(), "spearman_std": rho.std(), f"jaccard@{k}_mean": jac.mean(), f"jaccard@{k}_std": jac.std()})
+            curve.append({"metric": arrays.metric, "distribution": name, "module": module, "n": int(n),
+                          "reference_n": n_total - half,
+                          "spearman_mean": rho.mean(), "spearman_std": rho.std(), f"jaccard@{k}_mean": jac.mean(),
+                          f"jaccard@{k}_std": jac.std()})
             if np.isnan(reached) and rho.mean() >= target:
                 reached = int(n)
         label = f"> {half}" if np.isnan(reached) else (f"≤ {sizes[0]}" if reached == sizes[0] else str(reached))
-        summary.append({"metric": arrays.metric, "distribution": name, "module": module, "n_available": n_total, "target_spearman": target,
+        summary.append({"metric": arrays.metric, "distribution": name, "module": module, "n_available": n_total,
+                        "target_spearman": target,
                         "n_required": reached, "n_required_label": label})
     return pd.DataFrame(curve), pd.DataFrame(summary)
 
@@ -367,7 +384,8 @@ def stability_tables(
     seed: int = 0,
     progress: bool = False,
 ) -> dict[str, pd.DataFrame]:
-    """Every stability table for every metric and module kind (a progress bar over them with ``progress``), concatenated (``metric`` and ``module`` columns tell them apart).
+    """Every stability table for every metric and module kind (a progress bar over them with ``progress``),
+    concatenated (``metric`` and ``module`` columns tell them apart).
 
     Keys: ``agreement``, ``bootstrap_importance``, ``bootstrap_pairs``, ``bootstrap_pair_mean``, ``split_half``,
     ``permutation``, ``convergence``, ``convergence_summary``.
@@ -378,7 +396,9 @@ def stability_tables(
         n_candidates = len(importance_matrix(scores, module, metric))
         k_values = tuple(kk for kk in k if kk <= n_candidates)
         if not k_values:
-            raise InputError(f"{module} has {n_candidates} candidates, fewer than every drop-set size asked ({', '.join(map(str, k))}): "
+            raise InputError(
+                f"{module} has {n_candidates} candidates, fewer than every drop-set size asked "
+                f"({', '.join(map(str, k))}): "
                              "choose smaller budgets for this model")
         options = dict(module=module, seed=seed, metric=metric)
         boot = bootstrap(scores, k=k_values, n_boot=n_boot, **options)

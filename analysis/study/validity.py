@@ -51,7 +51,8 @@ def proxies_in(scores: pd.DataFrame) -> list[str]:
     return [m for m in metrics_in(scores) if get_metric(m).is_proxy]
 
 
-def metric_validity(scores: pd.DataFrame, *, modules: Sequence[str] = ("attn", "mlp", "block", "joint"), n_boot: int = 1000,
+def metric_validity(scores: pd.DataFrame, *, modules: Sequence[str] = ("attn", "mlp", "block", "joint"),
+                    n_boot: int = 1000,
                     level: float = 0.95, seed: int = 0) -> pd.DataFrame:
     """Per distribution, module kind and proxy: ρ and τ-b of the proxy's ranking against the ablation's, with CIs.
 

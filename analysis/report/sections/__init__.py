@@ -20,7 +20,8 @@ from ..captions import CAPTIONS
 from .accuracy import section_accuracy, section_check
 from .common import Results, _numeric_order, markdown_to_html
 from .heldout import section_comparisons, section_heldout, section_lodo, section_unseen
-from .rankings import (section_agreement, section_data_or_metric, section_greedy, section_leave_one_out, section_membership,
+from .rankings import (section_agreement, section_data_or_metric, section_greedy, section_leave_one_out,
+                       section_membership,
                        section_regret, section_sample_size)
 from .routing import section_routing
 from .verdict import section_header, section_recommendations, section_resolution, section_verdict
@@ -33,7 +34,8 @@ def section_figures(results: Results) -> list[str]:
     return lines
 
 
-FIGURE_ORDER = ("transfer_worst_case", "transfer_matrix", "metric_validity", "proxy_vs_ablation", "ranking_decomposition", "similarity",
+FIGURE_ORDER = ("transfer_worst_case", "transfer_matrix", "metric_validity", "proxy_vs_ablation",
+                "ranking_decomposition", "similarity",
                 "importance", "profile", "membership", "regret", "convergence")
 
 
@@ -44,7 +46,8 @@ def figure_order(path: Path) -> tuple[int, str]:
 
 
 SECTIONS = (section_header, section_verdict, section_recommendations, section_resolution, section_data_or_metric,
-            section_agreement, section_membership, section_regret, section_leave_one_out, section_greedy, section_heldout,
+            section_agreement, section_membership, section_regret, section_leave_one_out, section_greedy,
+            section_heldout,
             section_unseen, section_lodo, section_comparisons, section_accuracy,
             section_check, section_routing, section_sample_size, section_figures)
 
@@ -60,12 +63,16 @@ def embedded_html(text: str, folder: Path) -> str:
 
     def embed(match):
         path = folder / match.group(1)
-        return f'src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}"' if path.is_file() else match.group(0)
+        if not path.is_file():
+            return match.group(0)
+        return f'src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}"'
 
     body = re.sub(r'src="(figures/[^"]+\.png)"', embed, body)
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}table{border-collapse:collapse;font-size:13px}"
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}.toc{background:#f6f6f6;padding:.5em 1em}")
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>calibdrop report</title><style>{style}</style></head><body>{body}</body></html>"
+    head = f"<meta charset='utf-8'><title>calibdrop report</title><style>{style}</style>"
+    return f"<!doctype html><html><head>{head}</head><body>{body}</body></html>"
 
 
 def write_report(out: Path, results: Results) -> list[Path]:

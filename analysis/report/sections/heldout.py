@@ -24,15 +24,17 @@ def section_heldout(results: Results) -> list[str]:
     per = per[~per["distribution"].isin(["worst", "mean"])]
     pivot = per.pivot_table(index="drop_set", columns="distribution", values="ppl_ratio", sort=False)
     pivot = pivot.loc[[UNPRUNED, *ranked["drop_set"]]].reset_index()
-    return ["## Pruned models on held-out text", "", "Held-out perplexity / unpruned perplexity (lower is better; 1.00 = no loss) "
-            "on each distribution's held-out documents. Sets ranked by their worst distribution; the median over distributions "
-            "is robust where one distribution's ratio dominates the mean (random sets).", "", _table(shown), "",
+    return ["## Pruned models on held-out text", "",
+            "Held-out perplexity / unpruned perplexity (lower is better; 1.00 = no loss) on each distribution's "
+            "held-out documents. Sets ranked by their worst distribution; the median over distributions is robust "
+            "where one distribution's ratio dominates the mean (random sets).", "", _table(shown), "",
             "### Per distribution", "", _table(pivot), ""]
 
 
 def unseen_ranking(results: Results) -> pd.DataFrame:
     """Every evaluated set's worst-case ratio over the test-only distributions (CI from the same replicates), beside its
-    rank on the calibration distributions' held-out text, which chose it; per module and budget, best on unseen first."""
+    rank on the calibration distributions' held-out text, which chose it; per module and budget, best on unseen
+    first."""
     unseen, ranked = results.table("transfer_unseen"), ranked_sets(results)
     if not len(unseen) or not len(ranked):
         return pd.DataFrame()
@@ -55,23 +57,30 @@ def section_unseen(results: Results) -> list[str]:
     if not len(table):
         return []
     names = [c for c in results.table("transfer_unseen")["distribution"].unique() if c not in ("worst", "mean")]
-    lines = ["## On text no stage saw", "", f"Every evaluated set on the held-out documents of the test-only distributions "
-             f"({_names(names)}): text of kinds none of the calibration distributions contains, never read by a stage that "
-             "scores, selects or compares. Held-out perplexity / unpruned perplexity, worst over the test-only distributions "
-             "with its 95% CI; *calibration rank* is the set's rank by worst-case ratio on the calibration distributions' "
-             "held-out text (how it was chosen; random sets unranked).", ""]
+    lines = ["## On text no stage saw", "",
+             f"Every evaluated set on the held-out documents of the test-only distributions ({_names(names)}): text of "
+             f"kinds none of the calibration distributions contains, never read by a stage that scores, selects or "
+             f"compares. Held-out perplexity / unpruned perplexity, worst over the test-only distributions with its "
+             f"95% CI; *calibration rank* is the set's rank by worst-case ratio on the calibration distributions' "
+             f"held-out text (how it was chosen; random sets unranked).", ""]
     for (module, k), part in table.groupby(["module", "k"], sort=False):
         best = part.iloc[0]
         pick = part[part["calibration rank"] == 1]
         if len(pick):
             pick = pick.iloc[0]
             beaten = part[part["ci_high"] < pick["ci_low"]]
-            verdict = (f"The set chosen on calibration text ({pick['metric']} {pick['method']}) ranks {int(pick['unseen rank'])} "
+            verdict = (
+                f"The set chosen on calibration text ({pick['metric']} {pick['method']}) ranks "
+                f"{int(pick['unseen rank'])} "
                        f"of {len(part)} here, worst ratio {pick['worst on unseen [95% CI]']}; "
-                       + (f"{len(beaten)} set(s) are clearly better (CIs apart), the best {best['metric']} {best['method']} "
-                          f"{best['worst on unseen [95% CI]']}." if len(beaten) else "no set is clearly better (CIs overlap)."))
+                       + (
+                           f"{len(beaten)} set(s) are clearly better (CIs apart), the best {best['metric']} "
+                           f"{best['method']} "
+                          f"{best['worst on unseen [95% CI]']}." if len(
+                              beaten) else "no set is clearly better (CIs overlap)."))
             lines += [f"**{module}, k = {k}.** {verdict}", ""]
-        shown = part[["metric", "method", "worst on unseen [95% CI]", *names, "calibration rank", "worst on calibration [95% CI]"]]
+        shown = part[["metric", "method", "worst on unseen [95% CI]", *names, "calibration rank",
+                      "worst on calibration [95% CI]"]]
         lines += [_table(shown), ""]
     return lines
 
@@ -167,16 +176,16 @@ def section_lodo(results: Results) -> list[str]:
         "",
         f"Leave one distribution out on real loss: for each calibration distribution d ({_names(names)}) every "
         f"procedure builds its {first['module']}-{int(first['k'])} drop set **without d's calibration data** and the "
-        "set is evaluated on d's held-out windows (perplexity / unpruned perplexity, 1.00 = no loss). Procedures: "
-        "each metric's borda and minimax consensus over the other distributions; *robust greedy*, the greedy path by "
-        "the worst real calibration loss over the others; *nearest greedy*, the real-loss greedy set of the "
-        f"calibration distribution whose {results.metric} ranking agrees best with the ranking from a few of d's held-out "
-        "windows (one scoring pass, as `calibdrop check` judges nearness; the windows' loss is not read); *best own "
-        "set*, the other distributions' own sets judged by their worst ratio on the others' held-out windows; *pick "
-        "best*, every set above and every other distribution's own and greedy set, judged the same way. Mean and "
-        "worst over the left-out distributions with 95% bootstrap CIs over windows; the paired columns compare the "
-        f"same windows (below 1: the procedure loses less; * the CI excludes 1): against the {base} set built "
-        "without d, and against the procedure's own set built with d.",
+        f"set is evaluated on d's held-out windows (perplexity / unpruned perplexity, 1.00 = no loss). Procedures: "
+        f"each metric's borda and minimax consensus over the other distributions; *robust greedy*, the greedy path by "
+        f"the worst real calibration loss over the others; *nearest greedy*, the real-loss greedy set of the "
+        f"calibration distribution whose {results.metric} ranking agrees best with the ranking from a few of d's "
+        f"held-out windows (one scoring pass, as `calibdrop check` judges nearness; the windows' loss is not read); "
+        f"*best own set*, the other distributions' own sets judged by their worst ratio on the others' held-out "
+        f"windows; *pick best*, every set above and every other distribution's own and greedy set, judged the same "
+        f"way. Mean and worst over the left-out distributions with 95% bootstrap CIs over windows; the paired columns "
+        f"compare the same windows (below 1: the procedure loses less; * the CI excludes 1): against the {base} set "
+        f"built without d, and against the procedure's own set built with d.",
         "",
         f"{verdict} Lowest worst case: **{safest['procedure']}**, "
         f"{_ci(safest['worst'], safest['worst_low'], safest['worst_high'], 3)}.",
@@ -203,8 +212,8 @@ def section_lodo(results: Results) -> list[str]:
         lines += [
             f"Cost: {int(c['greedy_paths'])} extra greedy paths ran {int(c['greedy_trials_run'])} (candidate, "
             f"distribution) trials ({int(c['greedy_trials_requested'])} asked for; the rest shared between paths), "
-            f"beside {int(c['greedy_stage_trials'])} in the greedy stage; of {int(c['pairs_needed'])} "
-            f"set-distribution pairs needed, {int(c['pairs_looked_up'])} were read from the held-out stage and "
+            f"beside {int(c['greedy_stage_trials'])} in the greedy stage; of {int(c['pairs_needed'])} set-distribution "
+            f"pairs needed, {int(c['pairs_looked_up'])} were read from the held-out stage and "
             f"{int(c['pairs_evaluated'])} evaluated anew (the held-out stage evaluates "
             f"{int(c['heldout_stage_pairs'])}).",
             "",
@@ -224,8 +233,9 @@ def section_comparisons(results: Results) -> list[str]:
     worst["p"] = [resolution.p_text(p, f) for p, f in zip(worst["p_value"], np.broadcast_to(floor, len(worst)))]
     claimed = pd.DataFrame(resolution.comparison_claims(comparisons))
     worst["resolution"] = [_resolved(c.resolved) + ("" if c.resolved else f": {c.needs}") for c in claimed.itertuples()]
-    return ["## Paired comparisons on the same held-out windows", "", "Worst-case perplexity of drop set a over drop set b "
-            "(below 1: a loses less; for a comparison on one distribution, that distribution's); paired bootstrap over "
-            "windows. Resolved when the CI excludes 1; otherwise the held-out windows per distribution that would "
-            "resolve it at the observed difference (power 0.8). Per-distribution rows are in comparisons.parquet.", "",
+    return ["## Paired comparisons on the same held-out windows", "",
+            "Worst-case perplexity of drop set a over drop set b (below 1: a loses less; for a comparison on one "
+            "distribution, that distribution's); paired bootstrap over windows. Resolved when the CI excludes 1; "
+            "otherwise the held-out windows per distribution that would resolve it at the observed difference (power "
+            "0.8). Per-distribution rows are in comparisons.parquet.", "",
             _table(worst[["comparison", "ratio a/b [95% CI]", "p", "verdict", "resolution"]]), ""]

@@ -89,11 +89,11 @@ def section_agreement(results: Results) -> list[str]:
     if not len(summary):
         return []
     lines = [f"## Agreement between distributions and the noise floor ({results.metric})", "",
-             "ρ and Jaccard@k between every pair of distributions' rankings (higher: more alike), beside the split-half noise floor "
-             "(two halves of one distribution's samples, Spearman-Brown corrected) and the pairs that differ beyond "
-             "resampling noise: the upper end of the pair's 95% CI of ρ is below sqrt(rel_a · rel_b) of the two "
-             "distributions' noise floors (the one definition the whole report and `calibdrop summary` use; "
-             "analysis/study/resolution.py).", "", _table(agreement_display(summary)), ""]
+             "ρ and Jaccard@k between every pair of distributions' rankings (higher: more alike), beside the "
+             "split-half noise floor (two halves of one distribution's samples, Spearman-Brown corrected) and the "
+             "pairs that differ beyond resampling noise: the upper end of the pair's 95% CI of ρ is below sqrt(rel_a · "
+             "rel_b) of the two distributions' noise floors (the one definition the whole report and `calibdrop "
+             "summary` use; analysis/study/resolution.py).", "", _table(agreement_display(summary)), ""]
     pairs, floor = results.table("agreement", results.metric), results.table("split_half", results.metric)
     for module in summary["module"]:
         part, fl = pairs[pairs["module"] == module], floor[floor["module"] == module].set_index("distribution")
@@ -114,7 +114,8 @@ def unstable_candidates(results: Results, module: str, k: int) -> tuple[list, pd
     rows = []
     for candidate in somewhere:
         p = boot[boot["candidate"] == str(candidate)].set_index("distribution")[f"p_drop@{k}"]
-        rows.append({"candidate": candidate, "in the drop set of": _names([d for d in matrix.columns if candidate in own[d]]),
+        rows.append({"candidate": candidate,
+                     "in the drop set of": _names([d for d in matrix.columns if candidate in own[d]]),
                      "not of": _names([d for d in matrix.columns if candidate not in own[d]]),
                      "P(in drop set), lowest to highest": f"{p.min():.2f} to {p.max():.2f}"})
     return everywhere, pd.DataFrame(rows)
@@ -142,14 +143,17 @@ def section_regret(results: Results) -> list[str]:
     for (module, k), part in worst.groupby(["module", "k"], sort=False):
         own = part[part["family"] == "own"]["worst"]
         for row in part[~part["family"].isin(["own", "random"])].sort_values("worst").itertuples():
-            members = sets[(sets["module"] == module) & (sets["k"] == k) & (sets["drop_set"] == row.drop_set)]["indices"]
-            rows.append({"module": module, "k": k, "method": row.drop_set, "drop set": _names(_numeric_order(members.iloc[0])) if len(members) else "",
-                         "worst-case regret": row.worst, "own sets' worst (best / median)": f"{own.min():.4f} / {own.median():.4f}",
+            members = sets[
+                (sets["module"] == module) & (sets["k"] == k) & (sets["drop_set"] == row.drop_set)]["indices"]
+            rows.append({"module": module, "k": k, "method": row.drop_set,
+                         "drop set": _names(_numeric_order(members.iloc[0])) if len(members) else "",
+                         "worst-case regret": row.worst,
+                         "own sets' worst (best / median)": f"{own.min():.4f} / {own.median():.4f}",
                          "random (expected)": part[part["family"] == "random"]["worst"].max()})
     return [f"## Drop sets by proxy regret ({results.metric})", "", f"Regret: the importance (summed "
-            f"{get_metric(results.metric).label}) a set drops on a distribution beyond "
-            "the best set of its size there; worst case over distributions, lower is better. This ranks sets by the proxy; "
-            "the recommended sets above are ranked by real loss.", "", _table(pd.DataFrame(rows), 4), ""]
+            f"{get_metric(results.metric).label}) a set drops on a distribution beyond the best set of its size there; "
+            f"worst case over distributions, lower is better. This ranks sets by the proxy; the recommended sets above "
+            f"are ranked by real loss.", "", _table(pd.DataFrame(rows), 4), ""]
 
 
 def section_leave_one_out(results: Results) -> list[str]:
@@ -158,25 +162,33 @@ def section_leave_one_out(results: Results) -> list[str]:
         return []
     loo = loo.assign(beats=loo["consensus_regret"] < loo["single_mean_regret"])
     summary = loo.groupby(["module", "k", "method"], sort=False).agg(
-        consensus=("consensus_regret", "mean"), wins=("beats", "sum"), n=("beats", "size"), own=("single_mean_regret", "mean"),
+        consensus=("consensus_regret", "mean"), wins=("beats", "sum"), n=("beats", "size"),
+        own=("single_mean_regret", "mean"),
         random=("random_regret", "mean")).reset_index()
     summary["beats the own sets' mean on"] = [f"{int(w)} of {n}" for w, n in zip(summary.pop("wins"), summary.pop("n"))]
-    summary = summary.rename(columns={"consensus": "consensus regret on the left-out (mean)", "own": "own sets' regret (mean)",
+    summary = summary.rename(columns={"consensus": "consensus regret on the left-out (mean)",
+                                      "own": "own sets' regret (mean)",
                                       "random": "random (expected)"})
-    return [f"## Does a consensus generalise to an unseen distribution? ({results.metric})", "", "Leave one distribution "
-            "out, build the "
-            "consensus from the rest, and measure its regret on the one left out (lower is better), beside the other distributions' "
-            "own sets and a random set; averaged over the distributions left out.", "", _table(summary, 4), ""]
+    return [f"## Does a consensus generalise to an unseen distribution? ({results.metric})", "",
+            "Leave one distribution out, build the consensus from the rest, and measure its regret on the one left out "
+            "(lower is better), beside the other distributions' own sets and a random set; averaged over the "
+            "distributions left out.", "", _table(summary, 4), ""]
 
 
 def section_greedy(results: Results) -> list[str]:
     greedy = results.table("greedy")
     if not len(greedy):
         return []
-    order = greedy.groupby("objective", sort=False)["candidate"].apply(lambda c: ", ".join(map(str, c))).reset_index(name="dropped, in order")
-    last = greedy.groupby("objective", sort=False)["objective_increase"].last().reset_index(name="ΔNLL per token after the last step")
-    return ["## Greedy drop sets by real calibration loss", "", "Each step drops the module whose removal (given those already "
-            "dropped) raises the calibration loss least: for one distribution, or for `robust` the worst distribution's.", "",
+    order = greedy.groupby("objective",
+                           sort=False)[
+                               "candidate"].apply(
+                                   lambda c: ", ".join(map(str, c))).reset_index(name="dropped, in order")
+    last = greedy.groupby("objective",
+                          sort=False)[
+                              "objective_increase"].last().reset_index(name="ΔNLL per token after the last step")
+    return ["## Greedy drop sets by real calibration loss", "",
+            "Each step drops the module whose removal (given those already dropped) raises the calibration loss least: "
+            "for one distribution, or for `robust` the worst distribution's.", "",
             _table(order.merge(last), 4), ""]
 
 
@@ -184,7 +196,10 @@ def section_sample_size(results: Results) -> list[str]:
     summary = results.table("convergence_summary", results.metric)
     if not len(summary) or "n_required_label" not in summary:
         return []
-    pivot = summary.pivot_table(index="distribution", columns="module", values="n_required_label", aggfunc="first", sort=False).reset_index()
+    pivot = summary.pivot_table(index="distribution", columns="module", values="n_required_label", aggfunc="first",
+                                sort=False).reset_index()
     target = summary["target_spearman"].iloc[0]
-    return [f"## How many samples does a stable ranking need? ({results.metric})", "", f"Samples needed for the ranking to agree at ρ ≥ {target} with the "
-            "ranking of an independent half of the samples (\"≤ 4\": the fewest tried already do; \"> n\": none do).", "", _table(pivot), ""]
+    return [f"## How many samples does a stable ranking need? ({results.metric})", "",
+            f"Samples needed for the ranking to agree at ρ ≥ {target} with the ranking of an independent half of the "
+            f"samples (\"≤ 4\": the fewest tried already do; \"> n\": none do).",
+            "", _table(pivot), ""]

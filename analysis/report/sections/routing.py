@@ -143,23 +143,23 @@ def section_routing(results: Results) -> list[str]:
         first = summary[summary["drop_set"] == versus["a"]].iloc[0]
         worst_source = own_accuracy.drop(index="all")["accuracy"].idxmin()
         lines += [
-            f"Each distribution's own {results.metric} {module}-{k} set and the borda consensus, one copy of the weights; a "
-            f"nearest-centroid router on the mean `resid_post` of block {int(first['layer'])} (blocks "
+            f"Each distribution's own {results.metric} {module}-{k} set and the borda consensus, one copy of the "
+            f"weights; a nearest-centroid router on the mean `resid_post` of block {int(first['layer'])} (blocks "
             f"0..{int(first['layer'])} run before routing: {first['layer_ratio']:.0%} of the {int(first['n_layers'])} "
-            "blocks, reused by the pruned continuation), trained on the calibration windows, picks a set per "
-            "held-out window; windows of all distributions mixed. Perplexity ratio to the unpruned model with 95% "
-            "bootstrap CIs; routed / this set paired over the same windows (below 1: routing loses less); *oracle* "
-            "sends every window to its true source's own set.",
+            f"blocks, reused by the pruned continuation), trained on the calibration windows, picks a set per held-out "
+            f"window; windows of all distributions mixed. Perplexity ratio to the unpruned model with 95% bootstrap "
+            f"CIs; routed / this set paired over the same windows (below 1: routing loses less); *oracle* sends every "
+            f"window to its true source's own set.",
             "",
             _table(routing_display(results)),
             "",
             f"{verdict}: routed / borda on the pooled mix "
             f"{_ci(versus['ratio'], versus['ci_low'], versus['ci_high'], 3)} ({_p(versus, results)}; "
-            f"{_resolved(beats or loses)}{'' if beats or loses else ': ' + _routing_needs(versus)}). Router "
-            f"accuracy {own_accuracy.loc['all', 'accuracy']:.0%} [{own_accuracy.loc['all', 'ci_low']:.0%}, "
-            f"{own_accuracy.loc['all', 'ci_high']:.0%}] over {int(own_accuracy.loc['all', 'n_windows'])} "
-            f"windows (lowest: {worst_source}, {own_accuracy.loc[worst_source, 'accuracy']:.0%}). Routed inference "
-            "reproduced the chosen set's static NLL on every window (largest difference "
+            f"{_resolved(beats or loses)}{'' if beats or loses else ': ' + _routing_needs(versus)}). Router accuracy "
+            f"{own_accuracy.loc['all', 'accuracy']:.0%} [{own_accuracy.loc['all', 'ci_low']:.0%}, "
+            f"{own_accuracy.loc['all', 'ci_high']:.0%}] over {int(own_accuracy.loc['all', 'n_windows'])} windows "
+            f"(lowest: {worst_source}, {own_accuracy.loc[worst_source, 'accuracy']:.0%}). Routed inference reproduced "
+            f"the chosen set's static NLL on every window (largest difference "
             f"{summary['max_abs_static_difference'].max():.2g} nats).",
             "",
         ]
@@ -175,10 +175,10 @@ def section_routing(results: Results) -> list[str]:
         lines += [
             "### Routing among real-loss sets",
             "",
-            "The same router and held-out mix, routing between each distribution's greedy set by real calibration "
+            f"The same router and held-out mix, routing between each distribution's greedy set by real calibration "
             f"loss and, separately, between each distribution's own set by the ablation (its {k} modules of smallest "
-            f"single-drop loss), beside the {results.metric} own sets; each family's router reads the block before every module "
-            "its sets drop. Paired over the same windows (below 1: routing loses less).",
+            f"single-drop loss), beside the {results.metric} own sets; each family's router reads the block before "
+            f"every module its sets drop. Paired over the same windows (below 1: routing loses less).",
             "",
             _table(families),
             "",

@@ -29,7 +29,8 @@ def agreement(results: Results, metric: str | None = None) -> pd.DataFrame:
             continue
         marked = resolution.pairs_beyond_noise(pair, fl)
         m = mean.iloc[0]
-        rows.append({"module": module, "k": k, "rho": m["spearman"], "rho_low": m["spearman_ci_low"], "rho_high": m["spearman_ci_high"],
+        rows.append({"module": module, "k": k, "rho": m["spearman"], "rho_low": m["spearman_ci_low"],
+                     "rho_high": m["spearman_ci_high"],
                      "rho_min": m["spearman_min"], "floor": fl["reliability"].min(), "jaccard": m[f"jaccard@{k}"],
                      "jaccard_low": m[f"jaccard@{k}_ci_low"], "jaccard_high": m[f"jaccard@{k}_ci_high"],
                      "floor_jaccard": fl[f"split_half_jaccard@{k}"].min(), "beyond": int(marked["beyond_noise"].sum()),
@@ -41,9 +42,12 @@ def agreement_display(summary: pd.DataFrame) -> pd.DataFrame:
     """:func:`agreement` as people read it: values with their CIs in one cell."""
     return pd.DataFrame({
         "module": summary["module"], "k": summary["k"],
-        "ρ mean [95% CI]": [_ci(r.rho, r.rho_low, r.rho_high) for r in summary.itertuples()], "ρ lowest pair": summary["rho_min"],
-        "noise floor ρ": summary["floor"], "Jaccard@k mean [95% CI]": [_ci(r.jaccard, r.jaccard_low, r.jaccard_high) for r in summary.itertuples()],
-        "noise floor Jaccard@k": summary["floor_jaccard"], "pairs beyond noise": [f"{r.beyond} of {r.pairs}" for r in summary.itertuples()],
+        "ρ mean [95% CI]": [_ci(r.rho, r.rho_low, r.rho_high) for r in summary.itertuples()],
+        "ρ lowest pair": summary["rho_min"],
+        "noise floor ρ": summary["floor"],
+        "Jaccard@k mean [95% CI]": [_ci(r.jaccard, r.jaccard_low, r.jaccard_high) for r in summary.itertuples()],
+        "noise floor Jaccard@k": summary["floor_jaccard"],
+        "pairs beyond noise": [f"{r.beyond} of {r.pairs}" for r in summary.itertuples()],
     })
 
 
@@ -82,15 +86,17 @@ def section_header(results: Results) -> list[str]:
     m, s = results.model, results.settings
     distributions = list(results.scores["distribution"].unique())
     return [f"# calibdrop report: {m.get('spec')}", "",
-            f"Model `{m.get('spec')}` ({m.get('family')}, {m.get('n_layers')} layers, {m.get('dtype')}), weights sha256 "
-            f"`{m.get('weights_sha256')}`. Distributions: {_names(distributions)}; proxy metrics on {s.samples} samples × {s.seq_len} "
-            f"tokens each, the ablation ground truth on {s.ablation_samples} × {s.ablation_seq_len} (seed {s.seed}); bootstrap "
-            f"{s.n_boot} resamples, permutation test {s.n_perm} shuffles. Metrics: {_names(s.metrics)} (see "
-            f"analysis/importance/metrics.py); the primary metric, which the single-metric sections rank by: "
-            f"**{results.metric}** ({get_metric(results.metric).label}). "
-            "Every number in brackets is a 95% bootstrap CI (for ρ and Jaccard the basic, bias-correcting interval; for "
-            "held-out ratios the percentile interval over windows). Each headline claim is marked **resolved** or **not "
-            "resolved** at this run's budget, with what would resolve it (see *What this run resolves*).", "", "[TOC]", ""]
+            f"Model `{m.get('spec')}` ({m.get('family')}, {m.get('n_layers')} layers, {m.get('dtype')}), weights "
+            f"sha256 `{m.get('weights_sha256')}`. Distributions: {_names(distributions)}; proxy metrics on {s.samples} "
+            f"samples × {s.seq_len} tokens each, the ablation ground truth on {s.ablation_samples} × "
+            f"{s.ablation_seq_len} (seed {s.seed}); bootstrap {s.n_boot} resamples, permutation test {s.n_perm} "
+            f"shuffles. Metrics: {_names(s.metrics)} (see analysis/importance/metrics.py); the primary metric, which "
+            f"the single-metric sections rank by: **{results.metric}** ({get_metric(results.metric).label}). Every "
+            f"number in brackets is a 95% bootstrap CI (for ρ and Jaccard the basic, bias-correcting interval; for "
+            f"held-out ratios the percentile interval over windows). Each headline claim is marked **resolved** or "
+            f"**not resolved** at this run's budget, with what would resolve it (see *What this run "
+            f"resolves*).", "", "[TOC]",
+            ""]
 
 
 def section_verdict(results: Results) -> list[str]:
@@ -101,13 +107,16 @@ def section_verdict(results: Results) -> list[str]:
     table = claims(results)
     by = {(c.claim, c.module, c.subject): c for c in table.itertuples()}
     for row in agreement(results).itertuples():
-        claim = by.get(("data changes the ranking", row.module, f"{results.metric}, {row.pairs} pairs of distributions"))
+        claim = by.get(("data changes the ranking", row.module,
+                        f"{results.metric}, {row.pairs} pairs of distributions"))
         moved = ("the calibration data changes the ranking" if row.beyond else
                  "no pair of distributions differs beyond resampling noise")
-        lines.append(f"- **{row.module}**: {results.metric} rankings agree at ρ {_ci(row.rho, row.rho_low, row.rho_high)} between "
+        lines.append(
+            f"- **{row.module}**: {results.metric} rankings agree at ρ {_ci(row.rho, row.rho_low, row.rho_high)} "
+            f"between "
                      f"distributions, against a split-half noise floor of {row.floor:.2f}; {row.beyond} of {row.pairs} "
-                     f"pairs differ beyond resampling noise, so {moved}"
-                     f"{f' ({_claim_line(claim)})' if claim is not None else ''}; size-{row.k} drop sets share "
+                     f"pairs differ beyond resampling noise, so "
+                     f"{moved}{f' ({_claim_line(claim)})' if claim is not None else ''}; size-{row.k} drop sets share "
                      f"{_ci(row.jaccard, row.jaccard_low, row.jaccard_high)} of their members (Jaccard).")
     for line in recommendations(results).to_dict("records"):
         ratio, status, best = line["worst ratio [95% CI]"], line["resolution"], line["best"]
@@ -116,7 +125,8 @@ def section_verdict(results: Results) -> list[str]:
             if status.startswith(_resolved(True)) else
             f"the {best} set has the lowest worst-case ratio ({ratio}×), but {status}."))
     for claim in table[(table["claim"] == "proxy vs ground truth") & (table["subject"] == results.metric)].itertuples():
-        lines.append(f"- **{claim.module}: is {results.metric} the right metric?** {claim.finding} ({_claim_line(claim)}).")
+        lines.append(
+            f"- **{claim.module}: is {results.metric} the right metric?** {claim.finding} ({_claim_line(claim)}).")
     for claim in table[table["claim"] == "data or metric"].itertuples():
         lines.append(f"- **{claim.module}: data or metric?** {claim.finding}: {claim.subject} "
                      f"{_ci(claim.estimate, claim.ci_low, claim.ci_high)} ({_claim_line(claim)}).")
