@@ -83,7 +83,7 @@ def read_per_sample(results: str):
 
 def metric_of(scores, requested: str | None) -> str:
     """The metric a command ranks by: the one asked for, else cosine when present, else the table's only one."""
-    from ..study.stability import metrics_in, one_metric
+    from ..study.tables import metrics_in, one_metric
 
     return requested or (PRIMARY_METRIC if PRIMARY_METRIC in metrics_in(scores) else one_metric(scores, None)[1])
 
@@ -186,7 +186,7 @@ def cmd_compare(args) -> None:
     from ..io import provenance, write_table
     from ..pipeline import compare_tables
     from ..report import plots
-    from ..study.stability import metrics_in, one_metric, tables_of_metric
+    from ..study.tables import metrics_in, one_metric, tables_of_metric
 
     k = parse_ints(args.k)
     scores = read_per_sample(args.results)

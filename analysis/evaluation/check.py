@@ -45,14 +45,8 @@ from ..presets import PRIMARY_METRIC
 from ..study.consensus import consensus_from_matrix, regret_table
 from ..study.dropsets import UNPRUNED, make_drop_set
 from ..study.resolution import p_text
-from ..study.stability import (
-    drop_set,
-    importance_matrix,
-    one_metric,
-    permutation_test,
-    rank_agreement,
-    split_half_reliability,
-)
+from ..study.stability import permutation_test, rank_agreement, split_half_reliability
+from ..study.tables import drop_set, importance_matrix, one_metric
 from .heldout import paired_comparisons, transfer_summary, window_nll
 
 YOURS = "yours"

@@ -27,7 +27,7 @@ from ..importance.metrics import get_metric
 from ..io import temp_file
 from ..presets import PRIMARY_METRIC
 from ..study.resolution import beyond_noise
-from ..study.stability import importance_matrix
+from ..study.tables import importance_matrix
 from .captions import MODULE_NAMES
 
 PLAIN = FuncFormatter(lambda value, _: f"{value:g}")

@@ -12,7 +12,7 @@ import seaborn as sns
 from matplotlib.ticker import NullFormatter
 
 from ..presets import PRIMARY_METRIC
-from ..study.stability import importance_matrix
+from ..study.tables import importance_matrix
 from .captions import MODULE_NAMES
 from .plots import PLAIN, fitted_limits, linear_threshold, positive_norm, ratio_ticks
 

@@ -22,7 +22,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from ..errors import InputError
 from ..presets import CONSENSUS_METHODS
-from .stability import check_scores, drop_set, importance_matrix, metrics_in
+from .tables import check_scores, drop_set, importance_matrix, metrics_in
 
 METHODS = CONSENSUS_METHODS
 

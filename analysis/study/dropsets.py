@@ -24,7 +24,7 @@ from ..io import read_json_file
 from ..kinds import joint_to_lists
 from ..presets import CONSENSUS_METHODS, MODULE_KINDS, PRIMARY_METRIC
 from .consensus import consensus_from_matrix
-from .stability import drop_set, importance_matrix, one_metric
+from .tables import drop_set, importance_matrix, one_metric
 
 UNPRUNED = "none"
 DROP_MODULES_ARGUMENT = {"attn": "attn", "mlp": "mlp", "block": "blocks", "joint": "joint"}

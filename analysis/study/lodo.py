@@ -25,7 +25,7 @@ from ..importance import ablation
 from ..importance.metrics import GROUND_TRUTH
 from ..presets import PRIMARY_METRIC
 from .consensus import consensus_from_matrix
-from .stability import drop_set, importance_matrix, metrics_in
+from .tables import drop_set, importance_matrix, metrics_in
 
 WITHOUT, WITH = "without", "with"
 

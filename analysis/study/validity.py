@@ -20,15 +20,8 @@ from scipy import stats
 
 from ..importance.metrics import GROUND_TRUTH, get_metric
 from .resolution import disattenuate
-from .stability import (
-    basic_interval,
-    bootstrap_replicates,
-    importance_matrix,
-    metrics_in,
-    rowwise_spearman,
-    sample_arrays,
-    weighted_importance,
-)
+from .stability import basic_interval, bootstrap_replicates, rowwise_spearman, sample_arrays, weighted_importance
+from .tables import importance_matrix, metrics_in
 
 
 def rowwise_kendall(a: np.ndarray, b: np.ndarray) -> np.ndarray:

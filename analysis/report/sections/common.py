@@ -10,7 +10,7 @@ import pandas as pd
 
 from ...study import resolution
 from ...study.dropsets import method_family, parse_label
-from ...study.stability import tables_of_metric
+from ...study.tables import tables_of_metric
 
 
 @dataclass

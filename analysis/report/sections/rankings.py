@@ -10,7 +10,7 @@ import pandas as pd
 from ...importance.metrics import get_metric
 from ...study import resolution
 from ...study.dropsets import method_family
-from ...study.stability import drop_set, importance_matrix, one_metric
+from ...study.tables import drop_set, importance_matrix, one_metric
 from ..plots import pair_matrix
 
 
