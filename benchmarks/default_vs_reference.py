@@ -48,6 +48,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -218,7 +219,7 @@ def compare_claims(run: dict, reference: dict) -> pd.DataFrame:
                      "reference_resolved": None if match is None else bool(match.resolved),
                      "matched_by": None if match is None else how,
                      "outcome": reference_outcome(row, match, verdict, ranked) if row.resolved else ""})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).astype({"k": "Int64"})
 
 
 def _num(value) -> float | None:
@@ -330,11 +331,13 @@ def markdown(result: dict) -> str:
                   "| claim | question | run | reference | outcome |", "|---|---|---|---|---|"]
         for row in odd:
             question = row["subject"] if row["k"] is None else f"{row['module']}-{row['k']}"
-            lines.append(f"| {row['claim']} | {question} | {row['run_finding']} | {row['reference_finding'] or '—'} "
-                         f"(resolved: {row['reference_resolved']}) | {row['outcome']} |")
+            theirs = "—" if row["reference_finding"] is None else \
+                f"{row['reference_finding']} ({'' if row['reference_resolved'] else 'not '}resolved)"
+            lines.append(f"| {row['claim']} | {question} | {row['run_finding']} | {theirs} | {row['outcome']} |")
         lines.append("")
     lines += ["| set | run's best (members) | run resolved | in the reference's top group | reference rank, "
-              "best / it | reference group |", "|---|---|---|---|---|---|"]
+              "best / it | reference group |", "|---|---|---|---|---|---|"] if result["top_groups"] else \
+        ["No module kind and budget is in both `set_groups` tables."]
     for g in result["top_groups"]:
         where = "not evaluated" if g["reference_rank"] is None else \
             "{}, {} [{}, {}]".format(g["reference_rank"], *g["reference_ratio_to_best"])
@@ -365,7 +368,7 @@ def main(argv=None) -> None:
         print(f"default_vs_reference: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     out = args.out or ROOT / "benchmarks" / "results" / f"default-vs-reference-{result['model']}"
-    result = {"command": " ".join(["python", "benchmarks/default_vs_reference.py", *(argv or sys.argv[1:])]),
+    result = {"command": shlex.join(["python", "benchmarks/default_vs_reference.py", *(argv or sys.argv[1:])]),
               **result}
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
