@@ -1,4 +1,4 @@
-"""benchmarks/default_vs_reference.py on synthetic claims and set groups: agree, disagree, missing, unresolved in the
+"""benchmarks/reference/default_vs_reference.py on synthetic claims and set groups: agree, disagree, missing, unresolved in the
 reference, a comparison matched by its sets' members the other way round, and the run's best set inside and outside
 the reference's top group."""
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "default_vs_reference.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reference" / "default_vs_reference.py"
 spec = importlib.util.spec_from_file_location("default_vs_reference", SCRIPT)
 dvr = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(dvr)

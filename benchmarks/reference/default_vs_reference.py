@@ -38,7 +38,7 @@ Writes ``<out>.json`` (every claim row, the top groups, the times and this comma
 each resolved claim that does not agree, the top groups, the largest stages).  Exit 2 with one line when a folder
 lacks a table it needs.
 
-  python benchmarks/default_vs_reference.py /work/wt/defaultref-run reference/smollm2-135m \\
+  python benchmarks/reference/default_vs_reference.py /work/wt/defaultref-run reference/smollm2-135m \\
       --load-log /work/wt/defaultref-load.log --note "2 cores shared with other jobs, OMP_NUM_THREADS=1"
 """
 
@@ -150,7 +150,7 @@ def keyed_claims(tables: dict) -> pd.DataFrame:
             keys.append((row.claim, row.module, row.subject.split(",")[0]))
             verdicts.append("changes" if row.resolved else "not shown")
         else:
-            raise InputError(f"claim kind {row.claim!r} has no rule in benchmarks/default_vs_reference.py: add one")
+            raise InputError(f"claim kind {row.claim!r} has no rule in benchmarks/reference/default_vs_reference.py: add one")
     return claims.assign(key=keys, verdict=verdicts)
 
 
@@ -368,7 +368,7 @@ def main(argv=None) -> None:
         print(f"default_vs_reference: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     out = args.out or ROOT / "benchmarks" / "results" / f"default-vs-reference-{result['model']}"
-    result = {"command": shlex.join(["python", "benchmarks/default_vs_reference.py", *(argv or sys.argv[1:])]),
+    result = {"command": shlex.join(["python", "benchmarks/reference/default_vs_reference.py", *(argv or sys.argv[1:])]),
               **result}
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
