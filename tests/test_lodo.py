@@ -199,6 +199,15 @@ def test_selections_and_report_numbers_equal_a_direct_computation(lodo_run):
         assert row.loc["mean", "ppl_ratio"] == pytest.approx(np.mean(per), rel=1e-9)
         assert row.loc["worst", "ppl_ratio"] == pytest.approx(max(per), rel=1e-9)
         assert f"| {procedure} " in report and f"{np.mean(per):.3f} [" in report and f"{max(per):.3f} [" in report
+    means = summary[(summary["variant"] == "without") & (summary["distribution"] == "mean")].set_index("procedure")
+    best = means["ppl_ratio"].idxmin()
+    paired = tables["lodo_paired"]
+    against = paired[paired["comparison"].str.startswith("lowest mean: ") & (paired["distribution"] == "mean")]
+    assert sorted(against["comparison"]) == sorted(f"lowest mean: {best} vs {p}" for p in means.index if p != best)
+    for row in against.itertuples():
+        other = row.comparison.split(" vs ")[-1]
+        expected = means.loc[best, "ppl_ratio"] / means.loc[other, "ppl_ratio"]
+        assert row.ratio == pytest.approx(expected, rel=1e-9) and row.ci_low <= row.ratio <= row.ci_high
 
 
 def test_missing_pairs_are_exactly_the_sets_not_yet_evaluated_on_each_distribution(lodo_run):

@@ -160,18 +160,40 @@ def lodo_pairs(chosen: pd.DataFrame, metric: str = PRIMARY_METRIC) -> list[tuple
     ]
 
 
+BEST = "lowest mean"
+
+
+def best_pairs(chosen: pd.DataFrame, summary: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """The procedure of lowest mean ratio over the left-out distributions (built without d) against every other
+    procedure built without d, named ``lowest mean: <best> vs <other>``: whether the best is separated from each."""
+    without = summary[(summary["variant"] == WITHOUT) & (summary["distribution"] == "mean")]
+    if not len(without):
+        return []
+    best = without.sort_values("ppl_ratio", kind="stable")["procedure"].iloc[0]
+    first = chosen.iloc[0]
+    procedures = list(dict.fromkeys(chosen["procedure"]))
+    return [
+        (f"{BEST}: {best} vs {p}", label(best, first["module"], first["k"], WITHOUT),
+         label(p, first["module"], first["k"], WITHOUT))
+        for p in procedures
+        if p != best
+    ]
+
+
 def lodo_tables(
     sets: pd.DataFrame, windows: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, metric: str = PRIMARY_METRIC
 ) -> dict[str, pd.DataFrame]:
     """``lodo_choices`` (:func:`choices`), ``lodo`` (each procedure's perplexity ratio on every left-out d, their
     ``mean`` and ``worst``, with bootstrap CIs over windows; columns of :func:`transfer_summary` with ``procedure`` and
     ``variant``) and
-    ``lodo_paired`` (:func:`lodo_pairs` against ``metric``'s borda, paired over d's windows, per d, mean and worst)."""
+    ``lodo_paired`` (:func:`lodo_pairs` against ``metric``'s borda and :func:`best_pairs`, paired over d's windows,
+    per d, mean and worst)."""
     windows = windows.astype({"window": int, "nll_sum": float, "n_tokens": int})
     chosen = choices(sets, windows)
     table = relabelled(chosen, windows)
     summary = transfer_summary(table, n_boot=n_boot, seed=seed).rename(
         columns={"metric": "procedure", "method": "variant"}
     )
-    paired = paired_comparisons(table, lodo_pairs(chosen, metric), n_boot=n_boot, seed=seed)
+    pairs = lodo_pairs(chosen, metric) + best_pairs(chosen, summary)
+    paired = paired_comparisons(table, pairs, n_boot=n_boot, seed=seed)
     return {"lodo_choices": chosen, "lodo": summary, "lodo_paired": paired}
