@@ -208,6 +208,13 @@ def test_selections_and_report_numbers_equal_a_direct_computation(lodo_run):
         other = row.comparison.split(" vs ")[-1]
         expected = means.loc[best, "ppl_ratio"] / means.loc[other, "ppl_ratio"]
         assert row.ratio == pytest.approx(expected, rel=1e-9) and row.ci_low <= row.ratio <= row.ci_high
+    group = [row.comparison.split(" vs ")[-1] for row in against.itertuples() if row.ci_low <= 1 <= row.ci_high]
+    if group:
+        assert f"**{best}** has the lowest mean ratio" in report
+        named = report.split("which generalises best is **not resolved**")[0].rsplit("cannot be separated from", 1)[1]
+        assert all(p in named for p in group)
+    else:
+        assert f"**{best}** generalises best (**resolved**" in report
 
 
 def test_missing_pairs_are_exactly_the_sets_not_yet_evaluated_on_each_distribution(lodo_run):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ...evaluation.lodo import BEST
 from ...study import resolution
 from ...study.lodo import baseline
 from ...study.dropsets import UNPRUNED
@@ -125,6 +126,44 @@ def lodo_ranking(results: Results) -> pd.DataFrame:
     return table.assign(resolved=(table["vs_baseline_high"] < 1) | (table["vs_baseline_low"] > 1))
 
 
+def lodo_not_separated(results: Results, best: str) -> list[str] | None:
+    """The procedures whose paired mean ratio against ``best`` (``lowest mean: <best> vs <p>`` in ``lodo_paired``, over
+    the same windows) has a 95% CI that includes 1; ``None`` when the tables hold no such pairs (a run before they
+    were written)."""
+    paired = results.table("lodo_paired")
+    prefix = f"{BEST}: {best} vs "
+    rows = paired[paired["comparison"].str.startswith(prefix) & (paired["distribution"] == "mean")]
+    if not len(rows):
+        return None
+    return [row.comparison.removeprefix(prefix) for row in rows.itertuples() if row.ci_low <= 1 <= row.ci_high]
+
+
+def lodo_best_line(results: Results, table: pd.DataFrame) -> str:
+    """Which procedure generalises best: the lowest mean ratio, *resolved* only when its paired CI separates it from
+    every other procedure (:func:`lodo_not_separated`); then how it compares with the primary metric's borda set."""
+    best, base = table.iloc[0], baseline(results.metric)
+    mean = _ci(best["mean"], best["mean_low"], best["mean_high"], 3)
+    group = lodo_not_separated(results, best["procedure"])
+    if group is None:
+        runner = table.iloc[1] if len(table) > 1 else None
+        line = (f"**{best['procedure']}** has the lowest mean ratio on the left-out distribution, {mean}; this run's "
+                "tables do not pair it with the other procedures, so whether it generalises best is **not resolved**"
+                + (f" (runner-up {runner['procedure']}, {runner['mean']:.3f})." if runner is not None else "."))
+    elif group:
+        line = (f"**{best['procedure']}** has the lowest mean ratio on the left-out distribution, {mean}, but cannot "
+                f"be separated from {_names(group)} (paired mean ratio CIs include 1): which generalises best is "
+                "**not resolved**.")
+    else:
+        line = (f"**{best['procedure']}** generalises best (**resolved**: separated from every other procedure by the "
+                f"paired CI): mean ratio on the left-out distribution {mean}.")
+    base_row = table[table["procedure"] == base]
+    if best["procedure"] == base or not len(base_row):
+        return line
+    against = "resolved: the paired CI excludes 1" if best["resolved"] else "not resolved: the paired CI includes 1"
+    return (f"{line} Against {base} ({base_row['mean'].iloc[0]:.3f}): paired, {best['procedure']} / {base} "
+            f"{_ci(best['vs_baseline'], best['vs_baseline_low'], best['vs_baseline_high'], 3)} ({against}).")
+
+
 def _paired_cell(value: float, low: float, high: float) -> str:
     return "" if np.isnan(value) else _ci(value, low, high, 3) + (" *" if high < 1 or low > 1 else "")
 
@@ -156,20 +195,7 @@ def section_lodo(results: Results) -> list[str]:
         .loc[table["procedure"], names]
         .reset_index()
     )
-    best, base_row = table.iloc[0], table[table["procedure"] == base]
-    if best["procedure"] == base or not len(base_row):
-        mean = _ci(best["mean"], best["mean_low"], best["mean_high"], 3)
-        verdict = f"**{best['procedure']}** has the lowest mean ratio, {mean}."
-    else:
-        resolved = (
-            "resolved: the paired CI excludes 1" if best["resolved"] else "not resolved: the paired CI includes 1"
-        )
-        verdict = (
-            f"**{best['procedure']}** generalises best: mean ratio on the left-out distribution "
-            f"{_ci(best['mean'], best['mean_low'], best['mean_high'], 3)} against {base}'s "
-            f"{base_row['mean'].iloc[0]:.3f}; paired, {best['procedure']} / {base} "
-            f"{_ci(best['vs_baseline'], best['vs_baseline_low'], best['vs_baseline_high'], 3)} ({resolved})."
-        )
+    verdict = lodo_best_line(results, table)
     safest = table.sort_values("worst", kind="stable").iloc[0]
     lines = [
         "## Does the method generalise to a distribution it never saw?",
