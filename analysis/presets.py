@@ -96,17 +96,16 @@ PRESETS: dict[str, RunSettings] = {
         transfer_samples=8, transfer_seq_len=128, random_seeds=(0,), tasks=("arc_easy", "piqa"), task_limit=20,
         accuracy_sets=("none", "cosine/attn-8:borda"),
     ),
-    # Every stage of a run on the real default model in a few minutes, for the test suite (tests/test_cli.py): three
-    # distributions (leave-one-distribution-out needs three; code has subsets), tiny windows, one budget per module
-    # kind,
-    # 4 items of one task.  Its numbers are checked against independent computations, not read as findings.
+    # Every stage of a run on the real default model in a minute or two, for the test suite (tests/test_cli.py): three
+    # distributions (leave-one-out needs three; code has subsets) and one unseen, tiny windows (4 per distribution: the
+    # convergence curves and the check's split halves need four), one budget per module kind, 2 items of one task.  Its
+    # numbers are checked against independent computations, not read as findings.
     "smoke": RunSettings(
-        distributions=("code", "math", "general"), samples=8, seq_len=64, ablation_samples=4, ablation_seq_len=16,
-        greedy_shortlist=4,
-        subset_samples=2, subset_seq_len=32, batch_size=8, n_boot=50, n_perm=50,
+        distributions=("code", "math", "general"), samples=4, seq_len=32, ablation_samples=4, ablation_seq_len=8,
+        greedy_shortlist=4, subset_samples=2, subset_seq_len=16, batch_size=8, n_boot=50, n_perm=50,
         budgets={"attn": (2,), "mlp": (2,), "block": (2,), "joint": (2,)}, transfer_modules=("attn",), transfer_k=(2,),
-        transfer_samples=4, transfer_seq_len=64, random_seeds=(0,), tasks=("arc_easy",), task_limit=4,
-        accuracy_sets=("none", "cosine/attn-2:borda"),
+        transfer_samples=4, transfer_seq_len=32, random_seeds=(0,), tasks=("arc_easy",), task_limit=2,
+        accuracy_sets=("none", "cosine/attn-2:borda"), unseen=("legal",),
     ),
     # The paper's calibration: 256 windows x 2048 tokens per distribution for the proxies.  The rest is this
     # project's own and sized so the GPU stages of a 7B model fit 30 minutes on one H100 (estimated at 78 min

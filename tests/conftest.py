@@ -1,6 +1,8 @@
 """Shared fixtures: the tests folder on the path (tiny models, fake apt), a saved tiny model for pipeline runs, and one
 ``calibdrop run --preset smoke`` of the real default model per test session (with that model loaded once)."""
 
+import contextlib
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,21 @@ PIPELINE_DISTRIBUTIONS = ("code", "math", "general")
 def calibdrop(*args, env=None):
     """``calibdrop ARGS`` in a fresh process from the repository root."""
     return subprocess.run([sys.executable, "-m", "analysis", *args], capture_output=True, text=True, cwd=ROOT, env=env)
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    """``calibdrop ARGS`` run by ``analysis.cli.main`` in this process from the repository root, its exit code, stdout
+    and stderr captured: what :func:`calibdrop` returns without a fresh interpreter's start-up (about 5 s each).  An
+    exception that ``main`` does not turn into its one error line propagates, as a traceback would end the process."""
+    from analysis.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as stop:  # argparse's usage errors exit 2 from parse_args
+            code = stop.code if isinstance(stop.code, int) else 1
+    return subprocess.CompletedProcess(["calibdrop", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from analysis.presets import PRESETS
 from analysis.study.consensus import consensus_drop_set
 from analysis.study.selection import sets_from_table
 
-from conftest import calibdrop
+from conftest import cli
 from reference import sequence_nll
 
 SMOKE = PRESETS["smoke"]
@@ -113,7 +113,7 @@ def test_smoke_heldout_nll_equals_a_pruned_copy(smoke_run, smollm2):
 
 @pytest.mark.real_model
 def test_compare_consensus_and_prune_read_the_smoke_run(smoke_run, tmp_path):
-    compare = calibdrop("compare", str(smoke_run), "--modules", "attn", "--k", "2,4", "--n-boot", "50", "--n-perm", "50",
+    compare = cli("compare", str(smoke_run), "--modules", "attn", "--k", "2,4", "--n-boot", "50", "--n-perm", "50",
                         "--out", str(tmp_path / "cmp"))
     assert compare.returncode == 0, compare.stderr[-2000:]
     assert (tmp_path / "cmp" / "permutation.parquet").exists() and (tmp_path / "cmp" / "figures" / "cosine" / "similarity_attn_spearman.svg").exists()
@@ -123,12 +123,12 @@ def test_compare_consensus_and_prune_read_the_smoke_run(smoke_run, tmp_path):
     merged = agreement.merge(ran[ran["module"] == "attn"], on=["metric", "module", "a", "b"], suffixes=("", "_run"), validate="one_to_one")
     assert len(merged) == len(agreement) == 4 * 3
     np.testing.assert_array_equal(merged[["spearman", "jaccard@2"]].to_numpy(), merged[["spearman_run", "jaccard@2_run"]].to_numpy())
-    consensus = calibdrop("consensus", str(smoke_run / "scores.per_sample.parquet"), "--module", "attn", "--k", "4",
+    consensus = cli("consensus", str(smoke_run / "scores.per_sample.parquet"), "--module", "attn", "--k", "4",
                           "--method", "minimax", "--out", str(tmp_path / "set.json"))
     assert consensus.returncode == 0, consensus.stderr[-2000:]
     record = json.loads((tmp_path / "set.json").read_text())
     assert record["module"] == "attn" and len(record["indices"]) == 4 and record["method"] == "minimax" and record["metric"] == "cosine"
-    pruned = calibdrop("prune", "--drop-set", str(tmp_path / "set.json"), "--out", str(tmp_path / "pruned"))
+    pruned = cli("prune", "--drop-set", str(tmp_path / "set.json"), "--out", str(tmp_path / "pruned"))
     assert pruned.returncode == 0, pruned.stderr[-2000:]
     reloaded, _ = models.load_model(str(tmp_path / "pruned"))
     assert reloaded.config.calibdrop_pruning["attn"] == sorted(record["indices"])
@@ -146,7 +146,7 @@ def test_compare_consensus_and_prune_read_the_smoke_run(smoke_run, tmp_path):
     ],
 )
 def test_bad_input_is_one_clear_line(args, message):
-    result = calibdrop(*args)
+    result = cli(*args)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
 

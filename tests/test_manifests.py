@@ -1,9 +1,7 @@
 """analysis.data.manifests: the schema, discovery in data_manifests/ and $CALIBDROP_MANIFESTS, and the top-level set."""
 
-import os
+import dataclasses
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,10 +12,11 @@ from analysis.errors import InputError
 from analysis.data.fetching import is_fetched
 from analysis.io import read_table
 from analysis.data.recipes import RECIPES
+from analysis.presets import PRESETS
 
+from conftest import cli
 from tiny import byte_tokenizer, tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = sorted(manifests.manifest_paths().values())
 LICENSES = Path("/usr/share/common-licenses")
 
@@ -93,21 +92,17 @@ def test_a_broken_manifest_stops_the_top_level_set_in_one_line(tmp_path, monkeyp
         manifests.top_level()
 
 
-SHRINK_QUICK = """
-import dataclasses, sys
-from analysis import presets
-from analysis.cli import parser as cli
-presets.PRESETS["quick"] = dataclasses.replace(
-    presets.PRESETS["quick"], subsets=False, metrics=("cosine",), samples=8, seq_len=64, greedy_module=None, n_boot=20, n_perm=20,
-    budgets={"attn": (2,)}, transfer_modules=("attn",), transfer_k=(2,), transfer_samples=2, transfer_seq_len=64, random_seeds=(0,),
-    tasks=(), accuracy_sets=(), check_module=None, route_module=None)
-sys.exit(cli.main(sys.argv[1:]))
-"""
+SHRUNK_QUICK = dict(  # the quick preset shrunk to what a distribution flows through
+    subsets=False, metrics=("cosine",), samples=8, seq_len=64, greedy_module=None, n_boot=20, n_perm=20,
+    budgets={"attn": (2,)}, transfer_modules=("attn",), transfer_k=(2,), transfer_samples=2, transfer_seq_len=64,
+    random_seeds=(0,), tasks=(), accuracy_sets=(), check_module=None, route_module=None,
+)
 
 
-def test_a_new_manifest_is_scored_by_calibdrop_run_with_no_code_change(tmp_path):
+def test_a_new_manifest_is_scored_by_calibdrop_run_with_no_code_change(tmp_path, monkeypatch):
     """A manifest dropped into $CALIBDROP_MANIFESTS joins `calibdrop run`'s distributions (quick preset shrunk to what a
-    distribution flows through: cosine scores, attention drop sets and held-out windows; every stage runs in test_cli)."""
+    distribution flows through: cosine scores, attention drop sets and held-out windows, no figures; every stage runs in
+    test_cli)."""
     if not all(is_fetched(manifests.load_manifest(name)) for name in manifests.top_level()):
         pytest.skip("the shipped distributions are not fetched; run `calibdrop data fetch`")
     texts = tmp_path / "texts"
@@ -120,10 +115,10 @@ def test_a_new_manifest_is_scored_by_calibdrop_run_with_no_code_change(tmp_path)
     model = tmp_path / "tiny"
     tiny_model("llama").save_pretrained(model)
     byte_tokenizer().save_pretrained(model)
-    env = {**os.environ, "CALIBDROP_MANIFESTS": str(folder), "PYTHONPATH": str(ROOT)}
+    monkeypatch.setenv("CALIBDROP_MANIFESTS", str(folder))
+    monkeypatch.setitem(PRESETS, "quick", dataclasses.replace(PRESETS["quick"], **SHRUNK_QUICK))
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-c", SHRINK_QUICK, "run", "--model", str(model), "--preset", "quick", "--out", str(out)],
-                            capture_output=True, text=True, cwd=ROOT, env=env)
+    result = cli("run", "--model", model, "--preset", "quick", "--out", out, "--no-figures")
     assert result.returncode == 0, result.stderr[-3000:]
     scores = read_table(out / "scores.parquet")
     assert set(scores["distribution"]) == set(manifests.top_level()) | {"licenses"}

@@ -1,6 +1,6 @@
 """The notebooks run top to bottom on the real default model, at the smoke size (as in CI).
 
-``CALIBDROP_SMOKE=1`` shrinks their windows to 8 x 64 tokens (it shows that every cell runs, nothing about the numbers);
+``CALIBDROP_SMOKE=1`` shrinks their windows to 4 x 32 tokens (it shows that every cell runs, nothing about the numbers);
 notebook 04 reads the session's smoke run (``CALIBDROP_RUNS``) instead of running its own."""
 
 from pathlib import Path

@@ -6,8 +6,6 @@ import json
 import os
 import re
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -30,14 +28,9 @@ from analysis.data.samples import tokenize_texts
 from analysis.importance.scoring import score_distributions
 from analysis.stages import StageStore
 
+from conftest import cli
 from fakeapt import PACKAGE, debian_manifest, fake_apt, make_deb, write_manifest
 from tiny import byte_tokenizer, tiny_model
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def calibdrop(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "analysis", *args], capture_output=True, text=True, cwd=ROOT, env=env)
 
 
 def _one_line_exit_2(result, message):
@@ -60,23 +53,23 @@ def tiny_dir(tmp_path):
     (["compare", "nowhere", "--k", "0,4"], "expected positive drop-set sizes"),
 ])
 def test_numbers_are_validated_never_replaced_by_defaults(args, message):
-    _one_line_exit_2(calibdrop(*args), message)
+    _one_line_exit_2(cli(*args), message)
 
 
 def test_user_files_and_environment_fail_in_one_line(tmp_path, tiny_dir):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    _one_line_exit_2(calibdrop("score", "--distributions", "general", "--out", str(blocker / "scores.parquet")),
+    _one_line_exit_2(cli("score", "--distributions", "general", "--out", str(blocker / "scores.parquet")),
                      f"cannot write the output {blocker / 'scores.parquet'}")
     latin1 = tmp_path / "texts.jsonl"
     latin1.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
-    _one_line_exit_2(calibdrop("score", "--texts", str(latin1), "--model", str(tiny_dir), "--out", str(tmp_path / "s.parquet")),
+    _one_line_exit_2(cli("score", "--texts", latin1, "--model", tiny_dir, "--out", tmp_path / "s.parquet"),
                      f"{latin1}:2 is not UTF-8 text")
     broken = tmp_path / "set.json"
     broken.write_text('{"module": "attn", "indices": [1, 2')
-    _one_line_exit_2(calibdrop("prune", "--model", str(tiny_dir), "--drop-set", str(broken), "--out", str(tmp_path / "p")),
+    _one_line_exit_2(cli("prune", "--model", str(tiny_dir), "--drop-set", str(broken), "--out", str(tmp_path / "p")),
                      f"drop-set file {broken} is not valid JSON")
-    _one_line_exit_2(calibdrop("prune", "--model", str(tmp_path), "--drop-set", str(broken), "--out", str(tmp_path / "p")),
+    _one_line_exit_2(cli("prune", "--model", str(tmp_path), "--drop-set", str(broken), "--out", str(tmp_path / "p")),
                      "is not valid JSON")
     with pytest.raises(InputError, match="is not a model checkpoint: it has no config.json"):
         models.load_model(str(tmp_path))
@@ -90,7 +83,7 @@ def test_user_files_and_environment_fail_in_one_line(tmp_path, tiny_dir):
     corrupt = tmp_path / "results" / "scores.per_sample.parquet"
     write_table(pd.DataFrame({"a": [1]}), corrupt, {"kind": "scores-per-sample"})
     corrupt.write_bytes(corrupt.read_bytes()[:-9] + b"corrupted")
-    _one_line_exit_2(calibdrop("compare", str(tmp_path / "results")), "does not have the sha256 its sidecar records")
+    _one_line_exit_2(cli("compare", str(tmp_path / "results")), "does not have the sha256 its sidecar records")
 
 
 @pytest.mark.parametrize("indices, message", [

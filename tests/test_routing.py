@@ -131,7 +131,8 @@ def routed_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("routed-run")
     deep_llama().save_pretrained(folder / "model")
     byte_tokenizer().save_pretrained(folder / "model")
-    run(str(folder / "model"), folder / "out", preset=RunSettings(**ROUTED_RUN), progress=False, log=lambda m: None)
+    run(str(folder / "model"), folder / "out", preset=RunSettings(**ROUTED_RUN), progress=False, log=lambda m: None,
+        figures=False)
     return folder
 
 
@@ -188,7 +189,7 @@ def real_loss_routed_run(routed_run):
     model.save_pretrained(routed_run / "model0")
     byte_tokenizer().save_pretrained(routed_run / "model0")
     out = routed_run / "real-loss"
-    run(str(routed_run / "model0"), out, preset=RunSettings(**settings), progress=False, log=lambda m: None)
+    run(str(routed_run / "model0"), out, preset=RunSettings(**settings), progress=False, log=lambda m: None, figures=False)
     return out
 
 
