@@ -1,9 +1,10 @@
 """An independent importance computation: no calibdrop hooks, one text at a time, float64 cosines.
 
-``resid_pre``/``resid_post`` of block i come from ``output_hidden_states`` (final norm
+``resid_pre``/``resid_post`` of block i come from ``output_hidden_states`` of the decoder (final norm
 replaced by an identity); ``resid_mid`` is the output of block i when its MLP is replaced
 by a module returning zeros; for a parallel residual the MLP's ``Y`` is the output of block
-i when its attention is replaced instead.
+i when its attention is replaced instead.  Those two run the decoder's first i + 1 blocks only (the
+blocks above and the LM head cannot change block i's output).
 """
 
 from __future__ import annotations
@@ -42,9 +43,14 @@ def replaced(parent: nn.Module, name: str, module: nn.Module):
         setattr(parent, name, original)
 
 
-def hidden_states(model, ids) -> tuple[torch.Tensor, ...]:
-    with replaced(model.base_model, "norm" if hasattr(model.base_model, "norm") else "final_layer_norm", nn.Identity()):
-        return model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+def hidden_states(model, ids, n_blocks: int | None = None) -> tuple[torch.Tensor, ...]:
+    """The residual stream entering each block and leaving the last: the decoder without its LM head, final norm
+    replaced by an identity, running its first ``n_blocks`` blocks (all by default)."""
+    decoder = model.base_model
+    blocks = decoder.layers if n_blocks is None else decoder.layers[:n_blocks]
+    norm = "norm" if hasattr(decoder, "norm") else "final_layer_norm"
+    with replaced(decoder, norm, nn.Identity()), replaced(decoder, "layers", blocks):
+        return decoder(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
 
 
 def _cos(x, y):
@@ -72,10 +78,10 @@ def reference_importance(model, sequences, attn_name: str, mlp_name: str, parall
         for i, layer in enumerate(layers):
             pre, post = states[i][0], states[i + 1][0]
             with replaced(layer, mlp_name, ZeroBranch(returns_tuple=False)):
-                mid = hidden_states(model, ids)[i + 1][0]
+                mid = hidden_states(model, ids, i + 1)[i + 1][0]
             if parallel:
                 with replaced(layer, attn_name, ZeroBranch(returns_tuple=True)):
-                    mlp_x, mlp_y = pre, hidden_states(model, ids)[i + 1][0]
+                    mlp_x, mlp_y = pre, hidden_states(model, ids, i + 1)[i + 1][0]
             else:
                 mlp_x, mlp_y = mid, post
             for module, (x, y) in {"attn": (pre, mid), "mlp": (mlp_x, mlp_y), "block": (pre, post)}.items():
