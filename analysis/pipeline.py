@@ -73,13 +73,14 @@ def work_of(kind: str) -> Callable[[Study], float]:
     calibration windows."""
     def estimate(study: Study) -> float:
         s, distributions = study.settings, study.distributions
+        if kind == "subsets":  # the one estimate that reads documents (for the subset names): only when asked for
+            return _tokens(study, subset_names(study), s.subset_samples, s.subset_seq_len) if s.subsets else 0
         candidates = 3 * study.store.model_record.get("n_layers", 12)
         ablation = _tokens(study, distributions, s.ablation_samples, s.ablation_seq_len)
         n_sets = len(study.results["pruned"]) if "pruned" in study.results else 20
         return {
             "proxies": _tokens(study, distributions, s.samples, s.seq_len),
             "ablation": ablation * (1 + candidates / 2),
-            "subsets": _tokens(study, subset_names(study), s.subset_samples, s.subset_seq_len) if s.subsets else 0,
             "greedy": ablation * (len(distributions) + 1) * max(s.transfer_k) * (s.greedy_shortlist or candidates) / 2,
             "heldout": _tokens(study, distributions, s.transfer_samples, s.transfer_seq_len) * (1 + n_sets / 2),
             "heldout_unseen": _tokens(study, study.unseen, s.transfer_samples, s.transfer_seq_len) * (1 + n_sets / 2),

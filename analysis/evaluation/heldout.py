@@ -109,13 +109,15 @@ def task_configs(names) -> list[dict]:
 def lm_eval_results(model, tokenizer, tasks, *, limit: int | None = None, batch_size: int = 8,
                     log_samples: bool = False) -> dict:
     """lm-eval's results dict for ``tasks`` run zero-shot on their local copies (:func:`task_configs`), with per-item
-    records under ``samples`` when ``log_samples``."""
+    records under ``samples`` when ``log_samples``.  The configs are complete, so lm-eval's task manager indexes none of
+    its own task files (its default indexes them all, about 10 s a call on a CPU)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(input_device(model)))
     return simple_evaluate(model=lm, tasks=task_configs(tasks), num_fewshot=0, limit=limit, log_samples=log_samples,
-                           verbosity="ERROR")
+                           verbosity="ERROR", task_manager=TaskManager(include_defaults=False))
 
 
 def zero_shot_accuracy(model, tokenizer, tasks=PAPER_TASKS, *, limit: int | None = None,
