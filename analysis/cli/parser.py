@@ -49,12 +49,23 @@ def integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1 (0 is refused, never replaced by a default)."""
-    value = integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {value}")
-    return value
+def bounded_int(low: int, high: float, message: str):
+    """argparse type: an integer ``value`` with ``low <= value < high``, else ``message.format(value)``."""
+    def bounded(text: str) -> int:
+        value = integer(text)
+        if not low <= value < high:
+            raise argparse.ArgumentTypeError(message.format(value))
+        return value
+
+    bounded.__name__ = "integer"
+    return bounded
+
+
+# 0 is refused, never replaced by a default
+positive_int = bounded_int(1, math.inf, "must be a positive integer, not {}")
+# numpy's generators refuse negative seeds
+seed_int = bounded_int(0, 2**32, "a seed must be an integer from 0 to 2**32 - 1, not {}")
+non_negative_int = bounded_int(0, math.inf, "must be 0 or a positive integer, not {}")
 
 
 def token_count(text: str) -> int:
@@ -62,22 +73,6 @@ def token_count(text: str) -> int:
     value = positive_int(text)
     if value < 2:
         raise argparse.ArgumentTypeError(f"must be at least 2 tokens, not {value}")
-    return value
-
-
-def seed_int(text: str) -> int:
-    """argparse type: a seed, an integer from 0 to 2**32 - 1 (numpy's generators refuse negative seeds)."""
-    value = integer(text)
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"a seed must be an integer from 0 to 2**32 - 1, not {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer of at least 0."""
-    value = integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, not {value}")
     return value
 
 
