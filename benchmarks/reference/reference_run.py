@@ -4,9 +4,10 @@
   summary:  python benchmarks/reference/reference_run.py summary RESULTS --out reference-smollm2-135m-h200.json
 
 ``run`` runs :func:`analysis.pipeline.run` with the ``reference`` preset and no figures (``calibdrop report``
-draws them later from the tables, off the GPU machine).  Its ``log`` callback appends each message of the run
-(``stage N of M: ...``, ``computing <table or part>``) with the wall clock and the peak CUDA memory allocated
-since the current stage started to ``<out>/reference_events.jsonl``; ``summary`` turns that file and the run's
+draws them later from the tables, off the GPU machine).  Its ``log`` callback, ``paper_preset_run.py``'s
+``EventLog`` with call ``reference``, appends each message of the run (``stage N of M: ...``,
+``computing <table or part>``) with the wall clock and the peak CUDA memory allocated since the current stage
+started to ``<out>/reference_events.jsonl``; ``summary`` turns that file and the run's
 ``run_summary.json`` into wall seconds and peak memory per stage, with the device and package versions.
 """
 
@@ -15,51 +16,29 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
-import time
+import sys
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for benchmarks.<group>
+
 from analysis.io import package_versions
 from analysis.pipeline import run
 from analysis.presets import PRESETS
+from benchmarks.runs.paper_preset_run import STAGE_LINE, EventLog, peak_memory
 
 EVENTS = "reference_events.jsonl"
-STAGE_LINE = re.compile(r"stage (\d+) of (\d+): (\S+)")
-
-
-class EventLog:
-    """The run's ``log``: prints each message and appends it, timed, to the events file; a ``stage`` line records the
-    peak CUDA memory of the stage before, then resets the counter."""
-
-    def __init__(self, path: Path):
-        self.path, self.stage = path, None
-
-    def __call__(self, message: str) -> None:
-        print(message, flush=True)
-        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-        match = STAGE_LINE.match(message)
-        if match:
-            self.stage = match.group(3)
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-        self.write(message, peak)
-
-    def write(self, message: str, peak: int | None = None) -> None:
-        record = {"time": time.time(), "stage": self.stage, "message": message, "peak_memory_bytes_before": peak}
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
 
 
 def cmd_run(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log = EventLog(out / EVENTS)
+    log = EventLog(out / EVENTS, call="reference")
     log.write(f"call started on {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
     settings = dataclasses.replace(PRESETS["reference"], lodo=False) if args.no_lodo else PRESETS["reference"]
     summary = run(args.model, out, preset=settings, dtype="float32", device=args.device, progress=False, log=log, figures=False)
-    log.write("run finished", torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None)
+    log.write("run finished", peak_memory())
     print(json.dumps(summary["timings"]))
 
 
