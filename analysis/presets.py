@@ -15,6 +15,7 @@ CONSENSUS_METHODS = ("borda", "median", "mean", "minimax")
 PROXY_METRICS = ("cosine", "angular", "relative_update")
 PRIMARY_METRIC = "cosine"
 GROUND_TRUTH = "ablation"
+PRIMARY = "{primary}"  # in a drop-set label of ``accuracy_sets``: the run's ``primary_metric``
 RESULTS_DIR = "results"
 PAPER_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "mmlu", "openbookqa", "piqa", "rte", "winogrande")
 
@@ -33,6 +34,8 @@ class RunSettings:
     ``test``; ``()``: none): held-out columns only, never read by a stage that calibrates, selects or compares.
     ``batch_size`` and ``heldout_batch_size`` are windows per forward pass of the scoring, ablation and greedy stages
     and of the held-out evaluation (small on a CPU, large on a GPU).
+    ``accuracy_sets`` names the drop sets evaluated for zero-shot accuracy; ``{primary}`` in a name stands for
+    ``primary_metric`` (:attr:`accuracy_labels` resolves it).
     ``lodo`` adds leave-one-distribution-out on real held-out loss (stages ``lodo_sets``, ``lodo_windows``, ``lodo``),
     judging nearness from the first ``lodo_probes`` held-out windows of the distribution left out.
     """
@@ -63,9 +66,8 @@ class RunSettings:
     random_seeds: tuple[int, ...] = (0, 1)
     tasks: tuple[str, ...] = ("arc_easy", "piqa")
     task_limit: int | None = 100
-    accuracy_sets: tuple[str, ...] = ("none", "cosine/attn-8:borda", "ablation/attn-8:greedy:robust",
-                                      "cosine/mlp-4:borda", "cosine/block-4:borda",
-                                      "cosine/joint-8:borda")
+    accuracy_sets: tuple[str, ...] = ("none", f"{PRIMARY}/attn-8:borda", "ablation/attn-8:greedy:robust",
+                                      f"{PRIMARY}/mlp-4:borda", f"{PRIMARY}/block-4:borda", f"{PRIMARY}/joint-8:borda")
     check_module: str | None = "attn"
     route_module: str | None = "attn"
     unseen: tuple[str, ...] | None = None
@@ -76,6 +78,12 @@ class RunSettings:
     def own_metrics(self) -> tuple[str, ...]:
         """The metrics whose per-distribution own sets are evaluated: the primary metric, then ``own_set_metrics``."""
         return tuple(dict.fromkeys((self.primary_metric, *self.own_set_metrics)))
+
+    @property
+    def accuracy_labels(self) -> tuple[str, ...]:
+        """The drop-set labels evaluated for zero-shot accuracy: ``accuracy_sets`` with ``{primary}`` replaced by
+        ``primary_metric``."""
+        return tuple(label.replace(PRIMARY, self.primary_metric) for label in self.accuracy_sets)
 
     def budget(self, module: str) -> tuple[int, ...]:
         """The drop-set sizes evaluated on held-out text for ``module``: ``transfer_k`` for attention, else the largest
@@ -94,7 +102,7 @@ PRESETS: dict[str, RunSettings] = {
         budgets={"attn": (4, 8), "mlp": (4,), "block": (4,), "joint": (8,)}, transfer_modules=("attn",),
         transfer_k=(8,),
         transfer_samples=8, transfer_seq_len=128, random_seeds=(0,), tasks=("arc_easy", "piqa"), task_limit=20,
-        accuracy_sets=("none", "cosine/attn-8:borda"),
+        accuracy_sets=("none", f"{PRIMARY}/attn-8:borda"),
     ),
     # Every stage of a run on the real default model in a minute or two, for the test suite (tests/test_cli.py): three
     # distributions (leave-one-out needs three; code has subsets) and one unseen, tiny windows (4 per distribution: the
@@ -105,7 +113,7 @@ PRESETS: dict[str, RunSettings] = {
         greedy_shortlist=4, subset_samples=2, subset_seq_len=16, batch_size=8, n_boot=50, n_perm=50,
         budgets={"attn": (2,), "mlp": (2,), "block": (2,), "joint": (2,)}, transfer_modules=("attn",), transfer_k=(2,),
         transfer_samples=4, transfer_seq_len=32, random_seeds=(0,), tasks=("arc_easy",), task_limit=2,
-        accuracy_sets=("none", "cosine/attn-2:borda"), unseen=("legal",),
+        accuracy_sets=("none", f"{PRIMARY}/attn-2:borda"), unseen=("legal",),
     ),
     # The paper's calibration: 256 windows x 2048 tokens per distribution for the proxies.  The rest is this
     # project's own and sized so the GPU stages of a 7B model fit 30 minutes on one H100 (estimated at 78 min
@@ -119,9 +127,8 @@ PRESETS: dict[str, RunSettings] = {
         subset_seq_len=2048,
         transfer_k=(4, 8), transfer_samples=32, transfer_seq_len=2048, random_seeds=(0, 1, 2), tasks=PAPER_TASKS,
         task_limit=None,
-        accuracy_sets=("none", "cosine/attn-4:borda", "cosine/attn-8:borda", "cosine/attn-8:minimax",
-                       "ablation/attn-8:greedy:robust",
-                       "cosine/attn-8:random:0"),
+        accuracy_sets=("none", f"{PRIMARY}/attn-4:borda", f"{PRIMARY}/attn-8:borda", f"{PRIMARY}/attn-8:minimax",
+                       "ablation/attn-8:greedy:robust", f"{PRIMARY}/attn-8:random:0"),
     ),
     # Sized on real weights on one H200 so the ablation ground truth is resolved: its split-half reliability was
     # 0.96-0.99 for attention at 32 x 512 per distribution (0.72-0.82 at the default's 4 x 128), and the held-out

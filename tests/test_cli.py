@@ -33,7 +33,7 @@ def test_smoke_run_writes_report_figures_and_every_stage(smoke_run):
     assert {"scores.proxies", "scores.ablation", "subsets.per_sample", "agreement", "validity", "drop_sets", "leave_one_out", "greedy",
             "heldout_windows", "accuracy", "check", "routing"} <= set(summary["stages_computed"])
     accuracy = pd.read_parquet(smoke_run / "accuracy_items.parquet")
-    assert set(accuracy["drop_set"]) == set(SMOKE.accuracy_sets) and len(accuracy) == len(SMOKE.accuracy_sets) * SMOKE.task_limit
+    assert set(accuracy["drop_set"]) == set(SMOKE.accuracy_labels) and len(accuracy) == len(SMOKE.accuracy_labels) * SMOKE.task_limit
 
 
 @pytest.mark.real_model

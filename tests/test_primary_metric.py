@@ -91,3 +91,27 @@ def test_a_primary_metric_outside_the_runs_proxies_is_refused(tiny_dir, tmp_path
     with pytest.raises(InputError, match="primary_metric 'ablation'"):
         run(str(tiny_dir), tmp_path, preset=RunSettings(**{**SETTINGS, "metrics": ("cosine", "ablation"),
                                                            "primary_metric": "ablation"}), progress=False)
+
+
+def test_accuracy_sets_follow_the_primary_metric_and_cosine_keeps_its_stage_key():
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from analysis.pipeline import STAGES
+    from analysis.presets import PRESETS
+    from analysis.steps.core import Study
+
+    stage = next(stage for stage in STAGES if stage.name == "accuracy")
+
+    def key(settings):
+        study = SimpleNamespace(settings=settings, base=[], manifests={}, unseen_manifests={}, keys={})
+        return Study.key(study, stage)
+
+    default = PRESETS["default"]
+    spelled = replace(default, accuracy_sets=("none", "cosine/attn-8:borda", "ablation/attn-8:greedy:robust",
+                                              "cosine/mlp-4:borda", "cosine/block-4:borda", "cosine/joint-8:borda"))
+    assert default.accuracy_labels == spelled.accuracy_sets and key(default) == key(spelled)
+    other = replace(default, primary_metric=METRIC)
+    assert other.accuracy_labels == ("none", f"{METRIC}/attn-8:borda", "ablation/attn-8:greedy:robust",
+                                     f"{METRIC}/mlp-4:borda", f"{METRIC}/block-4:borda", f"{METRIC}/joint-8:borda")
+    assert key(other) != key(default)

@@ -67,10 +67,13 @@ class Study:
 
     def key(self, stage: Stage) -> str:
         """sha256 of the stage name, the model, the settings it reads, the manifests and the keys of the stages it reads
-        (a stage that reads ``unseen`` is keyed by the test-only manifests it evaluates on, the others never are)."""
+        (a stage that reads ``unseen`` is keyed by the test-only manifests it evaluates on, the others never are;
+        one that reads ``accuracy_sets`` by the labels they resolve to)."""
         fields = {name: getattr(self.settings, name) for name in stage.settings}
         if "unseen" in fields:
             fields["unseen"] = self.unseen_manifests
+        if "accuracy_sets" in fields:
+            fields["accuracy_sets"] = self.settings.accuracy_labels
         return stage_key(stage.name, self.base, fields, self.manifests,
                          {name: self.keys.get(name) for name in stage.reads})
 

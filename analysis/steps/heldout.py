@@ -64,15 +64,14 @@ def stage_comparisons(study: Study) -> pd.DataFrame:
 
 
 def stage_accuracy(study: Study) -> dict[str, pd.DataFrame]:
-    """Item-level zero-shot correctness of the unpruned model and of each of ``settings.accuracy_sets`` that was
-    evaluated
-    (one saved part per set), and the per-set accuracy table computed from it."""
+    """Item-level zero-shot correctness of the unpruned model and of each of ``settings.accuracy_labels`` that was
+    evaluated (one saved part per set), and the per-set accuracy table computed from it."""
     s = study.settings
     sets = sets_from_table(study.results["pruned"])
     parts = [study.part("accuracy_items", name.replace(":", "_").replace("/", "_"),
                         lambda name=name: accuracy.items_of_set(
                  study.model, study.tokenizer, name, sets[name], s.tasks, limit=s.task_limit))
-             for name in tqdm(s.accuracy_sets, desc="zero-shot accuracy", unit="set",
+             for name in tqdm(s.accuracy_labels, desc="zero-shot accuracy", unit="set",
                               disable=not study.progress) if name in sets]
     if not parts:
         return {"accuracy_items": pd.DataFrame(), "accuracy": pd.DataFrame()}
