@@ -3,6 +3,7 @@
 
 import contextlib
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,24 @@ from tiny import byte_tokenizer, tiny_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_DISTRIBUTIONS = ("code", "math", "general")
+# Tests that share a session-scoped run go to one xdist worker (``--dist loadgroup`` in pyproject), so each run is
+# made once per suite, not once per worker.
+SHARED_RUNS = {"smoke_run": "smoke", "tiny_run": "tiny"}
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One CPU thread per worker (and per process a test starts): two workers on two cores, not four threads.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items):
+    """Put each test that uses a shared run in that run's xdist group (a no-op without xdist)."""
+    for item in items:
+        group = next((SHARED_RUNS[name] for name in item.fixturenames if name in SHARED_RUNS), None)
+        if group and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 def calibdrop(*args, env=None):

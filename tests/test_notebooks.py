@@ -14,10 +14,13 @@ from analysis.data.fetching import is_fetched
 from analysis.data.manifests import load_manifest, top_level
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+# A notebook that reads the session's smoke run runs on the xdist worker that made it (see conftest.SHARED_RUNS).
+PARAMS = [pytest.param(p, marks=pytest.mark.xdist_group("smoke")) if "CALIBDROP_RUNS" in p.read_text() else p
+          for p in NOTEBOOKS]
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", PARAMS, ids=lambda p: p.stem)
 def test_notebook_runs(path, tmp_path, monkeypatch, request):
     skip_unless_smoke_inputs()
     if not all(is_fetched(load_manifest(name)) for name in top_level()):
