@@ -234,7 +234,8 @@ def _split_metrics(metrics) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 def _score_batch(model, recorder, ids, mask, own_pass: Sequence[str]):
     """Stream sums ``(rows, layers, 3, stream metrics)`` from one forward pass (the ablation's, if asked; none when
-    neither is: ``recorder`` is ``None``) and, per metric of ``own_pass``, its ΔNLL sums ``(rows, layers, 3)`` and predicted tokens."""
+    neither is: ``recorder`` is ``None``) and, per metric of ``own_pass``, its ΔNLL sums ``(rows, layers, 3)`` and
+    predicted tokens."""
     sums, truth = None, {}
     if recorder is not None:
         recorder.begin_batch(mask)

@@ -88,7 +88,8 @@ def _branches(points: dict[str, torch.Tensor], mid_is_input: bool, parallel: boo
 def taylor_increase(model: torch.nn.Module, input_ids: torch.Tensor,
                     attention_mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """First-order ``ΔNLL`` sums of dropping each module alone, ``(rows, layers, 3)`` in the order of
-    :data:`SCORED_MODULES`, and the predicted tokens per row (as :func:`analysis.importance.ablation.single_drop_increase`).
+    :data:`SCORED_MODULES`, and the predicted tokens per row (as
+    :func:`analysis.importance.ablation.single_drop_increase`).
 
     Runs with gradients on whatever mode the caller is in; no parameter gradient is computed or kept.
     """
