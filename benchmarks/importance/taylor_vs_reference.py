@@ -10,9 +10,16 @@ On a built-in model's real weights, on the CPU, one process:
   ``ablation`` importances (``REFERENCE/scores.parquet``, 32 x 512 windows per distribution), beside the
   reference's own ``cosine`` rows (64 x 512) against the same truth (the reference's ``validity`` table holds the
   same ρ, checked here);
-* on the first ``--same-windows`` windows of every distribution, taylor against the exact ablation of the very same
-  tokens (ρ per kind: the first-order error alone, without sampling noise) and the time of each on that window
-  (batch of one, ``taylor_increase`` against ``single_drop_increase``; ratio in this one run).
+* the windows are the first ``--samples`` of the reference's ground-truth windows (the same seed and length cut the
+  same stream into consecutive windows; checked here: this run's per-window cosine sums against the reference's), so
+  the reference's per-window ablation rows of those windows (``scores.per_sample.parquet``) give the exact ablation of
+  the very tokens taylor saw: taylor against it is the first-order error alone, and it against the 32-window truth
+  the sampling noise of ``--samples`` windows alone;
+* exploratory, from the same rows: ``sum_s taylor[s]² / sum_s n[s]`` (an empirical-Fisher second-order term per
+  window, as Molchanov et al. 2019 square the first-order term), not a registered metric;
+* on the first ``--same-windows`` windows of every distribution, taylor and the exact ablation, both here on the
+  CPU: the time of each (batch of one, ``taylor_increase`` against ``single_drop_increase``; ratio in this one run)
+  and, as a check of the above, their ρ per kind.
 
   OMP_NUM_THREADS=1 PYTHONPATH=. nice -n 10 python benchmarks/importance/taylor_vs_reference.py \\
       --model smollm2-135m --reference reference/smollm2-135m \\
@@ -119,7 +126,7 @@ def main(argv=None) -> None:
         proxy_parts.append(table)
         truth_windows = calibration_windows(name, tokenizer, n_samples=default.ablation_samples,
                                             seq_len=default.ablation_seq_len, seed=default.seed)
-        truth, truth_spent = cached(work / f"ablation-default-{name}.parquet", lambda: score_windows(
+        truth, _ = cached(work / f"ablation-default-{name}.parquet", lambda: score_windows(
             model, truth_windows, name, batch_size=default.batch_size, metrics=("ablation",), progress=False))
         truth_parts.append(truth)
         seconds[name] = {"cosine_and_taylor": float(table["seconds"].iloc[0]),
@@ -130,11 +137,23 @@ def main(argv=None) -> None:
     ours = aggregate_importance(pd.concat(proxy_parts + truth_parts, ignore_index=True), by=["distribution"])
     reference = pd.read_parquet(Path(args.reference) / "scores.parquet")
     validity = pd.read_parquet(Path(args.reference) / "validity.parquet")
+    per_window = pd.read_parquet(Path(args.reference) / "scores.per_sample.parquet")
+    first = aggregate_importance(per_window[per_window["sample"] < args.samples], by=["distribution"])
+    mine = pd.concat(proxy_parts, ignore_index=True)
+    cosine = mine[mine["metric"] == "cosine"].merge(per_window[per_window["metric"] == "cosine"],
+                                                  on=["distribution", "sample", "layer", "module"], suffixes=("", "_ref"))
+    taylor_rows = mine[mine["metric"] == "taylor"]
+    fisher = taylor_rows.assign(stat_sum=taylor_rows["stat_sum"] ** 2).groupby(
+        ["distribution", "layer", "module"], as_index=False)[["stat_sum", "n_tokens"]].sum()
+    fisher = fisher.assign(metric="taylor_fisher", importance=fisher["stat_sum"] / fisher["n_tokens"])
+    window_check = float(((cosine["stat_sum"] - cosine["stat_sum_ref"]).abs() / cosine["stat_sum_ref"].abs()).max())
     estimators = {  # label -> (table, metric, windows)
         "taylor": (ours, "taylor", f"{args.samples} x {args.seq_len}"),
         "cosine": (ours, "cosine", f"{args.samples} x {args.seq_len}"),
         "cosine (reference)": (reference, "cosine", "64 x 512"),
         "ablation (default preset)": (ours, "ablation", f"{default.ablation_samples} x {default.ablation_seq_len}"),
+        "ablation (reference, taylor's windows)": (first, "ablation", f"{args.samples} x {args.seq_len}"),
+        "taylor² per window (exploratory)": (fisher, "taylor_fisher", f"{args.samples} x {args.seq_len}"),
     }
     rows = []
     for name in DISTRIBUTIONS:
@@ -143,6 +162,9 @@ def main(argv=None) -> None:
             for label, (table, metric, size) in estimators.items():
                 rows.append({"distribution": name, "module": module, "estimator": label, "windows": size,
                              "spearman": rho(matrix(table, metric, name, module), truth)})
+            rows.append({"distribution": name, "module": module, "estimator": "taylor vs exact, taylor's windows",
+                         "windows": f"{args.samples} x {args.seq_len}",
+                         "spearman": rho(matrix(ours, "taylor", name, module), matrix(first, "ablation", name, module))})
             same = pairs[name]
             rows.append({"distribution": name, "module": module, "estimator": "taylor vs exact, same windows",
                          "windows": f"{len(same)} x {args.seq_len}",
@@ -162,6 +184,7 @@ def main(argv=None) -> None:
         "seconds": seconds,
         "same_window_seconds": {"taylor": [t for t, _ in timings], "ablation": [a for _, a in timings],
                                 "ratio_ablation_over_taylor_median": float(np.median([a / t for t, a in timings]))},
+        "max_relative_difference_cosine_window_sums_vs_reference": window_check,
         "reference_cosine_rho_matches_validity_table": float((check["spearman"] - check["spearman_validity"]).abs()
                                                              .max()),
         "mean_over_distributions": mean.to_dict("records"),
@@ -171,17 +194,20 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     wide = table.pivot_table(index=["module", "distribution"], columns="estimator", values="spearman", sort=False)
-    wide = wide[list(estimators) + ["taylor vs exact, same windows"]]
+    wide = wide[list(estimators) + ["taylor vs exact, taylor's windows", "taylor vs exact, same windows"]]
     mean_wide = mean.pivot_table(index="module", columns="estimator", values="mean", sort=False)[wide.columns]
     ratio = result["same_window_seconds"]["ratio_ablation_over_taylor_median"]
     md = [f"# taylor against the reference ablation, {args.model}, CPU", "", f"`{command}`", "",
           f"Spearman ρ over layers against the reference study's exact ablation (32 x 512 windows per distribution). "
           f"taylor and cosine on {args.samples} x {args.seq_len} calibration windows (seed 0); the reference's cosine "
           f"on 64 x 512; the default preset's exact ablation on {default.ablation_samples} x "
-          f"{default.ablation_seq_len}; the last column is taylor against the exact ablation of the same "
-          f"{args.same_windows} window(s) of {args.seq_len} tokens per distribution.", "",
+          f"{default.ablation_seq_len}; the reference's exact ablation restricted to taylor's {args.samples} windows "
+          f"(they are the first {args.samples} of its 32: this run's per-window cosine sums match the reference's to "
+          f"{window_check:.1e} relative). The last two columns are not against the 32-window truth: taylor against "
+          f"the exact ablation of its own {args.samples} windows (the reference's rows), and against this run's exact "
+          f"ablation of the first {args.same_windows} window(s) per distribution.", "",
           "## Mean over the five distributions", "", mean_wide.round(3).to_markdown(), "",
-          "## Per distribution", "", wide.round(3).to_markdown(), "",
+          "## Per distribution", "", wide.round(3).reset_index().to_markdown(index=False), "",
           f"## Time per {args.seq_len}-token window, {torch.get_num_threads()} thread(s)", "",
           f"taylor (one forward and backward) median {np.median([t for t, _ in timings]):.2f} s, exact ablation "
           f"({3 * model.config.num_hidden_layers} single drops) median {np.median([a for _, a in timings]):.1f} s: "
