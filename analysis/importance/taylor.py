@@ -33,7 +33,6 @@ import numpy as np
 import torch
 
 from ..models.adapters import adapter_for, decoder_layers
-from ..presets import SCORED_MODULES
 from .ablation import position_ids_from_mask, token_nll
 
 
@@ -76,7 +75,8 @@ def _branch_points(model: torch.nn.Module) -> Iterator[list[dict[str, torch.Tens
 
 
 def _branches(points: dict[str, torch.Tensor], mid_is_input: bool, parallel: bool):
-    """``(b, h)`` of attn, mlp and block (in the order of :data:`SCORED_MODULES`) from one block's points."""
+    """``(b, h)`` of attn, mlp and block (in the order of :data:`analysis.presets.SCORED_MODULES`) from one block's
+    points."""
     pre, mid, post = points["pre"], points["mid"], points["post"]
     if parallel:
         attn = mid - pre if mid_is_input else mid
@@ -88,7 +88,7 @@ def _branches(points: dict[str, torch.Tensor], mid_is_input: bool, parallel: boo
 def taylor_increase(model: torch.nn.Module, input_ids: torch.Tensor,
                     attention_mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """First-order ``ΔNLL`` sums of dropping each module alone, ``(rows, layers, 3)`` in the order of
-    :data:`SCORED_MODULES`, and the predicted tokens per row (as
+    :data:`analysis.presets.SCORED_MODULES`, and the predicted tokens per row (as
     :func:`analysis.importance.ablation.single_drop_increase`).
 
     Runs with gradients on whatever mode the caller is in; no parameter gradient is computed or kept.

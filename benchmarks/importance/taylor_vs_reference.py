@@ -121,13 +121,17 @@ def main(argv=None) -> None:
     proxy_parts, truth_parts, seconds, pairs = [], [], {}, {}
     for name in DISTRIBUTIONS:
         windows = calibration_windows(name, tokenizer, n_samples=args.samples, seq_len=args.seq_len, seed=0)
-        table, spent = cached(work / f"proxies-{name}-{args.samples}x{args.seq_len}.parquet", lambda: score_windows(
-            model, windows, name, batch_size=args.batch_size, metrics=("cosine", "taylor"), progress=False))
+        table, spent = cached(work / f"proxies-{name}-{args.samples}x{args.seq_len}.parquet",
+                              lambda windows=windows, name=name: score_windows(
+                                  model, windows, name, batch_size=args.batch_size, metrics=("cosine", "taylor"),
+                                  progress=False))
         proxy_parts.append(table)
         truth_windows = calibration_windows(name, tokenizer, n_samples=default.ablation_samples,
                                             seq_len=default.ablation_seq_len, seed=default.seed)
-        truth, _ = cached(work / f"ablation-default-{name}.parquet", lambda: score_windows(
-            model, truth_windows, name, batch_size=default.batch_size, metrics=("ablation",), progress=False))
+        truth, _ = cached(work / f"ablation-default-{name}.parquet",
+                          lambda truth_windows=truth_windows, name=name: score_windows(
+                              model, truth_windows, name, batch_size=default.batch_size, metrics=("ablation",),
+                              progress=False))
         truth_parts.append(truth)
         seconds[name] = {"cosine_and_taylor": float(table["seconds"].iloc[0]),
                          "default_ablation": float(truth["seconds"].iloc[0]), "timed_by_an_earlier_call": spent is None}
@@ -141,7 +145,8 @@ def main(argv=None) -> None:
     first = aggregate_importance(per_window[per_window["sample"] < args.samples], by=["distribution"])
     mine = pd.concat(proxy_parts, ignore_index=True)
     cosine = mine[mine["metric"] == "cosine"].merge(per_window[per_window["metric"] == "cosine"],
-                                                  on=["distribution", "sample", "layer", "module"], suffixes=("", "_ref"))
+                                                  on=["distribution", "sample", "layer", "module"],
+                                                  suffixes=("", "_ref"))
     taylor_rows = mine[mine["metric"] == "taylor"]
     fisher = taylor_rows.assign(stat_sum=taylor_rows["stat_sum"] ** 2).groupby(
         ["distribution", "layer", "module"], as_index=False)[["stat_sum", "n_tokens"]].sum()
@@ -164,7 +169,8 @@ def main(argv=None) -> None:
                              "spearman": rho(matrix(table, metric, name, module), truth)})
             rows.append({"distribution": name, "module": module, "estimator": "taylor vs exact, taylor's windows",
                          "windows": f"{args.samples} x {args.seq_len}",
-                         "spearman": rho(matrix(ours, "taylor", name, module), matrix(first, "ablation", name, module))})
+                         "spearman": rho(matrix(ours, "taylor", name, module),
+                                         matrix(first, "ablation", name, module))})
             same = pairs[name]
             rows.append({"distribution": name, "module": module, "estimator": "taylor vs exact, same windows",
                          "windows": f"{len(same)} x {args.seq_len}",
@@ -198,21 +204,21 @@ def main(argv=None) -> None:
     mean_wide = mean.pivot_table(index="module", columns="estimator", values="mean", sort=False)[wide.columns]
     ratio = result["same_window_seconds"]["ratio_ablation_over_taylor_median"]
     md = [f"# taylor against the reference ablation, {args.model}, CPU", "", f"`{command}`", "",
-          f"Spearman ρ over layers against the reference study's exact ablation (32 x 512 windows per distribution). "
+          (f"Spearman ρ over layers against the reference study's exact ablation (32 x 512 windows per distribution). "
           f"taylor and cosine on {args.samples} x {args.seq_len} calibration windows (seed 0); the reference's cosine "
           f"on 64 x 512; the default preset's exact ablation on {default.ablation_samples} x "
           f"{default.ablation_seq_len}; the reference's exact ablation restricted to taylor's {args.samples} windows "
           f"(they are the first {args.samples} of its 32: this run's per-window cosine sums match the reference's to "
           f"{window_check:.1e} relative). The last two columns are not against the 32-window truth: taylor against "
           f"the exact ablation of its own {args.samples} windows (the reference's rows), and against this run's exact "
-          f"ablation of the first {args.same_windows} window(s) per distribution.", "",
+          f"ablation of the first {args.same_windows} window(s) per distribution."), "",
           "## Mean over the five distributions", "", mean_wide.round(3).to_markdown(), "",
           "## Per distribution", "", wide.round(3).reset_index().to_markdown(index=False), "",
           f"## Time per {args.seq_len}-token window, {torch.get_num_threads()} thread(s)", "",
-          f"taylor (one forward and backward) median {np.median([t for t, _ in timings]):.2f} s, exact ablation "
+          (f"taylor (one forward and backward) median {np.median([t for t, _ in timings]):.2f} s, exact ablation "
           f"({3 * model.config.num_hidden_layers} single drops) median {np.median([a for _, a in timings]):.1f} s: "
           f"ablation / taylor = {ratio:.0f}x "
-          f"(median of {len(timings)} windows, same run).", ""]
+          f"(median of {len(timings)} windows, same run)."), ""]
     out.with_suffix(".md").write_text("\n".join(md))
     print("\n".join(md))
 
