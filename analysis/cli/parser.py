@@ -160,9 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--per-sample", action="store_true",
                        help="with --texts: one row per text and module instead of the aggregate")
     score.add_argument("--metrics", default=",".join(PROXY_METRICS),
-                       help=f"comma-separated importance metrics; the proxies share one forward pass, {GROUND_TRUTH} "
-                            f"(the ground truth: the real NLL increase of dropping each module) re-runs blocks per "
-                            f"module")
+                       help=f"comma-separated importance metrics; the proxies share one forward pass, taylor "
+                            f"(first-order ΔNLL) adds a forward and backward pass, {GROUND_TRUTH} (the ground truth: "
+                            f"the real NLL increase of dropping each module) re-runs blocks per module")
     score.add_argument("--device-map", help="shard the model over devices with accelerate, e.g. auto")
     score.set_defaults(func=cmd_score)
 

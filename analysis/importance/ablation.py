@@ -42,14 +42,22 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def token_nll(logits: torch.Tensor, input_ids: torch.Tensor,
+              attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``-log p(x_{t+1} | x_<=t)`` per position ``(rows, seq - 1)`` (float32 at least, 0 where not predicted) and
+    where it is predicted: positions whose token and next token are real."""
+    valid = (attention_mask[:, 1:] != 0) & (attention_mask[:, :-1] != 0)
+    targets = input_ids[:, 1:].masked_fill(~valid, -100)
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none", ignore_index=-100)
+    return losses, valid
+
+
 def row_nll(logits: torch.Tensor, input_ids: torch.Tensor,
             attention_mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Per row: ``sum_t -log p(x_{t+1} | x_<=t)`` over positions whose token and next token are real
-    (float64), and how many such predicted tokens there are."""
-    valid = (attention_mask[:, 1:] != 0) & (attention_mask[:, :-1] != 0)
-    targets = input_ids[:, 1:].masked_fill(~valid, -100)
-    losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none",
-                                               ignore_index=-100)
+    (float64), and how many such predicted tokens there are (:func:`token_nll`)."""
+    losses, valid = token_nll(logits, input_ids, attention_mask)
     return losses.sum(-1, dtype=torch.float64).cpu().numpy(), valid.sum(-1).cpu().numpy()
 
 

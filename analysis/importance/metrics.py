@@ -13,6 +13,10 @@ Built in:
 * ``cosine`` (He et al., 2024): ``f = cos(X, Y)``, ``g(m) = 1 - m``;
 * ``angular`` (Gromov et al., 2024): ``f = arccos(cos(X, Y)) / π``, ``g(m) = m``;
 * ``relative_update``: ``f = ‖Y − X‖ / ‖X‖`` (the branch's update relative to the stream), ``g(m) = m``;
+* ``taylor`` (a proxy of the ground truth, first order): ``stat_sum[s] = sum_t ∇_{h_t} NLL[s] · (−b_t)``, the
+  branch output ``b`` of the module against the gradient of sample ``s``'s summed next-token NLL at the residual
+  point ``h`` right after its add, from one forward and backward pass for every module
+  (:mod:`analysis.importance.taylor`); ``n_tokens[s]`` its predicted tokens, ``g(m) = m``: estimated ΔNLL per token;
 * ``ablation`` (the ground truth): ``stat_sum[s]`` is the increase of the summed next-token NLL of
   sample ``s`` when that module alone is dropped (:func:`analysis.models.pruning.drop_modules`
   semantics), ``n_tokens[s]`` its predicted tokens, ``g(m) = m``: mean ΔNLL per token.
@@ -34,6 +38,8 @@ import torch
 
 from ..errors import InputError
 from ..presets import GROUND_TRUTH
+
+TAYLOR = "taylor"
 
 
 class TokenPair:
@@ -62,18 +68,21 @@ class MetricSpec:
     """A named importance metric.
 
     ``token_statistic`` maps a :class:`TokenPair` to the per-token statistic ``f`` (``None`` for
-    the ablation ground truth, which is not a function of ``X`` and ``Y``); ``importance`` maps
-    token-weighted means of ``f`` (a numpy array) to importances ``g``.
+    ``taylor`` and the ablation ground truth, which are not functions of ``X`` and ``Y``); ``importance`` maps
+    token-weighted means of ``f`` (a numpy array) to importances ``g``.  ``gradient`` marks ``taylor``, the proxy
+    computed by its own forward and backward pass instead of the stream hooks.
     """
 
     name: str
     label: str
     token_statistic: Callable[[TokenPair], torch.Tensor] | None
     importance: Callable[[np.ndarray], np.ndarray]
+    gradient: bool = False
 
     @property
     def is_proxy(self) -> bool:
-        return self.token_statistic is not None
+        """Whether it estimates importance cheaply (judged against the ground truth), not the ground truth itself."""
+        return self.token_statistic is not None or self.gradient
 
 
 METRICS: dict[str, MetricSpec] = {}
@@ -144,4 +153,5 @@ register_metric("cosine", lambda pair: pair.cos, importance=lambda mean: 1.0 - m
 register_metric("angular", lambda pair: torch.arccos(pair.cos.clamp(-1.0, 1.0)) / math.pi,
                 label="arccos(cos(X, Y)) / π")
 register_metric("relative_update", lambda pair: pair.update_norm / pair.x_norm.clamp_min(1e-8), label="‖Y − X‖ / ‖X‖")
+METRICS[TAYLOR] = MetricSpec(TAYLOR, "first-order ΔNLL estimate (nats/token)", None, _identity, gradient=True)
 register_metric(GROUND_TRUTH, None, label="ΔNLL when dropped (nats/token)")

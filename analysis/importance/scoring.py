@@ -10,14 +10,15 @@ For module ``m`` of block ``i``, sample ``s`` with real (unpadded) tokens ``t`` 
 with ``attn: X = resid_pre, Y = resid_mid``; ``mlp: X = resid_mid, Y = resid_post``;
 ``block: X = resid_pre, Y = resid_post`` (read points per family in :mod:`analysis.models.adapters`).
 For ``cosine`` (He et al., 2024) ``f = cos`` and ``g(m) = 1 - m``.  The mean is token-weighted
-over all samples.  Every proxy metric is reduced inside the same forward hooks, so no hidden
+over all samples.  Every proxy metric of ``X`` and ``Y`` is reduced inside the same forward hooks, so no hidden
 state outlives its block; the ``ablation`` ground truth (:mod:`analysis.importance.ablation`) reuses the
-same pass's block inputs.
+same pass's block inputs; ``taylor`` (:mod:`analysis.importance.taylor`) adds one forward and backward pass.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -44,12 +45,14 @@ from ..stages import StageStore, stage_key
 from .ablation import position_ids_from_mask, single_drop_increase
 from .metrics import (
     GROUND_TRUTH,
+    TAYLOR,
     check_metrics,
     get_metric,
     importance_column,
     importance_from_sums,
 )
 from .statistics import masked_statistic_sums
+from .taylor import taylor_increase
 
 MODULES = SCORED_MODULES
 PROXY_DEFAULT = (PRIMARY_METRIC,)
@@ -221,21 +224,31 @@ def aggregate_importance(per_sample: pd.DataFrame, by: Sequence[str] = ()) -> pd
     return out.assign(module=out["module"].astype(str))
 
 
-def _split_metrics(metrics) -> tuple[tuple[str, ...], bool]:
-    """The proxy metrics among ``metrics`` and whether the ablation ground truth is asked for."""
+def _split_metrics(metrics) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The metrics of ``X`` and ``Y`` among ``metrics`` (one pass of the stream hooks), and the others
+    (``taylor``, ``ablation``: each a pass of its own), in the order given."""
     names = check_metrics(metrics)
-    return tuple(n for n in names if get_metric(n).is_proxy), GROUND_TRUTH in names
+    stream = tuple(n for n in names if get_metric(n).token_statistic is not None)
+    return stream, tuple(n for n in names if n not in stream)
 
 
-def _score_batch(model, recorder, ids, mask, ground_truth: bool):
-    """One forward pass: proxy sums ``(rows, layers, 3, proxies)`` and, if asked, ablation ΔNLL sums and predicted
-    tokens."""
-    recorder.begin_batch(mask)
-    if not ground_truth:
-        model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
-        return recorder.end_batch(), None
-    increase, n_predicted = single_drop_increase(model, ids, mask)
-    return recorder.end_batch(), (increase, n_predicted)
+def _score_batch(model, recorder, ids, mask, own_pass: Sequence[str]):
+    """Stream sums ``(rows, layers, 3, stream metrics)`` from one forward pass (the ablation's, if asked; none when
+    neither is: ``recorder`` is ``None``) and, per metric of ``own_pass``, its ΔNLL sums ``(rows, layers, 3)`` and
+    predicted tokens."""
+    sums, truth = None, {}
+    if recorder is not None:
+        recorder.begin_batch(mask)
+        with torch.inference_mode():
+            if GROUND_TRUTH in own_pass:
+                truth[GROUND_TRUTH] = single_drop_increase(model, ids, mask)
+            else:
+                model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                                 use_cache=False)
+            sums = recorder.end_batch()
+    if TAYLOR in own_pass:
+        truth[TAYLOR] = taylor_increase(model, ids, mask)
+    return sums, truth
 
 
 def score_token_batches(
@@ -249,19 +262,22 @@ def score_token_batches(
     """Per-sample score rows (``metric, sample, layer, module, stat_sum, n_tokens, importance``) for
     token batches (``input_ids``, ``attention_mask``, optional ``sample``).
 
-    One forward pass per batch gives every proxy metric (the base model, no LM head, when no
+    One forward pass per batch gives every proxy metric of ``X`` and ``Y`` (the base model, no LM head, when no
     ground truth is asked; no KV cache); ``ablation`` adds the re-runs of
-    :func:`analysis.importance.ablation.single_drop_increase` from that pass's block inputs.  Positions are
+    :func:`analysis.importance.ablation.single_drop_increase` from that pass's block inputs, ``taylor`` a forward
+    and backward pass of its own (:func:`analysis.importance.taylor.taylor_increase`).  Positions are
     counted over real tokens so left and right padding give the same result.  Under
     torch.distributed (``torchrun``, ``accelerate launch``) process r scores batches
     r, r + W, r + 2W, ... and every process returns all rows, gathered.
     """
-    proxies, ground_truth = _split_metrics(metrics)
+    proxies, own_pass = _split_metrics(metrics)
     device = input_device(model)
     rank, world = rank_and_world()
-    proxy_sums, truth_sums, n_tokens, n_predicted, samples = [], [], [], [], []
+    proxy_sums, n_tokens, samples = [], [], []
+    truth_sums, n_predicted = [[] for _ in own_pass], [[] for _ in own_pass]
     next_sample = 0
-    with ResidualRecorder(model, proxies) as recorder, torch.inference_mode():
+    stream = proxies or GROUND_TRUTH in own_pass
+    with ResidualRecorder(model, proxies) if stream else nullcontext() as recorder:
         for index, batch in enumerate(tqdm(batches, total=total, desc="scoring", unit="batch",
                                            disable=not progress or rank > 0)):
             rows = batch["input_ids"].shape[0]
@@ -270,15 +286,15 @@ def score_token_batches(
             if index % world != rank:
                 continue
             mask = batch["attention_mask"].to(device)
-            sums, truth = _score_batch(model, recorder, batch["input_ids"].to(device), mask, ground_truth)
+            sums, truth = _score_batch(model, recorder, batch["input_ids"].to(device), mask, own_pass)
             proxy_sums.append(sums)
-            if truth is not None:
-                truth_sums.append(truth[0])
-                n_predicted.append(truth[1])
+            for j, name in enumerate(own_pass):
+                truth_sums[j].append(truth[name][0])
+                n_predicted[j].append(truth[name][1])
             n_tokens.append(mask.sum(-1).cpu().numpy())
             samples.extend(int(s) for s in batch_samples)
-    proxy_sums, truth_sums, n_tokens, n_predicted, samples = gather_shards(
-        (proxy_sums, truth_sums, n_tokens, n_predicted, samples))
+    proxy_sums, n_tokens, samples, *own = gather_shards((proxy_sums, n_tokens, samples, *truth_sums, *n_predicted))
+    truth_sums, n_predicted = own[:len(own_pass)], own[len(own_pass):]
     if not n_tokens:
         raise InputError("no batches to score: give at least one sample")
     parts = []
@@ -286,8 +302,8 @@ def score_token_batches(
         stacked = np.concatenate(proxy_sums)
         parts += [per_sample_frame(stacked[..., j], np.concatenate(n_tokens), samples, name) for j,
                   name in enumerate(proxies)]
-    if ground_truth:
-        parts.append(per_sample_frame(np.concatenate(truth_sums), np.concatenate(n_predicted), samples, GROUND_TRUTH))
+    parts += [per_sample_frame(np.concatenate(truth_sums[j]), np.concatenate(n_predicted[j]), samples, name)
+              for j, name in enumerate(own_pass)]
     frame = pd.concat(parts, ignore_index=True)
     return frame.sort_values(["metric", "sample", "layer"], kind="stable",
                              key=_metric_order_key(frame)).reset_index(drop=True)
