@@ -32,12 +32,21 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
-def pytest_collection_modifyitems(items):
-    """Put each test that uses a shared run in that run's xdist group (a no-op without xdist)."""
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Put each test that uses a shared run in that run's xdist group (a no-op without xdist).
+
+    xdist 3.8 tags a grouped test by rewriting ``item._nodeid``, which pytest 9.2 no longer reads (a node's id lives
+    in ``item._id``), so without the tag here every test would be its own group and each worker would make each run."""
     for item in items:
-        group = next((SHARED_RUNS[name] for name in item.fixturenames if name in SHARED_RUNS), None)
-        if group and not item.get_closest_marker("xdist_group"):
+        mark = item.get_closest_marker("xdist_group")
+        group = mark.args[0] if mark else next((SHARED_RUNS[n] for n in item.fixturenames if n in SHARED_RUNS), None)
+        if group is None:
+            continue
+        if mark is None:
             item.add_marker(pytest.mark.xdist_group(group))
+        if config.getoption("loadgroup", False) and hasattr(item, "_id") and "@" not in item.nodeid:
+            item._id = type(item._id).parse(f"{item.nodeid}@{group}")
 
 
 def calibdrop(*args, env=None):
