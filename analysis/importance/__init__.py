@@ -1,1 +1,2 @@
-"""Importance: the metrics and the scoring passes (proxies in one pass, the ablation ground truth)."""
+"""Importance: the metrics and the scoring passes (proxies in one hooked pass, the ablation ground truth, the
+first-order ``taylor`` estimate)."""

@@ -26,18 +26,14 @@ curvature it ignores is measured against the exact ablation in
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import numpy as np
 import torch
 
-from ..models.adapters import adapter_for, decoder_layers
+from ..models.adapters import adapter_for, decoder_layers, first_tensor
 from .ablation import position_ids_from_mask, token_nll
-
-
-def _first_tensor(value) -> torch.Tensor:
-    return value[0] if isinstance(value, (tuple, list)) else value
 
 
 @contextmanager
@@ -52,7 +48,7 @@ def _branch_points(model: torch.nn.Module) -> Iterator[list[dict[str, torch.Tens
 
     def keep(i, name, output):
         if output:
-            return lambda module, args, out: points[i].__setitem__(name, _first_tensor(out))
+            return lambda module, args, out: points[i].__setitem__(name, first_tensor(out))
         return lambda module, args, kwargs: points[i].__setitem__(name, args[0] if args else kwargs["hidden_states"])
 
     reads = [("mid", adapter.resid_mid)]

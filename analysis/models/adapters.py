@@ -18,9 +18,11 @@ and its ``Y`` is ``resid_pre + mlp_out``: each sublayer is scored as if it were 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
+import torch
 from torch import nn
 
 from ..errors import CalibdropError
@@ -118,3 +120,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             f"{type(model).__name__} has no decoder block list at {type(base).__name__}.layers"
         )
     return layers
+
+
+def first_tensor(value) -> torch.Tensor:
+    """A module's output tensor: the first element when the module returns a tuple (a decoder layer does)."""
+    return value[0] if isinstance(value, (tuple, list)) else value
