@@ -255,6 +255,47 @@ def test_comparison_claims_rest_on_the_worst_case_or_their_own_distribution():
     assert claims["windows_needed"].iloc[1] == math.ceil(8 * (Z * 0.02 / abs(math.log(0.99))) ** 2)
 
 
+def truth_halves(attn: float) -> pd.DataFrame:
+    """Split-half reliabilities: the ground truth's attention ranking at ``attn`` on code, its MLP ranking at 0.5."""
+    return pd.DataFrame({"metric": ["ablation", "ablation", "ablation", "cosine"],
+                         "module": ["attn", "attn", "mlp", "attn"], "distribution": ["code", "math", "code", "code"],
+                         "reliability": [attn, 0.99, 0.5, 0.99]})
+
+
+def test_sets_built_from_an_unreliable_ground_truth_resolve_nothing_until_it_is_reliable():
+    truth = "ablation/attn-2:borda"
+    rows = [{"drop_set": label, "distribution": "worst", "module": "attn", "k": 2, "metric": label.split("/")[0],
+             "method": "borda", "ppl_ratio": r, "ci_low": r * 0.95, "ci_high": r * 1.05}
+            for label, r in ((f"{A}borda", 1.1), (f"{A}minimax", 1.2), (truth, 1.3))]
+    table = resolution.candidates(pd.DataFrame(rows))
+    paired = pd.DataFrame([paired_row(f"{A}borda", truth, 0.85, 0.80, 0.90),
+                           paired_row(f"{A}borda", f"{A}minimax", 0.9, 0.85, 0.95)])
+    members = {f"{A}borda": [1, 2], f"{A}minimax": [1, 5], truth: [3, 4]}
+    assert resolution.truth_reliability(truth_halves(0.8)) == {"attn": 0.8, "mlp": 0.5}
+    for attn, resolved in ((0.8, False), (0.96, True)):
+        reliability = resolution.truth_reliability(truth_halves(attn))
+        groups = resolution.set_groups(table, paired, members, reliability)
+        assert groups["resolved"].tolist() == [resolved] * 3
+        claim = resolution.recommendation_claims(groups, truth_tokens=512)[0]
+        claims = resolution.comparison_claims(paired, reliability=reliability, truth_tokens=512)
+        # the comparison with the ground-truth set follows its reliability; the one between two proxies does not
+        assert [claim["resolved"], claims[0]["resolved"], claims[1]["resolved"]] == [resolved, resolved, True]
+    tokens = math.ceil(512 * 0.95 * 0.2 / (0.8 * 0.05))
+    unresolved = resolution.recommendation_claims(resolution.set_groups(table, paired, members, {"attn": 0.8}), 512)[0]
+    assert unresolved["tokens_needed"] == tokens and f"about {tokens:,} ground-truth tokens" in unresolved["needs"]
+    assert "unstable" in unresolved["finding"] and unresolved["windows_needed"] == 0
+    # the same members are the same loss on every window, whatever the ground truth
+    same = paired_row(f"{A}borda", truth, 1.0, 1.0, 1.0, se=0.0)
+    same["effect"] = 0.0
+    assert resolution.comparison_claims(pd.DataFrame([same]), reliability={"attn": 0.8}, truth_tokens=512)[0][
+        "resolved"]
+    # claims_table reads the reliabilities from split_half
+    claims = resolution.claims_table({"set_groups": resolution.set_groups(table, paired, members, {"attn": 0.8}),
+                                      "comparisons": paired, "split_half": truth_halves(0.8)}, truth_tokens=512)
+    assert claims["claim"].tolist() == ["recommended set", "a loses less than b", "a loses less than b"]
+    assert claims["resolved"].tolist() == [False, False, True]
+
+
 def per_sample_scores(noise: float, n: int = 12, seed: int = 0) -> pd.DataFrame:
     """Two proxies that agree exactly on three distributions whose rankings differ (per-sample noise ``noise``)."""
     rng = np.random.default_rng(seed)

@@ -111,7 +111,8 @@ def stage_resolution(study: Study) -> dict[str, pd.DataFrame]:
         ranked = resolution.candidates(r["transfer"])
         pairs = resolution.versus_best(ranked)
         paired = evaluation.paired_comparisons(r["heldout_windows"], pairs, n_boot=s.n_boot, seed=s.seed)
-        groups = resolution.set_groups(ranked, paired, dict(zip(r["pruned"]["drop_set"], r["pruned"]["indices"])))
+        groups = resolution.set_groups(ranked, paired, dict(zip(r["pruned"]["drop_set"], r["pruned"]["indices"])),
+                                       resolution.truth_reliability(r.get("split_half")))
     names = ("comparisons", "validity", "split_half", "data_or_metric", "bootstrap_pairs", "routing_paired")
     tables = {name: r.get(name) for name in names} | {"set_groups": groups}
     return {"set_groups": groups,

@@ -12,6 +12,11 @@ Small pure functions over the run's tidy tables, so a report can be re-rendered 
   perplexity ratio ``a / b`` excludes 1.  A drop set is *recommended* only when it is separated from every
   other distinct set of its module kind and budget (in particular the runner-up); otherwise the report names
   the group of sets it cannot be separated from.  Sets with the same members are one set under several names.
+* **Sets built from an unstable ground truth**: a set chosen from the ablation ground truth (its metric) changes
+  when the ground-truth windows are resampled unless the ground truth is reliable, so a paired comparison naming
+  such a set, and a recommendation among candidates that include one, is resolved only when the ground truth's
+  split-half reliability for that module kind reaches :data:`RELIABLE` on every distribution
+  (:func:`truth_reliability`); else the ground-truth tokens that would get it there.
 * **What would resolve it**: held-out windows per distribution for a paired comparison (:func:`windows_needed`,
   from the observed effect and its bootstrap standard error, as the accuracy section sizes items for McNemar);
   ground-truth tokens per distribution for a claim that rests on the ablation ranking
@@ -121,6 +126,35 @@ def names_text(labels, shown: int = 3) -> str:
     return " = ".join(labels[:shown]) + more
 
 
+def truth_reliability(split_half: pd.DataFrame | None) -> dict[str, float]:
+    """The ground truth's lowest split-half reliability over distributions, per module kind (``{}`` without one)."""
+    if split_half is None or not len(split_half):
+        return {}
+    part = split_half[split_half["metric"] == GROUND_TRUTH]
+    return {module: float(value) for module, value in part.groupby("module")["reliability"].min().items()}
+
+
+def unstable_truth(label: str, reliability: dict[str, float]) -> float:
+    """For a set built from the ground truth (its label's metric) whose module kind's ground truth is below
+    :data:`RELIABLE`: that reliability; else NaN."""
+    try:
+        parsed = parse_label(label)
+    except InputError:
+        return np.nan
+    value = reliability.get(parsed["module"], np.nan) if parsed["metric"] == GROUND_TRUTH else np.nan
+    return value if value < RELIABLE else np.nan
+
+
+def truth_needs_text(reliability: float, truth_tokens: float) -> tuple[float, str]:
+    """Ground-truth tokens per distribution that would raise ``reliability`` to :data:`RELIABLE`, and the text."""
+    tokens = tokens_for_reliability(reliability, truth_tokens)
+    needs = needs_text(tokens, "ground-truth tokens per distribution", truth_tokens,
+                       f"its split-half reliability {reliability:.2f} is not above 0")
+    if np.isfinite(tokens):
+        needs += f", to raise its reliability {reliability:.2f} to {RELIABLE} (Spearman-Brown)"
+    return tokens, needs
+
+
 # ---------------------------------------------------------------- recommended sets
 
 
@@ -160,7 +194,8 @@ def _against_best(row, pair, same: bool) -> dict:
                 n_windows=pair["n_windows"])
 
 
-def set_groups(ranked: pd.DataFrame, paired: pd.DataFrame, members: dict) -> pd.DataFrame:
+def set_groups(ranked: pd.DataFrame, paired: pd.DataFrame, members: dict,
+               reliability: dict[str, float] | None = None) -> pd.DataFrame:
     """Per set of :func:`candidates`, against the best (lowest worst-case ratio) of its module kind and budget on the
     same windows.
 
@@ -169,8 +204,10 @@ def set_groups(ranked: pd.DataFrame, paired: pd.DataFrame, members: dict) -> pd.
     ci_high``, ``same_as_best`` (the same members), the paired ``ratio_to_best`` (best / this) with
     ``pair_ci_low``/``pair_ci_high``, ``p_value``, ``p_floor``, ``separated`` (the paired CI lies below 1),
     ``in_group`` (the best itself, the same set, or not separated from it), ``windows_needed`` to separate it
-    (:func:`windows_needed`; 0 once separated) and ``n_windows``; and per module kind and budget ``resolved``: the
-    group holds one distinct set.
+    (:func:`windows_needed`; 0 once separated) and ``n_windows``; and per module kind and budget
+    ``unstable_truth`` (the ground truth's reliability, :func:`truth_reliability`, when a candidate is built from it
+    and it is below :data:`RELIABLE`; else NaN) and ``resolved``: the group holds one distinct set and
+    ``unstable_truth`` is NaN.
     """
     worst = paired[paired["distribution"] == "worst"].set_index("b") if len(paired) else pd.DataFrame()
     rows = []
@@ -186,18 +223,43 @@ def set_groups(ranked: pd.DataFrame, paired: pd.DataFrame, members: dict) -> pd.
     if not len(table):
         return table
     distinct = table[table["in_group"] & ~table["same_as_best"]].groupby(["module", "k"]).size()
-    table["resolved"] = [distinct.get((m, k), 0) == 0 for m, k in zip(table["module"], table["k"])]
+    table["drop_unstable"] = [unstable_truth(label, reliability or {}) for label in table["drop_set"]]
+    table["unstable_truth"] = table.groupby(["module", "k"])["drop_unstable"].transform("min")
+    table = table.drop(columns="drop_unstable")
+    table["resolved"] = [distinct.get((m, k), 0) == 0 and np.isnan(u)
+                         for m, k, u in zip(table["module"], table["k"], table["unstable_truth"])]
     return table
 
 
-def recommendation_claims(groups: pd.DataFrame) -> list[dict]:
+def recommendation_status(part: pd.DataFrame, truth_tokens: float) -> tuple[str, str, float, float]:
+    """Why one module kind and budget of :func:`set_groups` has no recommended set: ``(finding's end, needs,
+    held-out windows needed, ground-truth tokens needed)`` (a group not separated, a ground truth too unreliable for
+    the sets built from it, or both)."""
+    group = part[part["in_group"]]
+    others = group[~group["same_as_best"]]
+    reasons, needs, windows, tokens = [], [], 0.0, 0.0
+    if len(others):
+        windows = float(others["windows_needed"].max())
+        reasons.append(f"cannot be separated from {', '.join(others['drop_set'])}")
+        needs.append(needs_text(windows, WINDOWS, others["n_windows"].min()))
+    unstable = part["unstable_truth"].min() if "unstable_truth" in part else np.nan
+    if np.isfinite(unstable):
+        tokens, text = truth_needs_text(float(unstable), truth_tokens)
+        reasons.append(f"the candidates built from the ground truth are unstable (its split-half reliability "
+                       f"{unstable:.2f} < {RELIABLE}: resampling its windows changes those sets)")
+        needs.append(text)
+    return "; ".join(reasons), "; ".join(needs), windows, tokens
+
+
+def recommendation_claims(groups: pd.DataFrame, truth_tokens: float = np.nan) -> list[dict]:
     """One claim per module kind and budget: the recommended set (resolved), or the group the best cannot be
-    separated from with the held-out windows that would separate them."""
+    separated from with the held-out windows that would separate them, or the ground-truth tokens that would make
+    the sets built from the ground truth stable (:func:`recommendation_status`)."""
     rows = []
     for (module, k), part in groups.groupby(["module", "k"], sort=False):
         best, group = part.iloc[0], part[part["in_group"]]
         aliases = group.loc[group["same_as_best"], "drop_set"].tolist()
-        others = group[~group["same_as_best"]]
+        tokens = 0.0
         if best["resolved"]:
             runner = part[~part["same_as_best"]]
             versus = "; no other set was evaluated"
@@ -207,13 +269,12 @@ def recommendation_claims(groups: pd.DataFrame) -> list[dict]:
                           f"{first['ratio_to_best']:.3f} [{first['pair_ci_low']:.3f}, {first['pair_ci_high']:.3f}])")
             finding, needs, windows = f"recommended: {names_text(aliases)}{versus}", "", 0.0
         else:
-            windows = float(others["windows_needed"].max())
-            finding = f"no single best: {names_text(aliases)} cannot be separated from {', '.join(others['drop_set'])}"
-            needs = needs_text(windows, WINDOWS, others["n_windows"].min())
+            why, needs, windows, tokens = recommendation_status(part, truth_tokens)
+            finding = f"no single best: {names_text(aliases)} is the lowest of this run's sets, but {why}"
         rows.append({"claim": "recommended set", "module": module, "k": int(k), "subject": best["drop_set"],
                      "finding": finding, "estimate": best["ppl_ratio"], "ci_low": best["ci_low"],
                      "ci_high": best["ci_high"], "resolved": bool(best["resolved"]), "needs": needs,
-                     "windows_needed": windows})
+                     "windows_needed": windows, "tokens_needed": tokens})
     return rows
 
 
@@ -250,23 +311,33 @@ def with_standard_error(comparisons: pd.DataFrame, n_windows: float = np.nan) ->
     return comparisons
 
 
-def comparison_claims(comparisons: pd.DataFrame, claim: str = "a loses less than b",
-                      n_windows: float = np.nan) -> list[dict]:
+def comparison_claims(comparisons: pd.DataFrame, claim: str = "a loses less than b", n_windows: float = np.nan,
+                      reliability: dict[str, float] | None = None, truth_tokens: float = np.nan) -> list[dict]:
     """One claim per headline comparison: which side loses less on the same windows, resolved when the paired CI
-    excludes 1 (or when both sides have the same loss on every window: the same members)."""
+    excludes 1 (or when both sides have the same loss on every window: the same members), and, for a side built
+    from the ground truth, that ground truth reaches :data:`RELIABLE` (``reliability``: :func:`truth_reliability`)."""
     rows = []
     for row in with_standard_error(headline_comparisons(comparisons), n_windows).itertuples():
         same = row.effect == 0 and row.se == 0
-        resolved = bool(separated(row.ci_low, row.ci_high)) or same
+        unstable = np.nanmin([unstable_truth(row.a, reliability or {}), unstable_truth(row.b, reliability or {}),
+                              np.inf])
+        shaky = np.isfinite(unstable) and not same
+        resolved = (bool(separated(row.ci_low, row.ci_high)) or same) and not shaky
         own = claim != "routing" and _family(row.b) == "own" and _family(row.a) == "borda"
         kind = "consensus vs own set" if own else claim
         finding = ("the same held-out loss on every window (the same members)" if same else f"{row.a} loses less"
                    if row.ci_high < 1 else f"{row.b} loses less" if row.ci_low > 1 else "not separated")
-        windows = 0.0 if resolved else windows_needed(row.effect, row.se, row.n_windows)
+        split = bool(separated(row.ci_low, row.ci_high)) or same
+        windows = 0.0 if split else windows_needed(row.effect, row.se, row.n_windows)
+        needs = [] if split else [needs_text(windows, WINDOWS, row.n_windows)]
+        tokens = 0.0
+        if shaky:
+            tokens, text = truth_needs_text(float(unstable), truth_tokens)
+            finding += " (on this run's sets; a side is built from an unstable ground truth)"
+            needs.append(text)
         rows.append({"claim": kind, "module": None, "k": None, "subject": row.comparison, "finding": finding,
                      "estimate": row.ratio, "ci_low": row.ci_low, "ci_high": row.ci_high, "resolved": resolved,
-                     "needs": "" if resolved else needs_text(windows, WINDOWS, row.n_windows),
-                     "windows_needed": windows})
+                     "needs": "; ".join(needs), "windows_needed": windows, "tokens_needed": tokens})
     return rows
 
 
@@ -308,14 +379,10 @@ def validity_claims(corrected: pd.DataFrame, truth_tokens: float) -> list[dict]:
     for (module, metric), part in corrected.groupby(["module", "metric"], sort=False):
         reliability = float(part["reliability_truth"].min())
         resolved = reliability >= RELIABLE
-        tokens = tokens_for_reliability(reliability, truth_tokens)
+        tokens, needs = truth_needs_text(reliability, truth_tokens)
         finding = (f"ρ {part['spearman'].mean():.2f} with the ground truth, {part['corrected'].mean():.2f} corrected "
                    f"for both rankings' reliability; ranks unlike it beyond noise on {int(part['beyond_noise'].sum())} "
                    f"of {len(part)} distributions")
-        needs = needs_text(tokens, "ground-truth tokens per distribution", truth_tokens,
-                           f"its split-half reliability {reliability:.2f} is not above 0")
-        if np.isfinite(tokens):
-            needs += f", to raise its reliability {reliability:.2f} to {RELIABLE} (Spearman-Brown)"
         rows.append({"claim": "proxy vs ground truth", "module": module, "k": None, "subject": metric,
                      "finding": finding,
                      "estimate": part["corrected"].mean(), "ci_low": np.nan, "ci_high": np.nan, "resolved": resolved,
@@ -392,11 +459,12 @@ def claims_table(tables: dict, *, truth_tokens: float, heldout_windows: float = 
     def has(name):
         return tables.get(name) is not None and len(tables[name])
 
-    rows = []
+    rows, reliability = [], truth_reliability(tables.get("split_half"))
     if has("set_groups"):
-        rows += recommendation_claims(tables["set_groups"])
+        rows += recommendation_claims(tables["set_groups"], truth_tokens)
     if has("comparisons"):
-        rows += comparison_claims(tables["comparisons"], n_windows=heldout_windows)
+        rows += comparison_claims(tables["comparisons"], n_windows=heldout_windows, reliability=reliability,
+                                  truth_tokens=truth_tokens)
     if has("validity") and has("split_half"):
         rows += validity_claims(corrected_validity(tables["validity"], tables["split_half"]), truth_tokens)
     if has("data_or_metric"):

@@ -257,11 +257,16 @@ def section_comparisons(results: Results) -> list[str]:
                                 np.where(worst["ci_low"] > 1, "b loses less", "not separated"))
     worst["ratio a/b [95% CI]"] = [_ci(r.ratio, r.ci_low, r.ci_high, 3) for r in worst.itertuples()]
     worst["p"] = [resolution.p_text(p, f) for p, f in zip(worst["p_value"], np.broadcast_to(floor, len(worst)))]
-    claimed = pd.DataFrame(resolution.comparison_claims(comparisons))
+    s = results.settings
+    claimed = pd.DataFrame(resolution.comparison_claims(
+        comparisons, reliability=resolution.truth_reliability(results.table("split_half")),
+        truth_tokens=s.ablation_samples * s.ablation_seq_len))
     worst["resolution"] = [_resolved(c.resolved) + ("" if c.resolved else f": {c.needs}") for c in claimed.itertuples()]
     return ["## Paired comparisons on the same held-out windows", "",
             "Worst-case perplexity of drop set a over drop set b (below 1: a loses less; for a comparison on one "
             "distribution, that distribution's); paired bootstrap over windows. Resolved when the CI excludes 1; "
             "otherwise the held-out windows per distribution that would resolve it at the observed difference (power "
-            "0.8). Per-distribution rows are in comparisons.parquet.", "",
+            "0.8). A comparison naming a set built from the ground truth is resolved only once the ground truth's "
+            f"split-half reliability reaches {resolution.RELIABLE} (else that set changes with its windows). "
+            "Per-distribution rows are in comparisons.parquet.", "",
             _table(worst[["comparison", "ratio a/b [95% CI]", "p", "verdict", "resolution"]]), ""]

@@ -58,13 +58,14 @@ def recommendations(results: Results) -> pd.DataFrame:
     groups, ranked = results.table("set_groups"), ranked_sets(results)
     if not len(groups) or not len(ranked):
         return pd.DataFrame()
+    truth_tokens = results.settings.ablation_samples * results.settings.ablation_seq_len
     pruned = results.table("pruned").set_index("drop_set") if len(results.table("pruned")) else None
     shown = ranked.set_index("drop_set")
     rows = []
     for (module, k), part in groups.groupby(["module", "k"], sort=False):
         best, group = part.iloc[0], part[part["in_group"]]
         members = _numeric_order(pruned.loc[best["drop_set"], "indices"]) if pruned is not None else []
-        others, runner = group[~group["same_as_best"]], part[~part["same_as_best"]]
+        runner = part[~part["same_as_best"]]
         names = resolution.names_text([_set_name(label) for label in group.loc[group["same_as_best"], "drop_set"]])
         if best["resolved"] and len(runner):
             first = runner.iloc[0]
@@ -73,9 +74,8 @@ def recommendations(results: Results) -> pd.DataFrame:
         elif best["resolved"]:
             status = f"{_resolved(True)}: the only set evaluated"
         else:
-            needs = resolution.needs_text(others["windows_needed"].max(), resolution.WINDOWS, others["n_windows"].min())
-            status = (f"{_resolved(False)}: cannot be separated from "
-                      f"{', '.join(_set_name(label) for label in others['drop_set'])}; {needs} would separate them")
+            why, needs, _, _ = resolution.recommendation_status(part, truth_tokens)
+            status = f"{_resolved(False)}: {why}; {needs} would resolve it"
         rows.append({"module": module, "k": k, "best": names, "drop": _names(members),
                      "worst ratio [95% CI]": shown.loc[best["drop_set"], "worst ratio [95% CI]"],
                      "median ratio": shown.loc[best["drop_set"], "median ratio"], "resolution": status})
