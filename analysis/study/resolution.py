@@ -231,16 +231,16 @@ def set_groups(ranked: pd.DataFrame, paired: pd.DataFrame, members: dict,
     return table
 
 
-def recommendation_status(part: pd.DataFrame, truth_tokens: float) -> tuple[str, str, float, float]:
+def recommendation_status(part: pd.DataFrame, truth_tokens: float, name=str) -> tuple[str, str, float, float]:
     """Why one module kind and budget of :func:`set_groups` has no recommended set: ``(finding's end, needs,
     held-out windows needed, ground-truth tokens needed)`` (a group not separated, a ground truth too unreliable for
-    the sets built from it, or both)."""
+    the sets built from it, or both); ``name`` shows a set's label."""
     group = part[part["in_group"]]
     others = group[~group["same_as_best"]]
     reasons, needs, windows, tokens = [], [], 0.0, 0.0
     if len(others):
         windows = float(others["windows_needed"].max())
-        reasons.append(f"cannot be separated from {', '.join(others['drop_set'])}")
+        reasons.append(f"cannot be separated from {', '.join(map(name, others['drop_set']))}")
         needs.append(needs_text(windows, WINDOWS, others["n_windows"].min()))
     unstable = part["unstable_truth"].min() if "unstable_truth" in part else np.nan
     if np.isfinite(unstable):

@@ -74,7 +74,7 @@ def recommendations(results: Results) -> pd.DataFrame:
         elif best["resolved"]:
             status = f"{_resolved(True)}: the only set evaluated"
         else:
-            why, needs, _, _ = resolution.recommendation_status(part, truth_tokens)
+            why, needs, _, _ = resolution.recommendation_status(part, truth_tokens, _set_name)
             status = f"{_resolved(False)}: {why}; {needs} would resolve it"
         rows.append({"module": module, "k": k, "best": names, "drop": _names(members),
                      "worst ratio [95% CI]": shown.loc[best["drop_set"], "worst ratio [95% CI]"],
