@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import InputError
-from ..models.adapters import decoder_layers
+from ..models.adapters import decoder_layers, layer_input
 from ..models.pruning import PER_LAYER_CONFIG_LISTS, modules_dropped
 from ..presets import SCORED_MODULES
 
@@ -96,7 +96,7 @@ def block_inputs(model: torch.nn.Module) -> Iterator[dict[int, torch.Tensor]]:
 
     def keep(i):
         def hook(module, args, kwargs):
-            inputs[i] = args[0] if args else kwargs["hidden_states"]
+            inputs[i] = layer_input(args, kwargs)
 
         return hook
 

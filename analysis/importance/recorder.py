@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import NonFiniteActivationError
-from ..models.adapters import Adapter, adapter_for, decoder_layers, first_tensor
+from ..models.adapters import Adapter, adapter_for, decoder_layers, first_tensor, hook_read_point, layer_input
 from ..presets import PRIMARY_METRIC, SCORED_MODULES
 from .metrics import get_metric
 from .statistics import masked_statistic_sums
@@ -51,9 +51,9 @@ class ResidualRecorder:
     def __enter__(self):
         for i, layer in enumerate(self.layers):
             self._handles.append(layer.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
-            self._handles.append(self._register(layer, self.adapter.resid_mid, self._mid_hook(i)))
+            self._handles.append(hook_read_point(layer, self.adapter.resid_mid, self._mid_hook(i)))
             if self.parallel:
-                self._handles.append(self._register(layer, self.adapter.mlp_branch, self._parallel_mlp_hook(i)))
+                self._handles.append(hook_read_point(layer, self.adapter.mlp_branch, self._parallel_mlp_hook(i)))
             self._handles.append(layer.register_forward_hook(self._post_hook(i)))
         return self
 
@@ -64,13 +64,6 @@ class ResidualRecorder:
         self._resid_pre.clear()
         self._resid_mid.clear()
         self._mlp_y.clear()
-
-    @staticmethod
-    def _register(layer, point, fn):
-        module = layer.get_submodule(point.module)
-        if point.where == "input":
-            return module.register_forward_pre_hook(lambda mod, args: fn(args[0]))
-        return module.register_forward_hook(lambda mod, args, out: fn(first_tensor(out), branch=True))
 
     def begin_batch(self, attention_mask: torch.Tensor) -> None:
         """Set the mask of real tokens (``(batch, seq)``, nonzero = real) for the next forward pass.
@@ -93,19 +86,19 @@ class ResidualRecorder:
     def _pre_hook(self, i):
         def hook(module, args, kwargs):
             if not self._complete:
-                self._resid_pre[i] = args[0] if args else kwargs["hidden_states"]
+                self._resid_pre[i] = layer_input(args, kwargs)
 
         return hook
 
     def _mid_hook(self, i):
-        def hook(tensor, branch=False):
+        def hook(tensor, is_output):  # an output read is the attention branch, added to resid_pre
             if not self._complete:
-                self._resid_mid[i] = self._resid_pre[i] + tensor if branch else tensor
+                self._resid_mid[i] = self._resid_pre[i] + tensor if is_output else tensor
 
         return hook
 
     def _parallel_mlp_hook(self, i):
-        def hook(tensor, branch=True):
+        def hook(tensor, is_output):  # the MLP branch's output
             if not self._complete:
                 self._mlp_y[i] = self._resid_pre[i] + tensor
 

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from ..models.adapters import adapter_for, decoder_layers, first_tensor
+from ..models.adapters import adapter_for, decoder_layers, first_tensor, hook_read_point, layer_input
 from .ablation import position_ids_from_mask, token_nll
 
 
@@ -46,23 +46,18 @@ def _branch_points(model: torch.nn.Module) -> Iterator[list[dict[str, torch.Tens
     points: list[dict[str, torch.Tensor]] = [{} for _ in layers]
     handles = []
 
-    def keep(i, name, output):
-        if output:
-            return lambda module, args, out: points[i].__setitem__(name, first_tensor(out))
-        return lambda module, args, kwargs: points[i].__setitem__(name, args[0] if args else kwargs["hidden_states"])
+    def keep(i, name):
+        return lambda tensor, is_output: points[i].__setitem__(name, tensor)
 
     reads = [("mid", adapter.resid_mid)]
     if adapter.is_parallel(model.config):
         reads.append(("mlp", adapter.mlp_branch))
     for i, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(keep(i, "pre", False), with_kwargs=True))
-        handles.append(layer.register_forward_hook(keep(i, "post", True)))
-        for name, point in reads:
-            module = layer.get_submodule(point.module)
-            if point.where == "input":
-                handles.append(module.register_forward_pre_hook(keep(i, name, False), with_kwargs=True))
-            else:
-                handles.append(module.register_forward_hook(keep(i, name, True)))
+        pre, post = keep(i, "pre"), keep(i, "post")
+        handles.append(layer.register_forward_pre_hook(
+            lambda module, args, kwargs, pre=pre: pre(layer_input(args, kwargs), False), with_kwargs=True))
+        handles.append(layer.register_forward_hook(lambda module, args, out, post=post: post(first_tensor(out), True)))
+        handles += [hook_read_point(layer, point, keep(i, name)) for name, point in reads]
     try:
         yield points
     finally:

@@ -125,3 +125,17 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def first_tensor(value) -> torch.Tensor:
     """A module's output tensor: the first element when the module returns a tuple (a decoder layer does)."""
     return value[0] if isinstance(value, (tuple, list)) else value
+
+
+def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A decoder layer's hidden-state input (``resid_pre``), given positionally or as ``hidden_states=``."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def hook_read_point(layer: nn.Module, point: ReadPoint, fn: Callable[[torch.Tensor, bool], None]):
+    """Call ``fn(tensor, is_output)`` on every forward pass at ``point`` of ``layer``: the submodule's first input
+    (``is_output`` False) or its output (True; a tuple's first element).  Returns the hook's handle."""
+    module = layer.get_submodule(point.module)
+    if point.where == "input":
+        return module.register_forward_pre_hook(lambda mod, args: fn(args[0], False))
+    return module.register_forward_hook(lambda mod, args, out: fn(first_tensor(out), True))

@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import InputError
 from ..io import read_json_file, temp_dir
 from ..kinds import joint_to_lists
-from .adapters import adapter_for, decoder_layers
+from .adapters import adapter_for, decoder_layers, layer_input
 from .modeling_calibdrop import DroppedBranch  # the one class: exported checkpoints ship that file
 
 PER_LAYER_CONFIG_LISTS = ("layer_types", "kv_sharing_modes")
@@ -59,7 +59,7 @@ class SkippedBlock(nn.Module):
     """Stands where a temporarily dropped block was: returns its input unchanged."""
 
     def forward(self, *args, **kwargs):
-        return args[0] if args else kwargs["hidden_states"]
+        return layer_input(args, kwargs)
 
 
 def _branch(adapter, kind: str) -> tuple[tuple[str, ...], str, bool]:
