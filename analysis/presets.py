@@ -85,6 +85,11 @@ class RunSettings:
         ``primary_metric``."""
         return tuple(label.replace(PRIMARY, self.primary_metric) for label in self.accuracy_sets)
 
+    @property
+    def truth_tokens(self) -> int:
+        """Ground-truth tokens per distribution: ``ablation_samples × ablation_seq_len``."""
+        return self.ablation_samples * self.ablation_seq_len
+
     def budget(self, module: str) -> tuple[int, ...]:
         """The drop-set sizes evaluated on held-out text for ``module``: ``transfer_k`` for attention, else the largest
         budget of ``module``."""

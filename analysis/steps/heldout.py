@@ -116,5 +116,5 @@ def stage_resolution(study: Study) -> dict[str, pd.DataFrame]:
     names = ("comparisons", "validity", "split_half", "data_or_metric", "bootstrap_pairs", "routing_paired")
     tables = {name: r.get(name) for name in names} | {"set_groups": groups}
     return {"set_groups": groups,
-            "claims": resolution.claims_table(tables, truth_tokens=s.ablation_samples * s.ablation_seq_len,
+            "claims": resolution.claims_table(tables, truth_tokens=s.truth_tokens,
                                               metric=s.primary_metric)}

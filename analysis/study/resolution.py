@@ -223,9 +223,8 @@ def set_groups(ranked: pd.DataFrame, paired: pd.DataFrame, members: dict,
     if not len(table):
         return table
     distinct = table[table["in_group"] & ~table["same_as_best"]].groupby(["module", "k"]).size()
-    table["drop_unstable"] = [unstable_truth(label, reliability or {}) for label in table["drop_set"]]
-    table["unstable_truth"] = table.groupby(["module", "k"])["drop_unstable"].transform("min")
-    table = table.drop(columns="drop_unstable")
+    unstable = pd.Series([unstable_truth(label, reliability or {}) for label in table["drop_set"]])
+    table["unstable_truth"] = unstable.groupby([table["module"], table["k"]]).transform("min")
     table["resolved"] = [distinct.get((m, k), 0) == 0 and np.isnan(u)
                          for m, k, u in zip(table["module"], table["k"], table["unstable_truth"])]
     return table

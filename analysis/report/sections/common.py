@@ -99,7 +99,7 @@ def claims(results: Results) -> pd.DataFrame:
     if len(table):
         return table
     s = results.settings
-    return resolution.claims_table(results.tables, truth_tokens=s.ablation_samples * s.ablation_seq_len,
+    return resolution.claims_table(results.tables, truth_tokens=s.truth_tokens,
                                    heldout_windows=s.transfer_samples, metric=results.metric)
 
 

@@ -257,10 +257,9 @@ def section_comparisons(results: Results) -> list[str]:
                                 np.where(worst["ci_low"] > 1, "b loses less", "not separated"))
     worst["ratio a/b [95% CI]"] = [_ci(r.ratio, r.ci_low, r.ci_high, 3) for r in worst.itertuples()]
     worst["p"] = [resolution.p_text(p, f) for p, f in zip(worst["p_value"], np.broadcast_to(floor, len(worst)))]
-    s = results.settings
     claimed = pd.DataFrame(resolution.comparison_claims(
         comparisons, reliability=resolution.truth_reliability(results.table("split_half")),
-        truth_tokens=s.ablation_samples * s.ablation_seq_len))
+        truth_tokens=results.settings.truth_tokens))
     worst["resolution"] = [_resolved(c.resolved) + ("" if c.resolved else f": {c.needs}") for c in claimed.itertuples()]
     return ["## Paired comparisons on the same held-out windows", "",
             "Worst-case perplexity of drop set a over drop set b (below 1: a loses less; for a comparison on one "

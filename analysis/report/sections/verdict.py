@@ -58,7 +58,6 @@ def recommendations(results: Results) -> pd.DataFrame:
     groups, ranked = results.table("set_groups"), ranked_sets(results)
     if not len(groups) or not len(ranked):
         return pd.DataFrame()
-    truth_tokens = results.settings.ablation_samples * results.settings.ablation_seq_len
     pruned = results.table("pruned").set_index("drop_set") if len(results.table("pruned")) else None
     shown = ranked.set_index("drop_set")
     rows = []
@@ -74,7 +73,7 @@ def recommendations(results: Results) -> pd.DataFrame:
         elif best["resolved"]:
             status = f"{_resolved(True)}: the only set evaluated"
         else:
-            why, needs, _, _ = resolution.recommendation_status(part, truth_tokens, _set_name)
+            why, needs, _, _ = resolution.recommendation_status(part, results.settings.truth_tokens, _set_name)
             status = f"{_resolved(False)}: {why}; {needs} would resolve it"
         rows.append({"module": module, "k": k, "best": names, "drop": _names(members),
                      "worst ratio [95% CI]": shown.loc[best["drop_set"], "worst ratio [95% CI]"],
