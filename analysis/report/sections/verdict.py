@@ -144,7 +144,9 @@ RESOLUTION_RULES = (
     "same held-out windows excludes 1; a set is *recommended* only when it is separated that way from every other "
     "distinct set of its module kind and budget, else the group it cannot be separated from is named; a claim resting "
     "on the ablation ranking is resolved when the ground truth's split-half reliability reaches {reliable} on every "
-    "distribution; two rankings differ *beyond resampling noise* when the upper end of their ρ's 95% CI is below "
+    "distribution, and so is a comparison naming a set built from the ground truth, or a recommendation among "
+    "candidates that include one (such a set changes with the ground truth's windows until then); two rankings "
+    "differ *beyond resampling noise* when the upper end of their ρ's 95% CI is below "
     "sqrt(rel_a · rel_b) of their split-half reliabilities. What would resolve an open claim is sized for a two-sided "
     "test at α = {alpha} with power {power} at the observed effect and spread: held-out windows (standard error "
     "shrinking as 1/√n), ground-truth tokens (Spearman-Brown prophecy) or calibration samples.")
@@ -178,5 +180,7 @@ def section_recommendations(results: Results) -> list[str]:
             "*recommended* only when the paired 95% CI on the same held-out windows (best / other, worst case over "
             "distributions) separates it from every other distinct set of its kind and budget; otherwise the sets it "
             "cannot be separated from are named, with the held-out windows per distribution that would separate them "
-            "(power 0.8 at the observed difference). Sets with the same members are one set (joined by =). Every set's "
+            "(power 0.8 at the observed difference); nor while candidates built from the ground truth rest on a "
+            f"ground truth of split-half reliability below {resolution.RELIABLE}, with the ground-truth tokens that "
+            "would raise it. Sets with the same members are one set (joined by =). Every set's "
             "paired comparison with the best is in set_groups.parquet.", "", _table(table), ""]
