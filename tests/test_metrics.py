@@ -142,5 +142,9 @@ def test_a_registered_metric_scores_and_unknown_metrics_are_refused():
             score_texts(model, tokenizer, TEXTS, metrics=("nope",), progress=False)
         with pytest.raises(InputError, match="already registered"):
             register_metric("cosine", lambda pair: pair.cos)
+        # a metric with no per-token statistic has no scoring pass (only the built-in ground truth has one)
+        with pytest.raises(InputError, match="'no_statistic' must be a function of a TokenPair"):
+            register_metric("no_statistic", None)
+        assert "no_statistic" not in METRICS
     finally:
         METRICS.pop("update_norm_test")

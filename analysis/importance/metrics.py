@@ -105,7 +105,8 @@ def register_metric(name: str, token_statistic: Callable[[TokenPair], torch.Tens
         raise InputError(f"metric name must be an identifier such as 'my_metric' (got {name!r})")
     if name in METRICS and not replace:
         raise InputError(f"metric {name!r} is already registered; pass replace=True to redefine it")
-    if token_statistic is not None and not callable(token_statistic):
+    if not callable(token_statistic) and not (token_statistic is None and name == GROUND_TRUTH):
+        # only the built-in ground truth has no per-token statistic (taylor is set apart, see below)
         raise InputError(f"the statistic of metric {name!r} must be a function of a TokenPair")
     spec = MetricSpec(name, label or name, token_statistic, importance)
     METRICS[name] = spec
