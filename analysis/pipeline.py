@@ -220,7 +220,13 @@ def run(spec: str = models.DEFAULT_MODEL, out: Path = Path("results"), *, preset
     if settings.primary_metric not in settings.metrics or not get_metric(settings.primary_metric).is_proxy:
         raise InputError(f"primary_metric {settings.primary_metric!r} must be one of the run's proxy metrics "
                          f"({', '.join(m for m in settings.metrics if get_metric(m).is_proxy)})")
-    out = Path(out)
+    with models.float32_matmul_precision(settings.matmul_precision):
+        return _run(spec, Path(out), settings, dtype=dtype, device=device, progress=progress, log=log, figures=figures)
+
+
+def _run(spec: str, out: Path, settings: RunSettings, *, dtype, device, progress: bool, log: Callable[[str], None],
+         figures: bool) -> dict:
+    """:func:`run` once its settings are checked, at their matmul precision."""
     started = time.perf_counter()
     model, tokenizer = models.load_model(spec, dtype=dtype, device=device)
     record = models.model_info(model)

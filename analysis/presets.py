@@ -17,6 +17,7 @@ PRIMARY_METRIC = "cosine"
 GROUND_TRUTH = "ablation"
 PRIMARY = "{primary}"  # in a drop-set label of ``accuracy_sets``: the run's ``primary_metric``
 RESULTS_DIR = "results"
+MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision's names
 PAPER_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "mmlu", "openbookqa", "piqa", "rte", "winogrande")
 
 
@@ -38,6 +39,9 @@ class RunSettings:
     ``primary_metric`` (:attr:`accuracy_labels` resolves it).
     ``lodo`` adds leave-one-distribution-out on real held-out loss (stages ``lodo_sets``, ``lodo_windows``, ``lodo``),
     judging nearness from the first ``lodo_probes`` held-out windows of the distribution left out.
+    ``matmul_precision`` is how every float32 matrix product of the run is computed
+    (:func:`analysis.models.loading.float32_matmul_precision`: ``highest``, ``high`` = TensorFloat-32 on a GPU,
+    ``medium``); any other than ``highest`` is part of every stage's key.
     """
 
     distributions: tuple[str, ...] = ()
@@ -73,6 +77,7 @@ class RunSettings:
     unseen: tuple[str, ...] | None = None
     lodo: bool = False
     lodo_probes: int = 8
+    matmul_precision: str = "highest"
 
     @property
     def own_metrics(self) -> tuple[str, ...]:
@@ -139,11 +144,12 @@ PRESETS: dict[str, RunSettings] = {
     # 0.96-0.99 for attention at 32 x 512 per distribution (0.72-0.82 at the default's 4 x 128), and the held-out
     # comparisons rest on 64 x 512 windows per distribution (32 x 128 in the default).  Proxies 64 x 512; greedy
     # paths on the ablation's windows with the default's shortlist of 4; no zero-shot tasks (their data is not on
-    # the GPU machine); GPU-sized batches.  The committed studies are under reference/<model>/.
+    # the GPU machine); GPU-sized batches; TensorFloat-32 products on the GPU (float32 weights and activations).
+    # The committed studies are under reference/<model>/.
     "reference": RunSettings(
         samples=64, seq_len=512, ablation_samples=32, ablation_seq_len=512, greedy_shortlist=4, transfer_samples=64,
         transfer_seq_len=512,
-        batch_size=32, heldout_batch_size=32, tasks=(), lodo=True,
+        batch_size=32, heldout_batch_size=32, tasks=(), lodo=True, matmul_precision="high",
     ),
 }
 

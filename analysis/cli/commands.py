@@ -6,6 +6,7 @@ and prints where it wrote, in full.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -381,7 +382,10 @@ def cmd_run(args) -> None:
     from ..pipeline import run
 
     out = writable_output(Path(args.out), folder=True)
-    summary = run(args.model, out, preset=args.preset, dtype=args.dtype, device=args.device,
+    settings = PRESETS[args.preset]
+    if args.matmul_precision:
+        settings = dataclasses.replace(settings, matmul_precision=args.matmul_precision)
+    summary = run(args.model, out, preset=settings, dtype=args.dtype, device=args.device,
                   progress=sys.stderr.isatty(),
                   figures=not args.no_figures)
     print(f"\ndone in {summary['seconds']} s: report {summary['report'][0]} and {summary['report'][1]}, "

@@ -19,6 +19,7 @@ from ..presets import (
     CONSENSUS_METHODS,
     DEFAULT_MODEL,
     GROUND_TRUTH,
+    MATMUL_PRECISIONS,
     MODULE_KINDS,
     PAPER_TASKS,
     PRESETS,
@@ -175,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "see analysis/presets.py for every setting)")
     run.add_argument("--no-figures", action="store_true",
                      help="draw no figures (`calibdrop report` draws them later from the tables)")
+    run.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS,
+                     help="float32 matrix products: highest (full float32), high (TensorFloat-32 on a GPU; on a CPU "
+                          "the same as highest) or medium (bfloat16 products); default: the preset's")
     run.set_defaults(func=cmd_run)
 
     compare = command("compare", "stability tables and figures from per-sample scores")

@@ -19,8 +19,10 @@ import sys
 import time
 import warnings
 import zipfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import urlparse
 
 import gguf
@@ -31,7 +33,7 @@ from transformers.utils import logging as hf_logging
 
 from ..errors import CalibdropError, CalibdropWarning, ChecksumError, FetchError, InputError
 from ..io import cache_dir, read_json_file, sha256_file, sha256_of_listing, temp_dir, verify_checksum
-from ..presets import DEFAULT_MODEL
+from ..presets import DEFAULT_MODEL, MATMUL_PRECISIONS
 from .adapters import ADAPTERS, UnsupportedArchitectureError, adapter_for, adapter_of_type
 from .builtin import BUILTINS, BuiltinModel
 from .checksums import RECORD, _recorded_listing, checkpoint_sha256
@@ -174,6 +176,24 @@ def resolve_dtype(dtype) -> torch.dtype | None:
     if not isinstance(resolved, torch.dtype):
         raise InputError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
     return resolved
+
+
+@contextmanager
+def float32_matmul_precision(precision: str) -> Iterator[None]:
+    """float32 matrix products computed at ``precision`` (:func:`torch.set_float32_matmul_precision`), restored on exit.
+
+    ``highest``: full float32 (the default); ``high``: TensorFloat-32 on GPUs that have it (about 10 bits of mantissa
+    per product, float32 accumulation; on a CPU the same as ``highest``); ``medium``: bfloat16 products where the
+    hardware has them.  Weights and activations stay float32 either way.
+    """
+    if precision not in MATMUL_PRECISIONS:
+        raise InputError(f"unknown matmul precision {precision!r}; use {', '.join(MATMUL_PRECISIONS)}")
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
 
 
 def check_device(device) -> None:

@@ -60,7 +60,9 @@ class Study:
         self.unseen = unseen_of(settings)
         self.unseen_manifests = {name: load_manifest(name)["_sha256"] for name in self.unseen}
         record = store.model_record
-        self.base = [record.get("weights_sha256"), record.get("dtype")]
+        # float32 at the default precision keys stages as before the setting existed; another precision is in every key
+        precision = [] if settings.matmul_precision == "highest" else [settings.matmul_precision]
+        self.base = [record.get("weights_sha256"), record.get("dtype"), *precision]
         self.results: dict[str, object] = {}
         self.keys: dict[str, str] = {}
         self.running = ""

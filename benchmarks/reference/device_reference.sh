@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The reference studies on one GPU machine, in the background of several device calls (see reference_run.py here).
 # Each call copies its carried chunks into $CHUNKS and runs device_reference_join.py; this script, started once with
-# `setsid nohup bash device_reference.sh MODEL... &`, runs one lane per model side by side on the one GPU (small models
+# `setsid nohup bash device_reference.sh MODEL[:PRESET]... &`, runs one lane per model side by side on the one GPU (small models
 # leave most of an H200 idle): each lane waits for its model's GGUF, runs the reference preset on it (no figures),
 # writes the stage summary and packs the compact tables (no per-window tables, no parts) into /tmp/R/<model>.tgz for a
 # later call to return.  Expects PYTHONPATH (the wheels and this repository), CALIBDROP_CACHE (models/ and
@@ -10,19 +10,25 @@ set -u
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p /tmp/R
 lane() {
-  local model=$1
-  local joined=/tmp/R/join-$model.out
+  local model=${1%%:*} preset=reference name=$1
+  [ "$model" != "$1" ] && preset=${1#*:} && name=$model-$preset
+  local joined=/tmp/R/join-$name.out
   until python3 "$here/device_reference_join.py" >"$joined" && grep -q "^$model: ready" "$joined"; do sleep 3; done
-  echo "$(date +%T) start $model" >>/tmp/R/orchestrator.log
-  OMP_NUM_THREADS=${THREADS:-5} python3 "$here/reference_run.py" run "$model" --out "/tmp/R/$model" \
-    >"/tmp/R/$model.log" 2>&1
-  echo "$(date +%T) exit $? $model" >>/tmp/R/orchestrator.log
-  python3 "$here/reference_run.py" summary "/tmp/R/$model" --out "/tmp/R/$model/reference-$model-h200.json" \
-    >>"/tmp/R/$model.log" 2>&1
-  cp "/tmp/R/$model.log" "/tmp/R/$model/run.log"
-  tar czf "/tmp/R/$model.tgz.partial" -C /tmp/R --exclude="$model/parts" --exclude="$model/*windows*" "$model" \
-    && mv "/tmp/R/$model.tgz.partial" "/tmp/R/$model.tgz"
+  echo "$(date +%T) start $name" >>/tmp/R/orchestrator.log
+  OMP_NUM_THREADS=${THREADS:-5} python3 "$here/reference_run.py" run "$model" --preset "$preset" --out "/tmp/R/$name" \
+    >"/tmp/R/$name.log" 2>&1
+  echo "$(date +%T) exit $? $name" >>/tmp/R/orchestrator.log
+  python3 "$here/reference_run.py" summary "/tmp/R/$name" --preset "$preset" \
+    --out "/tmp/R/$name/reference-$name-h200.json" >>"/tmp/R/$name.log" 2>&1
+  cp "/tmp/R/$name.log" "/tmp/R/$name/run.log"
+  tar czf "/tmp/R/$name.tgz.partial" -C /tmp/R --exclude="$name/parts" --exclude="$name/*windows*" "$name" \
+    && mv "/tmp/R/$name.tgz.partial" "/tmp/R/$name.tgz"
 }
-for model in "$@"; do lane "$model" & done
-wait
+# LANES=serial: one model after another (a run's stage times are its own); otherwise every lane at once.
+if [ "${LANES:-}" = serial ]; then
+  for model in "$@"; do lane "$model"; done
+else
+  for model in "$@"; do lane "$model" & done
+  wait
+fi
 echo "$(date +%T) all done" >>/tmp/R/orchestrator.log

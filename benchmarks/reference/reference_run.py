@@ -1,9 +1,11 @@
 """``calibdrop run --preset reference`` on a built-in model's real weights on one GPU, timed stage by stage.
 
   run:      python benchmarks/reference/reference_run.py run smollm2-135m --out RESULTS [--device cuda:0]
+            [--preset default] [--matmul-precision highest] [--no-lodo]
   summary:  python benchmarks/reference/reference_run.py summary RESULTS --out reference-smollm2-135m-h200.json
 
-``run`` runs :func:`analysis.pipeline.run` with the ``reference`` preset and no figures (``calibdrop report``
+``run`` runs :func:`analysis.pipeline.run` with the ``reference`` preset (or another, for a lean run to hold against
+the reference), no zero-shot tasks and no figures (``calibdrop report``
 draws them later from the tables, off the GPU machine).  Its ``log`` callback, ``paper_preset_run.py``'s
 ``EventLog`` with call ``reference``, appends each message of the run (``stage N of M: ...``,
 ``computing <table or part>``) with the wall clock and the peak CUDA memory allocated since the current stage
@@ -25,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 
 from analysis.io import package_versions
 from analysis.pipeline import run
-from analysis.presets import PRESETS
+from analysis.presets import MATMUL_PRECISIONS, PRESETS
 from benchmarks.runs.paper_preset_run import STAGE_LINE, EventLog, peak_memory
 
 EVENTS = "reference_events.jsonl"
@@ -36,8 +38,13 @@ def cmd_run(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     log = EventLog(out / EVENTS, call="reference")
     log.write(f"call started on {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
-    settings = dataclasses.replace(PRESETS["reference"], lodo=False) if args.no_lodo else PRESETS["reference"]
-    summary = run(args.model, out, preset=settings, dtype="float32", device=args.device, progress=False, log=log, figures=False)
+    settings = dataclasses.replace(PRESETS[args.preset], tasks=())  # no zero-shot data on the GPU machine
+    if args.no_lodo:
+        settings = dataclasses.replace(settings, lodo=False)
+    if args.matmul_precision:
+        settings = dataclasses.replace(settings, matmul_precision=args.matmul_precision)
+    summary = run(args.model, out, preset=settings, dtype="float32", device=args.device, progress=False, log=log,
+                  figures=False)
     log.write("run finished", peak_memory())
     print(json.dumps(summary["timings"]))
 
@@ -61,7 +68,9 @@ def cmd_summary(args) -> None:
     events = [json.loads(line) for line in (folder / EVENTS).read_text().splitlines() if line.strip()]
     summary = json.loads((folder / "run_summary.json").read_text())
     record = {
-        "what": "calibdrop run --preset reference, real weights (float32), no figures (drawn later by `calibdrop report`)",
+        "what": f"calibdrop run --preset {args.preset} (no zero-shot tasks), real weights (float32, matmul precision "
+                f"{summary['provenance']['settings'].get('matmul_precision', 'highest')}), no figures (drawn later by "
+                "`calibdrop report`)",
         "model": summary["provenance"]["model"],
         "device": events[0]["message"].removeprefix("call started on "),
         "run_seconds": summary["seconds"],
@@ -82,10 +91,13 @@ def main(argv=None) -> None:
     go.add_argument("model")
     go.add_argument("--out", required=True)
     go.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    go.add_argument("--no-lodo", action="store_true", help="the reference preset without leave-one-distribution-out (resumes a run cut before it)")
+    go.add_argument("--preset", default="reference", choices=list(PRESETS), help="the preset (its zero-shot tasks dropped)")
+    go.add_argument("--no-lodo", action="store_true", help="without leave-one-distribution-out (resumes a run cut before it)")
+    go.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS, help="override the preset's matmul precision")
     go.set_defaults(func=cmd_run)
     summary = sub.add_parser("summary", help="wall time and peak memory per stage from the events file")
     summary.add_argument("results")
+    summary.add_argument("--preset", default="reference", choices=list(PRESETS))
     summary.add_argument("--out", required=True)
     summary.set_defaults(func=cmd_summary)
     args = parser.parse_args(argv)
