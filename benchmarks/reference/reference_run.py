@@ -91,9 +91,12 @@ def main(argv=None) -> None:
     go.add_argument("model")
     go.add_argument("--out", required=True)
     go.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    go.add_argument("--preset", default="reference", choices=list(PRESETS), help="the preset (its zero-shot tasks dropped)")
-    go.add_argument("--no-lodo", action="store_true", help="without leave-one-distribution-out (resumes a run cut before it)")
-    go.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS, help="override the preset's matmul precision")
+    go.add_argument("--preset", default="reference", choices=list(PRESETS),
+                    help="the preset (its zero-shot tasks dropped)")
+    go.add_argument("--no-lodo", action="store_true",
+                    help="without leave-one-distribution-out (resumes a run cut before it)")
+    go.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS,
+                    help="override the preset's matmul precision")
     go.set_defaults(func=cmd_run)
     summary = sub.add_parser("summary", help="wall time and peak memory per stage from the events file")
     summary.add_argument("results")
