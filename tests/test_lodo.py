@@ -227,3 +227,23 @@ def test_missing_pairs_are_exactly_the_sets_not_yet_evaluated_on_each_distributi
         name: [key] if name == names[1] else [] for name in names
     }
     assert missing[names[1]][key].candidates() == [(MODULE, int(i)) for i in sets["indices"].iloc[0]]
+
+
+def test_the_greedy_stages_paths_seed_the_leave_one_out_paths():
+    """As one run computes them (``study.trials``): each distribution's own path and the robust path, then the robust
+    paths without each distribution, all through one cache; every path equals the one computed alone, and the
+    leave-one-out paths run fewer trials than with a cache of their own."""
+    model = tiny_model("llama")
+    batches = {name: synthetic_batches(seed) for seed, name in enumerate(("a", "b", "c"))}
+    shared, lodo_only = ablation.TrialCache(), ablation.TrialCache()
+    for objective in [*batches, "robust"]:
+        pd.testing.assert_frame_equal(
+            ablation.greedy_drop_path(model, batches, module="attn", k=2, objective=objective, cache=shared),
+            ablation.greedy_drop_path(model, batches, module="attn", k=2, objective=objective))
+    before = shared.trials
+    for left in batches:
+        others = {d: b for d, b in batches.items() if d != left}
+        pd.testing.assert_frame_equal(
+            ablation.greedy_drop_path(model, others, module="attn", k=2, objective="robust", cache=shared),
+            ablation.greedy_drop_path(model, others, module="attn", k=2, objective="robust", cache=lodo_only))
+    assert shared.trials - before < lodo_only.trials

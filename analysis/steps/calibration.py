@@ -82,7 +82,9 @@ def stage_greedy(study: Study) -> pd.DataFrame:
     """Greedy drop paths by real calibration loss, per distribution and robust, on the ablation's windows.
 
     With ``settings.greedy_shortlist`` each step tries the candidates of smallest single-drop
-    ablation cost (own distribution's; the largest over distributions for robust).
+    ablation cost (own distribution's; the largest over distributions for robust).  The paths share the run's
+    :class:`~analysis.importance.ablation.TrialCache` (``study.trials``): a trial on the same distribution, dropped set
+    and candidate is computed once, and the paths are the same as without it.
     """
     s = study.settings
     module, k = s.greedy_module, max(s.budgets.get(s.greedy_module, s.transfer_k))
@@ -93,6 +95,5 @@ def stage_greedy(study: Study) -> pd.DataFrame:
         cost = prior.max(axis=1) if objective == "robust" else prior[objective]
         parts.append(study.part("greedy", objective, lambda objective=objective, cost=cost: ablation.greedy_drop_path(
             study.model, batches, module=module, k=k, objective=objective, shortlist=s.greedy_shortlist,
-            prior=cost.to_dict(),
-            progress=study.progress)))
+            prior=cost.to_dict(), cache=study.trials, progress=study.progress)))
     return pd.concat(parts, ignore_index=True)

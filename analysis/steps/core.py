@@ -11,6 +11,7 @@ import pandas as pd
 from ..data.documents import subsets
 from ..data.manifests import load_manifest, top_level, unseen_distributions
 from ..data.samples import token_batches
+from ..importance.ablation import TrialCache
 from ..importance.metrics import check_metrics, get_metric
 from ..importance.scoring import calibration_windows, score_distributions
 from ..presets import RunSettings
@@ -63,6 +64,9 @@ class Study:
         # float32 at the default precision keys stages as before the setting existed; another precision is in every key
         precision = [] if settings.matmul_precision == "highest" else [settings.matmul_precision]
         self.base = [record.get("weights_sha256"), record.get("dtype"), *precision]
+        # every greedy path of the run measures real loss on the same ablation windows (ablation_batches): one cache
+        # lets the greedy stage's paths and leave-one-out's share each (distribution, dropped set, candidate) trial
+        self.trials = TrialCache()
         self.results: dict[str, object] = {}
         self.keys: dict[str, str] = {}
         self.running = ""

@@ -24,16 +24,17 @@ def lodo_budget(settings: RunSettings) -> tuple[str, int]:
 
 def stage_lodo_sets(study: Study) -> dict[str, pd.DataFrame]:
     """Every leave-one-distribution-out set (:func:`analysis.study.lodo.lodo_sets`): per left-out d a robust greedy path
-    over the other distributions' calibration windows (one saved part per d, the paths sharing their common trials
-    through one :class:`~analysis.importance.ablation.TrialCache`) and the nearness of the first ``lodo_probes`` of d's
-    held-out windows to each distribution (one scoring pass of the primary metric, one saved part per d)."""
+    over the other distributions' calibration windows (one saved part per d; the paths share their common trials
+    with each other and with the greedy stage's paths when it ran in the same process, through the run's
+    :class:`~analysis.importance.ablation.TrialCache` ``study.trials``) and the nearness of the first ``lodo_probes``
+    of d's held-out windows to each distribution (one scoring pass of the primary metric, one saved part per d)."""
     from ..study import lodo
 
     s = study.settings
     module, k = lodo_budget(s)
     scores = study.results["scores.per_sample"]
     batches = study.ablation_batches()
-    cache = ablation.TrialCache()
+    cache = study.trials
 
     def robust_without(held_out):
         before = (cache.trials, cache.requested, cache.passes)
@@ -134,8 +135,9 @@ def greedy_trials(paths: pd.DataFrame, n_candidates: int, shortlist: int | None)
 
 def lodo_cost(study: Study, known: pd.DataFrame) -> pd.DataFrame:
     """The extra work of the leave-one-out stages beside the greedy and held-out stages they extend: greedy trials
-    (requested and really run after sharing), forward passes of the trial cache, and set-distribution pairs needed,
-    looked up in the held-out stage's windows or newly evaluated."""
+    (requested, and really run after sharing with each other and, when the greedy stage ran in the same process, with
+    its paths), forward passes of the trial cache, and set-distribution pairs needed, looked up in the held-out stage's
+    windows or newly evaluated."""
     s, paths, sets = study.settings, study.results["lodo_greedy"], study.results["lodo_sets"]
     per = paths.groupby("held_out", sort=False)[["trials_computed", "trials_requested", "passes"]].first()
     n_candidates = len(ablation.candidates_of(s.greedy_module, len(decoder_layers(study.model))))
