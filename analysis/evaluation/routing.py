@@ -219,8 +219,8 @@ class RoutedModel:
         return logits, routes
 
 
-def mixed_batches(samples: Mapping[str, object], batch_size: int, seed: int) -> Iterator[tuple[list, torch.Tensor,
-                                                                                               torch.Tensor]]:
+def mixed_batches(samples: Mapping[str, object], batch_size: int,
+                  seed: int) -> Iterator[tuple[list, torch.Tensor, torch.Tensor]]:
     """The held-out windows of every distribution in one seeded random order, in batches of ``batch_size``: each
     batch's ``(distribution, window)`` per row, its ``input_ids`` and ``attention_mask`` (windows as stored, not
     re-padded), so a batch holds inputs of several sources."""
