@@ -392,7 +392,7 @@ def routing_tables(static: pd.DataFrame, routes: pd.DataFrame, own: Mapping[str,
                    n_layers: int, n_boot: int = 1000, seed: int = 0, family: str = "",
                    versus=None) -> dict[str, pd.DataFrame]:
     """Routed vs static drop sets from the static sets' window NLL (:func:`analysis.evaluation.heldout.window_nll`) and
-    the routed rows (:func:`routed_window_nll`) on the same windows.
+    the routed rows (:func:`routed_window_nll`, or :func:`routed_from_static`) on the same windows.
     The ``oracle`` rows are each window's own-set rows; ``routes`` gains the chosen set, its static NLL on the window
     and ``static_difference`` (routed minus static, 0 when routed inference equals the pruned model).  Returns
     ``windows``, ``routes``, ``summary`` (perplexity ratio per distribution, worst, mean and on the pooled ``mix``, with
