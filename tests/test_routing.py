@@ -4,6 +4,7 @@ import copy
 
 import datasets
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -11,9 +12,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from analysis.study.dropsets import make_drop_set
 from analysis.errors import InputError
 from analysis.evaluation.heldout import pruned_copy, window_nll
-from analysis.evaluation.routing import RoutedModel, Router, check_routing_layer, fit_router, prefix, routed_window_nll, router_accuracy, routing_layer
+from analysis.evaluation.routing import (RoutedModel, Router, calibration_features, check_routing_layer, fit_router, prefix,
+                                        prefix_features, routed_from_static, routed_window_nll, router_accuracy,
+                                        router_from_features, routing_layer, window_features, window_routes)
 
-from tiny import _COMMON, _GQA
+from tiny import _COMMON, _GQA, tiny_model
 
 SETS = {
     "a": make_drop_set("attn", [3, 5, 7], "own:a"),
@@ -111,6 +114,47 @@ def test_router_learns_separable_sources_and_reports_accuracy():
     assert overall["accuracy"] == 1.0 and overall["n_windows"] == 18 and overall["ci_low"] < 1.0
     with pytest.raises(InputError, match="unknown router classifier"):
         fit_router(model, train, 2, classifier="tree")
+
+
+FAMILIES = ("llama", "gemma3", "gpt_neox")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_features_of_several_blocks_from_one_pass_equal_each_blocks_own_prefix(family):
+    model = tiny_model(family, n_layers=12)
+    train = {name: list(windows(10 + i, 6, *span).with_format("torch").iter(batch_size=4))
+             for i, (name, span) in enumerate(SPANS.items())}
+    batch = next(iter(SAMPLES["a"].with_format("torch").iter(batch_size=6)))
+    layers = [1, 2, 5]
+    features = prefix_features(model, batch["input_ids"], batch["attention_mask"], layers)
+    calibration = calibration_features(model, train, layers)
+    for layer in layers:
+        assert np.array_equal(features[layer], prefix(model, batch["input_ids"], batch["attention_mask"], layer)[1])
+        alone, shared = fit_router(model, train, layer), router_from_features(calibration[layer], layer)
+        assert np.array_equal(alone.classifier[-1].centroids_, shared.classifier[-1].centroids_)
+        assert alone.predict(features[layer]) == shared.predict(features[layer])
+    assert not np.array_equal(features[1], features[5])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_routed_nll_read_from_the_static_sets_equals_running_the_routed_model(family):
+    """The stage's routed NLL (each window's route from its features, the chosen set's NLL from the static table, whose
+    windows are batched per distribution, 4 at a time, re-padded) against the routed model really run on mixed
+    batches of 5: the same routes and token counts, the NLL within 1e-4 relative per window (float sums over other
+    batch shapes).  The router is trained with the sources' labels rotated, so windows go to other sources' sets."""
+    model = tiny_model(family, n_layers=12)
+    train = {name: list(windows(10 + i, 12, *SPANS[source]).with_format("torch").iter(batch_size=4))
+             for i, (name, source) in enumerate(zip(SPANS, ["b", "c", "a"]))}
+    router = fit_router(model, train, 2)
+    set_of = {"a": "a", "b": "b", "c": "c"}
+    real = routed_window_nll(RoutedModel(model, SETS, router, set_of), SAMPLES, batch_size=5, seed=3)
+    static = window_nll(model, SAMPLES, dict(SETS), batch_size=4)
+    looked_up = routed_from_static(static, window_routes(window_features(model, SAMPLES, [2, 4], batch_size=5, seed=3),
+                                                         router), set_of)
+    assert list(looked_up.columns) == list(real.columns)
+    pd.testing.assert_frame_equal(looked_up.drop(columns="nll_sum"), real.drop(columns="nll_sum"))
+    assert set(real["route"]) == set(SETS) and (real["route"] != real["distribution"]).all()
+    np.testing.assert_allclose(looked_up["nll_sum"], real["nll_sum"], rtol=1e-4)
 
 
 ROUTED_RUN = dict(distributions=("code", "math", "general"), subsets=False, metrics=("cosine",), samples=8, seq_len=64, greedy_module=None,

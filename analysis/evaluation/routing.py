@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
@@ -77,24 +77,46 @@ def check_routing_layer(layer: int, drop_sets: Mapping[str, object]) -> None:
 
 
 @torch.inference_mode()
-def prefix(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> tuple[torch.Tensor, np.ndarray]:
-    """``resid_post`` of block ``layer`` (running blocks ``0..layer`` only) and the routing feature of each row:
-    ``mean over real tokens t of resid_post[layer]_t`` in float32, ``(rows, hidden)``."""
+def resid_post(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers) -> dict[int, torch.Tensor]:
+    """``resid_post`` of every block in ``layers``, from one pass that runs blocks ``0..max(layers)`` only."""
     captured = {}
-    block = decoder_layers(model)[layer]
-    handle = block.register_forward_hook(lambda module, args,
-                                         output: captured.setdefault(
-                                             "h", output[0] if isinstance(output, (tuple, list)) else output))
+    blocks = decoder_layers(model)
+
+    def keep(layer):
+        def hook(module, args, output):
+            captured.setdefault(layer, output[0] if isinstance(output, (tuple, list)) else output)
+
+        return hook
+
+    handles = [blocks[layer].register_forward_hook(keep(layer)) for layer in sorted(set(layers))]
     try:
-        with layer_slice(model, 0, layer + 1):
+        with layer_slice(model, 0, max(layers) + 1):
             model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                              position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     finally:
-        handle.remove()
-    hidden = captured["h"]
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
+    """The routing feature of each row: ``mean over real tokens t of hidden_t`` in float32, ``(rows, hidden)``."""
     mask = attention_mask.to(hidden.device).unsqueeze(-1).float()
-    features = (hidden.float() * mask).sum(1) / mask.sum(1).clamp_min(1)
-    return hidden, features.cpu().numpy()
+    return ((hidden.float() * mask).sum(1) / mask.sum(1).clamp_min(1)).cpu().numpy()
+
+
+def prefix(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> tuple[torch.Tensor, np.ndarray]:
+    """``resid_post`` of block ``layer`` (running blocks ``0..layer`` only) and the routing feature of each row
+    (:func:`pooled`)."""
+    hidden = resid_post(model, input_ids, attention_mask, [layer])[layer]
+    return hidden, pooled(hidden, attention_mask)
+
+
+def prefix_features(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers) -> dict[int, np.ndarray]:
+    """The routing feature of each row at every block in ``layers``, from one pass to the deepest: the same blocks run
+    on the same inputs as :func:`prefix` at each layer, so the features are the same bit for bit (tested)."""
+    return {layer: pooled(hidden, attention_mask)
+            for layer, hidden in resid_post(model, input_ids, attention_mask, layers).items()}
 
 
 @torch.inference_mode()
@@ -118,22 +140,46 @@ class Router:
         return [str(c) for c in self.classifier.predict(features)]
 
 
+def _check_router_inputs(classifier: str, distributions) -> None:
+    """Raise :class:`InputError` for an unknown classifier or fewer than two distributions."""
+    if classifier not in CLASSIFIERS:
+        raise InputError(f"unknown router classifier {classifier!r}; classifiers: {', '.join(CLASSIFIERS)}")
+    if len(distributions) < 2:
+        raise InputError("a router needs calibration windows of at least two distributions")
+
+
+@torch.inference_mode()
+def calibration_features(model, batches_by_distribution: Mapping[str, list],
+                         layers) -> dict[int, dict[str, np.ndarray]]:
+    """Per block in ``layers``, per distribution: the routing features of its calibration batches (dicts of
+    ``input_ids``, ``attention_mask``), ``(windows, hidden)``, from one pass per batch to the deepest block
+    (:func:`prefix_features`)."""
+    device = input_device(model)
+    per_batch = {name: [prefix_features(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                        layers) for batch in batches]
+                 for name, batches in batches_by_distribution.items()}
+    return {layer: {name: np.concatenate([features[layer] for features in batches])
+                    for name, batches in per_batch.items()}
+            for layer in sorted(set(layers))}
+
+
+def router_from_features(features_by_distribution: Mapping[str, np.ndarray], layer: int, *,
+                         classifier: str = "centroid") -> Router:
+    """A router reading block ``layer``, trained on calibration features labelled by their distribution
+    (:func:`calibration_features` at that layer)."""
+    _check_router_inputs(classifier, features_by_distribution)
+    labels = np.array([name for name, features in features_by_distribution.items() for _ in range(len(features))])
+    fitted = CLASSIFIERS[classifier]().fit(np.concatenate(list(features_by_distribution.values())), labels)
+    return Router(layer, fitted, tuple(features_by_distribution))
+
+
 def fit_router(model, batches_by_distribution: Mapping[str, list], layer: int, *,
                classifier: str = "centroid") -> Router:
     """Train a router on calibration batches labelled by their distribution (``batches``: dicts of ``input_ids``,
-    ``attention_mask``)."""
-    if classifier not in CLASSIFIERS:
-        raise InputError(f"unknown router classifier {classifier!r}; classifiers: {', '.join(CLASSIFIERS)}")
-    if len(batches_by_distribution) < 2:
-        raise InputError("a router needs calibration windows of at least two distributions")
-    device = input_device(model)
-    features, labels = [], []
-    for name, batches in batches_by_distribution.items():
-        for batch in batches:
-            features.append(prefix(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), layer)[1])
-            labels += [name] * len(features[-1])
-    fitted = CLASSIFIERS[classifier]().fit(np.concatenate(features), np.array(labels))
-    return Router(layer, fitted, tuple(batches_by_distribution))
+    ``attention_mask``): :func:`router_from_features` of :func:`calibration_features` at ``layer``."""
+    _check_router_inputs(classifier, batches_by_distribution)
+    features = calibration_features(model, batches_by_distribution, [layer])[layer]
+    return router_from_features(features, layer, classifier=classifier)
 
 
 class RoutedModel:
@@ -173,27 +219,62 @@ class RoutedModel:
         return logits, routes
 
 
-def routed_window_nll(routed: RoutedModel, samples: Mapping[str, object], *, batch_size: int = 8, oracle: bool = False,
-                      seed: int = 0) -> pd.DataFrame:
-    """Per held-out window: summed next-token NLL under its routed drop set, its true source and the route chosen.
-
-    The windows of all distributions are mixed in a seeded random order before batching, so a batch holds
-    inputs of several sources.  ``oracle`` routes each window to its true source.
-    """
+def mixed_batches(samples: Mapping[str, object], batch_size: int,
+                  seed: int) -> Iterator[tuple[list, torch.Tensor, torch.Tensor]]:
+    """The held-out windows of every distribution in one seeded random order, in batches of ``batch_size``: each
+    batch's ``(distribution, window)`` per row, its ``input_ids`` and ``attention_mask`` (windows as stored, not
+    re-padded), so a batch holds inputs of several sources."""
     items = [(name, int(window), row) for name, windows in samples.items() for window,
              row in zip(windows["sample"], windows.with_format("torch", columns=["input_ids", "attention_mask"]))]
     order = np.random.default_rng(seed).permutation(len(items))
-    out = []
     for start in range(0, len(order), batch_size):
         chosen = [items[i] for i in order[start : start + batch_size]]
-        ids = torch.stack([row["input_ids"] for _, _, row in chosen])
-        mask = torch.stack([row["attention_mask"] for _, _, row in chosen])
-        logits, routes = routed.forward(ids, mask, [name for name, _, _ in chosen] if oracle else None)
+        yield ([(name, window) for name, window, _ in chosen], torch.stack([row["input_ids"] for _, _, row in chosen]),
+               torch.stack([row["attention_mask"] for _, _, row in chosen]))
+
+
+def routed_window_nll(routed: RoutedModel, samples: Mapping[str, object], *, batch_size: int = 8, oracle: bool = False,
+                      seed: int = 0) -> pd.DataFrame:
+    """Per held-out window: summed next-token NLL under its routed drop set, really run by ``routed``
+    (:meth:`RoutedModel.forward`), its true source and the route chosen.
+
+    The windows are batched by :func:`mixed_batches`.  ``oracle`` routes each window to its true source.
+    """
+    out = []
+    for chosen, ids, mask in mixed_batches(samples, batch_size, seed):
+        logits, routes = routed.forward(ids, mask, [name for name, _ in chosen] if oracle else None)
         device = logits.device
         nll, n_predicted = row_nll(logits, ids.to(device), mask.to(device))
         out += [{"distribution": name, "window": window, "route": route, "nll_sum": float(v), "n_tokens": int(n)}
-                for (name, window, _), route, v, n in zip(chosen, routes, nll, n_predicted)]
+                for (name, window), route, v, n in zip(chosen, routes, nll, n_predicted)]
     return pd.DataFrame(out)
+
+
+def window_features(model, samples: Mapping[str, object], layers, *, batch_size: int = 8,
+                    seed: int = 0) -> list[tuple[list, dict[int, np.ndarray]]]:
+    """Per batch of :func:`mixed_batches`: its ``(distribution, window)`` rows and their routing features at every
+    block in ``layers`` (:func:`prefix_features`), the features :class:`RoutedModel` computes on the same batches."""
+    device = input_device(model)
+    return [(chosen, prefix_features(model, ids.to(device), mask.to(device), layers))
+            for chosen, ids, mask in mixed_batches(samples, batch_size, seed)]
+
+
+def window_routes(features: list[tuple[list, dict[int, np.ndarray]]], router: Router) -> pd.DataFrame:
+    """Each window's route, ``router``'s prediction batch by batch from :func:`window_features` at its layer, as
+    :meth:`RoutedModel.forward` predicts: columns ``distribution, window, route``."""
+    return pd.DataFrame([{"distribution": name, "window": window, "route": route}
+                         for chosen, by_layer in features
+                         for (name, window), route in zip(chosen, router.predict(by_layer[router.layer]))])
+
+
+def routed_from_static(static: pd.DataFrame, routes: pd.DataFrame, set_of: Mapping[str, str]) -> pd.DataFrame:
+    """:func:`routed_window_nll`'s table without running the routed model: each window's ``nll_sum`` and ``n_tokens``
+    read from ``static`` (window NLL by ``drop_set``, :func:`analysis.evaluation.heldout.window_nll`) for the set its
+    route uses, ``set_of[route]``.  Routed inference gives the chosen set's logits (:class:`RoutedModel`), so this
+    equals really running it up to float summation order (tested within 1e-4 relative per window)."""
+    lookup = static.set_index(["drop_set", "distribution", "window"])[["nll_sum", "n_tokens"]]
+    keys = list(zip(routes["route"].map(set_of), routes["distribution"], routes["window"]))
+    return routes.assign(**{column: lookup.loc[keys, column].to_numpy() for column in ("nll_sum", "n_tokens")})
 
 
 def calibration_batches(tokenizer, distributions, *, n_samples: int, seq_len: int, seed: int,
@@ -311,7 +392,7 @@ def routing_tables(static: pd.DataFrame, routes: pd.DataFrame, own: Mapping[str,
                    n_layers: int, n_boot: int = 1000, seed: int = 0, family: str = "",
                    versus=None) -> dict[str, pd.DataFrame]:
     """Routed vs static drop sets from the static sets' window NLL (:func:`analysis.evaluation.heldout.window_nll`) and
-    the routed rows (:func:`routed_window_nll`) on the same windows.
+    the routed rows (:func:`routed_window_nll`, or :func:`routed_from_static`) on the same windows.
     The ``oracle`` rows are each window's own-set rows; ``routes`` gains the chosen set, its static NLL on the window
     and ``static_difference`` (routed minus static, 0 when routed inference equals the pruned model).  Returns
     ``windows``, ``routes``, ``summary`` (perplexity ratio per distribution, worst, mean and on the pooled ``mix``, with
