@@ -69,8 +69,8 @@ def work_of(kind: str) -> Callable[[Study], float]:
     ablation about half the model per candidate (3 per layer), greedy that per step and shortlisted candidate, held-out
     windows one pass plus about half per evaluated set, accuracy about 400 tokens per item and set, check one pass over
     the
-    held-out windows, routing one pass over them plus the router's prefix (about a tenth of the model) over the
-    calibration windows."""
+    held-out windows, routing the routers' prefix (about a tenth of the model) over the held-out and calibration
+    windows plus about half a pass per set the held-out stage did not evaluate (the ablation's own sets)."""
     def estimate(study: Study) -> float:
         s, distributions = study.settings, study.distributions
         if kind == "subsets":  # the one estimate that reads documents (for the subset names): only when asked for
@@ -86,8 +86,9 @@ def work_of(kind: str) -> Callable[[Study], float]:
             "heldout_unseen": _tokens(study, study.unseen, s.transfer_samples, s.transfer_seq_len) * (1 + n_sets / 2),
             "accuracy": len(s.accuracy_sets) * len(s.tasks) * (s.task_limit or 1000) * 400,
             "check": _tokens(study, distributions, s.transfer_samples, s.transfer_seq_len),
-            "routing": _tokens(study, distributions, s.transfer_samples,
-                               s.transfer_seq_len) + _tokens(study, distributions, s.samples, s.seq_len) / 10,
+            "routing": _tokens(study, distributions, s.transfer_samples, s.transfer_seq_len) * (
+                0.1 + (len(distributions) / 2 if GROUND_TRUTH in s.metrics else 0))
+            + _tokens(study, distributions, s.samples, s.seq_len) / 10,
             "lodo_sets": ablation * (len(distributions) - 1) * max(s.transfer_k) * (s.greedy_shortlist or candidates)
             / 2,
             "lodo_windows": _tokens(study, distributions, s.transfer_samples, s.transfer_seq_len) * (1 + 4),
