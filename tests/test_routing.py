@@ -66,8 +66,36 @@ def test_routing_layer_precedes_every_dropped_module():
     check_routing_layer(2, SETS)
     with pytest.raises(InputError, match="does not precede"):
         check_routing_layer(3, SETS)
-    with pytest.raises(InputError, match="block 0"):
-        routing_layer({**SETS, "d": make_drop_set("attn", [0, 5], "own:d")})
+    with_block_0 = {**SETS, "d": make_drop_set("attn", [0, 5], "own:d")}
+    assert routing_layer(with_block_0) == -1  # only the embeddings precede every dropped module
+    check_routing_layer(-1, with_block_0)
+    with pytest.raises(InputError, match="use a layer in -1..-1"):
+        check_routing_layer(0, with_block_0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen2"])
+def test_a_router_before_block_0_reads_the_embeddings_and_routes_to_the_pruned_models(family):
+    """Sets that drop modules of block 0 route on the mean token embedding (the input of block 0, which gemma3 scales
+    inside its embedding module); each row's logits equal its pruned copy's."""
+    from analysis.importance.ablation import block_inputs, full_row_nll
+
+    model = tiny_model(family)
+    sets = {"a": make_drop_set("attn", [0], "own:a"), "b": make_drop_set("mlp", [0, 1], "own:b"),
+            "c": make_drop_set("attn", [2], "own:c")}
+    assert routing_layer(sets) == -1
+    batch = next(iter(SAMPLES["a"].with_format("torch").iter(batch_size=6)))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    hidden, features = prefix(model, ids, mask, -1)
+    with torch.inference_mode(), block_inputs(model) as resid_pre:
+        full_row_nll(model, ids, mask)
+    torch.testing.assert_close(hidden, resid_pre[0], rtol=0, atol=0)
+    routed = RoutedModel(model, sets, FixedRouter(-1, ["b", "a", "c"]), {name: name for name in sets})
+    logits, routes = routed.forward(ids, mask)
+    for row, route in enumerate(routes):
+        pruned = pruned_copy(copy.deepcopy(model), sets[route])
+        want = pruned(input_ids=ids[row : row + 1], attention_mask=mask[row : row + 1], use_cache=False).logits
+        real = mask[row].bool()
+        torch.testing.assert_close(logits[row : row + 1, real], want[:, real], rtol=1e-5, atol=1e-5)
 
 
 def test_routed_logits_equal_the_pruned_models():
@@ -228,7 +256,7 @@ def real_loss_routed_run(routed_run):
 
     model = deep_llama()
     with torch.no_grad():  # block 0's attention silenced: dropping it costs nothing, so no real-loss set
-        # drops it (the others lower this random model's loss), while every cosine set does
+        # drops it (the others lower this random model's loss), while every cosine set does (routed on the embeddings)
         model.model.layers[0].self_attn.o_proj.weight.zero_()
     model.save_pretrained(routed_run / "model0")
     byte_tokenizer().save_pretrained(routed_run / "model0")
@@ -245,7 +273,10 @@ def test_routing_among_real_loss_sets_reproduces_them_and_says_whether_any_beats
     summary, paired = read_table(out / "routing.parquet"), read_table(out / "routing_paired.parquet")
     accuracy, windows = read_table(out / "routing_accuracy.parquet"), read_table(out / "heldout_windows.parquet")
     ran = set(paired["family"])
-    assert ran == {"greedy", "own"} and summary.loc[summary["drop_set"].isna(), "family"].tolist() == [""]
+    # every cosine set drops block 0's attention: that family's router reads the token embeddings (layer -1)
+    assert ran == {"", "greedy", "own"} and summary["drop_set"].notna().all()
+    assert set(summary.loc[summary["family"] == "", "layer"]) == {-1}
+    assert (summary.loc[summary["family"] != "", "layer"] >= 0).all()
     assert summary["max_abs_static_difference"].max() <= 1e-4
     per = summary.set_index(["drop_set", "distribution"])["ppl"]
     for name in ROUTED_RUN["distributions"]:
@@ -261,7 +292,8 @@ def test_routing_among_real_loss_sets_reproduces_them_and_says_whether_any_beats
     beaten = paired[(paired["distribution"] == "mix") & (paired["b"] == best) & (paired["ci_high"] < 1)]
     section = (out / "report.md").read_text().split("### Routing among real-loss sets")[1].split("\n## ")[0]
     assert ("**No routed model beats the best static set**" in section) == beaten.empty
-    assert "No router among the cosine own sets at attn-2: drop set" in section
+    assert "No router" not in section
+    assert "the mean token embedding (`resid_pre` of block 0" in (out / "report.md").read_text()
     for family in ran:
         pair = paired[(paired["family"] == family) & (paired["distribution"] == "mix") & (paired["b"] == best)].iloc[0]
         assert f"{pair['ratio']:.3f} [{pair['ci_low']:.3f}, {pair['ci_high']:.3f}]" in section

@@ -8,7 +8,8 @@ mean over its real tokens of ``resid_post[L]``; a classifier (``centroid``: near
 after per-feature standardisation; ``logistic``: multinomial logistic regression), trained on
 calibration windows labelled by their distribution, maps it to a distribution, and that
 distribution's drop set is used.  Inputs routed to the same drop set are batched together and
-continue from ``resid_post[L]`` with the set's modules skipped
+continue from ``resid_post[L]`` with the set's modules skipped (``L = -1`` when a set drops a module of block 0: the
+router then reads the mean token embedding, the input of block 0)
 (:func:`analysis.models.pruning.modules_dropped`), without copying any weight; the logits equal those
 of ``drop_modules`` on a copy of the model.
 """
@@ -33,7 +34,7 @@ from ..data.samples import calibration_samples, token_batches
 from ..errors import InputError
 from ..importance.ablation import full_row_nll, layer_slice, position_ids_from_mask, row_nll, stack_from
 from ..importance.scoring import input_device
-from ..models.adapters import decoder_layers
+from ..models.adapters import decoder_layers, layer_input
 from ..models.pruning import modules_dropped
 from ..presets import GROUND_TRUTH, PRIMARY_METRIC
 from ..study.dropsets import drop_set_family
@@ -52,33 +53,33 @@ CLASSIFIERS: dict[str, Callable] = {
 }
 
 
-def routing_layer(drop_sets: Mapping[str, object]) -> int:
-    """``min over drop sets of the first dropped layer - 1``: the last block that runs alike under every set.
+EMBEDDINGS = -1  # a routing "block" before block 0: the router reads the token embeddings (resid_pre of block 0)
 
-    Raises :class:`InputError` when a drop set drops something in block 0 (nothing precedes it).
-    """
-    firsts = {name: min(layer for _, layer in dropped_candidates(spec)) for name,
-              spec in drop_sets.items() if dropped_candidates(spec)}
+
+def routing_layer(drop_sets: Mapping[str, object]) -> int:
+    """``min over drop sets of the first dropped layer - 1``: the last block that runs alike under every set;
+    :data:`EMBEDDINGS` (-1) when a set drops a module of block 0, so that only the embeddings precede every dropped
+    module (the router then reads the mean token embedding, ``resid_pre`` of block 0)."""
+    firsts = [min(layer for _, layer in dropped_candidates(spec)) for spec in drop_sets.values()
+              if dropped_candidates(spec)]
     if not firsts:
         raise InputError("no drop set drops anything: there is nothing to route between")
-    first = min(firsts.values())
-    if first == 0:
-        raise InputError(f"drop set {min(firsts, key=firsts.get)!r} drops a module of block 0: no layer precedes every "
-                         "dropped module, so the router has no prefix to read; route drop sets that keep block 0 "
-                         "(another --module, --k or --metric)")
-    return first - 1
+    return min(firsts) - 1
 
 
 def check_routing_layer(layer: int, drop_sets: Mapping[str, object]) -> None:
-    """Raise :class:`InputError` unless ``resid_post`` of ``layer`` precedes every module every drop set drops."""
+    """Raise :class:`InputError` unless ``resid_post`` of ``layer`` (-1: the embeddings) precedes every module every
+    drop set drops."""
     allowed = routing_layer(drop_sets)
-    if not 0 <= layer <= allowed:
-        raise InputError(f"routing layer {layer} does not precede every dropped module: use a layer in 0..{allowed}")
+    if not EMBEDDINGS <= layer <= allowed:
+        raise InputError(f"routing layer {layer} does not precede every dropped module: use a layer in "
+                         f"{EMBEDDINGS}..{allowed} (-1: the token embeddings)")
 
 
 @torch.inference_mode()
 def resid_post(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers) -> dict[int, torch.Tensor]:
-    """``resid_post`` of every block in ``layers``, from one pass that runs blocks ``0..max(layers)`` only."""
+    """``resid_post`` of every block in ``layers``, from one pass that runs blocks ``0..max(layers)`` only; layer -1
+    (:data:`EMBEDDINGS`) is ``resid_pre`` of block 0, the input block 0 receives (block 0 runs for it)."""
     captured = {}
     blocks = decoder_layers(model)
 
@@ -88,9 +89,15 @@ def resid_post(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lay
 
         return hook
 
-    handles = [blocks[layer].register_forward_hook(keep(layer)) for layer in sorted(set(layers))]
+    def keep_input(module, args, kwargs):
+        captured.setdefault(EMBEDDINGS, layer_input(args, kwargs))
+
+    wanted = sorted(set(layers))
+    handles = [blocks[layer].register_forward_hook(keep(layer)) for layer in wanted if layer != EMBEDDINGS]
+    if EMBEDDINGS in wanted:
+        handles.append(blocks[0].register_forward_pre_hook(keep_input, with_kwargs=True))
     try:
-        with layer_slice(model, 0, max(layers) + 1):
+        with layer_slice(model, 0, max(max(layers), 0) + 1):
             model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                              position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     finally:

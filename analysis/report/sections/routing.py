@@ -112,6 +112,17 @@ def routing_families_display(results: Results) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def router_reads(row) -> str:
+    """What a routing summary row's router reads, in words: the mean ``resid_post`` of its block and the share of blocks
+    that run before routing, or the mean token embedding when a set drops a module of block 0 (layer -1)."""
+    layer, n_layers = int(row["layer"]), int(row["n_layers"])
+    if layer < 0:
+        return ("the mean token embedding (`resid_pre` of block 0: a set drops a module of block 0, so no block runs "
+                "before routing)")
+    return (f"the mean `resid_post` of block {layer} (blocks 0..{layer} run before routing: {row['layer_ratio']:.0%} "
+            f"of the {n_layers} blocks, reused by the pruned continuation)")
+
+
 def section_routing(results: Results) -> list[str]:
     summary = results.table("routing")
     if not len(summary):
@@ -144,9 +155,8 @@ def section_routing(results: Results) -> list[str]:
         worst_source = own_accuracy.drop(index="all")["accuracy"].idxmin()
         lines += [
             f"Each distribution's own {results.metric} {module}-{k} set and the borda consensus, one copy of the "
-            f"weights; a nearest-centroid router on the mean `resid_post` of block {int(first['layer'])} (blocks "
-            f"0..{int(first['layer'])} run before routing: {first['layer_ratio']:.0%} of the {int(first['n_layers'])} "
-            f"blocks, reused by the pruned continuation), trained on the calibration windows, picks a set per held-out "
+            f"weights; a nearest-centroid router on {router_reads(first)}, trained on the calibration windows, picks a "
+            f"set per held-out "
             f"window; windows of all distributions mixed. Perplexity ratio to the unpruned model with 95% bootstrap "
             f"CIs; routed / this set paired over the same windows (below 1: routing loses less); *oracle* sends every "
             f"window to its true source's own set.",
