@@ -119,15 +119,7 @@ def stage_routing(study: Study) -> dict[str, pd.DataFrame]:
     from ..evaluation import routing
 
     s = study.settings
-    module, k = s.route_module, max(s.budget(s.route_module))
-    families = routing_families(study, module, k)
-    samples = evaluation.heldout_samples(
-        study.tokenizer, study.distributions, n_samples=s.transfer_samples, seq_len=s.transfer_seq_len, seed=s.seed
-    )
-    static = routing_static(
-        study, {label: spec for sets, _, _ in families.values() for label, spec in sets.items()}, samples, module, k
-    )
-    best = routing.pooled_ratios(static).index[0]
+    module, k, families, samples, static, best = routing_inputs(study)
     layers, notes = {}, {}
     for family, (sets, _, _) in families.items():
         try:
@@ -140,37 +132,62 @@ def stage_routing(study: Study) -> dict[str, pd.DataFrame]:
                                               seq_len=s.seq_len, seed=s.seed, batch_size=s.batch_size)
         calibration = routing.calibration_features(study.model, batches, needed)
         heldout = routing.window_features(study.model, samples, needed, batch_size=s.batch_size, seed=s.seed)
-    summaries, paired, accuracy = [], [], []
+    tables = []
     for family, (sets, own, metric) in families.items():
         if family in notes:
-            summaries.append(pd.DataFrame([{"module": module, "k": k, "note": notes[family], "family": family}]))
+            tables.append({"summary": pd.DataFrame([{"module": module, "k": k, "note": notes[family],
+                                                     "family": family}])})
             continue
-        layer = layers[family]
-        router = routing.router_from_features(calibration[layer], layer)
+        router = routing.router_from_features(calibration[layers[family]], layers[family])
         routes = routing.routed_from_static(static, routing.window_routes(heldout, router), own)
-        versus = list(dict.fromkeys([*sets, f"{s.primary_metric}/{module}-{k}:borda", best]))
-        tables = routing.routing_tables(
-            static,
-            routes,
-            own,
-            module=module,
-            k=k,
-            metric=metric,
-            layer=layer,
-            n_layers=len(decoder_layers(study.model)),
-            n_boot=s.n_boot,
-            seed=s.seed,
-            family=family,
-            versus=versus,
-        )
-        summaries.append(tables["summary"].assign(family=family, best_static=best))
-        paired.append(tables["paired"].assign(family=family))
-        accuracy.append(tables["accuracy"].assign(family=family))
-    summary = pd.concat(summaries, ignore_index=True)
+        tables.append(family_tables(study, family, sets, own, metric, layers[family], static, routes, best))
+    return routing_result(tables)
+
+
+def routing_inputs(study: Study) -> tuple:
+    """What every routing family is judged on: ``(module, k, families, samples, static, best)``, the routed kind and
+    budget, :func:`routing_families`, the held-out windows, the static sets' window NLL (:func:`routing_static`) and
+    the static set with the lowest pooled ratio."""
+    from ..evaluation import routing
+
+    s = study.settings
+    module, k = s.route_module, max(s.budget(s.route_module))
+    families = routing_families(study, module, k)
+    samples = evaluation.heldout_samples(
+        study.tokenizer, study.distributions, n_samples=s.transfer_samples, seq_len=s.transfer_seq_len, seed=s.seed
+    )
+    static = routing_static(
+        study, {label: spec for sets, _, _ in families.values() for label, spec in sets.items()}, samples, module, k
+    )
+    return module, k, families, samples, static, routing.pooled_ratios(static).index[0]
+
+
+def family_tables(study: Study, family: str, sets: dict, own: dict, metric: str, layer: int, static: pd.DataFrame,
+                  routes: pd.DataFrame, best: str) -> dict[str, pd.DataFrame]:
+    """One family's routing tables (:func:`analysis.evaluation.routing.routing_tables`), its routed model paired against
+    its sets, the primary metric's borda and the best static set, each table tagged with the family."""
+    from ..evaluation import routing
+
+    s = study.settings
+    module, k = s.route_module, max(s.budget(s.route_module))
+    versus = list(dict.fromkeys([*sets, f"{s.primary_metric}/{module}-{k}:borda", best]))
+    tables = routing.routing_tables(static, routes, own, module=module, k=k, metric=metric, layer=layer,
+                                    n_layers=len(decoder_layers(study.model)), n_boot=s.n_boot, seed=s.seed,
+                                    family=family, versus=versus)
+    return {"summary": tables["summary"].assign(family=family, best_static=best),
+            "paired": tables["paired"].assign(family=family), "accuracy": tables["accuracy"].assign(family=family)}
+
+
+def routing_result(tables: list[dict[str, pd.DataFrame]]) -> dict[str, pd.DataFrame]:
+    """The stage's three tables from every family's (:func:`family_tables`, or a ``summary`` note alone): a static set
+    routed in several families is summarised once."""
+    summary = pd.concat([t["summary"] for t in tables], ignore_index=True)
     if "drop_set" in summary:
         summary = summary[~summary.duplicated(["drop_set", "distribution"]) | summary["drop_set"].isna()].reset_index(
             drop=True
         )
+    paired = [t["paired"] for t in tables if "paired" in t]
+    accuracy = [t["accuracy"] for t in tables if "accuracy" in t]
     return {
         "routing": summary,
         "routing_paired": pd.concat(paired, ignore_index=True) if paired else pd.DataFrame(),

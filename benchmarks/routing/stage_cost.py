@@ -7,9 +7,9 @@ tables, in one process on one machine.
 
 The run folder must hold ``scores.per_sample``, ``heldout_windows`` and ``pruned`` of a run of ``--model`` with
 ``--preset``'s settings (``--samples`` overrides the calibration windows per distribution the routers train on).
-``before`` is the stage as it was (kept verbatim below): per family, :func:`~analysis.evaluation.routing.fit_router`
-runs every calibration window up to the family's routing block and the routed model
-(:class:`~analysis.evaluation.routing.RoutedModel`) really runs every held-out window.  ``after`` is
+``before`` is the stage as it was (its routing part kept verbatim below): per family,
+:func:`~analysis.evaluation.routing.fit_router` runs every calibration window up to the family's routing block and
+the routed model (:class:`~analysis.evaluation.routing.RoutedModel`) really runs every held-out window.  ``after`` is
 :func:`analysis.steps.routing.stage_routing`.  Both start from the same data already loaded once (untimed), run
 one after the other (``before`` first), and their tables (``routing``, ``routing_paired``, ``routing_accuracy``) are
 compared: per float column the largest absolute and relative difference, other columns equal or not.  Then
@@ -45,69 +45,33 @@ from analysis.models import loading as models  # noqa: E402
 from analysis.models.adapters import decoder_layers  # noqa: E402
 from analysis.presets import PRESETS  # noqa: E402
 from analysis.steps.core import top_level_distributions  # noqa: E402
-from analysis.steps.routing import routing_families, routing_static, stage_routing  # noqa: E402
+from analysis.steps.routing import (family_tables, routing_families, routing_inputs, routing_result,  # noqa: E402
+                                    routing_static, stage_routing)
 from analysis.study.lodo import set_key  # noqa: E402
 
 
 def stage_routing_before(study) -> dict[str, pd.DataFrame]:
-    """The routing stage before the change, verbatim but for this docstring."""
+    """The routing stage before the change: per family a router fitted on its own pass over the calibration windows
+    and the routed model really run on the held-out windows (as it was, verbatim); the inputs and the tables built
+    from them by the same functions as the stage (:func:`routing_inputs`, :func:`family_tables`,
+    :func:`routing_result`)."""
     s = study.settings
-    module, k = s.route_module, max(s.budget(s.route_module))
-    families = routing_families(study, module, k)
-    samples = evaluation.heldout_samples(
-        study.tokenizer, study.distributions, n_samples=s.transfer_samples, seq_len=s.transfer_seq_len, seed=s.seed
-    )
-    static = routing_static(
-        study, {label: spec for sets, _, _ in families.values() for label, spec in sets.items()}, samples, module, k
-    )
-    best = routing.pooled_ratios(static).index[0]
-    batches = routing.calibration_batches(
-        study.tokenizer,
-        study.distributions,
-        n_samples=s.samples,
-        seq_len=s.seq_len,
-        seed=s.seed,
-        batch_size=s.batch_size,
-    )
-    summaries, paired, accuracy = [], [], []
+    module, k, families, samples, static, best = routing_inputs(study)
+    batches = routing.calibration_batches(study.tokenizer, study.distributions, n_samples=s.samples,
+                                          seq_len=s.seq_len, seed=s.seed, batch_size=s.batch_size)
+    tables = []
     for family, (sets, own, metric) in families.items():
         try:
             layer = routing.routing_layer(sets)
         except InputError as error:
-            summaries.append(pd.DataFrame([{"module": module, "k": k, "note": str(error), "family": family}]))
+            tables.append({"summary": pd.DataFrame([{"module": module, "k": k, "note": str(error), "family": family}])})
             continue
         router = routing.fit_router(study.model, batches, layer)
         routes = routing.routed_window_nll(
             routing.RoutedModel(study.model, sets, router, own), samples, batch_size=s.batch_size, seed=s.seed
         )
-        versus = list(dict.fromkeys([*sets, f"{s.primary_metric}/{module}-{k}:borda", best]))
-        tables = routing.routing_tables(
-            static,
-            routes,
-            own,
-            module=module,
-            k=k,
-            metric=metric,
-            layer=layer,
-            n_layers=len(decoder_layers(study.model)),
-            n_boot=s.n_boot,
-            seed=s.seed,
-            family=family,
-            versus=versus,
-        )
-        summaries.append(tables["summary"].assign(family=family, best_static=best))
-        paired.append(tables["paired"].assign(family=family))
-        accuracy.append(tables["accuracy"].assign(family=family))
-    summary = pd.concat(summaries, ignore_index=True)
-    if "drop_set" in summary:
-        summary = summary[~summary.duplicated(["drop_set", "distribution"]) | summary["drop_set"].isna()].reset_index(
-            drop=True
-        )
-    return {
-        "routing": summary,
-        "routing_paired": pd.concat(paired, ignore_index=True) if paired else pd.DataFrame(),
-        "routing_accuracy": pd.concat(accuracy, ignore_index=True) if accuracy else pd.DataFrame(),
-    }
+        tables.append(family_tables(study, family, sets, own, metric, layer, static, routes, best))
+    return routing_result(tables)
 
 
 def compare(before: pd.DataFrame, after: pd.DataFrame) -> dict:
