@@ -48,7 +48,6 @@ import argparse
 import json
 import os
 import re
-import shlex
 import sys
 from pathlib import Path
 
@@ -61,6 +60,7 @@ sys.path.insert(0, str(ROOT))
 from analysis.errors import InputError  # noqa: E402
 from analysis.io import read_table  # noqa: E402
 from analysis.study import resolution  # noqa: E402
+from benchmarks.reference.results_file import write_comparison  # noqa: E402
 
 COMPARISONS = ("a loses less than b", "consensus vs own set", "routing")
 OUTCOMES = ("agree", "disagree", "reference unresolved", "missing")
@@ -368,11 +368,8 @@ def main(argv=None) -> None:
         print(f"default_vs_reference: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     out = args.out or ROOT / "benchmarks" / "results" / f"default-vs-reference-{result['model']}"
-    result = {"command": shlex.join(["python", "benchmarks/reference/default_vs_reference.py", *(argv or sys.argv[1:])]),
-              **result}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{out}.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    Path(f"{out}.md").write_text(markdown(result), encoding="utf-8")
+    result = write_comparison(out, result, markdown, "benchmarks/reference/default_vs_reference.py",
+                              argv or sys.argv[1:])
     c = result["counts"]
     print(f"{c['run_resolved']} resolved claims: {c['agree']} agree, {c['disagree']} disagree, "
           f"{c['reference unresolved']} unresolved in the reference, {c['missing']} missing; wrote {out}.json, .md")

@@ -17,7 +17,6 @@ stopped before its held-out evaluation.  Per module kind:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,9 +24,10 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from analysis.io import package_versions, read_table  # noqa: E402
 from analysis.importance.metrics import GROUND_TRUTH  # noqa: E402
+from analysis.io import package_versions, read_table  # noqa: E402
 from analysis.study.resolution import RELIABLE as TRUTH_RELIABILITY  # noqa: E402
+from benchmarks.reference.results_file import write_comparison  # noqa: E402
 
 
 def reliability(split_half: pd.DataFrame) -> pd.DataFrame:
@@ -104,8 +104,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="results path without suffix (.json and .md are written)")
     args = parser.parse_args(argv)
     result = compare(args.run, args.reference)
-    Path(f"{args.out}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    Path(f"{args.out}.md").write_text(markdown(result))
+    write_comparison(args.out, result, markdown, "benchmarks/reference/ground_truth_vs_reference.py",
+                     argv if argv is not None else sys.argv[1:])
     print(markdown(result))
 
 

@@ -30,6 +30,7 @@ from scipy import stats
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from analysis.io import package_versions, read_table  # noqa: E402
+from benchmarks.reference.results_file import write_comparison  # noqa: E402
 
 
 def importance_agreement(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
@@ -168,8 +169,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="results path without suffix (.json and .md are written)")
     args = parser.parse_args(argv)
     summary, importance, differing = compare(args.a, args.b)
-    Path(f"{args.out}.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    Path(f"{args.out}.md").write_text(markdown(summary, differing))
+    write_comparison(args.out, summary, lambda written: markdown(written, differing),
+                     "benchmarks/reference/precision_agreement.py", argv if argv is not None else sys.argv[1:])
     print(markdown(summary, differing))
 
 

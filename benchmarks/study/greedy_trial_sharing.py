@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from analysis.data.samples import token_batches  # noqa: E402
 from analysis.importance import ablation  # noqa: E402
 from analysis.importance.scoring import calibration_windows  # noqa: E402
-from analysis.io import package_versions  # noqa: E402
+from analysis.io import atomic_write_bytes, package_versions  # noqa: E402
 from analysis.models.loading import load_model  # noqa: E402
 from analysis.presets import PRESETS  # noqa: E402
 
@@ -104,7 +104,7 @@ def main(argv=None) -> None:
         "versions": package_versions(),
     }
     result["after_over_before_seconds"] = round(after_seconds / before_seconds, 3)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_bytes(Path(args.out), (json.dumps(result, indent=1) + "\n").encode())
     print(json.dumps(result, indent=1))
 
 
