@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pandas as pd
 import pytest
 import torch
 
@@ -68,3 +69,16 @@ def test_default_precision_keeps_the_keys_and_another_changes_every_key(tmp_path
                                             {name: None for name in first.reads})
     tf32 = keys(tmp_path, dataclasses.replace(settings, matmul_precision="high"))
     assert all(tf32[name] != default[name] for name in default)
+
+
+@pytest.mark.parametrize("precision", ["highest", "high"])
+def test_the_report_header_names_a_precision_other_than_full_float32(precision):
+    from analysis.report.sections.common import Results
+    from analysis.report.sections.verdict import section_header
+
+    model = {"spec": "m", "family": "llama", "n_layers": 2, "dtype": "float32", "weights_sha256": "0" * 64}
+    results = Results(model, dataclasses.replace(PRESETS["smoke"], matmul_precision=precision),
+                      pd.DataFrame({"distribution": ["code"]}), {}, [])
+    header = "\n".join(section_header(results))
+    assert ("(llama, 2 layers, float32, matmul precision high)" in header) == (precision == "high")
+    assert ("(llama, 2 layers, float32)" in header) == (precision == "highest")

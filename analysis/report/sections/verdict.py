@@ -85,7 +85,8 @@ def section_header(results: Results) -> list[str]:
     m, s = results.model, results.settings
     distributions = list(results.scores["distribution"].unique())
     return [f"# calibdrop report: {m.get('spec')}", "",
-            f"Model `{m.get('spec')}` ({m.get('family')}, {m.get('n_layers')} layers, {m.get('dtype')}), weights "
+            f"Model `{m.get('spec')}` ({m.get('family')}, {m.get('n_layers')} layers, {m.get('dtype')}"
+            f"{'' if s.matmul_precision == 'highest' else f', matmul precision {s.matmul_precision}'}), weights "
             f"sha256 `{m.get('weights_sha256')}`. Distributions: {_names(distributions)}; proxy metrics on {s.samples} "
             f"samples × {s.seq_len} tokens each, the ablation ground truth on {s.ablation_samples} × "
             f"{s.ablation_seq_len} (seed {s.seed}); bootstrap {s.n_boot} resamples, permutation test {s.n_perm} "
