@@ -37,6 +37,19 @@ def test_window_nll_equals_each_pruned_copy_sequence_by_sequence(family):
     assert (table["n_tokens"] == 23).all()
 
 
+def test_token_nll_equals_cross_entropy_position_by_position_across_chunks_and_padding():
+    from analysis.importance.ablation import token_nll
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 75, 301, generator=generator) * 4
+    ids = torch.randint(0, 301, (3, 75), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, 40:] = 0
+    losses, valid = token_nll(logits, ids, mask)
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].double().transpose(1, 2), ids[:, 1:], reduction="none")
+    assert valid.sum() == 2 * 74 + 39 and (losses[~valid] == 0).all()
+    np.testing.assert_allclose(losses[valid].numpy(), expected[valid].numpy(), rtol=1e-6, atol=1e-5)
+
+
 def synthetic_windows(seed: int = 0) -> pd.DataFrame:
     """NLL sums of three sets on two distributions' windows (unequal token counts)."""
     rng = np.random.default_rng(seed)
