@@ -13,7 +13,8 @@ from pathlib import Path
 
 from analysis.models.builtin import BUILTINS
 
-CHUNK = 50_000_000
+# 40 MB: a chunk and the checkout (17 MB by now) must fit one 64 MiB device call.
+CHUNK = 40_000_000
 MODELS = {"smollm2-135m": 98362432, "gemma3-270m": 253113024, "qwen2.5-coder-0.5b": 491400064}
 
 
