@@ -35,6 +35,7 @@ from ..errors import CalibdropError, CalibdropWarning, ChecksumError, FetchError
 from ..io import cache_dir, read_json_file, sha256_file, sha256_of_listing, temp_dir, verify_checksum
 from ..presets import DEFAULT_MODEL, MATMUL_PRECISIONS
 from .adapters import ADAPTERS, UnsupportedArchitectureError, adapter_for, adapter_of_type
+from .attention import use_repeated_kv_attention
 from .builtin import BUILTINS, BuiltinModel
 from .checksums import RECORD, _recorded_listing, checkpoint_sha256
 from .pruning import restore_dropped_sublayers
@@ -366,7 +367,8 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype=None, device=None, device_map
 
     ``dtype`` defaults to float32.  ``device_map`` (for example ``"auto"``) shards a model
     over several devices with accelerate, GPU+CPU offload included; ``device`` moves a whole one.  The model is in eval
-    mode, its family has an adapter,
+    mode, its family has an adapter, its ``sdpa`` attention is :func:`~analysis.models.attention.sdpa_repeated_kv`
+    (the same result, without the math kernel for float32 grouped-query attention on a GPU),
     and ``model.calibdrop_info`` (:class:`ModelInfo`) records where it came from.
     """
     dtype = resolve_dtype(dtype) or torch.float32
@@ -395,6 +397,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype=None, device=None, device_map
     adapter = adapter_for(model)
     if device is not None:
         model = model.to(device)
+    use_repeated_kv_attention(model)
     model.eval()
     model.calibdrop_info = ModelInfo(
         spec=str(spec),

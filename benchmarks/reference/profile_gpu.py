@@ -23,7 +23,8 @@ import torch
 from analysis.importance.ablation import (block_inputs, dropped_row_nll, full_row_nll, single_drop_increase,
                                           token_nll)
 from analysis.data.samples import token_batches
-from analysis.importance.scoring import calibration_windows
+from analysis.importance.scoring import calibration_windows, score_windows
+from analysis.models import attention
 from analysis.models.loading import float32_matmul_precision, load_model
 from analysis.presets import preset
 
@@ -63,15 +64,18 @@ def main() -> None:
     args = parser.parse_args()
     settings = preset("reference")
     model, tokenizer = load_model(args.model, device=args.device)
+    started = time.perf_counter()
     windows = calibration_windows(args.distribution, tokenizer, n_samples=settings.ablation_samples,
                                   seq_len=settings.ablation_seq_len, seed=settings.seed)
+    windows_s = time.perf_counter() - started
     batch = next(token_batches(windows, settings.ablation_samples))
     ids_all, mask_all = batch["input_ids"].to(args.device), batch["attention_mask"].to(args.device)
     n_layers = model.config.num_hidden_layers
     device = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     result = {"model": args.model, "device": device, "torch": torch.__version__,
               "attn_implementation": model.config._attn_implementation, "windows": list(ids_all.shape),
-              "matmul_precision": settings.matmul_precision, "by_batch": {}}
+              "matmul_precision": settings.matmul_precision, "windows_s": windows_s, "by_batch": {}, "attention": {}}
+    nll = {}
     with float32_matmul_precision(settings.matmul_precision), torch.inference_mode():
         for batch in args.batches:
             ids, mask = ids_all[:batch], mask_all[:batch]
@@ -88,6 +92,18 @@ def main() -> None:
             }
             print(batch, result["by_batch"][batch], flush=True)
             del logits
+        ids, mask = ids_all[:args.batches[-1]], mask_all[:args.batches[-1]]
+        for name in ("sdpa", attention.NAME):
+            model.set_attn_implementation(name)
+            result["attention"][name] = {
+                "body_s": timed(lambda: model.model(input_ids=ids, attention_mask=mask, use_cache=False)),
+                "single_drop_increase_s": timed(lambda: single_drop_increase(model, ids, mask), repeats=1)}
+            nll[name] = full_row_nll(model, ids, mask)[0]
+        result["attention"]["max_relative_nll_difference"] = float(abs(nll["sdpa"] / nll[attention.NAME] - 1).max())
+        result["score_windows_ablation_s"] = timed(
+            lambda: score_windows(model, windows, args.distribution, batch_size=args.batches[-1],
+                                  metrics=("ablation",), progress=False), repeats=1)
+        print(result, flush=True)
         ids, mask = ids_all[:args.batches[-1]], mask_all[:args.batches[-1]]
         activities = [torch.profiler.ProfilerActivity.CPU] + (
             [torch.profiler.ProfilerActivity.CUDA] if args.device == "cuda" else [])
