@@ -4,7 +4,7 @@
 # `setsid nohup bash device_reference.sh MODEL[:PRESET]... &`, runs one lane per model side by side on the one GPU (small models
 # leave most of an H200 idle): each lane waits for its model's GGUF, runs the reference preset on it (no figures),
 # writes the stage summary and packs the compact tables (no per-window tables, no parts) into /tmp/R/<model>.tgz for a
-# later call to return.  Expects PYTHONPATH (the wheels and this repository), CALIBDROP_CACHE (models/ and
+# later call to return.  BATCH: windows per pass for every lane (reference_run.py --batch-size).  Expects PYTHONPATH (the wheels and this repository), CALIBDROP_CACHE (models/ and
 # data/documents as `calibdrop models fetch` and `data fetch` leave them).  THREADS: CPU threads per lane.
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
@@ -16,6 +16,7 @@ lane() {
   until python3 "$here/device_reference_join.py" >"$joined" && grep -q "^$model: ready" "$joined"; do sleep 3; done
   echo "$(date +%T) start $name" >>/tmp/R/orchestrator.log
   OMP_NUM_THREADS=${THREADS:-5} python3 "$here/reference_run.py" run "$model" --preset "$preset" --out "/tmp/R/$name" \
+    ${BATCH:+--batch-size "$BATCH"} \
     >"/tmp/R/$name.log" 2>&1
   echo "$(date +%T) exit $? $name" >>/tmp/R/orchestrator.log
   python3 "$here/reference_run.py" summary "/tmp/R/$name" --preset "$preset" \

@@ -43,6 +43,8 @@ def cmd_run(args) -> None:
         settings = dataclasses.replace(settings, lodo=False)
     if args.matmul_precision:
         settings = dataclasses.replace(settings, matmul_precision=args.matmul_precision)
+    if args.batch_size:  # how many windows a pass takes: the same windows, the same results, fewer launches on a GPU
+        settings = dataclasses.replace(settings, batch_size=args.batch_size, heldout_batch_size=args.batch_size)
     summary = run(args.model, out, preset=settings, dtype="float32", device=args.device, progress=False, log=log,
                   figures=False)
     log.write("run finished", peak_memory())
@@ -97,6 +99,8 @@ def main(argv=None) -> None:
                     help="without leave-one-distribution-out (resumes a run cut before it)")
     go.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS,
                     help="override the preset's matmul precision")
+    go.add_argument("--batch-size", type=int,
+                    help="override the preset's batch_size and heldout_batch_size (a lean preset on a GPU)")
     go.set_defaults(func=cmd_run)
     summary = sub.add_parser("summary", help="wall time and peak memory per stage from the events file")
     summary.add_argument("results")
