@@ -246,12 +246,14 @@ def test_cli_route_writes_the_routing_tables_and_prints_the_verdict(routed_run, 
     assert "calibdrop: error:" in capsys.readouterr().err
 
 
+REAL_LOSS_RUN = {**ROUTED_RUN, "metrics": ("cosine", "ablation"), "greedy_module": "attn", "greedy_shortlist": 2,
+                 "ablation_samples": 4, "ablation_seq_len": 32}
+
+
 @pytest.fixture(scope="module")
 def real_loss_routed_run(routed_run):
     from analysis.pipeline import RunSettings, run
 
-    settings = {**ROUTED_RUN, "metrics": ("cosine", "ablation"), "greedy_module": "attn", "greedy_shortlist": 2,
-                "ablation_samples": 4, "ablation_seq_len": 32}
     from tiny import byte_tokenizer
 
     model = deep_llama()
@@ -261,7 +263,7 @@ def real_loss_routed_run(routed_run):
     model.save_pretrained(routed_run / "model0")
     byte_tokenizer().save_pretrained(routed_run / "model0")
     out = routed_run / "real-loss"
-    run(str(routed_run / "model0"), out, preset=RunSettings(**settings), progress=False, log=lambda m: None, figures=False)
+    run(str(routed_run / "model0"), out, preset=RunSettings(**REAL_LOSS_RUN), progress=False, log=lambda m: None, figures=False)
     return out
 
 
@@ -297,3 +299,22 @@ def test_routing_among_real_loss_sets_reproduces_them_and_says_whether_any_beats
     for family in ran:
         pair = paired[(paired["family"] == family) & (paired["distribution"] == "mix") & (paired["b"] == best)].iloc[0]
         assert f"{pair['ratio']:.3f} [{pair['ci_low']:.3f}, {pair['ci_high']:.3f}]" in section
+
+
+def test_without_route_truth_own_only_the_ablations_own_sets_are_not_routed(real_loss_routed_run, tmp_path):
+    """A resumed copy of the real-loss run with ``route_truth_own`` off recomputes the routing stage alone, without the
+    family ``own``; the other families' rows are unchanged."""
+    import shutil
+
+    from analysis.io import read_table
+    from analysis.pipeline import RunSettings, run
+
+    shutil.copytree(real_loss_routed_run, tmp_path / "run")
+    summary = run(str(real_loss_routed_run.parent / "model0"), tmp_path / "run",
+                  preset=RunSettings(**{**REAL_LOSS_RUN, "route_truth_own": False}), progress=False, log=lambda m: None,
+                  figures=False)
+    assert "routing" in summary["stages_computed"] and "heldout_windows" not in summary["stages_computed"]
+    before, after = (read_table(folder / "routing_paired.parquet") for folder in (real_loss_routed_run, tmp_path / "run"))
+    assert set(after["family"]) == {"", "greedy"}
+    kept = before[before["family"] != "own"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(after.reset_index(drop=True)[kept.columns], kept, check_exact=False, rtol=1e-12)

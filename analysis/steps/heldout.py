@@ -21,14 +21,15 @@ def stage_pruned(study: Study) -> pd.DataFrame:
                                                    study.settings))
 
 
-def stage_heldout(study: Study, names: tuple[str, ...] | None = None, kind: str = "heldout") -> pd.DataFrame:
-    """Summed NLL of every held-out window of every distribution (``names``, default the calibration ones) under every
-    pruned model (one part per distribution)."""
+def stage_heldout(study: Study, names: tuple[str, ...] | None = None, kind: str = "heldout",
+                  n_samples: int | None = None) -> pd.DataFrame:
+    """Summed NLL of every held-out window (``n_samples`` per distribution, default ``transfer_samples``) of every
+    distribution (``names``, default the calibration ones) under every pruned model (one part per distribution)."""
     s = study.settings
     sets = sets_from_table(study.results["pruned"])
 
     def windows(name):
-        samples = evaluation.heldout_samples(study.tokenizer, [name], n_samples=s.transfer_samples,
+        samples = evaluation.heldout_samples(study.tokenizer, [name], n_samples=n_samples or s.transfer_samples,
                                              seq_len=s.transfer_seq_len, seed=s.seed)
         return evaluation.window_nll(study.model, samples, sets, batch_size=s.heldout_batch_size, progress=False)
 
@@ -41,7 +42,7 @@ def stage_heldout(study: Study, names: tuple[str, ...] | None = None, kind: str 
 def stage_heldout_unseen(study: Study) -> pd.DataFrame:
     """:func:`stage_heldout` on the test-only distributions (``unseen``): text of kinds no stage calibrated, selected
     or compared on; only :func:`stage_transfer_unseen` and the report read it."""
-    return stage_heldout(study, study.unseen, "heldout-unseen")
+    return stage_heldout(study, study.unseen, "heldout-unseen", study.settings.unseen_windows)
 
 
 def stage_transfer_unseen(study: Study) -> pd.DataFrame:

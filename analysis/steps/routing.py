@@ -53,8 +53,8 @@ def routing_families(study: Study, module: str, k: int) -> dict[str, tuple[dict,
     (:func:`analysis.evaluation.routing.family_name`): ``(sets by label, each distribution's set label, metric)``.
     ``""``: each distribution's own set by the primary metric and its borda consensus; ``greedy``: each distribution's
     greedy set by real calibration loss; ``own``: each distribution's own
-    set by the ablation (its k modules of smallest single-drop loss increase).  A family whose sets are missing is left
-    out."""
+    set by the ablation (its k modules of smallest single-drop loss increase), when ``route_truth_own``.  A family whose
+    sets are missing is left out."""
     from ..evaluation import routing
 
     scores, names = study.results["scores.per_sample"], study.distributions
@@ -65,7 +65,7 @@ def routing_families(study: Study, module: str, k: int) -> dict[str, tuple[dict,
     greedy = {d: f"{GROUND_TRUTH}/{module}-{k}:greedy:{d}" for d in names}
     if all(label in evaluated for label in greedy.values()):
         families["greedy"] = ({label: evaluated[label] for label in greedy.values()}, greedy, GROUND_TRUTH)
-    if GROUND_TRUTH in stability.metrics_in(scores):
+    if study.settings.route_truth_own and GROUND_TRUTH in stability.metrics_in(scores):
         own = drop_set_family(scores, module=module, k=k, metric=GROUND_TRUTH, methods=(), own=True)
         families["own"] = (own, routing.own_sets(own, names), GROUND_TRUTH)
     return families
