@@ -235,3 +235,39 @@ def test_cli_evaluate_writes_items_and_pairs_every_set_with_the_unpruned_model(t
     assert set(zip(paired["task"], paired["measure"])) == set(zip(included["task"], included["measure"]))
     for row in screened[~screened["included"]].itertuples():
         assert f"not compared: the unpruned model is not clearly above chance on {row.task} ({row.measure})" in printed
+
+
+def test_a_set_removing_the_same_modules_as_an_earlier_one_takes_its_items(monkeypatch):
+    """The joint-8 set of attention layers only is the attention-8 set: the accuracy stage evaluates it once."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from analysis.presets import RunSettings
+    from analysis.steps import heldout as stage
+    from analysis.study.dropsets import make_drop_set
+    from analysis.study.selection import pruned_size
+    from tiny import tiny_model
+
+    model = tiny_model("llama")
+    sets = {"cosine/attn-2:borda": make_drop_set("attn", [0, 2], "borda", "cosine"),
+            "cosine/joint-2:borda": make_drop_set("joint", ["attn:2", "attn:0"], "borda", "cosine"),
+            "cosine/mlp-1:borda": make_drop_set("mlp", [1], "borda", "cosine")}
+    calls = []
+
+    def items(model, tokenizer, name, drop_set, tasks, limit=None):
+        calls.append(name)
+        return pd.DataFrame({"task": ["t"] * 2, "item": [0, 1], "correct": [len(calls) % 2, 1], "drop_set": name})
+
+    monkeypatch.setattr(stage.accuracy, "items_of_set", items)
+    settings = RunSettings(tasks=("t",), accuracy_sets=("none", *sets))
+    study = SimpleNamespace(settings=settings, results={"pruned": pruned_size(model, sets)}, model=model,
+                            tokenizer=None, progress=False, store=SimpleNamespace(model_record={"spec": "tiny"}),
+                            part=lambda kind, name, compute: compute())
+    monkeypatch.setattr(stage.accuracy, "accuracy_table", lambda items: items)
+    result = stage.stage_accuracy(study)["accuracy_items"]
+    assert calls == ["none", "cosine/attn-2:borda", "cosine/mlp-1:borda"]
+    joint, attn = (result[result["drop_set"] == name].drop(columns="drop_set").reset_index(drop=True)
+                   for name in ("cosine/joint-2:borda", "cosine/attn-2:borda"))
+    pd.testing.assert_frame_equal(joint, attn)
+    assert list(dict.fromkeys(result["drop_set"])) == ["none", *sets]

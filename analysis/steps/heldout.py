@@ -66,14 +66,21 @@ def stage_comparisons(study: Study) -> pd.DataFrame:
 
 def stage_accuracy(study: Study) -> dict[str, pd.DataFrame]:
     """Item-level zero-shot correctness of the unpruned model and of each of ``settings.accuracy_labels`` that was
-    evaluated (one saved part per set), and the per-set accuracy table computed from it."""
+    evaluated (one saved part per set; a set that removes the same modules as an earlier one, such as a joint set of
+    attention layers only, takes that set's items), and the per-set accuracy table computed from it."""
     s = study.settings
     sets = sets_from_table(study.results["pruned"])
-    parts = [study.part("accuracy_items", name.replace(":", "_").replace("/", "_"),
-                        lambda name=name: accuracy.items_of_set(
-                 study.model, study.tokenizer, name, sets[name], s.tasks, limit=s.task_limit))
-             for name in tqdm(s.accuracy_labels, desc="zero-shot accuracy", unit="set",
-                              disable=not study.progress) if name in sets]
+    by_members, parts = {}, []
+    for name in tqdm(s.accuracy_labels, desc="zero-shot accuracy", unit="set", disable=not study.progress):
+        if name not in sets:
+            continue
+        members = tuple(sorted(evaluation.dropped_candidates(sets[name])))
+        if members not in by_members:
+            by_members[members] = study.part("accuracy_items", name.replace(":", "_").replace("/", "_"),
+                                             lambda name=name: accuracy.items_of_set(
+                                                 study.model, study.tokenizer, name, sets[name], s.tasks,
+                                                 limit=s.task_limit))
+        parts.append(by_members[members].assign(drop_set=name))
     if not parts:
         return {"accuracy_items": pd.DataFrame(), "accuracy": pd.DataFrame()}
     items = pd.concat(parts, ignore_index=True).assign(model=study.store.model_record.get("spec"))

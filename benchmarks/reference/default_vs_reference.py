@@ -285,15 +285,21 @@ def cpu_model() -> str | None:
     return found.group(1).strip() if found else None
 
 
-def timing(run: dict, load_log: Path | None, note: str) -> dict:
-    """The run's total and per-stage seconds, the machine and the load during the run."""
+def where_run(machine: dict) -> str:
+    return machine.get("description") or f"{machine['cpus']} CPUs ({machine['cpu_model']})"
+
+
+def timing(run: dict, load_log: Path | None, note: str, machine: str | None = None) -> dict:
+    """The run's total and per-stage seconds, the machine (``machine``, else this one's CPUs) and the load during the
+    run."""
     summary = run["summary"]
     load = read_load_log(load_log) if load_log else []
     one = [row["load_1"] for row in load]
     return {"seconds": summary.get("seconds"), "timings": summary.get("timings", {}),
             "stages_computed": len(summary.get("stages_computed", [])),
             "stages_reused": len(summary.get("stages_reused", [])),
-            "machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "note": note},
+            "machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "note": note} if machine is None
+            else {"description": machine, "note": note},
             "load": load, "load_1min_mean": round(float(np.mean(one)), 2) if one else None,
             "load_1min_max": max(one) if one else None}
 
@@ -301,7 +307,8 @@ def timing(run: dict, load_log: Path | None, note: str) -> dict:
 # ---------------------------------------------------------------- report
 
 
-def compare(run_folder: Path, reference_folder: Path, load_log: Path | None = None, note: str = "") -> dict:
+def compare(run_folder: Path, reference_folder: Path, load_log: Path | None = None, note: str = "",
+            machine: str | None = None) -> dict:
     """Everything the JSON holds but the command."""
     run, reference = load_folder(run_folder), load_folder(reference_folder)
     claims = compare_claims(run, reference)
@@ -313,7 +320,7 @@ def compare(run_folder: Path, reference_folder: Path, load_log: Path | None = No
             "counts": {"run_claims": len(claims), "run_resolved": len(resolved),
                        **{o: int((resolved["outcome"] == o).sum()) for o in OUTCOMES}},
             "claims": json.loads(claims.to_json(orient="records")), "top_groups": top_groups(run, reference),
-            "time": timing(run, load_log, note)}
+            "time": timing(run, load_log, note, machine)}
 
 
 def markdown(result: dict) -> str:
@@ -348,7 +355,7 @@ def markdown(result: dict) -> str:
     load = "" if t["load_1min_mean"] is None else \
         f", 1-min load average mean {t['load_1min_mean']} (max {t['load_1min_max']}) over {len(t['load'])} samples"
     lines += ["", f"Run time: {t['seconds']} s ({t['stages_computed']} stages computed, {t['stages_reused']} reused) "
-              f"on {t['machine']['cpus']} CPUs ({t['machine']['cpu_model']}){load}. {t['machine']['note']}", "",
+              f"on {where_run(t['machine'])}{load}. {t['machine']['note']}", "",
               "| stage | seconds |", "|---|---|", *[f"| {name} | {sec} |" for name, sec in slowest]]
     return "\n".join(lines) + "\n"
 
@@ -359,11 +366,12 @@ def main(argv=None) -> None:
     parser.add_argument("reference", type=Path, help="the reference folder, e.g. reference/smollm2-135m")
     parser.add_argument("--load-log", type=Path, help="load averages sampled during the run")
     parser.add_argument("--note", default="", help="how the run was made (threads, what else ran)")
+    parser.add_argument("--machine", help="the machine the run was made on, when not this one (e.g. 'one NVIDIA H200')")
     parser.add_argument("--out", type=Path, help="output path without suffix (default: benchmarks/results/"
                                                  "default-vs-reference-<model>)")
     args = parser.parse_args(argv)
     try:
-        result = compare(args.run, args.reference, args.load_log, args.note)
+        result = compare(args.run, args.reference, args.load_log, args.note, args.machine)
     except InputError as error:
         print(f"default_vs_reference: {error}", file=sys.stderr)
         raise SystemExit(2) from None
