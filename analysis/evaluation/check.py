@@ -181,7 +181,7 @@ def check(model, tokenizer, drop_set_record_: dict, texts, *, source_scores: pd.
     module, k = drop_set_record_["module"], len(drop_set_record_["indices"])
     metric = metric or drop_set_record_.get("metric") or PRIMARY_METRIC
     source, metric = one_metric(load_source_scores(drop_set_record_, source_scores), metric)
-    names = drop_set_record_.get("distributions") or list(dict.fromkeys(source["distribution"]))
+    names = drop_set_record_.get("distributions") or list(source["distribution"].unique())
     unknown = set(names) - set(source["distribution"])
     if unknown:
         raise InputError(f"the source scores lack the drop set's distributions {sorted(unknown)}")

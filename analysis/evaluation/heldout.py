@@ -212,7 +212,7 @@ def _log_ratio_replicates(windows: pd.DataFrame, n_boot: int, seed: int) -> tupl
     """Per distribution: ``(n_boot + 1, sets)`` log perplexity ratios to the unpruned model, row 0 the point
     estimate, rows 1.. bootstrap replicates over windows (the same windows for every set: paired)."""
     rng = np.random.default_rng(seed)
-    sets = list(dict.fromkeys(windows["drop_set"]))
+    sets = list(windows["drop_set"].unique())
     replicates, n_windows = {}, {}
     for name, part in windows.groupby("distribution", sort=False):
         nll = part.pivot(index="window", columns="drop_set", values="nll_sum")[sets]

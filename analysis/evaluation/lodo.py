@@ -87,7 +87,7 @@ def choices(sets: pd.DataFrame, windows: pd.DataFrame) -> pd.DataFrame:
     (:data:`SELECTIONS`) with the distributions they were judged on and the worst ratio there.
     Columns: ``held_out, variant, procedure, key, module, k, metric, indices, judged_on, judged_worst, note``."""
     ratio = ratios(windows)
-    names = list(dict.fromkeys(sets["held_out"]))
+    names = list(sets["held_out"].unique())
     rows = []
     for (held_out, variant), part in sets.groupby(["held_out", "variant"], sort=False):
         judged = [d for d in names if variant == WITH or d != held_out]
@@ -148,7 +148,7 @@ def lodo_pairs(chosen: pd.DataFrame, metric: str = PRIMARY_METRIC) -> list[tuple
     """Every procedure built without d against ``metric``'s borda set built without d (:func:`baseline`), and against
     itself built with d."""
     first, base = chosen.iloc[0], baseline(metric)
-    procedures = list(dict.fromkeys(chosen["procedure"]))
+    procedures = list(chosen["procedure"].unique())
     without = {p: label(p, first["module"], first["k"], WITHOUT) for p in procedures}
     pairs = [
         (f"{p} vs {base}", without[p], without[base])
@@ -171,7 +171,7 @@ def best_pairs(chosen: pd.DataFrame, summary: pd.DataFrame) -> list[tuple[str, s
         return []
     best = without.sort_values("ppl_ratio", kind="stable")["procedure"].iloc[0]
     first = chosen.iloc[0]
-    procedures = list(dict.fromkeys(chosen["procedure"]))
+    procedures = list(chosen["procedure"].unique())
     return [
         (f"{BEST}: {best} vs {p}", label(best, first["module"], first["k"], WITHOUT),
          label(p, first["module"], first["k"], WITHOUT))

@@ -366,7 +366,7 @@ def evaluate_routing(model, tokenizer, scores: pd.DataFrame, *, module: str = "a
     from .heldout import window_nll
 
     sets = drop_set_family(scores, module=module, k=k, metric=metric, methods=tuple(consensus_methods))
-    distributions = list(dict.fromkeys(scores["distribution"]))
+    distributions = list(scores["distribution"].unique())
     own = own_sets(sets, distributions)
     router = fit_router(model, calibration_batches(tokenizer, distributions, n_samples=calibration_samples,
                                                    seq_len=calibration_seq_len,
@@ -425,7 +425,7 @@ def routing_tables(static: pd.DataFrame, routes: pd.DataFrame, own: Mapping[str,
                         ignore_index=True)
     summary = summary.assign(module=module, k=k, layer=layer, n_layers=n_layers, layer_ratio=(layer + 1) / n_layers,
                              max_abs_static_difference=float(chosen["static_difference"].abs().max()))
-    static_sets = ([label for label in dict.fromkeys(static["drop_set"]) if label.startswith(prefix_label)]
+    static_sets = ([label for label in static["drop_set"].unique() if label.startswith(prefix_label)]
                    if versus is None else list(versus))
     pairs = [(f"routed{suffix} vs {label.removeprefix(prefix_label)}", routed_label, label)
              for label in [*static_sets, oracle_label]]

@@ -85,7 +85,7 @@ def aggregate_importance(per_sample: pd.DataFrame, by: Sequence[str] = ()) -> pd
         stat_sum=("stat_sum", "sum"), n_tokens=("n_tokens", "sum"), n_samples=("sample", "nunique")
     ).reset_index()
     grouped["importance"] = importance_column(grouped)
-    order = {name: i for i, name in enumerate(dict.fromkeys(per_sample["metric"]))}
+    order = {name: i for i, name in enumerate(per_sample["metric"].unique())}
     out = grouped.assign(_metric=grouped["metric"].map(order),
                          module=pd.Categorical(grouped["module"], categories=MODULES))
     out = out.sort_values(["_metric", *by, "layer", "module"],
@@ -180,7 +180,7 @@ def score_token_batches(
 
 def _metric_order_key(frame: pd.DataFrame):
     """Sort key keeping metrics in the order they appear (for ``sort_values(key=...)``)."""
-    order = {name: i for i, name in enumerate(dict.fromkeys(frame["metric"]))}
+    order = {name: i for i, name in enumerate(frame["metric"].unique())}
     return lambda column: column.map(order) if column.name == "metric" else column
 
 

@@ -154,7 +154,7 @@ def importance_profiles(bootstrap_importance: pd.DataFrame):
     """Importance by layer per distribution, with bootstrap confidence bands (log scale)."""
     module = bootstrap_importance["module"].iloc[0]
     fig, ax = plt.subplots(figsize=(9, 4))
-    candidates = list(dict.fromkeys(bootstrap_importance["candidate"]))
+    candidates = list(bootstrap_importance["candidate"].unique())
     for name, part in bootstrap_importance.groupby("distribution", sort=False):
         x = np.arange(len(part)) if module == "joint" else part["candidate"].astype(int).to_numpy()
         ax.plot(x, part["importance"], marker="o", markersize=3, label=name)
@@ -227,9 +227,9 @@ def importance_heatmap(scores: pd.DataFrame, module: str = "attn"):
 def membership_heatmap(bootstrap_importance: pd.DataFrame, k: int):
     """Probability (over bootstrap resamples) that each candidate falls in the size-k drop set."""
     module = bootstrap_importance["module"].iloc[0]
-    order = list(dict.fromkeys(bootstrap_importance["candidate"]))
+    order = list(bootstrap_importance["candidate"].unique())
     matrix = bootstrap_importance.pivot(index="candidate", columns="distribution", values=f"p_drop@{k}")
-    matrix = matrix.loc[order, list(dict.fromkeys(bootstrap_importance["distribution"]))]
+    matrix = matrix.loc[order, list(bootstrap_importance["distribution"].unique())]
     fig, ax = plt.subplots(figsize=(0.9 * matrix.shape[1] + 3, 0.2 * len(matrix) + 1.8))
     sns.heatmap(matrix, vmin=0, vmax=1, cmap="Blues", ax=ax, yticklabels=True, linewidths=0.3, linecolor="#eeeeee",
                 cbar_kws={"label": f"P(in drop set of size {k})"})

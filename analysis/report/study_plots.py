@@ -89,7 +89,7 @@ def worst_case_forest(transfer: pd.DataFrame):
 def validity_heatmap(validity: pd.DataFrame):
     """Spearman ρ between each proxy's ranking and the ablation ranking: metric × distribution, one panel per module
     kind (stacked, to stay legible at page width)."""
-    modules = list(dict.fromkeys(validity["module"]))
+    modules = list(validity["module"].unique())
     low, high = fitted_limits(validity["spearman"], step=0.1)
     fig, axes = plt.subplots(len(modules), 1, figsize=(7.5, 2.6 * len(modules) + 0.5), squeeze=False,
                              layout="constrained")
@@ -191,10 +191,10 @@ def regret_overview(regret: pd.DataFrame):
     """
     worst = regret.groupby(["module", "k", "drop_set"], sort=False)["regret"].max().reset_index()
     worst["kind"] = worst["drop_set"].map(drop_set_kind)
-    names = list(dict.fromkeys(worst["drop_set"]))
+    names = list(worst["drop_set"].unique())
     order = sorted(names, key=lambda n: list(DROP_SET_KINDS.values()).index(drop_set_kind(n)))
     position = {name: i for i, name in enumerate(order)}
-    modules = list(dict.fromkeys(worst["module"]))
+    modules = list(worst["module"].unique())
     columns = max(worst.groupby("module")["k"].nunique())
     palette = dict(zip(DROP_SET_KINDS.values(), sns.color_palette("deep")))
     fig, axes = plt.subplots(len(modules), columns, figsize=(5 * columns + 2, 0.25 * len(order) * len(modules) + 1.5),

@@ -275,7 +275,7 @@ def importance_panels(importance: pd.DataFrame, *, module: str = "attn", metric:
     part = importance[(importance["module"] == module) & (importance["metric"] == metric)]
     if part.empty:
         raise InputError(f"no {metric} importance of {module} in the results")
-    names = list(dict.fromkeys(part["model"]))
+    names = list(part["model"].unique())
     fig, axes = plt.subplots(len(names), 1, figsize=(9, 1.1 + 1.5 * len(names)), sharex=True, squeeze=False,
                              layout="constrained")
     norm = LogNorm(vmin=1e-3, vmax=1)
@@ -312,7 +312,7 @@ def consensus_forest(comparisons: pd.DataFrame):
         rows["b"].map(lambda label: str(parse_label(label)["k"])) + ")"
     y = np.arange(len(rows))[::-1]
     fig, ax = plt.subplots(figsize=(7, 0.3 * len(rows) + 1.4))
-    colours = rows["model"].map(dict(zip(dict.fromkeys(rows["model"]),
+    colours = rows["model"].map(dict(zip(rows["model"].unique(),
                                          plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4)))
     ax.errorbar(rows["ratio"], y, xerr=[rows["ratio"] - rows["ci_low"], rows["ci_high"] - rows["ratio"]], fmt="none",
                 ecolor="grey")

@@ -104,7 +104,7 @@ def stage_accuracy_paired(study: Study) -> dict[str, pd.DataFrame]:
     s, items = study.settings, study.results["accuracy_items"]
     if not len(items) or UNPRUNED not in set(items["drop_set"]):
         return {"accuracy_paired": pd.DataFrame(), "accuracy_tasks": pd.DataFrame()}
-    paired, tasks = accuracy.accuracy_analysis(items, accuracy_pairs(study, list(dict.fromkeys(items["drop_set"]))),
+    paired, tasks = accuracy.accuracy_analysis(items, accuracy_pairs(study, list(items["drop_set"].unique())),
                                                task_limit=s.task_limit,
                                                n_boot=s.n_boot, seed=s.seed)
     return {"accuracy_paired": paired, "accuracy_tasks": tasks}

@@ -36,7 +36,7 @@ def check_scores(scores: pd.DataFrame, *, per_sample: bool = False) -> None:
 
 def metrics_in(scores: pd.DataFrame) -> list[str]:
     """The metrics of a score table, in order of appearance (``["cosine"]`` for a table without a ``metric`` column)."""
-    return list(dict.fromkeys(scores["metric"])) if "metric" in scores.columns else [PRIMARY_METRIC]
+    return list(scores["metric"].unique()) if "metric" in scores.columns else [PRIMARY_METRIC]
 
 
 def one_metric(scores: pd.DataFrame, metric: str | None = None) -> tuple[pd.DataFrame, str]:
@@ -76,7 +76,7 @@ def _rows_of(scores: pd.DataFrame, module: str) -> pd.DataFrame:
 
 def _candidate_order(rows: pd.DataFrame) -> list:
     kind = rows["module"].map({"attn": 0, "mlp": 1, "block": 2})
-    return list(dict.fromkeys(rows.assign(kind=kind).sort_values(["kind", "layer"], kind="stable")["candidate"]))
+    return list(rows.assign(kind=kind).sort_values(["kind", "layer"], kind="stable")["candidate"].unique())
 
 
 def importance_matrix(scores: pd.DataFrame, module: str = "attn", metric: str | None = None) -> pd.DataFrame:
@@ -91,7 +91,7 @@ def importance_matrix(scores: pd.DataFrame, module: str = "attn", metric: str | 
         values = rows[["distribution", "candidate", "importance"]]
     matrix = values.pivot(index="candidate", columns="distribution", values="importance")
     order = _candidate_order(rows)
-    return matrix.loc[order, list(dict.fromkeys(rows["distribution"]))]
+    return matrix.loc[order, list(rows["distribution"].unique())]
 
 
 def drop_set(importance: pd.Series | np.ndarray, k: int, labels: Sequence | None = None) -> list:
