@@ -143,6 +143,7 @@ def test_compare_consensus_and_prune_read_the_smoke_run(smoke_run, tmp_path):
         (["compare", "nowhere"], "no per-sample scores at nowhere"),
         (["prune", "--drop-set", "missing.json", "--out", "x"], "drop-set file missing.json does not exist"),
         (["evaluate"], "nothing to evaluate"),
+        (["check", "--model", "m", "--drop-set", "s.json", "--alpha=--"], "argument --alpha: '--' is not a value"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, message):

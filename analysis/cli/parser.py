@@ -360,7 +360,11 @@ def _quiet_library_progress() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run a command. The error boundary: calibdrop's own errors and failures of the user's files or
     environment (OSError) print one line and exit 2; anything else is a bug and keeps its traceback."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    for arg in sys.argv[1:] if argv is None else argv:
+        if arg.startswith("--") and arg.endswith("=--"):  # argparse drops a "--" value and calls no type check
+            parser.error(f"argument {arg.split('=')[0]}: '--' is not a value; give one after the '='")
+    args = parser.parse_args(argv)
     warnings.formatwarning = _warning_line
     _quiet_library_progress()
     try:
