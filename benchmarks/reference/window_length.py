@@ -41,7 +41,8 @@ def compare_lengths(model_spec: str, run: Path, a: str, b: str, distribution: st
         samples = evaluation.heldout_samples(tokenizer, [distribution], n_samples=windows, seq_len=length, seed=seed)
         with torch.inference_mode():
             nll = evaluation.window_nll(model, samples, chosen, batch_size=batch_size)
-        ratios = evaluation.transfer_summary(nll, n_boot=n_boot, seed=seed).set_index("drop_set")
+        ratios = evaluation.transfer_summary(nll, n_boot=n_boot, seed=seed)
+        ratios = ratios[ratios["distribution"] == distribution].set_index("drop_set")
         paired = evaluation.paired_comparisons(nll, [("a vs b", a, b)], n_boot=n_boot, seed=seed)
         pair = paired[paired["distribution"] == distribution].iloc[0]
         rows.append({"seq_len": length, "windows": int(nll["window"].nunique()),
