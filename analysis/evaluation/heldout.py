@@ -171,6 +171,12 @@ def dropped_candidates(drop_set: DropSet | dict | None) -> list[tuple[str, int]]
     return [] if chosen is None else chosen.candidates()
 
 
+def removed_modules(drop_set: DropSet | dict | None) -> tuple[tuple[str, int], ...]:
+    """:func:`dropped_candidates` sorted: two drop sets that remove the same modules (an attention set and a joint set
+    of the same attention layers) have the same value, so one evaluation serves both."""
+    return tuple(sorted(dropped_candidates(drop_set)))
+
+
 def heldout_samples(tokenizer, distributions, *, n_samples: int, seq_len: int, seed: int) -> dict:
     """Per distribution, token windows from its held-out split only."""
     return {
@@ -190,7 +196,7 @@ def window_nll(model, samples: dict, drop_sets: dict, *, batch_size: int = 4, pr
     are evaluated once.  Columns: ``drop_set, distribution, window, nll_sum, n_tokens``.
     """
     device = input_device(model)
-    dropped = {name: tuple(sorted(dropped_candidates(spec))) for name, spec in drop_sets.items()}
+    dropped = {name: removed_modules(spec) for name, spec in drop_sets.items()}
     unique = list(dict.fromkeys(dropped.values()))
     rows = []
     for name, windows in tqdm(samples.items(), desc="held-out windows", unit="dist", disable=not progress):

@@ -74,7 +74,7 @@ def stage_accuracy(study: Study) -> dict[str, pd.DataFrame]:
     for name in tqdm(s.accuracy_labels, desc="zero-shot accuracy", unit="set", disable=not study.progress):
         if name not in sets:
             continue
-        members = tuple(sorted(evaluation.dropped_candidates(sets[name])))
+        members = evaluation.removed_modules(sets[name])
         if members not in by_members:
             by_members[members] = study.part("accuracy_items", name.replace(":", "_").replace("/", "_"),
                                              lambda name=name: accuracy.items_of_set(
