@@ -27,6 +27,9 @@ from .consensus import consensus_from_matrix
 from .tables import drop_set, importance_matrix, one_metric
 
 UNPRUNED = "none"
+LAST = "last"  # the method of the drop-the-last-k baseline (reverse-order removal)
+DEPTH = "depth"  # its metric: chosen by position alone
+PAPER_DISTRIBUTION = "general"  # the paper's recipe: its one calibration set is general text
 DROP_MODULES_ARGUMENT = {"attn": "attn", "mlp": "mlp", "block": "blocks", "joint": "joint"}
 
 
@@ -116,10 +119,31 @@ def method_family(method: str) -> str:
 
 def method_kind(method: str) -> str:
     """What a method is, as the summary tables name it: ``consensus`` (borda, minimax, mean, median), ``single``
-    (``own:d``), ``greedy`` (``greedy:d``), ``robust greedy`` (``greedy:robust``), ``random``."""
+    (``own:d``), ``greedy`` (``greedy:d``), ``robust greedy`` (``greedy:robust``), ``random``, ``last k``."""
     if method == "greedy:robust":
         return "robust greedy"
-    return {"own": "single", "greedy": "greedy", "random": "random"}.get(method_family(method), "consensus")
+    return {"own": "single", "greedy": "greedy", "random": "random", LAST: "last k"}.get(method_family(method),
+                                                                                       "consensus")
+
+
+def last_k_set(candidates, module: str, k: int) -> DropSet:
+    """The simplest published alternative (reverse-order removal; Lu et al., "Reassessing layer pruning in LLMs"):
+    the ``k`` deepest of ``candidates`` (layers; joint entries in forward order, attention before MLP), labelled
+    ``depth/<module>-<k>:last``."""
+    ordered = sorted(candidates, key=joint_sort_key) if module == "joint" else sorted(int(c) for c in candidates)
+    return make_drop_set(module, ordered[len(ordered) - k:], LAST, DEPTH)
+
+
+def paper_recipe_label(module: str, k: int, metric: str = "cosine") -> str:
+    """The label of the paper's recipe (He et al., 2024): the ``k`` least important modules by ``metric`` on the one
+    general-text distribution, ``<metric>/<module>-<k>:own:general``."""
+    return f"{metric}/{module}-{k}:own:{PAPER_DISTRIBUTION}"
+
+
+def baseline_labels(module: str, k: int, metric: str = "cosine") -> dict[str, str]:
+    """The baselines a recommendation is weighed against, by name: ``last k`` (:func:`last_k_set`) and ``paper
+    recipe`` (:func:`paper_recipe_label`)."""
+    return {"last k": f"{DEPTH}/{module}-{k}:{LAST}", "paper recipe": paper_recipe_label(module, k, metric)}
 
 
 def random_drop_set(matrix: pd.DataFrame, module: str, k: int, seed: int, metric: str = PRIMARY_METRIC) -> DropSet:

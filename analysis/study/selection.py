@@ -14,7 +14,8 @@ from ..importance.metrics import GROUND_TRUTH
 from ..models.pruning import modules_dropped
 from ..presets import RunSettings
 from . import consensus, stability
-from .dropsets import UNPRUNED, DropSet, drop_set_family, make_drop_set, parse_label
+from .dropsets import (PAPER_DISTRIBUTION, UNPRUNED, DropSet, drop_set_family, last_k_set, make_drop_set,
+                       parse_label)
 
 
 def _as_labels(value) -> list[str]:
@@ -57,11 +58,24 @@ def greedy_sets(paths: pd.DataFrame, module: str, ks) -> dict[str, DropSet]:
     return sets
 
 
+def baseline_sets(scores: pd.DataFrame, module: str, k: int) -> dict[str, DropSet]:
+    """The baselines every module kind and budget is weighed against, by label: drop the last k
+    (:func:`~analysis.study.dropsets.last_k_set`) and the paper's recipe, cosine's own set of the general-text
+    distribution (when the run scores both)."""
+    candidates = list(stability.importance_matrix(scores, module, stability.metrics_in(scores)[0]).index)
+    sets = {(last := last_k_set(candidates, module, k)).label: last}
+    if "cosine" in stability.metrics_in(scores) and PAPER_DISTRIBUTION in set(scores["distribution"]):
+        general = scores[scores["distribution"] == PAPER_DISTRIBUTION]
+        sets.update(drop_set_family(general, module=module, k=k, metric="cosine", methods=(), own=True))
+    return sets
+
+
 def evaluated_sets(scores: pd.DataFrame, paths: pd.DataFrame | None, settings: RunSettings) -> dict[str, DropSet]:
     """The drop sets evaluated on held-out text, by label.  Attention, per budget: every metric's borda
     and minimax sets, each distribution's own set by the metrics of ``settings.own_metrics``,
     random sets (labelled with the primary metric) and the greedy sets.  Every other module kind of
-    ``settings.transfer_modules`` at its largest budget: every metric's borda set and one random set."""
+    ``settings.transfer_modules`` at its largest budget: every metric's borda set and one random set.  Every module
+    kind and budget: the baselines (:func:`baseline_sets`)."""
     sets: dict[str, DropSet] = {}
     for module in settings.transfer_modules:
         attention = module == "attn"
@@ -72,6 +86,7 @@ def evaluated_sets(scores: pd.DataFrame, paths: pd.DataFrame | None, settings: R
                 methods = ("borda", "minimax") if attention else ("borda",)
                 sets.update(drop_set_family(scores, module=module, k=k, metric=metric, methods=methods,
                                             own=attention and metric in settings.own_metrics, random_seeds=seeds))
+            sets.update(baseline_sets(scores, module, k))
     if paths is not None:
         sets.update(greedy_sets(paths, settings.greedy_module, settings.budget(settings.greedy_module)))
     return sets
