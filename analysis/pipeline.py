@@ -162,7 +162,7 @@ STAGES = (
           work=work_of("routing")),
     Stage("resolution", ("heldout_windows", "transfer", "pruned", "comparisons", "validity", "stability",
                          "decomposition", "routing"), ("n_boot", "seed", "ablation_samples", "ablation_seq_len",
-                                                       "primary_metric"),
+                                                       "primary_metric", "equivalence_margin"),
           stage_resolution,
           tables=("set_groups", "claims")),
 )

@@ -45,6 +45,9 @@ class RunSettings:
     ``matmul_precision`` is how every float32 matrix product of the run is computed
     (:func:`analysis.models.loading.float32_matmul_precision`: ``highest``, ``high`` = TensorFloat-32 on a GPU,
     ``medium``); any other than ``highest`` is part of every stage's key.
+    ``equivalence_margin`` is how far apart (relative, on the worst-case held-out perplexity ratio) two drop sets
+    may be and still serve alike: sets shown within it of the best form an equivalent group
+    (:mod:`analysis.study.recommend`).
     """
 
     distributions: tuple[str, ...] = ()
@@ -83,6 +86,7 @@ class RunSettings:
     lodo: bool = False
     lodo_probes: int = 8
     matmul_precision: str = "highest"
+    equivalence_margin: float = 0.02
 
     @property
     def own_metrics(self) -> tuple[str, ...]:

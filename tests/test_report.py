@@ -1,5 +1,6 @@
 """The report: a verdict with CIs, the recommended set by held-out loss, every module kind, flags, numeric order, a linked HTML."""
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -102,35 +103,41 @@ def test_a_baseline_not_clearly_above_chance_is_excluded():
     assert len(excluded) == 1 and "boolq" in excluded[0] and "0.480 on 200 items" in excluded[0]
 
 
-def resolution_results(minimax_ci: tuple[float, float]) -> report.Results:
-    """Held-out tables of one budget: borda 1.10 best, minimax 1.12, random 3.0; the paired CI of borda / minimax as
-    given."""
-    from analysis.study import resolution
+def resolution_results(minimax_gap: float, noise: float) -> report.Results:
+    """Held-out tables of one budget from constructed windows: borda, minimax ``minimax_gap`` worse per token, the
+    last-8 baseline and a random set far worse, per-window noise ``noise``."""
+    from analysis.evaluation.heldout import transfer_summary, worst_case_replicates
+    from analysis.study import recommend
     from analysis.study.dropsets import parse_label
 
-    borda, minimax = "cosine/attn-8:borda", "cosine/attn-8:minimax"
-    ratios = {"none": 1.0, borda: 1.10, minimax: 1.12, "cosine/attn-8:random:0": 3.0}
-    transfer = pd.DataFrame([{"drop_set": label, "distribution": where, "ppl_ratio": r, "ci_low": r - 0.02,
-                              "ci_high": r + 0.02, **parse_label(label)}
-                             for label, r in ratios.items() for where in ("code", "worst", "mean")])
-    paired = pd.DataFrame([{"comparison": "x", "a": borda, "b": minimax, "distribution": "worst", "effect": -0.018,
-                            "ratio": 0.982, "ci_low": minimax_ci[0], "ci_high": minimax_ci[1], "p_value": 0.001,
-                            "p_floor": 0.001, "se": 0.01, "n_windows": 32}])
-    members = [[], list(range(8)), list(range(1, 9)), list(range(2, 10))]
-    pruned = pd.DataFrame({"drop_set": list(ratios), "indices": members})
-    groups = resolution.set_groups(resolution.candidates(transfer), paired, dict(zip(ratios, members)))
+    borda, minimax, last, random = ("cosine/attn-8:borda", "cosine/attn-8:minimax", "depth/attn-8:last",
+                                    "cosine/attn-8:random:0")
+    effects = {"none": 0.0, borda: 0.10, minimax: 0.10 + minimax_gap, last: 0.5, random: 1.0}
+    rng = np.random.default_rng(0)
+    base = 300 + rng.normal(0, 20, 32)
+    windows = pd.DataFrame([{"drop_set": label, "distribution": d, "window": w, "n_tokens": 100,
+                             "nll_sum": base[w] + 100 * (effect + (noise * rng.standard_normal() if effect else 0))}
+                            for d in ("code", "math") for label, effect in effects.items() for w in range(32)])
+    members = [[], list(range(8)), list(range(1, 9)), list(range(22, 30)), list(range(2, 10))]
+    pruned = pd.DataFrame([{"drop_set": label, "indices": m, **parse_label(label)} for label, m in zip(effects, members)])
+    transfer = transfer_summary(windows, n_boot=200)
+    worst, n = worst_case_replicates(windows, n_boot=200)
+    groups = recommend.set_groups(worst, recommend.distinct_sets(pruned), n_windows=n)
     tables = {"transfer": transfer, "pruned": pruned, "set_groups": groups}
     return report.Results({}, RunSettings(budgets={"attn": (8,)}), pd.DataFrame(), tables, [])
 
 
-def test_the_verdict_recommends_a_set_only_when_its_paired_ci_separates_it():
-    verdict = "\n".join(report.section_verdict(resolution_results((0.96, 0.99))))
-    assert "- **attn-8 on held-out text**: use the cosine borda set" in verdict and "**resolved**: recommended" in verdict
-    verdict = "\n".join(report.section_verdict(resolution_results((0.96, 1.01))))
-    assert "use the" not in verdict and "**not resolved**: cannot be separated from cosine minimax; about" in verdict
-    assert "held-out windows per distribution (now 32)" in verdict
-    table = "\n".join(report.section_resolution(resolution_results((0.96, 1.01))))
-    assert "0 of 1 headline claims are resolved" in table and "| recommended set | attn-8: cosine/attn-8:borda" in table
+def test_the_verdict_recommends_a_set_only_when_it_is_separated_and_weighs_it_against_the_baselines():
+    verdict = "\n".join(report.section_verdict(resolution_results(0.05, 0.01)))
+    assert "- **attn-8 on held-out text: recommended**. drop 0, 1, 2, 3, 4, 5, 6, 7 (cosine borda)" in verdict
+    assert "Against dropping the last 8: loses less (resolved)" in verdict
+    verdict = "\n".join(report.section_verdict(resolution_results(0.001, 0.05)))
+    assert "not resolved**" in verdict and "held-out windows per distribution (now 32)" in verdict
+    verdict = "\n".join(report.section_verdict(resolution_results(0.0, 0.002)))
+    assert "equivalent group**" in verdict and "2 sets within 2% of the best" in verdict
+    table = "\n".join(report.section_resolution(resolution_results(0.001, 0.05)))
+    assert "| recommended set    | attn-8: cosine/attn-8:" in table and "**not resolved**" in table
+    assert "| answer vs baseline | attn-8: last k: depth/attn-8:last " in table
 
 
 def test_p_values_at_the_bootstrap_floor_print_as_a_bound():

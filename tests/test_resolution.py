@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from analysis.evaluation.heldout import paired_comparisons, transfer_summary
+from analysis.evaluation.heldout import paired_comparisons
 from analysis.study import resolution, validity
 from analysis.study.stability import basic_interval, percentile_interval, rowwise_spearman
 
@@ -81,64 +81,6 @@ def paired_row(best: str, other: str, ratio: float, low: float, high: float, se:
             "se": se, "n_windows": n}
 
 
-def ranked(ratios: dict) -> pd.DataFrame:
-    rows = [{"drop_set": f"{A}{m}", "distribution": "worst", "module": "attn", "k": 2, "metric": "cosine",
-             "method": m, "ppl_ratio": r, "ci_low": r * 0.95, "ci_high": r * 1.05} for m, r in ratios.items()]
-    return resolution.candidates(pd.DataFrame(rows))
-
-
-def groups(ratios: dict, pairs: dict, members: dict | None = None) -> pd.DataFrame:
-    table = ranked(ratios)
-    best = table["drop_set"].iloc[0]
-    paired = pd.DataFrame([paired_row(best, f"{A}{m}", *ci) for m, ci in pairs.items()])
-    members = {f"{A}{m}": v for m, v in (members or {m: [i, i + 10] for i, m in enumerate(ratios)}).items()}
-    return resolution.set_groups(table, paired, members).set_index("drop_set")
-
-
-def test_a_set_separated_from_every_other_is_recommended():
-    table = groups({"borda": 1.1, "minimax": 1.3, "random:0": 9.0}, {"minimax": (0.85, 0.80, 0.90)})
-    assert table["resolved"].all() and list(table.index) == [f"{A}borda", f"{A}minimax"]  # random sets excluded
-    assert table.loc[f"{A}minimax", "separated"] and not table.loc[f"{A}minimax", "in_group"]
-    claim = resolution.recommendation_claims(table.reset_index())[0]
-    assert claim["resolved"] and claim["finding"].startswith(f"recommended: {A}borda; separated from the runner-up")
-
-
-def test_a_set_not_separated_from_the_runner_up_names_the_group_and_the_windows_it_needs():
-    table = groups({"borda": 1.1, "minimax": 1.12}, {"minimax": (0.98, 0.95, 1.02)})
-    assert not table["resolved"].any() and table["in_group"].all()
-    expected = math.ceil(8 * (Z * 0.02 / abs(math.log(0.98))) ** 2)
-    assert table.loc[f"{A}minimax", "windows_needed"] == expected
-    claim = resolution.recommendation_claims(table.reset_index())[0]
-    assert not claim["resolved"] and "cannot be separated from cosine/attn-2:minimax" in claim["finding"]
-    assert f"about {expected:,} held-out windows per distribution (now 8)" == claim["needs"]
-
-
-def test_sets_with_the_same_members_are_one_set_and_do_not_block_a_recommendation():
-    members = {"greedy:code": [5, 7], "greedy:robust": [7, 5], "borda": [1, 2]}
-    table = groups({"greedy:code": 1.5, "greedy:robust": 1.5, "borda": 1.7},
-                   {"greedy:robust": (1.0, 1.0, 1.0), "borda": (0.88, 0.86, 0.9)}, members)
-    assert table["resolved"].all() and table.loc[f"{A}greedy:robust", "same_as_best"]
-    claim = resolution.recommendation_claims(table.reset_index())[0]
-    assert claim["finding"].startswith(f"recommended: {A}greedy:code = {A}greedy:robust; separated from the "
-                                       f"runner-up {A}borda")
-
-
-def test_a_group_of_three_that_cannot_be_separated():
-    table = groups({"borda": 1.1, "minimax": 1.11, "own:code": 1.12, "own:math": 2.0},
-                   {"minimax": (0.99, 0.97, 1.01), "own:code": (0.98, 0.95, 1.01), "own:math": (0.55, 0.5, 0.6)})
-    group = table.index[table["in_group"]].tolist()
-    assert group == [f"{A}borda", f"{A}minimax", f"{A}own:code"] and not table["resolved"].any()
-    # separating the best from the whole group takes as many windows as the hardest pair needs
-    claim = resolution.recommendation_claims(table.reset_index())[0]
-    assert claim["windows_needed"] == max(table.loc[group[1:], "windows_needed"])
-
-
-def test_separated_from_the_runner_up_but_not_from_a_noisier_set_further_down_is_not_resolved():
-    table = groups({"borda": 1.1, "minimax": 1.2, "own:code": 1.3},
-                   {"minimax": (0.92, 0.9, 0.95), "own:code": (0.85, 0.6, 1.1)})
-    assert not table["resolved"].any() and table.index[table["in_group"]].tolist() == [f"{A}borda", f"{A}own:code"]
-
-
 def synthetic_windows(effects: dict, n: int, noise: float, seed: int = 0, tokens: int = 100) -> pd.DataFrame:
     """Held-out windows of two distributions: each set's summed NLL is the unpruned one plus
     ``tokens * (effect + noise)``."""
@@ -152,17 +94,6 @@ def synthetic_windows(effects: dict, n: int, noise: float, seed: int = 0, tokens
             rows += [{"drop_set": label, "distribution": d, "window": w, "n_tokens": tokens,
                       "nll_sum": base[w] + (0 if effect is None else extra[w])} for w in range(n)]
     return pd.DataFrame(rows)
-
-
-@pytest.mark.parametrize("gap, resolved", [(0.2, True), (0.002, False)])
-def test_the_pipeline_path_from_windows_to_groups(gap, resolved):
-    effects = {f"{A}borda": 0.1, f"{A}minimax": 0.1 + gap, f"{A}random:0": 1.0}
-    windows = synthetic_windows(effects, n=16, noise=0.05)
-    table = resolution.candidates(transfer_summary(windows, n_boot=200))
-    paired = paired_comparisons(windows, resolution.versus_best(table), n_boot=200)
-    members = {label: [i] for i, label in enumerate(effects)}
-    result = resolution.set_groups(table, paired, members)
-    assert set(result["drop_set"]) == {f"{A}borda", f"{A}minimax"} and result["resolved"].all() == resolved
 
 
 # ---------------------------------------------------------------- what would resolve it, against direct computations
@@ -262,38 +193,28 @@ def truth_halves(attn: float) -> pd.DataFrame:
                          "reliability": [attn, 0.99, 0.5, 0.99]})
 
 
-def test_sets_built_from_an_unreliable_ground_truth_resolve_nothing_until_it_is_reliable():
+def test_procedures_built_from_an_unreliable_ground_truth_resolve_nothing_until_it_is_reliable():
     truth = "ablation/attn-2:borda"
-    rows = [{"drop_set": label, "distribution": "worst", "module": "attn", "k": 2, "metric": label.split("/")[0],
-             "method": "borda", "ppl_ratio": r, "ci_low": r * 0.95, "ci_high": r * 1.05}
-            for label, r in ((f"{A}borda", 1.1), (f"{A}minimax", 1.2), (truth, 1.3))]
-    table = resolution.candidates(pd.DataFrame(rows))
     paired = pd.DataFrame([paired_row(f"{A}borda", truth, 0.85, 0.80, 0.90),
                            paired_row(f"{A}borda", f"{A}minimax", 0.9, 0.85, 0.95)])
-    members = {f"{A}borda": [1, 2], f"{A}minimax": [1, 5], truth: [3, 4]}
     assert resolution.truth_reliability(truth_halves(0.8)) == {"attn": 0.8, "mlp": 0.5}
     for attn, resolved in ((0.8, False), (0.96, True)):
         reliability = resolution.truth_reliability(truth_halves(attn))
-        groups = resolution.set_groups(table, paired, members, reliability)
-        assert groups["resolved"].tolist() == [resolved] * 3
-        claim = resolution.recommendation_claims(groups, truth_tokens=512)[0]
         claims = resolution.comparison_claims(paired, reliability=reliability, truth_tokens=512)
         # the comparison with the ground-truth set follows its reliability; the one between two proxies does not
-        assert [claim["resolved"], claims[0]["resolved"], claims[1]["resolved"]] == [resolved, resolved, True]
+        assert [claims[0]["resolved"], claims[1]["resolved"]] == [resolved, True]
     tokens = math.ceil(512 * 0.95 * 0.2 / (0.8 * 0.05))
-    unresolved = resolution.recommendation_claims(resolution.set_groups(table, paired, members, {"attn": 0.8}), 512)[0]
+    unresolved = resolution.comparison_claims(paired, reliability={"attn": 0.8}, truth_tokens=512)[0]
     assert unresolved["tokens_needed"] == tokens and f"about {tokens:,} ground-truth tokens" in unresolved["needs"]
-    assert "unstable" in unresolved["finding"] and unresolved["windows_needed"] == 0
     # the same members are the same loss on every window, whatever the ground truth
     same = paired_row(f"{A}borda", truth, 1.0, 1.0, 1.0, se=0.0)
     same["effect"] = 0.0
     assert resolution.comparison_claims(pd.DataFrame([same]), reliability={"attn": 0.8}, truth_tokens=512)[0][
         "resolved"]
     # claims_table reads the reliabilities from split_half
-    claims = resolution.claims_table({"set_groups": resolution.set_groups(table, paired, members, {"attn": 0.8}),
-                                      "comparisons": paired, "split_half": truth_halves(0.8)}, truth_tokens=512)
-    assert claims["claim"].tolist() == ["recommended set", "a loses less than b", "a loses less than b"]
-    assert claims["resolved"].tolist() == [False, False, True]
+    claims = resolution.claims_table({"comparisons": paired, "split_half": truth_halves(0.8)}, truth_tokens=512)
+    assert claims["claim"].tolist() == ["a loses less than b", "a loses less than b"]
+    assert claims["resolved"].tolist() == [False, True]
 
 
 def per_sample_scores(noise: float, n: int = 12, seed: int = 0) -> pd.DataFrame:

@@ -231,6 +231,14 @@ def _log_ratio_replicates(windows: pd.DataFrame, n_boot: int, seed: int) -> tupl
     return replicates, sets, n_windows
 
 
+def worst_case_replicates(windows: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -> tuple[pd.DataFrame, int]:
+    """Every set's worst-case log perplexity ratio ``max_d log(ppl_set,d / ppl_none,d)``, one column per set, row 0
+    the estimate and rows 1.. paired bootstrap replicates over windows (the replicates of :func:`transfer_summary`
+    with the same seed), and the fewest windows of any distribution."""
+    replicates, sets, n_windows = _log_ratio_replicates(windows, n_boot, seed)
+    worst = np.max(np.stack(list(replicates.values())), axis=0)
+    return pd.DataFrame(worst, columns=sets), min(n_windows.values())
+
 
 def transfer_summary(windows: pd.DataFrame, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
     """Perplexity ratio of every drop set to the unpruned model on every distribution, with bootstrap CIs over windows.

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from ..evaluation import accuracy
 from ..evaluation import heldout as evaluation
-from ..study import resolution
+from ..study import recommend, resolution
 from ..study.dropsets import UNPRUNED
 from ..study.selection import comparison_pairs, evaluated_sets, pruned_size, sets_from_table
 
@@ -111,16 +111,15 @@ def stage_accuracy_paired(study: Study) -> dict[str, pd.DataFrame]:
 
 
 def stage_resolution(study: Study) -> dict[str, pd.DataFrame]:
-    """Every headline claim marked resolved or not (:mod:`analysis.study.resolution`): the best set of each module kind
-    and budget paired against every other on the same held-out windows (``set_groups``), then ``claims``."""
+    """Every headline claim marked resolved or not (:mod:`analysis.study.resolution`): each distinct member set of
+    each module kind and budget paired against the best on the same held-out windows, with its status
+    (:mod:`analysis.study.recommend`: ``set_groups``), then ``claims``."""
     s, r = study.settings, study.results
     groups = pd.DataFrame()
     if len(r.get("transfer", [])):
-        ranked = resolution.candidates(r["transfer"])
-        pairs = resolution.versus_best(ranked)
-        paired = evaluation.paired_comparisons(r["heldout_windows"], pairs, n_boot=s.n_boot, seed=s.seed)
-        groups = resolution.set_groups(ranked, paired, dict(zip(r["pruned"]["drop_set"], r["pruned"]["indices"])),
-                                       resolution.truth_reliability(r.get("split_half")))
+        worst, n_windows = evaluation.worst_case_replicates(r["heldout_windows"], n_boot=s.n_boot, seed=s.seed)
+        groups = recommend.set_groups(worst, recommend.distinct_sets(r["pruned"]), n_windows=n_windows,
+                                      margin=s.equivalence_margin)
     names = ("comparisons", "validity", "split_half", "data_or_metric", "bootstrap_pairs", "routing_paired")
     tables = {name: r.get(name) for name in names} | {"set_groups": groups}
     return {"set_groups": groups,

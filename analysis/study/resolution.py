@@ -9,14 +9,16 @@ Small pure functions over the run's tidy tables, so a report can be re-rendered 
   other words their ρ corrected for attenuation, ``ρ / sqrt(rel_a rel_b)`` (Spearman's correction), is below 1
   with 95% confidence.  The same rule applies to Jaccard@k against the split-half Jaccard@k floors.
 * **Separated** (paired comparisons on the same held-out windows): the 95% paired bootstrap CI of the
-  perplexity ratio ``a / b`` excludes 1.  A drop set is *recommended* only when it is separated from every
-  other distinct set of its module kind and budget (in particular the runner-up); otherwise the report names
-  the group of sets it cannot be separated from.  Sets with the same members are one set under several names.
-* **Sets built from an unstable ground truth**: a set chosen from the ablation ground truth (its metric) changes
-  when the ground-truth windows are resampled unless the ground truth is reliable, so a paired comparison naming
-  such a set, and a recommendation among candidates that include one, is resolved only when the ground truth's
-  split-half reliability for that module kind reaches :data:`RELIABLE` on every distribution
-  (:func:`truth_reliability`); else the ground-truth tokens that would get it there.
+  perplexity ratio ``a / b`` excludes 1.  These are claims about *procedures* (consensus against a distribution's
+  own set, greedy by real loss against a consensus).  Which *members* to drop is a different claim, with its own
+  rules (:mod:`analysis.study.recommend`: member sets on their held-out loss, the family-wise error of choosing the
+  best of many controlled, equivalence within a margin).
+* **Procedures built from an unstable ground truth**: a set chosen from the ablation ground truth (its metric)
+  changes when the ground-truth windows are resampled unless the ground truth is reliable, so a paired comparison
+  naming such a set is resolved only when the ground truth's split-half reliability for that module kind reaches
+  :data:`RELIABLE` on every distribution (:func:`truth_reliability`); else the ground-truth tokens that would get it
+  there.  A recommendation of members is never blocked by it: its evidence is the held-out loss of those members,
+  whatever built them.
 * **What would resolve it**: held-out windows per distribution for a paired comparison (:func:`windows_needed`,
   from the observed effect and its bootstrap standard error, as the accuracy section sizes items for McNemar);
   ground-truth tokens per distribution for a claim that rests on the ablation ranking
@@ -35,13 +37,14 @@ from scipy import stats
 from ..errors import InputError
 from ..importance.metrics import GROUND_TRUTH
 from ..presets import PRIMARY_METRIC
+from . import recommend
 from .dropsets import UNPRUNED, method_family, parse_label
 
 ALPHA = 0.05
 POWER = 0.8
 RELIABLE = 0.95
-CLAIM_COLUMNS = ["claim", "module", "k", "subject", "finding", "estimate", "ci_low", "ci_high", "resolved", "needs",
-                 "windows_needed", "tokens_needed", "samples_needed"]
+CLAIM_COLUMNS = ["claim", "module", "k", "subject", "status", "finding", "estimate", "ci_low", "ci_high", "resolved",
+                 "needs", "windows_needed", "tokens_needed", "samples_needed"]
 WINDOWS = "held-out windows per distribution"
 
 
@@ -119,13 +122,6 @@ def needs_text(amount: float, unit: str, now: float, why: str = "the estimate sh
     return f"about {amount:,.0f} {unit} (now {now:,.0f})"
 
 
-def names_text(labels, shown: int = 3) -> str:
-    """``a = b = c`` for one set under several names, the first ``shown`` of them and how many more."""
-    labels = list(labels)
-    more = f" (and {len(labels) - shown} more names of the same members)" if len(labels) > shown else ""
-    return " = ".join(labels[:shown]) + more
-
-
 def truth_reliability(split_half: pd.DataFrame | None) -> dict[str, float]:
     """The ground truth's lowest split-half reliability over distributions, per module kind (``{}`` without one)."""
     if split_half is None or not len(split_half):
@@ -163,118 +159,6 @@ def worst_case(transfer: pd.DataFrame) -> pd.DataFrame:
     ordered per module kind and budget by its worst-case held-out perplexity ratio, lowest first (stable on ties)."""
     worst = transfer[(transfer["distribution"] == "worst") & (transfer["drop_set"] != UNPRUNED)]
     return worst.sort_values(["module", "k", "ppl_ratio"], kind="stable")
-
-
-def candidates(transfer: pd.DataFrame) -> pd.DataFrame:
-    """The sets a recommendation chooses among: :func:`worst_case` without the random sets, with ``rank`` (1: lowest
-    ratio) per module kind and budget."""
-    worst = worst_case(transfer)
-    worst = worst[worst["method"].map(method_family) != "random"]
-    return worst.assign(rank=worst.groupby(["module", "k"], sort=False).cumcount() + 1)
-
-
-def versus_best(ranked: pd.DataFrame) -> list[tuple[str, str, str]]:
-    """``(comparison, best, other)`` for every other set of each module kind and budget of :func:`candidates`."""
-    pairs = []
-    for (module, k), part in ranked.groupby(["module", "k"], sort=False):
-        best = part["drop_set"].iloc[0]
-        pairs += [(f"{module}-{k}: {best} vs {other}", best, other) for other in part["drop_set"].iloc[1:]]
-    return pairs
-
-
-def _against_best(row, pair, same: bool) -> dict:
-    """The paired columns of :func:`set_groups` for one set (``pair``: its paired row, None for the best)."""
-    if pair is None:
-        return dict(ratio_to_best=1.0, pair_ci_low=1.0, pair_ci_high=1.0, p_value=1.0, p_floor=np.nan, separated=False,
-                    in_group=True, windows_needed=0.0, n_windows=np.nan)
-    split = bool(pair["ci_high"] < 1) and not same
-    return dict(ratio_to_best=pair["ratio"], pair_ci_low=pair["ci_low"], pair_ci_high=pair["ci_high"],
-                p_value=pair["p_value"], p_floor=pair["p_floor"], separated=split, in_group=not split,
-                windows_needed=0.0 if split else windows_needed(pair["effect"], pair["se"], pair["n_windows"]),
-                n_windows=pair["n_windows"])
-
-
-def set_groups(ranked: pd.DataFrame, paired: pd.DataFrame, members: dict,
-               reliability: dict[str, float] | None = None) -> pd.DataFrame:
-    """Per set of :func:`candidates`, against the best (lowest worst-case ratio) of its module kind and budget on the
-    same windows.
-
-    ``paired`` holds :func:`analysis.evaluation.heldout.paired_comparisons` of :func:`versus_best` (``a`` the best);
-    ``members`` maps a label to its members.  Columns: the set's ``module, k, drop_set, rank, ppl_ratio, ci_low,
-    ci_high``, ``same_as_best`` (the same members), the paired ``ratio_to_best`` (best / this) with
-    ``pair_ci_low``/``pair_ci_high``, ``p_value``, ``p_floor``, ``separated`` (the paired CI lies below 1),
-    ``in_group`` (the best itself, the same set, or not separated from it), ``windows_needed`` to separate it
-    (:func:`windows_needed`; 0 once separated) and ``n_windows``; and per module kind and budget
-    ``unstable_truth`` (the ground truth's reliability, :func:`truth_reliability`, when a candidate is built from it
-    and it is below :data:`RELIABLE`; else NaN) and ``resolved``: the group holds one distinct set and
-    ``unstable_truth`` is NaN.
-    """
-    worst = paired[paired["distribution"] == "worst"].set_index("b") if len(paired) else pd.DataFrame()
-    rows = []
-    for (module, k), part in ranked.groupby(["module", "k"], sort=False):
-        best_members = sorted(map(str, members.get(part["drop_set"].iloc[0], [])))
-        for row in part.itertuples():
-            same = sorted(map(str, members.get(row.drop_set, []))) == best_members
-            pair = worst.loc[row.drop_set] if row.rank > 1 and row.drop_set in worst.index else None
-            rows.append({"module": module, "k": int(k), "drop_set": row.drop_set, "rank": int(row.rank),
-                         "ppl_ratio": row.ppl_ratio, "ci_low": row.ci_low, "ci_high": row.ci_high, "same_as_best": same,
-                         **_against_best(row, pair, same)})
-    table = pd.DataFrame(rows)
-    if not len(table):
-        return table
-    distinct = table[table["in_group"] & ~table["same_as_best"]].groupby(["module", "k"]).size()
-    unstable = pd.Series([unstable_truth(label, reliability or {}) for label in table["drop_set"]])
-    table["unstable_truth"] = unstable.groupby([table["module"], table["k"]]).transform("min")
-    table["resolved"] = [distinct.get((m, k), 0) == 0 and np.isnan(u)
-                         for m, k, u in zip(table["module"], table["k"], table["unstable_truth"])]
-    return table
-
-
-def recommendation_status(part: pd.DataFrame, truth_tokens: float, name=str) -> tuple[str, str, float, float]:
-    """Why one module kind and budget of :func:`set_groups` has no recommended set: ``(finding's end, needs,
-    held-out windows needed, ground-truth tokens needed)`` (a group not separated, a ground truth too unreliable for
-    the sets built from it, or both); ``name`` shows a set's label."""
-    group = part[part["in_group"]]
-    others = group[~group["same_as_best"]]
-    reasons, needs, windows, tokens = [], [], 0.0, 0.0
-    if len(others):
-        windows = float(others["windows_needed"].max())
-        reasons.append(f"cannot be separated from {', '.join(map(name, others['drop_set']))}")
-        needs.append(needs_text(windows, WINDOWS, others["n_windows"].min()))
-    unstable = part["unstable_truth"].min() if "unstable_truth" in part else np.nan
-    if np.isfinite(unstable):
-        tokens, text = truth_needs_text(float(unstable), truth_tokens)
-        reasons.append(f"the candidates built from the ground truth are unstable (its split-half reliability "
-                       f"{unstable:.2f} < {RELIABLE}: resampling its windows changes those sets)")
-        needs.append(text)
-    return "; ".join(reasons), "; ".join(needs), windows, tokens
-
-
-def recommendation_claims(groups: pd.DataFrame, truth_tokens: float = np.nan) -> list[dict]:
-    """One claim per module kind and budget: the recommended set (resolved), or the group the best cannot be
-    separated from with the held-out windows that would separate them, or the ground-truth tokens that would make
-    the sets built from the ground truth stable (:func:`recommendation_status`)."""
-    rows = []
-    for (module, k), part in groups.groupby(["module", "k"], sort=False):
-        best, group = part.iloc[0], part[part["in_group"]]
-        aliases = group.loc[group["same_as_best"], "drop_set"].tolist()
-        tokens = 0.0
-        if best["resolved"]:
-            runner = part[~part["same_as_best"]]
-            versus = "; no other set was evaluated"
-            if len(runner):
-                first = runner.iloc[0]
-                versus = (f"; separated from the runner-up {first['drop_set']} (paired best / it "
-                          f"{first['ratio_to_best']:.3f} [{first['pair_ci_low']:.3f}, {first['pair_ci_high']:.3f}])")
-            finding, needs, windows = f"recommended: {names_text(aliases)}{versus}", "", 0.0
-        else:
-            why, needs, windows, tokens = recommendation_status(part, truth_tokens)
-            finding = f"no single best: {names_text(aliases)} is the lowest of this run's sets, but {why}"
-        rows.append({"claim": "recommended set", "module": module, "k": int(k), "subject": best["drop_set"],
-                     "finding": finding, "estimate": best["ppl_ratio"], "ci_low": best["ci_low"],
-                     "ci_high": best["ci_high"], "resolved": bool(best["resolved"]), "needs": needs,
-                     "windows_needed": windows, "tokens_needed": tokens})
-    return rows
 
 
 # ---------------------------------------------------------------- paired comparisons
@@ -460,7 +344,7 @@ def claims_table(tables: dict, *, truth_tokens: float, heldout_windows: float = 
 
     rows, reliability = [], truth_reliability(tables.get("split_half"))
     if has("set_groups"):
-        rows += recommendation_claims(tables["set_groups"], truth_tokens)
+        rows += recommend.recommendation_claims(tables["set_groups"])
     if has("comparisons"):
         rows += comparison_claims(tables["comparisons"], n_windows=heldout_windows, reliability=reliability,
                                   truth_tokens=truth_tokens)

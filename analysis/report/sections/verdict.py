@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from ...importance.metrics import get_metric
-from ...study import resolution
+from ...study import recommend, resolution
 
 
 from .common import Results, _ci, _claim_line, _names, _numeric_order, _resolved, _set_name, _table, claims, ranked_sets
@@ -51,33 +51,46 @@ def agreement_display(summary: pd.DataFrame) -> pd.DataFrame:
     })
 
 
+def member_groups(results: Results) -> pd.DataFrame:
+    """The run's ``set_groups`` (:func:`analysis.study.recommend.set_groups`).  A table written before member
+    recommendations (no ``status``) is read in their terms: ``recommended`` where it was resolved, else ``not
+    resolved``, each set its own name, members from the ``pruned`` table, no baselines."""
+    groups = results.table("set_groups")
+    if not len(groups) or "status" in groups:
+        return groups
+    pruned = results.table("pruned").set_index("drop_set")["indices"]
+    status = groups.groupby(["module", "k"])["resolved"].transform("first")
+    return groups.assign(status=status.map({True: recommend.RECOMMENDED, False: recommend.OPEN}),
+                         aliases=[[label] for label in groups["drop_set"]], role="candidate",
+                         baselines=[[] for _ in range(len(groups))], equivalent=False, level=resolution.ALPHA,
+                         margin=results.settings.equivalence_margin,
+                         members=[list(map(str, pruned.get(label, []))) for label in groups["drop_set"]])
+
+
+def _baseline_cell(part: pd.DataFrame, name: str) -> str:
+    rows = [row for baseline, row in recommend.baseline_rows(part) if baseline == name]
+    return recommend.versus_text(rows[0]) if rows else "not evaluated"
+
+
 def recommendations(results: Results) -> pd.DataFrame:
-    """Per module and budget, the drop set to use when its paired CI on the same held-out windows separates it from
-    every other distinct set (:func:`analysis.study.resolution.set_groups`), else the group of sets the best cannot be
-    separated from."""
-    groups, ranked = results.table("set_groups"), ranked_sets(results)
+    """Per module kind and budget, the answer (:mod:`analysis.study.recommend`): recommended, an equivalent group
+    (the set suggested) or not resolved; the members to drop, the set's worst-case ratio, and how it compares with
+    the baselines (drop the last k, the paper's recipe) and a random set."""
+    groups, ranked = member_groups(results), ranked_sets(results)
     if not len(groups) or not len(ranked):
         return pd.DataFrame()
-    pruned = results.table("pruned").set_index("drop_set") if len(results.table("pruned")) else None
-    shown = ranked.set_index("drop_set")
-    rows = []
+    shown, rows = ranked.set_index("drop_set"), []
     for (module, k), part in groups.groupby(["module", "k"], sort=False):
-        best, group = part.iloc[0], part[part["in_group"]]
-        members = _numeric_order(pruned.loc[best["drop_set"], "indices"]) if pruned is not None else []
-        runner = part[~part["same_as_best"]]
-        names = resolution.names_text([_set_name(label) for label in group.loc[group["same_as_best"], "drop_set"]])
-        if best["resolved"] and len(runner):
-            first = runner.iloc[0]
-            status = (f"{_resolved(True)}: recommended; paired best / runner-up {_set_name(first['drop_set'])} "
-                      f"{_ci(first['ratio_to_best'], first['pair_ci_low'], first['pair_ci_high'], 3)}")
-        elif best["resolved"]:
-            status = f"{_resolved(True)}: the only set evaluated"
-        else:
-            why, needs, _, _ = resolution.recommendation_status(part, results.settings.truth_tokens, _set_name)
-            status = f"{_resolved(False)}: {why}; {needs} would resolve it"
-        rows.append({"module": module, "k": k, "best": names, "drop": _names(members),
+        best, status = part.iloc[0], part["status"].iloc[0]
+        answer = recommend.finding(part, _set_name)
+        needs = recommend.needs(part)[1] if status == recommend.OPEN else ""
+        rows.append({"module": module, "k": k, "answer": status,
+                     "drop": _names(_numeric_order(best["members"])) if len(best["members"]) else "",
+                     "set": _set_name(best["drop_set"]),
                      "worst ratio [95% CI]": shown.loc[best["drop_set"], "worst ratio [95% CI]"],
-                     "median ratio": shown.loc[best["drop_set"], "median ratio"], "resolution": status})
+                     "vs drop the last k": _baseline_cell(part, "last k"),
+                     "vs paper recipe": _baseline_cell(part, "paper recipe"),
+                     "vs random": _baseline_cell(part, "random"), "finding": answer, "what would resolve it": needs})
     return pd.DataFrame(rows)
 
 
@@ -119,11 +132,11 @@ def section_verdict(results: Results) -> list[str]:
                      f"{moved}{f' ({_claim_line(claim)})' if claim is not None else ''}; size-{row.k} drop sets share "
                      f"{_ci(row.jaccard, row.jaccard_low, row.jaccard_high)} of their members (Jaccard).")
     for line in recommendations(results).to_dict("records"):
-        ratio, status, best = line["worst ratio [95% CI]"], line["resolution"], line["best"]
-        lines.append(f"- **{line['module']}-{line['k']} on held-out text**: " + (
-            f"use the {best} set, {ratio}× the unpruned perplexity on its worst distribution; {status}."
-            if status.startswith(_resolved(True)) else
-            f"the {best} set has the lowest worst-case ratio ({ratio}×), but {status}."))
+        needs = f"; {line['what would resolve it']}" if line["what would resolve it"] else ""
+        lines.append(f"- **{line['module']}-{line['k']} on held-out text: {line['answer']}**. {line['finding']}; "
+                     f"{line['worst ratio [95% CI]']}× the unpruned perplexity on its worst distribution{needs}. "
+                     f"Against dropping the last {line['k']}: {line['vs drop the last k']}; against the paper's "
+                     f"recipe: {line['vs paper recipe']}.")
     for claim in table[(table["claim"] == "proxy vs ground truth") & (table["subject"] == results.metric)].itertuples():
         lines.append(
             f"- **{claim.module}: is {results.metric} the right metric?** {claim.finding} ({_claim_line(claim)}).")
@@ -141,16 +154,23 @@ def _about(claim) -> str:
 
 
 RESOLUTION_RULES = (
-    "The rules (analysis/study/resolution.py): a paired comparison is resolved when its 95% paired bootstrap CI on the "
-    "same held-out windows excludes 1; a set is *recommended* only when it is separated that way from every other "
-    "distinct set of its module kind and budget, else the group it cannot be separated from is named; a claim resting "
-    "on the ablation ranking is resolved when the ground truth's split-half reliability reaches {reliable} on every "
-    "distribution, and so is a comparison naming a set built from the ground truth, or a recommendation among "
-    "candidates that include one (such a set changes with the ground truth's windows until then); two rankings "
-    "differ *beyond resampling noise* when the upper end of their ρ's 95% CI is below "
-    "sqrt(rel_a · rel_b) of their split-half reliabilities. What would resolve an open claim is sized for a two-sided "
-    "test at α = {alpha} with power {power} at the observed effect and spread: held-out windows (standard error "
-    "shrinking as 1/√n), ground-truth tokens (Spearman-Brown prophecy) or calibration samples.")
+    "The rules (analysis/study/resolution.py and recommend.py): a recommendation of members rests on the held-out loss "
+    "of those members: it is *recommended* when separated from every other distinct set of its module kind and budget, "
+    "an *equivalent group* when every set not separated from it is shown within the margin of {margin:.0%} (two "
+    "one-sided tests), each comparison one-sided at α / m for m other sets; a comparison of procedures is resolved "
+    "when its 95% paired bootstrap CI on the same held-out windows excludes 1, and, when a side is built from the "
+    "ablation ranking, the ground truth's split-half reliability reaches {reliable} on every distribution (such a set "
+    "changes with the ground truth's windows until then); a claim resting on the ablation ranking needs the same; two "
+    "rankings differ *beyond resampling noise* when the upper end of their ρ's 95% CI is below "
+    "sqrt(rel_a · rel_b) of their split-half reliabilities. What would resolve an open claim is sized at α = {alpha} "
+    "with power {power} at the observed effect and spread: held-out windows (standard error shrinking as 1/√n), "
+    "ground-truth tokens (Spearman-Brown prophecy) or calibration samples.")
+
+
+def _status_cell(claim) -> str:
+    """A claim's answer in bold: its status (a recommendation), else resolved or not."""
+    status = getattr(claim, "status", None)
+    return f"**{status}**" if isinstance(status, str) and status else _resolved(claim.resolved)
 
 
 def section_resolution(results: Results) -> list[str]:
@@ -162,9 +182,10 @@ def section_resolution(results: Results) -> list[str]:
                 for c in table.itertuples()]
     shown = pd.DataFrame({"claim": table["claim"], "about": [_about(c) for c in table.itertuples()],
                           "finding": table["finding"], "estimate [95% CI]": estimate,
-                          "resolved": np.where(table["resolved"], "**resolved**", "**not resolved**"),
+                          "resolved": [_status_cell(c) for c in table.itertuples()],
                           "what would resolve it": table["needs"].fillna("")})
-    rules = RESOLUTION_RULES.format(reliable=resolution.RELIABLE, alpha=resolution.ALPHA, power=resolution.POWER)
+    rules = RESOLUTION_RULES.format(reliable=resolution.RELIABLE, alpha=resolution.ALPHA, power=resolution.POWER,
+                                    margin=results.settings.equivalence_margin)
     return ["## What this run resolves", "",
             f"{int(table['resolved'].sum())} of {len(table)} headline claims are resolved at this run's budget. "
             f"{rules}",
@@ -175,13 +196,16 @@ def section_recommendations(results: Results) -> list[str]:
     table = recommendations(results)
     if not len(table):
         return []
+    margin = results.settings.equivalence_margin
     return ["## Recommended drop sets", "",
-            "Per module kind and budget, the set with the lowest worst-case held-out perplexity ratio (real loss on "
-            "held-out text of every distribution, not proxy regret); random sets excluded. Ratio 1.00 = no loss. It is "
-            "*recommended* only when the paired 95% CI on the same held-out windows (best / other, worst case over "
-            "distributions) separates it from every other distinct set of its kind and budget; otherwise the sets it "
-            "cannot be separated from are named, with the held-out windows per distribution that would separate them "
-            "(power 0.8 at the observed difference); nor while candidates built from the ground truth rest on a "
-            f"ground truth of split-half reliability below {resolution.RELIABLE}, with the ground-truth tokens that "
-            "would raise it. Sets with the same members are one set (joined by =). Every set's "
-            "paired comparison with the best is in set_groups.parquet.", "", _table(table), ""]
+            "Per module kind and budget, which members to drop, judged by the held-out loss of those members (real "
+            "loss on held-out text of every distribution; ratio 1.00 = no loss), whatever built them. Each row is "
+            "exactly one of: **recommended** (separated from every other distinct set), **equivalent group** (every "
+            f"set not separated from the best is shown within {margin:.0%} of it by two one-sided tests; the lowest "
+            "is suggested, any member serves) or **not resolved** (with the held-out windows that would resolve it). "
+            "Each comparison with the best is one-sided at α / m for m other candidate sets (Bonferroni), so choosing "
+            "the best of many sets on the windows that judge it errs at most 5% of the time "
+            "(analysis/study/recommend.py). Beside it: drop the last k (reverse-order removal), the paper's recipe "
+            "(cosine on the general-text distribution alone) and a random set, each as *best / it* "
+            "[its interval at the same level]. Every set's comparison is in set_groups.parquet.", "",
+            _table(table.drop(columns=["finding"]).assign(answer="**" + table["answer"] + "**")), ""]

@@ -1,0 +1,232 @@
+"""Which drop set to use: a recommendation of *members*, resting on the held-out loss of those members.
+
+For one module kind and budget, the candidate sets ``i = 1..K`` (distinct members: sets with the same members are one
+set under several names, whatever built them) have worst-case log perplexity ratios
+``L_i = max_d log(ppl_i,d / ppl_none,d)`` over the distributions ``d``, estimated on the same held-out windows and
+resampled together (a paired bootstrap over windows; row 0 the estimate).  ``b`` is the set of lowest ``L``; for every
+other set ``j``, ``D_j = L_b - L_j`` (negative: ``b`` loses less); every test is one-sided at ``level = alpha / K``.
+
+* **Separated** (``b`` loses less than ``j``): the one-sided p-value of ``D_j / se_j`` (``se_j`` the paired
+  bootstrap standard error, Student's t with ``n - 1`` degrees of freedom for ``n`` windows) is at most ``level``.
+  Bonferroni over the candidates guards against choosing the best of many sets on the windows that judge it:
+  recommending set ``i`` needs ``i`` separated from every other set, in particular from one fixed set, so the
+  chance that any of the ``K`` sets is recommended when none is truly better is at most ``K · alpha / K = alpha``
+  (and a wrong recommendation, of a set that is not the true best, at most ``(K - 1) alpha / K``);
+  ``tests/test_recommend.py`` and ``benchmarks/study/recommendation_null.py`` check it by simulation with
+  heavy-tailed windows.  For two sets this is the 95% two-sided paired interval excluding 1.
+* **Equivalent** (within the margin ``δ``, default 2% on the worst-case ratio): two one-sided tests at ``level``
+  (TOST): ``exp(D_j ± t_(1-level) se_j)`` lies inside ``[1/(1+δ), 1+δ]``.
+* Each module kind and budget is exactly one of: **recommended** (``b`` separated from every other set);
+  **equivalent group** (every set not separated from ``b`` is equivalent to it: the group is ``b`` and those sets,
+  and ``b``, the lowest worst-case ratio on these windows, is the one suggested; any member of the group serves
+  within the margin); **not resolved**, with the held-out windows per distribution that would separate each
+  undecided set or show it equivalent, whichever is fewer (power 0.8 at the observed effect and spread).
+
+Random sets and the baselines (drop the last k; the paper's recipe, cosine's own set of general text) are paired
+with ``b`` at the same level; random sets are compared but never candidates.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from .dropsets import baseline_labels, method_family, parse_label
+
+ALPHA = 0.05
+POWER = 0.8
+MARGIN = 0.02
+RECOMMENDED, EQUIVALENT, OPEN = "recommended", "equivalent group", "not resolved"
+
+
+def members_key(module: str, indices) -> tuple:
+    """What a set removes, comparable across names: its module kind and sorted members."""
+    return module, tuple(sorted(map(str, indices)))
+
+
+def distinct_sets(pruned: pd.DataFrame, metric: str = "cosine") -> pd.DataFrame:
+    """One row per module kind, budget and distinct member set of the ``pruned`` stage's table (the unpruned model
+    left out): ``module, k, drop_set`` (its first name), ``aliases`` (every name of those members), ``members``,
+    ``role`` (``random`` when every name is a random set, else ``candidate``) and ``baselines`` (the baselines among
+    its names, ``last k`` / ``paper recipe``, :func:`~analysis.study.dropsets.baseline_labels` of ``metric``)."""
+    rows: dict[tuple, dict] = {}
+    for row in pruned[pruned["module"].notna()].itertuples():
+        key = (row.module, int(row.k), *members_key(row.module, row.indices)[1:])
+        entry = rows.setdefault(key, {"module": row.module, "k": int(row.k), "drop_set": row.drop_set, "aliases": [],
+                                      "members": sorted(map(str, row.indices), key=_layer_order), "families": []})
+        entry["aliases"].append(row.drop_set)
+        entry["families"].append(method_family(parse_label(row.drop_set)["method"]))
+    table = []
+    for entry in rows.values():
+        names = baseline_labels(entry["module"], entry["k"], metric)
+        table.append({**{key: entry[key] for key in ("module", "k", "drop_set", "aliases", "members")},
+                      "role": "random" if set(entry.pop("families")) == {"random"} else "candidate",
+                      "baselines": [name for name, label in names.items() if label in entry["aliases"]]})
+    return pd.DataFrame(table)
+
+
+def _layer_order(member: str) -> tuple:
+    kind, _, index = member.rpartition(":")
+    return int(index), kind
+
+
+def one_sided_p(effect: float, se: float, n: float) -> float:
+    """The one-sided p-value of "the best loses less" for a paired effect ``D`` (negative: the best loses less) with
+    bootstrap standard error ``se`` on ``n`` windows per distribution: ``1 - F_(n-1)(-D / se)``, ``F`` Student's t
+    (a percentile bootstrap test rejects too often on 32 heavy-tailed windows: 7-11% at a nominal 5% in
+    ``tests/test_recommend.py``'s simulation)."""
+    if not se > 0:
+        return 0.0 if effect < 0 else 1.0
+    return float(stats.t.sf(-effect / se, df=max(n - 1, 1)))
+
+
+def windows_to_decide(effect: float, se: float, n: float, margin: float, level: float,
+                      power: float = POWER) -> float:
+    """Held-out windows per distribution that would separate a set (``|effect|`` from 0) or show it equivalent
+    (``log(1+margin) - |effect|`` from the margin) in a one-sided test at ``level`` with ``power``, whichever is
+    fewer: ``n ((z_(1-level) + z_power) se / gap)^2`` (standard error shrinking as ``1 / sqrt(n)``); inf when
+    neither gap is positive."""
+    if not (np.isfinite(se) and se > 0):
+        return math.inf if se != 0 else float(n)
+    z = stats.norm.ppf(1 - level) + stats.norm.ppf(power)
+    gaps = [g for g in (abs(effect), math.log1p(margin) - abs(effect)) if g > 0]
+    return min((float(math.ceil(n * (z * se / g) ** 2)) for g in gaps), default=math.inf)
+
+
+def _pair(best: np.ndarray, other: np.ndarray, level: float, margin: float, n: float) -> dict:
+    """The paired columns of one set against the best at one-sided ``level``: ``D = L_best - L_other`` (row 0 of the
+    replicates), ``se`` its bootstrap standard deviation, the interval ``D ± t_(1-level, n-1) se``."""
+    effect = best[0] - other[0]
+    se = float(np.std(best[1:] - other[1:], ddof=1))
+    half = stats.t.ppf(1 - level, df=max(n - 1, 1)) * se
+    p = one_sided_p(effect, se, n)
+    separated = p <= level
+    equivalent = -math.log1p(margin) < effect - half and effect + half < math.log1p(margin)
+    return {"ratio_to_best": math.exp(effect), "pair_ci_low": math.exp(effect - half),
+            "pair_ci_high": math.exp(effect + half), "p_value": p, "separated": bool(separated),
+            "equivalent": bool(equivalent), "se": se,
+            "windows_needed": 0.0 if separated or equivalent else windows_to_decide(effect, se, n, margin, level)}
+
+
+def group_status(part: pd.DataFrame) -> str:
+    """:data:`RECOMMENDED`, :data:`EQUIVALENT` or :data:`OPEN` for one module kind and budget of :func:`set_groups`
+    (its candidate rows)."""
+    others = part[part["rank"] > 1]
+    if others["separated"].all():
+        return RECOMMENDED
+    if (others["separated"] | others["equivalent"]).all():
+        return EQUIVALENT
+    return OPEN
+
+
+def set_groups(worst: pd.DataFrame, sets: pd.DataFrame, *, n_windows: float, margin: float = MARGIN,
+               alpha: float = ALPHA) -> pd.DataFrame:
+    """Every distinct set of :func:`distinct_sets` against the best of its module kind and budget.
+
+    ``worst``: worst-case log perplexity ratios, one column per set name, row 0 the estimate and the other rows
+    paired bootstrap replicates (:func:`analysis.evaluation.heldout.worst_case_replicates`); ``n_windows``: held-out
+    windows per distribution.  Columns: the set's ``module, k, drop_set, aliases, members, role, baselines``,
+    ``rank`` (1: the best; random sets after the candidates), ``ppl_ratio`` (its worst-case ratio), ``same_as_best``
+    (its own row for the best), ``ratio_to_best`` (best / this), ``pair_ci_low``/``pair_ci_high`` (the
+    ``exp(D ± t_(1-level) se)`` interval, ``level = alpha / K`` for ``K`` candidates), ``p_value`` (one-sided),
+    ``level``,
+    ``separated``,
+    ``equivalent``, ``in_group`` (the best, or not separated from it), ``se``, ``windows_needed``, ``n_windows``,
+    ``margin``, and per module kind and budget ``status`` (:func:`group_status`) and ``resolved`` (not
+    :data:`OPEN`)."""
+    parts = []
+    for (module, k), part in sets.groupby(["module", "k"], sort=False):
+        part = part.assign(ppl_ratio=[math.exp(worst[name].iloc[0]) for name in part["drop_set"]])
+        part = part.assign(random=part["role"] == "random").sort_values(["random", "ppl_ratio"], kind="stable")
+        part = part.drop(columns="random").assign(rank=range(1, len(part) + 1))
+        best = worst[part["drop_set"].iloc[0]].to_numpy()
+        level = alpha / max(int((part["role"] == "candidate").sum()), 1)
+        pairs = [_pair(best, worst[name].to_numpy(), level, margin, n_windows) for name in part["drop_set"].iloc[1:]]
+        first = {"ratio_to_best": 1.0, "pair_ci_low": 1.0, "pair_ci_high": 1.0, "p_value": 1.0, "separated": False,
+                 "equivalent": True, "se": 0.0, "windows_needed": 0.0}
+        part = pd.concat([part.reset_index(drop=True), pd.DataFrame([first, *pairs])], axis=1)
+        part = part.assign(same_as_best=part["rank"] == 1, in_group=~part["separated"], level=level,
+                           n_windows=float(n_windows), margin=margin)
+        status = group_status(part[part["role"] == "candidate"])
+        parts.append(part.assign(status=status, resolved=status != OPEN))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def group_of(part: pd.DataFrame) -> pd.DataFrame:
+    """The candidate sets not separated from the best of one module kind and budget of :func:`set_groups`."""
+    return part[(part["role"] == "candidate") & part["in_group"]]
+
+
+def needs(part: pd.DataFrame) -> tuple[float, str]:
+    """What would resolve an open recommendation: the held-out windows per distribution its hardest undecided set
+    needs, and the text."""
+    undecided = group_of(part)[lambda g: ~g["equivalent"] & (g["rank"] > 1)]
+    windows = float(undecided["windows_needed"].max()) if len(undecided) else 0.0
+    now = float(part["n_windows"].iloc[0])
+    if not np.isfinite(windows):
+        return windows, f"no number of held-out windows per distribution is predicted to (now {now:,.0f})"
+    return windows, (f"about {windows:,.0f} held-out windows per distribution (now {now:,.0f}) would separate "
+                     f"{', '.join(undecided['drop_set'])} from the best or show them within "
+                     f"{part['margin'].iloc[0]:.0%}")
+
+
+def finding(part: pd.DataFrame, name=str) -> str:
+    """One module kind and budget's answer in words, after its status (``name`` shows a set's label)."""
+    best, status = part.iloc[0], part["status"].iloc[0]
+    drop = f"drop {', '.join(best['members'])} ({name(best['drop_set'])})"
+    if status == RECOMMENDED:
+        runner = part[(part["rank"] == 2) & (part["role"] == "candidate")]
+        versus = "" if not len(runner) else (
+            f"; separated from the runner-up {name(runner['drop_set'].iloc[0])} (best / it "
+            f"{runner['ratio_to_best'].iloc[0]:.3f}) and every other set at one-sided p ≤ {best['level']:.3g}")
+        return f"{drop}{versus}"
+    group = group_of(part)
+    if status == EQUIVALENT:
+        return (f"{len(group)} sets within {best['margin']:.0%} of the best: {', '.join(map(name, group['drop_set']))}; "
+                f"suggested: {drop}, the lowest worst-case ratio")
+    open_sets = group["drop_set"].iloc[1:]
+    verb = "is" if len(open_sets) == 1 else "are"
+    return (f"{drop} has the lowest worst-case ratio, but {', '.join(map(name, open_sets))} {verb} neither separated "
+            f"from it nor shown within {best['margin']:.0%}")
+
+
+def baseline_rows(part: pd.DataFrame) -> list[tuple[str, pd.Series]]:
+    """``(baseline name, its row)`` for the baselines and random sets of one module kind and budget."""
+    rows = [(name, row) for _, row in part.iterrows() for name in row["baselines"]]
+    return rows + [("random", row) for _, row in part[part["role"] == "random"].iterrows()]
+
+
+def versus_text(row: pd.Series) -> str:
+    """The answer against one other set: ``beats it``, ``within the margin`` or ``not separated``, with the ratio."""
+    ratio = f"best / it {row['ratio_to_best']:.3f} [{row['pair_ci_low']:.3f}, {row['pair_ci_high']:.3f}]"
+    if row["rank"] == 1:
+        return "is the answer itself"
+    verdict = ("loses less (resolved)" if row["separated"] else
+               f"within {row['margin']:.0%} (equivalent, resolved)" if row["equivalent"] else "not separated")
+    return f"{verdict}: {ratio}"
+
+
+def recommendation_claims(groups: pd.DataFrame, name=str) -> list[dict]:
+    """One claim per module kind and budget (``recommended set``: the suggested set, its status and what would
+    resolve it), and one per baseline beside it (``answer vs baseline``)."""
+    rows = []
+    for (module, k), part in groups.groupby(["module", "k"], sort=False):
+        best, status = part.iloc[0], part["status"].iloc[0]
+        windows, text = needs(part) if status == OPEN else (0.0, "")
+        rows.append({"claim": "recommended set", "module": module, "k": int(k), "subject": best["drop_set"],
+                     "status": status, "finding": finding(part, name), "estimate": best["ppl_ratio"],
+                     "ci_low": np.nan, "ci_high": np.nan, "resolved": status != OPEN, "needs": text,
+                     "windows_needed": windows, "tokens_needed": 0.0})
+        for baseline, row in baseline_rows(part):
+            decided = bool(row["separated"] or row["equivalent"] or row["rank"] == 1)
+            rows.append({"claim": "answer vs baseline", "module": module, "k": int(k),
+                         "subject": f"{baseline}: {row['drop_set']}", "status": "", "finding": versus_text(row),
+                         "estimate": row["ratio_to_best"], "ci_low": row["pair_ci_low"],
+                         "ci_high": row["pair_ci_high"], "resolved": decided, "needs": "" if decided else
+                         f"about {row['windows_needed']:,.0f} held-out windows per distribution "
+                         f"(now {row['n_windows']:,.0f})", "windows_needed": row["windows_needed"],
+                         "tokens_needed": 0.0})
+    return rows
