@@ -24,17 +24,17 @@ def simulated_windows(true_log_ratio: dict, *, n: int = 32, noise: float = 0.05,
     window Student-t noise with ``df`` degrees of freedom (heavy-tailed, as code's windows are) of scale ``noise`` per
     token."""
     rng = np.random.default_rng(seed)
-    rows = []
+    frames = []
     for d_index, d in enumerate(DISTRIBUTIONS):
         base = tokens * (2.5 + rng.gamma(2.0, 0.3, n))
-        rows += [{"drop_set": UNPRUNED, "distribution": d, "window": w, "nll_sum": base[w], "n_tokens": tokens}
-                 for w in range(n)]
+        frames.append(pd.DataFrame({"drop_set": UNPRUNED, "distribution": d, "window": np.arange(n), "nll_sum": base,
+                                    "n_tokens": tokens}))
         for name, effect in true_log_ratio.items():
             shift = effect[d_index] if isinstance(effect, tuple) else effect
-            nll = base + tokens * (shift + noise * rng.standard_t(df, n))
-            rows += [{"drop_set": name, "distribution": d, "window": w, "nll_sum": nll[w], "n_tokens": tokens}
-                     for w in range(n)]
-    return pd.DataFrame(rows)
+            frames.append(pd.DataFrame({"drop_set": name, "distribution": d, "window": np.arange(n),
+                                        "nll_sum": base + tokens * (shift + noise * rng.standard_t(df, n)),
+                                        "n_tokens": tokens}))
+    return pd.concat(frames, ignore_index=True)
 
 
 def sets_table(names, members=None, baselines=None, random=()) -> pd.DataFrame:

@@ -38,6 +38,7 @@ from .commands import (
     cmd_score,
     cmd_summary,
 )
+from .choose_command import cmd_choose
 from .data_commands import cmd_data_fetch, cmd_data_list, cmd_models_fetch, cmd_models_list
 from .use_commands import cmd_check, cmd_route
 
@@ -279,6 +280,27 @@ def build_parser() -> argparse.ArgumentParser:
     checker.add_argument("--out", default=f"{RESULTS_DIR}/check", help="folder for the tables")
     checker.add_argument("--force", action="store_true", help="apply a drop set made for a model with another checksum")
     checker.set_defaults(func=cmd_check)
+
+    chooser = command("choose", "which of a run's drop sets to use for your texts: its leading sets and the "
+                      "baselines by real loss, chosen on half your texts and confirmed on the other half")
+    _add_model_options(chooser)
+    chooser.set_defaults(model=None)
+    chooser.add_argument("run", help="output folder of a finished `calibdrop run`")
+    chooser.add_argument("--texts", required=True, help="your JSONL file, one {\"text\": ...} object per line")
+    chooser.add_argument("--module", choices=MODULE_KINDS, help="one module kind (default: every kind the run "
+                                                                 "evaluated)")
+    chooser.add_argument("--top", type=positive_int, default=5,
+                         help="the run's leading sets weighed per module kind and budget, besides its answer's group "
+                              "and the baselines")
+    chooser.add_argument("--seq-len", type=token_count, default=128, help="tokens per window cut from a text")
+    chooser.add_argument("--margin", type=NON_NEGATIVE, default=0.02,
+                         help="sets within this fraction of the pick's perplexity ratio serve alike")
+    chooser.add_argument("--alpha", type=PROBABILITY, default=0.05, help="error rate of each one-sided test")
+    chooser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples of the windows")
+    chooser.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass")
+    chooser.add_argument("--seed", type=seed_int, default=0, help="seed of the split into halves and the bootstrap")
+    chooser.add_argument("--out", help="folder for the tables (default: print only)")
+    chooser.set_defaults(func=cmd_choose)
 
     route = command("route",
                     "one model, several drop sets: route each input to a distribution's own set, against the static "

@@ -122,36 +122,60 @@ def group_status(part: pd.DataFrame) -> str:
     return OPEN
 
 
+def _against_best(part: pd.DataFrame, worst: pd.DataFrame, level: float, margin: float,
+                  n_windows: float) -> pd.DataFrame:
+    """One module kind and budget's sets (the best first) with their paired columns against the best at ``level``,
+    ``status`` and ``resolved``."""
+    best = worst[part["drop_set"].iloc[0]].to_numpy()
+    pairs = [_pair(best, worst[name].to_numpy(), level, margin, n_windows) for name in part["drop_set"].iloc[1:]]
+    first = {"ratio_to_best": 1.0, "pair_ci_low": 1.0, "pair_ci_high": 1.0, "p_value": 1.0, "separated": False,
+             "equivalent": True, "se": 0.0, "windows_needed": 0.0}
+    part = pd.concat([part.reset_index(drop=True), pd.DataFrame([first, *pairs])], axis=1)
+    part = part.assign(rank=range(1, len(part) + 1), same_as_best=[True] + [False] * (len(part) - 1),
+                       in_group=~part["separated"], level=level, n_windows=float(n_windows), margin=margin)
+    status = group_status(part[part["role"] == "candidate"])
+    return part.assign(status=status, resolved=status != OPEN)
+
+
+def _ratios(part: pd.DataFrame, worst: pd.DataFrame) -> pd.DataFrame:
+    return part.assign(ppl_ratio=[math.exp(worst[name].iloc[0]) for name in part["drop_set"]])
+
+
 def set_groups(worst: pd.DataFrame, sets: pd.DataFrame, *, n_windows: float, margin: float = MARGIN,
                alpha: float = ALPHA) -> pd.DataFrame:
-    """Every distinct set of :func:`distinct_sets` against the best of its module kind and budget.
+    """Every distinct set of :func:`distinct_sets` against the best of its module kind and budget, chosen and judged
+    on the same windows.
 
     ``worst``: worst-case log perplexity ratios, one column per set name, row 0 the estimate and the other rows
     paired bootstrap replicates (:func:`analysis.evaluation.heldout.worst_case_replicates`); ``n_windows``: held-out
     windows per distribution.  Columns: the set's ``module, k, drop_set, aliases, members, role, baselines``,
     ``rank`` (1: the best; random sets after the candidates), ``ppl_ratio`` (its worst-case ratio), ``same_as_best``
-    (its own row for the best), ``ratio_to_best`` (best / this), ``pair_ci_low``/``pair_ci_high`` (the
+    (the best's own row), ``ratio_to_best`` (best / this), ``pair_ci_low``/``pair_ci_high`` (the
     ``exp(D ± t_(1-level) se)`` interval, ``level = alpha / K`` for ``K`` candidates), ``p_value`` (one-sided),
-    ``level``,
-    ``separated``,
-    ``equivalent``, ``in_group`` (the best, or not separated from it), ``se``, ``windows_needed``, ``n_windows``,
-    ``margin``, and per module kind and budget ``status`` (:func:`group_status`) and ``resolved`` (not
-    :data:`OPEN`)."""
+    ``level``, ``separated``, ``equivalent``, ``in_group`` (the best, or not separated from it), ``se``,
+    ``windows_needed``, ``n_windows``, ``margin``, and per module kind and budget ``status`` (:func:`group_status`)
+    and ``resolved`` (not :data:`OPEN`)."""
     parts = []
-    for (module, k), part in sets.groupby(["module", "k"], sort=False):
-        part = part.assign(ppl_ratio=[math.exp(worst[name].iloc[0]) for name in part["drop_set"]])
-        part = part.assign(random=part["role"] == "random").sort_values(["random", "ppl_ratio"], kind="stable")
-        part = part.drop(columns="random").assign(rank=range(1, len(part) + 1))
-        best = worst[part["drop_set"].iloc[0]].to_numpy()
+    for _, part in sets.groupby(["module", "k"], sort=False):
+        part = _ratios(part, worst).assign(random=lambda t: t["role"] == "random")
+        part = part.sort_values(["random", "ppl_ratio"], kind="stable").drop(columns="random")
         level = alpha / max(int((part["role"] == "candidate").sum()), 1)
-        pairs = [_pair(best, worst[name].to_numpy(), level, margin, n_windows) for name in part["drop_set"].iloc[1:]]
-        first = {"ratio_to_best": 1.0, "pair_ci_low": 1.0, "pair_ci_high": 1.0, "p_value": 1.0, "separated": False,
-                 "equivalent": True, "se": 0.0, "windows_needed": 0.0}
-        part = pd.concat([part.reset_index(drop=True), pd.DataFrame([first, *pairs])], axis=1)
-        part = part.assign(same_as_best=part["rank"] == 1, in_group=~part["separated"], level=level,
-                           n_windows=float(n_windows), margin=margin)
-        status = group_status(part[part["role"] == "candidate"])
-        parts.append(part.assign(status=status, resolved=status != OPEN))
+        parts.append(_against_best(part, worst, level, margin, n_windows))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def confirm_groups(choose: pd.DataFrame, confirm: pd.DataFrame, sets: pd.DataFrame, *, n_windows: float,
+                   margin: float = MARGIN, alpha: float = ALPHA) -> pd.DataFrame:
+    """The set of lowest worst-case ratio on one part of the windows (``choose``, as ``worst`` of
+    :func:`set_groups`), judged against every other set on another part (``confirm``): the same columns, from the
+    confirming windows, with ``chosen_ratio`` (each set's ratio on the choosing windows).  The pick is fixed before
+    the confirming windows are read, so each comparison is one-sided at ``alpha`` itself (an intersection-union
+    test: the pick is recommended only if every comparison rejects)."""
+    parts = []
+    for _, part in sets.groupby(["module", "k"], sort=False):
+        part = _ratios(part, choose).rename(columns={"ppl_ratio": "chosen_ratio"})
+        part = _ratios(part.sort_values("chosen_ratio", kind="stable"), confirm)
+        parts.append(_against_best(part, confirm, alpha, margin, n_windows))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 

@@ -9,9 +9,13 @@ Compares a run folder (typically ``calibdrop run`` with the default preset on a 
     other way), ``reference unresolved`` (the reference has it but cannot resolve it) or ``missing`` (the reference
     has no such claim).  Question and verdict per kind of claim:
 
-    * *recommended set*: per module kind and budget; the verdict is the best set's members.  A run's resolved
-      recommendation whose members lie outside the reference's top group also counts as ``disagree`` when the
-      reference is unresolved (the reference separates it from its best).
+    * *recommended set*: per module kind and budget, judged set by set, by members, in the reference's own held-out
+      evaluation (:func:`recommendation_outcome`): ``agree`` when the reference's best set lies in the run's group
+      (its answer and the sets not separated from it), or the run's pick is the reference's best or lies within the
+      margin of it by the reference's paired ratio; ``disagree`` when the reference separates the pick from its best
+      by more than the margin; ``reference unresolved`` when it does neither; ``missing`` when the reference did
+      not evaluate those members.
+    * *answer vs baseline*: per module kind, budget and baseline; the verdict is how the answer fares against it.
     * *a loses less than b*, *consensus vs own set*, *routing*: per comparison (the ``subject``); the verdict is
       the side whose paired 95% CI says it loses less (``a``: CI below 1, ``b``: above 1, ``same``: the same loss on
       every window, ``neither``).  A comparison the reference does not name is matched by its two sets' members and
@@ -137,6 +141,9 @@ def keyed_claims(tables: dict) -> pd.DataFrame:
         if row.claim == "recommended set":
             keys.append((row.claim, row.module, int(row.k)))
             verdicts.append(" ".join(sets.get(row.subject, ())))
+        elif row.claim == "answer vs baseline":
+            keys.append((row.claim, row.module, int(row.k), row.subject.split(":")[0]))
+            verdicts.append(row.finding.split(":")[0])
         elif row.claim in COMPARISONS:
             keys.append((row.claim, row.subject))
             verdicts.append(comparison_side(row.ci_low, row.ci_high))
@@ -165,25 +172,45 @@ def comparison_pairs(tables: dict) -> dict[str, tuple[tuple, tuple, str]]:
 # ---------------------------------------------------------------- (a) claims
 
 
-def reference_outcome(row, match, verdict: str | None, ranked: tuple[set, set] | None = None) -> str:
-    """The outcome of one claim the run resolves (:data:`OUTCOMES`).  ``ranked``, for a recommended set: the members
-    of the reference's top group and of every set it ranked (:func:`ranked_members`); a set the reference ranked
-    outside its top group disagrees with the run's recommendation even where the reference names no single best."""
+def reference_outcome(row, match, verdict: str | None) -> str:
+    """The outcome of one claim the run resolves (:data:`OUTCOMES`) other than a recommendation."""
     if match is None:
         return "missing"
     if match.resolved:
         return "agree" if verdict == row.verdict else "disagree"
-    chosen = tuple(row.verdict.split())
-    if ranked is not None and chosen in ranked[1] and chosen not in ranked[0]:
-        return "disagree"
     return "reference unresolved"
 
 
-def ranked_members(groups: pd.DataFrame, sets: dict, module: str, k: int) -> tuple[set, set]:
-    """The members of the top group of ``set_groups`` for one module kind and budget, and of every set it ranks."""
-    part = groups[(groups["module"] == module) & (groups["k"] == k)]
-    return ({sets.get(label) for label in part.loc[part["in_group"], "drop_set"]},
-            {sets.get(label) for label in part["drop_set"]})
+def _part(groups: pd.DataFrame, module: str, k: int) -> pd.DataFrame:
+    return groups[(groups["module"] == module) & (groups["k"] == k)].sort_values("rank")
+
+
+def recommendation_outcome(run: dict, reference: dict, module: str, k: int, margin: float) -> tuple[str, str]:
+    """``(outcome, why)`` of the run's answer for one module kind and budget, by members, in the reference's own
+    held-out evaluation (the module docstring's rule)."""
+    run_sets, ref_sets = members(run["pruned"]), members(reference["pruned"])
+    ours, theirs = _part(run["set_groups"], module, k), _part(reference["set_groups"], module, k)
+    if not len(theirs):
+        return "missing", "the reference evaluated no sets of this kind and budget"
+    candidates = ours[ours["role"] == "candidate"] if "role" in ours else ours
+    group = {run_sets.get(label) for label in candidates.loc[candidates["in_group"], "drop_set"]}
+    ref_best = ref_sets.get(theirs["drop_set"].iloc[0])
+    if ref_best in group:
+        return "agree", f"the reference's best {theirs['drop_set'].iloc[0]} is in the run's group"
+    pick = run_sets.get(ours["drop_set"].iloc[0])
+    same = theirs[[ref_sets.get(label) == pick for label in theirs["drop_set"]]]
+    if not len(same):
+        return "missing", "the reference did not evaluate the pick's members"
+    row = same.iloc[0]
+    ratio = f"best / it {row['ratio_to_best']:.3f} [{row['pair_ci_low']:.3f}, {row['pair_ci_high']:.3f}]"
+    if row["rank"] == 1:
+        return "agree", f"the pick is the reference's best ({row['drop_set']})"
+    if row["ratio_to_best"] >= 1 / (1 + margin):
+        return "agree", f"the pick ({row['drop_set']}) is within {margin:.0%} of the reference's best: {ratio}"
+    if not row["in_group"]:
+        return "disagree", f"the reference separates the pick ({row['drop_set']}) from its best: {ratio}"
+    return "reference unresolved", f"the pick ({row['drop_set']}) is not separated from the reference's best but " \
+        f"not within {margin:.0%}: {ratio}"
 
 
 def compare_claims(run: dict, reference: dict) -> pd.DataFrame:
@@ -196,7 +223,8 @@ def compare_claims(run: dict, reference: dict) -> pd.DataFrame:
     for comparison, (a, b, distribution) in comparison_pairs(reference).items():
         by_members[(a, b, distribution)] = (comparison, False)
         by_members.setdefault((b, a, distribution), (comparison, True))
-    run_pairs, ref_sets = comparison_pairs(run), members(reference["pruned"])
+    settings = run.get("summary", {}).get("provenance", {}).get("settings", {})
+    run_pairs, margin = comparison_pairs(run), settings.get("equivalence_margin", 0.02)
     rows = []
     for row in ours.itertuples():
         match, how, swapped = by_key.get(row.key), "question", False
@@ -205,11 +233,13 @@ def compare_claims(run: dict, reference: dict) -> pd.DataFrame:
             match, how = by_subject.get(subject), "members"
         verdict = None if match is None else {"a": "b", "b": "a"}.get(match.verdict, match.verdict) if swapped \
             else match.verdict
-        ranked = ranked_members(reference["set_groups"], ref_sets, row.module, int(row.k)) \
-            if row.claim == "recommended set" else None
+        outcome, why = ("", "") if not row.resolved else recommendation_outcome(
+            run, reference, row.module, int(row.k), margin) if row.claim == "recommended set" else (
+            reference_outcome(row, match, verdict), "")
         rows.append({"claim": row.claim, "module": row.module, "k": None if pd.isna(row.k) else int(row.k),
                      "subject": row.subject, "run_finding": row.finding, "run_estimate": _num(row.estimate),
                      "run_ci": [_num(row.ci_low), _num(row.ci_high)], "run_verdict": row.verdict,
+                     "run_status": getattr(row, "status", None) or None,
                      "run_resolved": bool(row.resolved),
                      "reference_subject": None if match is None else match.subject,
                      "reference_finding": None if match is None else match.finding,
@@ -218,7 +248,7 @@ def compare_claims(run: dict, reference: dict) -> pd.DataFrame:
                      "reference_verdict": verdict,
                      "reference_resolved": None if match is None else bool(match.resolved),
                      "matched_by": None if match is None else how,
-                     "outcome": reference_outcome(row, match, verdict, ranked) if row.resolved else ""})
+                     "outcome": outcome, "why": why})
     return pd.DataFrame(rows).astype({"k": "Int64"})
 
 
@@ -332,6 +362,13 @@ def markdown(result: dict) -> str:
              "|---|---|---|---|---|---|",
              f"| {c['run_claims']} | {c['run_resolved']} | {c['agree']} | {c['disagree']} | "
              f"{c['reference unresolved']} | {c['missing']} |", ""]
+    answers = [row for row in result["claims"] if row["claim"] == "recommended set"]
+    if answers:
+        lines += ["The run's answers, set by set in the reference's own evaluation:", "",
+                  "| set | run's answer | outcome | why |", "|---|---|---|---|"]
+        lines += [f"| {row['module']}-{row['k']} | {row.get('run_status') or ''} {row['run_finding']} | "
+                  f"{row['outcome'] or 'not resolved in the run'} | {row.get('why') or ''} |" for row in answers]
+        lines.append("")
     odd = [row for row in result["claims"] if row["run_resolved"] and row["outcome"] != "agree"]
     if odd:
         lines += ["Resolved in the run, not agreed by the reference:", "",
@@ -340,7 +377,8 @@ def markdown(result: dict) -> str:
             question = row["subject"] if row["k"] is None else f"{row['module']}-{row['k']}"
             theirs = "—" if row["reference_finding"] is None else \
                 f"{row['reference_finding']} ({'' if row['reference_resolved'] else 'not '}resolved)"
-            lines.append(f"| {row['claim']} | {question} | {row['run_finding']} | {theirs} | {row['outcome']} |")
+            outcome = f"{row['outcome']}: {row['why']}" if row.get("why") else row["outcome"]
+            lines.append(f"| {row['claim']} | {question} | {row['run_finding']} | {theirs} | {outcome} |")
         lines.append("")
     lines += ["| set | run's best (members) | run resolved | in the reference's top group | reference rank, "
               "best / it | reference group |", "|---|---|---|---|---|---|"] if result["top_groups"] else \
