@@ -30,8 +30,9 @@ NONE_YET = ("No reference study is committed yet. Each one is a folder `referenc
 BUDGETS = (("attn", "attention"), ("mlp", "MLP"), ("block", "block"), ("joint", "attention + MLP"))
 # Baselines by the method part of a drop-set label (after "<metric>/<kind>-<k>:"), matched by prefix.
 BASELINES = {"drop the last k": ("last",), "paper recipe": ("paper",)}
-FIGURES = (("transfer_worst_case", "every evaluated set by its worst-case held-out ratio"),
-           ("metric_validity", "each proxy's ρ with the ablation ground truth"))
+FIGURES = (("metric_validity", "each proxy's ρ with the ablation ground truth"),
+           ("transfer_worst_case", "every evaluated set by its worst-case held-out ratio"))
+WIDE_FIGURE = "transfer_worst_case"  # four panels side by side: one per line, not in a table
 
 
 def reference_reports(root: Path) -> dict[str, Path]:
@@ -108,7 +109,7 @@ def data_or_metric_cell(claims) -> str:
     if not len(rows):
         return "not in these tables"
     row = next(rows.itertuples())
-    mover = "the data" if row.estimate > 0 else "the metric"
+    mover = "data" if row.estimate > 0 else "metric"
     verdict = f"**{mover}**" if row.resolved else "not resolved"
     return f"{verdict}, {_ci(row.estimate, row.ci_low, row.ci_high)}"
 
@@ -192,11 +193,16 @@ def findings_table(root: Path) -> str:
     columns = list(dict.fromkeys(column for row in rows for column in row))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(row.get(column, "") for column in columns) + " |" for row in rows]
-    figures = ["| model | " + " | ".join(caption for _, caption in FIGURES) + " |", "|---|" + "---|" * len(FIGURES)]
-    for folder in folders:
-        cells = [f"![{stem}]({folder.name}/figures/{stem}.png)" if (folder / "figures" / f"{stem}.png").is_file()
-                 else "not committed" for stem, _ in FIGURES]
-        figures.append(f"| {folder.name} | " + " | ".join(cells) + " |")
+    figures = []
+    for stem, caption in FIGURES:
+        cells = [f"![{folder.name}: {stem}]({folder.name}/figures/{stem}.png)" if (folder / "figures" / f"{stem}.png")
+                 .is_file() else "not committed" for folder in folders]
+        if stem == WIDE_FIGURE:
+            figures += [f"**{caption.capitalize()}**, per model:", ""]
+            figures += [f"{folder.name}\n\n{cell}\n" for folder, cell in zip(folders, cells)]
+        else:
+            figures += [f"**{caption.capitalize()}**:", "", "| " + " | ".join(f.name for f in folders) + " |",
+                        "|" + "---|" * len(folders), "| " + " | ".join(cells) + " |", ""]
     return "\n".join(lines + [""] + figures)
 
 
