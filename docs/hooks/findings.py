@@ -63,7 +63,7 @@ def on_config(config):
 def committed_links_only(markdown: str, folder: Path) -> str:
     """The report's text with links to files missing from ``folder`` turned into plain text."""
     def keep_or_flatten(match):
-        bang, text, target = match.groups()
+        _, text, target = match.groups()
         if "://" in target or target.startswith("#") or (folder / target.split("#")[0]).exists():
             return match.group(0)
         return f"{text} (`{target}`, not committed)"
