@@ -153,6 +153,21 @@ def test_paired_stage_pairs_every_set_with_unpruned_and_the_held_out_comparisons
     assert tables["accuracy_tasks"].set_index("measure").loc["acc", "included"]
 
 
+def lm_eval_warnings(call) -> dict:
+    """``call()``'s result and every lm-eval log record of level WARNING or above it let through, with lm-eval's
+    logger back at its fresh state first (an earlier call in this process leaves it at ERROR)."""
+    import logging
+
+    records, handler, logger = [], logging.Handler(logging.WARNING), logging.getLogger("lm_eval")
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger.setLevel(logging.NOTSET)
+    logger.addHandler(handler)
+    try:
+        return {"result": call(), "records": records}
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_item_correctness_averages_to_lm_evals_accuracy():
     from tiny import byte_tokenizer, tiny_model
 
@@ -164,7 +179,9 @@ def test_item_correctness_averages_to_lm_evals_accuracy():
     if not is_fetched(load_manifest("math")):
         pytest.skip("the benchmark copies (math manifest) are not fetched; run `calibdrop data fetch`")
     model, tokenizer = tiny_model("llama"), byte_tokenizer()
-    items = item_correctness(model, tokenizer, ["arc_easy", "piqa"], limit=6)
+    warnings = lm_eval_warnings(lambda: item_correctness(model, tokenizer, ["arc_easy", "piqa"], limit=6))
+    items = warnings.pop("result")
+    assert warnings["records"] == [], "lm-eval's start-up warnings reach the user's console"
     assert len(items) == 12 and set(items["correct"]) <= {0, 1} and items["correct_norm"].notna().all()
     assert items.groupby("task")["subtask_items"].first().to_dict() == {"arc_easy": 570, "piqa": 1838}
     ours = accuracy_table(items.assign(drop_set="none")).set_index(["task", "metric"])

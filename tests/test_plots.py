@@ -199,6 +199,27 @@ def test_worst_case_forest_has_a_legend_of_metrics(transfer):
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["cosine own:code", "cosine borda", "ablation minimax"]
 
 
+def test_worst_case_forest_one_panel_per_kind_and_budget_with_distinct_labels(transfer):
+    """Block-4 and MLP-4 share k = 4 but get a panel each (they once shared one, so "cosine borda" read twice); two
+    sets of one panel with the same metric and method are told apart by their names."""
+    rows = []
+    for name, value in {"cosine/mlp-4:borda": 1.5, "ablation/mlp-4:borda": 1.4, "cosine/block-4:borda": 1.7,
+                        "ablation/block-4:borda": 1.6, "ablation/block-4:greedy:code": 1.2,
+                        "ablation/block-4:greedy:math": 1.3}.items():
+        metric, rest = name.split("/")
+        module, method = rest.split("-", 1)[0], rest.split(":", 1)[1]
+        rows.append({"drop_set": name, "distribution": "worst", "ppl_ratio": value, "ci_low": 0.9 * value,
+                     "ci_high": 1.1 * value, "metric": metric, "module": module, "k": 4,
+                     "method": "greedy" if method.startswith("greedy") else method})
+    fig = study_plots.worst_case_forest(pd.DataFrame(rows))
+    titles = [ax.get_title() for ax in fig.axes]
+    labels = [[t.get_text() for t in ax.get_yticklabels()] for ax in fig.axes]
+    assert len(titles) == 2 and titles[0].startswith("MLP") and titles[1].startswith("block")
+    assert labels[0] == ["cosine borda", "ablation borda"]
+    assert labels[1] == ["cosine borda", "ablation borda", "ablation greedy (ablation/block-4:greedy:math)",
+                         "ablation greedy (ablation/block-4:greedy:code)"]
+
+
 def test_validity_scale_fits_the_data(tables):
     fig = study_plots.validity_heatmap(tables["validity"])
     low, high = colour_limits(fig.axes[0])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,7 @@ def lm_eval_results(model, tokenizer, tasks, *, limit: int | None = None, batch_
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # verbosity="ERROR" below takes effect only after the call
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(input_device(model)))
     return simple_evaluate(model=lm, tasks=task_configs(tasks), num_fewshot=0, limit=limit, log_samples=log_samples,
                            verbosity="ERROR", task_manager=TaskManager(include_defaults=False))

@@ -56,29 +56,37 @@ def metric_colours(metrics) -> dict:
     return dict(zip(names, sns.color_palette("deep", len(names))))
 
 
+def forest_labels(part: pd.DataFrame) -> list[str]:
+    """One label per drop set of a panel: ``metric method``, with the set's name after it where two sets of the panel
+    would otherwise read the same."""
+    short = part["metric"] + " " + part["method"]
+    repeated = short.duplicated(keep=False)
+    return [f"{label} ({name})" if twice else label for label, name, twice in zip(short, part["drop_set"], repeated)]
+
+
 def worst_case_forest(transfer: pd.DataFrame):
     """Worst-case held-out perplexity ratio over distributions of every drop set, with its bootstrap 95% CI, per
     budget."""
     worst = transfer[(transfer["distribution"] == "worst") & (transfer["drop_set"] != "none")]
     worst = worst[~worst["method"].str.startswith("random")]
-    budgets = sorted(worst["k"].unique())
+    panels = list(worst.groupby(["module", "k"], sort=False).groups)
     colours = metric_colours(worst["metric"])
-    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 0.28 * worst.groupby("k").size().max() + 2),
-                             squeeze=False)
-    for ax, k in zip(axes[0], budgets):
-        part = worst[worst["k"] == k].sort_values("ppl_ratio", ascending=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 0.28 * worst.groupby(["module", "k"]).size().max()
+                                                       + 2), squeeze=False)
+    for ax, (module, k) in zip(axes[0], panels):
+        part = worst[(worst["module"] == module) & (worst["k"] == k)].sort_values("ppl_ratio", ascending=False)
         y = np.arange(len(part))
         ax.errorbar(part["ppl_ratio"], y, xerr=[part["ppl_ratio"] - part["ci_low"],
                                                 part["ci_high"] - part["ppl_ratio"]], fmt="none", ecolor="grey")
         ax.scatter(part["ppl_ratio"], y, c=list(part["metric"].map(colours)), zorder=3)
-        ax.set_yticks(y, part["metric"] + " " + part["method"])
+        ax.set_yticks(y, forest_labels(part))
         ax.set_xscale("log")
         ax.set_xticks(ratio_ticks(0.95 * part["ci_low"].min(), 1.05 * part["ci_high"].max()))
         ax.xaxis.set_major_formatter(PLAIN)
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(axis="x", alpha=0.3)
         ax.set_xlabel("worst-case held-out perplexity / unpruned (log)")
-        ax.set_title(f"{MODULE_NAMES.get(part['module'].iloc[0], '')} k = {k}: lower is better")
+        ax.set_title(f"{MODULE_NAMES.get(module, module)} k = {k}: lower is better")
     handles = [plt.Line2D([], [], marker="o", linestyle="", color=colour, label=name) for name,
                colour in colours.items()]
     fig.legend(handles=handles, title="ranking from", loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8)
