@@ -49,9 +49,10 @@ def members_key(module: str, indices) -> tuple:
 
 def distinct_sets(pruned: pd.DataFrame, metric: str = "cosine") -> pd.DataFrame:
     """One row per module kind, budget and distinct member set of the ``pruned`` stage's table (the unpruned model
-    left out): ``module, k, drop_set`` (its first name), ``aliases`` (every name of those members), ``members``,
-    ``role`` (``random`` when every name is a random set, else ``candidate``) and ``baselines`` (the baselines among
-    its names, ``last k`` / ``paper recipe``, :func:`~analysis.study.dropsets.baseline_labels` of ``metric``)."""
+    left out): ``module, k, drop_set`` (its first name that is not a random set's), ``aliases`` (every name of those
+    members), ``members``, ``role`` (``random`` when every name is a random set's, else ``candidate``) and
+    ``baselines`` (the baselines among its names, ``last k`` / ``paper recipe``,
+    :func:`~analysis.study.dropsets.baseline_labels` of ``metric``)."""
     rows: dict[tuple, dict] = {}
     for row in pruned[pruned["module"].notna()].itertuples():
         key = (row.module, int(row.k), *members_key(row.module, row.indices)[1:])
@@ -61,11 +62,12 @@ def distinct_sets(pruned: pd.DataFrame, metric: str = "cosine") -> pd.DataFrame:
         entry["families"].append(method_family(parse_label(row.drop_set)["method"]))
     table = []
     for entry in rows.values():
-        names = baseline_labels(entry["module"], entry["k"], metric)
-        table.append({**{key: entry[key] for key in ("module", "k", "drop_set", "aliases", "members")},
-                      "role": "random" if set(entry.pop("families")) == {"random"} else "candidate",
+        names, families = baseline_labels(entry["module"], entry["k"], metric), entry.pop("families")
+        named = [label for label, family in zip(entry["aliases"], families) if family != "random"]
+        table.append({**entry, "drop_set": (named or entry["aliases"])[0],
+                      "role": "candidate" if named else "random",
                       "baselines": [name for name, label in names.items() if label in entry["aliases"]]})
-    return pd.DataFrame(table)
+    return pd.DataFrame(table)[["module", "k", "drop_set", "aliases", "members", "role", "baselines"]]
 
 
 def _layer_order(member: str) -> tuple:
