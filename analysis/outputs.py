@@ -64,10 +64,10 @@ def claim(command: str, identity: dict) -> dict:
     return json.loads(json.dumps({"command": command, "identity": identity}, default=str))
 
 
-def refusal(where: Path, what: str, command: str) -> InputError:
-    """The one line: what ``where`` holds, and how to go on."""
-    return InputError(f"{where} holds {what}; `calibdrop {command}` would replace it: give another --out, or add "
-                      "--force to replace it")
+def refusal(where: Path, what: str, command: str, *, effect: str = "would replace it") -> InputError:
+    """The one line: what ``where`` holds, what ``command`` would do to it, and how to go on."""
+    return InputError(f"{where} holds {what}; `calibdrop {command}` {effect}: give another --out, or add --force to "
+                      "write there anyway")
 
 
 def _json(path: Path):
@@ -152,7 +152,7 @@ def claim_file(path: Path, command: str, identity: dict, *, force: bool) -> dict
         return wanted
     evidence = run_evidence(path.parent)
     if evidence:
-        raise refusal(path.parent, evidence, command)
+        raise refusal(path.parent, evidence, command, effect=f"would write {path.name} among its tables")
     if path.exists():
         raise refusal(path, _holder(held, command, identity), command)
     return wanted
