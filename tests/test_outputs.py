@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import ROOT, cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from analysis.errors import CalibdropWarning
 from analysis.outputs import MARKER
-from conftest import ROOT, cli
 
 
 def cli_in(folder: Path, *args) -> subprocess.CompletedProcess:
@@ -115,11 +115,10 @@ def test_the_same_run_resumes_and_force_replaces(workspace, tmp_path):
 
     copy = tmp_path / "results"
     shutil.copytree(workspace / "results", copy)
-    forced = cli_in(tmp_path, "compare", "results", "--out", "results", "--modules", "attn", "--k", "2", "--n-boot",
-                    "40", "--n-perm", "4", "--force")
+    refused(cli_in(tmp_path, "consensus", "results", "--k", "2", "--out", "results/drop_sets.json"))
+    forced = cli_in(tmp_path, "consensus", "results", "--k", "2", "--out", "results/drop_sets.json", "--force")
     assert forced.returncode == 0, forced.stderr[-2000:]
-    changed = {k for k, v in table_hashes(copy).items() if before.get(k) != v}
-    assert "agreement.parquet" in changed and "transfer.parquet" not in changed
+    assert {k for k, v in table_hashes(copy).items() if before.get(k) != v} == {"drop_sets.json"}
 
 
 @pytest.mark.real_model
@@ -236,7 +235,7 @@ def test_ctrl_c_ends_in_one_line_and_exit_130(tmp_path, tiny_dir):
             break
     time.sleep(0.5)
     process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=120)
+    stderr = process.communicate(timeout=120)[1]
     assert process.returncode == 130, stderr[-2000:]
     assert stderr.strip().splitlines()[-1] == "calibdrop: interrupted; rerun the same command to resume"
     assert "Traceback" not in stderr

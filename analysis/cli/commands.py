@@ -125,8 +125,9 @@ def cmd_score(args) -> None:
         raise InputError("give either --texts FILE.jsonl or --distributions NAMES (for example code,math,chat)")
     out = writable_output(Path(args.out), folder=False)
     metrics = check_metrics(args.metrics)
-    written = [out] if args.texts else [out, out.with_suffix(".per_sample.parquet")]
-    owner = [claim_file(path, "score", identity_of(args), force=args.force) for path in written][0]
+    owner = claim_file(out, "score", identity_of(args), force=args.force)
+    if not args.texts:
+        claim_file(out.with_suffix(".per_sample.parquet"), "score", identity_of(args), force=args.force)
     if args.texts:
         table = score_jsonl(args, out, metrics, owner)
     else:
@@ -356,9 +357,8 @@ def cmd_evaluate(args) -> None:
     from ..io import provenance, write_table
     from ..models import loading as models
     from ..models import pruning
-    from ..study.dropsets import as_drop_set
-
     from ..outputs import claim_folder, identity_of
+    from ..study.dropsets import as_drop_set
 
     sets = evaluation_drop_sets(args)
     tasks = distinct([t for t in (args.tasks or "").split(",") if t], "task")
