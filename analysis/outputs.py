@@ -115,19 +115,20 @@ def claim_folder(folder: Path, command: str, identity: dict, *, force: bool) -> 
     """Check that ``command`` may write its tables into ``folder`` and record its claim there (:data:`MARKER`).
 
     Allowed: a new or empty folder, a folder of files calibdrop did not write (no table is replaced), one that ``command``
-    wrote for the same ``identity``, anything with ``force``.  Refused (:class:`InputError`): a run folder, another
-    command's or identity's output, tables without a record."""
+    wrote for the same ``identity``, anything with ``force`` (a run folder then gets no claim).  Refused
+    (:class:`InputError`): a run folder, another command's or identity's output, tables without a record."""
     folder = Path(folder)
     wanted = claim(command, identity)
+    evidence = run_evidence(folder)
     if not force and _entries(folder):
-        evidence = run_evidence(folder)
         if evidence:
             raise refusal(folder, evidence, command)
         held = _json(folder / MARKER)
         recorded = held is not None or any(folder.glob("*.parquet"))
         if recorded and held != wanted:
             raise refusal(folder, _holder(held, command, identity), command)
-    atomic_write_json(folder / MARKER, wanted)
+    if not evidence:  # a run folder stays one: its stage keys tell the tables another command replaced there
+        atomic_write_json(folder / MARKER, wanted)
 
 
 def recorded_claim(path: Path):

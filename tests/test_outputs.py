@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from analysis.errors import CalibdropWarning
-from analysis.outputs import MARKER
+from analysis.outputs import MARKER, claim_folder
 
 
 def cli_in(folder: Path, *args) -> subprocess.CompletedProcess:
@@ -58,11 +58,13 @@ def table_hashes(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def workspace(smoke_run, tmp_path_factory):
-    """A folder whose ``results`` is a copy of the finished smoke run, and a drop set ``set.json`` from its scores."""
+    """A folder whose ``results`` is a copy of the finished smoke run, a drop set ``set.json`` from its scores and
+    four texts ``texts.jsonl``."""
     folder = tmp_path_factory.mktemp("outputs")
     shutil.copytree(smoke_run, folder / "results", ignore=shutil.ignore_patterns("figures"))
     made = cli_in(folder, "consensus", "results", "--module", "attn", "--k", "2", "--out", "set.json")
     assert made.returncode == 0, made.stderr[-2000:]
+    (folder / "texts.jsonl").write_text("".join(json.dumps({"text": f"text number {i}"}) + "\n" for i in range(4)))
     return folder
 
 
@@ -85,6 +87,7 @@ COMMANDS = {  # commands over the run folder `results`, none with --force; each 
     "export paper keys over the summary": ("export", "--drop-set", SET, "--format", "paper", "--out",
                                            "results/run_summary.json"),
     "prune into the run": ("prune", "--drop-set", SET, "--out", "results"),
+    "check into the run": ("check", "--drop-set", SET, "--texts", "texts.jsonl", "--out", "results"),
     "summary into the run": ("summary", "results", "--out", "results"),
     "report": ("report", "results", "--no-figures"),
 }
@@ -119,6 +122,8 @@ def test_the_same_run_resumes_and_force_replaces(workspace, tmp_path):
     forced = cli_in(tmp_path, "consensus", "results", "--k", "2", "--out", "results/drop_sets.json", "--force")
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert {k for k, v in table_hashes(copy).items() if before.get(k) != v} == {"drop_sets.json"}
+    claim_folder(copy, "compare", {}, force=True)  # forced into a run folder, a command leaves it a run folder
+    assert not (copy / MARKER).exists()
 
 
 @pytest.mark.real_model
