@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import ROOT, cli
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from analysis.errors import CalibdropWarning
@@ -94,7 +94,7 @@ COMMANDS = {  # commands over the run folder `results`, none with --force; each 
 
 
 @pytest.mark.real_model
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=10, deadline=None)
 @given(sequence=st.lists(st.sampled_from(sorted(COMMANDS)), min_size=1, max_size=4))
 def test_no_sequence_of_commands_changes_a_finished_runs_tables(workspace, sequence):
     before = table_hashes(workspace / "results")
