@@ -24,6 +24,7 @@ from .errors import InputError
 from .importance.metrics import GROUND_TRUTH, check_metrics, get_metric
 from .io import atomic_write_json, provenance, read_table
 from .models import loading as models
+from .outputs import check_run_settings, check_run_tables
 from .presets import PRESETS, PRIMARY_METRIC, RunSettings, preset
 from .report import plots, study_plots
 from .report.sections import Results, write_report
@@ -206,9 +207,11 @@ def settings_of(choice: str | RunSettings) -> RunSettings:
 
 def run(spec: str = models.DEFAULT_MODEL, out: Path = Path("results"), *, preset: str | RunSettings = "default",
         dtype=None, device=None, progress: bool = True, log: Callable[[str], None] = print,
-        figures: bool = True) -> dict:
+        figures: bool = True, force: bool = False) -> dict:
     """Run the whole study for one model into ``out``: every stage of :data:`STAGES` in order, then figures (unless
-    ``figures`` is false: :func:`render_report` draws them later from the tables) and the report."""
+    ``figures`` is false: :func:`render_report` draws them later from the tables) and the report.  A folder holding
+    another run or another command's output is refused before any work unless ``force``
+    (:mod:`analysis.outputs`); the same run resumes."""
     settings = settings_of(preset)
     for name in top_level_distributions(settings):
         if role(load_manifest(name)) == "test":
@@ -221,12 +224,23 @@ def run(spec: str = models.DEFAULT_MODEL, out: Path = Path("results"), *, preset
     if settings.primary_metric not in settings.metrics or not get_metric(settings.primary_metric).is_proxy:
         raise InputError(f"primary_metric {settings.primary_metric!r} must be one of the run's proxy metrics "
                          f"({', '.join(m for m in settings.metrics if get_metric(m).is_proxy)})")
+    check_run_settings(out, asdict(settings), force=force)
     with models.float32_matmul_precision(settings.matmul_precision):
-        return _run(spec, Path(out), settings, dtype=dtype, device=device, progress=progress, log=log, figures=figures)
+        return _run(spec, Path(out), settings, dtype=dtype, device=device, progress=progress, log=log, figures=figures,
+                    force=force)
+
+
+def planned_keys(study: Study, stages) -> dict[str, str]:
+    """``{table: stage key}`` of every table ``stages`` save, as :meth:`Study.run_stage` will key them."""
+    keys = {}
+    for stage in stages:
+        study.keys[stage.name] = study.key(stage)
+        keys.update(dict.fromkeys(stage.outputs, study.keys[stage.name]))
+    return keys
 
 
 def _run(spec: str, out: Path, settings: RunSettings, *, dtype, device, progress: bool, log: Callable[[str], None],
-         figures: bool) -> dict:
+         figures: bool, force: bool) -> dict:
     """:func:`run` once its settings are checked, at their matmul precision."""
     started = time.perf_counter()
     model, tokenizer = models.load_model(spec, dtype=dtype, device=device)
@@ -234,6 +248,7 @@ def _run(spec: str, out: Path, settings: RunSettings, *, dtype, device, progress
     study = Study(model, tokenizer, settings, StageStore(out, record, log), progress)
     timings = {"load model": round(time.perf_counter() - started, 1)}
     stages = [stage for stage in STAGES if stage.when(settings)]
+    check_run_tables(out, record, planned_keys(study, stages), force=force)
     rate = ProgressRate()
     for number, stage in enumerate(stages, start=1):
         remaining = sum(later.work(study) for later in stages[number - 1:])

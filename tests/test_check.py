@@ -149,5 +149,5 @@ def test_cli_check_reads_the_consensus_json_and_writes_tables(setting, tmp_path,
     assert pd.read_parquet(tmp_path / "check" / "check_summary.parquet").loc[0, "verdict"] == want.verdict
     del record["scores"]
     (tmp_path / "old.json").write_text(json.dumps(record))
-    assert main([*args[:3], "--drop-set", str(tmp_path / "old.json"), *args[5:]]) == 2
+    assert main([*args[:3], "--drop-set", str(tmp_path / "old.json"), *args[5:-1], str(tmp_path / "check-old")]) == 2
     assert "does not name its source scores" in capsys.readouterr().err

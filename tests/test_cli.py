@@ -168,7 +168,7 @@ def test_a_registered_metric_flows_through_compare_and_consensus(tmp_path, capsy
         rows = pd.concat([score_texts(model, tokenizer, t, metrics=("cosine", "update_norm_cli"), per_sample=True, progress=False).assign(distribution=d)
                           for d, t in texts.items()], ignore_index=True)
         write_table(rows, tmp_path / "mine.per_sample.parquet", {"kind": "scores-per-sample"})
-        assert main(["compare", str(tmp_path / "mine.per_sample.parquet"), "--modules", "attn", "--k", "1", "--n-boot", "20",
+        assert main(["compare", str(tmp_path / "mine.per_sample.parquet"), "--modules", "attn", "--k", "1", "--n-boot", "40",
                      "--n-perm", "20", "--out", str(tmp_path / "cmp")]) == 0
         assert set(pd.read_parquet(tmp_path / "cmp" / "agreement.parquet")["metric"]) == {"cosine", "update_norm_cli"}
         assert (tmp_path / "cmp" / "figures" / "update_norm_cli" / "similarity_attn_spearman.png").exists()

@@ -297,13 +297,13 @@ BASES = {  # a command's base arguments: {texts}, {tiny}, {set}, {results} from 
     "score-distributions": "score --distributions fz-a,fz-b --samples 4 --seq-len 16 --model {tiny} --metrics cosine "
                            "--out {out}/s.parquet",
     "consensus": "consensus {results} --k 1 --out {out}/set.json",
-    "compare": "compare {results} --modules attn --k 1 --n-boot 4 --n-perm 4 --out {out}/cmp",
+    "compare": "compare {results} --modules attn --k 1 --n-boot 40 --n-perm 4 --out {out}/cmp",
     "prune": "prune --model {tiny} --drop-set {set} --out {out}/pruned",
     "check": "check --model {tiny} --drop-set {set} --texts {texts} --n-perm 10 --out {out}/check",
     "evaluate": "evaluate --model {tiny} --drop-sets {set} --distributions fz-a --samples 2 --seq-len 16 "
                 "--out {out}/evaluate",
     "route": "route {results} --model {tiny} --k 1 --calibration-samples 4 --calibration-seq-len 16 --samples 2 "
-             "--seq-len 16 --n-boot 10 --out {out}/route",
+             "--seq-len 16 --n-boot 40 --out {out}/route",
 }
 OPTIONS = {  # the options a search sets, and their values
     "score-texts": {"--seq-len": SIZE, "--batch-size": SIZE, "--metrics": name_lists(*METRICS),

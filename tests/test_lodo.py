@@ -51,11 +51,13 @@ def test_a_shared_trial_cache_keeps_every_greedy_path_and_saves_trials():
 
 @pytest.fixture(scope="module")
 def lodo_run(tiny_dir, tiny_run, tmp_path_factory):
-    """The session's tiny run (conftest ``tiny_run``) rerun in a copy of its folder with leave-one-distribution-out on:
-    the stages it had are reused, only the lodo stages are computed (the report is rewritten, without figures)."""
+    """The session's tiny run (conftest ``tiny_run``) rerun in a copy of its folder with leave-one-distribution-out on
+    (other settings: ``force``): the stages it had are reused, only the lodo stages are computed (the report is
+    rewritten, without figures)."""
     out = tmp_path_factory.mktemp("lodo") / "run"
     shutil.copytree(tiny_run[0], out)
-    summary = run(str(tiny_dir), out, preset=RunSettings(**LODO), progress=False, log=lambda m: None, figures=False)
+    summary = run(str(tiny_dir), out, preset=RunSettings(**LODO), progress=False, log=lambda m: None, figures=False,
+                  force=True)
     assert [stage for stage in summary["stages_computed"] if "lodo" not in stage] == []
     tables = {p.stem: read_table(p) for p in out.glob("*.parquet")}
     return out, summary, tables

@@ -49,7 +49,8 @@ def tiny_dir(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["score", "--distributions", "general", "--samples", "0"], "argument --samples: must be a positive integer, not 0"),
     (["score", "--distributions", "general", "--seq-len", "0"], "argument --seq-len: must be a positive integer, not 0"),
-    (["compare", "nowhere", "--n-boot", "0"], "argument --n-boot: must be a positive integer, not 0"),
+    (["compare", "nowhere", "--n-boot", "0"], "argument --n-boot: a 95% bootstrap interval needs at least 40 resamples"),
+    (["route", "nowhere", "--n-boot", "1"], "needs at least 40 resamples (one in each 2.5% tail), not 1"),
     (["compare", "nowhere", "--k", "0,4"], "expected positive drop-set sizes"),
 ])
 def test_numbers_are_validated_never_replaced_by_defaults(args, message):

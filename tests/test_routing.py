@@ -302,8 +302,8 @@ def test_routing_among_real_loss_sets_reproduces_them_and_says_whether_any_beats
 
 
 def test_without_route_truth_own_only_the_ablations_own_sets_are_not_routed(real_loss_routed_run, tmp_path):
-    """A resumed copy of the real-loss run with ``route_truth_own`` off recomputes the routing stage alone, without the
-    family ``own``; the other families' rows are unchanged."""
+    """A copy of the real-loss run rerun (``force``) with ``route_truth_own`` off recomputes the routing stage alone,
+    without the family ``own``; the other families' rows are unchanged."""
     import shutil
 
     from analysis.io import read_table
@@ -312,7 +312,7 @@ def test_without_route_truth_own_only_the_ablations_own_sets_are_not_routed(real
     shutil.copytree(real_loss_routed_run, tmp_path / "run")
     summary = run(str(real_loss_routed_run.parent / "model0"), tmp_path / "run",
                   preset=RunSettings(**{**REAL_LOSS_RUN, "route_truth_own": False}), progress=False, log=lambda m: None,
-                  figures=False)
+                  figures=False, force=True)
     assert "routing" in summary["stages_computed"] and "heldout_windows" not in summary["stages_computed"]
     before, after = (read_table(folder / "routing_paired.parquet") for folder in (real_loss_routed_run, tmp_path / "run"))
     assert set(after["family"]) == {"", "greedy"}

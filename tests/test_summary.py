@@ -185,7 +185,7 @@ def test_cli_writes_tables_and_figures(runs, tmp_path, capsys):
     assert np.isclose(agreement.query("model == 'model-a' and statistic == 'spearman'")["mean"].item(), 0.7)
     for figure in ("summary_importance_attn", "summary_consensus_vs_single"):
         assert (out / "figures" / f"{figure}.png").stat().st_size > 0
-    assert main(["summary", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert main(["summary", str(tmp_path / "nowhere"), "--out", str(tmp_path / "other")]) == 2
     assert "is not a folder" in capsys.readouterr().err
 
 

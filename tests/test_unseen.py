@@ -50,14 +50,14 @@ def test_a_test_only_distribution_cannot_be_calibrated_on(tiny_dir, tmp_path):
 
 
 def test_unseen_samples_sets_the_test_only_windows_and_nothing_else(tiny_run, tiny_dir, tmp_path):
-    """A resumed copy of the tiny run with half the test-only windows recomputes only the test-only stages."""
+    """A copy of the tiny run rerun (``force``) with half the test-only windows recomputes only the test-only stages."""
     from analysis.io import read_table
 
     folder, _, _ = tiny_run
     shutil.copytree(folder, tmp_path / "run")
     fewer = SETTINGS["transfer_samples"] // 2
     summary = run(str(tiny_dir), tmp_path / "run", preset=RunSettings(**{**SETTINGS, "unseen_samples": fewer}),
-                  progress=False, log=lambda m: None, figures=False)
+                  progress=False, log=lambda m: None, figures=False, force=True)
     windows = read_table(tmp_path / "run" / "heldout_windows_unseen.parquet")
     assert windows.groupby(["drop_set", "distribution"]).size().eq(fewer).all()
     assert read_table(tmp_path / "run" / "transfer_unseen.parquet")["n_windows"].eq(fewer).all()

@@ -28,6 +28,15 @@ def parse_ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def distinct(values, what: str) -> list:
+    """``values`` in order with repeats removed; a repeat is warned about (it would be computed and written twice)."""
+    unique = list(dict.fromkeys(values))
+    if len(unique) < len(values):
+        repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+        warnings.warn(f"{what} {', '.join(map(str, repeated))} given more than once: using each once", CalibdropWarning)
+    return unique
+
+
 def writable_output(path: Path, *, folder: bool) -> Path:
     """Check before any work that ``path`` (a file, or with ``folder`` a folder) can be written: its folder
     is created and a temporary file is written and removed there; else an :class:`InputError`.  Returns it absolute."""
@@ -97,7 +106,7 @@ def expand_distributions(spec: str) -> list[str]:
     names = [name.strip() for name in spec.split(",") if name.strip()]
     if names == ["all"]:
         return [n for top in top_level() for n in [top, *subsets(top)]]
-    return names
+    return distinct(names, "distribution")
 
 
 def cmd_score(args) -> None:
@@ -107,6 +116,7 @@ def cmd_score(args) -> None:
     from ..io import provenance, write_table
     from ..models import loading as models
     from ..models.distributed import is_main_process, process_device
+    from ..outputs import claim_file, identity_of
     from ..stages import StageStore
     from ..study.stability import least_and_most_important
 
@@ -115,8 +125,11 @@ def cmd_score(args) -> None:
         raise InputError("give either --texts FILE.jsonl or --distributions NAMES (for example code,math,chat)")
     out = writable_output(Path(args.out), folder=False)
     metrics = check_metrics(args.metrics)
+    owner = claim_file(out, "score", identity_of(args), force=args.force)
+    if not args.texts:
+        claim_file(out.with_suffix(".per_sample.parquet"), "score", identity_of(args), force=args.force)
     if args.texts:
-        table = score_jsonl(args, out, metrics)
+        table = score_jsonl(args, out, metrics, owner)
     else:
         settings = PRESETS[args.preset]
         n_samples = settings.samples if args.samples is None else args.samples
@@ -138,6 +151,7 @@ def cmd_score(args) -> None:
             distributions={name: load_manifest(name)["_sha256"] for name in names},
             settings={"n_samples": n_samples, "seq_len": seq_len, "seed": args.seed, "batch_size": args.batch_size,
                       "metrics": list(metrics)},
+            output=owner,
         )
         per_sample = out.with_suffix(".per_sample.parquet")
         if not is_main_process():
@@ -154,8 +168,9 @@ def cmd_score(args) -> None:
         print_table(least_and_most_important(table))
 
 
-def score_jsonl(args, out: Path, metrics):
-    """Score the texts of a JSONL file (each text one sample) and write the table; returns it."""
+def score_jsonl(args, out: Path, metrics, owner: dict):
+    """Score the texts of a JSONL file (each text one sample) and write the table, its provenance recording ``owner``
+    (:func:`analysis.outputs.claim_file`); returns it."""
     import hashlib
 
     from ..importance.scoring import score_texts
@@ -176,6 +191,7 @@ def score_jsonl(args, out: Path, metrics):
         texts={"path": str(texts_path), "sha256": hashlib.sha256(texts_path.read_bytes()).hexdigest(),
                "n_texts": len(texts)},
         settings={"max_length": max_length, "batch_size": args.batch_size, "per_sample": args.per_sample},
+        output=owner,
     )
     table = table.assign(model=args.model)
     if is_main_process():
@@ -185,6 +201,7 @@ def score_jsonl(args, out: Path, metrics):
 
 def cmd_compare(args) -> None:
     from ..io import provenance, write_table
+    from ..outputs import claim_folder, identity_of
     from ..pipeline import compare_tables
     from ..report import plots
     from ..study.tables import metrics_in, one_metric, tables_of_metric
@@ -194,7 +211,8 @@ def cmd_compare(args) -> None:
     results = Path(args.results)
     out = writable_output(Path(args.out) if args.out else (results if results.is_dir() else results.parent) / "compare",
                           folder=True)
-    modules = [m.strip() for m in args.modules.split(",")]
+    claim_folder(out, "compare", identity_of(args), force=args.force)
+    modules = distinct([m.strip() for m in args.modules.split(",")], "module kind")
     tables = compare_tables(scores, modules, k, args.n_boot, args.n_perm)
     source = scores.attrs.get("provenance", {})
     for name, table in tables.items():
@@ -216,6 +234,7 @@ def cmd_consensus(args) -> None:
 
     from ..evaluation.check import source_pointer
     from ..io import atomic_write_json, provenance
+    from ..outputs import claim_file, identity_of
     from ..study.dropsets import drop_set_family
 
     scores = read_per_sample(args.results)
@@ -223,6 +242,7 @@ def cmd_consensus(args) -> None:
     out = writable_output(
         Path(args.out or Path(RESULTS_DIR) / "drop_sets" / f"{metric}-{args.module}-{args.k}-{args.method}.json"),
         folder=False)
+    owner = claim_file(out, "consensus", identity_of(args), force=args.force)
     [chosen] = drop_set_family(scores, module=args.module, k=args.k, metric=metric, methods=(args.method,),
                                own=False).values()
     source = scores.attrs.get("provenance", {})
@@ -231,7 +251,7 @@ def cmd_consensus(args) -> None:
         "model": source.get("model", {}).get("spec") or scores.get("model", pd.Series([None])).iloc[0],
         "model_sha256": source.get("model", {}).get("weights_sha256"),
         "scores": source_pointer(per_sample_file(args.results)),
-        "provenance": provenance(kind="drop-set", scores=source),
+        "provenance": provenance(kind="drop-set", scores=source, output=owner),
     }
     atomic_write_json(out, record)
     print(f"{chosen.label}: {chosen.sorted_indices()}\nwrote {out}")
@@ -240,16 +260,20 @@ def cmd_consensus(args) -> None:
 def cmd_prune(args) -> None:
     from ..models import loading as models
     from ..models import pruning
+    from ..outputs import check_checkpoint, identity_of, record_checkpoint
     from ..study.dropsets import as_drop_set, read_drop_set
 
     record = read_drop_set(Path(args.drop_set))
     out = writable_output(Path(args.out), folder=True)
+    identity = identity_of(args)
+    check_checkpoint(out, "prune", identity, force=args.force)
     model, tokenizer = models.load_model(args.model, dtype=args.dtype)
     pruning.check_drop_set(record, model, force=args.force)
     chosen = as_drop_set(record)
     before = sum(p.numel() for p in model.parameters())
     pruning.drop_modules(model, **chosen.drop_kwargs(), drop_set=record)
     out = pruning.save_pruned(model, out, tokenizer)
+    record_checkpoint(out, "prune", identity)
     after = sum(p.numel() for p in model.parameters())
     print(f"dropped {chosen.module} {chosen.sorted_indices()}: {before:,} -> {after:,} parameters; saved to {out}")
 
@@ -257,6 +281,7 @@ def cmd_prune(args) -> None:
 def cmd_export(args) -> None:
     from .. import export
     from ..io import atomic_write_json
+    from ..outputs import check_checkpoint, claim_file, identity_of, record_checkpoint
     from ..study.dropsets import read_drop_set
 
     record = read_drop_set(Path(args.drop_set))
@@ -266,6 +291,8 @@ def cmd_export(args) -> None:
         lists = export.paper_drop_lists(record, n_layers)
         if args.out:
             out = writable_output(Path(args.out), folder=False)
+            if not (out.is_file() and out.read_bytes() == json.dumps(lists, indent=2).encode()):
+                claim_file(out, "export", identity_of(args), force=args.force)
             atomic_write_json(out, lists)
         print(json.dumps(lists))
         print(f"for {spec} ({n_layers} layers): put these keys in its config.json for the paper's code"
@@ -276,11 +303,32 @@ def cmd_export(args) -> None:
     from ..models import loading as models
 
     out = writable_output(Path(args.out), folder=True)
+    identity = identity_of(args)
+    check_checkpoint(out, "export", identity, force=args.force)
     model, tokenizer = models.load_model(spec, dtype=args.dtype)
     out = export.export_checkpoint(model, tokenizer, record, out, force=args.force)
+    record_checkpoint(out, "export", identity)
     code = (out / export.MODELING_FILE).is_file()
     print(f"saved to {out}; load it without calibdrop with AutoModelForCausalLM.from_pretrained({str(out)!r}"
           f"{', trust_remote_code=True' if code else ''})")
+
+
+def drop_set_files(paths) -> dict[str, Path]:
+    """``{name: path}`` of the ``--drop-sets`` files, each named by its file name without ``.json``; a file given
+    twice is used once (with a warning); a file named like the unpruned model (``none.json``), or two files of the same
+    name in different folders, is an :class:`InputError`: a set's name is its key in every table."""
+    from ..study.dropsets import UNPRUNED
+
+    files: dict[str, Path] = {}
+    for path in distinct([Path(p).resolve() for p in paths], "drop-set file"):
+        name = path.stem
+        if name == UNPRUNED:
+            raise InputError(f"drop-set file {path} would be named {UNPRUNED!r}, the name of the unpruned model in every "
+                             "table: rename the file")
+        if name in files:
+            raise InputError(f"drop-set files {files[name]} and {path} would both be named {name!r}: rename one")
+        files[name] = path
+    return files
 
 
 def evaluation_drop_sets(args) -> dict:
@@ -290,12 +338,12 @@ def evaluation_drop_sets(args) -> dict:
     from ..study.dropsets import UNPRUNED, drop_set_family, read_drop_set
 
     sets: dict = {UNPRUNED: None}
-    for path in args.drop_sets or []:
-        sets[Path(path).stem] = read_drop_set(Path(path))
+    for name, path in drop_set_files(args.drop_sets or []).items():
+        sets[name] = read_drop_set(path)
     if args.from_scores:
         scores = read_per_sample(args.from_scores)
         metric = metric_of(scores, args.metric)
-        for k in parse_ints(args.k):
+        for k in parse_ints(args.k):  # a set's label holds a "/", so it never equals a file's name
             sets.update(drop_set_family(scores, module=args.module, k=k, methods=args.methods.split(","), metric=metric,
                                         random_seeds=(0, 1, 2)))
     if len(sets) == 1 and not pruning.is_pruned_checkpoint(Path(args.model)):
@@ -309,14 +357,16 @@ def cmd_evaluate(args) -> None:
     from ..io import provenance, write_table
     from ..models import loading as models
     from ..models import pruning
+    from ..outputs import claim_folder, identity_of
     from ..study.dropsets import as_drop_set
 
     sets = evaluation_drop_sets(args)
-    tasks = [t for t in (args.tasks or "").split(",") if t]
+    tasks = distinct([t for t in (args.tasks or "").split(",") if t], "task")
     unknown = [t for t in tasks if t not in PAPER_TASKS]
     if unknown:
         raise InputError(f"--tasks: unknown task {unknown[0]!r}; tasks: {', '.join(PAPER_TASKS)}")
     out = writable_output(Path(args.out), folder=True)
+    claim_folder(out, "evaluate", identity_of(args), force=args.force)
     model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)
     for record in sets.values():
         if isinstance(record, dict):
@@ -387,7 +437,7 @@ def cmd_run(args) -> None:
         settings = dataclasses.replace(settings, matmul_precision=args.matmul_precision)
     summary = run(args.model, out, preset=settings, dtype=args.dtype, device=args.device,
                   progress=sys.stderr.isatty(),
-                  figures=not args.no_figures)
+                  figures=not args.no_figures, force=args.force)
     print(f"\ndone in {summary['seconds']} s: report {summary['report'][0]} and {summary['report'][1]}, "
           f"{summary['figures']} figure files in {out / 'figures'}")
     print(f"computed: {', '.join(summary['stages_computed']) or 'nothing (all reused)'}")
@@ -407,9 +457,11 @@ def cmd_report(args) -> None:
 
 
 def cmd_summary(args) -> None:
+    from ..outputs import claim_folder, identity_of
     from ..report.summary import write_summary
 
     out = writable_output(Path(args.out), folder=True)
+    claim_folder(out, "summary", identity_of(args), force=args.force)
     written = write_summary(args.results, out)
     print(f"{len(written['tables'])} tables and {len(written['figures'])} figure files in {out}")
     for path in written["tables"]:

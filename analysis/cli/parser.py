@@ -68,6 +68,14 @@ positive_int = bounded_int(1, math.inf, "must be a positive integer, not {}")
 # numpy's generators refuse negative seeds
 seed_int = bounded_int(0, 2**32, "a seed must be an integer from 0 to 2**32 - 1, not {}")
 non_negative_int = bounded_int(0, math.inf, "must be 0 or a positive integer, not {}")
+# a 95% percentile interval of B resamples leaves 2.5% of them in each tail: B >= 40 puts one there; fewer give no
+# interval (one resample gives [x, x], which its own estimate may lie outside)
+MIN_BOOT = 40
+boot_count = bounded_int(MIN_BOOT, math.inf,
+                         f"a 95% bootstrap interval needs at least {MIN_BOOT} resamples (one in each 2.5% tail), not {{}}")
+# --force: the rule of analysis/outputs.py
+REPLACE = "replace what --out holds: another command's output, or this command's for another model, inputs or settings"
+APPLY_AND_REPLACE = f"apply a drop set made for a model with another checksum, and {REPLACE}"
 
 
 def token_count(text: str) -> int:
@@ -166,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                             f"(first-order ΔNLL) adds a forward and backward pass, {GROUND_TRUTH} (the ground truth: "
                             f"the real NLL increase of dropping each module) re-runs blocks per module")
     score.add_argument("--device-map", help="shard the model over devices with accelerate, e.g. auto")
+    score.add_argument("--force", action="store_true", help=REPLACE)
     score.set_defaults(func=cmd_score)
 
     run = command("run", "the whole study: score, compare, choose drop sets, prune, evaluate, report")
@@ -180,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS,
                      help="float32 matrix products: highest (full float32), high (TensorFloat-32 on a GPU; on a CPU "
                           "the same as highest) or medium (bfloat16 products); default: the preset's")
+    run.add_argument("--force", action="store_true", help=REPLACE)
     run.set_defaults(func=cmd_run)
 
     compare = command("compare", "stability tables and figures from per-sample scores")
@@ -187,10 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", help="output folder (default: a 'compare' folder beside the results)")
     compare.add_argument("--modules", default=",".join(MODULE_KINDS), help="module kinds to compare, comma-separated")
     compare.add_argument("--k", default="4,8", help="drop-set sizes, comma-separated")
-    compare.add_argument("--n-boot", type=positive_int, default=PRESETS["default"].n_boot,
+    compare.add_argument("--n-boot", type=boot_count, default=PRESETS["default"].n_boot,
                          help="bootstrap resamples of samples")
     compare.add_argument("--n-perm", type=positive_int, default=PRESETS["default"].n_perm,
                          help="permutation-test shuffles of sample labels")
+    compare.add_argument("--force", action="store_true", help=REPLACE)
     compare.set_defaults(func=cmd_compare)
 
     agree = command("consensus", "a drop set agreed across distributions, as JSON")
@@ -204,13 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="importance metric of the ranking (default: cosine, or the table's only metric)")
     agree.add_argument("--out", help=f"JSON file to write (default: "
                                      f"{RESULTS_DIR}/drop_sets/<metric>-<module>-<k>-<method>.json)")
+    agree.add_argument("--force", action="store_true", help=REPLACE)
     agree.set_defaults(func=cmd_consensus)
 
     prune = command("prune", "drop the modules of a drop set and save the pruned model")
     _add_model_options(prune, device=False)
     prune.add_argument("--drop-set", required=True, help="drop-set JSON from `calibdrop consensus`")
     prune.add_argument("--out", required=True, help="folder for the pruned checkpoint")
-    prune.add_argument("--force", action="store_true", help="apply a drop set made for a model with another checksum")
+    prune.add_argument("--force", action="store_true", help=APPLY_AND_REPLACE)
     prune.set_defaults(func=cmd_prune)
 
     export = command("export", "a drop set as a pruned checkpoint that stock transformers loads, "
@@ -227,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "count (read from its config, no weights loaded)")
     export.add_argument("--out", help="checkpoint: the folder to write (required); paper: a JSON file to write "
                                       "(default: print only)")
-    export.add_argument("--force", action="store_true", help="apply a drop set made for a model with another checksum")
+    export.add_argument("--force", action="store_true", help=APPLY_AND_REPLACE)
     export.set_defaults(func=cmd_export)
 
     evaluate = command("evaluate", "held-out perplexity and zero-shot accuracy of drop sets")
@@ -251,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seq-len", type=token_count, default=512, help="tokens per held-out window")
     evaluate.add_argument("--out", default=f"{RESULTS_DIR}/evaluation",
                           help="folder for transfer.parquet and accuracy.parquet")
-    evaluate.add_argument("--force", action="store_true", help="apply drop sets made for a model with another checksum")
+    evaluate.add_argument("--force", action="store_true", help=APPLY_AND_REPLACE.replace("a drop set", "drop sets"))
     evaluate.set_defaults(func=cmd_evaluate)
 
     checker = command("check", "does a drop set still hold on your texts? drift, regret and a recommendation")
@@ -278,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     checker.add_argument("--n-perm", type=positive_int, default=1000, help="permutations of the drift test")
     checker.add_argument("--seed", type=seed_int, default=0, help="seed of the resampling and the loss subsample")
     checker.add_argument("--out", default=f"{RESULTS_DIR}/check", help="folder for the tables")
-    checker.add_argument("--force", action="store_true", help="apply a drop set made for a model with another checksum")
+    checker.add_argument("--force", action="store_true", help=APPLY_AND_REPLACE)
     checker.set_defaults(func=cmd_check)
 
     chooser = command("choose", "which of a run's drop sets to use for your texts: its leading sets and the "
@@ -324,9 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--samples", type=positive_int, default=24, help="held-out windows per distribution in the mix")
     route.add_argument("--seq-len", type=token_count, default=256, help="tokens per held-out window")
     route.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass")
-    route.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap replicates of the CIs")
+    route.add_argument("--n-boot", type=boot_count, default=1000, help="bootstrap replicates of the CIs")
     route.add_argument("--seed", type=seed_int, default=0, help="seed of the windows and the resampling")
     route.add_argument("--out", help="folder for the tables (default: RESULTS/routing)")
+    route.add_argument("--force", action="store_true", help=REPLACE)
     route.set_defaults(func=cmd_route)
 
     report = command("report",
@@ -342,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "it has)")
     summary.add_argument("--out", default=f"{RESULTS_DIR}/summary",
                          help="folder for the summary_*.parquet tables and figures/")
+    summary.add_argument("--force", action="store_true", help=REPLACE)
     summary.set_defaults(func=cmd_summary)
 
     data_parser = command("data", "fetch or list the calibration distributions")
@@ -381,7 +395,8 @@ def _quiet_library_progress() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a command. The error boundary: calibdrop's own errors and failures of the user's files or
-    environment (OSError) print one line and exit 2; anything else is a bug and keeps its traceback."""
+    environment (OSError) print one line and exit 2; Ctrl-C prints one line and exits 130; anything else is a bug and
+    keeps its traceback."""
     parser = build_parser()
     for arg in sys.argv[1:] if argv is None else argv:
         if arg.startswith("--") and arg.endswith("=--"):  # argparse drops a "--" value and calls no type check
@@ -397,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     except CalibdropError as error:
         print(f"calibdrop: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: every table is written atomically, so a rerun resumes from the saved ones
+        print("calibdrop: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     except OSError as error:
         where = f" {error.filename}" if error.filename else ""
         reason = error.strerror or str(error).splitlines()[0]

@@ -20,6 +20,7 @@ def cmd_check(args) -> None:
     from ..models import loading as models
     from ..models import pruning
     from ..models.distributed import is_main_process
+    from ..outputs import claim_folder, identity_of
     from ..study.dropsets import read_drop_set
 
     drop_set = read_drop_set(Path(args.drop_set))
@@ -28,6 +29,7 @@ def cmd_check(args) -> None:
         raise InputError(f"texts file {args.texts} holds {len(texts)} texts; `calibdrop check` needs at least "
                          f"{MIN_TEXTS}, as it compares random halves of them")
     out = writable_output(Path(args.out), folder=True)
+    claim_folder(out, "check", identity_of(args), force=args.force)
     source = read_per_sample(args.scores) if args.scores else None
     model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)
     pruning.check_drop_set(drop_set, model, force=args.force)
@@ -59,6 +61,7 @@ def cmd_route(args) -> None:
     from ..evaluation.routing import evaluate_routing
     from ..io import provenance, write_table
     from ..models import loading as models
+    from ..outputs import claim_folder, identity_of
     from ..presets import RunSettings
     from ..report import sections as report
 
@@ -66,6 +69,7 @@ def cmd_route(args) -> None:
     results = Path(args.results)
     out = writable_output(Path(args.out) if args.out else (results if results.is_dir() else results.parent) / "routing",
                           folder=True)
+    claim_folder(out, "route", identity_of(args), force=args.force)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)
     warn_beyond_positions(model, max(args.seq_len, args.calibration_seq_len))
