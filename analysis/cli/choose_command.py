@@ -42,6 +42,7 @@ def cmd_choose(args) -> None:
     from ..evaluation.choose import candidate_sets, choose
     from ..io import provenance, read_jsonl_texts, read_table, write_table
     from ..models import loading as models
+    from ..outputs import claim_folder, identity_of
     from ..study import recommend
     from ..study.selection import sets_from_table
 
@@ -57,6 +58,8 @@ def cmd_choose(args) -> None:
     sets = candidate_sets(groups, top=args.top)
     pruned = sets_from_table(read_table(folder / "pruned.parquet"))
     out = writable_output(Path(args.out), folder=True) if args.out else None
+    if out is not None:
+        claim_folder(out, "choose", identity_of(args), force=args.force)
     model, tokenizer = models.load_model(args.model or record["model"].get("spec"), dtype=args.dtype,
                                          device=args.device)
     same_model(record["model"], model)

@@ -312,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     chooser.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass")
     chooser.add_argument("--seed", type=seed_int, default=0, help="seed of the split into halves and the bootstrap")
     chooser.add_argument("--out", help="folder for the tables (default: print only)")
+    chooser.add_argument("--force", action="store_true", help=REPLACE)
     chooser.set_defaults(func=cmd_choose)
 
     route = command("route",
