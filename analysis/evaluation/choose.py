@@ -34,7 +34,9 @@ def text_windows(tokenizer, texts, *, seq_len: int, max_windows_per_text: int = 
     ``max_windows_per_text`` per text; a shorter text, or a text's last part of at least 2 tokens when it has no full
     window, is a window of its own length.  A text of fewer than 2 tokens predicts nothing and is skipped with a
     warning."""
-    ids = tokenize_texts(tokenizer, list(texts), max_length=seq_len * max_windows_per_text)
+    with warnings.catch_warnings():  # a long text gives its first windows by design: no warning that it was cut
+        warnings.filterwarnings("ignore", message=".*longer than max_length")
+        ids = tokenize_texts(tokenizer, list(texts), max_length=seq_len * max_windows_per_text)
     windows, owners, short = [], [], 0
     for index, tokens in enumerate(ids):
         if len(tokens) < 2:

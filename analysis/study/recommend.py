@@ -35,6 +35,7 @@ import pandas as pd
 from scipy import stats
 
 from .dropsets import baseline_labels, method_family, parse_label
+from .stability import percentile_interval
 
 ALPHA = 0.05
 POWER = 0.8
@@ -100,9 +101,11 @@ def windows_to_decide(effect: float, se: float, n: float, margin: float, level: 
 
 def _pair(best: np.ndarray, other: np.ndarray, level: float, margin: float, n: float) -> dict:
     """The paired columns of one set against the best at one-sided ``level``: ``D = L_best - L_other`` (row 0 of the
-    replicates), ``se`` its bootstrap standard deviation, the interval ``D ± t_(1-level, n-1) se``."""
+    replicates), ``se`` its bootstrap standard deviation scaled by ``sqrt(n / (n - 1))``, the interval
+    ``D ± t_(1-level, n-1) se``."""
     effect = best[0] - other[0]
-    se = float(np.std(best[1:] - other[1:], ddof=1))
+    # the bootstrap variance of a mean over n windows is (n - 1) / n of its usual estimate s^2 / n: undone here
+    se = float(np.std(best[1:] - other[1:], ddof=1)) * math.sqrt(n / max(n - 1, 1))
     half = stats.t.ppf(1 - level, df=max(n - 1, 1)) * se
     p = one_sided_p(effect, se, n)
     separated = p <= level
@@ -140,7 +143,11 @@ def _against_best(part: pd.DataFrame, worst: pd.DataFrame, level: float, margin:
 
 
 def _ratios(part: pd.DataFrame, worst: pd.DataFrame) -> pd.DataFrame:
-    return part.assign(ppl_ratio=[math.exp(worst[name].iloc[0]) for name in part["drop_set"]])
+    """``part`` with each set's worst-case ratio ``ppl_ratio`` and its 95% percentile interval ``ci_low, ci_high``
+    (the transfer table's, from the same replicates)."""
+    bounds = [percentile_interval(np.exp(worst[name].to_numpy()[1:]), 0.95) for name in part["drop_set"]]
+    return part.assign(ppl_ratio=[math.exp(worst[name].iloc[0]) for name in part["drop_set"]],
+                       ci_low=[low for low, _ in bounds], ci_high=[high for _, high in bounds])
 
 
 def set_groups(worst: pd.DataFrame, sets: pd.DataFrame, *, n_windows: float, margin: float = MARGIN,
@@ -151,7 +158,8 @@ def set_groups(worst: pd.DataFrame, sets: pd.DataFrame, *, n_windows: float, mar
     ``worst``: worst-case log perplexity ratios, one column per set name, row 0 the estimate and the other rows
     paired bootstrap replicates (:func:`analysis.evaluation.heldout.worst_case_replicates`); ``n_windows``: held-out
     windows per distribution.  Columns: the set's ``module, k, drop_set, aliases, members, role, baselines``,
-    ``rank`` (1: the best; random sets after the candidates), ``ppl_ratio`` (its worst-case ratio), ``same_as_best``
+    ``rank`` (1: the best; random sets after the candidates), ``ppl_ratio`` (its worst-case ratio) with its 95%
+    interval ``ci_low, ci_high``, ``same_as_best``
     (the best's own row), ``ratio_to_best`` (best / this), ``pair_ci_low``/``pair_ci_high`` (the
     ``exp(D ± t_(1-level) se)`` interval, ``level = alpha / K`` for ``K`` candidates), ``p_value`` (one-sided),
     ``level``, ``separated``, ``equivalent``, ``in_group`` (the best, or not separated from it), ``se``,
@@ -175,7 +183,7 @@ def confirm_groups(choose: pd.DataFrame, confirm: pd.DataFrame, sets: pd.DataFra
     test: the pick is recommended only if every comparison rejects)."""
     parts = []
     for _, part in sets.groupby(["module", "k"], sort=False):
-        part = _ratios(part, choose).rename(columns={"ppl_ratio": "chosen_ratio"})
+        part = _ratios(part, choose).rename(columns={"ppl_ratio": "chosen_ratio"}).drop(columns=["ci_low", "ci_high"])
         part = _ratios(part.sort_values("chosen_ratio", kind="stable"), confirm)
         parts.append(_against_best(part, confirm, alpha, margin, n_windows))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
@@ -219,10 +227,12 @@ def finding(part: pd.DataFrame, name=str) -> str:
             f"from it nor shown within {best['margin']:.0%}")
 
 
-def baseline_rows(part: pd.DataFrame) -> list[tuple[str, pd.Series]]:
-    """``(baseline name, its row)`` for the baselines and random sets of one module kind and budget."""
-    rows = [(name, row) for _, row in part.iterrows() for name in row["baselines"]]
-    return rows + [("random", row) for _, row in part[part["role"] == "random"].iterrows()]
+def baseline_rows(part: pd.DataFrame) -> list[tuple[str, str, pd.Series]]:
+    """``(baseline name, its own label, the row of its members)`` for the baselines and random sets of one module kind
+    and budget (a baseline's members may be another set's, under that set's name)."""
+    labels = baseline_labels(part["module"].iloc[0], int(part["k"].iloc[0])) if len(part) else {}
+    rows = [(name, labels.get(name, row["drop_set"]), row) for _, row in part.iterrows() for name in row["baselines"]]
+    return rows + [("random", row["drop_set"], row) for _, row in part[part["role"] == "random"].iterrows()]
 
 
 def versus_text(row: pd.Series) -> str:
@@ -246,10 +256,10 @@ def recommendation_claims(groups: pd.DataFrame, name=str) -> list[dict]:
                      "status": status, "finding": finding(part, name), "estimate": best["ppl_ratio"],
                      "ci_low": np.nan, "ci_high": np.nan, "resolved": status != OPEN, "needs": text,
                      "windows_needed": windows, "tokens_needed": 0.0})
-        for baseline, row in baseline_rows(part):
+        for baseline, label, row in baseline_rows(part):
             decided = bool(row["separated"] or row["equivalent"] or row["rank"] == 1)
             rows.append({"claim": "answer vs baseline", "module": module, "k": int(k),
-                         "subject": f"{baseline}: {row['drop_set']}", "status": "", "finding": versus_text(row),
+                         "subject": f"{baseline}: {label}", "status": "", "finding": versus_text(row),
                          "estimate": row["ratio_to_best"], "ci_low": row["pair_ci_low"],
                          "ci_high": row["pair_ci_high"], "resolved": decided, "needs": "" if decided else
                          f"about {row['windows_needed']:,.0f} held-out windows per distribution "

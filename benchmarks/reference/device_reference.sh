@@ -22,7 +22,13 @@ lane() {
   python3 "$here/reference_run.py" summary "/tmp/R/$name" --preset "$preset" \
     --out "/tmp/R/$name/reference-$name-h200.json" >>"/tmp/R/$name.log" 2>&1
   cp "/tmp/R/$name.log" "/tmp/R/$name/run.log"
-  tar czf "/tmp/R/$name.tgz.partial" -C /tmp/R --exclude="$name/parts" --exclude="$name/*windows*" "$name" \
+  # the per-window held-out tables come back (the resolution stage can be recomputed from them); leave-one-out's
+  # windows, larger, go in a tgz of their own
+  if ls /tmp/R/$name/lodo_windows* >/dev/null 2>&1; then
+    tar czf "/tmp/R/$name-lodo_windows.tgz.partial" -C /tmp/R $(cd /tmp/R && ls -d $name/lodo_windows*) \
+      && mv "/tmp/R/$name-lodo_windows.tgz.partial" "/tmp/R/$name-lodo_windows.tgz"
+  fi
+  tar czf "/tmp/R/$name.tgz.partial" -C /tmp/R --exclude="$name/parts" --exclude="$name/lodo_windows*" "$name" \
     && mv "/tmp/R/$name.tgz.partial" "/tmp/R/$name.tgz"
 }
 # LANES=serial: one model after another (a run's stage times are its own); otherwise every lane at once.

@@ -4,10 +4,12 @@
 #   every call: copy the carried GGUF stream chunks (.gpu/stream/xNN) into /tmp/chunks, with START=1 start device_reference.sh
 #   in the background once (from a fresh copy of .gpu/src), wait up to WAIT seconds for the studies, print their progress and return each finished study's tables.
 set -u
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=/tmp/site:/tmp/src CALIBDROP_CACHE=/tmp/cache SRC=/tmp/src CHUNKS=/tmp/chunks
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=/tmp/site-packages:/tmp/src CALIBDROP_CACHE=/tmp/cache SRC=/tmp/src CHUNKS=/tmp/chunks
 # Whatever a call carried is put in place: wheels, document tables, sources (one call cannot carry them all with the tree).
+# The wheels go to a folder named site-packages: dill treats a module outside one as not installed, and datasets'
+# fingerprinting then fails with "Can't pickle <class 'MonthDayNano'>".
 if ls .gpu/whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-packages .gpu/whl/*.whl || exit 1
   python3 -c "import torch, transformers, datasets, gguf, pyarrow, numpy; print(torch.__version__, transformers.__version__, \
 datasets.__version__, pyarrow.__version__, numpy.__version__, torch.cuda.get_device_name())" || exit 1
 fi

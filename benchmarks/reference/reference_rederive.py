@@ -3,10 +3,13 @@
 The reference studies ran on a GPU machine; the stages that read only the per-sample score table (stability, validity,
 decomposition) can be recomputed here from the committed ``scores.per_sample`` when their statistics change (basic
 bootstrap intervals, the data-or-metric test), so the committed tables and report never mix two versions' rules.
-The stages that need the model or the held-out windows (greedy, held-out evaluation, comparisons, set groups) are kept
-as the GPU run wrote them.  Each rewritten table's sidecar says it was rederived, from what, and with which versions.
+The stages that need the model (greedy, held-out evaluation) are kept as the GPU run wrote them; the resolution stage
+(set groups and claims) reads only tables, and is recomputed with ``--stages resolution`` where the folder keeps its
+per-window held-out table (``heldout_windows``).  Each rewritten table's sidecar says it was rederived, from what, and
+with which versions.
 
   python benchmarks/reference/reference_rederive.py reference/smollm2-135m && calibdrop report reference/smollm2-135m
+  python benchmarks/reference/reference_rederive.py RUN --stages resolution
 """
 
 from __future__ import annotations
@@ -28,14 +31,17 @@ class TablesOnly:
         self.settings, self.results, self.progress = settings, results, False
 
 
-def rederive(folder: Path) -> list[Path]:
-    """Recompute :data:`REDERIVED` in ``folder`` from its ``scores.per_sample``; the rewritten tables' paths."""
+def rederive(folder: Path, stages=REDERIVED) -> list[Path]:
+    """Recompute ``stages`` (default :data:`REDERIVED`) in ``folder`` from its saved tables; the rewritten tables'
+    paths."""
     saved = json.loads((folder / "run_summary.json").read_text(encoding="utf-8"))["provenance"]
     settings = settings_from_record(saved["settings"])
     per_sample = folder / "scores.per_sample.parquet"
-    study = TablesOnly(settings, {"scores.per_sample": read_table(per_sample), **saved_tables(folder, settings)})
+    windows = {"heldout_windows": read_table(folder / "heldout_windows.parquet")} if "resolution" in stages else {}
+    study = TablesOnly(settings, {"scores.per_sample": read_table(per_sample), **saved_tables(folder, settings),
+                                  **windows})
     written = []
-    for stage in (s for s in STAGES if s.name in REDERIVED):
+    for stage in (s for s in STAGES if s.name in stages):
         value = stage.compute(study)
         tables = value if isinstance(value, dict) else {stage.name: value}
         study.results.update(tables)
@@ -48,8 +54,11 @@ def rederive(folder: Path) -> list[Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", type=Path, help="reference/<model> folders")
-    for folder in parser.parse_args().folders:
-        for path in rederive(folder):
+    parser.add_argument("--stages", default=",".join(REDERIVED),
+                        help=f"table-only stages to recompute (default {','.join(REDERIVED)}; also: resolution)")
+    args = parser.parse_args()
+    for folder in args.folders:
+        for path in rederive(folder, tuple(args.stages.split(","))):
             print(f"rewrote {path}")
 
 

@@ -68,7 +68,7 @@ def member_groups(results: Results) -> pd.DataFrame:
 
 
 def _baseline_cell(part: pd.DataFrame, name: str) -> str:
-    rows = [row for baseline, row in recommend.baseline_rows(part) if baseline == name]
+    rows = [row for baseline, _, row in recommend.baseline_rows(part) if baseline == name]
     return recommend.versus_text(rows[0]) if rows else "not evaluated"
 
 
