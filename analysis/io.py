@@ -47,7 +47,7 @@ def source_revision() -> str:
     checkout`` for an installed package or a copy; ``unknown: ...`` when git is missing or fails otherwise."""
     def git(*args) -> subprocess.CompletedProcess:
         return subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), *args], capture_output=True,
-                              text=True, stdin=subprocess.DEVNULL, timeout=30)
+                              text=True, stdin=subprocess.DEVNULL, timeout=30, check=False)
 
     try:
         head = git("rev-parse", "HEAD")

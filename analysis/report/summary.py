@@ -36,8 +36,15 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import LogNorm
 
-from ..artifacts import (RUN_SUMMARY, left_out_line, left_out_tables, read_result_table, read_run_summary,
-                         rerun_hint, warn_left_out)
+from ..artifacts import (
+    RUN_SUMMARY,
+    left_out_line,
+    left_out_tables,
+    read_result_table,
+    read_run_summary,
+    rerun_hint,
+    warn_left_out,
+)
 from ..errors import InputError
 from ..io import provenance, write_table
 from ..presets import GROUND_TRUTH, PRIMARY_METRIC

@@ -33,10 +33,9 @@ def section_left_out(results: Results) -> list[str]:
     shorter, never silently."""
     if not results.left_out:
         return []
-    return ["## Tables left out", "",
-            f"{left_out_line(results.left_out)}. The sections that read them are absent or incomplete below; "
-            f"rerun `calibdrop run --out FOLDER` on this folder with the model and preset it was made with to "
-            f"recompute them.", ""]
+    note = (f"{left_out_line(results.left_out)}. The sections that read them are absent or incomplete below; rerun "
+            f"`calibdrop run --out FOLDER` on this folder with the model and preset it was made with to recompute them.")
+    return ["## Tables left out", "", note, ""]
 
 
 def section_figures(results: Results) -> list[str]:
