@@ -120,15 +120,23 @@ def test_a_report_says_which_listed_tables_are_missing_or_stale_and_leaves_them_
     assert not (tmp_path / "summary" / "summary_validity.parquet").exists()  # the stale table is not used
 
 
-def test_an_intact_run_has_nothing_left_out_and_every_table_its_stage_writes(smoke_run, tiny_run):
-    for folder in (smoke_run, tiny_run[0]):
-        record = artifacts.read_run_summary(folder)
-        assert set(record["stage_keys"]) >= {"scores.per_sample", "transfer", "drop_sets"}
-        tables = {}
-        for path in sorted(folder.glob("*.parquet")):
-            tables[path.name.removesuffix(".parquet")] = artifacts.read_result_table(path)  # raises when damaged
-        assert artifacts.left_out_tables(list(tables), tables, record) == {}
-        assert set(tables) - set(artifacts.TABLE_COLUMNS) == set(), "a table of the run has no columns listed"
+def assert_intact(folder: Path) -> None:
+    """Every table of a run folder passes the reader's checks, none is left out, and each has its columns listed."""
+    record = artifacts.read_run_summary(folder)
+    assert set(record["stage_keys"]) >= {"scores.per_sample", "transfer", "drop_sets"}
+    tables = {}
+    for path in sorted(folder.glob("*.parquet")):
+        tables[path.name.removesuffix(".parquet")] = artifacts.read_result_table(path)  # raises when damaged
+    assert artifacts.left_out_tables(list(tables), tables, record) == {}
+    assert set(tables) - set(artifacts.TABLE_COLUMNS) == set(), "a table of the run has no columns listed"
+
+
+def test_the_smoke_run_has_nothing_left_out_and_every_table_its_stage_writes(smoke_run):
+    assert_intact(smoke_run)
+
+
+def test_the_tiny_run_has_nothing_left_out_and_every_table_its_stage_writes(tiny_run):
+    assert_intact(tiny_run[0])
 
 
 def test_every_stage_table_and_every_setting_has_a_schema():
