@@ -1,5 +1,5 @@
-"""Bad input found by a search: Hypothesis generates option values, drop-set JSON, texts files, damaged model folders
-and damaged cache records for the CLI's commands.  Every run must end with exit 0 and a result on stdout, or exit 2
+"""Bad input found by a search: Hypothesis generates option values, drop-set JSON, texts files, damaged model folders,
+damaged cache records and damaged run folders (copies of the smoke run) for the CLI's commands.  Every run must end with exit 0 and a result on stdout, or exit 2
 and one error line on stderr that names the input (argparse's usage may come before it, calibdrop's warnings too);
 never a traceback, never a hang, and the process must end at once after its error.
 
