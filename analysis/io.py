@@ -7,11 +7,13 @@ checksum, ``sha256("".join(f"{name}:{digest}\\n" for name, digest in sorted(list
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import os
 import platform
+import subprocess
 import tempfile
 import warnings
 from datetime import datetime, timezone
@@ -38,9 +40,30 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+@functools.cache
+def source_revision() -> str:
+    """The git commit calibdrop's own source folder is checked out at, asked of git quietly (nothing git prints
+    reaches the user): the commit's hash, with ``+modified`` when tracked files differ from it; ``not a git
+    checkout`` for an installed package or a copy; ``unknown: ...`` when git is missing or fails otherwise."""
+    def git(*args) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), *args], capture_output=True,
+                              text=True, stdin=subprocess.DEVNULL, timeout=30, check=False)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            said = (head.stderr.strip().splitlines() or ["git failed"])[0]
+            return "not a git checkout" if "not a git repository" in said else f"unknown: {said}"
+        changed = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"unknown: git did not run ({type(error).__name__})"
+    return head.stdout.strip() + ("+modified" if changed else "")
+
+
 def provenance(**fields) -> dict:
-    """A provenance record: the given fields, package versions and a UTC timestamp."""
-    return {**fields, "versions": package_versions(),
+    """A provenance record: the given fields, package versions, the source revision (:func:`source_revision`) and a
+    UTC timestamp."""
+    return {**fields, "versions": package_versions(), "source": source_revision(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -140,17 +163,18 @@ def write_table(frame: pd.DataFrame, path: Path, record: dict) -> Path:
     return path
 
 
-def read_table(path: Path) -> pd.DataFrame:
+def read_table(path: Path, remedy: str | None = None) -> pd.DataFrame:
     """A table written by :func:`write_table`, with its provenance in ``frame.attrs["provenance"]``.
 
     Checks that the Parquet has the sidecar's ``content_sha256`` (tables written before calibdrop
-    recorded it are read unchecked) and that it parses: otherwise :class:`ChecksumError`.
+    recorded it are read unchecked) and that it parses: otherwise :class:`ChecksumError`, whose message ends with
+    ``remedy`` (by default: delete the table and compute it again).
     """
     path = Path(path)
     if not path.exists() or not sidecar_path(path).exists():
         raise InputError(
             f"{path} is not a calibdrop result: it or its provenance sidecar {sidecar_path(path).name} is missing")
-    remedy = f"delete {path} and its sidecar, and compute it again"
+    remedy = remedy or f"delete {path} and its sidecar, and compute it again"
     try:
         record = parse_json(sidecar_path(path).read_bytes(), f"the provenance sidecar {sidecar_path(path)}", remedy)
     except InputError as error:
@@ -160,25 +184,23 @@ def read_table(path: Path) -> pd.DataFrame:
     data = path.read_bytes()
     expected = record.get("content_sha256")
     if expected is not None and hashlib.sha256(data).hexdigest() != expected:
-        raise ChecksumError(
-            f"{path} does not have the sha256 its sidecar records: it was damaged or replaced; delete it and compute "
-            f"it again")
+        raise ChecksumError(f"{path} does not have the sha256 its sidecar records: it was damaged or replaced; {remedy}")
     try:
         frame = pd.read_parquet(io.BytesIO(data))
     except (pa.ArrowException, OSError, ValueError) as error:
-        raise ChecksumError(
-            f"{path} is not a readable Parquet table ({str(error).splitlines()[0]}); delete it and compute it again"
-        ) from None
+        first = (str(error).splitlines() or [type(error).__name__])[0]
+        raise ChecksumError(f"{path} is not a readable Parquet table ({first}); {remedy}") from None
     frame.attrs["provenance"] = record
     return frame
 
 
-def read_cached_table(path: Path, expect: dict) -> pd.DataFrame | None:
+def read_cached_table(path: Path, expect: dict, problem=None) -> pd.DataFrame | None:
     """A cache entry, or ``None`` when there is none or it does not prove itself.
 
     An entry proves itself when its sidecar records a ``content_sha256`` that the Parquet has and
-    every ``expect`` field (the cache key, the distribution) with the expected value.  A damaged or
-    mismatched entry is reported with a :class:`CalibdropWarning` and deleted, so the caller recomputes it.
+    every ``expect`` field (the cache key, the distribution) with the expected value, and ``problem(frame)`` (when
+    given: what is wrong with the table's contents) is ``None``.  A damaged or mismatched entry is reported with a
+    :class:`CalibdropWarning` and deleted, so the caller recomputes it.
     """
     path = Path(path)
     if not path.exists():
@@ -191,6 +213,9 @@ def read_cached_table(path: Path, expect: dict) -> pd.DataFrame | None:
         if wrong:
             raise ChecksumError(
                 f"{path} was saved for other settings or without a checksum (its {', '.join(wrong)} differ)")
+        wrong = problem(frame) if problem else None
+        if wrong:
+            raise ChecksumError(f"{path} {wrong}")
     except CalibdropError as error:
         warnings.warn(f"discarding cache entry {path.name}: {error}; computing it again", CalibdropWarning)
         path.unlink(missing_ok=True)
@@ -219,8 +244,8 @@ def parse_json(data: bytes | str, where: str, remedy: str):
     except RecursionError:
         raise InputError(f"{where} nests JSON deeper than {MAX_JSON_DEPTH} levels{tail}") from None
     except json.JSONDecodeError as error:
-        where_in = f"at line {error.lineno} column {error.colno}"
-        raise InputError(f"{where} is not valid JSON ({error.msg} {where_in}){tail}") from None
+        raise InputError(
+            f"{where} is not valid JSON ({error.msg}; line {error.lineno} column {error.colno}){tail}") from None
     except ValueError as error:
         raise InputError(f"{where} is not usable JSON ({error}){tail}") from None
     problem = json_problem(value)

@@ -10,7 +10,6 @@ figures and the report are rebuilt from the saved tables.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from dataclasses import fields as dataclass_fields
@@ -22,7 +21,8 @@ import pandas as pd
 from .data.manifests import load_manifest, role
 from .errors import InputError
 from .importance.metrics import GROUND_TRUTH, check_metrics, get_metric
-from .io import atomic_write_json, provenance, read_table
+from .artifacts import left_out_tables, read_result_table, read_run_summary, warn_left_out
+from .io import atomic_write_json, provenance
 from .models import loading as models
 from .outputs import check_run_settings, check_run_tables
 from .presets import PRESETS, PRIMARY_METRIC, RunSettings, preset
@@ -278,6 +278,7 @@ def _run(spec: str, out: Path, settings: RunSettings, *, dtype, device, progress
         "figures": len(drawn),
         "stages_computed": study.store.computed,
         "stages_reused": study.store.reused,
+        "stage_keys": {name: study.keys[stage.name] for stage in stages for name in stage.outputs},
         "seconds": round(time.perf_counter() - started, 1),
         "timings": timings,
     }
@@ -287,9 +288,8 @@ def _run(spec: str, out: Path, settings: RunSettings, *, dtype, device, progress
     return summary
 
 
-NOT_REPORTED = ("scores", "scores.proxies", "scores.ablation", "scores.per_sample", "heldout_windows",
-                "heldout_windows_unseen",
-                "accuracy_items")
+NOT_REPORTED = ("scores", "scores.proxies", "scores.ablation", "scores.per_sample", "subsets.per_sample",
+                "heldout_windows", "heldout_windows_unseen", "lodo_windows", "accuracy_items")
 
 
 def settings_from_record(record: dict) -> RunSettings:
@@ -303,32 +303,33 @@ def settings_from_record(record: dict) -> RunSettings:
     return RunSettings(**values)
 
 
-def saved_tables(out: Path, settings: RunSettings) -> dict[str, pd.DataFrame]:
-    """The report's tables as a run saved them in ``out`` (each checked against its sidecar's checksum); a table the
-    run did not save (a stage it skipped, a table left out of a committed copy) is empty."""
+def saved_tables(out: Path, settings: RunSettings, record: dict) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
+    """The report's tables as the run in ``out`` saved them, each read and checked by
+    :func:`~analysis.artifacts.read_result_table` (a damaged one is an :class:`InputError`), and those left out with
+    why (:func:`left_out_tables`); a table left out, or one of a stage the run skipped, is empty."""
     names = [name for stage in STAGES if stage.when(settings) for name in stage.outputs if name not in NOT_REPORTED]
-    tables = {
-        name: read_table(
-            out / f"{name}.parquet") if (out / f"{name}.parquet").is_file() else pd.DataFrame() for name in names}
+    saved = {name: read_result_table(out / f"{name}.parquet") for name in names if (out / f"{name}.parquet").is_file()}
+    left_out = left_out_tables(names, saved, record)
+    tables = {name: pd.DataFrame() if name in left_out else saved.get(name, pd.DataFrame()) for name in names}
     tables.setdefault("accuracy", pd.DataFrame())
-    return tables
+    return tables, left_out
 
 
 def render_report(out: Path, *, figures: bool = True) -> dict:
     """Rewrite ``report.md``, ``report.html`` and (unless ``figures`` is false) ``figures/`` of a finished run folder
-    from
-    its saved tables alone, without the model: the settings and model record come from ``run_summary.json``."""
+    from its saved tables alone, without the model: the settings and model record come from ``run_summary.json``
+    (:func:`~analysis.artifacts.read_run_summary`).  A table the run lists but that is missing or stale is left out with
+    a warning and a note in the report (:func:`left_out_tables`)."""
     out = Path(out)
-    summary_path = out / "run_summary.json"
-    if not summary_path.is_file():
-        raise InputError(f"{out} has no run_summary.json: give the output folder of a finished `calibdrop run`")
-    saved = json.loads(summary_path.read_text(encoding="utf-8"))["provenance"]
+    record = read_run_summary(out)
+    saved = record["provenance"]
     settings = settings_from_record(saved["settings"])
-    top = read_table(out / "scores.per_sample.parquet")
-    tables = saved_tables(out, settings)
+    top = read_result_table(out / "scores.per_sample.parquet")
+    tables, left_out = saved_tables(out, settings, record)
+    warn_left_out(out, left_out, "the report leaves out what they hold")
     drawn = draw_figures(top, tables, out / "figures", max(budgets_union(settings)),
                          settings.primary_metric) if figures else []
-    report = write_report(out, Results(saved["model"], settings, top, tables, drawn))
+    report = write_report(out, Results(saved["model"], settings, top, tables, drawn, left_out))
     return {"report": [str(p) for p in report], "figures": [str(p) for p in drawn]}
 
 

@@ -15,6 +15,7 @@ from typing import Callable
 
 import pandas as pd
 
+from .artifacts import column_problem
 from .io import provenance, read_cached_table, write_table
 
 
@@ -40,9 +41,10 @@ class StageStore:
         return self.folder / f"{name}.parquet"
 
     def cached(self, name: str, key: str) -> pd.DataFrame | None:
-        """Table ``name`` if it is saved intact with ``key`` (counted as reused), else ``None`` (a damaged or
-        mismatched entry is discarded, see :func:`read_cached_table`)."""
-        saved = read_cached_table(self.path(name), {"stage_key": key})
+        """Table ``name`` if it is saved intact with ``key`` and has the columns its stage writes
+        (:func:`~analysis.artifacts.column_problem`), counted as reused; else ``None`` (a damaged or mismatched entry is
+        discarded with a warning, see :func:`read_cached_table`)."""
+        saved = read_cached_table(self.path(name), {"stage_key": key}, lambda frame: column_problem(frame, name))
         if saved is not None:
             self.reused.append(name)
         return saved

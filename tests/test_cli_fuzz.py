@@ -1,5 +1,5 @@
-"""Bad input found by a search: Hypothesis generates option values, drop-set JSON, texts files, damaged model folders
-and damaged cache records for the CLI's commands.  Every run must end with exit 0 and a result on stdout, or exit 2
+"""Bad input found by a search: Hypothesis generates option values, drop-set JSON, texts files, damaged model folders,
+damaged cache records and damaged run folders (copies of the smoke run) for the CLI's commands.  Every run must end with exit 0 and a result on stdout, or exit 2
 and one error line on stderr that names the input (argparse's usage may come before it, calibdrop's warnings too);
 never a traceback, never a hang, and the process must end at once after its error.
 
@@ -490,3 +490,118 @@ def test_a_damaged_builtin_cache_is_reported_once_and_rebuilt(space, data):
     warnings = [line for line in result["stderr"].splitlines() if line.startswith("calibdrop: warning:")]
     assert len(warnings) == 1 and "rebuilding it" in warnings[0] and str(directory) in warnings[0], result["stderr"]
     assert json.loads(record.read_text())["checkpoint_sha256"] == loading.checkpoint_sha256(directory)
+
+
+# ---------------------------------------------------------------- damaged run folders
+
+RUN_READERS = {  # the commands that read a run folder ({run}) without a model, {out} a new folder
+    "report": "report {run} --no-figures",
+    "summary": "summary {run} --out {out}",
+    "consensus": "consensus {run} --k 2 --out {out}/set.json",
+    "compare": "compare {run} --modules attn --k 2 --n-boot 4 --n-perm 4 --out {out}/compare",
+}
+PER_SAMPLE = ("scores.per_sample.parquet", "scores.per_sample.json")
+SUMMARY_TABLES = ("scores", "bootstrap_pairs", "split_half", "drop_sets", "validity", "decomposition", "transfer",
+                  "comparisons", "claims")
+READ_FILES = {  # what each command reads (the report: every table of its sections); None: every file
+    "report": None, "consensus": PER_SAMPLE, "compare": PER_SAMPLE,
+    "summary": ("run_summary.json", *(f"{name}{suffix}" for name in SUMMARY_TABLES for suffix in (".parquet", ".json"))),
+}
+TABLE_DAMAGE = ("bytes", "truncate", "delete", "drop column", "rename column", "change kind", "NaN")
+JSON_DAMAGE = ("bytes", "truncate", "delete", "any JSON", "remove entry", "replace entry", "rename entry", "NaN")
+KIND_CHANGES = ("str", "int", "float", "bool", "list")
+
+
+def json_paths(value, prefix=(), depth: int = 4) -> list[tuple]:
+    """Every path of keys and indices into a parsed JSON value, down to ``depth`` levels."""
+    if depth == 0 or not isinstance(value, (dict, list)) or not value:
+        return []
+    items = value.items() if isinstance(value, dict) else enumerate(value[:3])
+    return [path for key, child in items for path in [(*prefix, key), *json_paths(child, (*prefix, key), depth - 1)]]
+
+
+def damage_json(data, path: Path) -> str:
+    """Damage a JSON file (run_summary.json or a sidecar) as drawn; returns what was done."""
+    text = path.read_text()
+    how = data.draw(st.sampled_from(JSON_DAMAGE), label="damage")
+    if how == "bytes":
+        path.write_bytes(data.draw(st.binary(max_size=64), label="bytes"))
+    elif how == "truncate":
+        path.write_text(text[: data.draw(st.integers(0, len(text) - 1), label="keep")])
+    elif how == "delete":
+        path.unlink()
+    elif how == "any JSON":
+        path.write_text(json.dumps(data.draw(JSON, label="json")))
+    else:
+        record = json.loads(text)
+        *parents, key = data.draw(st.sampled_from(json_paths(record)), label="entry")
+        holder = record
+        for part in parents:
+            holder = holder[part]
+        if how == "remove entry":
+            del holder[key]
+        elif how == "rename entry" and isinstance(holder, dict):
+            holder[f"{key}_renamed"] = holder.pop(key)
+        else:
+            holder[key] = float("nan") if how == "NaN" else data.draw(JSON, label="value")
+        path.write_text(json.dumps(record))  # NaN as the token NaN, which Python's json reads
+        how = f"{how} {'/'.join(map(str, [*parents, key]))}"
+    return how
+
+
+def damage_table(data, path: Path) -> str:
+    """Damage a Parquet table as drawn: bytes, cut short, deleted, or (with a sidecar checksum that matches, or not, as
+    drawn) a column dropped, renamed, turned into another kind or set to NaN."""
+    import hashlib
+
+    import numpy as np
+    import pandas as pd
+
+    how = data.draw(st.sampled_from(TABLE_DAMAGE), label="damage")
+    if how == "bytes":
+        path.write_bytes(data.draw(st.binary(max_size=64), label="bytes"))
+        return how
+    if how == "truncate":
+        path.write_bytes(path.read_bytes()[: data.draw(st.integers(0, path.stat().st_size - 1), label="keep")])
+        return how
+    if how == "delete":
+        path.unlink()
+        return how
+    frame = pd.read_parquet(path)
+    column = data.draw(st.sampled_from(list(frame.columns)), label="column")
+    if how == "drop column":
+        frame = frame.drop(columns=column)
+    elif how == "rename column":
+        frame = frame.rename(columns={column: f"{column}_renamed"})
+    elif how == "change kind":
+        kind = data.draw(st.sampled_from(KIND_CHANGES), label="kind")
+        values = {"str": lambda v: str(v), "int": lambda v: len(str(v)), "float": lambda v: float(len(str(v))) + 0.5,
+                  "bool": lambda v: bool(len(str(v)) % 2), "list": lambda v: [str(v)]}[kind]
+        frame[column] = [values(v) for v in frame[column]]
+    else:
+        rows = data.draw(st.sampled_from(["all", "first", "half"]), label="rows")
+        chosen = {"all": slice(None), "first": slice(0, 1), "half": slice(0, len(frame) // 2 + 1)}[rows]
+        frame[column] = frame[column].astype(object)
+        frame.loc[frame.index[chosen], column] = np.nan
+        how = f"NaN ({rows} rows)"
+    data_bytes = frame.to_parquet(index=False)
+    path.write_bytes(data_bytes)
+    if data.draw(st.booleans(), label="sidecar checksum updated"):
+        sidecar = path.with_suffix(".json")
+        record = json.loads(sidecar.read_text())
+        record["content_sha256"] = hashlib.sha256(data_bytes).hexdigest()
+        sidecar.write_text(json.dumps(record))
+    return f"{how} {column}"
+
+
+@search(10)
+@given(data=st.data())
+def test_damaged_run_folders_give_a_result_or_one_clear_line(space, smoke_run, data):
+    folder = fresh(space, "run_folders") / "run"
+    shutil.copytree(smoke_run, folder, ignore=shutil.ignore_patterns("figures", "parts", "report.*"))
+    command = data.draw(st.sampled_from(sorted(RUN_READERS)), label="command")
+    names = READ_FILES[command] or sorted(path.name for path in folder.iterdir() if path.suffix in (".parquet", ".json"))
+    name = data.draw(st.sampled_from(names), label="file")
+    (damage_table if name.endswith(".parquet") else damage_json)(data, folder / name)
+    argv = [word.format(run=folder, out=fresh(space, "out")) for word in RUN_READERS[command].split()]
+    assert_one_clear_outcome(space["server"].run(argv), str(folder / name))

@@ -1,6 +1,6 @@
 """The package's folders follow the flow, and imports only run down it: data -> models -> importance -> study ->
-evaluation -> report -> the run (pipeline, its stage functions in steps/, export) -> cli, with errors, io, outputs, presets,
-kinds and stages below all."""
+evaluation -> report -> the run (pipeline, its stage functions in steps/, export) -> cli, with errors, io, artifacts,
+outputs, presets, kinds and stages below all."""
 
 import re
 from pathlib import Path
@@ -9,7 +9,7 @@ import analysis
 
 ROOT = Path(analysis.__file__).parent
 FLOW = ("data", "models", "importance", "study", "evaluation", "report", "run", "cli")
-BASE = {"__init__", "errors", "io", "outputs", "presets", "kinds", "stages"}
+BASE = {"__init__", "errors", "io", "artifacts", "outputs", "presets", "kinds", "stages"}
 RUN = {"pipeline", "export", "steps"}
 ENTRY = {"__main__"}  # `python -m analysis`: the command line
 

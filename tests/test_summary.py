@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from analysis.artifacts import TABLE_COLUMNS
 from analysis.report import summary as cross
 from analysis.cli import main
 from analysis.study.dropsets import parse_label
@@ -15,7 +16,15 @@ from analysis.io import provenance, read_table, write_table
 DISTRIBUTIONS = ["d1", "d2", "d3"]
 
 
+PLACEHOLDERS = {"str": "x", "int": 0, "float": 0.0, "finite": 0.0, "bool": False, "list": []}
+
+
 def _write(folder, name, frame, model):
+    """The table with every column its stage writes that this test does not set at a placeholder of its kind
+    (:data:`analysis.artifacts.TABLE_COLUMNS`: the reader checks them), and its sidecar."""
+    missing = {column: PLACEHOLDERS[kind.rstrip("?")] for column, kind in TABLE_COLUMNS[name].items()
+               if column not in frame}
+    frame = frame.assign(**{column: [value] * len(frame) for column, value in missing.items()})
     write_table(frame, folder / f"{name}.parquet", provenance(kind=name, model=model))
 
 

@@ -85,10 +85,11 @@ def per_sample_file(results: str) -> Path:
 
 
 def read_per_sample(results: str):
-    """Per-sample scores from a results folder, a ``*.per_sample.parquet`` or its aggregate's path."""
-    from ..io import read_table
+    """Per-sample scores from a results folder, a ``*.per_sample.parquet`` or its aggregate's path, checked as the
+    ``scores.per_sample`` table (:func:`analysis.artifacts.read_result_table`)."""
+    from ..artifacts import read_result_table
 
-    return read_table(per_sample_file(results))
+    return read_result_table(per_sample_file(results), "scores.per_sample")
 
 
 def metric_of(scores, requested: str | None) -> str:

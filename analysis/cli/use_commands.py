@@ -65,12 +65,15 @@ def cmd_route(args) -> None:
     from ..presets import RunSettings
     from ..report import sections as report
 
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if not methods:
+        raise InputError(f"--methods {args.methods!r} names no consensus method: give one or more, for example "
+                         f"borda,minimax")
     scores = read_per_sample(args.results)
     results = Path(args.results)
     out = writable_output(Path(args.out) if args.out else (results if results.is_dir() else results.parent) / "routing",
                           folder=True)
     claim_folder(out, "route", identity_of(args), force=args.force)
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     model, tokenizer = models.load_model(args.model, dtype=args.dtype, device=args.device)
     warn_beyond_positions(model, max(args.seq_len, args.calibration_seq_len))
     tables = evaluate_routing(model, tokenizer, scores, module=args.module, k=args.k,

@@ -30,6 +30,7 @@ written by ``calibdrop consensus`` and :func:`drop_set_record`); older files wit
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,10 +38,11 @@ import datasets
 import numpy as np
 import pandas as pd
 
+from ..artifacts import read_result_table
 from ..data.samples import pad_token_id, tokenize_texts
-from ..errors import InputError
+from ..errors import CalibdropWarning, InputError
 from ..importance.scoring import score_texts
-from ..io import read_table, sha256_file
+from ..io import sha256_file
 from ..presets import PRIMARY_METRIC
 from ..study.consensus import consensus_from_matrix, regret_table
 from ..study.dropsets import UNPRUNED, make_drop_set
@@ -95,7 +97,7 @@ def load_source_scores(drop_set_record_: dict, source_scores: pd.DataFrame | Pat
     if isinstance(source_scores, pd.DataFrame):
         return source_scores
     if source_scores is not None:
-        return read_table(Path(source_scores))
+        return read_result_table(Path(source_scores), "scores.per_sample")
     pointer = drop_set_record_.get("scores")
     if not pointer:
         raise InputError("the drop set does not name its source scores (made before `calibdrop check` existed): "
@@ -109,7 +111,7 @@ def load_source_scores(drop_set_record_: dict, source_scores: pd.DataFrame | Pat
         raise InputError(
             f"{path} changed since the drop set was made (sha256 differs): pass the scores it was built from (--scores "
             f"RESULTS)")
-    return read_table(path)
+    return read_result_table(path, "scores.per_sample")
 
 
 def _pooled(rows: pd.DataFrame, label: str) -> pd.DataFrame:
@@ -142,9 +144,18 @@ class CheckResult:
 
 
 def _text_windows(tokenizer, texts, n: int, max_length: int, seed: int) -> datasets.Dataset:
-    """``n`` of the texts (a seeded random subsample) as right-padded windows for
-    :func:`analysis.evaluation.heldout.window_nll`."""
-    chosen = np.sort(np.random.default_rng(seed).choice(len(texts), size=min(n, len(texts)), replace=False))
+    """``n`` of the texts that have a next token to predict (two tokens or more; a seeded random subsample of them) as
+    right-padded windows for :func:`analysis.evaluation.heldout.window_nll`.  Shorter texts are skipped with a
+    warning; fewer than ``n`` long enough is an :class:`InputError`."""
+    lengths = [len(s) for s in tokenize_texts(tokenizer, texts, max_length)]
+    usable = np.flatnonzero(np.asarray(lengths) >= 2)
+    if len(usable) < n:
+        raise InputError(f"loss_samples={n}: only {len(usable)} of your {len(texts)} texts have two tokens or more "
+                         f"(a next token whose loss can be measured); give longer texts or a smaller --loss-samples")
+    if len(usable) < len(texts):
+        warnings.warn(f"{len(texts) - len(usable)} of your texts have fewer than two tokens: the loss is measured on "
+                      f"{n} of the other {len(usable)}", CalibdropWarning)
+    chosen = np.sort(usable[np.random.default_rng(seed).choice(len(usable), size=n, replace=False)])
     sequences = tokenize_texts(tokenizer, [texts[i] for i in chosen], max_length)
     width = max(len(s) for s in sequences)
     pad = pad_token_id(tokenizer)

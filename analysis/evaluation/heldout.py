@@ -31,6 +31,7 @@ from ..data.samples import calibration_samples, token_batches
 from ..errors import InputError
 from ..importance.ablation import block_inputs, dropped_row_nll, full_row_nll
 from ..importance.scoring import input_device
+from ..io import source_revision
 from ..models.pruning import drop_modules
 from ..presets import PAPER_TASKS
 from ..study.dropsets import UNPRUNED, DropSet, as_drop_set, parse_label
@@ -110,13 +111,17 @@ def task_configs(names) -> list[dict]:
 def lm_eval_results(model, tokenizer, tasks, *, limit: int | None = None, batch_size: int = 8,
                     log_samples: bool = False) -> dict:
     """lm-eval's results dict for ``tasks`` run zero-shot on their local copies (:func:`task_configs`), with per-item
-    records under ``samples`` when ``log_samples``.  The configs are complete, so lm-eval's task manager indexes none of
-    its own task files (its default indexes them all, about 10 s a call on a CPU)."""
-    from lm_eval import simple_evaluate
+    records under ``samples`` when ``log_samples``; its ``git_hash`` is :func:`analysis.io.source_revision`.  The
+    configs are complete, so lm-eval's task manager indexes none of its own task files (its default indexes them all,
+    about 10 s a call on a CPU)."""
+    from lm_eval import evaluator, simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # verbosity="ERROR" below takes effect only after the call
+    # lm-eval asks `git describe` in the working folder with git's stderr open to the user ("fatal: not a git
+    # repository" outside a checkout); calibdrop's own quiet record of its revision takes its place
+    evaluator.get_git_commit_hash = source_revision
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(input_device(model)))
     return simple_evaluate(model=lm, tasks=task_configs(tasks), num_fewshot=0, limit=limit, log_samples=log_samples,
                            verbosity="ERROR", task_manager=TaskManager(include_defaults=False))

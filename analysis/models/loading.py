@@ -168,14 +168,21 @@ def _build_dequantised_cache(name: str) -> None:
     os.replace(staging, target)
 
 
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 def resolve_dtype(dtype) -> torch.dtype | None:
-    """``torch.dtype`` from a dtype or its name (``"bfloat16"``, ``"bf16"``, ``"float32"`` ...)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
+    """``torch.dtype`` from a dtype or its name (``"bfloat16"``, ``"bf16"``, ``"float32"`` ...): one of
+    :data:`WEIGHT_DTYPES`, the floating-point types a model's weights can be loaded in."""
+    if dtype is None:
+        return None
     names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-    resolved = getattr(torch, names.get(str(dtype), str(dtype)), None)
+    resolved = dtype if isinstance(dtype, torch.dtype) else getattr(torch, names.get(str(dtype), str(dtype)), None)
     if not isinstance(resolved, torch.dtype):
         raise InputError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    if resolved not in WEIGHT_DTYPES:
+        raise InputError(f"dtype {dtype!r} is not a floating-point type weights can be loaded in (an integer type "
+                         f"needs a quantisation method); use float32, bfloat16 or float16")
     return resolved
 
 

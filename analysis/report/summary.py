@@ -2,8 +2,8 @@
 
 Each folder is read through its saved tables (``scores``, ``bootstrap_pairs``, ``split_half``,
 ``drop_sets`` and, where the run got that far, ``validity``, ``decomposition``, ``transfer`` and
-``comparisons``); the model comes from the tables' provenance sidecars, so a run that stopped
-part-way contributes what it has.
+``comparisons``), each checked by :mod:`analysis.artifacts`; the model comes from the tables' provenance sidecars,
+so a run that stopped part-way contributes what it has.
 
 Tables (all tidy, one row per model and what the row is about):
 
@@ -36,8 +36,17 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import LogNorm
 
+from ..artifacts import (
+    RUN_SUMMARY,
+    left_out_line,
+    left_out_tables,
+    read_result_table,
+    read_run_summary,
+    rerun_hint,
+    warn_left_out,
+)
 from ..errors import InputError
-from ..io import provenance, read_table, write_table
+from ..io import provenance, write_table
 from ..presets import GROUND_TRUTH, PRIMARY_METRIC
 from ..study.dropsets import method_kind, parse_label
 from ..study.resolution import pairs_beyond_noise, worst_case
@@ -63,7 +72,10 @@ class RunFolder:
 
 
 def load_run(folder) -> RunFolder:
-    """The tables of a run folder; an :class:`InputError` when it lacks one of :data:`REQUIRED`."""
+    """The tables of a run folder, each read and checked by :func:`~analysis.artifacts.read_result_table`; an
+    :class:`InputError` when it lacks one of :data:`REQUIRED` or a file is damaged.  A table of :data:`OPTIONAL` that
+    the run's ``run_summary.json`` lists but that is missing or stale is left out with a warning
+    (:func:`~analysis.artifacts.left_out_tables`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder} is not a folder: give the output folders of `calibdrop run`")
@@ -72,9 +84,15 @@ def load_run(folder) -> RunFolder:
         raise InputError(
             f"{folder} is not a finished-enough `calibdrop run` folder: it has no "
             f"{', '.join(m + '.parquet' for m in missing)}")
-    tables = {
-        name: read_table(
-            folder / f"{name}.parquet") for name in REQUIRED + OPTIONAL if (folder / f"{name}.parquet").exists()}
+    record = read_run_summary(folder) if (folder / RUN_SUMMARY).is_file() else {}
+    tables = {name: read_result_table(folder / f"{name}.parquet")
+              for name in REQUIRED + OPTIONAL if (folder / f"{name}.parquet").exists()}
+    left_out = left_out_tables(REQUIRED + OPTIONAL, tables, record)
+    stale = [name for name in REQUIRED if name in left_out]
+    if stale:
+        raise InputError(f"{folder}: {left_out_line({name: left_out[name] for name in stale})}: {rerun_hint(folder)}")
+    warn_left_out(folder, left_out, "the summary leaves out what they hold")
+    tables = {name: table for name, table in tables.items() if name not in left_out}
     model = tables["scores"].attrs["provenance"].get("model") or {}
     return RunFolder(label=str(model.get("spec") or folder.name), folder=folder, model=model, tables=tables)
 

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 
+from ...artifacts import left_out_line
 from ...io import atomic_write_bytes
 from ..captions import CAPTIONS
 from .accuracy import section_accuracy, section_check
@@ -25,6 +26,16 @@ from .rankings import (section_agreement, section_data_or_metric, section_greedy
                        section_regret, section_sample_size)
 from .routing import section_routing
 from .verdict import section_header, section_recommendations, section_resolution, section_verdict
+
+
+def section_left_out(results: Results) -> list[str]:
+    """A note of the tables the run lists but that are missing or stale: the sections that read them are absent or
+    shorter, never silently."""
+    if not results.left_out:
+        return []
+    note = (f"{left_out_line(results.left_out)}. The sections that read them are absent or incomplete below; rerun "
+            f"`calibdrop run --out FOLDER` on this folder with the model and preset it was made with to recompute them.")
+    return ["## Tables left out", "", note, ""]
 
 
 def section_figures(results: Results) -> list[str]:
@@ -45,7 +56,7 @@ def figure_order(path: Path) -> tuple[int, str]:
     return rank, path.stem
 
 
-SECTIONS = (section_header, section_verdict, section_recommendations, section_resolution, section_data_or_metric,
+SECTIONS = (section_header, section_left_out, section_verdict, section_recommendations, section_resolution, section_data_or_metric,
             section_agreement, section_membership, section_regret, section_leave_one_out, section_greedy,
             section_heldout,
             section_unseen, section_lodo, section_comparisons, section_accuracy,

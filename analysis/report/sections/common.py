@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import markdown
@@ -15,13 +15,15 @@ from ...study.tables import tables_of_metric
 
 @dataclass
 class Results:
-    """What the report reads: the model record, the settings, the per-sample scores, the tables and the figure files."""
+    """What the report reads: the model record, the settings, the per-sample scores, the tables, the figure files and
+    the tables the run lists but that were left out, with why (``missing`` or ``stale``)."""
 
     model: dict
     settings: object
     scores: pd.DataFrame
     tables: dict
     figures: list[Path]
+    left_out: dict = field(default_factory=dict)
 
     def table(self, name: str, metric: str | None = None) -> pd.DataFrame:
         """Table ``name`` (empty when absent), restricted to ``metric`` when given and the table has that column."""
