@@ -184,7 +184,8 @@ def read_table(path: Path, remedy: str | None = None) -> pd.DataFrame:
     data = path.read_bytes()
     expected = record.get("content_sha256")
     if expected is not None and hashlib.sha256(data).hexdigest() != expected:
-        raise ChecksumError(f"{path} does not have the sha256 its sidecar records: it was damaged or replaced; {remedy}")
+        raise ChecksumError(f"{path} does not have the sha256 its sidecar records: it was damaged or replaced; "
+                            f"{remedy}")
     try:
         frame = pd.read_parquet(io.BytesIO(data))
     except (pa.ArrowException, OSError, ValueError) as error:

@@ -114,7 +114,8 @@ def _entries(folder: Path) -> list[Path]:
 def claim_folder(folder: Path, command: str, identity: dict, *, force: bool) -> None:
     """Check that ``command`` may write its tables into ``folder`` and record its claim there (:data:`MARKER`).
 
-    Allowed: a new or empty folder, a folder of files calibdrop did not write (no table is replaced), one that ``command``
+    Allowed: a new or empty folder, a folder of files calibdrop did not write (no table is replaced), one that
+    ``command``
     wrote for the same ``identity``, anything with ``force`` (a run folder then gets no claim).  Refused
     (:class:`InputError`): a run folder, another command's or identity's output, tables without a record."""
     folder = Path(folder)

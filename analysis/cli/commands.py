@@ -324,8 +324,8 @@ def drop_set_files(paths) -> dict[str, Path]:
     for path in distinct([Path(p).resolve() for p in paths], "drop-set file"):
         name = path.stem
         if name == UNPRUNED:
-            raise InputError(f"drop-set file {path} would be named {UNPRUNED!r}, the name of the unpruned model in every "
-                             "table: rename the file")
+            raise InputError(f"drop-set file {path} would be named {UNPRUNED!r}, the name of the unpruned model in "
+                             "every table: rename the file")
         if name in files:
             raise InputError(f"drop-set files {files[name]} and {path} would both be named {name!r}: rename one")
         files[name] = path

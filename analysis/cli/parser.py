@@ -72,7 +72,8 @@ non_negative_int = bounded_int(0, math.inf, "must be 0 or a positive integer, no
 # interval (one resample gives [x, x], which its own estimate may lie outside)
 MIN_BOOT = 40
 boot_count = bounded_int(MIN_BOOT, math.inf,
-                         f"a 95% bootstrap interval needs at least {MIN_BOOT} resamples (one in each 2.5% tail), not {{}}")
+                         f"a 95% bootstrap interval needs at least {MIN_BOOT} resamples (one in each 2.5% tail), "
+                         "not {}")
 # --force: the rule of analysis/outputs.py
 REPLACE = "replace what --out holds: another command's output, or this command's for another model, inputs or settings"
 APPLY_AND_REPLACE = f"apply a drop set made for a model with another checksum, and {REPLACE}"

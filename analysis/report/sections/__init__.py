@@ -34,7 +34,8 @@ def section_left_out(results: Results) -> list[str]:
     if not results.left_out:
         return []
     note = (f"{left_out_line(results.left_out)}. The sections that read them are absent or incomplete below; rerun "
-            f"`calibdrop run --out FOLDER` on this folder with the model and preset it was made with to recompute them.")
+            "`calibdrop run --out FOLDER` on this folder with the model and preset it was made with to recompute "
+            "them.")
     return ["## Tables left out", "", note, ""]
 
 
