@@ -29,7 +29,7 @@ NONE_YET = ("No reference study is committed yet. Each one is a folder `referenc
             "report from the committed tables, and this site then shows it here.")
 BUDGETS = (("attn", "attention"), ("mlp", "MLP"), ("block", "block"), ("joint", "attention + MLP"))
 # Baselines by the method part of a drop-set label (after "<metric>/<kind>-<k>:"), matched by prefix.
-BASELINES = {"drop the last k": ("last",), "paper recipe": ("paper",)}
+BASELINES = {"drop the last k": ("last",), "paper recipe": ("own:general",)}
 FIGURES = (("metric_validity", "each proxy's ρ with the ablation ground truth"),
            ("transfer_worst_case", "every evaluated set by its worst-case held-out ratio"))
 WIDE_FIGURE = "transfer_worst_case"  # four panels side by side: one per line, not in a table
