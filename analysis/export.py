@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from .errors import InputError
+from .io import atomic_write_json
 from .models import modeling_calibdrop
 from .models.pruning import check_drop_set, drop_modules, pruning_record, save_pruned
 from .study.dropsets import as_drop_set
@@ -113,22 +114,27 @@ def _hub_layer_count(spec: str) -> int:
 
 
 def save_exported(model, directory: Path, tokenizer=None) -> Path:
-    """Save a model pruned by :func:`drop_modules` so that stock transformers loads it: with sublayers dropped, the
-    config's ``auto_map`` points at ``modeling_calibdrop.py``, saved beside the weights."""
-    model_type = model.config.model_type
+    """Save a model pruned by :func:`drop_modules` so that stock transformers loads it.  With sublayers dropped,
+    ``modeling_calibdrop.py`` is saved beside the weights and config.json names the model type
+    ``calibdrop_<family>`` (unknown to transformers, so loading without ``trust_remote_code=True`` fails with
+    transformers' error asking for it) with an ``auto_map`` to that file's classes; a block-only model stays a plain
+    checkpoint of its family."""
+    model_type = modeling_calibdrop.family_type(model.config.model_type)
     record = pruning_record(model)
     custom = bool(record["attn"] or record["mlp"])
     if custom:
         if model_type not in modeling_calibdrop.CAUSAL_LM_CLASSES:
             raise InputError(f"model type {model_type!r} has no class in {MODELING_FILE}; export a block drop set, "
                              "or add the family there")
-        class_path = f"{Path(MODELING_FILE).stem}.{modeling_calibdrop.class_name(model_type)}"
-        model.config.auto_map = {"AutoModelForCausalLM": class_path}
+        model.config.auto_map = modeling_calibdrop.auto_map(model_type)
     elif hasattr(model.config, "auto_map"):
         del model.config.auto_map
     directory = save_pruned(model, directory, tokenizer)
     if custom:
         shutil.copyfile(modeling_calibdrop.__file__, Path(directory) / MODELING_FILE)
+        config_file = Path(directory) / "config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        atomic_write_json(config_file, {**config, "model_type": modeling_calibdrop.exported_type(model_type)})
     return directory
 
 

@@ -4,7 +4,9 @@ Every supported family's tiny model is exported with an attention, an MLP, a blo
 set; one Python whose ``sys.path`` holds the project venv's packages but not calibdrop (a fresh venv
 whose .pth file points at a copy of site-packages without calibdrop's entries) loads each checkpoint
 with ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``, runs a forward pass and
-a greedy generation, and reports its logits, tokens, KV cache and load report.  They must equal
+a greedy generation, and reports its logits, tokens, KV cache and load report; it also loads each one
+without the flag, which must fail with transformers' error naming ``trust_remote_code`` where sublayers
+are dropped and give the same logits where only blocks are.  They must equal
 calibdrop's own pruned model (``drop_modules``) in this process.
 """
 
@@ -54,6 +56,12 @@ except ImportError:
 cases, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
 ids = torch.tensor(cases.pop("ids"))
 for name, folder in cases.items():
+    try:  # the ordinary way, without trust_remote_code
+        plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():
+            plain_result = plain(ids).logits
+    except ValueError as error:
+        plain_result = str(error)
     model, info = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32,
                                                        output_loading_info=True)
     model.eval()
@@ -71,6 +79,7 @@ for name, folder in cases.items():
         "module": type(model).__module__,
         "n_layers": len(model.base_model.layers),
         "load_report": {key: sorted(map(str, value)) for key, value in info.items()},
+        "without_flag": plain_result,
     }, out / f"{name}.pt")
 ''' % NEW_TOKENS
 
@@ -105,7 +114,8 @@ def run_bare(python: Path, *args, cwd: Path) -> subprocess.CompletedProcess:
     """Run the bare python isolated (-I: no PYTHONPATH, no script folder, no user site) with a private HF home."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_"))}
     env.update(HF_HOME=str(cwd / "hf"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.run([python, "-I", *args], capture_output=True, text=True, cwd=cwd, env=env)
+    return subprocess.run([python, "-I", *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          stdin=subprocess.DEVNULL)
 
 
 def test_bare_python_cannot_import_calibdrop_but_has_transformers(bare_python, tmp_path):
@@ -159,6 +169,10 @@ def test_checkpoint_loads_without_calibdrop_and_equals_pruned_model(exported, fa
     own_cache = [type(layer).__name__ for layer in out.past_key_values.layers]
     assert loaded["cache_types"] == ["DummyLayer" if i in record["attn"] else own_cache[i] for i in range(kept)]
     with_code = case != "block"
+    if with_code:  # the plain family model would load with the dropped weights freshly initialised: refused
+        assert isinstance(loaded["without_flag"], str) and "trust_remote_code=True" in loaded["without_flag"]
+    else:
+        torch.testing.assert_close(loaded["without_flag"], logits, atol=1e-5, rtol=1e-5)
     assert (folder / MODELING_FILE).is_file() == with_code
     assert loaded["module"].startswith("transformers_modules.") == with_code
     assert loaded["class"] == ("Calibdrop" if with_code else "") + type(pruned).__name__
@@ -173,8 +187,10 @@ def test_dropped_weights_are_not_saved(exported, family):
     layer = [k for k in keys if ".layers.1." in k]
     assert layer and not [k for k in layer if k.split(".layers.1.")[1].split(".")[0] in attn]
     assert not [k for k in keys if ".layers.0." in k and k.split(".layers.0.")[1].split(".")[0] in mlp]
-    assert json.loads((folder / "config.json").read_text())["auto_map"] == {
-        "AutoModelForCausalLM": f"modeling_calibdrop.Calibdrop{type(pruned).__name__}"}
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": f"modeling_calibdrop.Calibdrop{type(pruned.config).__name__}",
+                                  "AutoModelForCausalLM": f"modeling_calibdrop.Calibdrop{type(pruned).__name__}"}
+    assert config["model_type"] == "calibdrop_" + pruned.config.model_type
 
 
 def test_cli_export_equals_api_export(exported):
