@@ -33,9 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .export import dropped_modules
 from .io import temp_dir
-from .kinds import joint_to_lists
-from .study.dropsets import as_drop_set
 
 SUBLAYER_TENSORS = {"attn": ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output"),
                     "mlp": ("ffn_norm", "ffn_gate", "ffn_up", "ffn_down")}
@@ -50,26 +49,6 @@ LAYER_TENSOR = re.compile(r"^blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
 def _field(fields: dict, key: str):
     field = fields.get(key)
     return None if field is None else field.contents()
-
-
-def dropped_modules(drop_set: dict, n_layers: int) -> dict[str, list[int]]:
-    """``{"attn": [...], "mlp": [...], "blocks": [...]}`` of a drop-set record, sorted, each index of a layer of an
-    ``n_layers``-layer model and listed once; raises :class:`InputError` otherwise."""
-    chosen = as_drop_set(drop_set)
-    lists = {"attn": [], "mlp": [], "blocks": []}
-    if chosen.module == "joint":
-        lists["attn"], lists["mlp"] = joint_to_lists(chosen.indices)
-    else:
-        lists["blocks" if chosen.module == "block" else chosen.module] = [int(i) for i in chosen.indices]
-    where = drop_set.get("file", "the drop set")
-    for kind, values in lists.items():
-        if len(set(values)) != len(values):
-            raise InputError(f"{where}: {kind} index {sorted({v for v in values if values.count(v) > 1})} is listed "
-                             "twice: each module can be dropped once")
-        bad = [v for v in values if not 0 <= v < n_layers]
-        if bad:
-            raise InputError(f"{where}: indices {bad} are out of range: the model has layers 0..{n_layers - 1}")
-    return {kind: sorted(values) for kind, values in lists.items()}
 
 
 def rotary_pairs_order(n_heads: int, head_dim: int) -> np.ndarray:
@@ -239,6 +218,31 @@ def write_gguf(plan: GGUFPlan, out: Path, dtype: str | None) -> Path:
             staging.unlink()
         staging.parent.rmdir()
     return out
+
+
+def gguf_source(spec: str, drop_set: dict, *, force: bool = False) -> Path:
+    """The GGUF file of a model spec: a built-in's (fetched if needed) or a ``.gguf`` path.  Raises
+    :class:`InputError` for other specs, and (unless ``force``) when the drop set was made for another model: another
+    built-in name, or a ``model_sha256`` other than the file's."""
+    from .io import sha256_file
+    from .models import loading
+
+    where = drop_set.get("file", "the drop set")
+    made_for = drop_set.get("model")
+    if spec in loading.BUILTINS:
+        if not force and made_for in loading.BUILTINS and made_for != spec:
+            raise InputError(f"{where} was made for model {made_for!r}, not {spec!r}: pass --model {made_for}, or "
+                             "--force to apply it anyway")
+        return loading.fetch_builtin(spec)
+    path = Path(spec).expanduser()
+    if path.suffix != ".gguf" or not path.is_file():
+        raise InputError(f"--format gguf reads a GGUF file: give a built-in name ({', '.join(loading.BUILTINS)}) or "
+                         f"a .gguf file, not {spec!r}")
+    recorded = drop_set.get("model_sha256")
+    if recorded and not force and recorded != sha256_file(path):
+        raise InputError(f"{where} was made for a model with checksum {recorded[:12]}..., not {path}: pass --model "
+                         "that model, or --force to apply it anyway")
+    return path
 
 
 def export_gguf(source: Path, drop_set: dict, out: Path, *, dtype: str | None = None) -> GGUFPlan:

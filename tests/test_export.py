@@ -70,6 +70,7 @@ for name, folder in cases.items():
         generated = model.generate(ids, max_new_tokens=%d, do_sample=False, pad_token_id=0,
                                    return_dict_in_generate=True)
     cache = generated.past_key_values
+    cache = cache if cache is not None else type("NoCache", (), {"layers": []})
     torch.save({
         "logits": logits,
         "tokens": generated.sequences,
@@ -134,6 +135,9 @@ def exported(bare_python, tmp_path_factory):
             name = f"{family}-{case}"
             models[name] = tiny_model(family)
             folders[name] = export_checkpoint(models[name], byte_tokenizer(), drop_set, root / name)
+    models["no-attention"] = tiny_model("llama")
+    folders["no-attention"] = export_checkpoint(models["no-attention"], byte_tokenizer(),
+                                                {"module": "attn", "indices": [0, 1, 2]}, root / "no-attention")
     drop_set_file = root / "joint.json"
     drop_set_file.write_text(json.dumps(SETS["joint"]))
     tiny_model("qwen3").save_pretrained(root / "qwen3-full")
@@ -193,6 +197,18 @@ def test_dropped_weights_are_not_saved(exported, family):
     assert config["model_type"] == "calibdrop_" + pruned.config.model_type
 
 
+def test_checkpoint_without_any_attention_generates_without_calibdrop(exported):
+    """Every attention dropped: no layer has keys to cache, so the checkpoint says use_cache false and transformers'
+    generate runs (it failed with "get_seq_length can only be called on Attention layers" before)."""
+    pruned, folder, loaded = exported["no-attention"]
+    with torch.no_grad():
+        logits, out = pruned(IDS).logits, greedy(pruned, IDS)
+    torch.testing.assert_close(loaded["logits"], logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(loaded["tokens"], out.sequences) and loaded["tokens"].shape[1] == IDS.shape[1] + NEW_TOKENS
+    assert json.loads((folder / "config.json").read_text())["use_cache"] is False
+    assert json.loads((folder / "generation_config.json").read_text())["use_cache"] is False
+
+
 def test_cli_export_equals_api_export(exported):
     pruned, folder, loaded = exported["cli"]
     torch.testing.assert_close(loaded["logits"], pruned(IDS).logits.detach(), atol=1e-5, rtol=1e-5)
@@ -212,6 +228,38 @@ def test_paper_lists_of_a_joint_and_a_block_set():
     block = {"module": "block", "indices": [4, 1]}
     assert paper_drop_lists(block, 6) == {"drop_attn_list": [1, 4], "drop_mlp_list": [1, 4]}
     assert paper_drop_lists({"module": "mlp", "indices": [2]}, 3) == {"drop_attn_list": [], "drop_mlp_list": [2]}
+
+
+def test_paper_lists_refuse_an_index_listed_twice(tmp_path, capsys):
+    """``attn:05`` is layer 5: the joint set ["attn:5", "attn:05"] lists it twice, as the checkpoint export says."""
+    with pytest.raises(InputError, match=r"attn index \[5\] is listed twice"):
+        paper_drop_lists({"module": "joint", "indices": ["attn:5", "attn:05"]}, 30)
+    drop_set = tmp_path / "set.json"
+    drop_set.write_text(json.dumps({"module": "joint", "indices": ["attn:5", "attn:05"]}))
+    assert main(["export", "--format", "paper", "--model", "smollm2-135m", "--drop-set", str(drop_set)]) == 2
+    error = capsys.readouterr()
+    assert error.err.count("\n") == 1 and "listed twice" in error.err and "drop_attn_list" not in error.out
+    assert paper_drop_lists({"module": "joint", "indices": ["attn:05", "mlp:5"]}, 30) == {
+        "drop_attn_list": [5], "drop_mlp_list": [5]}
+
+
+def test_prune_of_an_exported_checkpoint_copies_its_modeling_file(exported, tmp_path, capsys):
+    """`calibdrop prune --model <exported checkpoint>` saves what its config's auto_map names, and the result is the
+    exported model with the new set dropped too."""
+    from analysis import load_model
+
+    _, folder, _ = exported["llama-attn"]  # attention of layers 0 and 2 dropped
+    drop_set = tmp_path / "mlp.json"
+    drop_set.write_text(json.dumps({"module": "mlp", "indices": [1]}))
+    assert main(["prune", "--model", str(folder), "--drop-set", str(drop_set), "--out", str(tmp_path / "again")]) == 0
+    config = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert (tmp_path / "again" / MODELING_FILE).is_file()
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_calibdrop.CalibdropLlamaForCausalLM"
+    assert config["model_type"] == "calibdrop_llama" and config["calibdrop_pruning"]["mlp"] == [1]
+    reloaded, _ = load_model(str(tmp_path / "again"))
+    expected = drop_modules(tiny_model("llama"), attn=[0, 2], mlp=[1])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, expected(IDS).logits, atol=1e-6, rtol=1e-6)
 
 
 def test_paper_list_index_out_of_range_is_refused():

@@ -238,6 +238,7 @@ def cmd_consensus(args) -> None:
 
 
 def cmd_prune(args) -> None:
+    from ..export import save_exported
     from ..models import loading as models
     from ..models import pruning
     from ..study.dropsets import as_drop_set, read_drop_set
@@ -249,7 +250,7 @@ def cmd_prune(args) -> None:
     chosen = as_drop_set(record)
     before = sum(p.numel() for p in model.parameters())
     pruning.drop_modules(model, **chosen.drop_kwargs(), drop_set=record)
-    out = pruning.save_pruned(model, out, tokenizer)
+    out = save_exported(model, out, tokenizer)  # with modeling_calibdrop.py when the config's auto_map names it
     after = sum(p.numel() for p in model.parameters())
     print(f"dropped {chosen.module} {chosen.sorted_indices()}: {before:,} -> {after:,} parameters; saved to {out}")
 
@@ -271,6 +272,8 @@ def cmd_export(args) -> None:
         print(f"for {spec} ({n_layers} layers): put these keys in its config.json for the paper's code"
               + (f"; wrote {out}" if args.out else ""), file=sys.stderr)
         return
+    if args.format == "gguf":
+        return _export_gguf(args, record, spec)
     if not args.out:
         raise InputError("--format checkpoint needs --out FOLDER: where to write the pruned checkpoint")
     from ..models import loading as models
@@ -281,6 +284,18 @@ def cmd_export(args) -> None:
     code = (out / export.MODELING_FILE).is_file()
     print(f"saved to {out}; load it without calibdrop with AutoModelForCausalLM.from_pretrained({str(out)!r}"
           f"{', trust_remote_code=True' if code else ''})")
+
+
+def _export_gguf(args, record: dict, spec: str) -> None:
+    from .. import export_gguf
+
+    if not args.out:
+        raise InputError("--format gguf needs --out FILE.gguf: where to write the pruned model")
+    out = writable_output(Path(args.out), folder=False)
+    source = export_gguf.gguf_source(spec, record, force=args.force)
+    plan = export_gguf.export_gguf(source, record, out, dtype=args.dtype)
+    print(f"wrote {out}: llama.cpp architecture {plan.arch!r}, {len(plan.keep)} of {plan.source.n_layers} layers, "
+          f"tensors {args.dtype or 'as in ' + source.name}; run it with llama.cpp, e.g. llama-cli -m {out}")
 
 
 def evaluation_drop_sets(args) -> dict:

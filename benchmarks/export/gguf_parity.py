@@ -1,0 +1,161 @@
+"""Parity and speed of `calibdrop export --format gguf` in a real llama.cpp (the PyPI wheel xllamacpp, CPU).
+
+For each model and drop set (attn-8 {5, 7, 9, 14, 22, 25, 26, 29}, MLP-4 {13, 14, 16, 17}, block-4 {12, 13, 14, 17};
+indices past a model's last layer are left out), the built-in GGUF is exported three ways (float32, float16, the
+source's tensor types) and each file is run in llama.cpp on fixed windows (WINDOWS windows of TOKENS tokens cut from
+this repository's README.md and analysis/export_gguf.py, the same ids for both sides).  The reference is calibdrop's
+pruned model (the dequantised built-in, `drop_modules`, float32) on the same ids.  Per file: mean NLL on both sides,
+the relative difference of the means, the largest per-token absolute and relative NLL differences.
+
+Speed: greedy decoding in llama.cpp on `--threads` threads, the same prompt, of the unpruned source GGUF and of each
+pruned GGUF in the source's tensor types, runs interleaved (unpruned, pruned, unpruned, ...) `--repeats` times;
+medians of prompt and decode tokens per second.  The machine is shared with other jobs: the figures are indicative.
+
+    OMP_NUM_THREADS=2 PYTHONPATH=. python benchmarks/export/gguf_parity.py --models smollm2-135m qwen2.5-coder-0.5b \
+        --out benchmarks/results/gguf-parity-llama-cpp.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from llama_cpp import LlamaCpp  # noqa: E402  (tests/llama_cpp.py)
+
+from analysis.export_gguf import export_gguf  # noqa: E402
+from analysis.models import loading  # noqa: E402
+from analysis.models.pruning import drop_modules  # noqa: E402
+
+SETS = {"attn-8": ("attn", [5, 7, 9, 14, 22, 25, 26, 29]), "mlp-4": ("mlp", [13, 14, 16, 17]),
+        "block-4": ("block", [12, 13, 14, 17])}
+DTYPES = ("float32", "float16", None)
+TOKENS, WINDOWS = 128, 4
+
+
+def windows(tokenizer) -> list[list[int]]:
+    """WINDOWS windows of TOKENS ids from two fixed files of this repository."""
+    ids = []
+    for name in ("README.md", "analysis/export_gguf.py"):
+        ids += tokenizer((ROOT / name).read_text(encoding="utf-8"), add_special_tokens=False).input_ids
+    return [ids[i * TOKENS:(i + 1) * TOKENS] for i in range(WINDOWS)]
+
+
+def reference_nll(model, window) -> np.ndarray:
+    ids = torch.tensor([window])
+    with torch.no_grad():
+        logits = model(ids).logits[0, :-1].double()
+    return (torch.logsumexp(logits, -1) - logits.gather(1, ids[0, 1:, None])[:, 0]).numpy()
+
+
+def compare(reference: list[np.ndarray], path: Path) -> dict:
+    with LlamaCpp(path, n_ctx=TOKENS) as model:
+        got = [model.token_nll(w) for w in WINDOWS_IDS]
+    ref, out = np.concatenate(reference), np.concatenate(got)
+    return {"mean_nll_calibdrop": float(ref.mean()), "mean_nll_llama_cpp": float(out.mean()),
+            "relative_difference_of_mean": float(abs(out.mean() - ref.mean()) / ref.mean()),
+            "max_token_abs_difference": float(np.abs(out - ref).max()),
+            "max_token_relative_difference": float((np.abs(out - ref) / np.maximum(ref, 1e-12)).max()),
+            "median_token_relative_difference": float(np.median(np.abs(out - ref) / np.maximum(ref, 1e-12))),
+            "file_mb": round(path.stat().st_size / 2**20, 1)}
+
+
+def speed(source: Path, pruned: dict[str, Path], prompt, threads: int, repeats: int, new_tokens: int) -> dict:
+    """Interleaved greedy runs: per variant, the median prompt and decode tokens per second."""
+    variants = {"unpruned": source, **pruned}
+    runs = {name: [] for name in variants}
+    loaded = {name: LlamaCpp(path, threads=threads, n_ctx=len(prompt) + new_tokens + 1, kv_type="f16")
+              for name, path in variants.items()}
+    try:
+        for name, model in loaded.items():  # warm-up
+            model.greedy_speed(prompt, 4)
+        for _ in range(repeats):
+            for name, model in loaded.items():
+                runs[name].append(model.greedy_speed(prompt, new_tokens))
+    finally:
+        for model in loaded.values():
+            model.close()
+    out = {}
+    for name, results in runs.items():
+        out[name] = {key: round(statistics.median(r[key] for r in results), 1)
+                     for key in ("prompt_tokens_per_s", "decode_tokens_per_s")}
+        out[name]["decode_runs"] = [round(r["decode_tokens_per_s"], 1) for r in results]
+    for name in pruned:
+        out[name]["decode_speedup"] = round(out[name]["decode_tokens_per_s"] / out["unpruned"]["decode_tokens_per_s"], 3)
+    return out
+
+
+def main() -> None:
+    global WINDOWS_IDS
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["smollm2-135m"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    import xllamacpp
+
+    record = {"command": "OMP_NUM_THREADS=2 PYTHONPATH=. python " + " ".join(sys.argv),
+              "llama_cpp": f"xllamacpp {xllamacpp.__version__} (PyPI wheel, llama.cpp's C API through ctypes)",
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, shared with other jobs", "windows": WINDOWS,
+              "tokens_per_window": TOKENS, "kv_cache_for_parity": "f32, flash attention off", "models": {}}
+    work = Path(tempfile.mkdtemp(prefix="gguf-parity-"))
+    for name in args.models:
+        source = loading.fetch_builtin(name)
+        model, tokenizer = loading.load_model(name)
+        n_layers = len(model.base_model.layers)
+        WINDOWS_IDS = windows(tokenizer)
+        result = {"source": source.name, "sets": {}}
+        reference = [reference_nll(model, w) for w in WINDOWS_IDS]
+        result["unpruned_source_types"] = compare(reference, source)
+        pruned_source_types = {}
+        for label, (module, indices) in SETS.items():
+            indices = [i for i in indices if i < n_layers]
+            drop_set = {"module": module, "indices": indices}
+            pruned, _ = loading.load_model(name)
+            drop_modules(pruned, **{"blocks" if module == "block" else module: indices})
+            reference = [reference_nll(pruned, w) for w in WINDOWS_IDS]
+            del pruned
+            result["sets"][label] = {"indices": indices}
+            for dtype in DTYPES:
+                path = work / f"{name}-{label}-{dtype or 'source'}.gguf"
+                plan = export_gguf(source, drop_set, path, dtype=dtype)
+                result["sets"][label]["arch"] = plan.arch
+                result["sets"][label][dtype or "source_types"] = compare(reference, path)
+                if dtype is None:
+                    pruned_source_types[label] = path
+                else:
+                    path.unlink()
+            print(name, label, json.dumps(result["sets"][label]), flush=True)
+        prompt = WINDOWS_IDS[0][:64]
+        result["speed"] = {"threads": args.threads, "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
+                           "repeats": args.repeats, "kv_cache": "f16 (llama.cpp's default)",
+                           "variants": speed(source, pruned_source_types, prompt, args.threads, args.repeats,
+                                             args.new_tokens)}
+        print(name, json.dumps(result["speed"]), flush=True)
+        for path in pruned_source_types.values():
+            path.unlink()
+        record["models"][name] = result
+        if args.out:
+            args.out.write_text(json.dumps(record, indent=2) + "\n")
+    record["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    if args.out:
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
