@@ -201,11 +201,12 @@ def write_gguf(plan: GGUFPlan, out: Path, dtype: str | None) -> Path:
     staging = Path(temp_dir(out.parent, f".{out.name}.")) / out.name
     try:
         writer = gguf.GGUFWriter(staging, plan.arch)
-        for key, (value, vtype, sub) in plan.metadata().items():
-            writer.add_key_value(key, value, vtype, sub_type=sub)
+        metadata = plan.metadata()
         if dtype is not None:
             file_type = gguf.LlamaFileType.ALL_F32 if DTYPES[dtype] == "F32" else gguf.LlamaFileType.MOSTLY_F16
-            writer.add_key_value("general.file_type", int(file_type), gguf.GGUFValueType.UINT32)
+            metadata["general.file_type"] = (int(file_type), gguf.GGUFValueType.UINT32, None)
+        for key, (value, vtype, sub) in metadata.items():
+            writer.add_key_value(key, value, vtype, sub_type=sub)
         for name, array, raw_dtype in plan.tensors(dtype):
             writer.add_tensor(name, array, raw_shape=array.shape, raw_dtype=raw_dtype)
         writer.write_header_to_file()

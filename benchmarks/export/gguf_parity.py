@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from llama_cpp import LlamaCpp  # noqa: E402  (tests/llama_cpp.py)
+from llamacpp_runner import LlamaCpp  # noqa: E402  (tests/llamacpp_runner.py)
 
 from analysis.export_gguf import export_gguf  # noqa: E402
 from analysis.models import loading  # noqa: E402
