@@ -1,7 +1,8 @@
 """Parity and speed of `calibdrop export --format gguf` in a real llama.cpp (the PyPI wheel xllamacpp, CPU).
 
-For each model and drop set (attn-8 {5, 7, 9, 14, 22, 25, 26, 29}, MLP-4 {13, 14, 16, 17}, block-4 {12, 13, 14, 17};
-indices past a model's last layer are left out), the built-in GGUF is exported three ways (float32, float16, the
+For each model and drop set (smollm2-135m: attn-8 {5, 7, 9, 14, 22, 25, 26, 29}, MLP-4 {13, 14, 16, 17}, block-4
+{12, 13, 14, 17}; qwen2.5-coder-0.5b: the cosine Borda sets of reference/qwen2.5-coder-0.5b/drop_sets.parquet,
+attn-8 {11, 13, 18, 19, 20, 21, 22, 23}, MLP-4 {10, 12, 13, 21}, block-4 {10, 12, 13, 18}), the built-in GGUF is exported three ways (float32, float16, the
 source's tensor types) and each file is run in llama.cpp on fixed windows (WINDOWS windows of TOKENS tokens cut from
 this repository's README.md and analysis/export_gguf.py, the same ids for both sides).  The reference is calibdrop's
 pruned model (the dequantised built-in, `drop_modules`, float32) on the same ids.  Per file: mean NLL on both sides,
@@ -11,8 +12,10 @@ Speed: greedy decoding in llama.cpp on `--threads` threads, the same prompt, of 
 pruned GGUF in the source's tensor types, runs interleaved (unpruned, pruned, unpruned, ...) `--repeats` times;
 medians of prompt and decode tokens per second.  The machine is shared with other jobs: the figures are indicative.
 
-    OMP_NUM_THREADS=2 PYTHONPATH=. python benchmarks/export/gguf_parity.py --models smollm2-135m qwen2.5-coder-0.5b \
-        --out benchmarks/results/gguf-parity-llama-cpp.json
+    OMP_NUM_THREADS=2 PYTHONPATH=. python benchmarks/export/gguf_parity.py --model smollm2-135m \
+        --out benchmarks/results/gguf-parity-smollm2-135m-cpu.json
+    OMP_NUM_THREADS=2 PYTHONPATH=. python benchmarks/export/gguf_parity.py --model qwen2.5-coder-0.5b \
+        --out benchmarks/results/gguf-parity-qwen2.5-coder-0.5b-cpu.json
 """
 
 from __future__ import annotations
@@ -40,8 +43,12 @@ from analysis.export_gguf import export_gguf  # noqa: E402
 from analysis.models import loading  # noqa: E402
 from analysis.models.pruning import drop_modules  # noqa: E402
 
-SETS = {"attn-8": ("attn", [5, 7, 9, 14, 22, 25, 26, 29]), "mlp-4": ("mlp", [13, 14, 16, 17]),
-        "block-4": ("block", [12, 13, 14, 17])}
+SETS = {  # smollm2-135m: the sets of issue 35; qwen2.5-coder-0.5b: its reference study's cosine Borda sets
+    "smollm2-135m": {"attn-8": ("attn", [5, 7, 9, 14, 22, 25, 26, 29]), "mlp-4": ("mlp", [13, 14, 16, 17]),
+                     "block-4": ("block", [12, 13, 14, 17])},
+    "qwen2.5-coder-0.5b": {"attn-8": ("attn", [11, 13, 18, 19, 20, 21, 22, 23]), "mlp-4": ("mlp", [10, 12, 13, 21]),
+                           "block-4": ("block", [10, 12, 13, 18])},
+}
 DTYPES = ("float32", "float16", None)
 TOKENS, WINDOWS = 128, 4
 
@@ -61,9 +68,10 @@ def reference_nll(model, window) -> np.ndarray:
     return (torch.logsumexp(logits, -1) - logits.gather(1, ids[0, 1:, None])[:, 0]).numpy()
 
 
-def compare(reference: list[np.ndarray], path: Path) -> dict:
+def compare(reference: list[np.ndarray], path: Path, ids: list[list[int]]) -> dict:
+    """llama.cpp's per-token NLL of ``path`` on the windows ``ids`` against ``reference`` (calibdrop's)."""
     with LlamaCpp(path, n_ctx=TOKENS) as model:
-        got = [model.token_nll(w) for w in WINDOWS_IDS]
+        got = [model.token_nll(w) for w in ids]
     ref, out = np.concatenate(reference), np.concatenate(got)
     return {"mean_nll_calibdrop": float(ref.mean()), "mean_nll_llama_cpp": float(out.mean()),
             "relative_difference_of_mean": float(abs(out.mean() - ref.mean()) / ref.mean()),
@@ -99,9 +107,8 @@ def speed(source: Path, pruned: dict[str, Path], prompt, threads: int, repeats: 
 
 
 def main() -> None:
-    global WINDOWS_IDS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["smollm2-135m"])
+    parser.add_argument("--model", default="smollm2-135m", choices=sorted(SETS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -112,46 +119,43 @@ def main() -> None:
     record = {"command": "OMP_NUM_THREADS=2 PYTHONPATH=. python " + " ".join(sys.argv),
               "llama_cpp": f"xllamacpp {xllamacpp.__version__} (PyPI wheel, llama.cpp's C API through ctypes)",
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, shared with other jobs", "windows": WINDOWS,
-              "tokens_per_window": TOKENS, "kv_cache_for_parity": "f32, flash attention off", "models": {}}
+              "tokens_per_window": TOKENS, "kv_cache_for_parity": "f32, flash attention off", "model": args.model}
     work = Path(tempfile.mkdtemp(prefix="gguf-parity-"))
-    for name in args.models:
-        source = loading.fetch_builtin(name)
-        model, tokenizer = loading.load_model(name)
-        n_layers = len(model.base_model.layers)
-        WINDOWS_IDS = windows(tokenizer)
-        result = {"source": source.name, "sets": {}}
-        reference = [reference_nll(model, w) for w in WINDOWS_IDS]
-        result["unpruned_source_types"] = compare(reference, source)
-        pruned_source_types = {}
-        for label, (module, indices) in SETS.items():
-            indices = [i for i in indices if i < n_layers]
-            drop_set = {"module": module, "indices": indices}
-            pruned, _ = loading.load_model(name)
-            drop_modules(pruned, **{"blocks" if module == "block" else module: indices})
-            reference = [reference_nll(pruned, w) for w in WINDOWS_IDS]
-            del pruned
-            result["sets"][label] = {"indices": indices}
-            for dtype in DTYPES:
-                path = work / f"{name}-{label}-{dtype or 'source'}.gguf"
-                plan = export_gguf(source, drop_set, path, dtype=dtype)
-                result["sets"][label]["arch"] = plan.arch
-                result["sets"][label][dtype or "source_types"] = compare(reference, path)
-                if dtype is None:
-                    pruned_source_types[label] = path
-                else:
-                    path.unlink()
-            print(name, label, json.dumps(result["sets"][label]), flush=True)
-        prompt = WINDOWS_IDS[0][:64]
-        result["speed"] = {"threads": args.threads, "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
-                           "repeats": args.repeats, "kv_cache": "f16 (llama.cpp's default)",
-                           "variants": speed(source, pruned_source_types, prompt, args.threads, args.repeats,
-                                             args.new_tokens)}
-        print(name, json.dumps(result["speed"]), flush=True)
-        for path in pruned_source_types.values():
-            path.unlink()
-        record["models"][name] = result
-        if args.out:
-            args.out.write_text(json.dumps(record, indent=2) + "\n")
+    name = args.model
+    source = loading.fetch_builtin(name)
+    model, tokenizer = loading.load_model(name)
+    ids = windows(tokenizer)
+    result = {"source": source.name, "sets": {}}
+    reference = [reference_nll(model, w) for w in ids]
+    result["unpruned_source_types"] = compare(reference, source, ids)
+    pruned_source_types = {}
+    for label, (module, indices) in SETS[name].items():
+        drop_set = {"module": module, "indices": indices}
+        pruned, _ = loading.load_model(name)
+        drop_modules(pruned, **{"blocks" if module == "block" else module: indices})
+        reference = [reference_nll(pruned, w) for w in ids]
+        del pruned
+        result["sets"][label] = {"indices": indices}
+        for dtype in DTYPES:
+            path = work / f"{name}-{label}-{dtype or 'source'}.gguf"
+            plan = export_gguf(source, drop_set, path, dtype=dtype)
+            result["sets"][label]["arch"] = plan.arch
+            result["sets"][label][dtype or "source_types"] = compare(reference, path, ids)
+            if dtype is None:
+                pruned_source_types[label] = path
+            else:
+                path.unlink()
+        print(name, label, json.dumps(result["sets"][label]), flush=True)
+    prompt = ids[0][:64]
+    result["speed"] = {"threads": args.threads, "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
+                       "repeats": args.repeats, "kv_cache": "f16 (llama.cpp's default), flash attention off",
+                       "variants": speed(source, pruned_source_types, prompt, args.threads, args.repeats,
+                                         args.new_tokens)}
+    print(name, json.dumps(result["speed"]), flush=True)
+    for path in pruned_source_types.values():
+        path.unlink()
+    work.rmdir()
+    record.update(result)
     record["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     if args.out:
         args.out.write_text(json.dumps(record, indent=2) + "\n")
