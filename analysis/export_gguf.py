@@ -9,16 +9,18 @@ those of the dropped modules; calibdrop's own pruned model is the same source de
 * **Attention or MLP sublayers** need per-layer shapes, which llama.cpp reads for its ``deci`` architecture
   (NVIDIA's Nemotron-NAS, ``src/models/deci.cpp``): ``deci.attention.head_count``, ``head_count_kv`` and
   ``feed_forward_length`` are arrays with one entry per layer.  A layer whose ``head_count`` is 0 is attention-free
-  (its input goes straight to the MLP: no norm, no projections, no KV cache).  ``feed_forward_length`` 0 does not
-  drop an MLP correctly in llama.cpp: ``deci.cpp`` leaves the layer with ``continue`` before the residual sum, so the
-  attention output is lost as well, and the loader still asks for FFN tensors.  A dropped MLP is therefore written as
+  (its input goes straight to the MLP: no norm, no projections, no KV cache).  ``feed_forward_length`` 0 cannot
+  stand for a dropped MLP: the llama.cpp of xllamacpp 2026.10.11549 refuses to load such a file (with the FFN tensors
+  left out or zero-sized), and ``deci.cpp`` leaves such a layer with ``continue`` before the residual sum, which would
+  lose the attention output too.  A dropped MLP is therefore written as
   ``feed_forward_length`` 1 with a zero ``ffn_down`` (``ffn_gate`` and ``ffn_up`` one zero row each, and the
   layer's own ``ffn_norm``): the branch adds exactly 0, at a cost of ``3 * n_embd`` multiply-adds per token.
   ``deci`` is llama's graph (RMSNorm, SiLU-gated MLP, rotary pairs of adjacent values, optional q/k/v biases), so it
   takes ``llama`` GGUF files as they are, and ``qwen2`` files once the rows of ``attn_q``/``attn_k`` (and their
   biases) are reordered from rotary halves to adjacent pairs (llama.cpp's ``LLAMA_ROPE_TYPE_NEOX`` → ``NORM``), a
   permutation of whole rows, so quantised rows move unchanged.  Other architectures (gemma3: post-norms, GELU,
-  scaled embeddings) have no llama.cpp architecture with per-layer shapes: only block drop sets are exported there.
+  scaled embeddings; qwen3: q/k norms) have no llama.cpp architecture with per-layer shapes; block drop sets export
+  for llama, qwen2, qwen3 and mistral files (not gemma3: llama.cpp picks its sliding-window layers by layer index).
 
 Kept tensors keep the source's type (``--dtype`` unset) or are dequantised and written as ``float32`` or ``float16``
 (1-D tensors, the norms and biases, stay float32 as llama.cpp's converter writes them).
@@ -83,6 +85,10 @@ class GGUFSource:
         """The metadata value under ``{arch}.key``."""
         return _field(self.fields, f"{self.arch}.{key}")
 
+    def head_dim(self) -> int:
+        """``attention.key_length``, else ``embedding_length / attention.head_count`` (llama.cpp's default)."""
+        return self.value("attention.key_length") or self.value("embedding_length") // self.value("attention.head_count")
+
 
 def _tensor_data(tensor, dtype: str | None):
     """``(array, raw_dtype)`` for the writer: the source bytes and type, or float32/float16 values."""
@@ -94,10 +100,6 @@ def _tensor_data(tensor, dtype: str | None):
     if DTYPES[dtype] == "F16" and values.ndim > 1:
         return values.astype(np.float16), gguf.GGMLQuantizationType.F16
     return values, gguf.GGMLQuantizationType.F32
-
-
-def _reorder_rows(array: np.ndarray, order: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(array[order])
 
 
 class GGUFPlan:
@@ -141,9 +143,8 @@ class GGUFPlan:
         u32, array = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.ARRAY
         out[f"{self.arch}.block_count"] = (len(self.keep), u32, None)
         if self.sublayers:
-            n_embd = self.source.value("embedding_length")
             heads, heads_kv = self.source.value("attention.head_count"), self.source.value("attention.head_count_kv")
-            head_dim = self.source.value("attention.key_length") or n_embd // heads
+            head_dim = self.source.head_dim()
             attn_free = [i in self.dropped["attn"] for i in self.keep]
             mlp_free = [i in self.dropped["mlp"] for i in self.keep]
             n_ff = self.source.value("feed_forward_length")
@@ -156,12 +157,11 @@ class GGUFPlan:
         return out
 
     def _row_order(self, base: str):
+        """The row order of a kept tensor ``base`` in the exported file (``None``: unchanged)."""
         if not (self.sublayers and DECI_SOURCES[self.source.arch] and base in ("attn_q", "attn_k")):
             return None
         heads = self.source.value("attention.head_count" if base == "attn_q" else "attention.head_count_kv")
-        head_dim = self.source.value("attention.key_length") or self.source.value("embedding_length") // \
-            self.source.value("attention.head_count")
-        return rotary_pairs_order(heads, head_dim)
+        return rotary_pairs_order(heads, self.source.head_dim())
 
     def tensors(self, dtype: str | None):
         """``(name, array, raw_dtype)`` of every exported tensor, in the source's order; a dropped MLP's zero
@@ -190,7 +190,7 @@ class GGUFPlan:
                 continue
             array, raw_dtype = _tensor_data(tensor, dtype)
             order = self._row_order(base)
-            yield new_name, (array if order is None else _reorder_rows(array, order)), raw_dtype
+            yield new_name, (array if order is None else np.ascontiguousarray(array[order])), raw_dtype
 
 
 def write_gguf(plan: GGUFPlan, out: Path, dtype: str | None) -> Path:

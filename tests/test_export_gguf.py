@@ -10,6 +10,7 @@ llama.cpp is not installed (benchmarks/results/gguf-parity-llama-cpp.json record
 import json
 
 import gguf
+import llamacpp_runner
 import numpy as np
 import pytest
 import torch
@@ -17,8 +18,6 @@ import torch
 from analysis.cli import main
 from analysis.errors import InputError
 from analysis.export_gguf import export_gguf, rotary_pairs_order
-
-import llamacpp_runner
 
 N_EMBD, N_HEAD, N_HEAD_KV, N_FF, N_LAYERS, VOCAB = 32, 2, 1, 64, 4, 40
 HEAD_DIM = N_EMBD // N_HEAD

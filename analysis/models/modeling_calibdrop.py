@@ -68,7 +68,7 @@ def exported_type(model_type: str) -> str:
 
 def family_type(model_type: str) -> str:
     """The family's ``model_type`` of an exported one (``calibdrop_llama`` -> ``llama``); others unchanged."""
-    return model_type[len(TYPE_PREFIX):] if model_type.startswith(TYPE_PREFIX) else model_type
+    return model_type.removeprefix(TYPE_PREFIX)
 
 
 class DroppedBranch(nn.Module):
@@ -186,5 +186,5 @@ def auto_map(model_type: str) -> dict:
             "AutoModelForCausalLM": f"{module}.{class_name(model_type)}"}
 
 
-__all__ = ["DroppedBranch", "BRANCHES", "CAUSAL_LM_CLASSES", "CONFIG_CLASSES", "auto_map", "class_name",
+__all__ = ["BRANCHES", "CAUSAL_LM_CLASSES", "CONFIG_CLASSES", "DroppedBranch", "auto_map", "class_name",
            "exported_type", "family_type", "pruned_class", "pruned_config_class", "skip_dropped_sublayers"]
