@@ -273,20 +273,22 @@ def _load_directory(path: Path, **load):
     config = read_json_file(config_file, "the model's config", remedy)
     if not isinstance(config, dict):
         raise InputError(f"the model's config {config_file} holds {type(config).__name__}, not a JSON object: {remedy}")
-    model_type = family_type(str(config.get("model_type")))
+    model_type = config.get("model_type")
+    model_type = family_type(model_type) if isinstance(model_type, str) else model_type
     try:
         adapter_of_type(model_type)
     except UnsupportedArchitectureError as error:
         raise UnsupportedArchitectureError(f"{config_file}: {error}") from None
-    if model_type != config["model_type"]:  # exported with modeling_calibdrop.py: load it as its family's model
-        load["config"] = CONFIG_MAPPING[model_type].from_dict({k: v for k, v in config.items() if k != "model_type"})
+    exported = model_type != config["model_type"]  # saved with modeling_calibdrop.py: load it as its family's model
     checksum = checkpoint_sha256(path)
     pruned = "calibdrop_pruning" in config
     verbosity = hf_logging.get_verbosity()
     if pruned:
         hf_logging.set_verbosity_error()
     def read():
-        (model, info), tokenizer = _from_pretrained(path, output_loading_info=True, **load)
+        family = {k: v for k, v in config.items() if k != "model_type"}
+        extra = {"config": CONFIG_MAPPING[model_type].from_dict(family)} if exported else {}
+        (model, info), tokenizer = _from_pretrained(path, output_loading_info=True, **load, **extra)
         unmatched = {kind: sorted(info.get(f"{kind}_keys") or []) for kind in ("missing", "unexpected")}
         if not pruned and any(unmatched.values()):  # a pruned checkpoint lacks its dropped weights by design
             counts = "; ".join(f"{len(keys)} {kind}, e.g. {keys[0]}" for kind, keys in unmatched.items() if keys)
