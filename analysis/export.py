@@ -2,11 +2,13 @@
 
 * :func:`export_checkpoint` drops the set's modules with :func:`~analysis.models.pruning.drop_modules`
   and saves the result with :func:`~analysis.models.pruning.save_pruned`.  When attention or MLP
-  sublayers are dropped it also saves ``modeling_calibdrop.py`` (torch and transformers only) and
-  points the config's ``auto_map`` at its class for the model's family, so
+  sublayers are dropped it also saves ``modeling_calibdrop.py`` (torch and transformers only), names
+  the config's model type ``calibdrop_<family>`` and points its ``auto_map`` at that file's classes, so
   ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` builds the family's own
   model with those sublayers skipped (their weights are not in the checkpoint) and no KV cache for
-  the dropped attention.  A checkpoint that only drops blocks has fewer layers and needs no code.
+  the dropped attention, and the same call without the flag fails with transformers' error asking for
+  it.  A checkpoint that only drops blocks has fewer layers and needs no code.
+* ``analysis.export_gguf`` writes a drop set applied to a GGUF file, for llama.cpp.
 * :func:`paper_drop_lists` writes a drop set as ``drop_attn_list`` / ``drop_mlp_list``, the
   ``config.json`` keys of the code of He et al. (2024), "What Matters in Transformers? Not All
   Attention is Needed": layer indices of the unpruned model; a dropped block is in both lists.
