@@ -4,7 +4,9 @@ Every supported family's tiny model is exported with an attention, an MLP, a blo
 set; one Python whose ``sys.path`` holds the project venv's packages but not calibdrop (a fresh venv
 whose .pth file points at a copy of site-packages without calibdrop's entries) loads each checkpoint
 with ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``, runs a forward pass and
-a greedy generation, and reports its logits, tokens, KV cache and load report.  They must equal
+a greedy generation, and reports its logits, tokens, KV cache and load report; it also loads each one
+without the flag, which must fail with transformers' error naming ``trust_remote_code`` where sublayers
+are dropped and give the same logits where only blocks are.  They must equal
 calibdrop's own pruned model (``drop_modules``) in this process.
 """
 
@@ -54,6 +56,12 @@ except ImportError:
 cases, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
 ids = torch.tensor(cases.pop("ids"))
 for name, folder in cases.items():
+    try:  # the ordinary way, without trust_remote_code
+        plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():
+            plain_result = plain(ids).logits
+    except ValueError as error:
+        plain_result = str(error)
     model, info = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32,
                                                        output_loading_info=True)
     model.eval()
@@ -62,6 +70,7 @@ for name, folder in cases.items():
         generated = model.generate(ids, max_new_tokens=%d, do_sample=False, pad_token_id=0,
                                    return_dict_in_generate=True)
     cache = generated.past_key_values
+    cache = cache if cache is not None else type("NoCache", (), {"layers": []})
     torch.save({
         "logits": logits,
         "tokens": generated.sequences,
@@ -71,6 +80,7 @@ for name, folder in cases.items():
         "module": type(model).__module__,
         "n_layers": len(model.base_model.layers),
         "load_report": {key: sorted(map(str, value)) for key, value in info.items()},
+        "without_flag": plain_result,
     }, out / f"{name}.pt")
 ''' % NEW_TOKENS
 
@@ -105,7 +115,8 @@ def run_bare(python: Path, *args, cwd: Path) -> subprocess.CompletedProcess:
     """Run the bare python isolated (-I: no PYTHONPATH, no script folder, no user site) with a private HF home."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_"))}
     env.update(HF_HOME=str(cwd / "hf"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.run([python, "-I", *args], capture_output=True, text=True, cwd=cwd, env=env)
+    return subprocess.run([python, "-I", *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          stdin=subprocess.DEVNULL)
 
 
 def test_bare_python_cannot_import_calibdrop_but_has_transformers(bare_python, tmp_path):
@@ -124,6 +135,9 @@ def exported(bare_python, tmp_path_factory):
             name = f"{family}-{case}"
             models[name] = tiny_model(family)
             folders[name] = export_checkpoint(models[name], byte_tokenizer(), drop_set, root / name)
+    models["no-attention"] = tiny_model("llama")
+    folders["no-attention"] = export_checkpoint(models["no-attention"], byte_tokenizer(),
+                                                {"module": "attn", "indices": [0, 1, 2]}, root / "no-attention")
     drop_set_file = root / "joint.json"
     drop_set_file.write_text(json.dumps(SETS["joint"]))
     tiny_model("qwen3").save_pretrained(root / "qwen3-full")
@@ -159,6 +173,10 @@ def test_checkpoint_loads_without_calibdrop_and_equals_pruned_model(exported, fa
     own_cache = [type(layer).__name__ for layer in out.past_key_values.layers]
     assert loaded["cache_types"] == ["DummyLayer" if i in record["attn"] else own_cache[i] for i in range(kept)]
     with_code = case != "block"
+    if with_code:  # the plain family model would load with the dropped weights freshly initialised: refused
+        assert isinstance(loaded["without_flag"], str) and "trust_remote_code=True" in loaded["without_flag"]
+    else:
+        torch.testing.assert_close(loaded["without_flag"], logits, atol=1e-5, rtol=1e-5)
     assert (folder / MODELING_FILE).is_file() == with_code
     assert loaded["module"].startswith("transformers_modules.") == with_code
     assert loaded["class"] == ("Calibdrop" if with_code else "") + type(pruned).__name__
@@ -173,8 +191,22 @@ def test_dropped_weights_are_not_saved(exported, family):
     layer = [k for k in keys if ".layers.1." in k]
     assert layer and not [k for k in layer if k.split(".layers.1.")[1].split(".")[0] in attn]
     assert not [k for k in keys if ".layers.0." in k and k.split(".layers.0.")[1].split(".")[0] in mlp]
-    assert json.loads((folder / "config.json").read_text())["auto_map"] == {
-        "AutoModelForCausalLM": f"modeling_calibdrop.Calibdrop{type(pruned).__name__}"}
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": f"modeling_calibdrop.Calibdrop{type(pruned.config).__name__}",
+                                  "AutoModelForCausalLM": f"modeling_calibdrop.Calibdrop{type(pruned).__name__}"}
+    assert config["model_type"] == "calibdrop_" + pruned.config.model_type
+
+
+def test_checkpoint_without_any_attention_generates_without_calibdrop(exported):
+    """Every attention dropped: no layer has keys to cache, so the checkpoint says use_cache false and transformers'
+    generate runs (it failed with "get_seq_length can only be called on Attention layers" before)."""
+    pruned, folder, loaded = exported["no-attention"]
+    with torch.no_grad():
+        logits, out = pruned(IDS).logits, greedy(pruned, IDS)
+    torch.testing.assert_close(loaded["logits"], logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(loaded["tokens"], out.sequences) and loaded["tokens"].shape[1] == IDS.shape[1] + NEW_TOKENS
+    assert json.loads((folder / "config.json").read_text())["use_cache"] is False
+    assert json.loads((folder / "generation_config.json").read_text())["use_cache"] is False
 
 
 def test_cli_export_equals_api_export(exported):
@@ -196,6 +228,38 @@ def test_paper_lists_of_a_joint_and_a_block_set():
     block = {"module": "block", "indices": [4, 1]}
     assert paper_drop_lists(block, 6) == {"drop_attn_list": [1, 4], "drop_mlp_list": [1, 4]}
     assert paper_drop_lists({"module": "mlp", "indices": [2]}, 3) == {"drop_attn_list": [], "drop_mlp_list": [2]}
+
+
+def test_paper_lists_refuse_an_index_listed_twice(tmp_path, capsys):
+    """``attn:05`` is layer 5: the joint set ["attn:5", "attn:05"] lists it twice, as the checkpoint export says."""
+    with pytest.raises(InputError, match=r"attn index \[5\] is listed twice"):
+        paper_drop_lists({"module": "joint", "indices": ["attn:5", "attn:05"]}, 30)
+    drop_set = tmp_path / "set.json"
+    drop_set.write_text(json.dumps({"module": "joint", "indices": ["attn:5", "attn:05"]}))
+    assert main(["export", "--format", "paper", "--model", "smollm2-135m", "--drop-set", str(drop_set)]) == 2
+    error = capsys.readouterr()
+    assert error.err.count("\n") == 1 and "listed twice" in error.err and "drop_attn_list" not in error.out
+    assert paper_drop_lists({"module": "joint", "indices": ["attn:05", "mlp:5"]}, 30) == {
+        "drop_attn_list": [5], "drop_mlp_list": [5]}
+
+
+def test_prune_of_an_exported_checkpoint_copies_its_modeling_file(exported, tmp_path, capsys):
+    """`calibdrop prune --model <exported checkpoint>` saves what its config's auto_map names, and the result is the
+    exported model with the new set dropped too."""
+    from analysis import load_model
+
+    _, folder, _ = exported["llama-attn"]  # attention of layers 0 and 2 dropped
+    drop_set = tmp_path / "mlp.json"
+    drop_set.write_text(json.dumps({"module": "mlp", "indices": [1]}))
+    assert main(["prune", "--model", str(folder), "--drop-set", str(drop_set), "--out", str(tmp_path / "again")]) == 0
+    config = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert (tmp_path / "again" / MODELING_FILE).is_file()
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_calibdrop.CalibdropLlamaForCausalLM"
+    assert config["model_type"] == "calibdrop_llama" and config["calibdrop_pruning"]["mlp"] == [1]
+    reloaded, _ = load_model(str(tmp_path / "again"))
+    expected = drop_modules(tiny_model("llama"), attn=[0, 2], mlp=[1])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, expected(IDS).logits, atol=1e-6, rtol=1e-6)
 
 
 def test_paper_list_index_out_of_range_is_refused():

@@ -10,7 +10,7 @@ import analysis
 ROOT = Path(analysis.__file__).parent
 FLOW = ("data", "models", "importance", "study", "evaluation", "report", "run", "cli")
 BASE = {"__init__", "errors", "io", "artifacts", "outputs", "presets", "kinds", "stages"}
-RUN = {"pipeline", "export", "steps"}
+RUN = {"pipeline", "export", "export_gguf", "steps"}
 ENTRY = {"__main__"}  # `python -m analysis`: the command line
 
 

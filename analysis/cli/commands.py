@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import CalibdropWarning, InputError
-from ..presets import DEFAULT_MODEL, PAPER_TASKS, PRESETS, PRIMARY_METRIC, RESULTS_DIR
+from ..presets import PAPER_TASKS, PRESETS, PRIMARY_METRIC, RESULTS_DIR
 
 
 def parse_ints(text: str) -> tuple[int, ...]:
@@ -259,6 +259,7 @@ def cmd_consensus(args) -> None:
 
 
 def cmd_prune(args) -> None:
+    from ..export import save_exported
     from ..models import loading as models
     from ..models import pruning
     from ..outputs import check_checkpoint, identity_of, record_checkpoint
@@ -273,45 +274,10 @@ def cmd_prune(args) -> None:
     chosen = as_drop_set(record)
     before = sum(p.numel() for p in model.parameters())
     pruning.drop_modules(model, **chosen.drop_kwargs(), drop_set=record)
-    out = pruning.save_pruned(model, out, tokenizer)
+    out = save_exported(model, out, tokenizer)  # with modeling_calibdrop.py when the config's auto_map names it
     record_checkpoint(out, "prune", identity)
     after = sum(p.numel() for p in model.parameters())
     print(f"dropped {chosen.module} {chosen.sorted_indices()}: {before:,} -> {after:,} parameters; saved to {out}")
-
-
-def cmd_export(args) -> None:
-    from .. import export
-    from ..io import atomic_write_json
-    from ..outputs import check_checkpoint, claim_file, identity_of, record_checkpoint
-    from ..study.dropsets import read_drop_set
-
-    record = read_drop_set(Path(args.drop_set))
-    spec = args.model or record.get("model") or DEFAULT_MODEL
-    if args.format == "paper":
-        n_layers = export.model_layer_count(spec)
-        lists = export.paper_drop_lists(record, n_layers)
-        if args.out:
-            out = writable_output(Path(args.out), folder=False)
-            if not (out.is_file() and out.read_bytes() == json.dumps(lists, indent=2).encode()):
-                claim_file(out, "export", identity_of(args), force=args.force)
-            atomic_write_json(out, lists)
-        print(json.dumps(lists))
-        print(f"for {spec} ({n_layers} layers): put these keys in its config.json for the paper's code"
-              + (f"; wrote {out}" if args.out else ""), file=sys.stderr)
-        return
-    if not args.out:
-        raise InputError("--format checkpoint needs --out FOLDER: where to write the pruned checkpoint")
-    from ..models import loading as models
-
-    out = writable_output(Path(args.out), folder=True)
-    identity = identity_of(args)
-    check_checkpoint(out, "export", identity, force=args.force)
-    model, tokenizer = models.load_model(spec, dtype=args.dtype)
-    out = export.export_checkpoint(model, tokenizer, record, out, force=args.force)
-    record_checkpoint(out, "export", identity)
-    code = (out / export.MODELING_FILE).is_file()
-    print(f"saved to {out}; load it without calibdrop with AutoModelForCausalLM.from_pretrained({str(out)!r}"
-          f"{', trust_remote_code=True' if code else ''})")
 
 
 def drop_set_files(paths) -> dict[str, Path]:
@@ -467,5 +433,3 @@ def cmd_summary(args) -> None:
     print(f"{len(written['tables'])} tables and {len(written['figures'])} figure files in {out}")
     for path in written["tables"]:
         print(f"  {path}")
-
-

@@ -31,7 +31,6 @@ from .commands import (
     cmd_compare,
     cmd_consensus,
     cmd_evaluate,
-    cmd_export,
     cmd_prune,
     cmd_report,
     cmd_run,
@@ -40,6 +39,7 @@ from .commands import (
 )
 from .choose_command import cmd_choose
 from .data_commands import cmd_data_fetch, cmd_data_list, cmd_models_fetch, cmd_models_list
+from .export_command import cmd_export
 from .use_commands import cmd_check, cmd_route
 
 
@@ -231,14 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", help="built-in name, checkpoint folder, .gguf file or Hub id; for --format paper "
                                         f"also a config.json (default: the model the drop set names, else "
                                         f"{DEFAULT_MODEL})")
-    export.add_argument("--dtype", help="weights' dtype of the checkpoint: float32 (the default), bfloat16 or float16")
+    export.add_argument("--dtype", help="weights' dtype of the checkpoint: float32 (the default), bfloat16 or float16; "
+                                        "gguf: float32 or float16 (default: the source GGUF's tensor types)")
     export.add_argument("--drop-set", required=True, help="drop-set JSON from `calibdrop consensus`")
-    export.add_argument("--format", choices=("checkpoint", "paper"), default="checkpoint",
+    export.add_argument("--format", choices=("checkpoint", "gguf", "paper"), default="checkpoint",
                         help="checkpoint: weights, tokenizer and modeling_calibdrop.py, for "
-                             "AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True); paper: "
+                             "AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True); gguf: a GGUF file "
+                             "for llama.cpp, from a built-in or .gguf --model (sublayer drops use llama.cpp's deci "
+                             "architecture: llama and qwen2 files); paper: "
                              "drop_attn_list/drop_mlp_list of He et al.'s code, checked against the model's layer "
                              "count (read from its config, no weights loaded)")
-    export.add_argument("--out", help="checkpoint: the folder to write (required); paper: a JSON file to write "
+    export.add_argument("--out", help="checkpoint: the folder to write (required); gguf: the .gguf file to write "
+                                      "(required); paper: a JSON file to write "
                                       "(default: print only)")
     export.add_argument("--force", action="store_true", help=APPLY_AND_REPLACE)
     export.set_defaults(func=cmd_export)

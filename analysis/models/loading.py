@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 import gguf
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from ..errors import CalibdropError, CalibdropWarning, ChecksumError, FetchError, InputError
@@ -38,6 +38,7 @@ from .adapters import ADAPTERS, UnsupportedArchitectureError, adapter_for, adapt
 from .attention import use_repeated_kv_attention
 from .builtin import BUILTINS, BuiltinModel
 from .checksums import RECORD, _recorded_listing, checkpoint_sha256
+from .modeling_calibdrop import family_type
 from .pruning import restore_dropped_sublayers
 
 
@@ -130,7 +131,7 @@ def fetch_builtin(name: str) -> Path:
 def _from_pretrained(source, **kwargs):
     """``AutoModelForCausalLM`` + ``AutoTokenizer`` with GGUF architecture errors made readable."""
     try:
-        tokenizer_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "local_files_only")}
+        tokenizer_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "local_files_only", "config")}
         tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except ValueError as error:
@@ -279,17 +280,22 @@ def _load_directory(path: Path, **load):
     config = read_json_file(config_file, "the model's config", remedy)
     if not isinstance(config, dict):
         raise InputError(f"the model's config {config_file} holds {type(config).__name__}, not a JSON object: {remedy}")
+    model_type = config.get("model_type")
+    model_type = family_type(model_type) if isinstance(model_type, str) else model_type
     try:
-        adapter_of_type(config.get("model_type"))
+        adapter_of_type(model_type)
     except UnsupportedArchitectureError as error:
         raise UnsupportedArchitectureError(f"{config_file}: {error}") from None
+    exported = model_type != config["model_type"]  # saved with modeling_calibdrop.py: load it as its family's model
     checksum = checkpoint_sha256(path)
     pruned = "calibdrop_pruning" in config
     verbosity = hf_logging.get_verbosity()
     if pruned:
         hf_logging.set_verbosity_error()
     def read():
-        (model, info), tokenizer = _from_pretrained(path, output_loading_info=True, **load)
+        family = {k: v for k, v in config.items() if k != "model_type"}
+        extra = {"config": CONFIG_MAPPING[model_type].from_dict(family)} if exported else {}
+        (model, info), tokenizer = _from_pretrained(path, output_loading_info=True, **load, **extra)
         unmatched = {kind: sorted(info.get(f"{kind}_keys") or []) for kind in ("missing", "unexpected")}
         if not pruned and any(unmatched.values()):  # a pruned checkpoint lacks its dropped weights by design
             counts = "; ".join(f"{len(keys)} {kind}, e.g. {keys[0]}" for kind, keys in unmatched.items() if keys)

@@ -1,11 +1,15 @@
 """A pruned checkpoint exported by calibdrop: the family's own transformers model with dropped sublayers skipped.
 
-``calibdrop export`` saves this file beside the weights and points the config's ``auto_map`` at
-``modeling_calibdrop.Calibdrop<FamilyClass>`` (``CalibdropLlamaForCausalLM`` ...), so that
+``calibdrop export`` saves this file beside the weights, writes the config's ``model_type`` as
+``calibdrop_<family type>`` (``calibdrop_llama`` ...), which transformers does not know, and points its ``auto_map``
+at ``modeling_calibdrop.Calibdrop<FamilyConfig>`` and ``modeling_calibdrop.Calibdrop<FamilyClass>``
+(``CalibdropLlamaConfig``, ``CalibdropLlamaForCausalLM`` ...), so that
 
     AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
 
-loads it with torch and transformers alone (calibdrop need not be installed).  The config's
+loads it with torch and transformers alone (calibdrop need not be installed), and the same call without
+``trust_remote_code=True`` fails with transformers' error asking for it, instead of building the family's plain
+model with the dropped weights freshly initialised.  The config's
 ``calibdrop_pruning`` lists the dropped sublayers by their index in the saved layer list
 (``{"attn": [...], "mlp": [...]}``).  For each one, every submodule that feeds only that branch
 (its norms, as in calibdrop's ``analysis/models/adapters.py``) is replaced before the weights load:
@@ -44,7 +48,27 @@ CAUSAL_LM_CLASSES = {
     "gemma3_text": "Gemma3ForCausalLM",
     "gpt_neox": "GPTNeoXForCausalLM",
 }
+# model_type -> the transformers config class the exported config class extends
+CONFIG_CLASSES = {
+    "llama": "LlamaConfig",
+    "mistral": "MistralConfig",
+    "qwen2": "Qwen2Config",
+    "qwen3": "Qwen3Config",
+    "gemma3_text": "Gemma3TextConfig",
+    "gpt_neox": "GPTNeoXConfig",
+}
 PREFIX = "Calibdrop"
+TYPE_PREFIX = "calibdrop_"
+
+
+def exported_type(model_type: str) -> str:
+    """The ``model_type`` an exported checkpoint's config.json carries for a family's ``model_type``."""
+    return TYPE_PREFIX + model_type
+
+
+def family_type(model_type: str) -> str:
+    """The family's ``model_type`` of an exported one (``calibdrop_llama`` -> ``llama``); others unchanged."""
+    return model_type.removeprefix(TYPE_PREFIX)
 
 
 class DroppedBranch(nn.Module):
@@ -80,10 +104,11 @@ def no_cache_for_dropped_attention(config) -> None:
 def skip_dropped_sublayers(model: nn.Module) -> nn.Module:
     """Replace the modules of every dropped branch of ``model`` (see the module docstring); returns ``model``."""
     config = model.config
-    if config.model_type not in BRANCHES:
+    model_type = family_type(config.model_type)
+    if model_type not in BRANCHES:
         raise ValueError(f"modeling_calibdrop has no branch table for model type {config.model_type!r}")
     layers = model.base_model.layers
-    for kind, (names, main) in zip(("attn", "mlp"), BRANCHES[config.model_type]):
+    for kind, (names, main) in zip(("attn", "mlp"), BRANCHES[model_type]):
         for i in dropped_sublayers(config)[kind]:
             if not 0 <= i < len(layers):
                 raise ValueError(f"calibdrop_pruning drops {kind} of layer {i}; the model has layers "
@@ -102,7 +127,9 @@ def pruned_class(base: type) -> type:
         skip_dropped_sublayers(self)
 
     doc = f"{base.__name__} skipping the sublayers dropped by calibdrop."
-    cls = type(PREFIX + base.__name__, (base,), {"__init__": __init__, "__module__": __name__, "__doc__": doc})
+    config_class = exported_class(PREFIX + base.config_class.__name__)
+    cls = type(PREFIX + base.__name__, (base,), {"__init__": __init__, "__module__": __name__, "__doc__": doc,
+                                                 "config_class": config_class})
     share_weight_renames(cls, base)
     return cls
 
@@ -121,13 +148,30 @@ def share_weight_renames(cls: type, base: type) -> None:
         register_checkpoint_conversion_mapping(cls.__name__, renames, overwrite=True)
 
 
-def __getattr__(name: str) -> type:
-    """``Calibdrop<FamilyClass>`` (for example ``CalibdropLlamaForCausalLM``), built on first use."""
-    if name.startswith(PREFIX) and name[len(PREFIX):] in CAUSAL_LM_CLASSES.values():
-        cls = pruned_class(getattr(transformers, name[len(PREFIX):]))
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def pruned_config_class(base: type) -> type:
+    """``base`` (a transformers config class) under the ``model_type`` ``calibdrop_<its type>``."""
+    doc = f"{base.__name__} of a checkpoint exported by calibdrop (model type {exported_type(base.model_type)!r})."
+    return type(PREFIX + base.__name__, (base,), {"model_type": exported_type(base.model_type),
+                                                  "__module__": __name__, "__doc__": doc})
+
+
+def exported_class(name: str) -> type:
+    """``Calibdrop<FamilyClass>`` or ``Calibdrop<FamilyConfig>`` (for example ``CalibdropLlamaForCausalLM``,
+    ``CalibdropLlamaConfig``), built on first use, then this module's attribute."""
+    if name in globals():
+        return globals()[name]
+    base = name[len(PREFIX):]
+    if name.startswith(PREFIX) and base in CAUSAL_LM_CLASSES.values():
+        cls = pruned_class(getattr(transformers, base))
+    elif name.startswith(PREFIX) and base in CONFIG_CLASSES.values():
+        cls = pruned_config_class(getattr(transformers, base))
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = cls
+    return cls
+
+
+__getattr__ = exported_class
 
 
 def class_name(model_type: str) -> str:
@@ -135,4 +179,12 @@ def class_name(model_type: str) -> str:
     return PREFIX + CAUSAL_LM_CLASSES[model_type]
 
 
-__all__ = ["DroppedBranch", "BRANCHES", "CAUSAL_LM_CLASSES", "class_name", "pruned_class", "skip_dropped_sublayers"]
+def auto_map(model_type: str) -> dict:
+    """The ``auto_map`` of an exported config of family ``model_type``: config and model classes in this file."""
+    module = __name__.rpartition(".")[2]
+    return {"AutoConfig": f"{module}.{PREFIX}{CONFIG_CLASSES[model_type]}",
+            "AutoModelForCausalLM": f"{module}.{class_name(model_type)}"}
+
+
+__all__ = ["BRANCHES", "CAUSAL_LM_CLASSES", "CONFIG_CLASSES", "DroppedBranch", "auto_map", "class_name",
+           "exported_type", "family_type", "pruned_class", "pruned_config_class", "skip_dropped_sublayers"]

@@ -71,8 +71,8 @@ def worst_case_forest(transfer: pd.DataFrame):
     worst = worst[~worst["method"].str.startswith("random")]
     panels = list(worst.groupby(["module", "k"], sort=False).groups)
     colours = metric_colours(worst["metric"])
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 0.28 * worst.groupby(["module", "k"]).size().max()
-                                                       + 2), squeeze=False)
+    tallest = worst.groupby(["module", "k"]).size().max()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 0.28 * tallest + 2), squeeze=False)
     for ax, (module, k) in zip(axes[0], panels):
         part = worst[(worst["module"] == module) & (worst["k"] == k)].sort_values("ppl_ratio", ascending=False)
         y = np.arange(len(part))

@@ -219,7 +219,8 @@ def finding(part: pd.DataFrame, name=str) -> str:
         return f"{drop}{versus}"
     group = group_of(part)
     if status == EQUIVALENT:
-        return (f"{len(group)} sets within {best['margin']:.0%} of the best: {', '.join(map(name, group['drop_set']))}; "
+        names = ", ".join(map(name, group["drop_set"]))
+        return (f"{len(group)} sets within {best['margin']:.0%} of the best: {names}; "
                 f"suggested: {drop}, the lowest worst-case ratio")
     open_sets = group["drop_set"].iloc[1:]
     verb = "is" if len(open_sets) == 1 else "are"

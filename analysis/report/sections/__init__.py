@@ -57,7 +57,8 @@ def figure_order(path: Path) -> tuple[int, str]:
     return rank, path.stem
 
 
-SECTIONS = (section_header, section_left_out, section_verdict, section_recommendations, section_resolution, section_data_or_metric,
+SECTIONS = (section_header, section_left_out, section_verdict, section_recommendations, section_resolution,
+            section_data_or_metric,
             section_agreement, section_membership, section_regret, section_leave_one_out, section_greedy,
             section_heldout,
             section_unseen, section_lodo, section_comparisons, section_accuracy,
