@@ -181,7 +181,7 @@ TABLE_COLUMNS = _columns({
                         "family:str",
     "set_groups": "module:str k:int drop_set:str rank:int ppl_ratio:finite ci_low:finite ci_high:finite "
                   "same_as_best:bool ratio_to_best:float pair_ci_low:float pair_ci_high:float p_value:float "
-                  "p_floor:float separated:bool in_group:bool windows_needed:float n_windows:float resolved:bool",
+                  "separated:bool in_group:bool windows_needed:float n_windows:float resolved:bool",
     "claims": "claim:str module:str? k:int? subject:str finding:str estimate:float ci_low:float ci_high:float "
               "resolved:bool needs:str windows_needed:float tokens_needed:float samples_needed:float",
 })

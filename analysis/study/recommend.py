@@ -199,7 +199,7 @@ def needs(part: pd.DataFrame) -> tuple[float, str]:
     needs, and the text."""
     undecided = group_of(part)[lambda g: ~g["equivalent"] & (g["rank"] > 1)]
     windows = float(undecided["windows_needed"].max()) if len(undecided) else 0.0
-    now = float(part["n_windows"].iloc[0])
+    now = float(part["n_windows"].min())
     if not np.isfinite(windows):
         return windows, f"no number of held-out windows per distribution is predicted to (now {now:,.0f})"
     return windows, (f"about {windows:,.0f} held-out windows per distribution (now {now:,.0f}) would separate "

@@ -54,17 +54,20 @@ def agreement_display(summary: pd.DataFrame) -> pd.DataFrame:
 def member_groups(results: Results) -> pd.DataFrame:
     """The run's ``set_groups`` (:func:`analysis.study.recommend.set_groups`).  A table written before member
     recommendations (no ``status``) is read in their terms: ``recommended`` where it was resolved, else ``not
-    resolved``, each set its own name, members from the ``pruned`` table, no baselines."""
+    resolved``; one row per member set (its other names dropped), members in layer order from the ``pruned`` table,
+    its two-sided 95% test as one-sided at 0.025, no baselines."""
     groups = results.table("set_groups")
     if not len(groups) or "status" in groups:
         return groups
     pruned = results.table("pruned").set_index("drop_set")["indices"]
+    groups = groups[~groups["same_as_best"] | (groups["rank"] == groups.groupby(["module", "k"])["rank"].transform(
+        "min"))]
     status = groups.groupby(["module", "k"])["resolved"].transform("first")
     return groups.assign(status=status.map({True: recommend.RECOMMENDED, False: recommend.OPEN}),
                          aliases=[[label] for label in groups["drop_set"]], role="candidate",
-                         baselines=[[] for _ in range(len(groups))], equivalent=False, level=resolution.ALPHA,
+                         baselines=[[] for _ in range(len(groups))], equivalent=False, level=resolution.ALPHA / 2,
                          margin=results.settings.equivalence_margin,
-                         members=[list(map(str, pruned.get(label, []))) for label in groups["drop_set"]])
+                         members=[_numeric_order(map(str, pruned.get(label, []))) for label in groups["drop_set"]])
 
 
 def _baseline_cell(part: pd.DataFrame, name: str) -> str:
