@@ -35,6 +35,7 @@ _SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 _ANNOTATIONS = {
     "bool": {"type": "boolean"},
     "int": {"type": "integer"},
+    "float": {"type": "number"},
     "str": {"type": "string"},
     "int | None": {"type": ["integer", "null"]},
     "str | None": {"type": ["string", "null"]},

@@ -75,7 +75,7 @@ def test_a_set_clearly_best_is_recommended_and_the_baselines_are_beside_it():
     claims = recommend.recommendation_claims(groups)
     assert [c["claim"] for c in claims] == ["recommended set", "answer vs baseline", "answer vs baseline"]
     assert claims[0]["status"] == "recommended" and claims[0]["finding"].startswith("drop 0, 10 (a); separated")
-    assert claims[1]["subject"] == "last k: last" and claims[1]["finding"].startswith("loses less (resolved)")
+    assert claims[1]["subject"] == "last k: depth/attn-2:last" and claims[1]["finding"].startswith("loses less (resolved)")
     assert claims[2]["subject"] == "random: rand" and claims[2]["resolved"]
 
 

@@ -209,6 +209,6 @@ def section_recommendations(results: Results) -> list[str]:
             "Each comparison with the best is one-sided at α / m for m other candidate sets (Bonferroni), so choosing "
             "the best of many sets on the windows that judge it errs at most 5% of the time "
             "(analysis/study/recommend.py). Beside it: drop the last k (reverse-order removal), the paper's recipe "
-            "(cosine on the general-text distribution alone) and a random set, each as *best / it* "
+            "(the paper's metric on the general-text distribution alone) and a random set, each as *best / it* "
             "[its interval at the same level]. Every set's comparison is in set_groups.parquet.", "",
             _table(table.drop(columns=["finding"]).assign(answer="**" + table["answer"] + "**")), ""]
