@@ -4,27 +4,11 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 from pathlib import Path
 
 from ..errors import InputError
 from .commands import print_table, warn_beyond_positions, writable_output
-
-
-def run_record(folder: Path) -> dict:
-    """The provenance a finished run recorded in ``run_summary.json`` (its model and settings)."""
-    path = folder / "run_summary.json"
-    if not path.is_file():
-        raise InputError(f"{folder} has no run_summary.json: give the output folder of a finished `calibdrop run`")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))["provenance"]
-    except (ValueError, KeyError, TypeError):
-        raise InputError(f"{path} is damaged (not the JSON a run writes): rerun `calibdrop run --out {folder}`, "
-                         "which recomputes only what is missing") from None
-    if not isinstance(record, dict) or not isinstance(record.get("model"), dict):
-        raise InputError(f"{path} names no model: rerun `calibdrop run --out {folder}`")
-    return record
 
 
 def same_model(record: dict, model) -> None:
@@ -39,24 +23,24 @@ def same_model(record: dict, model) -> None:
 
 def cmd_choose(args) -> None:
     """``calibdrop choose RUN --texts FILE``: the drop set to use for the texts, per module kind and budget."""
+    from ..artifacts import read_result_table, read_run_summary
     from ..evaluation.choose import candidate_sets, choose
-    from ..io import provenance, read_jsonl_texts, read_table, write_table
+    from ..io import provenance, read_jsonl_texts, write_table
     from ..models import loading as models
     from ..outputs import claim_folder, identity_of
     from ..study import recommend
     from ..study.selection import sets_from_table
 
     folder = Path(args.run)
-    record = run_record(folder)
+    record = read_run_summary(folder)["provenance"]
     texts = read_jsonl_texts(Path(args.texts))
-    groups = read_table(folder / "set_groups.parquet")
-    if args.module:
-        groups = groups[groups["module"] == args.module]
-        if not len(groups):
-            raise InputError(f"the run evaluated no {args.module} drop sets; it has "
-                             f"{', '.join(sorted(set(read_table(folder / 'set_groups.parquet')['module'])))}")
+    every = read_result_table(folder / "set_groups.parquet")
+    groups = every[every["module"] == args.module] if args.module else every
+    if args.module and not len(groups):
+        kinds = ", ".join(sorted(set(every["module"])))
+        raise InputError(f"the run evaluated no {args.module} drop sets; it has {kinds}")
     sets = candidate_sets(groups, top=args.top)
-    pruned = sets_from_table(read_table(folder / "pruned.parquet"))
+    pruned = sets_from_table(read_result_table(folder / "pruned.parquet"))
     out = writable_output(Path(args.out), folder=True) if args.out else None
     if out is not None:
         claim_folder(out, "choose", identity_of(args), force=args.force)

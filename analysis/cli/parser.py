@@ -310,10 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the run's leading sets weighed per module kind and budget, besides its answer's group "
                               "and the baselines")
     chooser.add_argument("--seq-len", type=token_count, default=128, help="tokens per window cut from a text")
-    chooser.add_argument("--margin", type=NON_NEGATIVE, default=0.02,
+    chooser.add_argument("--margin", type=NON_NEGATIVE, default=PRESETS["default"].equivalence_margin,
                          help="sets within this fraction of the pick's perplexity ratio serve alike")
     chooser.add_argument("--alpha", type=PROBABILITY, default=0.05, help="error rate of each one-sided test")
-    chooser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples of the windows")
+    chooser.add_argument("--n-boot", type=boot_count, default=1000, help="bootstrap resamples of the windows")
     chooser.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass")
     chooser.add_argument("--seed", type=seed_int, default=0, help="seed of the split into halves and the bootstrap")
     chooser.add_argument("--out", help="folder for the tables (default: print only)")

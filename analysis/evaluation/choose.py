@@ -23,6 +23,7 @@ from ..data.samples import tokenize_texts
 from ..errors import InputError
 from ..study import recommend
 from ..study.dropsets import UNPRUNED
+from .check import MIN_TEXTS
 from .heldout import window_nll, worst_case_replicates
 
 CHOOSE, CONFIRM = "choose", "confirm"
@@ -76,9 +77,9 @@ def choose(model, tokenizer, texts, sets: pd.DataFrame, drop_sets: dict, *, seq_
     """The pick per module kind and budget for ``texts`` (module docstring): ``choice`` (the columns of
     :func:`analysis.study.recommend.confirm_groups`) and ``windows`` (every window's NLL under every set, ``half``
     naming its half)."""
-    if len(texts) < 2 * 2:
-        raise InputError(f"{len(texts)} texts cannot be split into a choosing and a confirming half of at least 2 "
-                         "each: give at least 4 texts")
+    if len(texts) < MIN_TEXTS:
+        raise InputError(f"{len(texts)} texts cannot be split into a choosing and a confirming half of at least "
+                         f"{MIN_TEXTS // 2} each: give at least {MIN_TEXTS} texts")
     parts = {}
     for name, indices in zip((CHOOSE, CONFIRM), halves(len(texts), seed)):
         parts[name] = text_windows(tokenizer, [texts[i] for i in indices], seq_len=seq_len,

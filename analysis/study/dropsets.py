@@ -34,8 +34,9 @@ DROP_MODULES_ARGUMENT = {"attn": "attn", "mlp": "mlp", "block": "blocks", "joint
 
 
 def joint_sort_key(entry: str) -> tuple[int, str]:
-    """Order joint entries by layer, then attention before MLP (``attn:3, mlp:3, attn:7``)."""
-    kind, _, index = str(entry).partition(":")
+    """Order joint entries by layer, then attention before MLP (``attn:3, mlp:3, attn:7``); a plain layer (``"5"``)
+    by its number."""
+    kind, _, index = str(entry).rpartition(":")
     return int(index), kind
 
 

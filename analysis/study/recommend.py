@@ -34,18 +34,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .dropsets import baseline_labels, method_family, parse_label
+from .dropsets import baseline_labels, joint_sort_key, method_family, parse_label
 from .stability import percentile_interval
 
 ALPHA = 0.05
 POWER = 0.8
 MARGIN = 0.02
 RECOMMENDED, EQUIVALENT, OPEN = "recommended", "equivalent group", "not resolved"
-
-
-def members_key(module: str, indices) -> tuple:
-    """What a set removes, comparable across names: its module kind and sorted members."""
-    return module, tuple(sorted(map(str, indices)))
 
 
 def distinct_sets(pruned: pd.DataFrame, metric: str = "cosine") -> pd.DataFrame:
@@ -56,9 +51,10 @@ def distinct_sets(pruned: pd.DataFrame, metric: str = "cosine") -> pd.DataFrame:
     :func:`~analysis.study.dropsets.baseline_labels` of ``metric``)."""
     rows: dict[tuple, dict] = {}
     for row in pruned[pruned["module"].notna()].itertuples():
-        key = (row.module, int(row.k), *members_key(row.module, row.indices)[1:])
-        entry = rows.setdefault(key, {"module": row.module, "k": int(row.k), "drop_set": row.drop_set, "aliases": [],
-                                      "members": sorted(map(str, row.indices), key=_layer_order), "families": []})
+        members = sorted(map(str, row.indices), key=joint_sort_key)
+        entry = rows.setdefault((row.module, int(row.k), *members), {"module": row.module, "k": int(row.k),
+                                                                     "aliases": [], "members": members,
+                                                                     "families": []})
         entry["aliases"].append(row.drop_set)
         entry["families"].append(method_family(parse_label(row.drop_set)["method"]))
     table = []
@@ -69,11 +65,6 @@ def distinct_sets(pruned: pd.DataFrame, metric: str = "cosine") -> pd.DataFrame:
                       "role": "candidate" if named else "random",
                       "baselines": [name for name, label in names.items() if label in entry["aliases"]]})
     return pd.DataFrame(table)[["module", "k", "drop_set", "aliases", "members", "role", "baselines"]]
-
-
-def _layer_order(member: str) -> tuple:
-    kind, _, index = member.rpartition(":")
-    return int(index), kind
 
 
 def one_sided_p(effect: float, se: float, n: float) -> float:
