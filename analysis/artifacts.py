@@ -148,6 +148,7 @@ TABLE_COLUMNS = _columns({
     "pruned": "drop_set:str module:str? k:int method:str metric:str? indices:list sources:list parameters:int "
               "parameters_removed:finite",
     "heldout_windows": _HELDOUT, "heldout_windows_unseen": _HELDOUT,
+    "heldout_looks": "look:int windows:int sets:int set_windows:int spent:int open:float ended:str",
     "transfer": f"{_RATIOS} n_windows:int metric:str? module:str? k:int method:str",
     "transfer_unseen": f"{_RATIOS} n_windows:int metric:str? module:str? k:int method:str",
     "comparisons": _PAIRED,

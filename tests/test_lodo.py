@@ -141,7 +141,8 @@ def test_nearest_greedy_is_the_greedy_set_of_the_best_agreeing_other_distributio
 
 def windows_of(tables) -> pd.DataFrame:
     return pd.concat(
-        [known_windows(tables["heldout_windows"], tables["pruned"]), tables["lodo_windows"]], ignore_index=True
+        [known_windows(tables["heldout_windows"], tables["pruned"], LODO["transfer_samples"]),
+         tables["lodo_windows"]], ignore_index=True
     )
 
 
@@ -158,7 +159,7 @@ def ratio(windows: pd.DataFrame, key: str, distribution: str) -> float:
 
 def test_no_pair_is_evaluated_twice_and_a_looked_up_pair_equals_a_fresh_evaluation(lodo_run, tiny_dir):
     _, _, tables = lodo_run
-    known = known_windows(tables["heldout_windows"], tables["pruned"])
+    known = known_windows(tables["heldout_windows"], tables["pruned"], LODO["transfer_samples"])
     new = tables["lodo_windows"]
     assert not set(zip(new["key"], new["distribution"])) & set(zip(known["key"], known["distribution"]))
     cost = tables["lodo_cost"].iloc[0]
@@ -218,7 +219,7 @@ def test_selections_and_report_numbers_equal_a_direct_computation(lodo_run):
 
 def test_missing_pairs_are_exactly_the_sets_not_yet_evaluated_on_each_distribution(lodo_run):
     _, _, tables = lodo_run
-    known = known_windows(tables["heldout_windows"], tables["pruned"])
+    known = known_windows(tables["heldout_windows"], tables["pruned"], LODO["transfer_samples"])
     sets = tables["lodo_sets"]
     key = sets["key"].iloc[0]
     names = list(LODO["distributions"])

@@ -238,6 +238,47 @@ def _log_ratio_replicates(windows: pd.DataFrame, n_boot: int, seed: int) -> tupl
     return replicates, sets, n_windows
 
 
+def shared_windows(windows: pd.DataFrame, names) -> pd.DataFrame:
+    """The rows of sets ``names`` and of the unpruned model on the windows of each distribution that every one of them
+    has (a sequential evaluation gives sets different windows; a fixed one, all the same)."""
+    wanted = windows[windows["drop_set"].isin([*names, UNPRUNED])]
+    counts = wanted.groupby(["distribution", "window"], sort=False)["drop_set"].transform("nunique")
+    return wanted[counts == len(set(names) | {UNPRUNED})]
+
+
+def is_rectangular(windows: pd.DataFrame) -> bool:
+    """Whether every set of a window table has every window of every distribution (a fixed design)."""
+    per_set = windows.groupby(["drop_set", "distribution"], sort=False).size()
+    return bool(per_set.groupby(level="distribution").nunique().eq(1).all())
+
+
+def replicates_of(windows: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0):
+    """:data:`analysis.study.recommend.Replicates` of a window table: for any sets, :func:`worst_case_replicates` of
+    their :func:`shared_windows` (the same seed, so sets compared on the same windows get the same resamples),
+    from one pivot of the table."""
+    tables = {}
+    for name, part in windows.groupby("distribution", sort=False):
+        nll = part.pivot(index="window", columns="drop_set", values="nll_sum")
+        tables[name] = (nll, part.pivot(index="window", columns="drop_set", values="n_tokens")[UNPRUNED])
+    cache: dict = {}
+
+    def replicates(names):
+        key = tuple(dict.fromkeys(names))
+        if key not in cache:
+            rng, per, counts = np.random.default_rng(seed), [], []
+            for nll, tokens in tables.values():
+                chosen = nll[[*key, UNPRUNED]].dropna()
+                n = len(chosen)
+                weights = np.vstack([np.ones(n), rng.multinomial(n, np.full(n, 1 / n), size=n_boot)])
+                delta = chosen.to_numpy() - chosen[UNPRUNED].to_numpy()[:, None]
+                per.append((weights @ delta) / (weights @ tokens.loc[chosen.index].to_numpy(dtype=float))[:, None])
+                counts.append(n)
+            cache[key] = (pd.DataFrame(np.max(np.stack(per), axis=0), columns=[*key, UNPRUNED]), min(counts))
+        return cache[key]
+
+    return replicates
+
+
 def worst_case_replicates(windows: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -> tuple[pd.DataFrame, int]:
     """Every set's worst-case log perplexity ratio ``max_d log(ppl_set,d / ppl_none,d)``, one column per set, row 0
     the estimate and rows 1.. paired bootstrap replicates over windows (the replicates of :func:`transfer_summary`
@@ -254,8 +295,15 @@ def transfer_summary(windows: pd.DataFrame, *, n_boot: int = 1000, level: float 
     ``distribution`` ``worst`` and ``mean`` give the largest and the mean ratio over
     distributions, their CIs from the same replicates.  Columns: ``drop_set, distribution,
     ppl, ppl_unpruned, ppl_ratio, ci_low, ci_high, n_windows`` plus the label's parts
-    (``metric, module, k, method``).
+    (``metric, module, k, method``).  Each set's rows come from its own windows (a sequential evaluation gives sets
+    different windows).
     """
+    if not is_rectangular(windows):
+        sets = [name for name in windows["drop_set"].unique() if name != UNPRUNED]
+        parts = [transfer_summary(shared_windows(windows, [name]), n_boot=n_boot, level=level, seed=seed)
+                 for name in sets]
+        return pd.concat([part[part["drop_set"] != UNPRUNED] if i else part for i, part in enumerate(parts)],
+                         ignore_index=True)
     replicates, sets, n_windows = _log_ratio_replicates(windows, n_boot, seed)
     totals = windows.groupby(["drop_set", "distribution"], sort=False)[["nll_sum", "n_tokens"]].sum()
     rows = []
@@ -300,6 +348,9 @@ def paired_comparisons(windows: pd.DataFrame, pairs, *, n_boot: int = 1000, leve
     ``pairs`` lists ``(comparison, a, b)`` or ``(comparison, a, b, distributions)`` where ``distributions``
     limits it to some.
     """
+    if not is_rectangular(windows):
+        return pd.concat([paired_comparisons(shared_windows(windows, pair[1:3]), [pair], n_boot=n_boot, level=level,
+                                             seed=seed) for pair in pairs], ignore_index=True)
     replicates, sets, n_windows = _log_ratio_replicates(windows, n_boot, seed)
     index = {name: j for j, name in enumerate(sets)}
     rows = []

@@ -29,13 +29,18 @@ from .heldout import paired_comparisons, transfer_summary, window_nll
 SELECTIONS = ("best own set", "pick best")
 
 
-def known_windows(heldout_windows: pd.DataFrame, pruned: pd.DataFrame) -> pd.DataFrame:
-    """The held-out stage's window NLL keyed by set members (``key``; ``none``: unpruned), one set per key."""
+def known_windows(heldout_windows: pd.DataFrame, pruned: pd.DataFrame, n_windows: int) -> pd.DataFrame:
+    """The held-out stage's window NLL on the first ``n_windows`` windows of each distribution keyed by set members
+    (``key``; ``none``: unpruned), one set per key, only the sets that have every one of those windows (a sequential
+    evaluation stops some sets earlier)."""
     keys = {
         row.drop_set: UNPRUNED if row.drop_set == UNPRUNED else set_key(row.module, row.indices)
         for row in pruned.itertuples()
     }
-    frame = heldout_windows.assign(key=heldout_windows["drop_set"].map(keys))
+    frame = heldout_windows[heldout_windows["window"] < n_windows]
+    counts = frame.groupby("drop_set")["window"].transform("size")
+    complete = counts == n_windows * frame["distribution"].nunique()
+    frame = frame[complete].assign(key=frame.loc[complete, "drop_set"].map(keys))
     first = frame.drop_duplicates("key")[["key", "drop_set"]]
     return frame.merge(first, on=["key", "drop_set"])[["key", "distribution", "window", "nll_sum", "n_tokens"]]
 

@@ -4,11 +4,13 @@ transfer, the paired comparisons, zero-shot accuracy and the resolution of every
 from __future__ import annotations
 
 
+import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from ..evaluation import accuracy
 from ..evaluation import heldout as evaluation
+from ..evaluation import sequential
 from ..study import recommend, resolution
 from ..study.dropsets import UNPRUNED
 from ..study.selection import comparison_pairs, evaluated_sets, pruned_size, sets_from_table
@@ -21,28 +23,66 @@ def stage_pruned(study: Study) -> pd.DataFrame:
                                                    study.settings))
 
 
-def stage_heldout(study: Study, names: tuple[str, ...] | None = None, kind: str = "heldout",
-                  n_samples: int | None = None) -> pd.DataFrame:
-    """Summed NLL of every held-out window (``n_samples`` per distribution, default ``transfer_samples``) of every
-    distribution (``names``, default the calibration ones) under every pruned model (one part per distribution)."""
+def stage_heldout(study: Study) -> dict[str, pd.DataFrame]:
+    """Summed NLL of held-out windows of every calibration distribution under every pruned model, and one row per
+    look: with ``heldout_budget`` the sequential evaluation (:mod:`analysis.evaluation.sequential`, one saved part per
+    look), else every set on ``transfer_samples`` windows (one saved part per distribution, one look)."""
     s = study.settings
-    sets = sets_from_table(study.results["pruned"])
+    sets = {name: spec for name, spec in sets_from_table(study.results["pruned"]).items() if spec is not None}
+    if not s.heldout_budget:
+        windows = evaluated_windows(study, study.distributions, {UNPRUNED: None, **sets}, "heldout",
+                                    s.transfer_samples)
+        n_sets = len({evaluation.removed_modules(spec) for spec in sets.values()})
+        looks = pd.DataFrame([{"look": 1, "windows": s.transfer_samples, "sets": len(sets),
+                               "set_windows": n_sets * s.transfer_samples, "spent": n_sets * s.transfer_samples,
+                               "open": np.nan, "ended": "fixed design: every set on the same windows"}])
+        return {"heldout_windows": windows, "heldout_looks": looks}
+    samples = evaluation.heldout_samples(study.tokenizer, study.distributions, n_samples=s.heldout_looks[-1],
+                                         seq_len=s.transfer_seq_len, seed=s.seed)
+    windows, looks = sequential.sequential_windows(
+        sequential.model_rounds(study.model, samples, sets, batch_size=s.heldout_batch_size),
+        {name: evaluation.removed_modules(spec) for name, spec in sets.items()},
+        recommend.distinct_sets(study.results["pruned"], s.primary_metric), looks=s.heldout_looks,
+        budget=s.heldout_budget, margin=s.equivalence_margin, n_boot=s.n_boot, seed=s.seed,
+        saved=lambda look, compute: study.part("heldout", f"look-{look}", compute))
+    return {"heldout_windows": windows, "heldout_looks": looks}
+
+
+def evaluated_windows(study: Study, names, sets: dict, kind: str, n_samples: int) -> pd.DataFrame:
+    """:func:`~analysis.evaluation.heldout.window_nll` of ``sets`` on ``n_samples`` held-out windows of each
+    distribution of ``names`` (one saved part per distribution)."""
+    s = study.settings
 
     def windows(name):
-        samples = evaluation.heldout_samples(study.tokenizer, [name], n_samples=n_samples or s.transfer_samples,
-                                             seq_len=s.transfer_seq_len, seed=s.seed)
+        samples = evaluation.heldout_samples(study.tokenizer, [name], n_samples=n_samples, seq_len=s.transfer_seq_len,
+                                             seed=s.seed)
         return evaluation.window_nll(study.model, samples, sets, batch_size=s.heldout_batch_size, progress=False)
 
-    names = study.distributions if names is None else names
     return pd.concat([study.part(kind, name, lambda name=name: windows(name))
                       for name in tqdm(names, desc="held-out evaluation", unit="dist", disable=not study.progress)],
                      ignore_index=True)
 
 
+def in_the_race(study: Study) -> dict:
+    """The sets worth evaluating beyond the calibration distributions: after a sequential evaluation, per module kind
+    and budget the candidates not separated from the best (:func:`analysis.study.recommend.set_groups` on its windows)
+    and the baselines; after a fixed one, every set."""
+    s, r = study.settings, study.results
+    sets = {name: spec for name, spec in sets_from_table(r["pruned"]).items() if spec is not None}
+    if not s.heldout_budget:
+        return sets
+    groups = resolved_groups(study)
+    kept = groups[(groups["in_group"] & (groups["role"] == "candidate")) | groups["baselines"].map(len).gt(0)]
+    names = {name for aliases in kept["aliases"] for name in aliases}
+    return {name: spec for name, spec in sets.items() if name in names}
+
+
 def stage_heldout_unseen(study: Study) -> pd.DataFrame:
-    """:func:`stage_heldout` on the test-only distributions (``unseen``): text of kinds no stage calibrated, selected
-    or compared on; only :func:`stage_transfer_unseen` and the report read it."""
-    return stage_heldout(study, study.unseen, "heldout-unseen", study.settings.unseen_windows)
+    """Held-out windows (``unseen_windows`` each) of the test-only distributions (``unseen``): text of kinds no stage
+    calibrated, selected or compared on, under the sets still in the race (:func:`in_the_race`); only
+    :func:`stage_transfer_unseen` and the report read it."""
+    return evaluated_windows(study, study.unseen, {UNPRUNED: None, **in_the_race(study)}, "heldout-unseen",
+                             study.settings.unseen_windows)
 
 
 def stage_transfer_unseen(study: Study) -> pd.DataFrame:
@@ -110,16 +150,23 @@ def stage_accuracy_paired(study: Study) -> dict[str, pd.DataFrame]:
     return {"accuracy_paired": paired, "accuracy_tasks": tasks}
 
 
+def resolved_groups(study: Study) -> pd.DataFrame:
+    """:func:`analysis.study.recommend.set_groups` of the held-out windows: each distinct member set of each module
+    kind and budget paired against the best, on the windows both have, at the sequential evaluation's spending of
+    alpha over its looks (one look for a fixed design)."""
+    s, r = study.settings, study.results
+    spending = sequential.equal_spending(s.heldout_looks) if s.heldout_budget else None
+    return recommend.set_groups(evaluation.replicates_of(r["heldout_windows"], n_boot=s.n_boot, seed=s.seed),
+                                recommend.distinct_sets(r["pruned"], s.primary_metric), margin=s.equivalence_margin,
+                                spending=spending)
+
+
 def stage_resolution(study: Study) -> dict[str, pd.DataFrame]:
     """Every headline claim marked resolved or not (:mod:`analysis.study.resolution`): each distinct member set of
     each module kind and budget paired against the best on the same held-out windows, with its status
-    (:mod:`analysis.study.recommend`: ``set_groups``), then ``claims``."""
+    (:func:`resolved_groups`, ``set_groups``), then ``claims``."""
     s, r = study.settings, study.results
-    groups = pd.DataFrame()
-    if len(r.get("transfer", [])):
-        worst, n_windows = evaluation.worst_case_replicates(r["heldout_windows"], n_boot=s.n_boot, seed=s.seed)
-        groups = recommend.set_groups(worst, recommend.distinct_sets(r["pruned"]), n_windows=n_windows,
-                                      margin=s.equivalence_margin)
+    groups = resolved_groups(study) if len(r.get("transfer", [])) else pd.DataFrame()
     names = ("comparisons", "validity", "split_half", "data_or_metric", "bootstrap_pairs", "routing_paired")
     tables = {name: r.get(name) for name in names} | {"set_groups": groups}
     return {"set_groups": groups,

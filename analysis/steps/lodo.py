@@ -89,7 +89,8 @@ def stage_lodo_windows(study: Study) -> pd.DataFrame:
     from ..evaluation import lodo as lodo_evaluation
 
     s = study.settings
-    known = lodo_evaluation.known_windows(study.results["heldout_windows"], study.results["pruned"])
+    known = lodo_evaluation.known_windows(study.results["heldout_windows"], study.results["pruned"],
+                                               s.transfer_samples)
     missing = lodo_evaluation.missing_pairs(study.results["lodo_sets"], known, study.distributions)
     samples = evaluation.heldout_samples(
         study.tokenizer,
@@ -116,7 +117,8 @@ def stage_lodo(study: Study) -> dict[str, pd.DataFrame]:
     from ..evaluation import lodo as lodo_evaluation
 
     s = study.settings
-    known = lodo_evaluation.known_windows(study.results["heldout_windows"], study.results["pruned"])
+    known = lodo_evaluation.known_windows(study.results["heldout_windows"], study.results["pruned"],
+                                               s.transfer_samples)
     windows = pd.concat([known, study.results["lodo_windows"]], ignore_index=True)
     tables = lodo_evaluation.lodo_tables(study.results["lodo_sets"], windows, n_boot=s.n_boot, seed=s.seed,
                                          metric=s.primary_metric)

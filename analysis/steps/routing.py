@@ -73,8 +73,8 @@ def routing_families(study: Study, module: str, k: int) -> dict[str, tuple[dict,
 
 def routing_static(study: Study, sets: dict, samples: dict, module: str, k: int) -> pd.DataFrame:
     """Window NLL of the unpruned model, of every non-random set the held-out stage evaluated at ``module``-``k`` and of
-    ``sets``: read from ``heldout_windows`` by members (:func:`analysis.evaluation.lodo.known_windows`), and evaluated
-    only when no evaluated set has the same members."""
+    ``sets``: read from ``heldout_windows`` by members (:func:`analysis.evaluation.lodo.known_windows`, on its first
+    ``transfer_samples`` windows), and evaluated only when no evaluated set has the same members."""
     from ..evaluation.lodo import known_windows
     from ..study.lodo import set_key
 
@@ -84,7 +84,11 @@ def routing_static(study: Study, sets: dict, samples: dict, module: str, k: int)
         for label, spec in sets_from_table(pruned).items()
         if spec is not None and spec.module == module and spec.k == k and not spec.method.startswith("random")
     }
-    known = known_windows(heldout, pruned).set_index("key")
+    n_windows = study.settings.transfer_samples
+    known = known_windows(heldout, pruned, n_windows).set_index("key")
+    heldout = heldout[heldout["window"] < n_windows]
+    # a set the sequential held-out evaluation stopped early is not routed against (it is out of the race)
+    evaluated = {label: spec for label, spec in evaluated.items() if set_key(module, spec.indices) in known.index}
     wanted = {**evaluated, **sets}
     found = [
         known.loc[[set_key(module, spec.indices)]].assign(drop_set=label)

@@ -29,6 +29,7 @@ with ``b`` at the same level; random sets are compared but never candidates.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -41,6 +42,8 @@ ALPHA = 0.05
 POWER = 0.8
 MARGIN = 0.02
 RECOMMENDED, EQUIVALENT, OPEN = "recommended", "equivalent group", "not resolved"
+# the worst-case replicates (row 0 the estimate) of some sets on the windows they share, and how many that is
+Replicates = Callable[[list[str]], tuple[pd.DataFrame, float]]
 
 
 def distinct_sets(pruned: pd.DataFrame, metric: str = "cosine") -> pd.DataFrame:
@@ -118,50 +121,85 @@ def group_status(part: pd.DataFrame) -> str:
     return OPEN
 
 
-def _against_best(part: pd.DataFrame, worst: pd.DataFrame, level: float, margin: float,
-                  n_windows: float) -> pd.DataFrame:
-    """One module kind and budget's sets (the best first) with their paired columns against the best at ``level``,
-    ``status`` and ``resolved``."""
-    best = worst[part["drop_set"].iloc[0]].to_numpy()
-    pairs = [_pair(best, worst[name].to_numpy(), level, margin, n_windows) for name in part["drop_set"].iloc[1:]]
+def _against_best(part: pd.DataFrame, worst: Replicates, alpha: float, margin: float,
+                  spending: Mapping[int, float] | None = None) -> pd.DataFrame:
+    """One module kind and budget's sets (the best first) with their paired columns against the best, each pair on
+    the windows both sets have and one-sided at ``level = alpha * share / K`` for ``K`` candidates (``share``:
+    :func:`spent_share` at those windows), ``status`` and ``resolved``."""
+    n_candidates = max(int((part["role"] == "candidate").sum()), 1)
+    names = list(part["drop_set"])
+    n_best = float(worst([names[0]])[1])
+    levels, shared = [alpha * spent_share(spending, n_best) / n_candidates], [n_best]
     first = {"ratio_to_best": 1.0, "pair_ci_low": 1.0, "pair_ci_high": 1.0, "p_value": 1.0, "separated": False,
              "equivalent": True, "se": 0.0, "windows_needed": 0.0}
-    part = pd.concat([part.reset_index(drop=True), pd.DataFrame([first, *pairs])], axis=1)
+    pairs = [first]
+    for name in names[1:]:
+        replicates, n = worst([names[0], name])
+        levels.append(alpha * spent_share(spending, n) / n_candidates)
+        shared.append(float(n))
+        pairs.append(_pair(replicates[names[0]].to_numpy(), replicates[name].to_numpy(), levels[-1], margin, n))
+    part = pd.concat([part.reset_index(drop=True), pd.DataFrame(pairs)], axis=1)
     part = part.assign(rank=range(1, len(part) + 1), same_as_best=[True] + [False] * (len(part) - 1),
-                       in_group=~part["separated"], level=level, n_windows=float(n_windows), margin=margin)
+                       in_group=~part["separated"], level=levels, n_windows=shared, margin=margin)
     status = group_status(part[part["role"] == "candidate"])
     return part.assign(status=status, resolved=status != OPEN)
 
 
-def _ratios(part: pd.DataFrame, worst: pd.DataFrame) -> pd.DataFrame:
-    """``part`` with each set's worst-case ratio ``ppl_ratio`` and its 95% percentile interval ``ci_low, ci_high``
-    (the transfer table's, from the same replicates)."""
-    bounds = [percentile_interval(np.exp(worst[name].to_numpy()[1:]), 0.95) for name in part["drop_set"]]
-    return part.assign(ppl_ratio=[math.exp(worst[name].iloc[0]) for name in part["drop_set"]],
-                       ci_low=[low for low, _ in bounds], ci_high=[high for _, high in bounds])
+def spent_share(spending: Mapping[int, float] | None, n: float) -> float:
+    """The share of alpha spent on a test over ``n`` windows: ``spending[m]`` for the largest look ``m <= n`` (1
+    without a schedule: one look)."""
+    if not spending:
+        return 1.0
+    looks = [m for m in sorted(spending) if m <= n] or [min(spending)]
+    return float(spending[looks[-1]])
 
 
-def set_groups(worst: pd.DataFrame, sets: pd.DataFrame, *, n_windows: float, margin: float = MARGIN,
-               alpha: float = ALPHA) -> pd.DataFrame:
+def table_replicates(worst: pd.DataFrame, n_windows: float) -> Replicates:
+    """The :data:`Replicates` of one table of worst-case replicates whose sets all have ``n_windows``."""
+    return lambda names: (worst[list(names)], n_windows)
+
+
+def _ratios(part: pd.DataFrame, worst: Replicates) -> pd.DataFrame:
+    """``part`` with each set's worst-case ratio ``ppl_ratio`` on its own windows, its 95% percentile interval
+    ``ci_low, ci_high`` (the transfer table's, from the same replicates) and ``set_windows``, those windows."""
+    own = {name: worst([name]) for name in part["drop_set"]}
+    column = {name: replicates[name].to_numpy() for name, (replicates, _) in own.items()}
+    bounds = [percentile_interval(np.exp(column[name][1:]), 0.95) for name in part["drop_set"]]
+    return part.assign(ppl_ratio=[math.exp(column[name][0]) for name in part["drop_set"]],
+                       ci_low=[low for low, _ in bounds], ci_high=[high for _, high in bounds],
+                       set_windows=[float(own[name][1]) for name in part["drop_set"]])
+
+
+def _best_first(part: pd.DataFrame) -> pd.DataFrame:
+    """Candidates before random sets; among candidates, those with the most windows first (a sequential
+    evaluation's sets still in the race); then by ``ppl_ratio``."""
+    return part.assign(random=part["role"] == "random", fewer=-part["set_windows"]).sort_values(
+        ["random", "fewer", "ppl_ratio"], kind="stable").drop(columns=["random", "fewer"])
+
+
+def set_groups(worst: pd.DataFrame | Replicates, sets: pd.DataFrame, *, n_windows: float | None = None,
+               margin: float = MARGIN, alpha: float = ALPHA,
+               spending: Mapping[int, float] | None = None) -> pd.DataFrame:
     """Every distinct set of :func:`distinct_sets` against the best of its module kind and budget, chosen and judged
     on the same windows.
 
     ``worst``: worst-case log perplexity ratios, one column per set name, row 0 the estimate and the other rows
-    paired bootstrap replicates (:func:`analysis.evaluation.heldout.worst_case_replicates`); ``n_windows``: held-out
-    windows per distribution.  Columns: the set's ``module, k, drop_set, aliases, members, role, baselines``,
-    ``rank`` (1: the best; random sets after the candidates), ``ppl_ratio`` (its worst-case ratio) with its 95%
-    interval ``ci_low, ci_high``, ``same_as_best``
-    (the best's own row), ``ratio_to_best`` (best / this), ``pair_ci_low``/``pair_ci_high`` (the
-    ``exp(D ± t_(1-level) se)`` interval, ``level = alpha / K`` for ``K`` candidates), ``p_value`` (one-sided),
-    ``level``, ``separated``, ``equivalent``, ``in_group`` (the best, or not separated from it), ``se``,
-    ``windows_needed``, ``n_windows``, ``margin``, and per module kind and budget ``status`` (:func:`group_status`)
-    and ``resolved`` (not :data:`OPEN`)."""
+    paired bootstrap replicates (:func:`analysis.evaluation.heldout.worst_case_replicates`), of ``n_windows``
+    held-out windows per distribution; or :data:`Replicates` giving them for any sets on the windows they share (a
+    sequential evaluation, whose sets have different windows: :func:`analysis.evaluation.heldout.replicates_of`),
+    with ``spending`` the share of alpha spent at each look (:mod:`analysis.evaluation.sequential`).  The best is the
+    set of lowest ratio among those with the most windows.  Columns: the set's ``module, k, drop_set, aliases,
+    members, role, baselines``, ``rank`` (1: the best; random sets after the candidates), ``ppl_ratio`` (its
+    worst-case ratio) with its 95% interval ``ci_low, ci_high`` and ``set_windows`` (its windows per distribution),
+    ``same_as_best`` (the best's own row), ``ratio_to_best`` (best / this), ``pair_ci_low``/``pair_ci_high`` (the
+    ``exp(D ± t_(1-level) se)`` interval, ``level = alpha / K`` for ``K`` candidates, times the share spent),
+    ``p_value`` (one-sided), ``level``, ``separated``, ``equivalent``, ``in_group`` (the best, or not separated from
+    it), ``se``, ``windows_needed``, ``n_windows`` (the windows the pair shares), ``margin``, and per module kind and
+    budget ``status`` (:func:`group_status`) and ``resolved`` (not :data:`OPEN`)."""
+    replicates = worst if callable(worst) else table_replicates(worst, n_windows)
     parts = []
     for _, part in sets.groupby(["module", "k"], sort=False):
-        part = _ratios(part, worst).assign(random=lambda t: t["role"] == "random")
-        part = part.sort_values(["random", "ppl_ratio"], kind="stable").drop(columns="random")
-        level = alpha / max(int((part["role"] == "candidate").sum()), 1)
-        parts.append(_against_best(part, worst, level, margin, n_windows))
+        parts.append(_against_best(_best_first(_ratios(part, replicates)), replicates, alpha, margin, spending))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
@@ -174,9 +212,10 @@ def confirm_groups(choose: pd.DataFrame, confirm: pd.DataFrame, sets: pd.DataFra
     test: the pick is recommended only if every comparison rejects)."""
     parts = []
     for _, part in sets.groupby(["module", "k"], sort=False):
-        part = _ratios(part, choose).rename(columns={"ppl_ratio": "chosen_ratio"}).drop(columns=["ci_low", "ci_high"])
-        part = _ratios(part.sort_values("chosen_ratio", kind="stable"), confirm)
-        parts.append(_against_best(part, confirm, alpha, margin, n_windows))
+        part = _ratios(part, table_replicates(choose, n_windows)).rename(columns={"ppl_ratio": "chosen_ratio"})
+        part = part.drop(columns=["ci_low", "ci_high", "set_windows"]).sort_values("chosen_ratio", kind="stable")
+        confirming = table_replicates(confirm, n_windows)
+        parts.append(_against_best(_ratios(part, confirming), confirming, alpha, margin))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 

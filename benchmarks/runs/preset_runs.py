@@ -10,6 +10,14 @@ and the package versions.  The test suite runs only the ``smoke`` preset (tests/
 default and reference presets are measured here.
 
   python benchmarks/runs/preset_runs.py quick [--model smollm2-135m] [--out /tmp/preset-run-quick]
+
+Two commits side by side (a worktree of the older one, each run on one thread, at the same time):
+
+  git worktree add /tmp/old OLD_COMMIT
+  OMP_NUM_THREADS=1 python benchmarks/runs/preset_runs.py default --source /tmp/old --out /tmp/run-old \
+      --name preset-run-default-smollm2-135m-cpu-old.json &
+  OMP_NUM_THREADS=1 python benchmarks/runs/preset_runs.py default --out /tmp/run-new \
+      --name preset-run-default-smollm2-135m-cpu-new.json
 """
 
 from __future__ import annotations
@@ -34,11 +42,13 @@ from analysis.presets import DEFAULT_MODEL, PRESETS  # noqa: E402
 STAGE_LINE = re.compile(r"stage (\d+) of (\d+): (\S+)")
 
 
-def timed_lines(command: list[str], env: dict) -> tuple[int, list[dict]]:
-    """Run ``command``, echo its output and return its exit code and every line with seconds since the start."""
+def timed_lines(command: list[str], env: dict, cwd: Path = ROOT) -> tuple[int, list[dict]]:
+    """Run ``command`` in ``cwd``, echo its output and return its exit code and every line with seconds since the
+    start."""
     started = time.perf_counter()
     lines = []
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env) as process:
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
+                          env=env) as process:
         for line in process.stdout:
             print(line, end="", flush=True)
             lines.append({"seconds": round(time.perf_counter() - started, 2), "line": line.rstrip("\n")})
@@ -64,13 +74,18 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--out", help="the run's folder (default: /tmp/preset-run-PRESET); emptied first")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="folder of the results JSON")
+    parser.add_argument("--source", default=str(ROOT),
+                        help="the checkout whose calibdrop runs (default this one): another commit's worktree, to time "
+                             "two commits side by side")
+    parser.add_argument("--name", help="the results file's name (default preset-run-PRESET-MODEL-cpu.json)")
     args = parser.parse_args(argv)
+    source = Path(args.source).resolve()
     out = Path(args.out or f"/tmp/preset-run-{args.preset}")
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "-m", "analysis", "run", "--model", args.model, "--preset", args.preset, "--out", str(out)]
     before = machine()
     started = time.perf_counter()
-    code, lines = timed_lines(command, {**os.environ, "PYTHONPATH": str(ROOT)})
+    code, lines = timed_lines(command, {**os.environ, "PYTHONPATH": str(source)}, source)
     wall = round(time.perf_counter() - started, 1)
     if code != 0:
         print(f"preset_runs: the run exited with {code}; nothing written", file=sys.stderr)
@@ -81,7 +96,9 @@ def main(argv=None) -> int:
         "model": args.model,
         "device": "cpu",
         "command": " ".join(["python -m analysis run", "--model", args.model, "--preset", args.preset, "--out", str(out)]),
-        "settings": dataclasses.asdict(PRESETS[args.preset]),
+        "source_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True,
+                                        text=True).stdout.strip(),
+        "settings": summary.get("provenance", {}).get("settings") or dataclasses.asdict(PRESETS[args.preset]),
         "machine_before": before,
         "machine_after": machine(),
         "wall_seconds": wall,
@@ -93,7 +110,8 @@ def main(argv=None) -> int:
         "packages": package_versions(),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    target = Path(args.results) / f"preset-run-{args.preset}-{args.model.replace('/', '--')}-cpu.json"
+    name = args.name or f"preset-run-{args.preset}-{args.model.replace('/', '--')}-cpu.json"
+    target = Path(args.results) / name
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {target}: {wall / 60:.1f} min wall")

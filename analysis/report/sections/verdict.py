@@ -206,9 +206,41 @@ def section_recommendations(results: Results) -> list[str]:
             "exactly one of: **recommended** (separated from every other distinct set), **equivalent group** (every "
             f"set not separated from the best is shown within {margin:.0%} of it by two one-sided tests; the lowest "
             "is suggested, any member serves) or **not resolved** (with the held-out windows that would resolve it). "
-            "Each comparison with the best is one-sided at α / K for the K candidate sets (Bonferroni), so choosing "
-            "the best of many sets on the windows that judge it errs at most 5% of the time "
-            "(analysis/study/recommend.py). Beside it: drop the last k (reverse-order removal), the paper's recipe "
+            "Each comparison with the best is one-sided at α / K for the K candidate sets (Bonferroni), and over the "
+            "R looks of a sequential evaluation at α / (K R), so choosing the best of many sets on the windows that "
+            "judge it errs at most 5% of the time (analysis/study/recommend.py, analysis/evaluation/sequential.py). "
+            "Beside it: drop the last k (reverse-order removal), the paper's recipe "
             "(the paper's metric on the general-text distribution alone) and a random set, each as *best / it* "
             "[its interval at the same level]. Every set's comparison is in set_groups.parquet.", "",
-            _table(table.drop(columns=["finding"]).assign(answer="**" + table["answer"] + "**")), ""]
+            _table(table.drop(columns=["finding"]).assign(answer="**" + table["answer"] + "**")), "",
+            *section_windows(results)]
+
+
+def stop_reason(row, ended: str) -> str:
+    """Why one set of ``set_groups`` got no more held-out windows, after a sequential evaluation that ``ended``."""
+    if row.role == "random":
+        return "a random set: compared with the best, never a candidate"
+    if row.rank > 1 and row.separated:
+        return f"separated from the best on {row.n_windows:.0f} windows"
+    if row.rank > 1 and row.equivalent:
+        return f"within {row.margin:.0%} of the best on {row.n_windows:.0f} windows"
+    return "the answer is decided" if row.resolved else ended
+
+
+def section_windows(results: Results) -> list[str]:
+    """How a sequential evaluation spent the held-out windows: one row per look, then each set's windows and why it
+    stopped (nothing for a fixed design)."""
+    looks, groups = results.table("heldout_looks"), member_groups(results)
+    if len(looks) < 2 or not len(groups) or "set_windows" not in groups:
+        return []
+    ended = looks["ended"].iloc[-1]
+    per_set = pd.DataFrame({"module": groups["module"], "k": groups["k"], "set": groups["drop_set"].map(_set_name),
+                            "windows per distribution": groups["set_windows"].astype(int),
+                            "why it stopped": [stop_reason(row, ended) for row in groups.itertuples()]})
+    return ["### How the held-out windows were spent", "",
+            f"Every set got {int(looks['windows'].iloc[0])} windows per calibration distribution; at each look the "
+            "sets whose answer was still open got more (analysis/evaluation/sequential.py). The evaluation stopped "
+            f"at look {int(looks['look'].iloc[-1])}: {ended}.", "",
+            _table(looks.drop(columns=["ended"]).rename(columns={
+                "windows": "windows per distribution", "sets": "sets evaluated", "set_windows": "set-windows",
+                "spent": "set-windows so far", "open": "answers open"})), "", _table(per_set), ""]
