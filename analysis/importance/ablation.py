@@ -21,8 +21,8 @@ residual stream at every block boundary (``resid_pre`` of each block) and re-run
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import InputError
-from ..models.adapters import decoder_layers, layer_input
+from ..models.adapters import decoder_layers, first_tensor, layer_input
 from ..models.pruning import PER_LAYER_CONFIG_LISTS, modules_dropped
 from ..presets import SCORED_MODULES
 
@@ -122,6 +122,45 @@ def block_inputs(model: torch.nn.Module) -> Iterator[dict[int, torch.Tensor]]:
             handle.remove()
 
 
+def resumed_block_inputs(model: torch.nn.Module, start_input: torch.Tensor, start: int, layers,
+                         attention_mask: torch.Tensor) -> dict[int, torch.Tensor]:
+    """The block inputs at ``layers`` (each at least ``start``) of a forward pass resumed at block ``start`` from its
+    input ``start_input``: blocks ``start .. max(layers) - 1`` run (:func:`layer_slice`), no later block and no LM head.
+    The input at ``max(layers)`` is the output of the block before it, the tensor the decoder hands on."""
+    stop = max(layers)
+    inputs = {layer: start_input for layer in layers if layer == start}
+    if stop == start:
+        return inputs
+    blocks = decoder_layers(model)
+
+    def keep(i):
+        def hook(module, args, kwargs):
+            inputs[i] = layer_input(args, kwargs)
+
+        return hook
+
+    def keep_output(module, args, output):
+        inputs[stop] = first_tensor(output)
+
+    handles = [blocks[i].register_forward_pre_hook(keep(i), with_kwargs=True) for i in layers if start < i < stop]
+    handles.append(blocks[stop - 1].register_forward_hook(keep_output))
+    try:
+        with layer_slice(model, start, stop):
+            model.base_model(inputs_embeds=start_input, attention_mask=attention_mask,
+                             position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inputs
+
+
+def _on_device(model, batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Each batch's ``input_ids`` and ``attention_mask`` on the device of the token embeddings."""
+    device = model.get_input_embeddings().weight.device
+    for batch in batches:
+        yield batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
 def full_row_nll(model, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
     """:func:`row_nll` of one full forward pass (no KV cache, positions over real tokens)."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
@@ -168,23 +207,6 @@ def candidates_of(module: str, n_layers: int) -> dict:
     return {i: (module, i) for i in range(n_layers)}
 
 
-def _batch_nll(model, batches, dropped, trials) -> tuple[float, dict, int]:
-    """Summed NLL with ``dropped`` removed, and for each trial candidate with it removed too."""
-    current, tokens = 0.0, 0
-    tried = {label: 0.0 for label in trials}
-    device = model.get_input_embeddings().weight.device
-    with modules_dropped(model, dropped):
-        for batch in batches:
-            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            with block_inputs(model) as resid_pre:
-                nll, n_predicted = full_row_nll(model, ids, mask)
-            current += float(nll.sum())
-            tokens += int(n_predicted.sum())
-            for label, spec in trials.items():
-                tried[label] += float(dropped_row_nll(model, [spec], resid_pre, ids, mask).sum())
-    return current, tried, tokens
-
-
 def greedy_drop_path(
     model,
     batches_by_distribution: Mapping[str, Sequence[Mapping[str, torch.Tensor]]],
@@ -220,7 +242,7 @@ def greedy_drop_path(
         raise InputError("a shortlist needs a prior: the single-drop cost of each candidate")
     cache = TrialCache() if cache is None else cache
     with torch.inference_mode():
-        base = {d: cache.batch_nll(model, batches_by_distribution[d], d, [], {}) for d in names}
+        base = {d: cache.base_nll(model, batches_by_distribution[d], d) for d in names}
     chosen: list = []
     rows = []
     for step in tqdm(range(1, k + 1), desc=f"greedy {module} ({objective})", unit="step", disable=not progress):
@@ -233,9 +255,9 @@ def greedy_drop_path(
         increase = {c: {} for c in remaining}
         with torch.inference_mode():
             for d in names:
-                _, tried, tokens = cache.batch_nll(model, batches_by_distribution[d], d, dropped, trials)
+                tried = cache.trial_nll(model, batches_by_distribution[d], d, dropped, trials)
                 for c in remaining:
-                    increase[c][d] = (tried[c] - base[d][0]) / tokens
+                    increase[c][d] = (tried[c] - base[d][0]) / base[d][1]
         value = {c: max(increase[c].values()) for c in remaining}
         best = min(remaining, key=lambda c: value[c])
         chosen.append(best)
@@ -246,31 +268,80 @@ def greedy_drop_path(
 
 
 class TrialCache:
-    """Summed NLL of one distribution's batches with a set of modules dropped, and with each trial candidate dropped on
-    top of it, kept by ``(distribution, dropped set)`` so greedy paths over the same batches share their common work.
+    """Summed NLL of one distribution's batches unpruned, and with a set of modules dropped and each trial candidate
+    dropped on top of it, kept by ``(distribution, dropped set, candidate)`` so greedy paths over the same batches share
+    their common work.
 
-    ``passes``: batched forward passes with a dropped set run; ``trials``: (candidate, distribution) trial
+    A trial ``c`` at layer ``L`` re-runs blocks ``L, L+1, ...`` and the LM head (:func:`dropped_row_nll`) from the block
+    input at ``L`` with the dropped set ``D`` removed.  That input depends only on the modules of ``D`` before ``L``:
+    when there are none it is the unpruned model's, kept here per batch at the layers asked for; otherwise blocks
+    ``min(D) .. L - 1`` run with ``D`` removed from the unpruned input at ``min(D)`` (:func:`resumed_block_inputs`).
+    No pass runs the blocks before ``min(D)`` or the LM head for ``D`` alone: the NLL of ``D`` itself is not needed.
+
+    ``passes``: batched resumed passes with a dropped set run; ``trials``: (candidate, distribution) trial
     evaluations run; ``requested``: those asked for (run or found here).
     """
 
     def __init__(self):
-        self.current: dict = {}
+        self.base: dict = {}
+        self.unpruned: dict = {}
         self.tried: dict = {}
         self.passes = self.trials = self.requested = 0
 
-    def batch_nll(self, model, batches, distribution: str, dropped, trials: Mapping) -> tuple[float, dict, int]:
-        """:func:`_batch_nll` of ``distribution``'s ``batches``, running only the trials not yet kept."""
+    def base_nll(self, model, batches, distribution: str) -> tuple[float, int]:
+        """Summed NLL of the unpruned model on ``distribution``'s ``batches`` (:func:`full_row_nll`, summed batch by
+        batch) and its predicted tokens; keeps each batch's first block input."""
+        if distribution not in self.base:
+            total, tokens = 0.0, 0
+            for index, (ids, mask) in enumerate(_on_device(model, batches)):
+                with block_inputs(model) as resid_pre:
+                    nll, n_predicted = full_row_nll(model, ids, mask)
+                self.unpruned[(distribution, index)] = {0: resid_pre[0]}
+                total += float(nll.sum())
+                tokens += int(n_predicted.sum())
+            self.base[distribution] = (total, tokens)
+        return self.base[distribution]
+
+    def trial_nll(self, model, batches, distribution: str, dropped, trials: Mapping) -> dict:
+        """Summed NLL of ``distribution``'s ``batches`` with ``dropped`` and each trial ``label -> (kind, layer)``
+        removed (batch sums added in batch order), running only the trials not yet kept."""
+        self.base_nll(model, batches, distribution)
         key = (distribution, frozenset(dropped))
         missing = {label: spec for label, spec in trials.items() if (key, label) not in self.tried}
         self.requested += len(trials)
-        if missing or key not in self.current:
-            current, tried, tokens = _batch_nll(model, batches, dropped, missing)
-            self.current[key] = (current, tokens)
+        if missing:
+            tried = {label: 0.0 for label in missing}
+            layers = {layer for _, layer in missing.values()}
+            for index, (ids, mask) in enumerate(_on_device(model, batches)):
+                inputs = self._trial_inputs(model, (distribution, index), dropped, layers, mask)
+                with modules_dropped(model, dropped):
+                    for label, spec in missing.items():
+                        tried[label] += float(dropped_row_nll(model, [spec], inputs, ids, mask).sum())
             self.tried.update({(key, label): value for label, value in tried.items()})
-            self.passes += 1
+            self.passes += bool(dropped)
             self.trials += len(missing)
-        current, tokens = self.current[key]
-        return current, {label: self.tried[(key, label)] for label in trials}, tokens
+        return {label: self.tried[(key, label)] for label in trials}
+
+    def _trial_inputs(self, model, batch_key, dropped, layers, mask) -> dict[int, torch.Tensor]:
+        """Block inputs at ``layers`` with ``dropped`` removed: the unpruned model's at layers up to ``min(D)`` (no
+        module of ``D`` runs before them), a pass resumed at ``min(D)`` with ``D`` removed after it."""
+        first = min((layer for _, layer in dropped), default=None)
+        later = {layer for layer in layers if first is not None and layer > first}
+        inputs = self._unpruned_inputs(model, batch_key, (set(layers) - later) | ({first} if later else set()), mask)
+        if later:
+            with modules_dropped(model, dropped):
+                inputs.update(resumed_block_inputs(model, inputs[first], first, later, mask))
+        return inputs
+
+    def _unpruned_inputs(self, model, batch_key, layers, mask) -> dict[int, torch.Tensor]:
+        """The unpruned model's block inputs at ``layers``; missing ones come from one pass resumed at the nearest kept
+        layer below them, and are kept."""
+        kept = self.unpruned[batch_key]
+        missing = set(layers) - set(kept)
+        if missing:
+            start = max(layer for layer in kept if layer <= min(missing))
+            kept.update(resumed_block_inputs(model, kept[start], start, missing, mask))
+        return {layer: kept[layer] for layer in layers}
 
 
 def greedy_set(path: pd.DataFrame, k: int) -> list[str]:
