@@ -10,14 +10,14 @@ equal the cache's sums exactly (float ``==``), on every tiny family, for every k
 import copy
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from tiny import CONFIGS, byte_tokenizer, tiny_model
 
 from analysis.data.samples import length_sorted_batches, pad_token_id, tokenize_texts
 from analysis.importance import ablation
 from analysis.models.pruning import drop_modules, modules_dropped
-
-from tiny import CONFIGS, byte_tokenizer, tiny_model
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -29,7 +29,7 @@ TEXTS = [
 
 
 def batches_of(tokenizer):
-    sequences = tokenize_texts(tokenizer, TEXTS, 64)
+    sequences = tokenize_texts(tokenizer, TEXTS, 96)
     return list(length_sorted_batches(sequences, 2, pad_token_id(tokenizer), tokenizer.padding_side))
 
 
@@ -106,14 +106,95 @@ def test_resumed_block_inputs_equal_the_full_pass_and_keep_nothing_after_the_las
     assert all(torch.equal(got[i], full[i]) for i in got)
 
 
-def test_the_cache_runs_each_trial_once_and_keeps_only_the_unpruned_inputs_asked_for():
-    model, tokenizer = tiny_model("qwen2", n_layers=4), byte_tokenizer()
-    batches = batches_of(tokenizer)
+def blocks_run(model):
+    """A list filled with the index of every decoder block run, and the hooks' handles."""
+    ran = []
+    handles = [layer.register_forward_pre_hook(lambda m, a, i=i: ran.append(i)) for i, layer in enumerate(model.model.layers)]
+    return ran, handles
+
+
+def test_a_later_step_resumes_at_the_layer_the_step_before_dropped_and_runs_each_trial_once():
+    model, tokenizer = tiny_model("qwen2", n_layers=6), byte_tokenizer()
+    batch = batches_of(tokenizer)[-1:]
     cache = ablation.TrialCache()
-    trials = {0: ("attn", 0), 3: ("attn", 3)}
     with torch.inference_mode():
-        first = cache.trial_nll(model, batches, "d", [("attn", 2)], trials)
-        again = cache.trial_nll(model, batches, "d", [("attn", 2)], {3: ("attn", 3)})
-    assert again == {3: first[3]} and cache.trials == 2 and cache.requested == 3 and cache.passes == 1
-    assert {layer for kept in cache.unpruned.values() for layer in kept} == {0, 2}
-    assert np.isfinite(list(first.values())).all()
+        cache.base_nll(model, batch, "d")
+        ran, handles = blocks_run(model)
+        first = cache.trial_nll(model, batch, "d", [("attn", 2)], {3: ("attn", 3), 5: ("attn", 5)})
+        resumed, ran[:] = list(ran), []
+        cache.trial_nll(model, batch, "d", [("attn", 2), ("attn", 3)], {4: ("attn", 4), 5: ("attn", 5)})
+        again = cache.trial_nll(model, batch, "d", [("attn", 2)], {5: ("attn", 5)})
+        for handle in handles:
+            handle.remove()
+    # step 1: inputs at 3 (blocks 0-2) and 5 (resumed at 3: blocks 3-4), then the trials (blocks 3-5 and 5)
+    assert resumed == [0, 1, 2, 3, 4, 3, 4, 5, 5]
+    # step 2: the input at 4 resumes at 3, kept by step 1 (no module of the new set before it); 5 resumes at 4
+    assert ran == [3, 4, 4, 5, 5] and again == {5: first[5]}
+    assert cache.trials == 4 and cache.requested == 5 and cache.passes == 4
+
+
+def test_a_cache_that_keeps_no_inputs_gives_the_same_sums():
+    model, tokenizer = tiny_model("gemma3", n_layers=5), byte_tokenizer()
+    batches = batches_of(tokenizer)
+    trials = {f"mlp:{i}": ("mlp", i) for i in range(5) if i != 2}
+    with torch.inference_mode():
+        kept, none = ablation.TrialCache(), ablation.TrialCache(max_bytes=0)
+        for dropped in ([], [("mlp", 2)], [("mlp", 2), ("attn", 1)]):
+            assert kept.trial_nll(model, batches, "d", dropped, trials) == none.trial_nll(model, batches, "d",
+                                                                                      dropped, trials)
+    assert not none.inputs and none.kept_bytes == 0 and kept.inputs and none.passes > kept.passes
+    assert np.isfinite(list(kept.tried.values())).all()
+
+
+def exhaustive_greedy(model, batches_by_distribution, module, k, objective, shortlist=None, prior=None):
+    """The greedy path as it was computed before: every shortlisted candidate on every distribution of the objective
+    (:func:`full_pass_trials`), the smallest largest increase chosen, ties to the earlier candidate."""
+    names = list(batches_by_distribution) if objective == "robust" else [objective]
+    candidates = ablation.candidates_of(module, model.config.num_hidden_layers)
+    base = {}
+    with torch.inference_mode():
+        for d in names:
+            whole = [ablation.full_row_nll(model, b["input_ids"], b["attention_mask"]) for b in batches_by_distribution[d]]
+            base[d] = (sum(float(nll.sum()) for nll, _ in whole), sum(int(n.sum()) for _, n in whole))
+    chosen, rows = [], []
+    for step in range(1, k + 1):
+        remaining = [c for c in candidates if c not in chosen]
+        if shortlist is not None:
+            remaining = sorted(remaining, key=lambda c: (prior[c], remaining.index(c)))[:shortlist]
+            remaining.sort(key=list(candidates).index)
+        trials = {c: candidates[c] for c in remaining}
+        increase = {c: {} for c in remaining}
+        for d in names:
+            tried = full_pass_trials(model, batches_by_distribution[d], [candidates[c] for c in chosen], trials)
+            for c in remaining:
+                increase[c][d] = (tried[c] - base[d][0]) / base[d][1]
+        value = {c: max(increase[c].values()) for c in remaining}
+        best = min(remaining, key=lambda c: value[c])
+        chosen.append(best)
+        rows.append({"objective": objective, "module": module, "step": step, "candidate": str(best),
+                     "objective_increase": value[best], **{f"increase:{d}": increase[best][d] for d in names}})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("family,module,shortlist", [("llama", "attn", None), ("gemma3", "block", 3),
+                                                     ("gpt_neox", "joint", 4), ("qwen3", "mlp", None),
+                                                     ("mistral", "attn", 3)])
+def test_greedy_paths_equal_the_exhaustive_search_bit_for_bit(family, module, shortlist):
+    """Paths with a candidate left once beaten on one distribution, trials resumed and shared through one cache: every
+    row (choice and increases) equals trying every candidate on every distribution with full passes."""
+    model, tokenizer = tiny_model(family, n_layers=5), byte_tokenizer()
+    sequences = tokenize_texts(tokenizer, TEXTS, 96)
+    batches = {}
+    for d, rows in (("a", [0, 1]), ("b", [2, 3]), ("c", [4, 1])):
+        batches[d] = list(length_sorted_batches([sequences[i] for i in rows], 1, pad_token_id(tokenizer), "right"))
+    candidates = ablation.candidates_of(module, 5)
+    prior = {c: float(np.random.default_rng(len(str(c))).random()) + i / 100 for i, c in enumerate(candidates)}
+    cache = ablation.TrialCache()
+    for objective in ("a", "robust"):
+        before = cache.requested
+        got = ablation.greedy_drop_path(model, batches, module=module, k=3, objective=objective, shortlist=shortlist,
+                                        prior=prior, cache=cache)
+        want = exhaustive_greedy(model, batches, module, 3, objective, shortlist, prior)
+        pd.testing.assert_frame_equal(got, want, check_exact=True)
+        tries = sum(min(shortlist or len(candidates), len(candidates) - j) for j in range(3))
+        assert cache.requested - before == tries if objective == "a" else cache.requested - before < 3 * tries

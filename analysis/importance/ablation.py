@@ -21,6 +21,7 @@ residual stream at every block boundary (``resid_pre`` of each block) and re-run
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -250,41 +251,67 @@ def greedy_drop_path(
         if shortlist is not None:
             remaining = sorted(remaining, key=lambda c: (prior[c], remaining.index(c)))[:shortlist]
             remaining.sort(key=list(candidates).index)
-        trials = {c: candidates[c] for c in remaining}
         dropped = [candidates[c] for c in chosen]
-        increase = {c: {} for c in remaining}
+        order = sorted(remaining, key=lambda c: (prior[c], remaining.index(c))) if prior is not None else remaining
+
+        def increase(c, d, dropped=dropped):
+            tried = cache.trial_nll(model, batches_by_distribution[d], d, dropped, {c: candidates[c]})[c]
+            return (tried - base[d][0]) / base[d][1]
+
         with torch.inference_mode():
-            for d in names:
-                tried = cache.trial_nll(model, batches_by_distribution[d], d, dropped, trials)
-                for c in remaining:
-                    increase[c][d] = (tried[c] - base[d][0]) / base[d][1]
-        value = {c: max(increase[c].values()) for c in remaining}
-        best = min(remaining, key=lambda c: value[c])
+            best, best_increase = _smallest_largest_increase(order, names, remaining.index, increase)
         chosen.append(best)
         rows.append({"objective": objective, "module": module, "step": step, "candidate": str(best),
-                     "objective_increase": value[best],
-                     **{f"increase:{d}": increase[best][d] for d in names}})
+                     "objective_increase": max(best_increase.values()),
+                     **{f"increase:{d}": best_increase[d] for d in names}})
     return pd.DataFrame(rows)
 
 
+def _smallest_largest_increase(order, names, rank, increase) -> tuple:
+    """The candidate of smallest ``J(c) = max_d increase(c, d)`` (on a tie the one of smaller ``rank``) and its
+    increase on every distribution of ``names``; candidates are tried in ``order``.
+
+    A candidate is left once its largest increase on the distributions tried so far is above the best
+    ``J`` found (or equal to it and its rank is larger): its ``J`` can only be as large, so it cannot be chosen.  The
+    choice and the chosen candidate's increases are those of trying every candidate on every distribution.  Each
+    candidate tries first the distributions where the best found so far rose most.
+    """
+    best, best_increase = None, None
+    for c in order:
+        tried: dict = {}
+        for d in names if best is None else sorted(names, key=lambda d: -best_increase[d]):
+            tried[d] = increase(c, d)
+            if best is not None and (tried[d], rank(c)) > (max(best_increase.values()), rank(best)):
+                break
+        else:
+            if best is None or (max(tried.values()), rank(c)) < (max(best_increase.values()), rank(best)):
+                best, best_increase = c, {d: tried[d] for d in names}
+    return best, best_increase
+
+
 class TrialCache:
-    """Summed NLL of one distribution's batches unpruned, and with a set of modules dropped and each trial candidate
-    dropped on top of it, kept by ``(distribution, dropped set, candidate)`` so greedy paths over the same batches share
+    """Summed NLL of one distribution's batches unpruned, and with a set of modules ``D`` dropped and each trial
+    candidate dropped on top of it, kept by ``(distribution, D, candidate)`` so greedy paths over the same batches share
     their common work.
 
-    A trial ``c`` at layer ``L`` re-runs blocks ``L, L+1, ...`` and the LM head (:func:`dropped_row_nll`) from the block
-    input at ``L`` with the dropped set ``D`` removed.  That input depends only on the modules of ``D`` before ``L``:
-    when there are none it is the unpruned model's, kept here per batch at the layers asked for; otherwise blocks
-    ``min(D) .. L - 1`` run with ``D`` removed from the unpruned input at ``min(D)`` (:func:`resumed_block_inputs`).
-    No pass runs the blocks before ``min(D)`` or the LM head for ``D`` alone: the NLL of ``D`` itself is not needed.
+    A trial at layer ``L`` re-runs blocks ``L, L+1, ...`` and the LM head (:func:`dropped_row_nll`) from the block input
+    at ``L`` with ``D`` removed.  That input depends only on the modules of ``D`` before ``L`` (``D_<L``), so it is kept
+    by ``(distribution, batch, D_<L, L)`` and found again by later steps and paths: after a step drops ``c`` at layer
+    ``l``, every trial at or before ``l`` finds its input kept and one after it resumes at ``l``.  A missing input comes
+    from a pass of blocks ``M .. L - 1`` (:func:`resumed_block_inputs`, ``D_<L`` removed) from the kept input at the
+    largest ``M <= L`` whose ``(D_<M, M)`` is kept (layer 0's, the embeddings, always is).  No pass runs the LM head for
+    ``D`` alone: its NLL is not needed.  Kept inputs beyond layer 0 stay within ``max_bytes``, the least recently used
+    dropped first (a dropped input is recomputed when asked for again: same bits, more time).
 
-    ``passes``: batched resumed passes with a dropped set run; ``trials``: (candidate, distribution) trial
-    evaluations run; ``requested``: those asked for (run or found here).
+    ``passes``: resumed passes run (one batch each); ``trials``: (candidate, distribution) trial evaluations run;
+    ``requested``: those asked for (run or found here).
     """
 
-    def __init__(self):
+    def __init__(self, max_bytes: int = 2 ** 31):
         self.base: dict = {}
-        self.unpruned: dict = {}
+        self.first_inputs: dict = {}
+        self.inputs: OrderedDict = OrderedDict()
+        self.max_bytes, self.kept_bytes = max_bytes, 0
         self.tried: dict = {}
         self.passes = self.trials = self.requested = 0
 
@@ -296,7 +323,7 @@ class TrialCache:
             for index, (ids, mask) in enumerate(_on_device(model, batches)):
                 with block_inputs(model) as resid_pre:
                     nll, n_predicted = full_row_nll(model, ids, mask)
-                self.unpruned[(distribution, index)] = {0: resid_pre[0]}
+                self.first_inputs[(distribution, index)] = resid_pre[0]
                 total += float(nll.sum())
                 tokens += int(n_predicted.sum())
             self.base[distribution] = (total, tokens)
@@ -311,37 +338,41 @@ class TrialCache:
         self.requested += len(trials)
         if missing:
             tried = {label: 0.0 for label in missing}
-            layers = {layer for _, layer in missing.values()}
+            layers = sorted({layer for _, layer in missing.values()})
             for index, (ids, mask) in enumerate(_on_device(model, batches)):
-                inputs = self._trial_inputs(model, (distribution, index), dropped, layers, mask)
+                inputs = {layer: self._input_at(model, (distribution, index), dropped, layer, mask) for layer in layers}
                 with modules_dropped(model, dropped):
                     for label, spec in missing.items():
                         tried[label] += float(dropped_row_nll(model, [spec], inputs, ids, mask).sum())
             self.tried.update({(key, label): value for label, value in tried.items()})
-            self.passes += bool(dropped)
             self.trials += len(missing)
         return {label: self.tried[(key, label)] for label in trials}
 
-    def _trial_inputs(self, model, batch_key, dropped, layers, mask) -> dict[int, torch.Tensor]:
-        """Block inputs at ``layers`` with ``dropped`` removed: the unpruned model's at layers up to ``min(D)`` (no
-        module of ``D`` runs before them), a pass resumed at ``min(D)`` with ``D`` removed after it."""
-        first = min((layer for _, layer in dropped), default=None)
-        later = {layer for layer in layers if first is not None and layer > first}
-        inputs = self._unpruned_inputs(model, batch_key, (set(layers) - later) | ({first} if later else set()), mask)
-        if later:
-            with modules_dropped(model, dropped):
-                inputs.update(resumed_block_inputs(model, inputs[first], first, later, mask))
-        return inputs
+    def _kept(self, batch_key, dropped, layer: int) -> torch.Tensor | None:
+        """The kept block input at ``layer`` with the modules of ``dropped`` before it removed, or ``None``."""
+        if layer == 0:
+            return self.first_inputs[batch_key]
+        key = (*batch_key, frozenset(spec for spec in dropped if spec[1] < layer), layer)
+        if key in self.inputs:
+            self.inputs.move_to_end(key)
+        return self.inputs.get(key)
 
-    def _unpruned_inputs(self, model, batch_key, layers, mask) -> dict[int, torch.Tensor]:
-        """The unpruned model's block inputs at ``layers``; missing ones come from one pass resumed at the nearest kept
-        layer below them, and are kept."""
-        kept = self.unpruned[batch_key]
-        missing = set(layers) - set(kept)
-        if missing:
-            start = max(layer for layer in kept if layer <= min(missing))
-            kept.update(resumed_block_inputs(model, kept[start], start, missing, mask))
-        return {layer: kept[layer] for layer in layers}
+    def _input_at(self, model, batch_key, dropped, layer: int, mask) -> torch.Tensor:
+        """The block input at ``layer`` with ``dropped`` removed: kept, or resumed from the nearest kept one below."""
+        found = self._kept(batch_key, dropped, layer)
+        if found is not None:
+            return found
+        start = next(m for m in range(layer - 1, -1, -1) if self._kept(batch_key, dropped, m) is not None)
+        before = [spec for spec in dropped if spec[1] < layer]
+        with modules_dropped(model, before):
+            found = resumed_block_inputs(model, self._kept(batch_key, dropped, start), start, {layer}, mask)[layer]
+        self.passes += 1
+        self.inputs[(*batch_key, frozenset(before), layer)] = found
+        self.kept_bytes += found.numel() * found.element_size()
+        while self.kept_bytes > self.max_bytes and self.inputs:
+            _, evicted = self.inputs.popitem(last=False)
+            self.kept_bytes -= evicted.numel() * evicted.element_size()
+        return found
 
 
 def greedy_set(path: pd.DataFrame, k: int) -> list[str]:
