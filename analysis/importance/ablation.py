@@ -16,7 +16,9 @@ residual stream at every block boundary (``resid_pre`` of each block) and re-run
 * :func:`greedy_drop_path`: iterative dropping by real loss (as BlockPruner and SLEB do): each
   step drops the candidate whose removal, given those already dropped, raises the objective
   least; the objective is one distribution's mean ΔNLL per token (``own``) or the largest
-  over distributions (``robust``).
+  over distributions (``robust``).  A trial re-runs from its own layer, from a block input kept by the drops
+  before it (:class:`TrialCache`), and a candidate is left once beaten on one distribution: the path is that of
+  trying every candidate on every distribution, bit for bit.
 """
 
 from __future__ import annotations

@@ -7,12 +7,13 @@ On smollm2-135m's real weights (float32, CPU) and the default preset's ablation 
   stage's work) of every distribution, timed, with the first distribution's run under the torch profiler (the share of
   each operator) and the decoder blocks and LM-head passes it runs counted;
 * the greedy stage's paths (each distribution's own and the robust one, attention, size 8, the default's shortlist of 4
-  by single-drop cost, one shared trial cache as ``Study.trials``) twice: with the trials as they ran before (per dropped
-  set a full forward pass with the set removed, whose block inputs the trials re-run from: ``FullPassTrials`` below) and
-  with :class:`~analysis.importance.ablation.TrialCache` (unpruned block inputs kept per batch, passes resumed at the first
-  dropped layer, no LM head for the dropped set alone).  Records both variants' seconds, decoder blocks and LM-head
-  passes run, whether the paths are identical (``DataFrame.equals``) and whether every trial sum both computed is equal
-  (float ``==``).
+  by single-drop cost, one shared trial cache as ``Study.trials``) twice: as they ran before (``exhaustive_path``: every
+  shortlisted candidate on every distribution, per dropped set a full forward pass with the set removed whose block
+  inputs the trials re-run from: ``FullPassTrials``) and as :func:`~analysis.importance.ablation.greedy_drop_path` runs
+  them now (a candidate left once beaten on one distribution; block inputs kept by the drops before them, passes resumed
+  at the nearest kept layer, no LM head for the dropped set alone).  Records both variants' seconds, decoder blocks and
+  LM-head passes run, whether the paths are identical (``DataFrame.equals``: every choice and every recorded increase)
+  and whether every trial sum both computed is equal (float ``==``).
 
     OMP_NUM_THREADS=1 python benchmarks/profile/ablation_greedy_cost.py \
         --out benchmarks/results/ablation-greedy-cost-smollm2-135m-cpu.json
@@ -66,6 +67,34 @@ class FullPassTrials(ablation.TrialCache):
             self.passes += 1
             self.trials += len(missing)
         return {label: self.tried[(key, label)] for label in trials}
+
+
+def exhaustive_path(model, batches, objective: str, prior: dict, cache: FullPassTrials, k: int = 8,
+                    shortlist: int = 4) -> pd.DataFrame:
+    """An attention greedy path as ``greedy_drop_path`` computed it before: every shortlisted candidate tried on every
+    distribution of the objective, the smallest largest increase chosen (ties to the earlier candidate)."""
+    names = list(batches) if objective == "robust" else [objective]
+    candidates = ablation.candidates_of("attn", len(decoder_layers(model)))
+    with torch.inference_mode():
+        base = {d: cache.base_nll(model, batches[d], d) for d in names}
+    chosen, rows = [], []
+    for step in range(1, k + 1):
+        remaining = [c for c in candidates if c not in chosen]
+        remaining = sorted(remaining, key=lambda c: (prior[c], remaining.index(c)))[:shortlist]
+        remaining.sort(key=list(candidates).index)
+        trials = {c: candidates[c] for c in remaining}
+        increase = {c: {} for c in remaining}
+        with torch.inference_mode():
+            for d in names:
+                tried = cache.trial_nll(model, batches[d], d, [candidates[c] for c in chosen], trials)
+                for c in remaining:
+                    increase[c][d] = (tried[c] - base[d][0]) / base[d][1]
+        value = {c: max(increase[c].values()) for c in remaining}
+        best = min(remaining, key=lambda c: value[c])
+        chosen.append(best)
+        rows.append({"objective": objective, "module": "attn", "step": step, "candidate": str(best),
+                     "objective_increase": value[best], **{f"increase:{d}": increase[best][d] for d in names}})
+    return pd.DataFrame(rows)
 
 
 class Counted:
@@ -125,17 +154,23 @@ def ablation_cost(model, batches) -> tuple[dict, dict]:
 
 
 def greedy_stage(model, batches, cost, cache) -> tuple[list[pd.DataFrame], dict]:
-    """The greedy stage's paths with one shared ``cache``, and their seconds, blocks and LM-head passes."""
+    """The greedy stage's paths with one shared ``cache`` (before: a :class:`FullPassTrials` and
+    :func:`exhaustive_path`; after: a ``TrialCache`` and ``greedy_drop_path``), and their seconds, blocks and LM-head
+    passes."""
     frame = pd.DataFrame(cost)
     paths = []
     started = time.perf_counter()
     with Counted(model) as counted:
         for objective in [*batches, "robust"]:
-            prior = frame.max(axis=1) if objective == "robust" else frame[objective]
-            paths.append(ablation.greedy_drop_path(model, batches, module="attn", k=8, objective=objective,
-                                                   shortlist=4, prior=prior.to_dict(), cache=cache))
+            prior = (frame.max(axis=1) if objective == "robust" else frame[objective]).to_dict()
+            if isinstance(cache, FullPassTrials):
+                paths.append(exhaustive_path(model, batches, objective, prior, cache))
+            else:
+                paths.append(ablation.greedy_drop_path(model, batches, module="attn", k=8, objective=objective,
+                                                       shortlist=4, prior=prior, cache=cache))
     return paths, {"seconds": round(time.perf_counter() - started, 2), "decoder_blocks": counted.blocks,
-                   "lm_head_passes": counted.heads, "trials_run": cache.trials, "dropped_set_passes": cache.passes}
+                   "lm_head_passes": counted.heads, "trials_requested": cache.requested, "trials_run": cache.trials,
+                   "passes": cache.passes}
 
 
 def main(argv=None) -> None:
@@ -154,7 +189,7 @@ def main(argv=None) -> None:
     before, before_record = greedy_stage(model, batches, cost, before_cache)
     after, after_record = greedy_stage(model, batches, cost, after_cache)
     common = set(before_cache.tried) & set(after_cache.tried)
-    kept = sum(t.numel() * t.element_size() for inputs in after_cache.unpruned.values() for t in inputs.values())
+    kept = after_cache.kept_bytes
     result = {
         "what": __doc__.split("\n\n")[0],
         "command": "OMP_NUM_THREADS=1 python benchmarks/profile/ablation_greedy_cost.py "
@@ -174,7 +209,9 @@ def main(argv=None) -> None:
             "after_over_before_blocks": round(after_record["decoder_blocks"] / before_record["decoder_blocks"], 3),
             "after_over_before_lm_head_passes": round(after_record["lm_head_passes"] / before_record["lm_head_passes"],
                                                       3),
-            "unpruned_block_inputs_kept_bytes": kept,
+            "block_inputs_kept_bytes": kept,
+            "passes_note": "before: full forward passes with a dropped set removed (all batches); after: resumed "
+                           "passes of one batch to one block input",
         },
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "load_average_1_5_15_before": load_before, "load_average_1_5_15_after": list(os.getloadavg())},
