@@ -46,7 +46,8 @@ def test_a_shared_trial_cache_keeps_every_greedy_path_and_saves_trials():
         shared = ablation.greedy_drop_path(model, others, module="joint", k=3, objective="robust", cache=cache)
         alone = ablation.greedy_drop_path(model, others, module="joint", k=3, objective="robust")
         pd.testing.assert_frame_equal(shared, alone)
-    assert cache.requested == 3 * 2 * (6 + 5 + 4) and cache.trials < cache.requested
+    # at most the 3 x 2 x (6 + 5 + 4) trials the robust paths try (fewer: a candidate already beaten is left)
+    assert cache.requested <= 3 * 2 * (6 + 5 + 4) and cache.trials < cache.requested
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,16 @@ residual stream at every block boundary (``resid_pre`` of each block) and re-run
 * :func:`greedy_drop_path`: iterative dropping by real loss (as BlockPruner and SLEB do): each
   step drops the candidate whose removal, given those already dropped, raises the objective
   least; the objective is one distribution's mean ΔNLL per token (``own``) or the largest
-  over distributions (``robust``).
+  over distributions (``robust``).  A trial re-runs from its own layer, from a block input kept by the drops
+  before it (:class:`TrialCache`), and a candidate is left once beaten on one distribution: the path is that of
+  trying every candidate on every distribution, bit for bit.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -30,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import InputError
-from ..models.adapters import decoder_layers, layer_input
+from ..models.adapters import decoder_layers, first_tensor, layer_input
 from ..models.pruning import PER_LAYER_CONFIG_LISTS, modules_dropped
 from ..presets import SCORED_MODULES
 
@@ -122,6 +125,45 @@ def block_inputs(model: torch.nn.Module) -> Iterator[dict[int, torch.Tensor]]:
             handle.remove()
 
 
+def resumed_block_inputs(model: torch.nn.Module, start_input: torch.Tensor, start: int, layers,
+                         attention_mask: torch.Tensor) -> dict[int, torch.Tensor]:
+    """The block inputs at ``layers`` (each at least ``start``) of a forward pass resumed at block ``start`` from its
+    input ``start_input``: blocks ``start .. max(layers) - 1`` run (:func:`layer_slice`), no later block and no LM head.
+    The input at ``max(layers)`` is the output of the block before it, the tensor the decoder hands on."""
+    stop = max(layers)
+    inputs = {layer: start_input for layer in layers if layer == start}
+    if stop == start:
+        return inputs
+    blocks = decoder_layers(model)
+
+    def keep(i):
+        def hook(module, args, kwargs):
+            inputs[i] = layer_input(args, kwargs)
+
+        return hook
+
+    def keep_output(module, args, output):
+        inputs[stop] = first_tensor(output)
+
+    handles = [blocks[i].register_forward_pre_hook(keep(i), with_kwargs=True) for i in layers if start < i < stop]
+    handles.append(blocks[stop - 1].register_forward_hook(keep_output))
+    try:
+        with layer_slice(model, start, stop):
+            model.base_model(inputs_embeds=start_input, attention_mask=attention_mask,
+                             position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inputs
+
+
+def _on_device(model, batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Each batch's ``input_ids`` and ``attention_mask`` on the device of the token embeddings."""
+    device = model.get_input_embeddings().weight.device
+    for batch in batches:
+        yield batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
 def full_row_nll(model, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
     """:func:`row_nll` of one full forward pass (no KV cache, positions over real tokens)."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
@@ -168,23 +210,6 @@ def candidates_of(module: str, n_layers: int) -> dict:
     return {i: (module, i) for i in range(n_layers)}
 
 
-def _batch_nll(model, batches, dropped, trials) -> tuple[float, dict, int]:
-    """Summed NLL with ``dropped`` removed, and for each trial candidate with it removed too."""
-    current, tokens = 0.0, 0
-    tried = {label: 0.0 for label in trials}
-    device = model.get_input_embeddings().weight.device
-    with modules_dropped(model, dropped):
-        for batch in batches:
-            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            with block_inputs(model) as resid_pre:
-                nll, n_predicted = full_row_nll(model, ids, mask)
-            current += float(nll.sum())
-            tokens += int(n_predicted.sum())
-            for label, spec in trials.items():
-                tried[label] += float(dropped_row_nll(model, [spec], resid_pre, ids, mask).sum())
-    return current, tried, tokens
-
-
 def greedy_drop_path(
     model,
     batches_by_distribution: Mapping[str, Sequence[Mapping[str, torch.Tensor]]],
@@ -220,7 +245,7 @@ def greedy_drop_path(
         raise InputError("a shortlist needs a prior: the single-drop cost of each candidate")
     cache = TrialCache() if cache is None else cache
     with torch.inference_mode():
-        base = {d: cache.batch_nll(model, batches_by_distribution[d], d, [], {}) for d in names}
+        base = {d: cache.base_nll(model, batches_by_distribution[d], d) for d in names}
     chosen: list = []
     rows = []
     for step in tqdm(range(1, k + 1), desc=f"greedy {module} ({objective})", unit="step", disable=not progress):
@@ -228,49 +253,128 @@ def greedy_drop_path(
         if shortlist is not None:
             remaining = sorted(remaining, key=lambda c: (prior[c], remaining.index(c)))[:shortlist]
             remaining.sort(key=list(candidates).index)
-        trials = {c: candidates[c] for c in remaining}
         dropped = [candidates[c] for c in chosen]
-        increase = {c: {} for c in remaining}
+        order = sorted(remaining, key=lambda c: (prior[c], remaining.index(c))) if prior is not None else remaining
+
+        def increase(c, d, dropped=dropped):
+            tried = cache.trial_nll(model, batches_by_distribution[d], d, dropped, {c: candidates[c]})[c]
+            return (tried - base[d][0]) / base[d][1]
+
         with torch.inference_mode():
-            for d in names:
-                _, tried, tokens = cache.batch_nll(model, batches_by_distribution[d], d, dropped, trials)
-                for c in remaining:
-                    increase[c][d] = (tried[c] - base[d][0]) / tokens
-        value = {c: max(increase[c].values()) for c in remaining}
-        best = min(remaining, key=lambda c: value[c])
+            best, best_increase = _smallest_largest_increase(order, names, remaining.index, increase)
         chosen.append(best)
         rows.append({"objective": objective, "module": module, "step": step, "candidate": str(best),
-                     "objective_increase": value[best],
-                     **{f"increase:{d}": increase[best][d] for d in names}})
+                     "objective_increase": max(best_increase.values()),
+                     **{f"increase:{d}": best_increase[d] for d in names}})
     return pd.DataFrame(rows)
 
 
-class TrialCache:
-    """Summed NLL of one distribution's batches with a set of modules dropped, and with each trial candidate dropped on
-    top of it, kept by ``(distribution, dropped set)`` so greedy paths over the same batches share their common work.
+def _smallest_largest_increase(order, names, rank, increase) -> tuple:
+    """The candidate of smallest ``J(c) = max_d increase(c, d)`` (on a tie the one of smaller ``rank``) and its
+    increase on every distribution of ``names``; candidates are tried in ``order``.
 
-    ``passes``: batched forward passes with a dropped set run; ``trials``: (candidate, distribution) trial
-    evaluations run; ``requested``: those asked for (run or found here).
+    A candidate is left once its largest increase on the distributions tried so far is above the best
+    ``J`` found (or equal to it and its rank is larger): its ``J`` can only be as large, so it cannot be chosen.  The
+    choice and the chosen candidate's increases are those of trying every candidate on every distribution.  Each
+    candidate tries first the distributions where the best found so far rose most.
+    """
+    best, best_increase = None, None
+    for c in order:
+        tried: dict = {}
+        for d in names if best is None else sorted(names, key=lambda d: -best_increase[d]):
+            tried[d] = increase(c, d)
+            if best is not None and (tried[d], rank(c)) > (max(best_increase.values()), rank(best)):
+                break
+        else:
+            if best is None or (max(tried.values()), rank(c)) < (max(best_increase.values()), rank(best)):
+                best, best_increase = c, {d: tried[d] for d in names}
+    return best, best_increase
+
+
+class TrialCache:
+    """Summed NLL of one distribution's batches unpruned, and with a set of modules ``D`` dropped and each trial
+    candidate dropped on top of it, kept by ``(distribution, D, candidate)`` so greedy paths over the same batches share
+    their common work.
+
+    A trial at layer ``L`` re-runs blocks ``L, L+1, ...`` and the LM head (:func:`dropped_row_nll`) from the block input
+    at ``L`` with ``D`` removed.  That input depends only on the modules of ``D`` before ``L`` (``D_<L``), so it is kept
+    by ``(distribution, batch, D_<L, L)`` and found again by later steps and paths: after a step drops ``c`` at layer
+    ``l``, every trial at or before ``l`` finds its input kept and one after it resumes at ``l``.  A missing input comes
+    from a pass of blocks ``M .. L - 1`` (:func:`resumed_block_inputs`, ``D_<L`` removed) from the kept input at the
+    largest ``M <= L`` whose ``(D_<M, M)`` is kept (layer 0's, the embeddings, always is).  No pass runs the LM head for
+    ``D`` alone: its NLL is not needed.  Kept inputs beyond layer 0 stay within ``max_bytes``, the least recently used
+    dropped first (a dropped input is recomputed when asked for again: same bits, more time).
+
+    ``passes``: resumed passes run (one batch each); ``trials``: (candidate, distribution) trial evaluations run;
+    ``requested``: those asked for (run or found here).
     """
 
-    def __init__(self):
-        self.current: dict = {}
+    def __init__(self, max_bytes: int = 2 ** 31):
+        self.base: dict = {}
+        self.first_inputs: dict = {}
+        self.inputs: OrderedDict = OrderedDict()
+        self.max_bytes, self.kept_bytes = max_bytes, 0
         self.tried: dict = {}
         self.passes = self.trials = self.requested = 0
 
-    def batch_nll(self, model, batches, distribution: str, dropped, trials: Mapping) -> tuple[float, dict, int]:
-        """:func:`_batch_nll` of ``distribution``'s ``batches``, running only the trials not yet kept."""
+    def base_nll(self, model, batches, distribution: str) -> tuple[float, int]:
+        """Summed NLL of the unpruned model on ``distribution``'s ``batches`` (:func:`full_row_nll`, summed batch by
+        batch) and its predicted tokens; keeps each batch's first block input."""
+        if distribution not in self.base:
+            total, tokens = 0.0, 0
+            for index, (ids, mask) in enumerate(_on_device(model, batches)):
+                with block_inputs(model) as resid_pre:
+                    nll, n_predicted = full_row_nll(model, ids, mask)
+                self.first_inputs[(distribution, index)] = resid_pre[0]
+                total += float(nll.sum())
+                tokens += int(n_predicted.sum())
+            self.base[distribution] = (total, tokens)
+        return self.base[distribution]
+
+    def trial_nll(self, model, batches, distribution: str, dropped, trials: Mapping) -> dict:
+        """Summed NLL of ``distribution``'s ``batches`` with ``dropped`` and each trial ``label -> (kind, layer)``
+        removed (batch sums added in batch order), running only the trials not yet kept."""
+        self.base_nll(model, batches, distribution)
         key = (distribution, frozenset(dropped))
         missing = {label: spec for label, spec in trials.items() if (key, label) not in self.tried}
         self.requested += len(trials)
-        if missing or key not in self.current:
-            current, tried, tokens = _batch_nll(model, batches, dropped, missing)
-            self.current[key] = (current, tokens)
+        if missing:
+            tried = {label: 0.0 for label in missing}
+            layers = sorted({layer for _, layer in missing.values()})
+            for index, (ids, mask) in enumerate(_on_device(model, batches)):
+                inputs = {layer: self._input_at(model, (distribution, index), dropped, layer, mask) for layer in layers}
+                with modules_dropped(model, dropped):
+                    for label, spec in missing.items():
+                        tried[label] += float(dropped_row_nll(model, [spec], inputs, ids, mask).sum())
             self.tried.update({(key, label): value for label, value in tried.items()})
-            self.passes += 1
             self.trials += len(missing)
-        current, tokens = self.current[key]
-        return current, {label: self.tried[(key, label)] for label in trials}, tokens
+        return {label: self.tried[(key, label)] for label in trials}
+
+    def _kept(self, batch_key, dropped, layer: int) -> torch.Tensor | None:
+        """The kept block input at ``layer`` with the modules of ``dropped`` before it removed, or ``None``."""
+        if layer == 0:
+            return self.first_inputs[batch_key]
+        key = (*batch_key, frozenset(spec for spec in dropped if spec[1] < layer), layer)
+        if key in self.inputs:
+            self.inputs.move_to_end(key)
+        return self.inputs.get(key)
+
+    def _input_at(self, model, batch_key, dropped, layer: int, mask) -> torch.Tensor:
+        """The block input at ``layer`` with ``dropped`` removed: kept, or resumed from the nearest kept one below."""
+        found = self._kept(batch_key, dropped, layer)
+        if found is not None:
+            return found
+        start = next(m for m in range(layer - 1, -1, -1) if self._kept(batch_key, dropped, m) is not None)
+        before = [spec for spec in dropped if spec[1] < layer]
+        with modules_dropped(model, before):
+            found = resumed_block_inputs(model, self._kept(batch_key, dropped, start), start, {layer}, mask)[layer]
+        self.passes += 1
+        self.inputs[(*batch_key, frozenset(before), layer)] = found
+        self.kept_bytes += found.numel() * found.element_size()
+        while self.kept_bytes > self.max_bytes and self.inputs:
+            _, evicted = self.inputs.popitem(last=False)
+            self.kept_bytes -= evicted.numel() * evicted.element_size()
+        return found
 
 
 def greedy_set(path: pd.DataFrame, k: int) -> list[str]:
