@@ -122,11 +122,11 @@ def group_status(part: pd.DataFrame) -> str:
 
 
 def _against_best(part: pd.DataFrame, worst: Replicates, alpha: float, margin: float,
-                  spending: Mapping[int, float] | None = None) -> pd.DataFrame:
+                  spending: Mapping[int, float] | None = None, *, per_candidate: bool = True) -> pd.DataFrame:
     """One module kind and budget's sets (the best first) with their paired columns against the best, each pair on
     the windows both sets have and one-sided at ``level = alpha * share / K`` for ``K`` candidates (``share``:
-    :func:`spent_share` at those windows), ``status`` and ``resolved``."""
-    n_candidates = max(int((part["role"] == "candidate").sum()), 1)
+    :func:`spent_share` at those windows; ``K = 1`` unless ``per_candidate``), ``status`` and ``resolved``."""
+    n_candidates = max(int((part["role"] == "candidate").sum()), 1) if per_candidate else 1
     names = list(part["drop_set"])
     n_best = float(worst([names[0]])[1])
     levels, shared = [alpha * spent_share(spending, n_best) / n_candidates], [n_best]
@@ -215,7 +215,7 @@ def confirm_groups(choose: pd.DataFrame, confirm: pd.DataFrame, sets: pd.DataFra
         part = _ratios(part, table_replicates(choose, n_windows)).rename(columns={"ppl_ratio": "chosen_ratio"})
         part = part.drop(columns=["ci_low", "ci_high", "set_windows"]).sort_values("chosen_ratio", kind="stable")
         confirming = table_replicates(confirm, n_windows)
-        parts.append(_against_best(_ratios(part, confirming), confirming, alpha, margin))
+        parts.append(_against_best(_ratios(part, confirming), confirming, alpha, margin, per_candidate=False))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
