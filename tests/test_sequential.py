@@ -72,6 +72,24 @@ def test_a_decided_answer_ends_the_rounds_and_a_budget_ends_them_early():
     assert set(windows_per_set(windows).values()) == {LOOKS[0]}
 
 
+def test_a_budget_too_small_for_every_open_answer_goes_to_the_one_nearest_a_decision():
+    # two module kinds: in attn the runner-up is 10% worse (a few more windows decide it), in mlp 1% (hundreds would);
+    # after the first look the budget holds one more look for one kind only, and it goes to attn
+    truth = {"a": WORST_ON_MATH, "b": tuple(x + 0.1 for x in WORST_ON_MATH),
+             "c": WORST_ON_MATH, "d": tuple(x + 0.01 for x in WORST_ON_MATH)}
+    full = simulated_windows(truth, n=LOOKS[-1], seed=3, noise=0.1)
+    sets = pd.concat([sets_table(["a", "b"]), sets_table(["c", "d"]).assign(module="mlp")], ignore_index=True)
+    sets["members"] = [[str(i)] for i in range(4)]
+    evaluate, calls = simulated_rounds(full)
+    members = {name: tuple(row) for name, row in zip(sets["drop_set"], sets["members"])}
+    windows, looks_table = sequential_windows(evaluate, members, sets, looks=LOOKS, budget=4 * LOOKS[0] + 2 * 8,
+                                              n_boot=200, seed=3)
+    have = windows_per_set(windows)
+    assert have["a"] == have["b"] == LOOKS[1] and have["c"] == have["d"] == LOOKS[0]
+    assert looks_table["set_windows"].tolist() == [4 * LOOKS[0], 2 * 8]
+    assert looks_table["ended"].iloc[-1].startswith("budget")
+
+
 def test_a_resumed_evaluation_equals_an_uninterrupted_one():
     truth = {"a": WORST_ON_MATH, "b": tuple(x + 0.03 for x in WORST_ON_MATH), "c": tuple(x + 1 for x in WORST_ON_MATH)}
     store = {}

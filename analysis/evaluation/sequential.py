@@ -6,8 +6,9 @@ evaluated on the first ``n_1`` windows of every distribution.  At each look the 
 per module kind and budget, the best (the lowest worst-case ratio among the sets with the most windows) and the sets
 neither separated from it nor shown within the margin go on to the next look; every other set stops.  A stopped set
 that a new best leaves undecided is evaluated again from its last window.  The rounds end when every module kind and
-budget is decided, at the last look, or when the next round would spend more than ``budget`` set-windows per
-distribution in total (the first look always runs).
+budget is decided, at the last look, or when no open answer's next round fits in what is left of ``budget``
+set-windows per distribution (the first look always runs); when the next round does not fit whole, the module kinds
+and budgets nearest a decision (fewest windows needed) go first, each taken if it still fits.
 
 **Validity under peeking** (alpha spending over a fixed schedule, Bonferroni over the looks): a test over the
 first ``n_r`` windows runs at ``alpha · s_r / K`` for ``K`` candidates, the shares ``s_r`` fixed in advance and
@@ -30,7 +31,7 @@ from ..study.dropsets import UNPRUNED
 from .heldout import replicates_of, window_nll
 
 # The windows per distribution at which the rule looks: every set gets the first, the contested ones up to the last
-LOOKS = (8, 16, 32, 64, 128)
+LOOKS = (8, 32, 128)
 LOOK_COLUMNS = ["look", "windows", "sets", "set_windows", "spent", "open", "ended"]
 # what a round evaluates: (each wanted set → the look it goes to, each set's windows so far) → their window rows
 Evaluate = Callable[[dict, dict], pd.DataFrame]
@@ -49,6 +50,27 @@ def open_sets(groups: pd.DataFrame) -> set[str]:
     undecided = (~groups["resolved"]) & (groups["role"] == "candidate") & (
         (groups["rank"] == 1) | (~groups["separated"] & ~groups["equivalent"]))
     return {name for aliases in groups.loc[undecided, "aliases"] for name in aliases}
+
+
+def open_groups(groups: pd.DataFrame) -> list[set[str]]:
+    """:func:`open_sets` per module kind and budget, the one nearest a decision first: by the held-out windows per
+    distribution its hardest undecided set needs (``windows_needed``)."""
+    if not len(groups):
+        return []
+    need = {key: part["windows_needed"].max() for key, part in groups.groupby(["module", "k"], sort=False)}
+    by_group = {key: open_sets(part) for key, part in groups.groupby(["module", "k"], sort=False)}
+    return [by_group[key] for key in sorted(by_group, key=need.get) if by_group[key]]
+
+
+def within_budget(groups: list[set[str]], target: int, have: dict[str, int], members: dict, left: int) -> dict:
+    """The sets to take to ``target`` windows when not every open one fits in the ``left`` set-windows: whole module
+    kinds and budgets, nearest a decision first (:func:`open_groups`), each taken if it still fits."""
+    chosen: dict[str, int] = {}
+    for names in groups:
+        trial = {**chosen, **{name: target for name in names if name in members}}
+        if round_cost(trial, have, members) <= left:
+            chosen = trial
+    return chosen
 
 
 def windows_per_set(windows: pd.DataFrame) -> dict[str, int]:
@@ -116,12 +138,14 @@ def sequential_windows(evaluate: Evaluate, members: dict, sets: pd.DataFrame, *,
     for look, target in enumerate(looks[1:], start=2):
         have, groups = windows_per_set(windows), _groups(windows, sets, rule)
         rows[-1]["open"] = _open_count(groups)
-        wanted = {name: target for name in open_sets(groups) if name in members}
-        cost = round_cost(wanted, have, members)
-        if not wanted or spent + cost > budget:
-            ended = ("every module kind and budget decided" if not wanted else
-                     f"budget: the next look would spend {spent + cost:,} of {budget:,} set-windows")
+        every = {name: target for name in open_sets(groups) if name in members}
+        wanted = every if spent + round_cost(every, have, members) <= budget else within_budget(
+            open_groups(groups), target, have, members, budget - spent)
+        if not wanted:
+            ended = ("every module kind and budget decided" if not every else
+                     f"budget: {spent:,} of {budget:,} set-windows spent, and no open answer's next look fits")
             break
+        cost = round_cost(wanted, have, members)
         new = saved(look, lambda wanted=wanted, have=have: evaluate(wanted, have))
         windows = pd.concat([windows, new], ignore_index=True).drop_duplicates(
             ["drop_set", "distribution", "window"], keep="first", ignore_index=True)

@@ -5,7 +5,7 @@ Windows are simulated as ``tests/test_recommend.py`` does (three distributions, 
 true log ratio per token with math the worst case, per set and window Student-t noise with 3 degrees of freedom:
 heavy-tailed, as code's windows are), ``--noise`` per token (0.1: about the spread of smollm2-135m's worst-case
 window ratios in its default run).  The rule runs exactly as the run's held-out stage does
-(:func:`~analysis.evaluation.sequential.sequential_windows` with the default's looks 8, 16, 32, 64, 128, alpha 0.05,
+(:func:`~analysis.evaluation.sequential.sequential_windows` with the default's looks 8, 32, 128, alpha 0.05,
 margin 2%, ``--n-boot`` resamples), reading each round's windows from a simulated table of 128 windows.
 
 * ``null K``: K sets of the same true loss; any *recommended* answer is wrong (acceptance: at most 5%).

@@ -240,7 +240,9 @@ def section_windows(results: Results) -> list[str]:
     return ["### How the held-out windows were spent", "",
             f"Every set got {int(looks['windows'].iloc[0])} windows per calibration distribution; at each look the "
             "sets whose answer was still open got more (analysis/evaluation/sequential.py). The evaluation stopped "
-            f"at look {int(looks['look'].iloc[-1])}: {ended}.", "",
+            f"at look {int(looks['look'].iloc[-1])}: {ended}. An answer left open by the budget is decided by a "
+            f"larger `heldout_budget` (the looks go up to {results.settings.heldout_looks[-1]} windows, "
+            "`heldout_looks`); each set's own windows and why it stopped are below.", "",
             _table(looks.drop(columns=["ended"]).rename(columns={
                 "windows": "windows per distribution", "sets": "sets evaluated", "set_windows": "set-windows",
                 "spent": "set-windows so far", "open": "answers open"})), "", _table(per_set), ""]
