@@ -136,9 +136,9 @@ PRESETS: dict[str, RunSettings] = {
     # The held-out windows are spent sequentially (:mod:`analysis.evaluation.sequential`): every set gets 8 per
     # calibration distribution, the sets whose answer is still open 32, then 128, within 512 set-windows per
     # distribution (the fixed design of 32 windows spent about 1,050 on smollm2-135m's 33 distinct sets); routing and
-    # the check use the first 16.
+    # the check use the first look's 8, which every set has (a set short of them would be evaluated again).
     "default": RunSettings(samples=16, subset_samples=8, route_truth_own=False, unseen_samples=8, random_seeds=(0,),
-                           transfer_samples=16, heldout_budget=512),
+                           transfer_samples=8, heldout_budget=512),
     "quick": RunSettings(
         subsets=False, samples=16, seq_len=256, ablation_samples=4, ablation_seq_len=64, greedy_shortlist=4, n_boot=200,
         n_perm=200,

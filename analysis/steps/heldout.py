@@ -42,7 +42,7 @@ def stage_heldout(study: Study) -> dict[str, pd.DataFrame]:
     windows, looks = sequential.sequential_windows(
         sequential.model_rounds(study.model, samples, sets, batch_size=s.heldout_batch_size),
         {name: evaluation.removed_modules(spec) for name, spec in sets.items()},
-        recommend.distinct_sets(study.results["pruned"], s.primary_metric), looks=s.heldout_looks,
+        recommend.distinct_sets(study.results["pruned"]), looks=s.heldout_looks,
         budget=s.heldout_budget, margin=s.equivalence_margin, n_boot=s.n_boot, seed=s.seed,
         saved=lambda look, compute: study.part("heldout", f"look-{look}", compute))
     return {"heldout_windows": windows, "heldout_looks": looks}
@@ -157,7 +157,7 @@ def resolved_groups(study: Study) -> pd.DataFrame:
     s, r = study.settings, study.results
     spending = sequential.equal_spending(s.heldout_looks) if s.heldout_budget else None
     return recommend.set_groups(evaluation.replicates_of(r["heldout_windows"], n_boot=s.n_boot, seed=s.seed),
-                                recommend.distinct_sets(r["pruned"], s.primary_metric), margin=s.equivalence_margin,
+                                recommend.distinct_sets(r["pruned"]), margin=s.equivalence_margin,
                                 spending=spending)
 
 
