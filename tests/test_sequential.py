@@ -157,7 +157,7 @@ def test_pairing_on_shared_windows_equals_one_table_of_replicates_when_every_set
 
 
 def test_a_run_with_a_budget_spends_it_look_by_look_and_says_so(tiny_dir, tiny_run, tmp_path):
-    # the session's tiny run again with a budget: only the held-out stage and what reads it recompute
+    # the suite's shared tiny run again with a budget: only the held-out stage and what reads it recompute
     import shutil
 
     from analysis.io import read_table
