@@ -106,9 +106,11 @@ def stack_from(model: torch.nn.Module, start: int):
 
 
 @contextmanager
-def block_inputs(model: torch.nn.Module) -> Iterator[dict[int, torch.Tensor]]:
-    """A dict filled, during each forward pass, with every block's input (``resid_pre``) by layer index."""
+def block_inputs(model: torch.nn.Module, layers=None) -> Iterator[dict[int, torch.Tensor]]:
+    """A dict filled, during each forward pass, with the input (``resid_pre``) of each block of ``layers`` (default
+    every block) by layer index."""
     inputs: dict[int, torch.Tensor] = {}
+    blocks = decoder_layers(model)
 
     def keep(i):
         def hook(module, args, kwargs):
@@ -116,8 +118,8 @@ def block_inputs(model: torch.nn.Module) -> Iterator[dict[int, torch.Tensor]]:
 
         return hook
 
-    handles = [layer.register_forward_pre_hook(keep(i), with_kwargs=True) for i,
-               layer in enumerate(decoder_layers(model))]
+    handles = [blocks[i].register_forward_pre_hook(keep(i), with_kwargs=True)
+               for i in (range(len(blocks)) if layers is None else layers)]
     try:
         yield inputs
     finally:
@@ -134,27 +136,18 @@ def resumed_block_inputs(model: torch.nn.Module, start_input: torch.Tensor, star
     inputs = {layer: start_input for layer in layers if layer == start}
     if stop == start:
         return inputs
-    blocks = decoder_layers(model)
-
-    def keep(i):
-        def hook(module, args, kwargs):
-            inputs[i] = layer_input(args, kwargs)
-
-        return hook
 
     def keep_output(module, args, output):
         inputs[stop] = first_tensor(output)
 
-    handles = [blocks[i].register_forward_pre_hook(keep(i), with_kwargs=True) for i in layers if start < i < stop]
-    handles.append(blocks[stop - 1].register_forward_hook(keep_output))
+    handle = decoder_layers(model)[stop - 1].register_forward_hook(keep_output)
     try:
-        with layer_slice(model, start, stop):
+        with block_inputs(model, [i for i in layers if start < i < stop]) as kept, layer_slice(model, start, stop):
             model.base_model(inputs_embeds=start_input, attention_mask=attention_mask,
                              position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     finally:
-        for handle in handles:
-            handle.remove()
-    return inputs
+        handle.remove()
+    return {**inputs, **kept}
 
 
 def _on_device(model, batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -339,16 +332,22 @@ class TrialCache:
         missing = {label: spec for label, spec in trials.items() if (key, label) not in self.tried}
         self.requested += len(trials)
         if missing:
-            tried = {label: 0.0 for label in missing}
-            layers = sorted({layer for _, layer in missing.values()})
-            for index, (ids, mask) in enumerate(_on_device(model, batches)):
-                inputs = {layer: self._input_at(model, (distribution, index), dropped, layer, mask) for layer in layers}
-                with modules_dropped(model, dropped):
-                    for label, spec in missing.items():
-                        tried[label] += float(dropped_row_nll(model, [spec], inputs, ids, mask).sum())
+            tried = self.missing_trials(model, batches, distribution, dropped, missing)
             self.tried.update({(key, label): value for label, value in tried.items()})
             self.trials += len(missing)
         return {label: self.tried[(key, label)] for label in trials}
+
+    def missing_trials(self, model, batches, distribution: str, dropped, missing: Mapping) -> dict:
+        """The summed NLL of each of ``missing`` (label → ``(kind, layer)``) on top of ``dropped``, each trial re-run
+        from its layer from the kept block input there (:meth:`_input_at`)."""
+        tried = {label: 0.0 for label in missing}
+        layers = sorted({layer for _, layer in missing.values()})
+        for index, (ids, mask) in enumerate(_on_device(model, batches)):
+            inputs = {layer: self._input_at(model, (distribution, index), dropped, layer, mask) for layer in layers}
+            with modules_dropped(model, dropped):
+                for label, spec in missing.items():
+                    tried[label] += float(dropped_row_nll(model, [spec], inputs, ids, mask).sum())
+        return tried
 
     def _kept(self, batch_key, dropped, layer: int) -> torch.Tensor | None:
         """The kept block input at ``layer`` with the modules of ``dropped`` before it removed, or ``None``."""

@@ -22,6 +22,7 @@ On smollm2-135m's real weights (float32, CPU) and the default preset's ablation 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -31,7 +32,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
 
 from analysis.data.samples import token_batches
 from analysis.importance import ablation
@@ -39,9 +41,13 @@ from analysis.importance.scoring import calibration_windows
 from analysis.io import atomic_write_bytes, package_versions
 from analysis.models.adapters import decoder_layers
 from analysis.models.loading import load_model
-from analysis.models.pruning import modules_dropped
 from analysis.presets import PRESETS
 
+# the test's independent computation of the trials as the cache ran them before (a full pass per batch)
+spec = importlib.util.spec_from_file_location("test_trial_cache", ROOT / "tests" / "test_trial_cache.py")
+sys.path.insert(0, str(ROOT / "tests"))
+trial_cache_tests = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(trial_cache_tests)
 DISTRIBUTIONS = ("code", "math", "multilingual", "chat", "general")
 
 
@@ -49,24 +55,9 @@ class FullPassTrials(ablation.TrialCache):
     """The trials as the cache ran them before: per (distribution, dropped set) and batch, one full forward pass with
     the set removed (LM head included) for its block inputs, then each trial re-run from its layer."""
 
-    def trial_nll(self, model, batches, distribution, dropped, trials):
-        self.base_nll(model, batches, distribution)
-        key = (distribution, frozenset(dropped))
-        missing = {label: spec for label, spec in trials.items() if (key, label) not in self.tried}
-        self.requested += len(trials)
-        if missing:
-            tried = {label: 0.0 for label in missing}
-            with modules_dropped(model, dropped):
-                for batch in batches:
-                    ids, mask = batch["input_ids"], batch["attention_mask"]
-                    with ablation.block_inputs(model) as resid_pre:
-                        ablation.full_row_nll(model, ids, mask)
-                    for label, spec in missing.items():
-                        tried[label] += float(ablation.dropped_row_nll(model, [spec], resid_pre, ids, mask).sum())
-            self.tried.update({(key, label): value for label, value in tried.items()})
-            self.passes += 1
-            self.trials += len(missing)
-        return {label: self.tried[(key, label)] for label in trials}
+    def missing_trials(self, model, batches, distribution, dropped, missing):
+        self.passes += 1
+        return trial_cache_tests.full_pass_trials(model, batches, dropped, missing)
 
 
 def exhaustive_path(model, batches, objective: str, prior: dict, cache: FullPassTrials, k: int = 8,
@@ -130,7 +121,8 @@ def ablation_cost(model, batches) -> tuple[dict, dict]:
             with Counted(model) as counted:
                 if index == 0:
                     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                        runs = [ablation.single_drop_increase(model, b["input_ids"], b["attention_mask"]) for b in parts]
+                        runs = [ablation.single_drop_increase(model, b["input_ids"], b["attention_mask"])
+                                for b in parts]
                     events = prof.key_averages()
                     total = sum(e.self_cpu_time_total for e in events)
                     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]
