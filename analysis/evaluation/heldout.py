@@ -230,12 +230,19 @@ def _log_ratio_replicates(windows: pd.DataFrame, n_boot: int, seed: int) -> tupl
     for name, part in windows.groupby("distribution", sort=False):
         nll = part.pivot(index="window", columns="drop_set", values="nll_sum")[sets]
         tokens = part.groupby("window")["n_tokens"].first().loc[nll.index].to_numpy(dtype=float)
-        n = len(tokens)
-        weights = np.vstack([np.ones(n), rng.multinomial(n, np.full(n, 1 / n), size=n_boot)])
-        delta = nll.to_numpy() - nll[UNPRUNED].to_numpy()[:, None]
-        replicates[name] = (weights @ delta) / (weights @ tokens)[:, None]
-        n_windows[name] = n
+        replicates[name] = _resampled_ratios(nll, tokens, rng, n_boot)
+        n_windows[name] = len(tokens)
     return replicates, sets, n_windows
+
+
+def _resampled_ratios(nll: pd.DataFrame, tokens: np.ndarray, rng, n_boot: int) -> np.ndarray:
+    """``(n_boot + 1, sets)`` log perplexity ratios to the unpruned model of one distribution's windows (``nll``: one
+    row per window, one column per set, ``none`` among them): ``(w @ (nll_set - nll_none)) / (w @ tokens)`` for the
+    weights ``w`` of row 0 (every window once) and of ``n_boot`` multinomial resamples of the windows."""
+    n = len(tokens)
+    weights = np.vstack([np.ones(n), rng.multinomial(n, np.full(n, 1 / n), size=n_boot)])
+    delta = nll.to_numpy() - nll[UNPRUNED].to_numpy()[:, None]
+    return (weights @ delta) / (weights @ tokens)[:, None]
 
 
 def shared_windows(windows: pd.DataFrame, names) -> pd.DataFrame:
@@ -268,11 +275,8 @@ def replicates_of(windows: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0):
             rng, per, counts = np.random.default_rng(seed), [], []
             for nll, tokens in tables.values():
                 chosen = nll[[*key, UNPRUNED]].dropna()
-                n = len(chosen)
-                weights = np.vstack([np.ones(n), rng.multinomial(n, np.full(n, 1 / n), size=n_boot)])
-                delta = chosen.to_numpy() - chosen[UNPRUNED].to_numpy()[:, None]
-                per.append((weights @ delta) / (weights @ tokens.loc[chosen.index].to_numpy(dtype=float))[:, None])
-                counts.append(n)
+                per.append(_resampled_ratios(chosen, tokens.loc[chosen.index].to_numpy(dtype=float), rng, n_boot))
+                counts.append(len(chosen))
             cache[key] = (pd.DataFrame(np.max(np.stack(per), axis=0), columns=[*key, UNPRUNED]), min(counts))
         return cache[key]
 

@@ -47,9 +47,8 @@ def open_sets(groups: pd.DataFrame) -> set[str]:
     the best and every candidate neither separated from it nor shown within the margin."""
     if not len(groups):
         return set()
-    undecided = (~groups["resolved"]) & (groups["role"] == "candidate") & (
-        (groups["rank"] == 1) | (~groups["separated"] & ~groups["equivalent"]))
-    return {name for aliases in groups.loc[undecided, "aliases"] for name in aliases}
+    going_on = ~groups["resolved"] & ((groups["rank"] == 1) | recommend.undecided(groups))
+    return {name for aliases in groups.loc[going_on, "aliases"] for name in aliases}
 
 
 def open_groups(groups: pd.DataFrame) -> list[set[str]]:

@@ -224,16 +224,22 @@ def group_of(part: pd.DataFrame) -> pd.DataFrame:
     return part[(part["role"] == "candidate") & part["in_group"]]
 
 
+def undecided(groups: pd.DataFrame) -> pd.Series:
+    """Which rows of :func:`set_groups` are candidates neither separated from their best nor shown within the margin
+    (the best itself is not)."""
+    return (groups["role"] == "candidate") & ~groups["separated"] & ~groups["equivalent"] & (groups["rank"] > 1)
+
+
 def needs(part: pd.DataFrame) -> tuple[float, str]:
     """What would resolve an open recommendation: the held-out windows per distribution its hardest undecided set
     needs, and the text."""
-    undecided = group_of(part)[lambda g: ~g["equivalent"] & (g["rank"] > 1)]
-    windows = float(undecided["windows_needed"].max()) if len(undecided) else 0.0
+    undecided_sets = part[undecided(part)]
+    windows = float(undecided_sets["windows_needed"].max()) if len(undecided_sets) else 0.0
     now = float(part["n_windows"].min())
     if not np.isfinite(windows):
         return windows, f"no number of held-out windows per distribution is predicted to (now {now:,.0f})"
     return windows, (f"about {windows:,.0f} held-out windows per distribution (now {now:,.0f}) would separate "
-                     f"{', '.join(undecided['drop_set'])} from the best or show them within "
+                     f"{', '.join(undecided_sets['drop_set'])} from the best or show them within "
                      f"{part['margin'].iloc[0]:.0%}")
 
 
