@@ -56,7 +56,7 @@ def open_groups(groups: pd.DataFrame) -> list[set[str]]:
     distribution its hardest undecided set needs (``windows_needed``)."""
     if not len(groups):
         return []
-    need = {key: part["windows_needed"].max() for key, part in groups.groupby(["module", "k"], sort=False)}
+    need = {key: recommend.needs(part)[0] for key, part in groups.groupby(["module", "k"], sort=False)}
     by_group = {key: open_sets(part) for key, part in groups.groupby(["module", "k"], sort=False)}
     return [by_group[key] for key in sorted(by_group, key=need.get) if by_group[key]]
 
