@@ -272,7 +272,7 @@ def test_a_set_removing_the_same_modules_as_an_earlier_one_takes_its_items(monke
             "cosine/mlp-1:borda": make_drop_set("mlp", [1], "borda", "cosine")}
     calls = []
 
-    def items(model, tokenizer, name, drop_set, tasks, limit=None):
+    def items(model, tokenizer, name, drop_set, tasks, limit=None, kept=None):
         calls.append(name)
         return pd.DataFrame({"task": ["t"] * 2, "item": [0, 1], "correct": [len(calls) % 2, 1], "drop_set": name})
 
@@ -288,3 +288,40 @@ def test_a_set_removing_the_same_modules_as_an_earlier_one_takes_its_items(monke
                    for name in ("cosine/joint-2:borda", "cosine/attn-2:borda"))
     pd.testing.assert_frame_equal(joint, attn)
     assert list(dict.fromkeys(result["drop_set"])) == ["none", *sets]
+
+    # after a sequential held-out evaluation only the sets still in the race (and the unpruned model) are evaluated
+    calls.clear()
+    monkeypatch.setattr(stage, "in_the_race", lambda study: {"cosine/mlp-1:borda": sets["cosine/mlp-1:borda"]})
+    result = stage.stage_accuracy(study)["accuracy_items"]
+    assert calls == ["none", "cosine/mlp-1:borda"] and set(result["drop_set"]) == {"none", "cosine/mlp-1:borda"}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_kept_inputs_give_each_pruned_copys_logits_bit_for_bit(family):
+    """A drop set resumed from the unpruned model's kept block input at its first removed layer computes the logits
+    of a deep copy with the set removed, on batches the unpruned model ran, and on a batch it did not."""
+    import copy
+
+    import torch
+
+    from analysis.evaluation.accuracy import KeptInputs
+    from analysis.evaluation.heldout import removed_modules
+    from analysis.models.pruning import drop_modules
+    from analysis.study.dropsets import make_drop_set
+    from tiny import tiny_model
+
+    model = tiny_model(family)
+    sets = [make_drop_set("attn", [1], "borda"), make_drop_set("mlp", [0, 2], "borda"),
+            make_drop_set("block", [2], "borda"), make_drop_set("joint", ["attn:2", "mlp:1"], "borda")]
+    kept = KeptInputs(min(layer for _, layer in removed_modules(chosen)) for chosen in sets)
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(2, 200, (3, length), generator=generator) for length in (17, 9)]
+    unseen = torch.randint(2, 200, (2, 11), generator=generator)
+    with torch.no_grad():
+        for ids in batches:
+            assert torch.equal(kept.logits(model, ids), model(ids, use_cache=False).logits)
+        assert kept.kept_bytes > 0 and {layer for _, layer in kept.inputs} == {0, 1, 2}
+        for chosen in sets:
+            pruned = drop_modules(copy.deepcopy(model), **chosen.drop_kwargs())
+            for ids in [*batches, unseen]:
+                assert torch.equal(kept.logits(model, ids, removed_modules(chosen)), pruned(ids, use_cache=False).logits)

@@ -21,11 +21,14 @@ import math
 
 import numpy as np
 import pandas as pd
+import torch
 from scipy import stats
 
 from ..errors import InputError
+from ..importance.ablation import block_inputs, stack_from
+from ..models.pruning import modules_dropped
 from ..study.dropsets import UNPRUNED
-from .heldout import CHANCE, lm_eval_results, pruned_copy
+from .heldout import CHANCE, lm_eval_results, removed_modules
 
 ITEM_COLUMNS = {"acc": "correct", "acc_norm": "correct_norm"}
 
@@ -183,14 +186,57 @@ def _sufficiency(tasks: pd.DataFrame, task_limit: int | None, delta: float, powe
     return tasks.assign(delta=delta, power=power)
 
 
-def item_correctness(model, tokenizer, tasks, *, limit: int | None = None, batch_size: int = 8) -> pd.DataFrame:
+class KeptInputs:
+    """Block inputs of the unpruned model's lm-eval batches at ``layers``, by the batch's tokens, so that a drop set
+    whose first removed layer is ``L`` runs only blocks ``L ..`` and the LM head on each batch the unpruned model ran.
+
+    lm-eval orders and pads the requests of given tasks and limit the same way for every model, so a pruned model's
+    batch is one the unpruned model ran, and blocks ``0 .. L - 1`` compute there what they compute here: the logits
+    equal those of the whole pass with the set removed (same bits, as in
+    :func:`analysis.evaluation.heldout.window_nll`).  Inputs stay within ``max_bytes``; a batch without one runs whole.
+    """
+
+    def __init__(self, layers, max_bytes: int = 2 ** 30):
+        self.layers = sorted(set(layers))
+        self.inputs: dict = {}
+        self.max_bytes, self.kept_bytes = max_bytes, 0
+
+    def logits(self, model, input_ids: torch.Tensor, dropped=()) -> torch.Tensor:
+        """Logits of ``model`` with ``dropped`` (``(kind, layer)`` pairs) removed on ``input_ids`` (no KV cache):
+        kept for the unpruned model, resumed at the first removed layer for a drop set."""
+        key = (tuple(input_ids.shape), input_ids.cpu().numpy().tobytes())
+        if not dropped:
+            with block_inputs(model, self.layers) as resid_pre:
+                logits = model(input_ids, use_cache=False).logits
+            for layer in self.layers:
+                if (key, layer) in self.inputs:
+                    continue
+                size = resid_pre[layer].numel() * resid_pre[layer].element_size()
+                if self.kept_bytes + size <= self.max_bytes:
+                    self.inputs[(key, layer)] = resid_pre[layer]
+                    self.kept_bytes += size
+            return logits
+        start = min(layer for _, layer in dropped)
+        kept = self.inputs.get((key, start))
+        with modules_dropped(model, dropped):
+            if kept is None:
+                return model(input_ids, use_cache=False).logits
+            with stack_from(model, start):
+                return model(inputs_embeds=kept, use_cache=False).logits
+
+
+def item_correctness(model, tokenizer, tasks, *, limit: int | None = None, batch_size: int = 8,
+                     dropped=(), kept: KeptInputs | None = None) -> pd.DataFrame:
     """Per item of each task, whether the model answers it correctly, zero-shot through lm-eval on the tasks' local
     copies (as :func:`analysis.evaluation.heldout.zero_shot_accuracy`).  Columns ``task, subtask, item, correct``
     (lm-eval's
     ``acc``: the answer of highest log-likelihood is right), ``correct_norm`` (``acc_norm``: of highest
     length-normalised log-likelihood; NaN where the task has none) and ``subtask_items`` (the items the subtask has,
-    of which ``limit`` were evaluated)."""
-    results = lm_eval_results(model, tokenizer, tasks, limit=limit, batch_size=batch_size, log_samples=True)
+    of which ``limit`` were evaluated).  ``dropped`` (``(kind, layer)`` pairs) are removed for the evaluation, through
+    ``kept`` (:class:`KeptInputs`) when given."""
+    kept = kept or KeptInputs([])
+    results = lm_eval_results(model, tokenizer, tasks, limit=limit, batch_size=batch_size, log_samples=True,
+                              logits_of=lambda model, ids: kept.logits(model, ids, dropped))
     rows = []
     for key, samples in results["samples"].items():
         subtask = key.removeprefix("calibdrop_")
@@ -203,7 +249,9 @@ def item_correctness(model, tokenizer, tasks, *, limit: int | None = None, batch
     return pd.DataFrame(rows)
 
 
-def items_of_set(model, tokenizer, name: str, drop_set, tasks, *, limit: int | None = None) -> pd.DataFrame:
+def items_of_set(model, tokenizer, name: str, drop_set, tasks, *, limit: int | None = None,
+                 kept: KeptInputs | None = None) -> pd.DataFrame:
     """:func:`item_correctness` of ``model`` with ``drop_set`` removed (``None``: the model itself), with a
-    ``drop_set`` column ``name``."""
-    return item_correctness(pruned_copy(model, drop_set), tokenizer, tasks, limit=limit).assign(drop_set=name)
+    ``drop_set`` column ``name``; ``kept`` (:class:`KeptInputs`) shares the unpruned model's block inputs."""
+    return item_correctness(model, tokenizer, tasks, limit=limit, dropped=removed_modules(drop_set),
+                            kept=kept).assign(drop_set=name)

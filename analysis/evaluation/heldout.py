@@ -109,11 +109,12 @@ def task_configs(names) -> list[dict]:
 
 
 def lm_eval_results(model, tokenizer, tasks, *, limit: int | None = None, batch_size: int = 8,
-                    log_samples: bool = False) -> dict:
+                    log_samples: bool = False, logits_of=None) -> dict:
     """lm-eval's results dict for ``tasks`` run zero-shot on their local copies (:func:`task_configs`), with per-item
     records under ``samples`` when ``log_samples``; its ``git_hash`` is :func:`analysis.io.source_revision`.  The
     configs are complete, so lm-eval's task manager indexes none of its own task files (its default indexes them all,
-    about 10 s a call on a CPU)."""
+    about 10 s a call on a CPU).  ``logits_of(model, input_ids)``, when given, computes the logits of each of lm-eval's
+    batches in place of ``model(input_ids).logits``."""
     from lm_eval import evaluator, simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -123,6 +124,16 @@ def lm_eval_results(model, tokenizer, tasks, *, limit: int | None = None, batch_
     # repository" outside a checkout); calibdrop's own quiet record of its revision takes its place
     evaluator.get_git_commit_hash = source_revision
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(input_device(model)))
+    if logits_of is not None:
+        causal_call = lm._model_call
+
+        def model_call(inps, attn_mask=None, labels=None):
+            if attn_mask is not None or labels is not None:
+                return causal_call(inps, attn_mask, labels)
+            with torch.no_grad():
+                return logits_of(model, inps)
+
+        lm._model_call = model_call
     return simple_evaluate(model=lm, tasks=task_configs(tasks), num_fewshot=0, limit=limit, log_samples=log_samples,
                            verbosity="ERROR", task_manager=TaskManager(include_defaults=False))
 

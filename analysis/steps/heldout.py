@@ -105,21 +105,25 @@ def stage_comparisons(study: Study) -> pd.DataFrame:
 
 
 def stage_accuracy(study: Study) -> dict[str, pd.DataFrame]:
-    """Item-level zero-shot correctness of the unpruned model and of each of ``settings.accuracy_labels`` that was
-    evaluated (one saved part per set; a set that removes the same modules as an earlier one, such as a joint set of
-    attention layers only, takes that set's items), and the per-set accuracy table computed from it."""
+    """Item-level zero-shot correctness of the unpruned model and of each of ``settings.accuracy_labels`` still in the
+    race (:func:`in_the_race`; one saved part per set; a set that removes the same modules as an earlier one, such as
+    a joint set of attention layers only, takes that set's items), and the per-set accuracy table computed from it.
+    The sets resume from the unpruned model's block inputs (:class:`analysis.evaluation.accuracy.KeptInputs`)."""
     s = study.settings
-    sets = sets_from_table(study.results["pruned"])
+    race = {UNPRUNED: None, **in_the_race(study)}
+    chosen = {name: race[name] for name in dict.fromkeys([UNPRUNED, *s.accuracy_labels]) if name in race}
+    kept = accuracy.KeptInputs(min(layer for _, layer in members) for members in
+                               map(evaluation.removed_modules, chosen.values()) if members)
     by_members, parts = {}, []
     for name in tqdm(s.accuracy_labels, desc="zero-shot accuracy", unit="set", disable=not study.progress):
-        if name not in sets:
+        if name not in chosen:
             continue
-        members = evaluation.removed_modules(sets[name])
+        members = evaluation.removed_modules(chosen[name])
         if members not in by_members:
             by_members[members] = study.part("accuracy_items", name.replace(":", "_").replace("/", "_"),
                                              lambda name=name: accuracy.items_of_set(
-                                                 study.model, study.tokenizer, name, sets[name], s.tasks,
-                                                 limit=s.task_limit))
+                                                 study.model, study.tokenizer, name, chosen[name], s.tasks,
+                                                 limit=s.task_limit, kept=kept))
         parts.append(by_members[members].assign(drop_set=name))
     if not parts:
         return {"accuracy_items": pd.DataFrame(), "accuracy": pd.DataFrame()}
