@@ -29,7 +29,8 @@ from ..data.fetching import fetch_source
 from ..data.manifests import load_manifest
 from ..data.samples import calibration_samples, token_batches
 from ..errors import InputError
-from ..importance.ablation import block_inputs, dropped_row_nll, full_row_nll
+from ..importance.ablation import full_row_nll
+from ..importance.shared_prefix import shared_prefix_row_nll
 from ..importance.scoring import input_device
 from ..io import source_revision
 from ..models.pruning import drop_modules
@@ -208,23 +209,18 @@ def heldout_samples(tokenizer, distributions, *, n_samples: int, seq_len: int, s
 def window_nll(model, samples: dict, drop_sets: dict, *, batch_size: int = 4, progress: bool = False) -> pd.DataFrame:
     """Summed next-token NLL of every held-out window under every drop set (``None``: the unpruned model).
 
-    Each batch runs the unpruned model once, keeping every block's input; each drop set then
-    re-runs only the blocks from its first dropped layer on (:mod:`analysis.importance.ablation`), so the
-    result equals evaluating ``drop_modules(copy)`` at about half the cost.  Identical drop sets
-    are evaluated once.  Columns: ``drop_set, distribution, window, nll_sum, n_tokens``.
+    Each batch runs the unpruned model once; each drop set then re-runs only the blocks from where it differs from a
+    set run before it (:func:`analysis.importance.shared_prefix.shared_prefix_row_nll`), so the result equals
+    evaluating ``drop_modules(copy)``, bit for bit, at a fraction of the cost.  Identical drop sets are evaluated once.
+    Columns: ``drop_set, distribution, window, nll_sum, n_tokens``.
     """
     device = input_device(model)
     dropped = {name: removed_modules(spec) for name, spec in drop_sets.items()}
-    unique = list(dict.fromkeys(dropped.values()))
     rows = []
     for name, windows in tqdm(samples.items(), desc="held-out windows", unit="dist", disable=not progress):
         for batch in token_batches(windows, batch_size):
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            with block_inputs(model) as resid_pre:
-                base, n_predicted = full_row_nll(model, ids, mask)
-            nll = {
-                spec: (
-                    base if not spec else dropped_row_nll(model, list(spec), resid_pre, ids, mask)) for spec in unique}
+            nll, n_predicted = shared_prefix_row_nll(model, set(dropped.values()), ids, mask)
             for set_name, spec in dropped.items():
                 rows += [{"drop_set": set_name, "distribution": name, "window": int(w), "nll_sum": float(v),
                           "n_tokens": int(n)}
