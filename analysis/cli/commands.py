@@ -369,7 +369,8 @@ def write_accuracy(model, tokenizer, sets: dict, tasks, limit, out: Path, record
     from ..io import write_table
     from ..study.dropsets import UNPRUNED
 
-    items = pd.concat([accuracy.items_of_set(model, tokenizer, name, chosen, tasks, limit=limit)
+    kept = accuracy.KeptInputs.for_sets(sets.values())
+    items = pd.concat([accuracy.items_of_set(model, tokenizer, name, chosen, tasks, limit=limit, kept=kept)
                        for name, chosen in tqdm(sets.items(), desc="accuracy", unit="set", disable=not progress)],
                        ignore_index=True)
     table = accuracy.accuracy_table(items)

@@ -201,6 +201,12 @@ class KeptInputs:
         self.inputs: dict = {}
         self.max_bytes, self.kept_bytes = max_bytes, 0
 
+    @classmethod
+    def for_sets(cls, drop_sets, max_bytes: int = 2 ** 30) -> KeptInputs:
+        """Kept inputs at the first removed layer of each of ``drop_sets`` (``None``: the unpruned model)."""
+        return cls((min(layer for _, layer in members) for members in map(removed_modules, drop_sets) if members),
+                   max_bytes)
+
     def logits(self, model, input_ids: torch.Tensor, dropped=()) -> torch.Tensor:
         """Logits of ``model`` with ``dropped`` (``(kind, layer)`` pairs) removed on ``input_ids`` (no KV cache):
         kept for the unpruned model, resumed at the first removed layer for a drop set."""

@@ -112,8 +112,7 @@ def stage_accuracy(study: Study) -> dict[str, pd.DataFrame]:
     s = study.settings
     race = {UNPRUNED: None, **in_the_race(study)}
     chosen = {name: race[name] for name in dict.fromkeys([UNPRUNED, *s.accuracy_labels]) if name in race}
-    kept = accuracy.KeptInputs(min(layer for _, layer in members) for members in
-                               map(evaluation.removed_modules, chosen.values()) if members)
+    kept = accuracy.KeptInputs.for_sets(chosen.values())
     by_members, parts = {}, []
     for name in tqdm(s.accuracy_labels, desc="zero-shot accuracy", unit="set", disable=not study.progress):
         if name not in chosen:
