@@ -111,7 +111,7 @@ def stage_accuracy(study: Study) -> dict[str, pd.DataFrame]:
     The sets resume from the unpruned model's block inputs (:class:`analysis.evaluation.accuracy.KeptInputs`)."""
     s = study.settings
     race = {UNPRUNED: None, **in_the_race(study)}
-    chosen = {name: race[name] for name in dict.fromkeys([UNPRUNED, *s.accuracy_labels]) if name in race}
+    chosen = {name: race[name] for name in s.accuracy_labels if name in race}
     kept = accuracy.KeptInputs.for_sets(chosen.values())
     by_members, parts = {}, []
     for name in tqdm(s.accuracy_labels, desc="zero-shot accuracy", unit="set", disable=not study.progress):
