@@ -16,6 +16,7 @@ PROXY_METRICS = ("cosine", "angular", "relative_update")
 PRIMARY_METRIC = "cosine"
 GROUND_TRUTH = "ablation"
 PRIMARY = "{primary}"  # in a drop-set label of ``accuracy_sets``: the run's ``primary_metric``
+ANSWERS = "{answers}"  # in ``accuracy_sets``: every module kind and budget's resolved answer on held-out text
 RESULTS_DIR = "results"
 MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision's names
 PAPER_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "mmlu", "openbookqa", "piqa", "rte", "winogrande")
@@ -36,7 +37,8 @@ class RunSettings:
     ``batch_size`` and ``heldout_batch_size`` are windows per forward pass of the scoring, ablation and greedy stages
     and of the held-out evaluation (small on a CPU, large on a GPU).
     ``accuracy_sets`` names the drop sets evaluated for zero-shot accuracy; ``{primary}`` in a name stands for
-    ``primary_metric`` (:attr:`accuracy_labels` resolves it).
+    ``primary_metric`` (:attr:`accuracy_labels` resolves it) and ``{answers}`` for each module kind and budget's
+    resolved answer (the recommended set, or the suggested member of an equivalent group), whatever built it.
     ``lodo`` adds leave-one-distribution-out on real held-out loss (stages ``lodo_sets``, ``lodo_windows``, ``lodo``),
     judging nearness from the first ``lodo_probes`` held-out windows of the distribution left out.
     ``unseen_samples`` is held-out windows per test-only distribution (``None``: ``transfer_samples``).
@@ -81,8 +83,7 @@ class RunSettings:
     random_seeds: tuple[int, ...] = (0, 1)
     tasks: tuple[str, ...] = ("arc_easy", "piqa")
     task_limit: int | None = 100
-    accuracy_sets: tuple[str, ...] = ("none", f"{PRIMARY}/attn-8:borda", "ablation/attn-8:greedy:robust",
-                                      f"{PRIMARY}/mlp-4:borda", f"{PRIMARY}/block-4:borda", f"{PRIMARY}/joint-8:borda")
+    accuracy_sets: tuple[str, ...] = ("none", ANSWERS)
     check_module: str | None = "attn"
     route_module: str | None = "attn"
     route_truth_own: bool = True

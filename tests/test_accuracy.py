@@ -200,7 +200,7 @@ def test_report_section_shows_pairs_exclusions_and_items_needed():
                        sizes={"arc_easy": 570, "boolq": 3270})
     paired, tasks = accuracy_analysis(items, [("pruned vs unpruned", "pruned", "none")], task_limit=100, n_boot=200)
     tables = {"accuracy": accuracy_table(items), "accuracy_paired": paired, "accuracy_tasks": tasks}
-    text = "\n".join(section_accuracy(Results({}, SimpleNamespace(task_limit=100), pd.DataFrame(), tables, [])))
+    text = "\n".join(section_accuracy(Results({}, SimpleNamespace(task_limit=100, accuracy_labels=("none", "{answers}")), pd.DataFrame(), tables, [])))
     assert "### Paired on the same items" in text
     assert re.search(r"\| pruned vs unpruned +\| arc_easy +\| acc_norm +\| +100 \| -8.0 \[-1\d.\d, -\d.\d\] +\| 2 / 10 ", text)
     assert "**Excluded**: boolq (acc): the unpruned model scores 0.520 on 100 items" in text
@@ -291,9 +291,23 @@ def test_a_set_removing_the_same_modules_as_an_earlier_one_takes_its_items(monke
 
     # after a sequential held-out evaluation only the sets still in the race (and the unpruned model) are evaluated
     calls.clear()
-    monkeypatch.setattr(stage, "in_the_race", lambda study: {"cosine/mlp-1:borda": sets["cosine/mlp-1:borda"]})
+    monkeypatch.setattr(stage, "in_the_race",
+                        lambda study, groups=None: {"cosine/mlp-1:borda": sets["cosine/mlp-1:borda"]})
     result = stage.stage_accuracy(study)["accuracy_items"]
     assert calls == ["none", "cosine/mlp-1:borda"] and set(result["drop_set"]) == {"none", "cosine/mlp-1:borda"}
+
+    # {answers}: each module kind and budget's resolved answer (rank 1 of a resolved group), whatever built it
+    calls.clear()
+    groups = pd.DataFrame({"module": ["attn", "attn", "mlp", "joint"], "k": [2, 2, 1, 2], "rank": [1, 2, 1, 1],
+                           "resolved": [True, True, False, True],
+                           "drop_set": ["cosine/attn-2:borda", "cosine/mlp-1:borda", "cosine/mlp-1:borda",
+                                        "cosine/joint-2:borda"]})
+    monkeypatch.setattr(stage, "in_the_race", lambda study, groups=None: sets)
+    monkeypatch.setattr(stage, "resolved_groups", lambda study: groups)
+    study.settings = RunSettings(tasks=("t",), accuracy_sets=("none", "{answers}"))
+    result = stage.stage_accuracy(study)["accuracy_items"]
+    assert calls == ["none", "cosine/attn-2:borda"]
+    assert list(dict.fromkeys(result["drop_set"])) == ["none", "cosine/attn-2:borda", "cosine/joint-2:borda"]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])

@@ -107,11 +107,11 @@ def test_accuracy_sets_follow_the_primary_metric_and_cosine_keeps_its_stage_key(
         study = SimpleNamespace(settings=settings, base=[], manifests={}, unseen_manifests={}, keys={})
         return Study.key(study, stage)
 
-    default = PRESETS["default"]
-    spelled = replace(default, accuracy_sets=("none", "cosine/attn-8:borda", "ablation/attn-8:greedy:robust",
-                                              "cosine/mlp-4:borda", "cosine/block-4:borda", "cosine/joint-8:borda"))
+    default = replace(PRESETS["default"], accuracy_sets=("none", "{primary}/attn-8:borda", "{answers}",
+                                                         "ablation/attn-8:greedy:robust"))
+    spelled = replace(default, accuracy_sets=("none", "cosine/attn-8:borda", "{answers}",
+                                              "ablation/attn-8:greedy:robust"))
     assert default.accuracy_labels == spelled.accuracy_sets and key(default) == key(spelled)
     other = replace(default, primary_metric=METRIC)
-    assert other.accuracy_labels == ("none", f"{METRIC}/attn-8:borda", "ablation/attn-8:greedy:robust",
-                                     f"{METRIC}/mlp-4:borda", f"{METRIC}/block-4:borda", f"{METRIC}/joint-8:borda")
+    assert other.accuracy_labels == ("none", f"{METRIC}/attn-8:borda", "{answers}", "ablation/attn-8:greedy:robust")
     assert key(other) != key(default)

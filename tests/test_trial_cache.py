@@ -198,3 +198,34 @@ def test_greedy_paths_equal_the_exhaustive_search_bit_for_bit(family, module, sh
         pd.testing.assert_frame_equal(got, want, check_exact=True)
         tries = sum(min(shortlist or len(candidates), len(candidates) - j) for j in range(3))
         assert cache.requested - before == tries if objective == "a" else cache.requested - before < 3 * tries
+
+
+@pytest.mark.parametrize("family,module", [("llama", "attn"), ("qwen2", "joint"), ("gemma3", "block")])
+def test_a_cache_seeded_by_the_ablation_gives_the_same_paths_and_runs_no_first_step_trial(family, module):
+    """The ablation's single-drop passes kept in the cache (``single_drops``) are the greedy paths' first step and
+    unpruned NLL: the paths equal those of an empty cache bit for bit, the ablation table is unchanged, and the
+    first step runs no trial of its own."""
+    from analysis.importance.scoring import score_token_batches
+
+    model, tokenizer = tiny_model(family, n_layers=5), byte_tokenizer()
+    sequences = tokenize_texts(tokenizer, TEXTS, 96)
+    batches = {d: list(length_sorted_batches([sequences[i] for i in rows], 2, pad_token_id(tokenizer), "right"))
+               for d, rows in (("a", [0, 1, 2]), ("b", [3, 4]))}
+    candidates = ablation.candidates_of(module, 5)
+    prior = {c: float(i % 3) + i / 100 for i, c in enumerate(candidates)}
+    seeded, empty = ablation.TrialCache(), ablation.TrialCache()
+    keep = seeded.single_drops(batches, candidates)
+    for d, parts in batches.items():
+        with_keep = score_token_batches(model, parts, metrics="ablation", progress=False, keep=keep)
+        pd.testing.assert_frame_equal(with_keep, score_token_batches(model, parts, metrics="ablation", progress=False),
+                                      check_exact=True)
+    assert set(seeded.base) == {"a", "b"} and seeded.trials == 0
+    for objective in ("a", "robust"):
+        got = ablation.greedy_drop_path(model, batches, module=module, k=3, objective=objective, shortlist=3,
+                                        prior=prior, cache=seeded)
+        want = ablation.greedy_drop_path(model, batches, module=module, k=3, objective=objective, shortlist=3,
+                                         prior=prior, cache=empty)
+        pd.testing.assert_frame_equal(got, want, check_exact=True)
+    assert seeded.trials < empty.trials and seeded.passes < empty.passes
+    first = {key for key in empty.tried if not key[0][1]}
+    assert first and first <= set(seeded.tried) and all(seeded.tried[key] == empty.tried[key] for key in first)

@@ -24,7 +24,7 @@ residual stream at every block boundary (``resid_pre`` of each block) and re-run
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -38,6 +38,9 @@ from ..models.pruning import PER_LAYER_CONFIG_LISTS, modules_dropped
 from ..presets import SCORED_MODULES
 
 KINDS = SCORED_MODULES
+# what a single-drop pass hands on: (input_ids, attention_mask, unpruned row NLL, predicted tokens per row, block inputs
+# by layer, each single drop's row NLL by (kind, layer))
+SingleDrops = Callable[[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray, dict, dict], None]
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -178,16 +181,21 @@ def dropped_row_nll(model, dropped: Sequence[tuple[str, int]], resid_pre: Mappin
     return row_nll(logits, input_ids, attention_mask)[0]
 
 
-def single_drop_increase(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def single_drop_increase(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         keep: SingleDrops | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``ΔNLL`` sums of dropping each module alone, ``(rows, layers, 3)`` in the order of :data:`KINDS`,
-    and the predicted tokens per row."""
+    and the predicted tokens per row.  ``keep`` (:meth:`TrialCache.single_drops`) is handed the pass's rows: the
+    unpruned NLL, the predicted tokens, the block inputs and each single drop's NLL by ``(kind, layer)``."""
     n_layers = len(decoder_layers(model))
     with block_inputs(model) as resid_pre:
         base, n_predicted = full_row_nll(model, input_ids, attention_mask)
+    dropped = {(kind, i): dropped_row_nll(model, [(kind, i)], resid_pre, input_ids, attention_mask)
+               for i in range(n_layers) for kind in KINDS}
+    if keep is not None:
+        keep(input_ids, attention_mask, base, n_predicted, resid_pre, dropped)
     increase = np.zeros((len(base), n_layers, len(KINDS)))
-    for i in range(n_layers):
-        for m, kind in enumerate(KINDS):
-            increase[:, i, m] = dropped_row_nll(model, [(kind, i)], resid_pre, input_ids, attention_mask) - base
+    for (kind, i), nll in dropped.items():
+        increase[:, i, KINDS.index(kind)] = nll - base
     return increase, n_predicted
 
 
@@ -324,6 +332,41 @@ class TrialCache:
             self.base[distribution] = (total, tokens)
         return self.base[distribution]
 
+    def single_drops(self, batches_by_distribution: Mapping[str, Sequence], candidates: Mapping) -> SingleDrops:
+        """A :data:`SingleDrops` that keeps what a single-drop pass (:func:`single_drop_increase`) of one of the
+        ``batches_by_distribution`` batches (matched by its tokens and mask) computed: its first block input and its
+        block inputs with nothing dropped, and, once every batch of a distribution has run, the distribution's
+        unpruned NLL and each of ``candidates`` (label → ``(kind, layer)``) dropped alone, summed batch by batch as
+        :meth:`base_nll` and :meth:`trial_nll` sum them (so a greedy path's first step finds its trials here)."""
+        rows: dict = {}
+
+        def keep(input_ids, attention_mask, base, n_predicted, resid_pre, dropped) -> None:
+            for distribution, batches in batches_by_distribution.items():
+                for index, batch in enumerate(batches):
+                    if (torch.equal(batch["input_ids"].to(input_ids.device), input_ids)
+                            and torch.equal(batch["attention_mask"].to(attention_mask.device), attention_mask)):
+                        self._keep_inputs((distribution, index), resid_pre)
+                        rows.setdefault(distribution, {})[index] = (base, n_predicted, dropped)
+                        if len(rows[distribution]) == len(batches) and distribution not in self.base:
+                            self._keep_sums(distribution, [rows[distribution][i] for i in range(len(batches))],
+                                            candidates)
+                        return
+
+        return keep
+
+    def _keep_inputs(self, batch_key, resid_pre: Mapping[int, torch.Tensor]) -> None:
+        self.first_inputs[batch_key] = resid_pre[0]
+        for layer, found in resid_pre.items():
+            if layer and (*batch_key, frozenset(), layer) not in self.inputs:
+                self._store((*batch_key, frozenset(), layer), found)
+
+    def _keep_sums(self, distribution: str, batches: list, candidates: Mapping) -> None:
+        self.base[distribution] = (sum(float(base.sum()) for base, _, _ in batches),
+                                   sum(int(n_predicted.sum()) for _, n_predicted, _ in batches))
+        key = (distribution, frozenset())
+        for label, spec in candidates.items():
+            self.tried[(key, label)] = sum(float(dropped[spec].sum()) for _, _, dropped in batches)
+
     def trial_nll(self, model, batches, distribution: str, dropped, trials: Mapping) -> dict:
         """Summed NLL of ``distribution``'s ``batches`` with ``dropped`` and each trial ``label -> (kind, layer)``
         removed (batch sums added in batch order), running only the trials not yet kept."""
@@ -368,12 +411,16 @@ class TrialCache:
         with modules_dropped(model, before):
             found = resumed_block_inputs(model, self._kept(batch_key, dropped, start), start, {layer}, mask)[layer]
         self.passes += 1
-        self.inputs[(*batch_key, frozenset(before), layer)] = found
+        self._store((*batch_key, frozenset(before), layer), found)
+        return found
+
+    def _store(self, key, found: torch.Tensor) -> None:
+        """Keep one block input, the least recently used dropped beyond ``max_bytes``."""
+        self.inputs[key] = found
         self.kept_bytes += found.numel() * found.element_size()
         while self.kept_bytes > self.max_bytes and self.inputs:
             _, evicted = self.inputs.popitem(last=False)
             self.kept_bytes -= evicted.numel() * evicted.element_size()
-        return found
 
 
 def greedy_set(path: pd.DataFrame, k: int) -> list[str]:

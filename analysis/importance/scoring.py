@@ -40,7 +40,7 @@ from ..errors import InputError
 from ..models.distributed import gather_shards, rank_and_world
 from ..models.loading import model_info
 from ..stages import StageStore, stage_key
-from .ablation import position_ids_from_mask, single_drop_increase
+from .ablation import SingleDrops, position_ids_from_mask, single_drop_increase
 from .metrics import (
     GROUND_TRUTH,
     TAYLOR,
@@ -101,16 +101,16 @@ def _split_metrics(metrics) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return stream, tuple(n for n in names if n not in stream)
 
 
-def _score_batch(model, recorder, ids, mask, own_pass: Sequence[str]):
+def _score_batch(model, recorder, ids, mask, own_pass: Sequence[str], keep: SingleDrops | None = None):
     """Stream sums ``(rows, layers, 3, stream metrics)`` from one forward pass (the ablation's, if asked; none when
     neither is: ``recorder`` is ``None``) and, per metric of ``own_pass``, its ΔNLL sums ``(rows, layers, 3)`` and
-    predicted tokens."""
+    predicted tokens; ``keep`` is handed the ablation's rows (:func:`single_drop_increase`)."""
     sums, truth = None, {}
     if recorder is not None:
         recorder.begin_batch(mask)
         with torch.inference_mode():
             if GROUND_TRUTH in own_pass:
-                truth[GROUND_TRUTH] = single_drop_increase(model, ids, mask)
+                truth[GROUND_TRUTH] = single_drop_increase(model, ids, mask, keep)
             else:
                 model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                                  use_cache=False)
@@ -127,6 +127,7 @@ def score_token_batches(
     metrics: Sequence[str] | str = PROXY_DEFAULT,
     total: int | None = None,
     progress: bool = True,
+    keep: SingleDrops | None = None,
 ) -> pd.DataFrame:
     """Per-sample score rows (``metric, sample, layer, module, stat_sum, n_tokens, importance``) for
     token batches (``input_ids``, ``attention_mask``, optional ``sample``).
@@ -137,7 +138,8 @@ def score_token_batches(
     and backward pass of its own (:func:`analysis.importance.taylor.taylor_increase`).  Positions are
     counted over real tokens so left and right padding give the same result.  Under
     torch.distributed (``torchrun``, ``accelerate launch``) process r scores batches
-    r, r + W, r + 2W, ... and every process returns all rows, gathered.
+    r, r + W, r + 2W, ... and every process returns all rows, gathered.  ``keep`` is handed each batch's ablation rows
+    (:meth:`analysis.importance.ablation.TrialCache.single_drops`).
     """
     proxies, own_pass = _split_metrics(metrics)
     device = input_device(model)
@@ -155,7 +157,7 @@ def score_token_batches(
             if index % world != rank:
                 continue
             mask = batch["attention_mask"].to(device)
-            sums, truth = _score_batch(model, recorder, batch["input_ids"].to(device), mask, own_pass)
+            sums, truth = _score_batch(model, recorder, batch["input_ids"].to(device), mask, own_pass, keep)
             proxy_sums.append(sums)
             for j, name in enumerate(own_pass):
                 truth_sums[j].append(truth[name][0])
@@ -233,12 +235,12 @@ def calibration_windows(name: str, tokenizer, *, n_samples: int, seq_len: int, s
 
 def score_windows(model: torch.nn.Module, samples, name: str, *, batch_size: int,
                   metrics: Sequence[str] | str = PROXY_DEFAULT,
-                  progress: bool = True) -> pd.DataFrame:
+                  progress: bool = True, keep: SingleDrops | None = None) -> pd.DataFrame:
     """Per-sample score rows of ``model`` on one distribution's token windows, with a ``distribution`` column
     ``name``."""
     return score_token_batches(
         model, token_batches(samples, batch_size), metrics=metrics, total=-(-len(samples) // batch_size),
-        progress=progress
+        progress=progress, keep=keep
     ).assign(distribution=name)
 
 
@@ -255,6 +257,7 @@ def score_distributions(
     metrics: Sequence[str] | str = PROXY_DEFAULT,
     store: StageStore | None = None,
     progress: bool = True,
+    keep: SingleDrops | None = None,
 ) -> pd.DataFrame:
     """Per-sample score rows of ``model`` on each distribution under each metric, with a ``distribution`` column.
 
@@ -263,7 +266,8 @@ def score_distributions(
     (batch size included), so a rerun or an interrupted run recomputes nothing already saved.
     Models without a checksum are not stored.  The windows of the distributions still to score
     are cut in a background thread, each while the one before it is scored, so tokenisation
-    (repeated in every process under torch.distributed) overlaps the model's work.
+    (repeated in every process under torch.distributed) overlaps the model's work.  ``keep`` is handed the ablation's
+    rows of each batch computed here (none of a saved table's).
     """
     settings = {"n_samples": n_samples, "seq_len": seq_len, "seed": seed, "split": split, "batch_size": batch_size,
                 "metrics": list(check_metrics(metrics))}
@@ -283,7 +287,7 @@ def score_distributions(
         for name in tqdm(list(names), desc="distributions", unit="dist", disable=not progress):
             def compute(name=name):
                 return score_windows(model, windows[name].result(), name, batch_size=batch_size, metrics=metrics,
-                                     progress=progress)
+                                     progress=progress, keep=keep)
 
             if saved.get(name) is not None:
                 tables.append(saved[name])

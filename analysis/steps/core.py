@@ -88,12 +88,13 @@ class Study:
         keyed by that stage's key and ``name``."""
         return self.store.table(f"parts/{kind}-{name}", stage_key(self.keys[self.running], name), compute)
 
-    def score(self, names, samples: int, seq_len: int, metrics) -> pd.DataFrame:
-        """Per-sample scores of ``names``, each distribution a saved part under ``parts/scores``."""
+    def score(self, names, samples: int, seq_len: int, metrics, keep=None) -> pd.DataFrame:
+        """Per-sample scores of ``names``, each distribution a saved part under ``parts/scores`` (``keep``: see
+        :func:`~analysis.importance.scoring.score_distributions`)."""
         parts = StageStore(self.store.folder / "parts" / "scores", self.store.model_record, self.store.log)
         return score_distributions(self.model, self.tokenizer, names, n_samples=samples, seq_len=seq_len,
-                                   batch_size=self.settings.batch_size,
-                                   seed=self.settings.seed, metrics=metrics, store=parts, progress=self.progress)
+                                   batch_size=self.settings.batch_size, seed=self.settings.seed, metrics=metrics,
+                                   store=parts, progress=self.progress, keep=keep)
 
     def ablation_batches(self) -> dict[str, list]:
         """Every distribution's calibration windows of the ablation's size (``ablation_samples`` x

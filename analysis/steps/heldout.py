@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from ..evaluation import accuracy
 from ..evaluation import heldout as evaluation
 from ..evaluation import sequential
+from ..presets import ANSWERS
 from ..study import recommend, resolution
 from ..study.dropsets import UNPRUNED
 from ..study.selection import comparison_pairs, evaluated_sets, pruned_size, sets_from_table
@@ -63,15 +64,15 @@ def evaluated_windows(study: Study, names, sets: dict, kind: str, n_samples: int
                      ignore_index=True)
 
 
-def in_the_race(study: Study) -> dict:
+def in_the_race(study: Study, groups: pd.DataFrame | None = None) -> dict:
     """The sets worth evaluating beyond the calibration distributions: after a sequential evaluation, per module kind
-    and budget the candidates not separated from the best (:func:`analysis.study.recommend.set_groups` on its windows)
-    and the baselines; after a fixed one, every set."""
+    and budget the candidates not separated from the best (``groups``, by default :func:`resolved_groups`) and the
+    baselines; after a fixed one, every set."""
     s, r = study.settings, study.results
     sets = {name: spec for name, spec in sets_from_table(r["pruned"]).items() if spec is not None}
     if not s.heldout_budget:
         return sets
-    groups = resolved_groups(study)
+    groups = resolved_groups(study) if groups is None else groups
     kept = groups[(groups["in_group"] & (groups["role"] == "candidate")) | groups["baselines"].map(len).gt(0)]
     names = {name for aliases in kept["aliases"] for name in aliases}
     return {name: spec for name, spec in sets.items() if name in names}
@@ -104,19 +105,33 @@ def stage_comparisons(study: Study) -> pd.DataFrame:
                                          seed=s.seed)
 
 
-def stage_accuracy(study: Study) -> dict[str, pd.DataFrame]:
-    """Item-level zero-shot correctness of the unpruned model and of each of ``settings.accuracy_labels`` still in the
-    race (:func:`in_the_race`; one saved part per set; a set that removes the same modules as an earlier one, such as
-    a joint set of attention layers only, takes that set's items), and the per-set accuracy table computed from it.
-    The sets resume from the unpruned model's block inputs (:class:`analysis.evaluation.accuracy.KeptInputs`)."""
+def resolved_answers(groups: pd.DataFrame) -> list[str]:
+    """The resolved answers of :func:`resolved_groups`: each module kind and budget's best (rank 1) when it is
+    recommended or heads an equivalent group."""
+    return [] if not len(groups) else list(groups.loc[(groups["rank"] == 1) & groups["resolved"], "drop_set"])
+
+
+def accuracy_sets(study: Study) -> dict:
+    """Label → drop set of the sets evaluated for zero-shot accuracy: each of ``settings.accuracy_labels`` still in
+    the race (:func:`in_the_race`), ``{answers}`` standing for the resolved answers (:func:`resolved_answers`)."""
     s = study.settings
-    race = {UNPRUNED: None, **in_the_race(study)}
-    chosen = {name: race[name] for name in s.accuracy_labels if name in race}
+    groups = resolved_groups(study) if s.heldout_budget or ANSWERS in s.accuracy_labels else None
+    race = {UNPRUNED: None, **in_the_race(study, groups)}
+    labels = [name for label in s.accuracy_labels
+              for name in (resolved_answers(groups) if label == ANSWERS else [label])]
+    return {name: race[name] for name in dict.fromkeys(labels) if name in race}
+
+
+def stage_accuracy(study: Study) -> dict[str, pd.DataFrame]:
+    """Item-level zero-shot correctness of the unpruned model and of each set of :func:`accuracy_sets` (one saved part
+    per set; a set that removes the same modules as an earlier one, such as a joint set of attention layers only,
+    takes that set's items), and the per-set accuracy table computed from it.  The sets resume from the unpruned
+    model's block inputs (:class:`analysis.evaluation.accuracy.KeptInputs`)."""
+    s = study.settings
+    chosen = accuracy_sets(study)
     kept = accuracy.KeptInputs.for_sets(chosen.values())
     by_members, parts = {}, []
-    for name in tqdm(s.accuracy_labels, desc="zero-shot accuracy", unit="set", disable=not study.progress):
-        if name not in chosen:
-            continue
+    for name in tqdm(chosen, desc="zero-shot accuracy", unit="set", disable=not study.progress):
         members = evaluation.removed_modules(chosen[name])
         if members not in by_members:
             by_members[members] = study.part("accuracy_items", name.replace(":", "_").replace("/", "_"),

@@ -59,7 +59,8 @@ def section_accuracy(results: Results) -> list[str]:
     lines = ["## Zero-shot accuracy", "",
              f"lm-evaluation-harness, 0-shot, {f'first {limit} examples per task' if limit else 'all examples'} "
              f"(acc_norm where the task defines it, else acc; higher is better); standard error about "
-             f"±{chosen['stderr'].max():.2f}.", "",
+             f"±{chosen['stderr'].max():.2f}. The sets: `accuracy_sets` = {', '.join(results.settings.accuracy_labels)}"
+             f" among those still in the race (`{{answers}}`: each resolved answer on held-out text).", "",
              _table(pivot), ""]
     tasks, paired = results.table("accuracy_tasks"), results.table("accuracy_paired")
     if len(paired):
