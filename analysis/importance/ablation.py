@@ -347,9 +347,10 @@ class TrialCache:
                             and torch.equal(batch["attention_mask"].to(attention_mask.device), attention_mask)):
                         self._keep_inputs((distribution, index), resid_pre)
                         rows.setdefault(distribution, {})[index] = (base, n_predicted, dropped)
-                        if len(rows[distribution]) == len(batches) and distribution not in self.base:
-                            self._keep_sums(distribution, [rows[distribution][i] for i in range(len(batches))],
-                                            candidates)
+                        if len(rows[distribution]) == len(batches):
+                            done = rows.pop(distribution)
+                            if distribution not in self.base:
+                                self._keep_sums(distribution, [done[i] for i in range(len(batches))], candidates)
                         return
 
         return keep

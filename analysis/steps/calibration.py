@@ -8,8 +8,8 @@ import pandas as pd
 
 from ..importance import ablation
 from ..importance.metrics import GROUND_TRUTH
-from ..models.adapters import decoder_layers
 from ..importance.scoring import aggregate_importance
+from ..models.adapters import decoder_layers
 from ..study import consensus, stability, validity
 from ..study.selection import consensus_sets, regrets
 
@@ -23,7 +23,7 @@ def stage_scores_proxies(study: Study) -> pd.DataFrame:
 def stage_scores_ablation(study: Study) -> pd.DataFrame:
     """The ablation ground truth.  Its single drops are the greedy paths' first step on the same windows: they are kept
     in the run's trial cache (:meth:`~analysis.importance.ablation.TrialCache.single_drops`), with the unpruned NLL and
-    block inputs, so the greedy stage does not run them again (the same values: ``tests/test_ablation.py``)."""
+    block inputs, so the greedy stage does not run them again (the same values: ``tests/test_trial_cache.py``)."""
     s = study.settings
     keep = None if not s.greedy_module else study.trials.single_drops(
         study.ablation_batches(), ablation.candidates_of(s.greedy_module, len(decoder_layers(study.model))))

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -75,7 +76,7 @@ def compare(run: Path, reference: Path, module: str, k: int, windows: int, seq_l
             "margin": margin,
             "verdict": ("within the margin" if within else
                         f"the pick loses more than {margin:.0%}" if worse else "not decided at the margin"),
-            "seconds": round(seconds, 1), "device": "cpu", "torch_threads": __import__("torch").get_num_threads(),
+            "seconds": round(seconds, 1), "device": "cpu", "torch_threads": torch.get_num_threads(),
             "machine": platform.processor() or platform.machine()}
 
 
